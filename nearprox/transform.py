@@ -136,6 +136,8 @@ def scale_by_proximal(
       total_kept = jax.lax.psum(num_kept, axis_name)
       share = num_kept / jnp.maximum(total_kept, 1.0)
       filtered = jax.lax.psum(gram_lib.combine(updates, coeffs * share), axis_name)
+      # Devices' statistics differ; their mean keeps the state the same on every device.
+      stats = jax.lax.pmean(stats, axis_name)
     else:
       everyone = jax.lax.all_gather(updates, axis_name, tiled=True)
       my_rows = gram_lib.gram_matrix(updates, everyone)

@@ -15,10 +15,9 @@ import pytest
 from flax import traverse_util
 
 from nearprox import models
-from nearprox.models import checkpoints
 
 ATOL = 1e-4  # float32 parity with PyTorch
-BF16_ATOL = 0.1  # bf16 computation vs float32, hidden states are O(1) after LayerNorm
+BF16_ATOL = 0.1  # bf16 vs float32 (MiniLM: hidden states up to ~6, measured error 0.045)
 TINY = dict(vocab_size=100, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
             intermediate_size=64, max_position_embeddings=32, type_vocab_size=2)
 SENTENCES = (["The movie was great!", "Awful."], ["I liked it a lot.", "Never again."])
@@ -247,9 +246,14 @@ def test_word_embeddings_delta_is_added_to_the_word_lookup():
 def test_params_only_in_standard_layers_called_per_example():
     """Every param belongs to an nn.Dense/nn.Embed/nn.LayerNorm that is called with the
     batch axis first (what the factored per-example-gradient path intercepts)."""
-    model = models.BertForQuestionAnswering(models.tiny_config())
-    params = models.init_params(model, jax.random.PRNGKey(0))
     ids, mask, types = _tiny_batch()
+    for model in (models.BertForQuestionAnswering(models.tiny_config()),
+                  models.BertForSequenceClassification(models.tiny_config())):
+        _check_layers_called_per_example(model, ids, mask, types)
+
+
+def _check_layers_called_per_example(model, ids, mask, types):
+    params = models.init_params(model, jax.random.PRNGKey(0))
     called = {}
 
     def record(next_fun, args, kwargs, context):
@@ -263,7 +267,7 @@ def test_params_only_in_standard_layers_called_per_example():
         _apply(model, params, ids, mask, types)
     param_modules = {path[:-1] for path in traverse_util.flatten_dict(params)}
     assert param_modules == set(called)
-    assert all(shape[:2] == ids.shape for _, shape in called.values())
+    assert all(shape[0] == ids.shape[0] for _, shape in called.values())
     assert {cls for cls, _ in called.values()} == {nn.Dense, nn.Embed, nn.LayerNorm}
     assert ("bert", "encoder", "layer_1", "attention", "self", "query") in called
 

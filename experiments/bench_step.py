@@ -1,0 +1,216 @@
+"""Benchmark: one SGD step vs. one proximal step (factored and vmap per-example gradients).
+
+    python experiments/bench_step.py            # full: MiniLM, BERT-base shapes, B/T scaling
+    python experiments/bench_step.py --quick    # MiniLM B=32 T=64 only, fewer repeats
+
+For each setting it jits three train steps on the same batch (sequence classification,
+softmax cross-entropy, dropout off so the vmap oracle is comparable):
+
+  (i)   SGD:       value_and_grad of the mean loss, optax.sgd update, apply_updates;
+  (ii)  factored:  nearprox.per_example_value_and_grads(method="factored"),
+                   nearprox.proximal_sgd update (damping_mode="relative"), apply_updates;
+  (iii) vmap:      the same with method="vmap" (materializes the B × P per-example gradients).
+
+Times are the minimum over interleaved repeats after compilation (so a busy machine slows
+all three alike); ratios are to the SGD step of the same run. Peak memory is XLA's static
+estimate ``compiled.memory_analysis()``: temp + argument + output bytes. Settings whose
+estimate exceeds --max-gb are skipped and reported as such. The markdown table is printed
+and written to experiments/results/bench_step.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import platform
+import sys
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+import nearprox
+from nearprox import models
+
+GB = 1024.0**3
+
+
+def make_batch(vocab: int, batch: int, length: int, seed: int = 0):
+  rng = np.random.default_rng(seed)
+  ids = rng.integers(1000 if vocab > 2000 else 1, vocab, size=(batch, length)).astype(np.int32)
+  lengths = rng.integers(length // 2, length + 1, size=batch)
+  mask = (np.arange(length)[None] < lengths[:, None]).astype(np.int32)
+  labels = rng.integers(0, 2, size=batch).astype(np.int32)
+  return jnp.asarray(ids * mask), jnp.asarray(mask), jnp.asarray(labels)
+
+
+def make_steps(model, learning_rate=1e-3, damping=1e-3):
+  def per_example_loss(params, ids, mask, labels):
+    logits = model.apply({"params": params}, ids, attention_mask=mask,
+                         deterministic=True).logits
+    return optax.softmax_cross_entropy_with_integer_labels(logits, labels)
+
+  sgd = optax.sgd(learning_rate)
+  prox = nearprox.proximal_sgd(learning_rate, damping, damping_mode="relative")
+
+  def sgd_step(params, state, ids, mask, labels):
+    loss, grads = jax.value_and_grad(
+        lambda p: per_example_loss(p, ids, mask, labels).mean())(params)
+    updates, state = sgd.update(grads, state, params)
+    return optax.apply_updates(params, updates), state, loss
+
+  def proximal_step(method):
+    def step(params, state, ids, mask, labels):
+      losses, grads = nearprox.per_example_value_and_grads(
+          per_example_loss, params, ids, mask, labels, method=method)
+      updates, state = prox.update(grads, state, params)
+      return optax.apply_updates(params, updates), state, losses.mean()
+    return step
+
+  return {"sgd": (sgd_step, sgd), "factored": (proximal_step("factored"), prox),
+          "vmap": (proximal_step("vmap"), prox)}
+
+
+def peak_bytes(compiled) -> float:
+  stats = compiled.memory_analysis()
+  return float(stats.temp_size_in_bytes + stats.argument_size_in_bytes
+               + stats.output_size_in_bytes)
+
+
+def bench(model, params, batch, length, names, repeats, max_gb, vocab):
+  """{name: (seconds or None, peak bytes, note)} for the steps in ``names``."""
+  ids, mask, labels = make_batch(vocab, batch, length)
+  steps = make_steps(model)
+  compiled, results = {}, {}
+  for name in names:
+    step, opt = steps[name]
+    state = opt.init(params)
+    lowered = jax.jit(step).lower(params, state, ids, mask, labels)
+    exe = lowered.compile()
+    peak = peak_bytes(exe)
+    if peak > max_gb * GB:
+      results[name] = (None, peak, f"skipped: needs ~{peak / GB:.1f} GB > {max_gb} GB")
+      continue
+    compiled[name] = (exe, (params, state, ids, mask, labels))
+    jax.block_until_ready(exe(*compiled[name][1]))  # warm-up
+    results[name] = (float("inf"), peak, "")
+  for _ in range(repeats):
+    for name, (exe, call_args) in compiled.items():
+      start = time.perf_counter()
+      jax.block_until_ready(exe(*call_args))
+      elapsed = time.perf_counter() - start
+      seconds, peak, note = results[name]
+      results[name] = (min(seconds, elapsed), peak, note)
+  return results
+
+
+def fmt_time(result):
+  seconds = result[0]
+  return "skipped" if seconds is None else f"{seconds * 1e3:.0f} ms"
+
+
+def fmt_ratio(result, base):
+  if result[0] is None or base[0] is None:
+    return "–"
+  return f"{result[0] / base[0]:.2f}×"
+
+
+def comparison_rows(title, results):
+  sgd = results["sgd"]
+  rows = []
+  for name, label in (("sgd", "(i) SGD"), ("factored", "(ii) proximal, factored"),
+                      ("vmap", "(iii) proximal, vmap")):
+    if name not in results:
+      continue
+    r = results[name]
+    mem_ratio = f"{r[1] / sgd[1]:.2f}×"
+    rows.append(f"| {title} | {label} | {fmt_time(r)} | {fmt_ratio(r, sgd)} | "
+                f"{r[1] / GB:.2f} GB | {mem_ratio} | {r[2]} |")
+  return rows
+
+
+def header(argv) -> list[str]:
+  return [
+      "# Step-time benchmark: SGD vs. proximal step (factored / vmap per-example gradients)",
+      "",
+      f"- machine: {platform.machine()} {platform.processor() or platform.platform()}, "
+      f"{os.cpu_count()} CPUs, jax {jax.__version__}, devices {jax.devices()}",
+      f"- command: `python {' '.join(argv)}`",
+      "- time: min over interleaved repeats after compile; memory: XLA memory_analysis() "
+      "temp + argument + output bytes of the jitted step; dropout off; proximal step = "
+      "nearprox.proximal_sgd(damping=1e-3, damping_mode='relative').",
+      "",
+  ]
+
+
+def main(argv=None):
+  parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+  parser.add_argument("--quick", action="store_true",
+                      help="MiniLM B=32 T=64 only (no BERT-base, no scaling sweep)")
+  parser.add_argument("--repeats", type=int, default=None, help="timed repeats per step")
+  parser.add_argument("--max-gb", type=float, default=16.0,
+                      help="skip settings whose estimated peak memory exceeds this")
+  parser.add_argument("--no-bert-base", action="store_true")
+  parser.add_argument("--no-scaling", action="store_true")
+  parser.add_argument("--output", default=os.path.join(os.path.dirname(__file__), "results",
+                                                       "bench_step.md"))
+  args = parser.parse_args(argv)
+  repeats = args.repeats or (3 if args.quick else 5)
+
+  lines = header(["experiments/bench_step.py"] + (sys.argv[1:] if argv is None else argv))
+  lines += ["## Step time and peak memory, relative to SGD", "",
+            "| setting | step | time | × SGD | peak memory | × SGD | note |",
+            "|---|---|---|---|---|---|---|"]
+
+  minilm, minilm_params, _ = models.load_pretrained("minilm", num_labels=2)
+  vocab = minilm.config.vocab_size
+  results = bench(minilm, minilm_params, 32, 64, ("sgd", "factored", "vmap"), repeats,
+                  args.max_gb, vocab)
+  lines += comparison_rows("MiniLM-L6 (22.7M params), B=32, T=64", results)
+  print("\n".join(lines), flush=True)
+
+  if not args.quick and not args.no_bert_base:
+    config = models.BertConfig()  # BERT-base shapes: 12 layers, hidden 768, FFN 3072
+    base = models.BertForSequenceClassification(dataclasses_replace(config, num_labels=2))
+    base_params = models.init_params(base, jax.random.key(0), 2, 8)
+    for batch in (32, 8):
+      results = bench(base, base_params, batch, 128, ("sgd", "factored", "vmap"),
+                      max(2, repeats // 2), args.max_gb, config.vocab_size)
+      if results["factored"][0] is not None:
+        break
+    row = comparison_rows(f"BERT-base shapes (random weights), B={batch}, T=128", results)
+    lines += row
+    print("\n".join(row), flush=True)
+
+  if not args.quick and not args.no_scaling:
+    lines += ["", "## Factored proximal step vs. batch size B and sequence length T (MiniLM)",
+              "", "| B | T | SGD | factored | × SGD | factored peak memory | × SGD | note |",
+              "|---|---|---|---|---|---|---|---|"]
+    print("\n".join(lines[-4:]), flush=True)
+    for batch in (8, 32, 128):
+      for length in (32, 128, 512):
+        results = bench(minilm, minilm_params, batch, length, ("sgd", "factored"),
+                        2 if batch * length >= 16384 else 3, args.max_gb, vocab)
+        sgd, fac = results["sgd"], results["factored"]
+        note = fac[2] or sgd[2]
+        row = (f"| {batch} | {length} | {fmt_time(sgd)} | {fmt_time(fac)} | "
+               f"{fmt_ratio(fac, sgd)} | {fac[1] / GB:.2f} GB | {fac[1] / sgd[1]:.2f}× | "
+               f"{note} |")
+        lines.append(row)
+        print(row, flush=True)
+
+  os.makedirs(os.path.dirname(args.output), exist_ok=True)
+  with open(args.output, "w") as f:
+    f.write("\n".join(lines) + "\n")
+  print(f"\nwritten to {args.output}")
+
+
+def dataclasses_replace(config, **changes):
+  import dataclasses
+  return dataclasses.replace(config, **changes)
+
+
+if __name__ == "__main__":
+  main()

@@ -1,0 +1,53 @@
+"""Orbax checkpoints of the training state: every N steps, keep k, resume, fall back.
+
+A save is atomic (orbax writes a temporary directory and renames it), so an interrupted save
+leaves no checkpoint behind. A checkpoint that is there but cannot be read (a corrupted or
+truncated file) is skipped with a warning, and the previous one is restored instead.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import jax
+import numpy as np
+import orbax.checkpoint as ocp
+
+logger = logging.getLogger(__name__)
+
+
+class Checkpoints:
+  """Saves the state every ``every`` steps into ``directory``, keeping the last ``keep``."""
+
+  def __init__(self, directory: str | Path, every: int, keep: int):
+    if every < 1 or keep < 1:
+      raise ValueError(f"checkpoint_every and keep_checkpoints must be >= 1, got {every}, {keep}")
+    self.every = every
+    options = ocp.CheckpointManagerOptions(save_interval_steps=every, max_to_keep=keep,
+                                           create=True)
+    self.manager = ocp.CheckpointManager(Path(directory).absolute(), options=options)
+
+  def should_save(self, step: int) -> bool:
+    return step % self.every == 0
+
+  def save(self, step: int, state, force: bool = False) -> None:
+    self.manager.save(step, args=ocp.args.StandardSave(state), force=force)
+
+  def wait(self) -> None:
+    self.manager.wait_until_finished()
+
+  def restore_latest(self, template):
+    """The newest readable checkpoint, shaped like ``template``; ``template`` if none."""
+    abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(np.shape(x), x.dtype), template)
+    for step in sorted(self.manager.all_steps(), reverse=True):
+      try:
+        restored = self.manager.restore(step, args=ocp.args.StandardRestore(abstract))
+      except Exception as error:  # noqa: BLE001 — any unreadable checkpoint: try an older one
+        logger.warning("checkpoint at step %d in %s is unreadable (%s: %s); trying the "
+                       "previous one", step, self.manager.directory, type(error).__name__,
+                       str(error)[:200])
+        continue
+      logger.info("resumed from the checkpoint at step %d", step)
+      return restored
+    return template

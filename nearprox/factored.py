@@ -1,0 +1,408 @@
+"""Per-example gradients of a Flax model in factored form, from one forward and one backward pass.
+
+``factored_value_and_grads(loss_fn, params, *args)`` returns the per-example losses [B] and
+the per-example gradients g_i = ∇θ ℓ_i as a pytree with the structure of ``params`` whose
+leaves are (DESIGN.md §2):
+
+* ``nn.Dense`` / ``nn.DenseGeneral`` kernels (attention projections with multi-head outputs
+  included): :class:`nearprox.factors.DenseFactor` (a, δ), the layer's inputs and output
+  cotangents, g_i = a_iᵀ δ_i;
+* ``nn.Embed`` tables (looked up with ``__call__``): :class:`nearprox.factors.EmbedFactor`
+  (token ids, cotangents of the looked-up vectors);
+* everything else, materialized as [B, *param_shape] arrays: Dense/DenseGeneral biases
+  (Σ_t δ_it), ``nn.LayerNorm`` / ``nn.RMSNorm`` parameters (a per-example vjp of that one
+  layer on its captured input and output cotangent), and the **exact fallback** below.
+
+How. ``loss_fn(params, *args) -> losses [B]`` must call a Flax linen model's ``apply``.
+``flax.linen.intercept_methods`` wraps ``__call__`` of those layer types: it records each
+call's input and adds a zero "probe" to its output (like ``Module.perturb``), so the
+gradient of Σ_i ℓ_i with respect to the probe is the output cotangent δ. One ``jax.vjp``
+over (probes, fallback leaves) with cotangent ones(B) gives every δ; the factored leaves are
+closed over as constants, so no weight gradient is computed in the backward pass. Which
+call reads which leaf is found by identity of the traced leaf values in an abstract
+discovery trace (``jax.make_jaxpr``, no FLOPs), so ``loss_fn`` may wrap ``params`` freely
+(``{"params": params}``, sub-trees) as long as it passes the arrays on unchanged.
+
+Exact fallback. A leaf is factored only when every use of it is inside an intercepted call
+that the path understands. Otherwise its per-example gradients come from
+``jax.vmap(vjp)(I_B)`` (a reverse-mode Jacobian of the loss vector, reusing the same forward
+pass; B backward passes, batched, restricted by XLA's dead-code elimination to what that
+leaf needs). That happens for:
+
+* parameters of other layer types (``nn.Conv``, attention modules' own params, a custom
+  ``self.param`` used directly in a module's code);
+* a table or kernel also used outside its layer's ``__call__`` (weight tying via
+  ``Embed.attend``, a kernel read through ``self.variables``), and leaves that ``loss_fn``
+  transforms before ``apply`` (e.g. casts to bfloat16);
+* calls whose input does not have the batch axis first (size B), Dense layers contracting
+  the batch axis, ``DenseGeneral(batch_dims=...)``, custom ``dot_general``, norms reducing
+  over the batch axis or across devices (``axis_name``), and calls inside Flax lifted
+  transforms or ``jax.checkpoint``/``scan`` bodies (``nn.remat``, ``nn.scan``).
+
+A layer module called several times (shared weights) is supported: its calls' positions are
+concatenated along the factor's T axis, since Σ_calls a_callᵀ δ_call = [a_1; a_2]ᵀ[δ_1; δ_2].
+
+Assumptions.
+
+* **Per-example independence**: ℓ_i depends only on example i's inputs (no batch norm, no
+  in-batch negatives, no mean over the batch inside ``loss_fn``). Then the cotangent of
+  Σ_j ℓ_j at example i's activations equals that of ℓ_i. Dropout is fine: the whole batch
+  runs once with one rng, and the gradients are those of that one evaluation (the vmap
+  oracle evaluates examples one at a time, which draws different masks).
+* Every intercepted layer input has the batch axis first (the check catches most
+  violations by shape, not a transposed [T, B, ...] with T = B).
+* Out-of-range embedding ids (which ``Embed`` turns into NaN vectors) are not supported;
+  negative ids index from the end, as in ``Embed``.
+
+Communication with ``gram="global"`` (:func:`nearprox.scale_by_proximal`). Each device
+all-gathers the whole factored pytree, i.e. for every example: each dense layer's
+T·(d_in + d_out) numbers, each table's T ids and T·D cotangents, and the materialized small
+leaves. For an encoder of L layers (hidden h, feed-forward f, H heads of h/H), per example
+
+    T · [L · (4·2h + 2·(h + f)) + 3·(h + 1)]    (q, k, v, attention output; FFN in and out;
+                                                 word, position, token-type tables)
+    + L · (6h + f + 4h)  + (pooler 2h + h) + (classifier h + k + k)   (biases, LayerNorms)
+    + 2h (embedding LayerNorm)
+
+numbers. BERT-base (L=12, h=768, f=3072, vocab 30522, k=2), T=128, float32, B=32 per
+device: 21,557,924 numbers per example, **2.76 GB per device per step** (each device
+receives (n−1) × 2.76 GB), against B·P·4 = 14.0 GB for the dense per-example gradients
+(P = 109.5M) and 0.44 GB for the all-reduce of ``gram="local"`` / SGD.
+:func:`gathered_bytes_per_device` computes this from shapes (``jax.eval_shape``).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Callable
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax.core import meta
+from flax.core import tracers
+from jax.extend import core as jex_core
+
+from nearprox import factors
+from nearprox.gram import compute_dtype
+
+_DENSE_TYPES = (nn.Dense, nn.DenseGeneral)
+_EMBED_TYPES = (nn.Embed,)
+_LOCAL_TYPES = (nn.LayerNorm, nn.RMSNorm)
+_INTERCEPTED = _DENSE_TYPES + _EMBED_TYPES + _LOCAL_TYPES
+
+
+@dataclasses.dataclass
+class _Call:
+  """One intercepted layer call, as seen by the discovery trace."""
+  kind: str | None          # "dense", "embed", "local", or None when not factorable
+  reason: str               # why not factorable (for debugging), "" otherwise
+  module_type: type
+  input_shape: tuple
+  module: nn.Module | None = None          # unbound clone, for the local per-example vjp
+  leaves: dict[str, int] = dataclasses.field(default_factory=dict)  # param name -> leaf
+  contract_axes: tuple[int, ...] = ()       # dense: input axes contracted with the kernel
+  output_shape: tuple = ()
+  output_dtype: Any = None
+  probed: bool = False
+
+
+@dataclasses.dataclass
+class _Plan:
+  calls: list[_Call]
+  leaf_kinds: list[str]     # per params leaf: "kernel", "bias", "embed", "local",
+                            # "fallback" or "unused"
+
+
+def _normalize(axes, ndim: int) -> tuple[int, ...]:
+  axes = axes if isinstance(axes, (tuple, list)) else (axes,)
+  return tuple(sorted(a % ndim for a in axes))
+
+
+def _layer_check(module: nn.Module, x, args, kwargs) -> tuple[str | None, str, tuple]:
+  """(kind or None, reason, contract_axes) from the module's config and its input."""
+  if len(args) != 1 or any(v is not None for v in kwargs.values()):
+    return None, "called with extra arguments", ()
+  if isinstance(module, _DENSE_TYPES):
+    if module.dot_general is not None or module.dot_general_cls is not None:
+      return None, "custom dot_general", ()
+    if x.ndim < 2:
+      return None, "the input has no axis besides the batch axis", ()
+    if isinstance(module, nn.DenseGeneral):
+      if module.batch_dims:
+        return None, "DenseGeneral with batch_dims", ()
+      axes = _normalize(module.axis, x.ndim)
+    else:
+      axes = (x.ndim - 1,)
+    if 0 in axes:
+      return None, "the layer contracts the batch axis", ()
+    return "dense", "", axes
+  if isinstance(module, _EMBED_TYPES):
+    if not jnp.issubdtype(x.dtype, jnp.integer):
+      return None, "non-integer ids", ()
+    return "embed", "", ()
+  if getattr(module, "axis_name", None) is not None:
+    return None, "normalization across devices (axis_name)", ()
+  if x.ndim < 2:
+    return None, "the input has no axis besides the batch axis", ()
+  for name in ("reduction_axes", "feature_axes"):
+    if 0 in _normalize(getattr(module, name), x.ndim):
+      return None, f"{name} includes the batch axis", ()
+  return "local", "", ()
+
+
+def _intercepts(context, busy: bool) -> bool:
+  return (not busy and context.method_name == "__call__"
+          and type(context.module) in _INTERCEPTED)
+
+
+def _discover(loss_fn: Callable, treedef, leaves: list, args: tuple, batch: int) -> _Plan:
+  """Abstract trace: which call reads which leaf, and which leaves are used elsewhere.
+
+  Inside factorable calls the layer runs on constant zero parameters (a clone applied with
+  explicit variables), so any remaining use of a leaf in the traced program is a use the
+  factored path cannot see; such leaves take the exact fallback.
+  """
+  calls: list[_Call] = []
+
+  def traced(leaf_values, args):
+    leaf_of = {id(v): i for i, v in enumerate(leaf_values)}
+    outer = tracers.current_trace()
+    busy = [False]
+
+    def interceptor(next_fun, call_args, call_kwargs, context):
+      if not _intercepts(context, busy[0]):
+        return next_fun(*call_args, **call_kwargs)
+      module = context.module
+      x = call_args[0] if call_args else None
+      call = _Call(None, "", type(module), tuple(getattr(x, "shape", ())))
+      calls.append(call)
+      params = {name: meta.unbox(v) for name, v in module.variables.get("params", {}).items()}
+      if tracers.current_trace() != outer:
+        call.reason = "inside a nested transform (scan, remat, vmap ...)"
+      elif not hasattr(x, "shape") or x.ndim == 0 or x.shape[0] != batch:
+        call.reason = f"the input's leading axis is not the batch axis of size {batch}"
+      elif not params or any(id(v) not in leaf_of for v in params.values()):
+        call.reason = "its parameters are not leaves of params passed through unchanged"
+      else:
+        call.kind, call.reason, call.contract_axes = _layer_check(module, x, call_args,
+                                                                  call_kwargs)
+      if call.kind is None:
+        return next_fun(*call_args, **call_kwargs)
+      call.leaves = {name: leaf_of[id(v)] for name, v in params.items()}
+      call.module = module.clone(parent=None)
+      zeros = {name: jnp.zeros(v.shape, v.dtype) for name, v in params.items()}
+      busy[0] = True
+      try:
+        out = call.module.apply({"params": zeros}, x)
+      finally:
+        busy[0] = False
+      call.output_shape, call.output_dtype = tuple(out.shape), out.dtype
+      return out
+
+    with nn.intercept_methods(interceptor):
+      return loss_fn(jax.tree.unflatten(treedef, leaf_values), *args)
+
+  closed = jax.make_jaxpr(traced)(leaves, args)
+  num_leaves = len(leaves)
+  leaf_vars = closed.jaxpr.invars[:num_leaves]
+  used = set()
+  for eqn in closed.jaxpr.eqns:
+    used.update(v for v in eqn.invars if not isinstance(v, jex_core.Literal))
+  used.update(v for v in closed.jaxpr.outvars if not isinstance(v, jex_core.Literal))
+  used_elsewhere = [v in used for v in leaf_vars]
+  out_shape = closed.out_avals[0].shape if closed.out_avals else None
+  if len(closed.out_avals) != 1 or out_shape != (batch,):
+    raise ValueError("loss_fn must return the vector of per-example losses, shape "
+                     f"({batch},); got {[a.shape for a in closed.out_avals]}")
+  return _Plan(calls, _leaf_kinds(calls, used_elsewhere))
+
+
+def _leaf_kinds(calls: list[_Call], used_elsewhere: list[bool]) -> list[str]:
+  """Assigns each leaf its path; a leaf read by calls of different kinds falls back."""
+  readers: dict[int, set] = {}
+  for call in calls:
+    for name, leaf in call.leaves.items():
+      if call.kind == "dense":
+        role = ("kernel" if name == "kernel" else "bias" if name == "bias" else None,
+                call.module_type, len(call.contract_axes))
+      elif call.kind == "embed":
+        role = ("embed" if name == "embedding" else None,)
+      else:
+        role = ("local", call.module_type, name)
+      readers.setdefault(leaf, set()).add(role)
+  kinds = []
+  for leaf, elsewhere in enumerate(used_elsewhere):
+    roles = readers.get(leaf)
+    if elsewhere:
+      kinds.append("fallback")
+    elif not roles:
+      kinds.append("unused")
+    elif len(roles) == 1 and next(iter(roles))[0] is not None:
+      kinds.append(next(iter(roles))[0])
+    else:
+      kinds.append("fallback")
+  # A module's call is probed when any of its leaves is taken from the captured cotangents.
+  for call in calls:
+    call.probed = call.kind is not None and any(
+        kinds[leaf] not in ("fallback", "unused") for leaf in call.leaves.values())
+  return kinds
+
+
+def _batch_size(loss_fn: Callable, params, args: tuple) -> int:
+  for leaf in jax.tree.leaves(args):
+    if getattr(leaf, "ndim", 0) > 0:
+      return int(leaf.shape[0])
+  out = jax.eval_shape(loss_fn, params, *args)
+  if getattr(out, "ndim", 0) != 1:
+    raise ValueError("loss_fn must return the vector of per-example losses, shape [B]; got "
+                     f"{getattr(out, 'shape', type(out))}")
+  return int(out.shape[0])
+
+
+def _dense_factor_parts(call: _Call, x: jax.Array, delta: jax.Array, batch: int):
+  """(a [B, T', d_in], δ [B, T', d_out]) of one dense call."""
+  keep = [ax for ax in range(x.ndim) if ax not in call.contract_axes]
+  d_in = int(np.prod([x.shape[ax] for ax in call.contract_axes]))
+  inputs = jnp.transpose(x, keep + list(call.contract_axes)).reshape(batch, -1, d_in)
+  out_features = call.output_shape[len(keep):]
+  return inputs, delta.reshape(batch, inputs.shape[1], int(np.prod(out_features)))
+
+
+def _local_per_example(call: _Call, leaves: list, x: jax.Array, delta: jax.Array) -> dict:
+  """Per-example gradients of a norm layer's params: vmap of that layer's own vjp."""
+  params = {name: leaves[leaf] for name, leaf in call.leaves.items()}
+
+  def one(x_i, delta_i):
+    _, pull = jax.vjp(lambda p: call.module.apply({"params": p}, x_i[None]), params)
+    return pull(delta_i[None].astype(call.output_dtype))[0]
+
+  return jax.vmap(one)(x, delta)
+
+
+def factored_value_and_grads(loss_fn: Callable, params, *args):
+  """(losses [B], per-example gradients in factored form) of ``loss_fn(params, *args)``.
+
+  Args:
+    loss_fn: ``loss_fn(params, *args) -> [B]`` per-example losses; calls a Flax linen model's
+      ``apply`` on (a pytree containing) the leaves of ``params``.
+    params: the parameters pytree.
+    *args: batch arrays, batch axis first.
+
+  Returns:
+    ``(losses, grads)`` where ``grads`` has the structure of ``params`` and each leaf is a
+    :class:`~nearprox.factors.DenseFactor`, an :class:`~nearprox.factors.EmbedFactor` or a
+    dense [B, *leaf.shape] array; feed it to :func:`nearprox.scale_by_proximal`.
+  """
+  leaves, treedef = jax.tree.flatten(params)
+  batch = _batch_size(loss_fn, params, args)
+  plan = _discover(loss_fn, treedef, leaves, args, batch)
+  calls, kinds = plan.calls, plan.leaf_kinds
+  fallback = [i for i, kind in enumerate(kinds) if kind == "fallback"]
+  probed = [k for k, call in enumerate(calls) if call.probed]
+  probes = [jnp.zeros(calls[k].output_shape, calls[k].output_dtype) for k in probed]
+  probe_of = {k: j for j, k in enumerate(probed)}
+
+  def forward(probe_values, fallback_values):
+    values = list(leaves)
+    for i, value in zip(fallback, fallback_values):
+      values[i] = value
+    inputs = {}
+    count = [0]
+
+    def interceptor(next_fun, call_args, call_kwargs, context):
+      if not _intercepts(context, False):
+        return next_fun(*call_args, **call_kwargs)
+      k = count[0]
+      count[0] += 1
+      if k >= len(calls) or type(context.module) is not calls[k].module_type:
+        raise ValueError("loss_fn called its layers differently in two traces; the factored "
+                         "path needs a deterministic sequence of layer calls")
+      out = next_fun(*call_args, **call_kwargs)
+      if k not in probe_of:
+        return out
+      inputs[k] = call_args[0]
+      return out + probe_values[probe_of[k]]
+
+    with nn.intercept_methods(interceptor):
+      losses = loss_fn(jax.tree.unflatten(treedef, values), *args)
+    return losses, inputs
+
+  fallback_values = [leaves[i] for i in fallback]
+  if not probes and not fallback:
+    losses, inputs = forward([], [])
+    deltas, per_example_fallback = [], []
+  else:
+    losses, pull, inputs = jax.vjp(forward, probes, fallback_values, has_aux=True)
+    deltas = pull(jnp.ones_like(losses))[0]
+    per_example_fallback = []
+    if fallback:
+      # Row i of the loss vector's Jacobian: exact, with the same forward pass (and masks).
+      basis = jnp.eye(batch, dtype=losses.dtype)
+      per_example_fallback = jax.vmap(pull)(basis)[1]
+
+  grads: list[Any] = [None] * len(leaves)
+  for i, value in zip(fallback, per_example_fallback):
+    grads[i] = value
+  _assemble(calls, kinds, leaves, inputs, {k: deltas[j] for k, j in probe_of.items()},
+            batch, grads)
+  for i, kind in enumerate(kinds):
+    if kind == "unused":
+      grads[i] = jnp.zeros((batch,) + tuple(leaves[i].shape), leaves[i].dtype)
+  return losses, jax.tree.unflatten(treedef, grads)
+
+
+def _assemble(calls, kinds, leaves, inputs, deltas, batch, grads) -> None:
+  """Fills ``grads`` for the factored and materialized-small leaves from the captures."""
+  parts: dict[int, list] = {}
+  sums: dict[int, jax.Array] = {}
+
+  def accumulate(leaf, value):
+    value = value.astype(compute_dtype(value.dtype))
+    sums[leaf] = value if leaf not in sums else sums[leaf] + value
+
+  for k, call in enumerate(calls):
+    if not call.probed:
+      continue
+    x, delta = inputs[k], deltas[k]
+    if call.kind == "dense":
+      a, d = _dense_factor_parts(call, x, delta, batch)
+      for name, leaf in call.leaves.items():
+        if kinds[leaf] == "kernel":
+          parts.setdefault(leaf, []).append((a, d))
+        elif kinds[leaf] == "bias":
+          bias_shape = tuple(leaves[leaf].shape)
+          accumulate(leaf, jnp.sum(delta.astype(jnp.float32).reshape(
+              (batch, -1) + bias_shape), axis=1))
+    elif call.kind == "embed":
+      leaf = call.leaves["embedding"]
+      num = call.module.num_embeddings
+      ids = jnp.zeros_like(x) if num == 1 else jnp.where(x < 0, x + num, x)
+      parts.setdefault(leaf, []).append(
+          (ids.reshape(batch, -1), delta.reshape(batch, -1, delta.shape[-1])))
+    else:
+      local = _local_per_example(call, leaves, x, delta)
+      for name, leaf in call.leaves.items():
+        if kinds[leaf] == "local":
+          accumulate(leaf, local[name])
+
+  for leaf, value in sums.items():
+    grads[leaf] = value.astype(leaves[leaf].dtype)
+  for leaf, pieces in parts.items():
+    first, second = (jnp.concatenate(p, axis=1) if len(p) > 1 else p[0] for p in zip(*pieces))
+    param = leaves[leaf]
+    if kinds[leaf] == "kernel":
+      grads[leaf] = factors.DenseFactor(first, second, tuple(param.shape), np.dtype(param.dtype))
+    else:
+      grads[leaf] = factors.EmbedFactor(first, second, int(param.shape[0]),
+                                        np.dtype(param.dtype))
+
+
+def gathered_bytes_per_device(loss_fn: Callable, params, *args) -> int:
+  """Bytes one device contributes to ``gram="global"``'s all-gather of the factored gradients
+  of ``loss_fn(params, *args)`` (shapes only, via ``jax.eval_shape``); each device receives
+  (n − 1) times this."""
+  shapes = jax.eval_shape(lambda p, *a: factored_value_and_grads(loss_fn, p, *a)[1],
+                          params, *args)
+  return factors.factor_nbytes(shapes)

@@ -1,0 +1,206 @@
+"""Factored per-example gradients of dense and embedding layers (leaves of the fast path).
+
+A dense layer applied to a sequence of T positions, with inputs a_i (T × d_in) and output
+cotangents δ_i (T × d_out) for example i, has the per-example kernel gradient g_i = a_iᵀ δ_i.
+:class:`DenseFactor` keeps (a, δ) instead of the B × d_in × d_out gradients and implements
+the two operations of :class:`nearprox.gram.PerExampleFactor`:
+
+* Gram: ⟨g_i, g'_j⟩ = Σ_{t,s} (a_it·a'_js)(δ_it·δ'_js) = sum((A_i A'_jᵀ) ∘ (Δ_i Δ'_jᵀ)), the
+  "ghost" formula, ~B·B'·T·T'·(d_in+d_out) multiply-adds; or materialize each side's g_i
+  (B·T·d_in·d_out) and take G G'ᵀ (B·B'·d_in·d_out). :func:`dense_gram_method` picks the
+  cheaper from the static shapes; both are float32 at HIGHEST precision.
+* combine: Σ_i c_i g_i = Aᵀ(c ∘ Δ), one contraction over all B·T positions.
+
+An embedding table looked up at tokens tok_it has the sparse per-example gradient
+g_i = Σ_t e_{tok_it} δ_itᵀ. :class:`EmbedFactor` keeps (tok, δ):
+
+* Gram: ⟨g_i, g'_j⟩ = Σ_{t,s} [tok_it = tok'_js] δ_it·δ'_js (the ghost formula with one-hot
+  inputs), or materialize the [B, V, D] gradients when the table is small (position and
+  token-type tables); chosen by :func:`embed_gram_method`.
+* combine: a scatter-add of c_i δ_it into rows tok_it.
+
+A layer called several times (a shared module) contributes Σ_calls a_callᵀ δ_call, which is
+again of the form Aᵀ Δ with the calls' positions concatenated along the T axis, so one factor
+holds all its calls.
+
+Both classes are registered pytrees whose array children have the batch axis first
+(``jax.tree_util.register_dataclass``; shapes and dtypes are static metadata), so masking,
+slicing and ``lax.all_gather`` act on them example-wise.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from nearprox.gram import PerExampleFactor, compute_dtype
+
+_HIGHEST = jax.lax.Precision.HIGHEST
+
+GRAM_METHODS = ("ghost", "materialize")
+
+
+def _check_same_kind(self, other) -> None:
+  if type(other) is not type(self):
+    raise ValueError(f"cannot take inner products between a {type(self).__name__} and a "
+                     f"{type(other).__name__}; the two per-example pytrees must match")
+
+
+def dense_gram_method(batch: int, length: int, other_batch: int, other_length: int,
+                      d_in: int, d_out: int, same: bool) -> str:
+  """"ghost" or "materialize", whichever needs fewer multiply-adds for this layer's Gram.
+
+  ghost:       B·B'·T·T'·(d_in + d_out)
+  materialize: (B·T + B'·T')·d_in·d_out (only B·T·d_in·d_out when both sides are the same
+               examples) + B·B'·d_in·d_out
+  Ghost wins roughly when 2·B·T² < d_in·d_out (DESIGN.md §2).
+  """
+  ghost = batch * other_batch * length * other_length * (d_in + d_out)
+  per_example = batch * length if same else batch * length + other_batch * other_length
+  materialize = (per_example + batch * other_batch) * d_in * d_out
+  return "ghost" if ghost <= materialize else "materialize"
+
+
+def embed_gram_method(batch: int, length: int, other_batch: int, other_length: int,
+                      num_embeddings: int, features: int, same: bool) -> str:
+  """"ghost" (token-equality mask) or "materialize" ([B, V, D] gradients), by cost."""
+  ghost = batch * other_batch * length * other_length * (features + 1)
+  rows = batch if same else batch + other_batch
+  materialize = (rows + batch * other_batch) * num_embeddings * features
+  return "ghost" if ghost <= materialize else "materialize"
+
+
+@dataclasses.dataclass(frozen=True)
+class DenseFactor(PerExampleFactor):
+  """Per-example gradients a_iᵀ δ_i of one dense kernel.
+
+  Attributes:
+    inputs: a, [B, T, d_in]: the layer's inputs with its contracted axes flattened last and
+      every other non-batch axis (and every call of a shared layer) flattened into T.
+    cotangents: δ, [B, T, d_out]: cotangents of the layer's outputs, features flattened.
+    kernel_shape: the kernel's shape, (*input feature dims, *output feature dims), whose
+      row-major flattening is [d_in, d_out].
+    kernel_dtype: the kernel's dtype (the dtype of ``combine``'s result).
+    gram_method: "auto" (by cost, :func:`dense_gram_method`), "ghost" or "materialize".
+  """
+  inputs: jax.Array
+  cotangents: jax.Array
+  kernel_shape: tuple[int, ...]
+  kernel_dtype: Any
+  gram_method: str = "auto"
+
+  def __post_init__(self):
+    if self.gram_method not in ("auto",) + GRAM_METHODS:
+      raise ValueError(f"gram_method must be 'auto' or one of {GRAM_METHODS}, "
+                       f"got {self.gram_method!r}")
+
+  def _method(self, other: "DenseFactor") -> str:
+    if self.gram_method != "auto":
+      return self.gram_method
+    batch, length, d_in = self.inputs.shape
+    other_batch, other_length, _ = other.inputs.shape
+    return dense_gram_method(batch, length, other_batch, other_length, d_in,
+                             self.cotangents.shape[-1], other is self)
+
+  def _per_example(self) -> jax.Array:
+    """G, [B, d_in · d_out]: the materialized per-example kernel gradients."""
+    dtype = compute_dtype(self.cotangents.dtype)
+    grads = jnp.einsum("btk,btl->bkl", self.inputs.astype(dtype), self.cotangents.astype(dtype),
+                       precision=_HIGHEST)
+    return grads.reshape(grads.shape[0], -1)
+
+  def gram(self, other: "DenseFactor") -> jax.Array:
+    _check_same_kind(self, other)
+    dtype = compute_dtype(self.cotangents.dtype)
+    if self._method(other) == "materialize":
+      mine = self._per_example()
+      theirs = mine if other is self else other._per_example()
+      return jnp.matmul(mine, theirs.T, precision=_HIGHEST)
+    inner_a = jnp.einsum("itk,jsk->ijts", self.inputs.astype(dtype), other.inputs.astype(dtype),
+                         precision=_HIGHEST)
+    inner_d = jnp.einsum("itl,jsl->ijts", self.cotangents.astype(dtype),
+                         other.cotangents.astype(dtype), precision=_HIGHEST)
+    return jnp.sum(inner_a * inner_d, axis=(2, 3))
+
+  def combine(self, coeffs: jax.Array) -> jax.Array:
+    dtype = compute_dtype(self.cotangents.dtype)
+    weighted = self.cotangents.astype(dtype) * coeffs.astype(dtype)[:, None, None]
+    out = jnp.einsum("btk,btl->kl", self.inputs.astype(dtype), weighted, precision=_HIGHEST)
+    return out.reshape(self.kernel_shape).astype(self.kernel_dtype)
+
+
+@dataclasses.dataclass(frozen=True)
+class EmbedFactor(PerExampleFactor):
+  """Per-example gradients Σ_t e_{tok_it} δ_itᵀ of one embedding table [V, D].
+
+  Attributes:
+    ids: tok, [B, T] integer rows looked up (every call of a shared table concatenated).
+    cotangents: δ, [B, T, D]: cotangents of the looked-up vectors.
+    num_embeddings: V.
+    table_dtype: the table's dtype.
+    gram_method: "auto" (:func:`embed_gram_method`), "ghost" or "materialize".
+  """
+  ids: jax.Array
+  cotangents: jax.Array
+  num_embeddings: int
+  table_dtype: Any
+  gram_method: str = "auto"
+
+  def __post_init__(self):
+    if self.gram_method not in ("auto",) + GRAM_METHODS:
+      raise ValueError(f"gram_method must be 'auto' or one of {GRAM_METHODS}, "
+                       f"got {self.gram_method!r}")
+
+  def _method(self, other: "EmbedFactor") -> str:
+    if self.gram_method != "auto":
+      return self.gram_method
+    batch, length, features = self.cotangents.shape
+    return embed_gram_method(batch, length, other.ids.shape[0], other.ids.shape[1],
+                             self.num_embeddings, features, other is self)
+
+  def _per_example(self) -> jax.Array:
+    """[B, V · D]: the materialized per-example table gradients (scatter-add)."""
+    batch, length, features = self.cotangents.shape
+    dtype = compute_dtype(self.cotangents.dtype)
+    rows = jnp.arange(batch, dtype=self.ids.dtype)[:, None] * self.num_embeddings + self.ids
+    grads = jax.ops.segment_sum(self.cotangents.astype(dtype).reshape(-1, features),
+                                rows.reshape(-1), num_segments=batch * self.num_embeddings)
+    return grads.reshape(batch, -1)
+
+  def gram(self, other: "EmbedFactor") -> jax.Array:
+    _check_same_kind(self, other)
+    dtype = compute_dtype(self.cotangents.dtype)
+    if self._method(other) == "materialize":
+      mine = self._per_example()
+      theirs = mine if other is self else other._per_example()
+      return jnp.matmul(mine, theirs.T, precision=_HIGHEST)
+    same_row = self.ids[:, None, :, None] == other.ids[None, :, None, :]
+    inner_d = jnp.einsum("itd,jsd->ijts", self.cotangents.astype(dtype),
+                         other.cotangents.astype(dtype), precision=_HIGHEST)
+    return jnp.sum(jnp.where(same_row, inner_d, 0.0), axis=(2, 3))
+
+  def combine(self, coeffs: jax.Array) -> jax.Array:
+    dtype = compute_dtype(self.cotangents.dtype)
+    features = self.cotangents.shape[-1]
+    weighted = self.cotangents.astype(dtype) * coeffs.astype(dtype)[:, None, None]
+    table = jax.ops.segment_sum(weighted.reshape(-1, features), self.ids.reshape(-1),
+                                num_segments=self.num_embeddings)
+    return table.astype(self.table_dtype)
+
+
+for _cls in (DenseFactor, EmbedFactor):
+  _data = [f.name for f in dataclasses.fields(_cls) if f.name in ("inputs", "ids", "cotangents")]
+  jax.tree_util.register_dataclass(
+      _cls, data_fields=_data,
+      meta_fields=[f.name for f in dataclasses.fields(_cls) if f.name not in _data])
+
+
+def factor_nbytes(per_example_grads) -> int:
+  """Bytes of every array in a per-example pytree (factored or dense): what an all_gather of it
+  moves per participating device."""
+  return int(sum(np.prod(x.shape, dtype=np.int64) * np.dtype(x.dtype).itemsize
+                 for x in jax.tree.leaves(per_example_grads)))

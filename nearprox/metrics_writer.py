@@ -1,0 +1,60 @@
+"""Training metrics: TensorBoard event files, a JSON-lines log, and a console progress bar."""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+
+class _NoProgress:
+  def update(self, n):
+    pass
+
+  def set_postfix(self, **kwargs):
+    pass
+
+  def close(self):
+    pass
+
+
+class MetricWriter:
+  """Writes scalars to ``workdir/tensorboard`` (tensorboardX) and ``workdir/metrics.jsonl``.
+
+  Only the main process writes (``enabled``); other processes get no-ops.
+  """
+
+  def __init__(self, workdir: str | Path, enabled: bool = True):
+    self.enabled = enabled
+    if not enabled:
+      return
+    from tensorboardX import SummaryWriter
+    workdir = Path(workdir)
+    workdir.mkdir(parents=True, exist_ok=True)
+    self.tensorboard = SummaryWriter(str(workdir / "tensorboard"))
+    self.jsonl = open(workdir / "metrics.jsonl", "a")
+
+  def write_config(self, config) -> None:
+    if self.enabled:
+      self.tensorboard.add_text("config", "```\n" + str(config) + "\n```", 0)
+
+  def write_scalars(self, step: int, scalars: dict[str, float]) -> None:
+    if not self.enabled:
+      return
+    for name, value in scalars.items():
+      self.tensorboard.add_scalar(name, value, step)
+    record = {"step": step, "time": time.time(), **{k: float(v) for k, v in scalars.items()}}
+    self.jsonl.write(json.dumps(record) + "\n")
+    self.jsonl.flush()
+
+  def progress(self, total: int, initial: int, enabled: bool = True):
+    """A tqdm bar with rate and ETA (nothing on other processes or when disabled)."""
+    if not (self.enabled and enabled):
+      return _NoProgress()
+    from tqdm import tqdm
+    return tqdm(total=total, initial=initial, desc="train", unit="step", dynamic_ncols=True)
+
+  def close(self) -> None:
+    if self.enabled:
+      self.tensorboard.close()
+      self.jsonl.close()

@@ -1,0 +1,308 @@
+"""Fine-tunes a Flax BERT on a text-classification task with proximal SGD or a baseline.
+
+    python -m nearprox.train --config experiments/configs/default.py --workdir runs/default \
+        [--config.optimizer.name=adamw --config.optimizer.learning_rate=1e-4 ...]
+
+One step, read top to bottom in :func:`train_step`: per-example keys → per-example losses and
+gradients (proximal) or the masked mean gradient (baselines) → optimizer update (the
+proximal transform aggregates over devices itself) → new params and summed metrics. The
+same per-device function runs under ``jax.shard_map`` (default), ``jax.pmap`` or plain
+``jax.jit`` (one device); every collective names the axis ``"batch"``.
+
+Around it (:func:`train_and_evaluate`): data from :mod:`nearprox.data` (the last partial
+batch padded and masked), orbax checkpoints (resume, keep k, save on SIGTERM, fall back to
+the previous checkpoint if the latest is unreadable), TensorBoard events and a JSON-lines
+log in ``workdir``, a progress bar, dev/test evaluation and the export of the fine-tuned
+model as a Hugging Face directory. Several hosts: :func:`nearprox.parallel.initialize`
+joins them (``jax.distributed``); each host reads its block of every global batch.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import logging
+import signal
+import time
+from pathlib import Path
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import optax
+
+import nearprox
+from nearprox import data, losses, models, parallel
+from nearprox.checkpointing import Checkpoints
+from nearprox.metrics_writer import MetricWriter
+
+INPUT_KEYS = ("input_ids", "attention_mask", "token_type_ids", "labels")
+OPTIMIZERS = ("proximal_sgd", "proximal_norm_sgd", "sgd", "adamw")
+
+
+class TrainState(NamedTuple):
+  step: jax.Array
+  params: Any
+  opt_state: Any
+
+
+# ------------------------------------------------------------------------------ pieces
+
+def learning_rate_schedule(config, num_steps: int) -> optax.Schedule:
+  """Linear warmup to the peak learning rate, then linear decay to 0."""
+  peak = config.optimizer.learning_rate
+  warmup = int(round(config.optimizer.warmup_fraction * num_steps))
+  return optax.join_schedules(
+      [optax.linear_schedule(0.0, peak, max(warmup, 1)),
+       optax.linear_schedule(peak, 0.0, max(num_steps - warmup, 1))], [warmup])
+
+
+def create_optimizer(config, num_steps: int, axis_name: str | None):
+  """(optax transformation, whether it takes per-example gradients)."""
+  opt = config.optimizer
+  if opt.name not in OPTIMIZERS:
+    raise ValueError(f"config.optimizer.name must be one of {OPTIMIZERS}, got {opt.name!r}")
+  schedule = learning_rate_schedule(config, num_steps)
+  # The L2 gradient λθ is added after any filtering: it is the same for every example.
+  l2 = losses.l2_regularization(config.objective.l2_weight)
+  sgd = optax.sgd(schedule, momentum=opt.momentum or None, nesterov=opt.nesterov)
+  if opt.name == "proximal_sgd":
+    proximal = nearprox.scale_by_proximal(
+        opt.damping, filter=opt.filter, damping_mode=opt.damping_mode, axis_name=axis_name,
+        gram=opt.gram)
+    return optax.chain(proximal, l2, sgd), True
+  if opt.name == "proximal_norm_sgd":
+    return optax.chain(nearprox.scale_by_proximal_norm(opt.damping), l2, sgd), False
+  if opt.name == "sgd":
+    return optax.chain(l2, sgd), False
+  adamw = optax.adamw(schedule, weight_decay=opt.weight_decay, mask=losses.kernel_mask)
+  return optax.chain(l2, adamw), False
+
+
+def objective_config(config) -> losses.ObjectiveConfig:
+  fields = {k: v for k, v in config.objective.items() if v is not None}
+  return losses.ObjectiveConfig(**fields)
+
+
+def create_model(config, num_labels: int, rng: jax.Array):
+  """(model, params, tokenizer). ``"tiny"``: a random 2-layer BERT with MiniLM's tokenizer."""
+  dtype = jnp.dtype(config.model.dtype)
+  if config.model.name == "tiny":
+    tokenizer = models.load_tokenizer(models.minilm_dir())
+    bert_config = models.tiny_config(vocab_size=tokenizer.vocab_size, num_labels=num_labels,
+                                     max_position_embeddings=max(32, config.max_length))
+    model = models.BertForSequenceClassification(bert_config, dtype=dtype)
+    return model, models.init_params(model, rng, 2, config.max_length), tokenizer
+  return models.load_pretrained(config.model.name, num_labels=num_labels, dtype=dtype, rng=rng)
+
+
+def flip_labels(labels: np.ndarray, fraction: float, num_labels: int, seed: int) -> np.ndarray:
+  """Gives round(fraction·N) seeded examples a different, uniformly drawn label."""
+  if not 0.0 <= fraction <= 1.0:
+    raise ValueError(f"label_noise must lie in [0, 1], got {fraction}")
+  rng = np.random.default_rng([seed, 7919])
+  flipped = rng.choice(len(labels), int(round(fraction * len(labels))), replace=False)
+  labels = labels.copy()
+  labels[flipped] = (labels[flipped] + rng.integers(1, num_labels, len(flipped))) % num_labels
+  return labels
+
+
+def load_splits(config, tokenizer) -> dict[str, dict[str, np.ndarray]]:
+  """The task's encoded splits: train, dev and (tweets only) test."""
+  task = data.get_task(config.task)
+  names = ("train", "dev", "test") if config.task == "tweets" else ("train", "dev")
+  encoded = {}
+  for name in names:
+    split = data.load_task(config.task, name, config.data_dir, source=config.source,
+                           seed=config.seed)
+    arrays = data.encode(split, tokenizer, config.max_length).arrays()
+    if name == "train" and config.label_noise:
+      arrays["labels"] = flip_labels(arrays["labels"], config.label_noise, task.num_labels,
+                                     config.seed)
+    if name != "train" and 0 < config.max_eval_examples < len(arrays["labels"]):
+      # A seeded random subset: the files are often sorted by label or source.
+      keep = np.sort(np.random.default_rng(config.seed).permutation(
+          len(arrays["labels"]))[:config.max_eval_examples])
+      arrays = {k: v[keep] for k, v in arrays.items()}
+    encoded[name] = arrays
+  return encoded
+
+
+# ------------------------------------------------------------------------------ the step
+
+def train_step(state: TrainState, batch, rng, *, loss_fn, tx, per_example: bool,
+               per_example_method: str, axis_name: str | None):
+  """One optimizer step on this device's block of the global batch."""
+  def global_sum(x):
+    return jax.lax.psum(x, axis_name) if axis_name else x
+
+  mask = batch["mask"]
+  inputs = {k: batch[k] for k in INPUT_KEYS}
+  # Example i's randomness (dropout, adversarial noise) depends on (seed, step, example id)
+  # only, so any split of the batch over devices or hosts gives the same numbers.
+  step_key = jax.random.fold_in(rng, state.step)
+  keys = jax.vmap(lambda i: jax.random.fold_in(step_key, i))(batch["index"])
+  num_examples = global_sum(jnp.sum(mask))
+
+  if per_example:
+    example_losses, grads = nearprox.per_example_value_and_grads(
+        loss_fn, state.params, inputs, keys, method=per_example_method)
+    updates, opt_state = tx.update(grads, state.opt_state, state.params, mask=mask)
+  else:
+    def mean_loss(params):
+      example_losses = loss_fn(params, inputs, keys)
+      return jnp.sum(example_losses * mask) / num_examples, example_losses
+
+    (_, example_losses), grads = jax.value_and_grad(mean_loss, has_aux=True)(state.params)
+    updates, opt_state = tx.update(global_sum(grads), state.opt_state, state.params)
+
+  params = optax.apply_updates(state.params, updates)
+  metrics = {"loss": global_sum(jnp.sum(example_losses * mask)) / num_examples,
+             "grad_norm": optax.global_norm(updates)}
+  first = opt_state[0]
+  if isinstance(first, nearprox.ScaleByProximalState):
+    metrics.update({f"gram/{k}": v for k, v in first.stats._asdict().items()})
+  return TrainState(state.step + 1, params, opt_state), metrics
+
+
+def eval_step(params, batch, *, logits_fn):
+  return logits_fn(params, {k: batch[k] for k in INPUT_KEYS})
+
+
+# ------------------------------------------------------------------------------ the loop
+
+def evaluate(runner, device_state, arrays, task, batch_size: int) -> dict[str, float]:
+  """The task's metrics on one split; the padded rows of the last batch are masked out."""
+  logits, labels, masks = [], [], []
+  for batch in data.batches(arrays, batch_size, shuffle=False, **parallel.host_shard()):
+    logits.append(runner.eval(device_state, batch))
+    labels.append(batch["labels"])
+    masks.append(batch["mask"])
+  logits, labels, masks = parallel.gather_from_hosts(
+      (np.concatenate(logits), np.concatenate(labels), np.concatenate(masks)))
+  return task.metrics(labels, logits, masks)
+
+
+def train_batches(arrays, config, start_step: int):
+  """Global-batch iterator positioned at ``start_step`` (epochs reshuffled by seed)."""
+  per_epoch = data.num_batches(len(arrays["labels"]), config.batch_size)
+  epoch, skip = divmod(start_step, per_epoch)
+  while True:
+    for i, batch in enumerate(data.batches(arrays, config.batch_size, seed=config.seed,
+                                           epoch=epoch, **parallel.host_shard())):
+      if i >= skip:
+        yield batch
+    epoch, skip = epoch + 1, 0
+
+
+def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path) -> dict:
+  """Trains for ``config.num_train_steps`` steps (resuming from ``workdir``), evaluates,
+  exports, and returns the report (also written to ``workdir/report.json``)."""
+  workdir = Path(workdir)
+  parallel.initialize()
+  rng = jax.random.key(config.seed)
+  task = data.get_task(config.task)
+  model, params, tokenizer = create_model(config, task.num_labels, jax.random.fold_in(rng, 1))
+  splits = load_splits(config, tokenizer)
+
+  runner = parallel.Runner(config.parallel)
+  tx, per_example = create_optimizer(config, config.num_train_steps, runner.axis_name)
+  objective = objective_config(config)
+  logits_fn = losses.bert_logits_fn(model, deterministic=not config.model.dropout)
+  loss_fn = losses.make_per_example_loss(logits_fn, objective,
+                                         hidden_size=model.config.hidden_size)
+  runner.compile(
+      functools.partial(train_step, loss_fn=loss_fn, tx=tx, per_example=per_example,
+                        per_example_method=config.optimizer.per_example,
+                        axis_name=runner.axis_name),
+      functools.partial(eval_step, logits_fn=losses.bert_logits_fn(model, deterministic=True)))
+
+  state = TrainState(jnp.zeros((), jnp.int32), params, tx.init(params))
+  checkpoints = Checkpoints(workdir / "checkpoints", config.checkpoint_every,
+                            config.keep_checkpoints)
+  state = checkpoints.restore_latest(state)
+  start_step = int(state.step)
+  writer = MetricWriter(workdir, enabled=parallel.is_main_process())
+  if start_step == 0:
+    writer.write_config(config)
+  logging.info("task %s: %s; train %d examples; optimizer %s; objective %s; from step %d",
+               task.name, task.description, len(splits["train"]["labels"]),
+               config.optimizer.name, objective.kind, start_step)
+
+  preempted = []
+  previous_handler = signal.signal(signal.SIGTERM, lambda *_: preempted.append(True))
+  device_state = runner.put_state(state)
+  progress = writer.progress(config.num_train_steps, start_step, config.progress)
+  step_times = []
+  try:
+    batches = train_batches(splits["train"], config, start_step)
+    for step in range(start_step, config.num_train_steps):
+      started = time.perf_counter()
+      device_state, metrics = runner.train(device_state, next(batches), rng)
+      metrics = jax.device_get(metrics)
+      step_times.append(time.perf_counter() - started)
+      done = step + 1
+      progress.update(1)
+      if done % config.log_every == 0 or done == config.num_train_steps:
+        metrics = {k: float(v) for k, v in metrics.items()}
+        metrics["step_time"] = float(np.median(step_times[-config.log_every:]))
+        writer.write_scalars(done, {f"train/{k}": v for k, v in metrics.items()})
+        progress.set_postfix(loss=f"{metrics['loss']:.4f}")
+      if done % config.eval_every == 0 and done < config.num_train_steps:
+        dev = evaluate(runner, device_state, splits["dev"], task,
+                       config.eval_batch_size)
+        writer.write_scalars(done, {f"dev/{k}": v for k, v in dev.items()})
+      if preempted:
+        logging.warning("SIGTERM at step %d: saving a checkpoint and stopping", done)
+        checkpoints.save(done, runner.get_state(device_state), force=True)
+        break
+      if checkpoints.should_save(done):
+        checkpoints.save(done, runner.get_state(device_state))
+  finally:
+    signal.signal(signal.SIGTERM, previous_handler)
+    progress.close()
+    checkpoints.wait()
+
+  state = runner.get_state(device_state)
+  report = {"task": task.name, "optimizer": config.optimizer.name,
+            "objective": objective.kind, "steps": int(state.step),
+            "preempted": bool(preempted), "workdir": str(workdir),
+            "train_step_seconds": float(np.median(step_times[1:] or step_times or [0.0]))}
+  if not preempted:
+    for name in splits:
+      if name != "train":
+        report[name] = evaluate(runner, device_state, splits[name], task,
+                                config.eval_batch_size)
+        writer.write_scalars(int(state.step), {f"{name}/{k}": v for k, v in report[name].items()})
+    if config.export_hf and parallel.is_main_process():
+      report["hf_model"] = str(models.save_pretrained(model, state.params,
+                                                      tokenizer, workdir / "hf_model"))
+  writer.close()
+  if parallel.is_main_process():
+    (workdir / "report.json").write_text(json.dumps(report, indent=2))
+  report["params"] = state.params
+  return report
+
+
+def main(argv):
+  del argv
+  from absl import flags
+  config = flags.FLAGS.config
+  print("Resolved config:\n" + str(config), flush=True)
+  report = train_and_evaluate(config, flags.FLAGS.workdir)
+  report.pop("params")
+  print(json.dumps(report, indent=2))
+
+
+if __name__ == "__main__":
+  from absl import app, flags
+  from ml_collections import config_flags
+
+  config_flags.DEFINE_config_file("config", None, "Experiment config file.", lock_config=True)
+  flags.DEFINE_string("workdir", None, "Directory for checkpoints, logs and the exported model.")
+  flags.mark_flags_as_required(["config", "workdir"])
+  logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+  logging.getLogger("absl").setLevel(logging.WARNING)  # orbax's per-save chatter
+  app.run(main)

@@ -1,0 +1,384 @@
+"""Tests of nearprox.losses (per-example task/adversarial/L2 objective) and nearprox.robustness.
+
+All on the tiny Flax BERT (hidden 32, 2 layers, T = 8); the batch has one partly padded
+row, two full rows and one fully padded row (batch["mask"] == 0).
+"""
+
+import dataclasses
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+import nearprox
+from nearprox import losses, models, robustness
+
+B, T, H = 4, 8, 32
+VALID = np.array([1.0, 1.0, 1.0, 0.0])  # batch["mask"]: row 3 is padding of a partial batch.
+
+
+def _tree_allclose(a, b, rtol=1e-5, atol=1e-6):
+  for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)):
+    np.testing.assert_allclose(np.asarray(x), np.asarray(y), rtol=rtol, atol=atol)
+
+
+def _row(tree, i):
+  return jax.tree.map(lambda x: x[i:i + 1], tree)
+
+
+@pytest.fixture(scope="module")
+def setup():
+  # initializer_range 0.2 (not BERT's 0.02): weights large enough that the losses vary.
+  model = models.BertForSequenceClassification(models.tiny_config(initializer_range=0.2))
+  params = models.init_params(model, jax.random.key(0), B, T)
+  input_ids = jax.random.randint(jax.random.key(1), (B, T), 1, 100)
+  attention_mask = jnp.ones((B, T), jnp.int32).at[0, 5:].set(0).at[3, :].set(0)
+  batch = dict(input_ids=input_ids, attention_mask=attention_mask,
+               token_type_ids=jnp.zeros((B, T), jnp.int32), labels=jnp.array([0, 1, 1, 0]),
+               mask=jnp.asarray(VALID))
+  keys = jax.random.split(jax.random.key(2), B)
+  return model, params, batch, keys
+
+
+CONFIGS = {
+    "clean": losses.ObjectiveConfig(kind="clean"),
+    "fgm": losses.ObjectiveConfig(kind="fgm", epsilon=0.3),
+    "pgd": losses.ObjectiveConfig(kind="pgd", epsilon=0.5, step_size=0.2, num_steps=3,
+                                  random_start=False),
+    "pgd_random_linf": losses.ObjectiveConfig(kind="pgd", epsilon=0.05, step_size=0.02,
+                                              num_steps=3, norm="linf", random_start=True),
+    "smart": losses.ObjectiveConfig(kind="smart", epsilon=0.05, step_size=0.05,
+                                    noise_std=1e-3, adv_weight=2.0),
+}
+
+
+@functools.lru_cache(maxsize=None)
+def _jitted_loss(model, name, deterministic=True):
+  logits_fn = losses.bert_logits_fn(model, deterministic=deterministic)
+  return jax.jit(losses.make_per_example_loss(logits_fn, CONFIGS[name], hidden_size=H))
+
+
+# ---------------------------------------------------------------------------------------
+# Task losses.
+
+def test_task_losses_match_their_definitions():
+  logits = jax.random.normal(jax.random.key(3), (5, 3)) * 3
+  labels = jnp.array([0, 2, 1, 1, 0])
+  log_p = jax.nn.log_softmax(logits)
+  np.testing.assert_allclose(losses.cross_entropy_loss(logits, labels),
+                             -log_p[jnp.arange(5), labels], rtol=1e-6)
+  np.testing.assert_allclose(losses.mse_loss(logits[:, :1], labels.astype(float)),
+                             (logits[:, 0] - labels) ** 2, rtol=1e-6)
+  start, end = logits, logits[:, ::-1]
+  np.testing.assert_allclose(
+      losses.span_cross_entropy_loss(start, end, labels, 2 - labels),
+      0.5 * (losses.cross_entropy_loss(start, labels) + losses.cross_entropy_loss(end, 2 - labels)),
+      rtol=1e-6)
+  other = jax.random.normal(jax.random.key(4), (5, 3))
+  log_q = jax.nn.log_softmax(other)
+  p, q = jnp.exp(log_p), jnp.exp(log_q)
+  expected = jnp.sum(p * (log_p - log_q) + q * (log_q - log_p), axis=-1)
+  np.testing.assert_allclose(losses.symmetric_kl(logits, other), expected, rtol=1e-5)
+  assert np.all(np.asarray(losses.symmetric_kl(logits, other)) > 0)
+  np.testing.assert_allclose(losses.symmetric_kl(logits, logits), 0.0, atol=1e-7)
+  with pytest.raises(ValueError, match="num_labels=1"):
+    losses.mse_loss(logits, labels)
+
+
+# ---------------------------------------------------------------------------------------
+# Adversarial perturbations.
+
+@pytest.mark.parametrize("name", ["fgm", "pgd", "pgd_random_linf"])
+def test_attacks_raise_the_loss_over_clean(setup, name):
+  model, params, batch, keys = setup
+  adv_only = dataclasses.replace(CONFIGS[name], combine="adv_only")
+  logits_fn = losses.bert_logits_fn(model)
+  adv = losses.make_per_example_loss(logits_fn, adv_only, hidden_size=H)(params, batch, keys)
+  clean = _jitted_loss(model, "clean")(params, batch, keys)
+  assert np.all(np.asarray(adv[:3]) > np.asarray(clean[:3]) + 1e-3), (adv, clean)
+  # The fully padded row has nothing to perturb.
+  np.testing.assert_allclose(adv[3], clean[3], rtol=1e-6)
+
+
+@pytest.mark.parametrize("norm", ["l2", "linf"])
+def test_pgd_stays_in_the_ball_and_off_padding(setup, norm):
+  model, params, batch, keys = setup
+  epsilon = 0.4
+  config = losses.ObjectiveConfig(kind="pgd", epsilon=epsilon, step_size=0.3, num_steps=4,
+                                  norm=norm, random_start=True)
+  delta = losses.adversarial_perturbation(losses.bert_logits_fn(model), config, params, batch,
+                                          keys, hidden_size=H)
+  assert delta.shape == (B, T, H)
+  norms = np.asarray(losses.per_example_norm(delta, norm))
+  assert np.all(norms <= epsilon * (1 + 1e-5)), norms
+  assert np.all(norms[:3] > 0.9 * epsilon), norms  # steps of 0.3 reach the sphere.
+  padding = np.asarray(batch["attention_mask"]) == 0
+  assert np.all(np.asarray(delta)[padding] == 0.0)
+  assert np.all(np.abs(np.asarray(delta)[~padding]).sum(-1) > 0)
+
+
+def test_fgm_is_epsilon_times_the_normalized_gradient(setup):
+  model, params, batch, keys = setup
+  logits_fn = losses.bert_logits_fn(model)
+  delta = losses.adversarial_perturbation(logits_fn, CONFIGS["fgm"], params, batch, keys,
+                                          hidden_size=H)
+  grad = jax.grad(lambda d: jnp.sum(losses.cross_entropy_loss(
+      logits_fn(params, batch, d, None), batch["labels"])))(jnp.zeros((B, T, H)))
+  grad = grad * losses.token_mask(batch)
+  norms = jnp.sqrt(jnp.sum(grad ** 2, axis=(1, 2)))
+  np.testing.assert_allclose(delta[:3], 0.3 * grad[:3] / norms[:3, None, None], rtol=1e-4,
+                             atol=1e-7)
+  np.testing.assert_allclose(delta[3], 0.0)
+
+
+@pytest.mark.parametrize("name", list(CONFIGS))
+def test_losses_are_per_example(setup, name):
+  """Changing example 0 never changes another example's loss, and a batch of one gives the
+  row of the full batch (what per_example_grads' vmap oracle relies on)."""
+  model, params, batch, keys = setup
+  loss_fn = _jitted_loss(model, name)
+  full = loss_fn(params, batch, keys)
+  assert full.shape == (B,) and np.all(np.isfinite(np.asarray(full)))
+  changed = dict(batch, input_ids=batch["input_ids"].at[0, :3].set(7),
+                 labels=batch["labels"].at[0].set(1))
+  other = loss_fn(params, changed, keys)
+  assert abs(float(other[0] - full[0])) > 1e-4
+  np.testing.assert_allclose(other[1:], full[1:], rtol=1e-5, atol=1e-6)
+  for i in range(B):
+    np.testing.assert_allclose(loss_fn(params, _row(batch, i), _row(keys, i)), full[i:i + 1],
+                               rtol=1e-4, atol=1e-6)
+
+
+def test_dropout_keys_are_per_example_and_match_the_vmap_oracle(setup):
+  model, params, batch, keys = setup
+  loss_fn = losses.make_per_example_loss(losses.bert_logits_fn(model, deterministic=False),
+                                         CONFIGS["pgd"], hidden_size=H)
+  full = jax.jit(loss_fn)(params, batch, keys)
+  values, grads = nearprox.per_example_value_and_grads(loss_fn, params, batch, keys)
+  np.testing.assert_allclose(values, full, rtol=1e-4, atol=1e-6)
+  # Dropout is on: other keys give other losses; the same keys give the same.
+  assert not np.allclose(jax.jit(loss_fn)(params, batch, keys[::-1]), full)
+  # Per-example grads sum to the gradient of the summed loss.
+  summed = jax.grad(lambda p: jnp.sum(loss_fn(p, batch, keys)))(params)
+  _tree_allclose(jax.tree.map(lambda g: g.sum(0), grads), summed, rtol=1e-3, atol=1e-5)
+  with pytest.raises(ValueError, match="rng"):
+    loss_fn(params, batch, None)
+
+
+@pytest.mark.parametrize("name", ["fgm", "pgd_random_linf", "smart"])
+def test_no_gradient_flows_through_the_perturbation(setup, name):
+  """∇θ of the objective = ∇θ of clean + w·adv evaluated at the precomputed, fixed δ."""
+  model, params, batch, keys = setup
+  config = CONFIGS[name]
+  logits_fn = losses.bert_logits_fn(model)
+  loss_fn = losses.make_per_example_loss(logits_fn, config, hidden_size=H)
+  delta = losses.adversarial_perturbation(logits_fn, config, params, batch, keys,
+                                          hidden_size=H)
+  assert float(jnp.max(jnp.abs(delta))) > 0
+
+  def fixed_delta_loss(p):
+    clean_logits = logits_fn(p, batch, None, None)
+    adv_logits = logits_fn(p, batch, delta, None)
+    clean = losses.cross_entropy_loss(clean_logits, batch["labels"])
+    if config.kind == "smart":
+      adv = losses.symmetric_kl(clean_logits, adv_logits)
+    else:
+      adv = losses.cross_entropy_loss(adv_logits, batch["labels"])
+    return clean + config.adv_weight * adv
+
+  grad = jax.grad(lambda p: jnp.sum(loss_fn(p, batch, keys)))(params)
+  expected = jax.grad(lambda p: jnp.sum(fixed_delta_loss(p)))(params)
+  np.testing.assert_allclose(loss_fn(params, batch, keys), fixed_delta_loss(params), rtol=1e-5)
+  _tree_allclose(grad, expected, rtol=1e-4, atol=1e-6)
+
+
+def test_smart_term_is_zero_without_perturbation_and_nonnegative(setup):
+  model, params, batch, keys = setup
+  logits_fn = losses.bert_logits_fn(model)
+  clean = _jitted_loss(model, "clean")(params, batch, keys)
+  for zero in (dict(epsilon=0.0), dict(noise_std=0.0)):
+    config = dataclasses.replace(CONFIGS["smart"], **zero)
+    delta = losses.adversarial_perturbation(logits_fn, config, params, batch, keys,
+                                            hidden_size=H)
+    np.testing.assert_array_equal(delta, 0.0)
+    loss = losses.make_per_example_loss(logits_fn, config, hidden_size=H)(params, batch, keys)
+    np.testing.assert_allclose(loss, clean, rtol=1e-6, atol=0)
+  smart = _jitted_loss(model, "smart")(params, batch, keys)
+  term = np.asarray(smart - clean) / CONFIGS["smart"].adv_weight
+  assert np.all(term[:3] > 0) and abs(term[3]) < 1e-6, term
+  # The default (mt-dnn) setting: one ℓ∞ step of 1e-3 from 1e-5 noise; tiny but ≥ 0.
+  default = losses.make_per_example_loss(logits_fn, losses.ObjectiveConfig(kind="smart"),
+                                         hidden_size=H)
+  assert np.all(np.asarray(default(params, batch, keys) - clean) >= -1e-6)
+
+
+def test_regression_and_qa_tasks():
+  keys = jax.random.split(jax.random.key(5), 2)
+  input_ids = jax.random.randint(jax.random.key(6), (2, T), 1, 100)
+  regression = models.BertForSequenceClassification(models.tiny_config(num_labels=1))
+  params = models.init_params(regression, jax.random.key(7), 2, T)
+  batch = dict(input_ids=input_ids, labels=jnp.array([0.5, -1.0]))
+  config = losses.ObjectiveConfig(kind="smart", epsilon=0.1, step_size=0.1)
+  loss_fn = losses.make_per_example_loss(losses.bert_logits_fn(regression), config,
+                                         task="regression", hidden_size=H)
+  clean = losses.make_per_example_loss(losses.bert_logits_fn(regression),
+                                       losses.ObjectiveConfig(), task="regression")
+  logits = regression.apply({"params": params}, input_ids).logits
+  np.testing.assert_allclose(clean(params, batch), (logits[:, 0] - batch["labels"]) ** 2,
+                             rtol=1e-5)
+  assert np.all(np.asarray(loss_fn(params, batch, keys)) > np.asarray(clean(params, batch)))
+
+  qa = models.BertForQuestionAnswering(models.tiny_config())
+  params = models.init_params(qa, jax.random.key(8), 2, T)
+  batch = dict(input_ids=input_ids, start_positions=jnp.array([1, 2]),
+               end_positions=jnp.array([3, 2]))
+  out = qa.apply({"params": params}, input_ids)
+  clean = losses.make_per_example_loss(losses.bert_logits_fn(qa), losses.ObjectiveConfig(),
+                                       task="qa")
+  np.testing.assert_allclose(clean(params, batch), losses.span_cross_entropy_loss(
+      out.start_logits, out.end_logits, batch["start_positions"], batch["end_positions"]),
+                             rtol=1e-6)
+  fgm = losses.make_per_example_loss(losses.bert_logits_fn(qa),
+                                     losses.ObjectiveConfig(kind="fgm", epsilon=0.1),
+                                     task="qa", hidden_size=H)
+  full = fgm(params, batch)
+  assert np.all(np.asarray(full) > np.asarray(clean(params, batch)))
+  np.testing.assert_allclose(fgm(params, _row(batch, 1)), full[1:], rtol=1e-5)
+
+
+# ---------------------------------------------------------------------------------------
+# L2 regularization.
+
+def test_l2_gradient_is_weight_times_params_on_kernels_only(setup):
+  _, params, _, _ = setup
+  weight = 0.3
+  mask = losses.kernel_mask(params)
+  names = {jax.tree_util.keystr(path): m
+           for path, m in jax.tree_util.tree_flatten_with_path(mask)[0]}
+  assert names["['classifier']['kernel']"] and names[
+      "['bert']['encoder']['layer_0']['attention']['self']['query']['kernel']"]
+  assert not names["['bert']['embeddings']['word_embeddings']['embedding']"]
+  assert not names["['bert']['embeddings']['LayerNorm']['scale']"]
+  assert not names["['classifier']['bias']"]
+
+  tx = losses.l2_regularization(weight)
+  zeros = jax.tree.map(jnp.zeros_like, params)
+  updates, _ = tx.update(zeros, tx.init(params), params)
+  penalty_grad = jax.grad(lambda p: losses.l2_penalty(p, weight))(params)
+  for upd, grad, p, m in zip(*(jax.tree.leaves(t) for t in (updates, penalty_grad, params, mask))):
+    np.testing.assert_allclose(upd, weight * p if m else 0.0, rtol=1e-6)
+    np.testing.assert_allclose(grad, weight * p if m else 0.0, rtol=1e-6)
+  kernels = [p for p, m in zip(jax.tree.leaves(params), jax.tree.leaves(mask)) if m]
+  np.testing.assert_allclose(losses.l2_penalty(params, weight),
+                             0.5 * weight * sum(float(jnp.sum(k ** 2)) for k in kernels),
+                             rtol=1e-5)
+  # A custom mask (everything) and composition after the filter in an optax chain.
+  everything = jax.tree.map(lambda _: True, params)
+  chain = optax.chain(losses.l2_regularization(weight, everything), optax.sgd(1.0))
+  updates, _ = chain.update(zeros, chain.init(params), params)
+  _tree_allclose(updates, jax.tree.map(lambda p: -weight * p, params))
+
+
+# ---------------------------------------------------------------------------------------
+# Configuration errors.
+
+@pytest.mark.parametrize("kwargs, field", [
+    (dict(kind="vat"), "kind"),
+    (dict(kind="fgm", epsilon=-0.1), "epsilon"),
+    (dict(kind="pgd", num_steps=0), "num_steps"),
+    (dict(kind="pgd", num_steps=2.5), "num_steps"),
+    (dict(kind="pgd", step_size=0.0), "step_size"),
+    (dict(kind="pgd", norm="l1"), "norm"),
+    (dict(kind="fgm", combine="max"), "combine"),
+    (dict(kind="smart", combine="adv_only"), "combine"),
+    (dict(kind="smart", noise_std=float("nan")), "noise_std"),
+    (dict(kind="fgm", adv_weight=-1.0), "adv_weight"),
+    (dict(l2_weight=-1e-4), "l2_weight"),
+])
+def test_bad_configs_are_clear_errors(kwargs, field):
+  with pytest.raises(ValueError, match=f"ObjectiveConfig.{field}"):
+    losses.ObjectiveConfig(**kwargs)
+
+
+def test_defaults_and_bad_arguments(setup):
+  model, params, batch, keys = setup
+  assert losses.ObjectiveConfig(kind="smart") == losses.ObjectiveConfig(
+      kind="smart", epsilon=1e-3, step_size=1e-3, num_steps=1, norm="linf", noise_std=1e-5,
+      adv_weight=1.0, random_start=True)
+  pgd = losses.ObjectiveConfig(kind="pgd")
+  assert (pgd.num_steps, pgd.norm, pgd.step_size) == (3, "l2", 0.1)
+  assert losses.ObjectiveConfig(kind="fgm").epsilon == 1.0
+  logits_fn = losses.bert_logits_fn(model)
+  with pytest.raises(ValueError, match="hidden_size"):
+    losses.make_per_example_loss(logits_fn, pgd)
+  with pytest.raises(ValueError, match="task"):
+    losses.make_per_example_loss(logits_fn, pgd, task="ner", hidden_size=H)
+  with pytest.raises(ValueError, match="rng"):
+    losses.make_per_example_loss(logits_fn, pgd, hidden_size=H)(params, batch)
+  with pytest.raises(ValueError, match="one key per example"):
+    losses.make_per_example_loss(logits_fn, pgd, hidden_size=H)(params, batch, keys[:2])
+
+
+# ---------------------------------------------------------------------------------------
+# Robustness evaluation.
+
+def _synthetic_batch(key, n):
+  """Separable task: label 1 sentences use tokens 50..99, label 0 sentences 1..49."""
+  k_label, k_tokens = jax.random.split(key)
+  labels = jax.random.bernoulli(k_label, 0.5, (n,)).astype(jnp.int32)
+  tokens = jax.random.randint(k_tokens, (n, T), 1, 50) + 49 * labels[:, None]
+  return dict(input_ids=tokens, attention_mask=jnp.ones((n, T), jnp.int32), labels=labels)
+
+
+@pytest.fixture(scope="module")
+def trained():
+  model = models.BertForSequenceClassification(models.tiny_config())
+  params = models.init_params(model, jax.random.key(10), 2, T)
+  logits_fn = losses.bert_logits_fn(model)
+  loss_fn = losses.make_per_example_loss(logits_fn, losses.ObjectiveConfig())
+  opt = optax.adam(3e-3)
+
+  @jax.jit
+  def step(params, state, key):
+    batch = _synthetic_batch(key, 32)
+    grads = jax.grad(lambda p: jnp.mean(loss_fn(p, batch)))(params)
+    updates, state = opt.update(grads, state, params)
+    return optax.apply_updates(params, updates), state
+
+  state = opt.init(params)
+  for key in jax.random.split(jax.random.key(11), 200):
+    params, state = step(params, state, key)
+  return logits_fn, params
+
+
+def test_attack_lowers_accuracy_monotonically(trained, tmp_path):
+  logits_fn, params = trained
+  test = _synthetic_batch(jax.random.key(12), 64)
+  batches = [jax.tree.map(lambda x: x[:32], test), jax.tree.map(lambda x: x[32:], test)]
+  # A masked row with a wrong label must not count.
+  batches[1]["mask"] = jnp.ones(32).at[0].set(0.0)
+  batches[1]["labels"] = batches[1]["labels"].at[0].set(1 - batches[1]["labels"][0])
+  epsilons = [0.0, 0.25, 0.5, 1.0, 2.0, 4.0]
+  rows = robustness.attack_accuracy(logits_fn, params, batches, epsilons, hidden_size=H,
+                                    num_steps=5)
+  accuracy = np.array([r["accuracy"] for r in rows])
+  assert [r["epsilon"] for r in rows] == epsilons
+  assert all(r["num_examples"] == 63 for r in rows)
+  assert accuracy[0] >= 0.95, accuracy  # the model learned the task
+  assert np.all(np.diff(accuracy) <= 0), accuracy
+  assert accuracy[-1] < accuracy[0] - 0.3, accuracy
+  logits = logits_fn(params, batches[0], None, None)
+  clean = np.mean(np.argmax(logits, -1) == batches[0]["labels"])
+  rows0 = robustness.attack_accuracy(logits_fn, params, batches[:1], [0.0], hidden_size=H)
+  assert rows0[0]["accuracy"] == pytest.approx(clean)
+
+  robustness.write_csv(rows, tmp_path / "r.csv")
+  back = robustness.read_csv(tmp_path / "r.csv")
+  assert [r["accuracy"] for r in back] == pytest.approx(list(accuracy))
+  robustness.plot_accuracy({"clean-trained": rows}, tmp_path / "r.png")
+  assert (tmp_path / "r.png").stat().st_size > 1000
+  with pytest.raises(ValueError, match="epsilons"):
+    robustness.attack_accuracy(logits_fn, params, batches, [-1.0], hidden_size=H)
