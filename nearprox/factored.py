@@ -59,16 +59,27 @@ all-gathers the whole factored pytree, i.e. for every example: each dense layer'
 T·(d_in + d_out) numbers, each table's T ids and T·D cotangents, and the materialized small
 leaves. For an encoder of L layers (hidden h, feed-forward f, H heads of h/H), per example
 
-    T · [L · (4·2h + 2·(h + f)) + 3·(h + 1)]    (q, k, v, attention output; FFN in and out;
-                                                 word, position, token-type tables)
-    + L · (6h + f + 4h)  + (pooler 2h + h) + (classifier h + k + k)   (biases, LayerNorms)
-    + 2h (embedding LayerNorm)
+    T · [L · (4·2h + 2·(h + f)) + 3·(h + 1)]    (kernels of q, k, v, attention output,
+                                                 FFN in and out; word, position, token-type
+                                                 tables: T ids and T·h cotangents each)
+    + L · (5h + f + 4h)                          (biases; two LayerNorms per layer)
+    + 3h + (h + 2k) + 2h                         (pooler, classifier, embedding LayerNorm)
 
-numbers. BERT-base (L=12, h=768, f=3072, vocab 30522, k=2), T=128, float32, B=32 per
-device: 21,557,924 numbers per example, **2.76 GB per device per step** (each device
-receives (n−1) × 2.76 GB), against B·P·4 = 14.0 GB for the dense per-example gradients
-(P = 109.5M) and 0.44 GB for the all-reduce of ``gram="local"`` / SGD.
-:func:`gathered_bytes_per_device` computes this from shapes (``jax.eval_shape``).
+numbers. BERT-base (L=12, h=768, f=3072, vocab 30522, k=2 labels), T=128, float32 and int32
+ids, B=32 per device: 21,653,380 numbers per example, **2.77 GB per device per step**
+(2,771,632,640 bytes; each device receives (n−1) times that), against B·P·4 = 14.0 GB for
+the dense per-example gradients (P = 109,483,778) and P·4 = 0.44 GB for the all-reduce of
+``gram="local"`` or plain data-parallel SGD. Then K's rows (n·B² numbers) are gathered too.
+:func:`encoder_gathered_numbers` is this formula; :func:`gathered_bytes_per_device` measures
+any model from shapes (``jax.eval_shape``).
+
+Cost, in multiply-adds over the P dense-kernel parameters, against SGD's 3·B·T·P (forward,
+input gradients, weight gradients): the capture is a forward and a backward pass without
+weight gradients (2·B·T·P); a materializing Gram adds B·T·P for the per-example gradients
+and B²·P for G Gᵀ; the combine adds B·T·P (factored) or B·P (per-example gradients kept,
+``kernel_combine``). So the step costs between (3T + B)/(3T) and (4T + B)/(3T) SGD steps
+for the kernels, e.g. 1.17×–1.5× at B=32, T=64: the factored combine saves memory, the
+kept gradients save time.
 """
 
 from __future__ import annotations
@@ -281,7 +292,7 @@ def _local_per_example(call: _Call, leaves: list, x: jax.Array, delta: jax.Array
   return jax.vmap(one)(x, delta)
 
 
-def factored_value_and_grads(loss_fn: Callable, params, *args):
+def factored_value_and_grads(loss_fn: Callable, params, *args, kernel_combine: str = "auto"):
   """(losses [B], per-example gradients in factored form) of ``loss_fn(params, *args)``.
 
   Args:
@@ -289,12 +300,22 @@ def factored_value_and_grads(loss_fn: Callable, params, *args):
       ``apply`` on (a pytree containing) the leaves of ``params``.
     params: the parameters pytree.
     *args: batch arrays, batch axis first.
+    kernel_combine: how the filtered gradient of each dense kernel is formed
+      (:class:`~nearprox.factors.DenseFactor` ``combine_method``): "factored" (Aᵀ(c∘Δ):
+      least memory, B·T·d_in·d_out more multiply-adds), "materialized" (reuse the Gram's
+      per-example gradients: fewest multiply-adds, B·d_in·d_out more memory per layer), or
+      "auto": "materialized" for the smallest layers, as long as the per-example gradients
+      kept take no more memory in total than the kernel factors (see
+      :func:`_kernel_combine_methods`).
 
   Returns:
     ``(losses, grads)`` where ``grads`` has the structure of ``params`` and each leaf is a
     :class:`~nearprox.factors.DenseFactor`, an :class:`~nearprox.factors.EmbedFactor` or a
     dense [B, *leaf.shape] array; feed it to :func:`nearprox.scale_by_proximal`.
   """
+  if kernel_combine not in ("auto",) + factors.COMBINE_METHODS:
+    raise ValueError(f"kernel_combine must be 'auto' or one of {factors.COMBINE_METHODS}, "
+                     f"got {kernel_combine!r}")
   leaves, treedef = jax.tree.flatten(params)
   batch = _batch_size(loss_fn, params, args)
   plan = _discover(loss_fn, treedef, leaves, args, batch)
@@ -346,14 +367,36 @@ def factored_value_and_grads(loss_fn: Callable, params, *args):
   for i, value in zip(fallback, per_example_fallback):
     grads[i] = value
   _assemble(calls, kinds, leaves, inputs, {k: deltas[j] for k, j in probe_of.items()},
-            batch, grads)
+            batch, grads, kernel_combine)
   for i, kind in enumerate(kinds):
     if kind == "unused":
       grads[i] = jnp.zeros((batch,) + tuple(leaves[i].shape), leaves[i].dtype)
   return losses, jax.tree.unflatten(treedef, grads)
 
 
-def _assemble(calls, kinds, leaves, inputs, deltas, batch, grads) -> None:
+def _kernel_combine_methods(choice: str, shapes: list[tuple[int, int, int, int]]) -> list[str]:
+  """Each dense kernel's ``combine_method`` from its factor shapes (B, T, d_in, d_out).
+
+  "auto" keeps the per-example gradients (B·d_in·d_out numbers) of materializing layers,
+  smallest first, while their total stays within the total size of all kernel factors
+  (Σ B·T·(d_in + d_out)): every kept number saves T multiply-adds in the combine, and the
+  peak memory grows by at most about what the factors already take.
+  """
+  if choice != "auto":
+    return [choice] * len(shapes)
+  budget = sum(b * t * (d_in + d_out) for b, t, d_in, d_out in shapes)
+  methods, used = ["factored"] * len(shapes), 0
+  for j in sorted(range(len(shapes)), key=lambda j: shapes[j][2] * shapes[j][3]):
+    b, t, d_in, d_out = shapes[j]
+    if factors.dense_gram_method(b, t, b, t, d_in, d_out, True) != "materialize":
+      continue
+    if used + b * d_in * d_out <= budget:
+      methods[j] = "materialized"
+      used += b * d_in * d_out
+  return methods
+
+
+def _assemble(calls, kinds, leaves, inputs, deltas, batch, grads, kernel_combine) -> None:
   """Fills ``grads`` for the factored and materialized-small leaves from the captures."""
   parts: dict[int, list] = {}
   sums: dict[int, jax.Array] = {}
@@ -389,14 +432,29 @@ def _assemble(calls, kinds, leaves, inputs, deltas, batch, grads) -> None:
 
   for leaf, value in sums.items():
     grads[leaf] = value.astype(leaves[leaf].dtype)
-  for leaf, pieces in parts.items():
-    first, second = (jnp.concatenate(p, axis=1) if len(p) > 1 else p[0] for p in zip(*pieces))
+  joined = {leaf: tuple(jnp.concatenate(p, axis=1) if len(p) > 1 else p[0]
+                        for p in zip(*pieces)) for leaf, pieces in parts.items()}
+  kernels = [leaf for leaf in joined if kinds[leaf] == "kernel"]
+  methods = _kernel_combine_methods(
+      kernel_combine, [joined[leaf][0].shape + joined[leaf][1].shape[-1:] for leaf in kernels])
+  method_of = dict(zip(kernels, methods))
+  for leaf, (first, second) in joined.items():
     param = leaves[leaf]
     if kinds[leaf] == "kernel":
-      grads[leaf] = factors.DenseFactor(first, second, tuple(param.shape), np.dtype(param.dtype))
+      grads[leaf] = factors.DenseFactor(first, second, tuple(param.shape), np.dtype(param.dtype),
+                                        combine_method=method_of[leaf])
     else:
       grads[leaf] = factors.EmbedFactor(first, second, int(param.shape[0]),
                                         np.dtype(param.dtype))
+
+
+def encoder_gathered_numbers(num_layers: int, hidden: int, ffn: int, length: int,
+                             num_labels: int) -> int:
+  """Numbers per example that ``gram="global"`` gathers for a BERT sequence classifier
+  (the formula of the module docstring)."""
+  h, f, t = hidden, ffn, length
+  return (t * (num_layers * (4 * 2 * h + 2 * (h + f)) + 3 * (h + 1))
+          + num_layers * (5 * h + f + 4 * h) + 3 * h + (h + 2 * num_labels) + 2 * h)
 
 
 def gathered_bytes_per_device(loss_fn: Callable, params, *args) -> int:

@@ -42,6 +42,7 @@ from nearprox.gram import PerExampleFactor, compute_dtype
 _HIGHEST = jax.lax.Precision.HIGHEST
 
 GRAM_METHODS = ("ghost", "materialize")
+COMBINE_METHODS = ("factored", "materialized")
 
 
 def _check_same_kind(self, other) -> None:
@@ -86,17 +87,26 @@ class DenseFactor(PerExampleFactor):
       row-major flattening is [d_in, d_out].
     kernel_dtype: the kernel's dtype (the dtype of ``combine``'s result).
     gram_method: "auto" (by cost, :func:`dense_gram_method`), "ghost" or "materialize".
+    combine_method: "factored": Aᵀ(c ∘ Δ), B·T·d_in·d_out multiply-adds and no memory
+      beyond the factors; "materialized": cᵀG from the per-example gradients G that the
+      materializing Gram computes anyway (XLA's common-subexpression elimination shares
+      them), B·d_in·d_out multiply-adds, but G (B·d_in·d_out numbers) then stays alive from
+      the Gram to the combine. Used only when the Gram materializes.
   """
   inputs: jax.Array
   cotangents: jax.Array
   kernel_shape: tuple[int, ...]
   kernel_dtype: Any
   gram_method: str = "auto"
+  combine_method: str = "factored"
 
   def __post_init__(self):
     if self.gram_method not in ("auto",) + GRAM_METHODS:
       raise ValueError(f"gram_method must be 'auto' or one of {GRAM_METHODS}, "
                        f"got {self.gram_method!r}")
+    if self.combine_method not in COMBINE_METHODS:
+      raise ValueError(f"combine_method must be one of {COMBINE_METHODS}, "
+                       f"got {self.combine_method!r}")
 
   def _method(self, other: "DenseFactor") -> str:
     if self.gram_method != "auto":
@@ -120,16 +130,20 @@ class DenseFactor(PerExampleFactor):
       mine = self._per_example()
       theirs = mine if other is self else other._per_example()
       return jnp.matmul(mine, theirs.T, precision=_HIGHEST)
-    inner_a = jnp.einsum("itk,jsk->ijts", self.inputs.astype(dtype), other.inputs.astype(dtype),
+    # [B, T, B', T'] is the plain matmul's output order: no transpose before the product.
+    inner_a = jnp.einsum("itk,jsk->itjs", self.inputs.astype(dtype), other.inputs.astype(dtype),
                          precision=_HIGHEST)
-    inner_d = jnp.einsum("itl,jsl->ijts", self.cotangents.astype(dtype),
+    inner_d = jnp.einsum("itl,jsl->itjs", self.cotangents.astype(dtype),
                          other.cotangents.astype(dtype), precision=_HIGHEST)
-    return jnp.sum(inner_a * inner_d, axis=(2, 3))
+    return jnp.sum(inner_a * inner_d, axis=(1, 3))
 
   def combine(self, coeffs: jax.Array) -> jax.Array:
     dtype = compute_dtype(self.cotangents.dtype)
-    weighted = self.cotangents.astype(dtype) * coeffs.astype(dtype)[:, None, None]
-    out = jnp.einsum("btk,btl->kl", self.inputs.astype(dtype), weighted, precision=_HIGHEST)
+    if self.combine_method == "materialized" and self._method(self) == "materialize":
+      out = jnp.matmul(coeffs.astype(dtype), self._per_example(), precision=_HIGHEST)
+    else:
+      weighted = self.cotangents.astype(dtype) * coeffs.astype(dtype)[:, None, None]
+      out = jnp.einsum("btk,btl->kl", self.inputs.astype(dtype), weighted, precision=_HIGHEST)
     return out.reshape(self.kernel_shape).astype(self.kernel_dtype)
 
 
@@ -178,10 +192,10 @@ class EmbedFactor(PerExampleFactor):
       mine = self._per_example()
       theirs = mine if other is self else other._per_example()
       return jnp.matmul(mine, theirs.T, precision=_HIGHEST)
-    same_row = self.ids[:, None, :, None] == other.ids[None, :, None, :]
-    inner_d = jnp.einsum("itd,jsd->ijts", self.cotangents.astype(dtype),
+    same_row = self.ids[:, :, None, None] == other.ids[None, None, :, :]
+    inner_d = jnp.einsum("itd,jsd->itjs", self.cotangents.astype(dtype),
                          other.cotangents.astype(dtype), precision=_HIGHEST)
-    return jnp.sum(jnp.where(same_row, inner_d, 0.0), axis=(2, 3))
+    return jnp.sum(jnp.where(same_row, inner_d, 0.0), axis=(1, 3))
 
   def combine(self, coeffs: jax.Array) -> jax.Array:
     dtype = compute_dtype(self.cotangents.dtype)

@@ -29,13 +29,13 @@ Perturbations (``ObjectiveConfig.kind``):
   Natural Language Models through Principled Regularized Optimization". Label-free
   smoothness term: symmetric KL between clean and perturbed predictions (squared difference
   for regression). δ starts as N(0, σ²) noise (σ = ``noise_std``), then K steps
-  δ ← Π_ε(δ + η·ĝ), ĝ = ∇_δ KL(sg(p) ‖ p̃(δ)) normalized PER TOKEN to unit ℓ∞ (mt-dnn's
-  ``_norm_grad`` with norm_level 0; ℓ2 per token for ``norm="l2"``). This is the paper's
-  Algorithm 1 with mt-dnn's normalization. mt-dnn's current code instead renormalizes
-  (noise + η·g) to unit ℓ∞ per token and never projects; since σ ≫ η‖g‖ there, its
-  perturbation is essentially the normalized noise. We bound δ by ε (default ε = η, so one
-  step lands on the ball). As in mt-dnn's ``SymKlCriterion`` each KL direction treats its
-  target distribution as a constant: KL(sg(p̃)‖p) + KL(sg(p)‖p̃).
+  δ ← Π_ε(δ + η·ĝ), ĝ = ∇_δ KL(sg(p) ‖ p̃(δ)) normalized PER TOKEN: g/(‖g‖∞ + 1e-6)
+  over the hidden axis (mt-dnn's ``_norm_grad``, norm_level 0; ℓ2 per token for
+  ``norm="l2"``). That is the paper's Algorithm 1 with mt-dnn's normalization. mt-dnn's
+  current code instead renormalizes (noise + η·g) per token and never projects, so with
+  σ = 1e-5, η = 1e-3 its δ is the noise direction unless |g| ≳ 1e-2. We bound δ by ε
+  (default ε = η: one step lands on the ball). As in mt-dnn's ``SymKlCriterion`` each KL
+  direction treats its target distribution as a constant: KL(sg(p̃)‖p) + KL(sg(p)‖p̃).
 
 Cost per evaluation of ∇θ Σℓ_i (F = forward, B = full backward, Bδ = backward to the input
 only, no weight gradients; measured ratios: ``experiments/bench_objectives.py``):
@@ -114,7 +114,8 @@ class ObjectiveConfig:
     norm: "l2" or "linf". Defaults: "l2" for FGM/PGD, "linf" for SMART (mt-dnn).
     random_start: PGD: start uniformly in the ε-ball (default True; FreeLB starts random).
       SMART always starts from noise_std noise.
-    noise_std: SMART's initial noise σ (default 1e-5, mt-dnn ``noise_var``).
+    noise_std: SMART's initial noise σ (default 1e-5, mt-dnn ``noise_var``); σ = 0 gives
+      δ = 0 (the ascent would start at the KL's minimum, where its gradient is 0).
     adv_weight: weight of the adversarial/smoothness term in the sum (default 1.0;
       SMART's α, the paper searches {1, 3, 5}).
     combine: "sum" (task + adv_weight·adv) or "adv_only" (adv; not for SMART, which has
@@ -307,15 +308,22 @@ def random_ball_point(keys, shape, epsilon, norm: str, mask: jax.Array) -> jax.A
   raise ValueError(f"norm must be one of {NORMS}, got {norm!r}")
 
 
+SMART_NORM_EPSILON = 1e-6  # mt-dnn SmartPerturbation(epsilon=1e-6)
+
+
 def per_token_normalize(grad: jax.Array, norm: str) -> jax.Array:
-  """mt-dnn's SMART direction: each token's hidden vector divided by its ℓ∞ (or ℓ2) norm."""
+  """mt-dnn's SMART direction g/(‖g‖ + 1e-6), per token (over the hidden axis), ℓ∞ or ℓ2.
+
+  The additive 1e-6 (mt-dnn) keeps a round-off-sized gradient (as at δ = 0, where the KL
+  has its minimum) from being blown up to a full step.
+  """
   if norm == "linf":
     length = jnp.max(jnp.abs(grad), axis=-1, keepdims=True)
   elif norm == "l2":
     length = jnp.sqrt(jnp.sum(jnp.square(grad), axis=-1, keepdims=True))
   else:
     raise ValueError(f"norm must be one of {NORMS}, got {norm!r}")
-  return _safe_scale(grad, length)
+  return grad / (length + SMART_NORM_EPSILON)
 
 
 def _sum_grad(objective: Callable[[jax.Array], jax.Array]):
@@ -395,10 +403,12 @@ def _perturb(logits_fn, config, task, hidden_size, params, batch, rng):
                                                              config.norm)
       return project_to_ball(moved, config.epsilon, config.norm) * mask
 
-    delta = jnp.zeros(shape, jnp.float32)
-    if config.noise_std > 0:
-      noise = jax.vmap(lambda k: jax.random.normal(k, shape[1:]))(noise_keys)
-      delta = project_to_ball(config.noise_std * noise * mask, config.epsilon, config.norm)
+    if config.noise_std == 0:
+      # δ = 0 is the KL's minimum: the exact ascent direction is 0, and following the
+      # round-off of p̃(0) − p would be noise, not ascent.
+      return clean_logits, zeros, dropout_keys
+    noise = jax.vmap(lambda k: jax.random.normal(k, shape[1:]))(noise_keys)
+    delta = project_to_ball(config.noise_std * noise * mask, config.epsilon, config.norm)
     delta = jax.lax.fori_loop(0, config.num_steps, step, delta)
     return clean_logits, jax.lax.stop_gradient(delta), dropout_keys
 

@@ -71,7 +71,7 @@ def create_optimizer(config, num_steps: int, axis_name: str | None):
   if opt.name == "proximal_sgd":
     proximal = nearprox.scale_by_proximal(
         opt.damping, filter=opt.filter, damping_mode=opt.damping_mode, axis_name=axis_name,
-        gram=opt.gram)
+        gram=opt.gram if axis_name else "local")  # one device: local and global coincide
     return optax.chain(proximal, l2, sgd), True
   if opt.name == "proximal_norm_sgd":
     return optax.chain(nearprox.scale_by_proximal_norm(opt.damping), l2, sgd), False
@@ -100,8 +100,6 @@ def create_model(config, num_labels: int, rng: jax.Array):
 
 def flip_labels(labels: np.ndarray, fraction: float, num_labels: int, seed: int) -> np.ndarray:
   """Gives round(fraction·N) seeded examples a different, uniformly drawn label."""
-  if not 0.0 <= fraction <= 1.0:
-    raise ValueError(f"label_noise must lie in [0, 1], got {fraction}")
   rng = np.random.default_rng([seed, 7919])
   flipped = rng.choice(len(labels), int(round(fraction * len(labels))), replace=False)
   labels = labels.copy()
@@ -110,7 +108,9 @@ def flip_labels(labels: np.ndarray, fraction: float, num_labels: int, seed: int)
 
 
 def load_splits(config, tokenizer) -> dict[str, dict[str, np.ndarray]]:
-  """The task's encoded splits: train, dev and (tweets only) test."""
+  """The task's encoded splits: train, dev and (tweets only) test, and for tweets also
+  ``test_low_confidence``: test examples whose annotator confidence is below
+  ``config.low_confidence_below`` (when > 0)."""
   task = data.get_task(config.task)
   names = ("train", "dev", "test") if config.task == "tweets" else ("train", "dev")
   encoded = {}
@@ -118,6 +118,9 @@ def load_splits(config, tokenizer) -> dict[str, dict[str, np.ndarray]]:
     split = data.load_task(config.task, name, config.data_dir, source=config.source,
                            seed=config.seed)
     arrays = data.encode(split, tokenizer, config.max_length).arrays()
+    if name == "test" and config.low_confidence_below > 0 and "confidence" in split.extra:
+      low = split.extra["confidence"] < config.low_confidence_below  # NaN (unknown) excluded
+      encoded["test_low_confidence"] = {k: v[low] for k, v in arrays.items()}
     if name == "train" and config.label_noise:
       arrays["labels"] = flip_labels(arrays["labels"], config.label_noise, task.num_labels,
                                      config.seed)
@@ -160,7 +163,7 @@ def train_step(state: TrainState, batch, rng, *, loss_fn, tx, per_example: bool,
 
   params = optax.apply_updates(state.params, updates)
   metrics = {"loss": global_sum(jnp.sum(example_losses * mask)) / num_examples,
-             "grad_norm": optax.global_norm(updates)}
+             "update_norm": optax.tree.norm(updates)}
   first = opt_state[0]
   if isinstance(first, nearprox.ScaleByProximalState):
     metrics.update({f"gram/{k}": v for k, v in first.stats._asdict().items()})
@@ -202,14 +205,17 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path) -
   exports, and returns the report (also written to ``workdir/report.json``)."""
   workdir = Path(workdir)
   parallel.initialize()
-  rng = jax.random.key(config.seed)
+  # Configuration errors first, before any expensive work.
   task = data.get_task(config.task)
-  model, params, tokenizer = create_model(config, task.num_labels, jax.random.fold_in(rng, 1))
-  splits = load_splits(config, tokenizer)
-
+  objective = objective_config(config)
   runner = parallel.Runner(config.parallel)
   tx, per_example = create_optimizer(config, config.num_train_steps, runner.axis_name)
-  objective = objective_config(config)
+  if not 0.0 <= config.label_noise <= 1.0:
+    raise ValueError(f"config.label_noise must lie in [0, 1], got {config.label_noise}")
+
+  rng = jax.random.key(config.seed)
+  model, params, tokenizer = create_model(config, task.num_labels, jax.random.fold_in(rng, 1))
+  splits = load_splits(config, tokenizer)
   logits_fn = losses.bert_logits_fn(model, deterministic=not config.model.dropout)
   loss_fn = losses.make_per_example_loss(logits_fn, objective,
                                          hidden_size=model.config.hidden_size)

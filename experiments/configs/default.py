@@ -14,13 +14,15 @@ def get_config() -> ml_collections.ConfigDict:
 
   # Data: a task name of nearprox.data ("tweets", "sst2", "cola", "mrpc", "rte").
   config.task = "tweets"
-  config.data_dir = None          # GLUE root for GLUE tasks (default $NEARPROX_GLUE_DIR)
-  config.source = None            # "tsv" / "tfds" for GLUE tasks; None picks
+  placeholder = ml_collections.config_dict.placeholder
+  config.data_dir = placeholder(str)  # GLUE root for GLUE tasks (default $NEARPROX_GLUE_DIR)
+  config.source = placeholder(str)    # "tsv" / "tfds" for GLUE tasks; None picks
   config.max_length = 64
   config.batch_size = 32          # global, over all devices and hosts
   config.eval_batch_size = 128
   config.max_eval_examples = 0    # 0: evaluate on the whole split
   config.label_noise = 0.0        # fraction of training labels flipped (seeded)
+  config.low_confidence_below = 0.7  # tweets: also report test examples below this confidence
 
   # Model: "minilm", a Hugging Face directory / cached hub name, or "tiny" (random, for tests).
   config.model = ml_collections.ConfigDict()
@@ -45,11 +47,11 @@ def get_config() -> ml_collections.ConfigDict:
   # Objective (nearprox.losses.ObjectiveConfig): None fields take the kind's defaults.
   config.objective = ml_collections.ConfigDict()
   config.objective.kind = "fgm"
-  config.objective.epsilon = ml_collections.config_dict.placeholder(float)
-  config.objective.adv_weight = ml_collections.config_dict.placeholder(float)
-  config.objective.num_steps = ml_collections.config_dict.placeholder(int)
-  config.objective.step_size = ml_collections.config_dict.placeholder(float)
-  config.objective.norm = ml_collections.config_dict.placeholder(str)
+  config.objective.epsilon = placeholder(float)
+  config.objective.adv_weight = placeholder(float)
+  config.objective.num_steps = placeholder(int)
+  config.objective.step_size = placeholder(float)
+  config.objective.norm = placeholder(str)
   config.objective.l2_weight = 1e-4
 
   # Loop.

@@ -1,0 +1,58 @@
+"""--full: the studies at a budget that fits ≈3 h on 2 idle CPU cores.
+
+MiniLM, batch 16, 64 tokens, 250 steps, three seeds, three learning rates per optimizer
+swept on the dev split of both SST-2 and the tweet corpus (seed 0), five damping values.
+SST-2 dev is evaluated in full; tweet dev/test are subsampled to 1000 examples.
+
+On a GPU/TPU machine, a converged setting (the reference point AdamW 1e-4 → 87.5% SST-2
+dev) is ``--full --set batch_size=32 --set num_train_steps=600`` (and
+``max_eval_examples=0`` for full eval splits); see experiments/reproduce.py.
+
+    python experiments/reproduce.py --full
+"""
+
+import importlib.util
+import pathlib
+
+import ml_collections
+
+
+def _quick():
+  path = pathlib.Path(__file__).with_name("quick.py")
+  spec = importlib.util.spec_from_file_location("nearprox_quick_config", path)
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module
+
+
+def get_config() -> ml_collections.ConfigDict:
+  config = _quick().get_config()  # quick.py derives from default.py
+  config.max_length = 64
+  config.batch_size = 16
+  config.max_eval_examples = 1000
+  config.num_train_steps = 250
+  config.log_every = 10
+  config.eval_every = 50
+  return config
+
+
+def get_plan() -> ml_collections.ConfigDict:
+  plan = _quick().get_plan()
+  plan.mode = "full"
+  plan.seeds = (0, 1, 2)
+  plan.lr_grid = {
+      "sgd": (0.01, 0.03, 0.1),
+      "sgd_momentum": (1e-3, 3e-3, 1e-2),
+      "adamw": (3e-5, 1e-4, 3e-4),
+      "proximal_tikhonov": (3e-3, 1e-2, 3e-2),
+      "proximal_natural": (0.03, 0.1, 0.3),
+      "proximal_norm": (1e-3, 3e-3, 1e-2),
+  }
+  plan.sweep_tasks = ("sst2", "tweets")
+  plan.damping_grid = (0.001, 0.01, 0.1, 1.0, 10.0)
+  plan.objective_optimizers = ("best_proximal", "adamw")
+  plan.attack_epsilons = (0.0, 0.25, 0.5, 1.0, 2.0, 4.0)
+  plan.attack_steps = 10
+  plan.attack_examples = 512
+  plan.noise_optimizers = ("sgd_momentum", "adamw", "best_proximal")
+  return plan

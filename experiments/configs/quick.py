@@ -1,0 +1,74 @@
+"""--quick: every study at a small budget (≈15 min on 2 idle CPU cores).
+
+MiniLM, batch 16, 32 tokens, 60 steps, one seed, dev/test subsampled to 256 examples, two
+learning rates per optimizer (SST-2 dev), three damping values. The numbers show the
+pipeline end to end and the direction of effects at a short budget; they are not
+converged fine-tuning results (see full.py).
+
+    python experiments/reproduce.py --quick
+    python -m nearprox.train --config experiments/configs/quick.py --workdir /tmp/q
+"""
+
+import importlib.util
+import pathlib
+
+import ml_collections
+
+
+def _default_config() -> ml_collections.ConfigDict:
+  path = pathlib.Path(__file__).with_name("default.py")
+  spec = importlib.util.spec_from_file_location("nearprox_default_config", path)
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module.get_config()
+
+
+def get_config() -> ml_collections.ConfigDict:
+  """The training config every quick run starts from (a study then overrides fields)."""
+  config = _default_config()
+  config.max_length = 32
+  config.batch_size = 16
+  config.max_eval_examples = 256
+  config.num_train_steps = 60
+  config.log_every = 5
+  config.eval_every = 15
+  config.checkpoint_every = 10**9  # no checkpoints: runs are short and restart from scratch
+  config.export_hf = False
+  config.progress = False
+  config.parallel = "jit"
+  config.objective.kind = "clean"
+  return config
+
+
+def get_plan() -> ml_collections.ConfigDict:
+  """What each study runs in this mode (see experiments/studies.py)."""
+  plan = ml_collections.ConfigDict()
+  plan.mode = "quick"
+  plan.seeds = (0,)
+  # Learning-rate grids per optimizer variant, swept on the SST-2 dev split (seed 0).
+  plan.lr_grid = {
+      "sgd": (0.03, 0.1),
+      "sgd_momentum": (3e-3, 1e-2),
+      "adamw": (1e-4, 3e-4),
+      "proximal_tikhonov": (1e-2, 3e-2),
+      "proximal_natural": (0.1, 0.3),
+      "proximal_norm": (3e-3, 1e-2),
+  }
+  plan.sweep_tasks = ("sst2",)        # tweets reuses SST-2's best learning rate
+  plan.optimizer_tasks = ("sst2", "tweets")
+  plan.damping_grid = (0.01, 0.1, 1.0)
+  plan.damping_filters = ("tikhonov", "natural")
+  plan.objectives = ("clean", "fgm", "pgd", "smart")
+  plan.objective_optimizers = ("best_proximal",)
+  plan.attack_epsilons = (0.0, 0.5, 1.0, 2.0)
+  plan.attack_steps = 5
+  plan.attack_examples = 128
+  plan.multidevice_variants = ("sgd_momentum", "local", "global")
+  plan.multidevice_count = 8
+  plan.glue_task = "mrpc"
+  plan.glue_max_length = 64
+  plan.glue_optimizers = ("sgd_momentum", "adamw", "best_proximal")
+  plan.noise_levels = (0.2, 0.4)
+  plan.noise_optimizers = ("adamw", "best_proximal")
+  plan.target_fraction = 0.95
+  return plan

@@ -1,0 +1,49 @@
+"""--smoke: the whole pipeline on the random "tiny" BERT in seconds (tests/test_experiments.py).
+
+The numbers mean nothing (a random 2-layer model, 3 steps); only the plumbing is checked.
+"""
+
+import importlib.util
+import pathlib
+
+import ml_collections
+
+
+def _quick():
+  path = pathlib.Path(__file__).with_name("quick.py")
+  spec = importlib.util.spec_from_file_location("nearprox_quick_config", path)
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module
+
+
+def get_config() -> ml_collections.ConfigDict:
+  config = _quick().get_config()
+  config.model.name = "tiny"
+  config.max_length = 16
+  config.batch_size = 8
+  config.eval_batch_size = 32
+  config.max_eval_examples = 32
+  config.num_train_steps = 3
+  config.log_every = 1
+  config.eval_every = 2
+  return config
+
+
+def get_plan() -> ml_collections.ConfigDict:
+  plan = _quick().get_plan()
+  plan.mode = "smoke"
+  plan.lr_grid = {"sgd": (1e-2,), "proximal_tikhonov": (1e-2,)}
+  plan.optimizer_tasks = ("sst2",)
+  plan.damping_grid = (0.1, 1.0)
+  plan.damping_filters = ("tikhonov",)
+  plan.objectives = ("clean", "fgm")
+  plan.attack_epsilons = (0.0, 1.0)
+  plan.attack_steps = 1
+  plan.attack_examples = 16
+  plan.multidevice_variants = ("sgd", "local", "global")
+  plan.glue_max_length = 16
+  plan.glue_optimizers = ("best_proximal",)
+  plan.noise_levels = (0.4,)
+  plan.noise_optimizers = ("best_proximal",)
+  return plan

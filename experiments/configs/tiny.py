@@ -1,0 +1,30 @@
+"""A smoke-test config: a random 2-layer BERT (hidden 32) with MiniLM's tokenizer, a few
+steps, small evaluation. Used by the tests; also a quick check that a machine is set up.
+
+    python -m nearprox.train --config experiments/configs/tiny.py --workdir /tmp/tiny
+"""
+
+import importlib.util
+from pathlib import Path
+
+_spec = importlib.util.spec_from_file_location("default_config", Path(__file__).with_name("default.py"))
+_default = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(_default)
+
+
+def get_config():
+  config = _default.get_config()
+  config.model.name = "tiny"
+  config.max_length = 16
+  config.batch_size = 8
+  config.eval_batch_size = 16
+  config.max_eval_examples = 64
+  config.num_train_steps = 8
+  config.log_every = 4
+  config.eval_every = 4
+  config.checkpoint_every = 4
+  config.optimizer.learning_rate = 0.5
+  config.objective.kind = "clean"
+  config.export_hf = False
+  config.progress = False
+  return config

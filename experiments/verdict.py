@@ -1,0 +1,172 @@
+"""The plain-words verdict: templated sentences whose every number comes from a study dict.
+
+A difference counts as a win or a loss only when it exceeds the noise floor: the sum of the
+two seed standard deviations, and at least one accuracy point (with one seed there is no
+standard deviation, so one point is all the floor there is).
+"""
+
+from __future__ import annotations
+
+import math
+
+from studies import DISPLAY, PROXIMAL
+
+MIN_GAP = 0.01
+
+
+def _ok(*values) -> bool:
+  return all(v is not None and not (isinstance(v, float) and math.isnan(v)) for v in values)
+
+
+def _p(x) -> str:
+  return f"{100 * x:.1f}%"
+
+
+def compare(a: float, b: float, a_std: float = 0.0, b_std: float = 0.0) -> str:
+  """'ahead of' / 'behind' / 'level with' for a vs b, with the points difference."""
+  floor = max(MIN_GAP, (a_std or 0.0) + (b_std or 0.0))
+  diff = a - b
+  word = "ahead of" if diff > floor else "behind" if diff < -floor else "level with"
+  return f"{word} ({100 * diff:+.1f} points)"
+
+
+def optimizers(study) -> list[str]:
+  out = []
+  summary = study["tables"]["summary"]
+  for task in dict.fromkeys(r["task"] for r in summary):
+    rows = {r["variant"]: r for r in summary if r["task"] == task}
+    prox = [rows[v] for v in PROXIMAL if v in rows]
+    if not prox:
+      continue
+    best_prox = max(prox, key=lambda r: r["mean"])
+    best_all = max(rows.values(), key=lambda r: r["mean"])
+    first = best_prox
+    text = (f"On {'SST-2' if task == 'sst2' else task} ({first['split']} {first['metric']}, "
+            f"{first['steps']} steps, {first['seeds']} seed(s)) the best proximal variant, "
+            f"{DISPLAY[best_prox['variant']]}, scores {_p(best_prox['mean'])}")
+    for base in ("adamw", "sgd_momentum", "sgd"):
+      if base in rows:
+        text += (f"; it is {compare(best_prox['mean'], rows[base]['mean'], best_prox['std'], rows[base]['std'])} "
+                 f"{DISPLAY[base]} ({_p(rows[base]['mean'])})")
+    text += f". Best overall: {DISPLAY[best_all['variant']]} ({_p(best_all['mean'])})."
+    if "adamw" in rows and best_prox["reached"] and rows["adamw"]["reached"]:
+      text += (f" Steps to the {_p(first['target'])} dev target: "
+               f"{best_prox['steps_to_target']:.0f} ({DISPLAY[best_prox['variant']]}) vs "
+               f"{rows['adamw']['steps_to_target']:.0f} (AdamW).")
+    elif "adamw" in rows:
+      text += (f" The {_p(first['target'])} dev target was reached by "
+               f"{best_prox['reached']}/{best_prox['seeds']} proximal and "
+               f"{rows['adamw']['reached']}/{rows['adamw']['seeds']} AdamW seeds.")
+    out.append(text)
+  costs = {}
+  for r in summary:
+    if r["variant"] in PROXIMAL and _ok(r["step_ratio_to_sgd"]):
+      costs.setdefault(r["variant"], []).append(r["step_ratio_to_sgd"])
+  if costs:
+    out.append("Cost: a step takes " + ", ".join(
+        f"{sum(v) / len(v):.2f}× ({DISPLAY[k]})" for k, v in costs.items()) +
+        " the plain SGD step (median step times, shared machine).")
+  return out
+
+
+def damping(study) -> list[str]:
+  rows = study["tables"]["damping"]
+  out = []
+  for filt in dict.fromkeys(r["filter"] for r in rows):
+    mine = sorted((r for r in rows if r["filter"] == filt), key=lambda r: r["damping"])
+    best = max(mine, key=lambda r: r["dev_accuracy"])
+    worst = min(mine, key=lambda r: r["dev_accuracy"])
+    out.append(f"Damping ({filt}): over λ = {mine[0]['damping']:g} … {mine[-1]['damping']:g} "
+               f"SST-2 dev accuracy ranges {_p(worst['dev_accuracy'])} (λ={worst['damping']:g})"
+               f" to {_p(best['dev_accuracy'])} (λ={best['damping']:g}); the kept fraction "
+               f"‖d‖²/‖g‖² averages {mine[0]['kept_fraction_mean']:.3g} at the smallest λ and "
+               f"{mine[-1]['kept_fraction_mean']:.3g} at the largest, with mean effective rank "
+               f"{mine[0]['effective_rank_mean']:.3g} of the Gram matrix.")
+  return out
+
+
+def adversarial(study) -> list[str]:
+  rows = study["tables"]["adversarial"]
+  out = []
+  for variant in dict.fromkeys(r["variant"] for r in rows):
+    mine = {r["objective"]: r for r in rows if r["variant"] == variant}
+    eps = max((k for k in next(iter(mine.values())) if k.startswith("acc_eps_")),
+              key=lambda k: float(k[8:]))
+    if "clean" not in mine or len(mine) < 2:
+      continue
+    adv = max((r for o, r in mine.items() if o != "clean"), key=lambda r: r[eps])
+    out.append(f"Adversarial training ({DISPLAY[variant]}): at the largest attack radius "
+               f"ε={eps[8:]}, {adv['objective']} keeps {_p(adv[eps])} vs "
+               f"{_p(mine['clean'][eps])} for clean training, with clean dev accuracy "
+               f"{_p(adv['dev_accuracy'])} vs {_p(mine['clean']['dev_accuracy'])}, at "
+               f"{adv['step_ratio_to_clean']:.2f}× the clean step time.")
+  return out
+
+
+def multidevice(study) -> list[str]:
+  rows = {r["gram"]: r for r in study["tables"]["multidevice"]}
+  if "local" not in rows or "global" not in rows:
+    return []
+  loc, glo = rows["local"], rows["global"]
+  return [f"On {loc['devices']} host devices the exact global Gram is "
+          f"{compare(glo['dev_accuracy'], loc['dev_accuracy'], glo['dev_accuracy_std'], loc['dev_accuracy_std'])} "
+          f"the per-device (local) Gram ({_p(glo['dev_accuracy'])} vs "
+          f"{_p(loc['dev_accuracy'])}) at {glo['step_seconds'] / loc['step_seconds']:.2f}× "
+          f"its step time."]
+
+
+def glue(study) -> list[str]:
+  rows = {r["variant"]: r for r in study["tables"]["glue"]}
+  prox = [rows[v] for v in PROXIMAL if v in rows]
+  if not prox:
+    return []
+  r = prox[0]
+  metric = next(m for m in ("f1", "mcc", "accuracy") if m in r)
+  text = (f"On {r['task'].upper()} the {DISPLAY[r['variant']]} scores dev {metric} "
+          f"{_p(r[metric])}")
+  for base in ("adamw", "sgd_momentum"):
+    if base in rows:
+      text += (f"; {compare(r[metric], rows[base][metric], r[f'{metric}_std'], rows[base][f'{metric}_std'])} "
+               f"{DISPLAY[base]} ({_p(rows[base][metric])})")
+  return [text + "."]
+
+
+def noise(study) -> list[str]:
+  out = []
+  rows = study["tables"]["noise"]
+  levels = sorted({r["label_noise"] for r in rows})
+  by = {(r["variant"], r["label_noise"]): r for r in rows}
+  prox = next((v for v in PROXIMAL if any(k[0] == v for k in by)), None)
+  if prox and levels and (("adamw", levels[-1]) in by) and (prox, levels[-1]) in by:
+    hi = levels[-1]
+    text = (f"With {_p(hi)} flipped training labels, {DISPLAY[prox]} reaches "
+            f"{_p(by[(prox, hi)]['dev_accuracy'])}, "
+            f"{compare(by[(prox, hi)]['dev_accuracy'], by[('adamw', hi)]['dev_accuracy'], by[(prox, hi)]['dev_accuracy_std'], by[('adamw', hi)]['dev_accuracy_std'])} "
+            f"AdamW ({_p(by[('adamw', hi)]['dev_accuracy'])})")
+    if (prox, 0.0) in by and ("adamw", 0.0) in by:
+      gap0 = by[(prox, 0.0)]["dev_accuracy"] - by[("adamw", 0.0)]["dev_accuracy"]
+      text += f"; without noise the difference is {100 * gap0:+.1f} points"
+    out.append(text + ".")
+  low = {r["variant"]: r for r in study["tables"]["low_confidence"]}
+  lp = [low[v] for v in PROXIMAL if v in low]
+  if lp and "adamw" in low:
+    best = max(lp, key=lambda r: r["low_confidence_accuracy"])
+    out.append(f"On low-confidence tweets the best proximal variant ({DISPLAY[best['variant']]}) "
+               f"is {compare(best['low_confidence_accuracy'], low['adamw']['low_confidence_accuracy'], best['low_confidence_std'], low['adamw']['low_confidence_std'])} "
+               f"AdamW ({_p(best['low_confidence_accuracy'])} vs "
+               f"{_p(low['adamw']['low_confidence_accuracy'])}).")
+  return out
+
+
+FUNCTIONS = {"optimizers": optimizers, "damping": damping, "adversarial": adversarial,
+             "multidevice": multidevice, "glue": glue, "noise": noise}
+
+
+def verdict(results: dict[str, dict]) -> str:
+  """One paragraph per study that has rows; every figure is read from ``results``."""
+  sentences = []
+  for name, fn in FUNCTIONS.items():
+    study = results.get(name)
+    if study and any(study["tables"].values()):
+      sentences += fn(study)
+  return "\n\n".join(sentences) if sentences else "No study has results yet."

@@ -1,0 +1,73 @@
+"""Smoke test of experiments/reproduce.py: tiny model, 3 steps, one seed, two studies.
+
+Checks that the run files, CSV tables, plots and the generated README section are produced
+and that the README's numbers are the run files' numbers (nothing typed in), and that a
+second invocation resumes from the stored runs instead of training again.
+"""
+
+import csv
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+GLUE = Path(os.environ.get("NEARPROX_GLUE_DIR", REPO / ".." / "shared" / "data" / "glue"))
+
+
+def reproduce(tmp_path, *extra):
+  command = [sys.executable, str(REPO / "experiments" / "reproduce.py"), "--smoke",
+             "--only", "optimizers,damping", "--out", str(tmp_path / "results"),
+             "--readme", str(tmp_path / "README_results.md"),
+             "--workdir", str(tmp_path / "work"), *extra]
+  completed = subprocess.run(command, capture_output=True, text=True, timeout=300)
+  assert completed.returncode == 0, completed.stdout[-2000:] + completed.stderr[-4000:]
+  return completed.stdout
+
+
+@pytest.mark.skipif(not (GLUE / "SST-2" / "train.tsv").exists(),
+                    reason="needs the GLUE SST-2 TSVs (NEARPROX_GLUE_DIR)")
+def test_smoke_pipeline_produces_tables_from_run_files(tmp_path):
+  log = reproduce(tmp_path, "--data-dir", str(GLUE))
+  out = tmp_path / "results" / "smoke"
+  stored = [json.loads(p.read_text()) for p in sorted((out / "runs").glob("*.json"))]
+  # sgd + proximal tikhonov (λ=0.1 is the sweep run itself) + tikhonov at λ=1.
+  assert len(stored) == 3
+  assert log.count("[run]") == 3 and "[failed]" not in log
+  for result in stored:
+    assert result["report"]["steps"] == 3
+    assert result["history"], "metrics.jsonl rows are kept in the run file"
+  for name in ("optimizers_summary.csv", "optimizers_lr_sweep.csv", "damping_damping.csv",
+               "optimizers_sst2.png", "damping.png", "optimizers.json", "damping.json"):
+    assert (out / name).stat().st_size > 0, name
+
+  with open(out / "optimizers_summary.csv") as f:
+    summary = list(csv.DictReader(f))
+  assert sorted(r["variant"] for r in summary) == ["proximal_tikhonov", "sgd"]
+  by_variant = {r["config"]["optimizer"]["name"]: r for r in stored
+                if r["config"]["optimizer"]["damping"] == 0.1}
+  prox = next(r for r in summary if r["variant"] == "proximal_tikhonov")
+  assert float(prox["mean"]) == pytest.approx(
+      by_variant["proximal_sgd"]["report"]["dev"]["accuracy"])
+  with open(out / "damping_damping.csv") as f:
+    damping = {float(r["damping"]): r for r in csv.DictReader(f)}
+  assert set(damping) == {0.1, 1.0}
+  assert 1.0 <= float(damping[1.0]["effective_rank_mean"]) <= 8.0  # B = 8
+
+  readme = (tmp_path / "README_results.md").read_text()
+  assert "## Results (smoke mode)" in readme
+  assert readme.count("**not run**") == 4  # adversarial, multidevice, glue, noise
+  sgd_step = by_variant["sgd"]["report"]["train_step_seconds"]
+  assert f"| SGD | 0.01 | 1 | {100 * by_variant['sgd']['report']['dev']['accuracy']:.1f} |" \
+      in readme
+  assert f"{sgd_step:.3g}" in readme
+  assert "results/smoke/optimizers_sst2.png" in readme
+
+  # Resume: everything is stored, so nothing trains and the tables are unchanged.
+  again = reproduce(tmp_path, "--data-dir", str(GLUE), "--report-only")
+  assert "[run]" not in again
+  with open(out / "optimizers_summary.csv") as f:
+    assert list(csv.DictReader(f)) == summary

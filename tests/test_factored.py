@@ -1,0 +1,297 @@
+"""The factored per-example gradients (nearprox.factored) against exact oracles."""
+
+import dataclasses
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+import nearprox
+from nearprox import factored, factors, gram, models
+
+DAMPING = 1e-2
+
+
+# ----------------------------------------------------------------------------- helpers
+
+
+def assert_trees_close(actual, expected, rtol=2e-4, atol=2e-6):
+  """Leafwise allclose; atol is relative to the largest entry of the whole tree (some leaves,
+  like attention key biases, have gradients that are exactly zero up to rounding)."""
+  assert jax.tree.structure(actual) == jax.tree.structure(expected)
+  scale = max(float(jnp.max(jnp.abs(b))) for b in jax.tree.leaves(expected)) + 1e-12
+  for (path, a), b in zip(jax.tree_util.tree_flatten_with_path(actual)[0],
+                          jax.tree.leaves(expected)):
+    np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=rtol, atol=atol * scale,
+                               err_msg=jax.tree_util.keystr(path))
+
+
+def filtered(per_example, params, mask=None, filter="tikhonov", **kwargs):
+  tx = nearprox.scale_by_proximal(DAMPING, filter=filter, damping_mode="relative", **kwargs)
+  updates, _ = tx.update(per_example, tx.init(params), mask=mask)
+  return updates
+
+
+def leaf_types(per_example):
+  return jax.tree.leaves(jax.tree.map(lambda x: type(x).__name__, per_example,
+                                      is_leaf=gram.is_factor))
+
+
+class TokenModel(nn.Module):
+  """Embedding, multi-head DenseGeneral in and out, a shared Dense, norms, pooled head."""
+  vocab: int = 40
+  dim: int = 8
+
+  @nn.compact
+  def __call__(self, ids):
+    x = nn.Embed(self.vocab, self.dim)(ids)                        # [B, T, D]
+    h = nn.relu(nn.DenseGeneral((2, 4))(x))                         # [B, T, heads, head_dim]
+    x = x + nn.DenseGeneral(self.dim, axis=(-2, -1), use_bias=False)(h)
+    shared = nn.Dense(self.dim)                                     # called twice
+    x = shared(nn.LayerNorm()(x))
+    x = shared(jnp.tanh(nn.RMSNorm()(x)))
+    return nn.Dense(3)(x.mean(axis=1))
+
+
+class UnsupportedModel(nn.Module):
+  """A conv, a custom self.param and a tied embedding (Embed.attend): the exact fallback."""
+
+  @nn.compact
+  def __call__(self, ids):
+    embed = nn.Embed(12, 6)
+    x = nn.Conv(6, kernel_size=(3,))(embed(ids))
+    scale = self.param("scale", nn.initializers.ones, (6,))
+    x = nn.Dense(6)(x * scale)
+    return embed.attend(x.mean(axis=1))
+
+
+def token_problem(model, batch=6, length=5, vocab=40, seed=0):
+  ids = jax.random.randint(jax.random.key(seed), (batch, length), 0, vocab)
+  labels = jax.random.randint(jax.random.key(seed + 1), (batch,), 0, 3)
+  params = model.init(jax.random.key(seed + 2), ids)["params"]
+
+  def loss_fn(p, ids, labels):
+    logits = model.apply({"params": p}, ids)
+    return optax.softmax_cross_entropy_with_integer_labels(logits, labels)
+
+  return loss_fn, params, (ids, labels)
+
+
+def tiny_bert(batch=4, length=8, deterministic=True, seed=0):
+  config = models.tiny_config()
+  model = models.BertForSequenceClassification(config)
+  params = models.init_params(model, jax.random.key(seed), batch, length)
+  ids = jax.random.randint(jax.random.key(seed + 1), (batch, length), 1, config.vocab_size)
+  attention_mask = jnp.ones((batch, length), jnp.int32).at[1, 5:].set(0).at[2, 3:].set(0)
+  ids = ids * attention_mask  # padded tokens: id 0 and attention_mask 0
+  labels = jnp.arange(batch) % 2
+  dropout = jax.random.key(seed + 2)
+
+  def loss_fn(p, ids, attention_mask, labels):
+    logits = model.apply({"params": p}, ids, attention_mask=attention_mask,
+                         deterministic=deterministic, rngs={"dropout": dropout}).logits
+    return optax.softmax_cross_entropy_with_integer_labels(logits, labels)
+
+  return loss_fn, params, (ids, attention_mask, labels)
+
+
+# ----------------------------------------------------------------------------- equality with the oracles
+
+
+@pytest.mark.parametrize("filter", ["tikhonov", "natural"])
+def test_tiny_bert_factored_equals_vmap(filter):
+  loss_fn, params, args = tiny_bert()
+  losses_v, grads_v = nearprox.per_example_value_and_grads(loss_fn, params, *args, method="vmap")
+  losses_f, grads_f = nearprox.per_example_value_and_grads(loss_fn, params, *args,
+                                                           method="factored")
+  np.testing.assert_allclose(losses_f, losses_v, rtol=1e-5)
+  kinds = leaf_types(grads_f)
+  assert kinds.count("DenseFactor") == 2 * 6 + 2  # q, k, v, out, ffn in, out; pooler, head
+  assert kinds.count("EmbedFactor") == 3
+  assert "ArrayImpl" in kinds  # biases and LayerNorms, materialized
+  np.testing.assert_allclose(gram.gram_matrix(grads_f), gram.gram_matrix(grads_v), rtol=1e-4,
+                             atol=1e-7)
+  mask = jnp.array([1, 1, 0, 1])
+  for m in (None, mask):
+    assert_trees_close(filtered(grads_f, params, m, filter), filtered(grads_v, params, m, filter))
+
+
+@pytest.mark.parametrize("kernel_combine", ["factored", "materialized"])
+def test_token_model_factored_equals_vmap(kernel_combine):
+  loss_fn, params, args = token_problem(TokenModel())
+  _, grads_v = nearprox.per_example_value_and_grads(loss_fn, params, *args, method="vmap")
+  _, grads_f = factored.factored_value_and_grads(loss_fn, params, *args,
+                                                 kernel_combine=kernel_combine)
+  # Every kernel and table is factored, the shared Dense's two calls in one factor.
+  assert isinstance(grads_f["Dense_0"]["kernel"], factors.DenseFactor)
+  assert grads_f["Dense_0"]["kernel"].inputs.shape == (6, 2 * 5, 8)
+  assert isinstance(grads_f["DenseGeneral_0"]["kernel"], factors.DenseFactor)
+  assert isinstance(grads_f["DenseGeneral_1"]["kernel"], factors.DenseFactor)
+  assert isinstance(grads_f["Embed_0"]["embedding"], factors.EmbedFactor)
+  assert_trees_close(gram.combine(grads_f, jnp.arange(6.0)), gram.combine(grads_v, jnp.arange(6.0)))
+  mask = jnp.array([1, 0, 1, 1, 1, 0])
+  for filter in ("tikhonov", "natural"):
+    assert_trees_close(filtered(grads_f, params, mask, filter),
+                       filtered(grads_v, params, mask, filter))
+
+
+def test_masked_rows_with_nan_do_not_leak():
+  loss_fn, params, args = token_problem(TokenModel())
+  _, grads_f = nearprox.per_example_value_and_grads(loss_fn, params, *args, method="factored")
+  _, grads_v = nearprox.per_example_value_and_grads(loss_fn, params, *args, method="vmap")
+  poisoned = jax.tree.map(lambda x: x.at[1].set(jnp.nan) if jnp.issubdtype(x.dtype, jnp.floating)
+                          else x, grads_f)
+  mask = jnp.array([1, 0, 1, 1, 1, 1])
+  assert_trees_close(filtered(poisoned, params, mask), filtered(grads_v, params, mask))
+
+
+def test_dropout_matches_full_batch_jacobian():
+  loss_fn, params, args = tiny_bert(deterministic=False)
+  losses_f, grads_f = nearprox.per_example_value_and_grads(loss_fn, params, *args,
+                                                           method="factored")
+  # Exact oracle with the same single full-batch evaluation (same dropout masks).
+  losses = loss_fn(params, *args)
+  jacobian = jax.jacrev(lambda p: loss_fn(p, *args))(params)
+  np.testing.assert_allclose(losses_f, losses, rtol=1e-6)
+  np.testing.assert_allclose(gram.gram_matrix(grads_f), gram.gram_matrix(jacobian), rtol=1e-4,
+                             atol=1e-7)
+  assert_trees_close(filtered(grads_f, params), filtered(jacobian, params))
+
+
+def test_unsupported_layers_fall_back_exactly():
+  loss_fn, params, args = token_problem(UnsupportedModel(), vocab=12)
+  args = (args[0], args[1] % 3)
+  _, grads_v = nearprox.per_example_value_and_grads(loss_fn, params, *args, method="vmap")
+  _, grads_f = nearprox.per_example_value_and_grads(loss_fn, params, *args, method="factored")
+  assert isinstance(grads_f["Dense_0"]["kernel"], factors.DenseFactor)
+  # Conv, the custom param and the tied table come back as exact dense per-example arrays.
+  for leaf in (grads_f["Conv_0"]["kernel"], grads_f["scale"], grads_f["Embed_0"]["embedding"]):
+    assert isinstance(leaf, jax.Array) and leaf.shape[0] == 6
+  assert_trees_close(grads_f["Conv_0"], grads_v["Conv_0"])
+  assert_trees_close(grads_f["Embed_0"], grads_v["Embed_0"])
+  assert_trees_close(filtered(grads_f, params), filtered(grads_v, params))
+
+
+# ----------------------------------------------------------------------------- factor leaves
+
+
+def _dense_oracle(a, d):
+  return jnp.einsum("btk,btl->bkl", a, d).reshape(a.shape[0], -1)
+
+
+def test_dense_gram_ghost_and_materialize_agree():
+  keys = jax.random.split(jax.random.key(3), 4)
+  a, d = jax.random.normal(keys[0], (5, 7, 6)), jax.random.normal(keys[1], (5, 7, 4))
+  a2, d2 = jax.random.normal(keys[2], (3, 2, 6)), jax.random.normal(keys[3], (3, 2, 4))
+  ghost = factors.DenseFactor(a, d, (6, 2, 2), np.dtype("float32"), gram_method="ghost")
+  mat = dataclasses.replace(ghost, gram_method="materialize")
+  other = factors.DenseFactor(a2, d2, (6, 2, 2), np.dtype("float32"))
+  expected = _dense_oracle(a, d) @ _dense_oracle(a, d).T
+  np.testing.assert_allclose(ghost.gram(ghost), expected, rtol=1e-5, atol=1e-5)
+  np.testing.assert_allclose(mat.gram(mat), expected, rtol=1e-5, atol=1e-5)
+  cross = _dense_oracle(a, d) @ _dense_oracle(a2, d2).T
+  np.testing.assert_allclose(ghost.gram(other), cross, rtol=1e-5, atol=1e-5)
+  np.testing.assert_allclose(mat.gram(other), cross, rtol=1e-5, atol=1e-5)
+  coeffs = jnp.linspace(-1.0, 1.0, 5)
+  expected_sum = (coeffs @ _dense_oracle(a, d)).reshape(6, 2, 2)
+  for combine_method in factors.COMBINE_METHODS:
+    leaf = dataclasses.replace(mat, combine_method=combine_method)
+    np.testing.assert_allclose(leaf.combine(coeffs), expected_sum, rtol=1e-5, atol=1e-5)
+  assert factors.dense_gram_method(32, 64, 32, 64, 384, 1536, True) == "materialize"
+  assert factors.dense_gram_method(32, 1, 32, 1, 384, 2, True) == "ghost"
+
+
+def test_embed_gram_mask_and_materialize_agree():
+  ids = jnp.array([[1, 2, 1, -1], [3, 3, 0, 2], [4, 4, 4, 4]])
+  ids = jnp.where(ids < 0, ids + 5, ids)
+  delta = jax.random.normal(jax.random.key(4), (3, 4, 3))
+  dense = jax.vmap(lambda i, d: jnp.zeros((5, 3)).at[i].add(d))(ids, delta).reshape(3, -1)
+  mask_form = factors.EmbedFactor(ids, delta, 5, np.dtype("float32"), gram_method="ghost")
+  mat_form = dataclasses.replace(mask_form, gram_method="materialize")
+  for leaf in (mask_form, mat_form):
+    np.testing.assert_allclose(leaf.gram(leaf), dense @ dense.T, rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(leaf.combine(jnp.array([1.0, -2.0, 0.5])),
+                               (jnp.array([1.0, -2.0, 0.5]) @ dense).reshape(5, 3), rtol=1e-5)
+
+
+def test_factor_leaves_are_pytrees_with_batch_first():
+  leaf = factors.DenseFactor(jnp.ones((4, 3, 2)), jnp.ones((4, 3, 5)), (2, 5), np.dtype("float32"))
+  children, treedef = jax.tree.flatten(leaf)
+  assert [c.shape[0] for c in children] == [4, 4]
+  rebuilt = jax.tree.unflatten(treedef, [c[:2] for c in children])
+  assert isinstance(rebuilt, factors.DenseFactor) and rebuilt.kernel_shape == (2, 5)
+  with pytest.raises(ValueError, match="gram_method"):
+    factors.DenseFactor(leaf.inputs, leaf.cotangents, (2, 5), np.dtype("float32"), "fast")
+  with pytest.raises(ValueError, match="cannot take inner products"):
+    leaf.gram(factors.EmbedFactor(jnp.zeros((4, 3), jnp.int32), jnp.ones((4, 3, 5)), 7,
+                                  np.dtype("float32")))
+
+
+# ----------------------------------------------------------------------------- devices, jit, errors
+
+
+def test_global_gram_under_pmap_equals_single_device():
+  devices = jax.local_device_count()
+  assert devices == 8, "tests/conftest.py sets 8 host devices"
+  loss_fn, params, args = token_problem(TokenModel(), batch=16)
+  mask = jnp.ones((16,)).at[jnp.array([3, 10, 11])].set(0)
+
+  def device_update(params, ids, labels, mask):
+    _, grads = nearprox.per_example_value_and_grads(loss_fn, params, ids, labels,
+                                                    method="factored")
+    return filtered(grads, params, mask, axis_name="batch", gram="global")
+
+  shard = lambda x: x.reshape((devices, -1) + x.shape[1:])
+  per_device = jax.pmap(device_update, axis_name="batch", in_axes=(None, 0, 0, 0))(
+      params, *map(shard, args), shard(mask))
+  _, grads = nearprox.per_example_value_and_grads(loss_fn, params, *args, method="factored")
+  single = filtered(grads, params, mask)
+  assert_trees_close(jax.tree.map(lambda x: x[0], per_device), single)
+  assert_trees_close(jax.tree.map(lambda x: x[5], per_device), single)
+
+
+def test_jit_does_not_retrace():
+  loss_fn, params, args = token_problem(TokenModel())
+  traces = []
+  tx = nearprox.proximal_sgd(0.1, DAMPING)
+
+  @jax.jit
+  def step(params, state, ids, labels):
+    traces.append(None)
+    _, grads = nearprox.per_example_value_and_grads(loss_fn, params, ids, labels,
+                                                    method="factored")
+    updates, state = tx.update(grads, state, params)
+    return optax.apply_updates(params, updates), state
+
+  state = tx.init(params)
+  for seed in range(3):
+    _, _, (ids, labels) = token_problem(TokenModel(), seed=seed)
+    params, state = step(params, state, ids, labels)
+  assert len(traces) == 1
+
+
+def test_global_bytes_formula_matches_shapes():
+  config = models.tiny_config(num_labels=2)
+  model = models.BertForSequenceClassification(config)
+  params = jax.eval_shape(lambda: models.init_params(model, jax.random.key(0), 2, 8))
+  ids = jax.ShapeDtypeStruct((4, 8), jnp.int32)
+
+  def loss_fn(p, ids):
+    return model.apply({"params": p}, ids).logits[:, 0]
+
+  measured = factored.gathered_bytes_per_device(loss_fn, params, ids)
+  numbers = factored.encoder_gathered_numbers(config.num_hidden_layers, config.hidden_size,
+                                              config.intermediate_size, 8, 2)
+  assert measured == 4 * 4 * numbers
+  assert factored.encoder_gathered_numbers(12, 768, 3072, 128, 2) * 4 * 32 == 2_771_632_640
+
+
+def test_bad_inputs_raise():
+  loss_fn, params, args = token_problem(TokenModel())
+  with pytest.raises(ValueError, match="per-example losses"):
+    factored.factored_value_and_grads(lambda p, *a: loss_fn(p, *a).mean(), params, *args)
+  with pytest.raises(ValueError, match="kernel_combine"):
+    factored.factored_value_and_grads(loss_fn, params, *args, kernel_combine="fast")

@@ -1,0 +1,246 @@
+"""The training system end to end: CLI, parallel modes, resume, preemption, hosts."""
+
+import importlib.util
+import json
+import logging
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import jax
+import numpy as np
+import pytest
+
+from nearprox import data, models, train
+
+REPO = Path(__file__).resolve().parents[1]
+TINY_CONFIG = REPO / "experiments" / "configs" / "tiny.py"
+
+
+def write_sst2(root: Path, n_train=96, n_dev=37, seed=0) -> Path:
+  """A GLUE-layout SST-2 whose label is decided by one sentiment word per sentence."""
+  rng = np.random.default_rng(seed)
+  words = {1: ["good", "great", "wonderful", "excellent", "superb"],
+           0: ["bad", "awful", "terrible", "boring", "dreadful"]}
+  filler = ["the", "movie", "was", "quite", "a", "film", "story", "plot", "really", "and"]
+  folder = root / "SST-2"
+  folder.mkdir(parents=True, exist_ok=True)
+  for name, size in (("train", n_train), ("dev", n_dev)):
+    rows = ["sentence\tlabel"]
+    for _ in range(size):
+      label = int(rng.integers(2))
+      sentence = list(rng.choice(filler, 5))
+      sentence.insert(int(rng.integers(6)), str(rng.choice(words[label])))
+      rows.append(" ".join(sentence) + f"\t{label}")
+    (folder / f"{name}.tsv").write_text("\n".join(rows) + "\n")
+  return root
+
+
+def tiny_config(glue_dir, **overrides):
+  spec = importlib.util.spec_from_file_location("tiny_config", TINY_CONFIG)
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  config = module.get_config()
+  config.task = "sst2"
+  config.data_dir = str(glue_dir)
+  for key, value in overrides.items():
+    target = config
+    *path, leaf = key.split(".")
+    for part in path:
+      target = target[part]
+    target[leaf] = value
+  return config
+
+
+@pytest.fixture(scope="module")
+def glue_dir(tmp_path_factory):
+  return write_sst2(tmp_path_factory.mktemp("glue"))
+
+
+@pytest.fixture(autouse=True)
+def _cache_dir(tmp_path_factory, monkeypatch):
+  monkeypatch.setenv("NEARPROX_CACHE_DIR", str(tmp_path_factory.getbasetemp() / "cache"))
+
+
+def flat_params(params):
+  return np.concatenate([np.ravel(np.asarray(x, np.float64)) for x in jax.tree.leaves(params)])
+
+
+def test_cli_trains_minilm_past_the_majority_class_and_exports(glue_dir, tmp_path):
+  """`python -m nearprox.train` with proximal SGD on MiniLM: a real run, end to end."""
+  workdir = tmp_path / "run"
+  command = [sys.executable, "-m", "nearprox.train", f"--config={TINY_CONFIG}",
+             f"--workdir={workdir}", "--config.model.name=minilm", "--config.task=sst2",
+             f"--config.data_dir={glue_dir}", "--config.num_train_steps=12",
+             "--config.optimizer.learning_rate=0.05", "--config.export_hf=True",
+             "--config.parallel=jit"]
+  result = subprocess.run(command, capture_output=True, text=True, timeout=900,
+                          env={**os.environ, "XLA_FLAGS": ""})
+  assert result.returncode == 0, result.stderr[-3000:]
+  assert "Resolved config:" in result.stdout and "proximal_sgd" in result.stdout
+  report = json.loads((workdir / "report.json").read_text())
+  dev_labels = data.load_task("sst2", "dev", glue_dir).labels
+  majority = max(np.mean(dev_labels), 1 - np.mean(dev_labels))
+  assert report["dev"]["accuracy"] > majority + 0.15, (report, majority)
+  # Metrics: JSON lines (with the Gram statistics) and TensorBoard events.
+  records = [json.loads(line) for line in (workdir / "metrics.jsonl").read_text().splitlines()]
+  assert any("train/gram/effective_rank" in r for r in records)
+  assert list((workdir / "tensorboard").glob("events.out.tfevents.*"))
+  # The exported Hugging Face directory loads back with the same predictions.
+  model, params, tokenizer = models.load_pretrained(report["hf_model"], num_labels=2)
+  encoded = data.encode(data.load_task("sst2", "dev", glue_dir), tokenizer, 16)
+  logits = model.apply({"params": params}, encoded.input_ids, encoded.attention_mask,
+                       encoded.token_type_ids).logits
+  np.testing.assert_allclose(np.mean(np.argmax(logits, -1) == encoded.labels),
+                             report["dev"]["accuracy"], atol=1e-6)
+
+
+def run_preempted(config, workdir, after_steps, monkeypatch):
+  """Trains until SIGTERM arrives while batch ``after_steps`` is fetched."""
+  real_batches = train.train_batches
+
+  def preempting(*args):
+    for i, batch in enumerate(real_batches(*args)):
+      if i == after_steps - 1:
+        os.kill(os.getpid(), signal.SIGTERM)
+      yield batch
+
+  with monkeypatch.context() as patch:
+    patch.setattr(train, "train_batches", preempting)
+    return train.train_and_evaluate(config, workdir)
+
+
+@pytest.mark.parametrize("optimizer", ["proximal_sgd", "adamw"])
+def test_preempted_run_saves_and_resumes_exactly(glue_dir, tmp_path, optimizer, monkeypatch):
+  """SIGTERM after 3 of 6 steps saves a checkpoint; resuming gives the straight run's params."""
+  config = tiny_config(glue_dir, **{"optimizer.name": optimizer, "num_train_steps": 6,
+                                    "checkpoint_every": 100, "parallel": "jit",
+                                    "objective.kind": "fgm", "optimizer.momentum": 0.9})
+  straight = train.train_and_evaluate(config, tmp_path / "straight")
+  first = run_preempted(config, tmp_path / "resumed", 3, monkeypatch)
+  assert first["preempted"] and first["steps"] == 3
+  assert (tmp_path / "resumed" / "checkpoints" / "3").is_dir()
+  resumed = train.train_and_evaluate(config, tmp_path / "resumed")
+  assert resumed["steps"] == 6 and not resumed["preempted"]
+  np.testing.assert_array_equal(flat_params(resumed["params"]), flat_params(straight["params"]))
+  assert resumed["dev"] == straight["dev"]
+
+
+def test_corrupt_latest_checkpoint_falls_back_to_the_previous(glue_dir, tmp_path, caplog,
+                                                               monkeypatch):
+  config = tiny_config(glue_dir, **{"num_train_steps": 6, "checkpoint_every": 2,
+                                    "keep_checkpoints": 3, "parallel": "jit"})
+  straight = train.train_and_evaluate(config, tmp_path / "straight")
+  run_preempted(config, tmp_path / "run", 4, monkeypatch)
+  latest = tmp_path / "run" / "checkpoints" / "4"
+  files = [path for path in latest.rglob("*") if path.is_file()]
+  assert files
+  for path in files:
+    path.write_bytes(b"garbage")
+  with caplog.at_level(logging.WARNING):
+    report = train.train_and_evaluate(config, tmp_path / "run")
+  assert "checkpoint at step 4" in caplog.text and "unreadable" in caplog.text
+  # Resumed from step 2 and trained steps 3-6 again: the straight run's parameters.
+  assert report["steps"] == 6
+  np.testing.assert_array_equal(flat_params(report["params"]), flat_params(straight["params"]))
+
+
+@pytest.mark.parametrize("gram", ["global", "local"])
+def test_pmap_shard_map_and_single_device_agree(glue_dir, tmp_path, gram):
+  assert jax.device_count() == 8
+  results = {}
+  modes = ["jit", "pmap", "shard_map"] if gram == "global" else ["pmap", "shard_map"]
+  for mode in modes:
+    config = tiny_config(glue_dir, **{"parallel": mode, "optimizer.gram": gram,
+                                      "num_train_steps": 3, "checkpoint_every": 100,
+                                      "objective.kind": "fgm"})
+    results[mode] = train.train_and_evaluate(config, tmp_path / mode)
+  reference = flat_params(results[modes[0]]["params"])
+  for mode in modes[1:]:
+    np.testing.assert_allclose(flat_params(results[mode]["params"]), reference, rtol=1e-4,
+                               atol=1e-6)
+    assert results[mode]["dev"] == results[modes[0]]["dev"]
+
+
+def test_baseline_optimizer_agrees_across_devices(glue_dir, tmp_path):
+  results = {}
+  for mode in ("jit", "shard_map"):
+    config = tiny_config(glue_dir, **{"parallel": mode, "optimizer.name": "sgd",
+                                      "num_train_steps": 2, "checkpoint_every": 100})
+    results[mode] = flat_params(train.train_and_evaluate(config, tmp_path / mode)["params"])
+  np.testing.assert_allclose(results["shard_map"], results["jit"], rtol=1e-4, atol=1e-6)
+
+
+def _free_port() -> int:
+  with socket.socket() as s:
+    s.bind(("127.0.0.1", 0))
+    return s.getsockname()[1]
+
+
+def test_two_processes_agree_with_one(glue_dir, tmp_path):
+  """Two JAX processes (4 CPU devices each, gloo collectives) = one process with 8."""
+  common = [sys.executable, "-m", "nearprox.train", f"--config={TINY_CONFIG}",
+            f"--config.data_dir={glue_dir}", "--config.task=sst2", "--config.num_train_steps=3",
+            "--config.checkpoint_every=100", "--config.optimizer.gram=global",
+            "--config.export_hf=True"]
+  env = {**os.environ, "JAX_PLATFORMS": "cpu"}
+  single = subprocess.run(common + [f"--workdir={tmp_path / 'one'}"], capture_output=True,
+                          text=True, timeout=600,
+                          env={**env, "XLA_FLAGS": "--xla_force_host_platform_device_count=8"})
+  assert single.returncode == 0, single.stderr[-3000:]
+  port = _free_port()
+  workers = [subprocess.Popen(
+      common + [f"--workdir={tmp_path / 'two'}"], stdout=subprocess.PIPE,
+      stderr=subprocess.PIPE, text=True,
+      env={**env, "XLA_FLAGS": "--xla_force_host_platform_device_count=4",
+           "NEARPROX_COORDINATOR": f"127.0.0.1:{port}", "NEARPROX_NUM_PROCESSES": "2",
+           "NEARPROX_PROCESS_ID": str(i)}) for i in range(2)]
+  outputs = [w.communicate(timeout=600) for w in workers]
+  for worker, (_, stderr) in zip(workers, outputs):
+    assert worker.returncode == 0, stderr[-3000:]
+  one = json.loads((tmp_path / "one" / "report.json").read_text())
+  two = json.loads((tmp_path / "two" / "report.json").read_text())
+  assert one["dev"] == two["dev"]
+  _, params_one, _ = models.load_pretrained(one["hf_model"], num_labels=2)
+  _, params_two, _ = models.load_pretrained(two["hf_model"], num_labels=2)
+  np.testing.assert_allclose(flat_params(params_two), flat_params(params_one), rtol=1e-4,
+                             atol=1e-6)
+
+
+def test_evaluation_masks_the_padded_last_batch(glue_dir):
+  """37 dev examples in batches of 16: the 11 padded rows never reach the metrics."""
+  config = tiny_config(glue_dir, parallel="jit")
+  task = data.get_task("sst2")
+  model, params, tokenizer = train.create_model(config, task.num_labels, jax.random.key(0))
+  arrays = data.encode(data.load_task("sst2", "dev", glue_dir), tokenizer, 16).arrays()
+  runner = train.parallel.Runner("jit")
+  logits_fn = train.losses.bert_logits_fn(model)
+  runner.compile(lambda *a: None, lambda p, b: train.eval_step(p, b, logits_fn=logits_fn))
+  state = train.TrainState(0, params, None)
+  got = train.evaluate(runner, state, arrays, task, batch_size=16)
+  logits = model.apply({"params": params}, arrays["input_ids"], arrays["attention_mask"],
+                       arrays["token_type_ids"]).logits
+  assert got == task.metrics(arrays["labels"], np.asarray(logits))
+
+
+def test_label_noise_flips_the_requested_fraction():
+  labels = np.arange(1000) % 3
+  noisy = train.flip_labels(labels, 0.2, 3, seed=0)
+  assert np.sum(noisy != labels) == 200 and set(np.unique(noisy)) == {0, 1, 2}
+  np.testing.assert_array_equal(noisy, train.flip_labels(labels, 0.2, 3, seed=0))
+
+
+@pytest.mark.parametrize("override,match", [
+    ({"optimizer.name": "lion"}, "optimizer.name"),
+    ({"parallel": "threads"}, "parallel"),
+    ({"label_noise": 1.5}, "label_noise"),
+    ({"task": "imdb"}, "unknown task"),
+    ({"objective.kind": "fgsm"}, "kind"),
+])
+def test_bad_configs_are_clear_errors(glue_dir, tmp_path, override, match):
+  with pytest.raises(ValueError, match=match):
+    train.train_and_evaluate(tiny_config(glue_dir, **override), tmp_path / "run")
