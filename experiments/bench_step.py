@@ -9,12 +9,15 @@ softmax cross-entropy, dropout off so the vmap oracle is comparable):
   (i)   SGD:       value_and_grad of the mean loss, optax.sgd update, apply_updates;
   (ii)  factored:  nearprox.per_example_value_and_grads(method="factored"),
                    nearprox.proximal_sgd update (damping_mode="relative"), apply_updates;
+  (ii-b)           the same with kernel_combine="materialized" (per-example kernel
+                   gradients kept from the Gram to the combine: fewer FLOPs, more memory);
   (iii) vmap:      the same with method="vmap" (materializes the B × P per-example gradients).
 
 Times are the minimum over interleaved repeats after compilation (so a busy machine slows
-all three alike); ratios are to the SGD step of the same run. Peak memory is XLA's static
+all of them alike); ratios are to the SGD step of the same run. FLOPs are XLA's
+``compiled.cost_analysis()`` count (machine independent). Peak memory is XLA's static
 estimate ``compiled.memory_analysis()``: temp + argument + output bytes. Settings whose
-estimate exceeds --max-gb are skipped and reported as such. The markdown table is printed
+estimate exceeds --max-gb are not run and reported as such. The markdown table is printed
 and written to experiments/results/bench_step.md.
 """
 
@@ -32,7 +35,7 @@ import numpy as np
 import optax
 
 import nearprox
-from nearprox import models
+from nearprox import factored, models
 
 GB = 1024.0**3
 
@@ -61,16 +64,27 @@ def make_steps(model, learning_rate=1e-3, damping=1e-3):
     updates, state = sgd.update(grads, state, params)
     return optax.apply_updates(params, updates), state, loss
 
-  def proximal_step(method):
+  def proximal_step(method, **kwargs):
     def step(params, state, ids, mask, labels):
-      losses, grads = nearprox.per_example_value_and_grads(
-          per_example_loss, params, ids, mask, labels, method=method)
+      if kwargs:
+        losses, grads = factored.factored_value_and_grads(
+            per_example_loss, params, ids, mask, labels, **kwargs)
+      else:
+        losses, grads = nearprox.per_example_value_and_grads(
+            per_example_loss, params, ids, mask, labels, method=method)
       updates, state = prox.update(grads, state, params)
       return optax.apply_updates(params, updates), state, losses.mean()
     return step
 
   return {"sgd": (sgd_step, sgd), "factored": (proximal_step("factored"), prox),
+          "factored_kept": (proximal_step("factored", kernel_combine="materialized"), prox),
           "vmap": (proximal_step("vmap"), prox)}
+
+
+def gflops(compiled) -> float:
+  analysis = compiled.cost_analysis()
+  analysis = analysis[0] if isinstance(analysis, (list, tuple)) else analysis
+  return float(analysis.get("flops", float("nan"))) / 1e9
 
 
 def peak_bytes(compiled) -> float:
@@ -80,35 +94,32 @@ def peak_bytes(compiled) -> float:
 
 
 def bench(model, params, batch, length, names, repeats, max_gb, vocab):
-  """{name: (seconds or None, peak bytes, note)} for the steps in ``names``."""
+  """{name: Result} for the steps in ``names``, timed interleaved on the same batch."""
   ids, mask, labels = make_batch(vocab, batch, length)
   steps = make_steps(model)
   compiled, results = {}, {}
   for name in names:
     step, opt = steps[name]
     state = opt.init(params)
-    lowered = jax.jit(step).lower(params, state, ids, mask, labels)
-    exe = lowered.compile()
-    peak = peak_bytes(exe)
+    exe = jax.jit(step).lower(params, state, ids, mask, labels).compile()
+    peak, flops = peak_bytes(exe), gflops(exe)
     if peak > max_gb * GB:
-      results[name] = (None, peak, f"skipped: needs ~{peak / GB:.1f} GB > {max_gb} GB")
+      results[name] = [None, peak, flops, f"not run: needs ~{peak / GB:.1f} GB > {max_gb:g} GB"]
       continue
     compiled[name] = (exe, (params, state, ids, mask, labels))
     jax.block_until_ready(exe(*compiled[name][1]))  # warm-up
-    results[name] = (float("inf"), peak, "")
+    results[name] = [float("inf"), peak, flops, ""]
   for _ in range(repeats):
     for name, (exe, call_args) in compiled.items():
       start = time.perf_counter()
       jax.block_until_ready(exe(*call_args))
-      elapsed = time.perf_counter() - start
-      seconds, peak, note = results[name]
-      results[name] = (min(seconds, elapsed), peak, note)
+      results[name][0] = min(results[name][0], time.perf_counter() - start)
   return results
 
 
 def fmt_time(result):
   seconds = result[0]
-  return "skipped" if seconds is None else f"{seconds * 1e3:.0f} ms"
+  return "–" if seconds is None else f"{seconds * 1e3:.0f} ms"
 
 
 def fmt_ratio(result, base):
@@ -117,17 +128,20 @@ def fmt_ratio(result, base):
   return f"{result[0] / base[0]:.2f}×"
 
 
+LABELS = (("sgd", "(i) SGD"), ("factored", "(ii) proximal, factored (default)"),
+          ("factored_kept", "(ii-b) proximal, factored, kernel_combine='materialized'"),
+          ("vmap", "(iii) proximal, vmap"))
+
+
 def comparison_rows(title, results):
   sgd = results["sgd"]
   rows = []
-  for name, label in (("sgd", "(i) SGD"), ("factored", "(ii) proximal, factored"),
-                      ("vmap", "(iii) proximal, vmap")):
+  for name, label in LABELS:
     if name not in results:
       continue
     r = results[name]
-    mem_ratio = f"{r[1] / sgd[1]:.2f}×"
     rows.append(f"| {title} | {label} | {fmt_time(r)} | {fmt_ratio(r, sgd)} | "
-                f"{r[1] / GB:.2f} GB | {mem_ratio} | {r[2]} |")
+                f"{r[2] / sgd[2]:.2f}× | {r[1] / GB:.2f} GB | {r[1] / sgd[1]:.2f}× | {r[3]} |")
   return rows
 
 
@@ -161,22 +175,22 @@ def main(argv=None):
 
   lines = header(["experiments/bench_step.py"] + (sys.argv[1:] if argv is None else argv))
   lines += ["## Step time and peak memory, relative to SGD", "",
-            "| setting | step | time | × SGD | peak memory | × SGD | note |",
-            "|---|---|---|---|---|---|---|"]
+            "| setting | step | time | × SGD | FLOPs × SGD | peak memory | × SGD | note |",
+            "|---|---|---|---|---|---|---|---|"]
 
   minilm, minilm_params, _ = models.load_pretrained("minilm", num_labels=2)
   vocab = minilm.config.vocab_size
-  results = bench(minilm, minilm_params, 32, 64, ("sgd", "factored", "vmap"), repeats,
-                  args.max_gb, vocab)
+  results = bench(minilm, minilm_params, 32, 64, ("sgd", "factored", "factored_kept", "vmap"),
+                  repeats, args.max_gb, vocab)
   lines += comparison_rows("MiniLM-L6 (22.7M params), B=32, T=64", results)
   print("\n".join(lines), flush=True)
 
   if not args.quick and not args.no_bert_base:
-    config = models.BertConfig()  # BERT-base shapes: 12 layers, hidden 768, FFN 3072
-    base = models.BertForSequenceClassification(dataclasses_replace(config, num_labels=2))
+    config = models.BertConfig(num_labels=2)  # BERT-base: 12 layers, hidden 768, FFN 3072
+    base = models.BertForSequenceClassification(config)
     base_params = models.init_params(base, jax.random.key(0), 2, 8)
     for batch in (32, 8):
-      results = bench(base, base_params, batch, 128, ("sgd", "factored", "vmap"),
+      results = bench(base, base_params, batch, 128, ("sgd", "factored", "factored_kept", "vmap"),
                       max(2, repeats // 2), args.max_gb, config.vocab_size)
       if results["factored"][0] is not None:
         break
@@ -186,18 +200,19 @@ def main(argv=None):
 
   if not args.quick and not args.no_scaling:
     lines += ["", "## Factored proximal step vs. batch size B and sequence length T (MiniLM)",
-              "", "| B | T | SGD | factored | × SGD | factored peak memory | × SGD | note |",
-              "|---|---|---|---|---|---|---|---|"]
+              "", "| B | T | SGD | factored | × SGD | FLOPs × SGD | factored peak memory | × SGD "
+              "| note |",
+              "|---|---|---|---|---|---|---|---|---|"]
     print("\n".join(lines[-4:]), flush=True)
     for batch in (8, 32, 128):
       for length in (32, 128, 512):
         results = bench(minilm, minilm_params, batch, length, ("sgd", "factored"),
                         2 if batch * length >= 16384 else 3, args.max_gb, vocab)
         sgd, fac = results["sgd"], results["factored"]
-        note = fac[2] or sgd[2]
+        note = fac[3] or sgd[3]
         row = (f"| {batch} | {length} | {fmt_time(sgd)} | {fmt_time(fac)} | "
-               f"{fmt_ratio(fac, sgd)} | {fac[1] / GB:.2f} GB | {fac[1] / sgd[1]:.2f}× | "
-               f"{note} |")
+               f"{fmt_ratio(fac, sgd)} | {fac[2] / sgd[2]:.2f}× | {fac[1] / GB:.2f} GB | "
+               f"{fac[1] / sgd[1]:.2f}× | {note} |")
         lines.append(row)
         print(row, flush=True)
 
@@ -205,11 +220,6 @@ def main(argv=None):
   with open(args.output, "w") as f:
     f.write("\n".join(lines) + "\n")
   print(f"\nwritten to {args.output}")
-
-
-def dataclasses_replace(config, **changes):
-  import dataclasses
-  return dataclasses.replace(config, **changes)
 
 
 if __name__ == "__main__":

@@ -168,7 +168,7 @@ def status(study: dict) -> str:
                             else "")
   if study["missing"]:
     return f"**incomplete**: {found} of its {study['requested']} runs exist"
-  return f"complete ({found} runs of its own, plus runs shared with earlier studies)"
+  return f"complete ({found} run(s) of its own, plus any shared with earlier studies)"
 
 
 def _steps_cell(row) -> str:
@@ -206,9 +206,11 @@ def md_optimizers(study: dict) -> str:
   if sweep:
     body = [[TASK_NAMES[r["task"]], DISPLAY[r["variant"]], num(r["lr"]),
              pct(next(v for k, v in r.items() if k.startswith("dev_"))),
-             "✓" if r["chosen"] else ""] for r in sweep]
-    parts.append("Learning-rate sweep (seed 0, dev split; ✓ = chosen):\n\n" +
-                 table(["task", "optimizer", "lr", "dev (%)", "chosen"], body))
+             num(r["train_loss_end"]), "✓" if r["chosen"] else ""] for r in sweep]
+    parts.append("Learning-rate sweep (seed 0, dev split; ✓ = chosen: best dev score, ties "
+                 "broken by the lower final training loss):\n\n" +
+                 table(["task", "optimizer", "lr", "dev (%)", "final train loss", "chosen"],
+                       body))
   return "\n\n".join(parts)
 
 

@@ -123,6 +123,9 @@ def execute(config, workdir: Path, attack: Attack | None, label: str, key: str,
   started = time.time()
   report = train.train_and_evaluate(config, workdir)
   params = report.pop("params")
+  if report.get("preempted"):  # SIGTERM: store nothing partial; a rerun resumes here
+    raise SystemExit(f"run {label} stopped by SIGTERM at step {report['steps']}; rerun "
+                     "experiments/reproduce.py to resume")
   rows = _attack(config, params, attack) if attack else None
   result = {"key": key, "label": label, "config": config.to_dict(), "devices": devices,
             "report": report, "history": _read_history(workdir / "metrics.jsonl"),

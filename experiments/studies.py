@@ -79,6 +79,13 @@ def steps_to_target(result: dict, metric: str, target: float) -> int | None:
   return None
 
 
+def end_loss(result: dict) -> float:
+  """Mean training loss over the last quarter of the logged steps (NaN if diverged)."""
+  losses = [v for _, v in history_curve(result, "train/loss")]
+  tail = losses[-max(1, len(losses) // 4):]
+  return float(np.mean(tail)) if tail else float("nan")
+
+
 def mean_std(values) -> tuple[float, float, int]:
   values = [v for v in values if v is not None and not math.isnan(v)]
   if not values:
@@ -113,27 +120,57 @@ class Context:
   def sweep_task(self, task: str) -> str:
     return task if task in self.plan.sweep_tasks else self.plan.sweep_tasks[0]
 
-  def sweep(self, task: str, variant: str) -> list[dict]:
-    """The learning-rate sweep rows (seed 0, dev split of the sweep task)."""
-    task = self.sweep_task(task)
+  def _sweep_rows(self, task: str, variant: str, grid) -> list[dict]:
     metric = primary_metric(task)
     rows = []
-    for lr in self.plan.lr_grid[variant]:
+    for lr in grid:
       result = self.run("sweep", task, variant, lr, self.plan.seeds[0])
       if result is not None:
         rows.append({"task": task, "variant": variant, "lr": lr,
-                     "seed": self.plan.seeds[0], f"dev_{metric}": final(result, "dev", metric)})
+                     "seed": self.plan.seeds[0], f"dev_{metric}": final(result, "dev", metric),
+                     "train_loss_end": end_loss(result)})
     return rows
+
+  def sweep(self, task: str, variant: str) -> list[dict]:
+    """The learning-rate sweep rows (seed 0, dev split of the sweep task).
+
+    The grid starts as ``plan.lr_grid[variant]``; while the best rate lies on an edge of
+    the grid it is extended past that edge by the grid's ratio, at most
+    ``plan.sweep_extensions`` times (so no optimizer is judged at a rate cut off by a
+    badly placed grid).
+    """
+    task = self.sweep_task(task)
+    grid = sorted(self.plan.lr_grid[variant])
+    rows = self._sweep_rows(task, variant, grid)
+    for _ in range(self.plan.sweep_extensions):
+      if len(rows) < len(grid) or len(grid) < 2:
+        break
+      best = self._best(rows)
+      ratio = grid[1] / grid[0]
+      if best == grid[-1]:
+        grid.append(float(f"{grid[-1] * ratio:.3g}"))
+      elif best == grid[0]:
+        grid.insert(0, float(f"{grid[0] / ratio:.3g}"))
+      else:
+        break
+      rows = self._sweep_rows(task, variant, grid)
+    return rows if len(rows) == len(grid) else rows + [None]  # None marks incomplete
+
+  @staticmethod
+  def _best(rows) -> float:
+    """Best dev metric; ties (e.g. several rates stuck at chance) go to the lower training
+    loss at the end of training, so the grid extends towards the rate that moved."""
+    key = next(k for k in rows[0] if k.startswith("dev_"))
+    nan_low = lambda x: -math.inf if math.isnan(x) else x
+    return max(rows, key=lambda r: (nan_low(r[key]), -nan_low(-r["train_loss_end"])))["lr"]
 
   def best_lr(self, task: str, variant: str) -> float | None:
     """The swept rate with the best dev metric (NaN counts as worst); None if the sweep is
     incomplete."""
     rows = self.sweep(task, variant)
-    if len(rows) < len(self.plan.lr_grid[variant]):
+    if not rows or rows[-1] is None:
       return None
-    key = f"dev_{primary_metric(self.sweep_task(task))}"
-    score = lambda row: -math.inf if math.isnan(row[key]) else row[key]
-    return max(rows, key=score)["lr"]
+    return self._best(rows)
 
   def resolve(self, variant: str) -> str | None:
     """``"best_proximal"``: the proximal variant with the best SST-2 dev score in the sweep."""
@@ -170,8 +207,8 @@ def optimizers(ctx: Context) -> dict:
   for task in plan.optimizer_tasks:
     metric, split = primary_metric(task), reported_split(task)
     results = {}
-    for variant in plan.lr_grid:
-      rows = ctx.sweep(task, variant)
+    for variant in (plan.lr_grid if task == "sst2" else plan.tweets_variants):
+      rows = [r for r in ctx.sweep(task, variant) if r is not None]
       lr = ctx.best_lr(task, variant)
       for row in rows:
         row["chosen"] = row["lr"] == lr
@@ -187,8 +224,10 @@ def optimizers(ctx: Context) -> dict:
     best_dev = max(mean_std([final(r, "dev", metric) for r in found])[0]
                    for _, found in results.values())
     target = plan.target_fraction * best_dev
-    sgd_step = (mean_std([r["report"]["train_step_seconds"] for r in results["sgd"][1]])[0]
-                if "sgd" in results else float("nan"))
+    # The SGD step time (momentum costs nothing measurable) is the unit of the cost column.
+    sgd = next((v for v in ("sgd", "sgd_momentum") if v in results), None)
+    sgd_step = (mean_std([r["report"]["train_step_seconds"] for r in results[sgd][1]])[0]
+                if sgd else float("nan"))
     curves[task] = {}
     for variant, (lr, found) in results.items():
       reached = [steps_to_target(r, metric, target) for r in found]
@@ -300,7 +339,8 @@ def multidevice(ctx: Context) -> dict:
     if name in ("local", "global"):
       extra["optimizer.gram"] = name
     found = [r for r in (ctx.run(f"multidevice-{name}", "sst2", variant, lr, s, extra,
-                                 devices=plan.multidevice_count) for s in plan.seeds)
+                                 devices=plan.multidevice_count)
+                    for s in plan.multidevice_seeds)
              if r is not None]
     if not found:
       continue
@@ -366,7 +406,7 @@ def noise(ctx: Context) -> dict:
                      "seeds": len(found), "dev_accuracy": acc[0], "dev_accuracy_std": acc[1]})
   low = []
   if "tweets" in plan.optimizer_tasks:
-    for variant in plan.lr_grid:
+    for variant in plan.tweets_variants:
       lr = ctx.best_lr("tweets", variant)
       if lr is None:
         continue

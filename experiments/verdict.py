@@ -22,12 +22,12 @@ def _p(x) -> str:
   return f"{100 * x:.1f}%"
 
 
-def compare(a: float, b: float, a_std: float = 0.0, b_std: float = 0.0) -> str:
-  """'ahead of' / 'behind' / 'level with' for a vs b, with the points difference."""
+def compare(a: float, b: float, a_std: float, b_std: float, name: str) -> str:
+  """'ahead of NAME (b; +d points)' / 'behind …' / 'level with …' for a vs b."""
   floor = max(MIN_GAP, (a_std or 0.0) + (b_std or 0.0))
   diff = a - b
   word = "ahead of" if diff > floor else "behind" if diff < -floor else "level with"
-  return f"{word} ({100 * diff:+.1f} points)"
+  return f"{word} {name} ({_p(b)}; {100 * diff:+.1f} points)"
 
 
 def optimizers(study) -> list[str]:
@@ -46,8 +46,8 @@ def optimizers(study) -> list[str]:
             f"{DISPLAY[best_prox['variant']]}, scores {_p(best_prox['mean'])}")
     for base in ("adamw", "sgd_momentum", "sgd"):
       if base in rows:
-        text += (f"; it is {compare(best_prox['mean'], rows[base]['mean'], best_prox['std'], rows[base]['std'])} "
-                 f"{DISPLAY[base]} ({_p(rows[base]['mean'])})")
+        text += "; it is " + compare(best_prox["mean"], rows[base]["mean"], best_prox["std"],
+                                     rows[base]["std"], DISPLAY[base])
     text += f". Best overall: {DISPLAY[best_all['variant']]} ({_p(best_all['mean'])})."
     if "adamw" in rows and best_prox["reached"] and rows["adamw"]["reached"]:
       text += (f" Steps to the {_p(first['target'])} dev target: "
@@ -65,7 +65,8 @@ def optimizers(study) -> list[str]:
   if costs:
     out.append("Cost: a step takes " + ", ".join(
         f"{sum(v) / len(v):.2f}× ({DISPLAY[k]})" for k, v in costs.items()) +
-        " the plain SGD step (median step times, shared machine).")
+        " the plain SGD step (median step times averaged over the tasks, on a shared "
+        "machine).")
   return out
 
 
@@ -108,11 +109,11 @@ def multidevice(study) -> list[str]:
   if "local" not in rows or "global" not in rows:
     return []
   loc, glo = rows["local"], rows["global"]
-  return [f"On {loc['devices']} host devices the exact global Gram is "
-          f"{compare(glo['dev_accuracy'], loc['dev_accuracy'], glo['dev_accuracy_std'], loc['dev_accuracy_std'])} "
-          f"the per-device (local) Gram ({_p(glo['dev_accuracy'])} vs "
-          f"{_p(loc['dev_accuracy'])}) at {glo['step_seconds'] / loc['step_seconds']:.2f}× "
-          f"its step time."]
+  return [f"On {loc['devices']} host devices the exact global Gram "
+          f"({_p(glo['dev_accuracy'])} SST-2 dev) is " +
+          compare(glo["dev_accuracy"], loc["dev_accuracy"], glo["dev_accuracy_std"],
+                  loc["dev_accuracy_std"], "the per-device (local) Gram") +
+          f", at {glo['step_seconds'] / loc['step_seconds']:.2f}× its step time."]
 
 
 def glue(study) -> list[str]:
@@ -126,8 +127,8 @@ def glue(study) -> list[str]:
           f"{_p(r[metric])}")
   for base in ("adamw", "sgd_momentum"):
     if base in rows:
-      text += (f"; {compare(r[metric], rows[base][metric], r[f'{metric}_std'], rows[base][f'{metric}_std'])} "
-               f"{DISPLAY[base]} ({_p(rows[base][metric])})")
+      text += "; " + compare(r[metric], rows[base][metric], r[f"{metric}_std"],
+                             rows[base][f"{metric}_std"], DISPLAY[base])
   return [text + "."]
 
 
@@ -139,10 +140,11 @@ def noise(study) -> list[str]:
   prox = next((v for v in PROXIMAL if any(k[0] == v for k in by)), None)
   if prox and levels and (("adamw", levels[-1]) in by) and (prox, levels[-1]) in by:
     hi = levels[-1]
-    text = (f"With {_p(hi)} flipped training labels, {DISPLAY[prox]} reaches "
-            f"{_p(by[(prox, hi)]['dev_accuracy'])}, "
-            f"{compare(by[(prox, hi)]['dev_accuracy'], by[('adamw', hi)]['dev_accuracy'], by[(prox, hi)]['dev_accuracy_std'], by[('adamw', hi)]['dev_accuracy_std'])} "
-            f"AdamW ({_p(by[('adamw', hi)]['dev_accuracy'])})")
+    mine, adamw = by[(prox, hi)], by[("adamw", hi)]
+    text = (f"With {_p(hi)} flipped SST-2 training labels, {DISPLAY[prox]} reaches "
+            f"{_p(mine['dev_accuracy'])} dev accuracy, " +
+            compare(mine["dev_accuracy"], adamw["dev_accuracy"], mine["dev_accuracy_std"],
+                    adamw["dev_accuracy_std"], "AdamW"))
     if (prox, 0.0) in by and ("adamw", 0.0) in by:
       gap0 = by[(prox, 0.0)]["dev_accuracy"] - by[("adamw", 0.0)]["dev_accuracy"]
       text += f"; without noise the difference is {100 * gap0:+.1f} points"
@@ -151,10 +153,11 @@ def noise(study) -> list[str]:
   lp = [low[v] for v in PROXIMAL if v in low]
   if lp and "adamw" in low:
     best = max(lp, key=lambda r: r["low_confidence_accuracy"])
-    out.append(f"On low-confidence tweets the best proximal variant ({DISPLAY[best['variant']]}) "
-               f"is {compare(best['low_confidence_accuracy'], low['adamw']['low_confidence_accuracy'], best['low_confidence_std'], low['adamw']['low_confidence_std'])} "
-               f"AdamW ({_p(best['low_confidence_accuracy'])} vs "
-               f"{_p(low['adamw']['low_confidence_accuracy'])}).")
+    out.append(f"On low-confidence tweets (test) the best proximal variant, "
+               f"{DISPLAY[best['variant']]}, scores {_p(best['low_confidence_accuracy'])}: " +
+               compare(best["low_confidence_accuracy"],
+                       low["adamw"]["low_confidence_accuracy"], best["low_confidence_std"],
+                       low["adamw"]["low_confidence_std"], "AdamW") + ".")
   return out
 
 
@@ -169,4 +172,15 @@ def verdict(results: dict[str, dict]) -> str:
     study = results.get(name)
     if study and any(study["tables"].values()):
       sentences += fn(study)
-  return "\n\n".join(sentences) if sentences else "No study has results yet."
+  if not sentences:
+    return "No study has results yet."
+  text = "\n\n".join(sentences)
+  tally = {word: text.count(f"{word} AdamW") for word in ("ahead of", "level with", "behind")}
+  if sum(tally.values()):
+    sentences.append(
+        "In short: against AdamW, the usual fine-tuning baseline, the proximal method is "
+        f"ahead in {tally['ahead of']}, level in {tally['level with']} and behind in "
+        f"{tally['behind']} of the {sum(tally.values())} comparisons above (a difference "
+        f"counts when it exceeds the summed seed standard deviations and "
+        f"{100 * MIN_GAP:.0f} point).")
+  return "\n\n".join(sentences)

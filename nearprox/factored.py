@@ -27,7 +27,7 @@ Exact fallback. A leaf is factored only when every use of it is inside an interc
 that the path understands. Otherwise its per-example gradients come from
 ``jax.vmap(vjp)(I_B)`` (a reverse-mode Jacobian of the loss vector, reusing the same forward
 pass; B backward passes, batched, restricted by XLA's dead-code elimination to what that
-leaf needs). That happens for:
+leaf needs; :func:`leaf_kinds` tells which path each leaf takes). That happens for:
 
 * parameters of other layer types (``nn.Conv``, attention modules' own params, a custom
   ``self.param`` used directly in a module's code);
@@ -79,7 +79,8 @@ weight gradients (2·B·T·P); a materializing Gram adds B·T·P for the per-exa
 and B²·P for G Gᵀ; the combine adds B·T·P (factored) or B·P (per-example gradients kept,
 ``kernel_combine``). So the step costs between (3T + B)/(3T) and (4T + B)/(3T) SGD steps
 for the kernels, e.g. 1.17×–1.5× at B=32, T=64: the factored combine saves memory, the
-kept gradients save time.
+kept gradients save time. (The lower end needs the B·P per-example gradients alive at once;
+measured numbers: experiments/bench_step.py.)
 """
 
 from __future__ import annotations
@@ -416,7 +417,7 @@ def _assemble(calls, kinds, leaves, inputs, deltas, batch, grads, kernel_combine
           parts.setdefault(leaf, []).append((a, d))
         elif kinds[leaf] == "bias":
           bias_shape = tuple(leaves[leaf].shape)
-          accumulate(leaf, jnp.sum(delta.astype(jnp.float32).reshape(
+          accumulate(leaf, jnp.sum(delta.astype(compute_dtype(delta.dtype)).reshape(
               (batch, -1) + bias_shape), axis=1))
     elif call.kind == "embed":
       leaf = call.leaves["embedding"]
@@ -446,6 +447,17 @@ def _assemble(calls, kinds, leaves, inputs, deltas, batch, grads, kernel_combine
     else:
       grads[leaf] = factors.EmbedFactor(first, second, int(param.shape[0]),
                                         np.dtype(param.dtype))
+
+
+def leaf_kinds(loss_fn: Callable, params, *args) -> dict[str, str]:
+  """How :func:`factored_value_and_grads` treats each leaf of ``params``, by path:
+  "kernel" / "embed" (factored), "bias" / "local" (materialized from the captures),
+  "fallback" (exact per-example Jacobian rows) or "unused". Traces only, computes nothing."""
+  leaves, treedef = jax.tree.flatten(params)
+  plan = _discover(loss_fn, treedef, leaves, args, _batch_size(loss_fn, params, args))
+  with_path = jax.tree_util.tree_flatten_with_path(params)[0]
+  paths = [jax.tree_util.keystr(path) for path, _ in with_path]
+  return dict(zip(paths, plan.leaf_kinds))
 
 
 def encoder_gathered_numbers(num_layers: int, hidden: int, ffn: int, length: int,

@@ -22,7 +22,7 @@ def reproduce(tmp_path, *extra):
   command = [sys.executable, str(REPO / "experiments" / "reproduce.py"), "--smoke",
              "--only", "optimizers,damping", "--out", str(tmp_path / "results"),
              "--readme", str(tmp_path / "README_results.md"),
-             "--workdir", str(tmp_path / "work"), *extra]
+             "--workdir", str(tmp_path / "work"), "--link-root", str(tmp_path), *extra]
   completed = subprocess.run(command, capture_output=True, text=True, timeout=300)
   assert completed.returncode == 0, completed.stdout[-2000:] + completed.stderr[-4000:]
   return completed.stdout
@@ -58,7 +58,7 @@ def test_smoke_pipeline_produces_tables_from_run_files(tmp_path):
   assert 1.0 <= float(damping[1.0]["effective_rank_mean"]) <= 8.0  # B = 8
 
   readme = (tmp_path / "README_results.md").read_text()
-  assert "## Results (smoke mode)" in readme
+  assert "(mode **smoke**" in readme
   assert readme.count("**not run**") == 4  # adversarial, multidevice, glue, noise
   sgd_step = by_variant["sgd"]["report"]["train_step_seconds"]
   assert f"| SGD | 0.01 | 1 | {100 * by_variant['sgd']['report']['dev']['accuracy']:.1f} |" \

@@ -1,6 +1,7 @@
 """The factored per-example gradients (nearprox.factored) against exact oracles."""
 
 import dataclasses
+import functools
 
 import flax.linen as nn
 import jax
@@ -33,6 +34,24 @@ def filtered(per_example, params, mask=None, filter="tikhonov", **kwargs):
   tx = nearprox.scale_by_proximal(DAMPING, filter=filter, damping_mode="relative", **kwargs)
   updates, _ = tx.update(per_example, tx.init(params), mask=mask)
   return updates
+
+
+def value_and_grads(loss_fn, params, args, method="factored", **kwargs):
+  """Jitted (one compile beats hundreds of eager dispatches, even for tiny models)."""
+  if method == "factored":
+    fn = lambda p, *a: factored.factored_value_and_grads(loss_fn, p, *a, **kwargs)
+  else:
+    fn = lambda p, *a: nearprox.per_example_value_and_grads(loss_fn, p, *a, method=method)
+  return jax.jit(fn)(params, *args)
+
+
+@jax.jit
+def gram_of(per_example):
+  return gram.gram_matrix(per_example)
+
+
+def filtered_jit(per_example, params, mask=None, filter="tikhonov"):
+  return jax.jit(filtered, static_argnames="filter")(per_example, params, mask, filter=filter)
 
 
 def leaf_types(per_example):
@@ -81,7 +100,7 @@ def token_problem(model, batch=6, length=5, vocab=40, seed=0):
 
 
 def tiny_bert(batch=4, length=8, deterministic=True, seed=0):
-  config = models.tiny_config()
+  config = models.tiny_config(num_hidden_layers=1)
   model = models.BertForSequenceClassification(config)
   params = models.init_params(model, jax.random.key(seed), batch, length)
   ids = jax.random.randint(jax.random.key(seed + 1), (batch, length), 1, config.vocab_size)
@@ -98,81 +117,89 @@ def tiny_bert(batch=4, length=8, deterministic=True, seed=0):
   return loss_fn, params, (ids, attention_mask, labels)
 
 
-# ----------------------------------------------------------------------------- equality with the oracles
+@functools.partial(jax.jit, static_argnames="filters")
+def all_filtered(per_example, params, mask, filters=("tikhonov", "natural")):
+  """{(filter, masked): d} for both filters, without and with the mask: one compile."""
+  return {(f, m is not None): filtered(per_example, params, m, f)
+          for f in filters for m in (None, mask)}
 
 
-@pytest.mark.parametrize("filter", ["tikhonov", "natural"])
-def test_tiny_bert_factored_equals_vmap(filter):
+@pytest.fixture(scope="module")
+def token_case():
+  loss_fn, params, args = token_problem(TokenModel())
+  return loss_fn, params, args, value_and_grads(loss_fn, params, args, "vmap")[1]
+
+
+# ------------------------------------------------------------------ equality with the oracles
+
+
+def test_tiny_bert_factored_equals_vmap():
   loss_fn, params, args = tiny_bert()
-  losses_v, grads_v = nearprox.per_example_value_and_grads(loss_fn, params, *args, method="vmap")
-  losses_f, grads_f = nearprox.per_example_value_and_grads(loss_fn, params, *args,
-                                                           method="factored")
+  losses_v, grads_v = value_and_grads(loss_fn, params, args, "vmap")
+  losses_f, grads_f = value_and_grads(loss_fn, params, args)
   np.testing.assert_allclose(losses_f, losses_v, rtol=1e-5)
   kinds = leaf_types(grads_f)
-  assert kinds.count("DenseFactor") == 2 * 6 + 2  # q, k, v, out, ffn in, out; pooler, head
+  assert kinds.count("DenseFactor") == 6 + 2  # q, k, v, out, ffn in, out; pooler, head
   assert kinds.count("EmbedFactor") == 3
   assert "ArrayImpl" in kinds  # biases and LayerNorms, materialized
-  np.testing.assert_allclose(gram.gram_matrix(grads_f), gram.gram_matrix(grads_v), rtol=1e-4,
-                             atol=1e-7)
+  np.testing.assert_allclose(gram_of(grads_f), gram_of(grads_v), rtol=1e-4, atol=1e-7)
   mask = jnp.array([1, 1, 0, 1])
-  for m in (None, mask):
-    assert_trees_close(filtered(grads_f, params, m, filter), filtered(grads_v, params, m, filter))
+  assert_trees_close(all_filtered(grads_f, params, mask), all_filtered(grads_v, params, mask))
 
 
 @pytest.mark.parametrize("kernel_combine", ["factored", "materialized"])
-def test_token_model_factored_equals_vmap(kernel_combine):
-  loss_fn, params, args = token_problem(TokenModel())
-  _, grads_v = nearprox.per_example_value_and_grads(loss_fn, params, *args, method="vmap")
-  _, grads_f = factored.factored_value_and_grads(loss_fn, params, *args,
-                                                 kernel_combine=kernel_combine)
+def test_token_model_factored_equals_vmap(token_case, kernel_combine):
+  loss_fn, params, args, grads_v = token_case
+  _, grads_f = value_and_grads(loss_fn, params, args, kernel_combine=kernel_combine)
   # Every kernel and table is factored, the shared Dense's two calls in one factor.
   assert isinstance(grads_f["Dense_0"]["kernel"], factors.DenseFactor)
   assert grads_f["Dense_0"]["kernel"].inputs.shape == (6, 2 * 5, 8)
   assert isinstance(grads_f["DenseGeneral_0"]["kernel"], factors.DenseFactor)
   assert isinstance(grads_f["DenseGeneral_1"]["kernel"], factors.DenseFactor)
   assert isinstance(grads_f["Embed_0"]["embedding"], factors.EmbedFactor)
-  assert_trees_close(gram.combine(grads_f, jnp.arange(6.0)), gram.combine(grads_v, jnp.arange(6.0)))
+  combine = jax.jit(gram.combine)
+  assert_trees_close(combine(grads_f, jnp.arange(6.0)), combine(grads_v, jnp.arange(6.0)))
   mask = jnp.array([1, 0, 1, 1, 1, 0])
-  for filter in ("tikhonov", "natural"):
-    assert_trees_close(filtered(grads_f, params, mask, filter),
-                       filtered(grads_v, params, mask, filter))
+  assert_trees_close(all_filtered(grads_f, params, mask), all_filtered(grads_v, params, mask))
 
 
-def test_masked_rows_with_nan_do_not_leak():
-  loss_fn, params, args = token_problem(TokenModel())
-  _, grads_f = nearprox.per_example_value_and_grads(loss_fn, params, *args, method="factored")
-  _, grads_v = nearprox.per_example_value_and_grads(loss_fn, params, *args, method="vmap")
+def test_masked_rows_with_nan_do_not_leak(token_case):
+  loss_fn, params, args, grads_v = token_case
+  _, grads_f = value_and_grads(loss_fn, params, args)
   poisoned = jax.tree.map(lambda x: x.at[1].set(jnp.nan) if jnp.issubdtype(x.dtype, jnp.floating)
                           else x, grads_f)
   mask = jnp.array([1, 0, 1, 1, 1, 1])
-  assert_trees_close(filtered(poisoned, params, mask), filtered(grads_v, params, mask))
+  assert_trees_close(filtered_jit(poisoned, params, mask), filtered_jit(grads_v, params, mask))
 
 
 def test_dropout_matches_full_batch_jacobian():
   loss_fn, params, args = tiny_bert(deterministic=False)
-  losses_f, grads_f = nearprox.per_example_value_and_grads(loss_fn, params, *args,
-                                                           method="factored")
+  losses_f, grads_f = value_and_grads(loss_fn, params, args)
   # Exact oracle with the same single full-batch evaluation (same dropout masks).
   losses = loss_fn(params, *args)
-  jacobian = jax.jacrev(lambda p: loss_fn(p, *args))(params)
+  jacobian = jax.jit(jax.jacrev(lambda p: loss_fn(p, *args)))(params)
   np.testing.assert_allclose(losses_f, losses, rtol=1e-6)
-  np.testing.assert_allclose(gram.gram_matrix(grads_f), gram.gram_matrix(jacobian), rtol=1e-4,
+  np.testing.assert_allclose(gram_of(grads_f), gram_of(jacobian), rtol=1e-4,
                              atol=1e-7)
-  assert_trees_close(filtered(grads_f, params), filtered(jacobian, params))
+  assert_trees_close(filtered_jit(grads_f, params), filtered_jit(jacobian, params))
 
 
 def test_unsupported_layers_fall_back_exactly():
   loss_fn, params, args = token_problem(UnsupportedModel(), vocab=12)
   args = (args[0], args[1] % 3)
-  _, grads_v = nearprox.per_example_value_and_grads(loss_fn, params, *args, method="vmap")
-  _, grads_f = nearprox.per_example_value_and_grads(loss_fn, params, *args, method="factored")
+  _, grads_v = value_and_grads(loss_fn, params, args, "vmap")
+  _, grads_f = value_and_grads(loss_fn, params, args)
   assert isinstance(grads_f["Dense_0"]["kernel"], factors.DenseFactor)
+  assert factored.leaf_kinds(loss_fn, params, *args) == {
+      "['Conv_0']['bias']": "fallback", "['Conv_0']['kernel']": "fallback",
+      "['Dense_0']['bias']": "bias", "['Dense_0']['kernel']": "kernel",
+      "['Embed_0']['embedding']": "fallback", "['scale']": "fallback"}
   # Conv, the custom param and the tied table come back as exact dense per-example arrays.
   for leaf in (grads_f["Conv_0"]["kernel"], grads_f["scale"], grads_f["Embed_0"]["embedding"]):
     assert isinstance(leaf, jax.Array) and leaf.shape[0] == 6
   assert_trees_close(grads_f["Conv_0"], grads_v["Conv_0"])
   assert_trees_close(grads_f["Embed_0"], grads_v["Embed_0"])
-  assert_trees_close(filtered(grads_f, params), filtered(grads_v, params))
+  assert_trees_close(filtered_jit(grads_f, params), filtered_jit(grads_v, params))
 
 
 # ----------------------------------------------------------------------------- factor leaves
@@ -202,6 +229,23 @@ def test_dense_gram_ghost_and_materialize_agree():
     np.testing.assert_allclose(leaf.combine(coeffs), expected_sum, rtol=1e-5, atol=1e-5)
   assert factors.dense_gram_method(32, 64, 32, 64, 384, 1536, True) == "materialize"
   assert factors.dense_gram_method(32, 1, 32, 1, 384, 2, True) == "ghost"
+
+
+def test_dense_gram_in_cache_sized_slices_agrees():
+  keys = jax.random.split(jax.random.key(5), 4)
+  a, d = jax.random.normal(keys[0], (4, 3, 512)), jax.random.normal(keys[1], (4, 3, 600))
+  a2, d2 = jax.random.normal(keys[2], (2, 5, 512)), jax.random.normal(keys[3], (2, 5, 600))
+  assert factors._cache_chunk(4, 512, 600) < 512  # this layer's Gram runs in slices on CPU
+  sliced = factors.DenseFactor(a, d, (512, 600), np.dtype("float32"), gram_method="materialize")
+  whole = dataclasses.replace(sliced, combine_method="materialized")  # needs the whole G
+  other = factors.DenseFactor(a2, d2, (512, 600), np.dtype("float32"), gram_method="materialize")
+  gram_fn = jax.jit(lambda x, y: (x.gram(x), x.gram(y)))
+  expected = _dense_oracle(a, d) @ _dense_oracle(a, d).T
+  cross = _dense_oracle(a, d) @ _dense_oracle(a2, d2).T
+  for leaf in (sliced, whole):
+    self_gram, cross_gram = gram_fn(leaf, other)
+    np.testing.assert_allclose(self_gram, expected, rtol=1e-5, atol=1e-3)
+    np.testing.assert_allclose(cross_gram, cross, rtol=1e-5, atol=1e-3)
 
 
 def test_embed_gram_mask_and_materialize_agree():
@@ -247,8 +291,8 @@ def test_global_gram_under_pmap_equals_single_device():
   shard = lambda x: x.reshape((devices, -1) + x.shape[1:])
   per_device = jax.pmap(device_update, axis_name="batch", in_axes=(None, 0, 0, 0))(
       params, *map(shard, args), shard(mask))
-  _, grads = nearprox.per_example_value_and_grads(loss_fn, params, *args, method="factored")
-  single = filtered(grads, params, mask)
+  _, grads = value_and_grads(loss_fn, params, args)
+  single = filtered_jit(grads, params, mask)
   assert_trees_close(jax.tree.map(lambda x: x[0], per_device), single)
   assert_trees_close(jax.tree.map(lambda x: x[5], per_device), single)
 

@@ -35,6 +35,7 @@ def get_plan() -> ml_collections.ConfigDict:
   plan.mode = "smoke"
   plan.lr_grid = {"sgd": (1e-2,), "proximal_tikhonov": (1e-2,)}
   plan.optimizer_tasks = ("sst2",)
+  plan.tweets_variants = tuple(plan.lr_grid)
   plan.damping_grid = (0.1, 1.0)
   plan.damping_filters = ("tikhonov",)
   plan.objectives = ("clean", "fgm")
