@@ -155,6 +155,10 @@ def header(argv) -> list[str]:
       "- time: min over interleaved repeats after compile; memory: XLA memory_analysis() "
       "temp + argument + output bytes of the jitted step; dropout off; proximal step = "
       "nearprox.proximal_sgd(damping=1e-3, damping_mode='relative').",
+      "- FLOPs: XLA cost_analysis() of the compiled step (deterministic); wall times on a shared "
+      "machine are noisy, compare them with the FLOPs column. Lower bound of the factored step "
+      "for the dense kernels: (4T + B)/(3T) × SGD with the factored combine, (3T + B)/(3T) with "
+      "kernel_combine='materialized' (nearprox/factored.py docstring).",
       "",
   ]
 

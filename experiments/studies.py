@@ -114,8 +114,9 @@ class Context:
           extra: dict | None = None, devices: int = 1, attack: runs.Attack | None = None):
     overrides = {"task": task, "seed": seed, "optimizer.learning_rate": lr,
                  **VARIANTS[variant], **(extra or {})}
-    return self.ex.run(f"{label}:{task}:{variant}:lr={lr:g}:seed={seed}", overrides,
-                       devices=devices, attack=attack)
+    name = f"{label}:{task}:{variant}:lr={lr:g}:seed={seed}"
+    name += "".join(f":{k.split('.')[-1]}={v}" for k, v in (extra or {}).items())
+    return self.ex.run(name, overrides, devices=devices, attack=attack)
 
   def sweep_task(self, task: str) -> str:
     return task if task in self.plan.sweep_tasks else self.plan.sweep_tasks[0]
@@ -162,7 +163,7 @@ class Context:
     loss at the end of training, so the grid extends towards the rate that moved."""
     key = next(k for k in rows[0] if k.startswith("dev_"))
     nan_low = lambda x: -math.inf if math.isnan(x) else x
-    return max(rows, key=lambda r: (nan_low(r[key]), -nan_low(-r["train_loss_end"])))["lr"]
+    return max(rows, key=lambda r: (nan_low(r[key]), nan_low(-r["train_loss_end"])))["lr"]
 
   def best_lr(self, task: str, variant: str) -> float | None:
     """The swept rate with the best dev metric (NaN counts as worst); None if the sweep is

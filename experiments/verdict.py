@@ -96,11 +96,17 @@ def adversarial(study) -> list[str]:
     if "clean" not in mine or len(mine) < 2:
       continue
     adv = max((r for o, r in mine.items() if o != "clean"), key=lambda r: r[eps])
-    out.append(f"Adversarial training ({DISPLAY[variant]}): at the largest attack radius "
-               f"ε={eps[8:]}, {adv['objective']} keeps {_p(adv[eps])} vs "
-               f"{_p(mine['clean'][eps])} for clean training, with clean dev accuracy "
-               f"{_p(adv['dev_accuracy'])} vs {_p(mine['clean']['dev_accuracy'])}, at "
-               f"{adv['step_ratio_to_clean']:.2f}× the clean step time.")
+    curve = [v for k, v in adv.items() if k.startswith("acc_eps_")]
+    text = (f"Adversarial training ({DISPLAY[variant]}): at the largest attack radius "
+            f"ε={eps[8:]}, {adv['objective']} keeps {_p(adv[eps])} vs "
+            f"{_p(mine['clean'][eps])} for clean training, with clean dev accuracy "
+            f"{_p(adv['dev_accuracy'])} vs {_p(mine['clean']['dev_accuracy'])}, at "
+            f"{adv['step_ratio_to_clean']:.2f}× the clean step time.")
+    if max(curve) - min(curve) < 0.005:
+      text += (f" Its accuracy is the same {_p(curve[0])} at every ε: the {adv['objective']}"
+               "-trained model predicts (almost) one class, which no attack can change, so "
+               "this is not robustness.")
+    out.append(text)
   return out
 
 
@@ -183,4 +189,11 @@ def verdict(results: dict[str, dict]) -> str:
         f"{tally['behind']} of the {sum(tally.values())} comparisons above (a difference "
         f"counts when it exceeds the summed seed standard deviations and "
         f"{100 * MIN_GAP:.0f} point).")
+  single = any(row.get("seeds") == 1 for study in results.values() if study
+               for rows in study["tables"].values() for row in rows)
+  if single:
+    sentences.append(
+        "Caution: some of these numbers come from a single seed (no standard deviation), "
+        "where run-to-run variation at this budget can exceed the differences above; "
+        "treat single-seed comparisons as indications, not results.")
   return "\n\n".join(sentences)

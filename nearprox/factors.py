@@ -8,9 +8,7 @@ the two operations of :class:`nearprox.gram.PerExampleFactor`:
 * Gram: ⟨g_i, g'_j⟩ = Σ_{t,s} (a_it·a'_js)(δ_it·δ'_js) = sum((A_i A'_jᵀ) ∘ (Δ_i Δ'_jᵀ)), the
   "ghost" formula, ~B·B'·T·T'·(d_in+d_out) multiply-adds; or materialize each side's g_i
   (B·T·d_in·d_out) and take G G'ᵀ (B·B'·d_in·d_out). :func:`dense_gram_method` picks the
-  cheaper from the static shapes; both are float32 at HIGHEST precision. On CPU a large
-  materializing Gram runs over cache-sized slices of the input features (``lax.scan``),
-  which about halves its time there.
+  cheaper from the static shapes; both are float32 at HIGHEST precision.
 * combine: Σ_i c_i g_i = Aᵀ(c ∘ Δ), one contraction over all B·T positions
   (B·T·d_in·d_out); or, with ``combine_method="materialized"``, cᵀG from the G that the
   materializing Gram computed (B·d_in·d_out, but G stays alive until the combine).
@@ -131,10 +129,6 @@ class DenseFactor(PerExampleFactor):
     _check_same_kind(self, other)
     dtype = compute_dtype(self.cotangents.dtype)
     if self._method(other) == "materialize":
-      rows = self.inputs.shape[0] + (0 if other is self else other.inputs.shape[0])
-      chunk = _cache_chunk(rows, self.inputs.shape[-1], self.cotangents.shape[-1])
-      if self.combine_method == "factored" and chunk < self.inputs.shape[-1]:
-        return _chunked_gram(self, other, chunk)
       mine = self._per_example()
       theirs = mine if other is self else other._per_example()
       return jnp.matmul(mine, theirs.T, precision=_HIGHEST)
@@ -153,45 +147,6 @@ class DenseFactor(PerExampleFactor):
       weighted = self.cotangents.astype(dtype) * coeffs.astype(dtype)[:, None, None]
       out = jnp.einsum("btk,btl->kl", self.inputs.astype(dtype), weighted, precision=_HIGHEST)
     return out.reshape(self.kernel_shape).astype(self.kernel_dtype)
-
-
-def _cache_chunk(rows: int, d_in: int, d_out: int, budget: int = 1 << 19) -> int:
-  """Input features per slice so that ``rows`` per-example gradient slices [rows, c, d_out]
-  hold about ``budget`` numbers (2 MiB in float32, cache-sized). Only on CPU, where a Gram
-  over cache-resident slices runs about twice as fast as over the whole B × d_in × d_out
-  array; elsewhere (and when everything fits) no slicing: d_in."""
-  if jax.default_backend() != "cpu" or rows * d_in * d_out <= 2 * budget:
-    return d_in
-  target = max(1, budget // (rows * d_out))
-  return max(c for c in range(1, min(target, d_in) + 1) if d_in % c == 0)
-
-
-def _chunked_gram(mine: "DenseFactor", theirs: "DenseFactor", chunk: int) -> jax.Array:
-  """Σ over slices of input features of G_slice G'_sliceᵀ, one slice at a time (lax.scan)."""
-  dtype = compute_dtype(mine.cotangents.dtype)
-
-  def slices(x):  # [B, T, d_in] -> [d_in / chunk, B, T, chunk]
-    batch, length, d_in = x.shape
-    return jnp.moveaxis(x.astype(dtype).reshape(batch, length, d_in // chunk, chunk), 2, 0)
-
-  same = theirs is mine
-  d_mine, d_theirs = mine.cotangents.astype(dtype), theirs.cotangents.astype(dtype)
-
-  def step(total, inputs):
-    a_mine, a_theirs = inputs
-    g_mine = jnp.einsum("btk,btl->bkl", a_mine, d_mine, precision=_HIGHEST)
-    g_mine = g_mine.reshape(g_mine.shape[0], -1)
-    if same:
-      g_theirs = g_mine
-    else:
-      g_theirs = jnp.einsum("btk,btl->bkl", a_theirs, d_theirs, precision=_HIGHEST)
-      g_theirs = g_theirs.reshape(g_theirs.shape[0], -1)
-    return total + jnp.matmul(g_mine, g_theirs.T, precision=_HIGHEST), None
-
-  a_mine = slices(mine.inputs)
-  a_theirs = a_mine if same else slices(theirs.inputs)
-  init = jnp.zeros((mine.inputs.shape[0], theirs.inputs.shape[0]), dtype)
-  return jax.lax.scan(step, init, (a_mine, a_theirs))[0]
 
 
 @dataclasses.dataclass(frozen=True)

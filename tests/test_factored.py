@@ -231,23 +231,6 @@ def test_dense_gram_ghost_and_materialize_agree():
   assert factors.dense_gram_method(32, 1, 32, 1, 384, 2, True) == "ghost"
 
 
-def test_dense_gram_in_cache_sized_slices_agrees():
-  keys = jax.random.split(jax.random.key(5), 4)
-  a, d = jax.random.normal(keys[0], (4, 3, 512)), jax.random.normal(keys[1], (4, 3, 600))
-  a2, d2 = jax.random.normal(keys[2], (2, 5, 512)), jax.random.normal(keys[3], (2, 5, 600))
-  assert factors._cache_chunk(4, 512, 600) < 512  # this layer's Gram runs in slices on CPU
-  sliced = factors.DenseFactor(a, d, (512, 600), np.dtype("float32"), gram_method="materialize")
-  whole = dataclasses.replace(sliced, combine_method="materialized")  # needs the whole G
-  other = factors.DenseFactor(a2, d2, (512, 600), np.dtype("float32"), gram_method="materialize")
-  gram_fn = jax.jit(lambda x, y: (x.gram(x), x.gram(y)))
-  expected = _dense_oracle(a, d) @ _dense_oracle(a, d).T
-  cross = _dense_oracle(a, d) @ _dense_oracle(a2, d2).T
-  for leaf in (sliced, whole):
-    self_gram, cross_gram = gram_fn(leaf, other)
-    np.testing.assert_allclose(self_gram, expected, rtol=1e-5, atol=1e-3)
-    np.testing.assert_allclose(cross_gram, cross, rtol=1e-5, atol=1e-3)
-
-
 def test_embed_gram_mask_and_materialize_agree():
   ids = jnp.array([[1, 2, 1, -1], [3, 3, 0, 2], [4, 4, 4, 4]])
   ids = jnp.where(ids < 0, ids + 5, ids)
