@@ -48,21 +48,28 @@ def _check_args(args) -> None:
     raise ValueError(f"arguments of loss_fn have different batch sizes: {sorted(sizes)}")
 
 
-def per_example_value_and_grads(loss_fn: Callable, params, *args, method: str = "vmap"):
+def per_example_value_and_grads(loss_fn: Callable, params, *args, method: str = "vmap",
+                                **factored_options):
   """(losses [B], per-example gradients) of ``loss_fn(params, *args)``.
 
   The gradients are the params pytree with a leading batch axis ("vmap") or the factored
   form ("factored"); both are accepted by :func:`nearprox.scale_by_proximal`.
+  ``factored_options`` go to :func:`nearprox.factored.factored_value_and_grads`
+  (``kernel_combine="auto" | "factored" | "materialized"``: time against memory).
   """
   if method not in METHODS:
     raise ValueError(f"method must be one of {METHODS}, got {method!r}")
   _check_args(args)
   if method == "vmap":
+    if factored_options:
+      raise ValueError(f"options {sorted(factored_options)} apply to method='factored' only")
     return _vmap_value_and_grads(loss_fn, params, *args)
   from nearprox import factored  # The fast path needs Flax's interception machinery.
-  return factored.factored_value_and_grads(loss_fn, params, *args)
+  return factored.factored_value_and_grads(loss_fn, params, *args, **factored_options)
 
 
-def per_example_grads(loss_fn: Callable, params, *args, method: str = "vmap"):
+def per_example_grads(loss_fn: Callable, params, *args, method: str = "vmap",
+                      **factored_options):
   """Per-example gradients of ``loss_fn(params, *args)`` (which returns losses [B])."""
-  return per_example_value_and_grads(loss_fn, params, *args, method=method)[1]
+  return per_example_value_and_grads(loss_fn, params, *args, method=method,
+                                     **factored_options)[1]
