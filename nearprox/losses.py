@@ -514,6 +514,41 @@ def make_per_example_loss(logits_fn: LogitsFn, config: ObjectiveConfig, *,
   return loss_fn
 
 
+def make_loss_at_perturbation(logits_fn: LogitsFn, config: ObjectiveConfig, *,
+                              task: str = "classification"):
+  """The same objective with δ given: ``loss_fn(params, batch, rng, delta) -> [B]``.
+
+  Pair it with :func:`adversarial_perturbation` (computed first, a constant):
+
+      delta = adversarial_perturbation(logits_fn, config, params, batch, rng, ...)
+      per_example_grads(make_loss_at_perturbation(logits_fn, config), params, batch, rng, delta)
+
+  equals ``make_per_example_loss``'s gradients, but the differentiated function contains
+  no inner differentiation (the ascent for δ happens outside it). That is what
+  ``per_example_grads(..., method="factored")`` needs to factor every layer: inside
+  ``make_per_example_loss`` the ascent's backward pass reads the kernels outside their
+  layers' calls, which sends every leaf to the exact (slow) fallback. It costs one more
+  forward pass than sharing the clean forward with the ascent.
+  """
+  _check(config, task, 1)
+
+  def loss_fn(params, batch, rng, delta):
+    dropout_keys, _ = _split_keys(rng, batch["input_ids"].shape[0])
+    clean_logits = logits_fn(params, batch, None, dropout_keys)
+    if config.kind == "clean":
+      return task_loss(task, clean_logits, batch)
+    perturbed_logits = logits_fn(params, batch, jax.lax.stop_gradient(delta), dropout_keys)
+    if config.kind == "smart":
+      adv = smoothness_divergence(task, clean_logits, perturbed_logits)
+    else:
+      adv = task_loss(task, perturbed_logits, batch)
+    if config.combine == "adv_only":
+      return adv
+    return task_loss(task, clean_logits, batch) + config.adv_weight * adv
+
+  return loss_fn
+
+
 # ----------------------------------------------------------------------------------------
 # L2 regularization, applied after the proximal filter.
 

@@ -3,8 +3,9 @@
     python -m nearprox.train --config experiments/configs/default.py --workdir runs/default \
         [--config.optimizer.name=adamw --config.optimizer.learning_rate=1e-4 ...]
 
-One step, read top to bottom in :func:`train_step`: per-example keys → per-example losses and
-gradients (proximal) or the masked mean gradient (baselines) → optimizer update (the
+One step, read top to bottom in :func:`train_step`: per-example keys → adversarial
+perturbation (a constant) → per-example losses and gradients (proximal) or the masked mean
+gradient (baselines) → optimizer update (the
 proximal transform aggregates over devices itself) → new params and summed metrics. The
 same per-device function runs under ``jax.shard_map`` (default), ``jax.pmap`` or plain
 ``jax.jit`` (one device); every collective names the axis ``"batch"``.
@@ -135,8 +136,8 @@ def load_splits(config, tokenizer) -> dict[str, dict[str, np.ndarray]]:
 
 # ------------------------------------------------------------------------------ the step
 
-def train_step(state: TrainState, batch, rng, *, loss_fn, tx, per_example: bool,
-               per_example_method: str, axis_name: str | None):
+def train_step(state: TrainState, batch, rng, *, perturbation_fn, loss_fn, tx,
+               per_example: bool, per_example_method: str, axis_name: str | None):
   """One optimizer step on this device's block of the global batch."""
   def global_sum(x):
     return jax.lax.psum(x, axis_name) if axis_name else x
@@ -148,14 +149,18 @@ def train_step(state: TrainState, batch, rng, *, loss_fn, tx, per_example: bool,
   step_key = jax.random.fold_in(rng, state.step)
   keys = jax.vmap(lambda i: jax.random.fold_in(step_key, i))(batch["index"])
   num_examples = global_sum(jnp.sum(mask))
+  # The adversarial perturbation of each example's word embeddings (zeros for "clean"):
+  # found first, then a constant input of the loss, so the differentiated loss has no inner
+  # differentiation and the factored path can factor every layer.
+  delta = perturbation_fn(state.params, inputs, keys)
 
   if per_example:
     example_losses, grads = nearprox.per_example_value_and_grads(
-        loss_fn, state.params, inputs, keys, method=per_example_method)
+        loss_fn, state.params, inputs, keys, delta, method=per_example_method)
     updates, opt_state = tx.update(grads, state.opt_state, state.params, mask=mask)
   else:
     def mean_loss(params):
-      example_losses = loss_fn(params, inputs, keys)
+      example_losses = loss_fn(params, inputs, keys, delta)
       return jnp.sum(example_losses * mask) / num_examples, example_losses
 
     (_, example_losses), grads = jax.value_and_grad(mean_loss, has_aux=True)(state.params)
@@ -217,10 +222,12 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path) -
   model, params, tokenizer = create_model(config, task.num_labels, jax.random.fold_in(rng, 1))
   splits = load_splits(config, tokenizer)
   logits_fn = losses.bert_logits_fn(model, deterministic=not config.model.dropout)
-  loss_fn = losses.make_per_example_loss(logits_fn, objective,
-                                         hidden_size=model.config.hidden_size)
+  perturbation_fn = functools.partial(losses.adversarial_perturbation, logits_fn, objective,
+                                      hidden_size=model.config.hidden_size)
+  loss_fn = losses.make_loss_at_perturbation(logits_fn, objective)
   runner.compile(
-      functools.partial(train_step, loss_fn=loss_fn, tx=tx, per_example=per_example,
+      functools.partial(train_step, perturbation_fn=perturbation_fn, loss_fn=loss_fn, tx=tx,
+                        per_example=per_example,
                         per_example_method=config.optimizer.per_example,
                         axis_name=runner.axis_name),
       functools.partial(eval_step, logits_fn=losses.bert_logits_fn(model, deterministic=True)))

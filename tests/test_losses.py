@@ -494,3 +494,36 @@ def test_attack_lowers_accuracy_monotonically(trained, tmp_path):
   assert (tmp_path / "r.png").stat().st_size > 1000
   with pytest.raises(ValueError, match="epsilons"):
     robustness.attack_accuracy(logits_fn, params, batches, [-1.0], hidden_size=H)
+
+
+@pytest.mark.parametrize("kind", ["fgm", "pgd", "smart"])
+def test_loss_at_precomputed_perturbation_is_factored_and_equals_the_objective(kind):
+  """make_loss_at_perturbation + adversarial_perturbation: every leaf on the fast path, and
+  the filtered gradient equals the vmap oracle of make_per_example_loss."""
+  import collections
+  import nearprox
+  from nearprox import factored, models
+  config = models.tiny_config()
+  model = models.BertForSequenceClassification(config)
+  params = models.init_params(model, jax.random.key(0), 2, 16)
+  rng = np.random.default_rng(0)
+  batch = {"input_ids": jnp.asarray(rng.integers(0, 100, (6, 12)), jnp.int32),
+           "attention_mask": jnp.asarray(np.arange(12) < rng.integers(4, 13, (6, 1)), jnp.int32),
+           "token_type_ids": jnp.zeros((6, 12), jnp.int32),
+           "labels": jnp.asarray(rng.integers(0, 2, 6), jnp.int32)}
+  keys = jax.random.split(jax.random.key(1), 6)
+  objective = losses.ObjectiveConfig(kind=kind)
+  logits_fn = losses.bert_logits_fn(model)
+  delta = losses.adversarial_perturbation(logits_fn, objective, params, batch, keys,
+                                          hidden_size=config.hidden_size)
+  at_delta = losses.make_loss_at_perturbation(logits_fn, objective)
+  kinds = collections.Counter(factored.leaf_kinds(at_delta, params, batch, keys, delta).values())
+  assert "fallback" not in kinds and kinds["kernel"] > 0
+  one_call = losses.make_per_example_loss(logits_fn, objective, hidden_size=config.hidden_size)
+  tx = nearprox.scale_by_proximal(0.1, damping_mode="relative")
+  fast, _ = tx.update(nearprox.per_example_grads(at_delta, params, batch, keys, delta,
+                                                 method="factored"), tx.init(None))
+  oracle, _ = tx.update(nearprox.per_example_grads(one_call, params, batch, keys), tx.init(None))
+  fast = np.concatenate([np.ravel(x) for x in jax.tree.leaves(fast)])
+  oracle = np.concatenate([np.ravel(x) for x in jax.tree.leaves(oracle)])
+  np.testing.assert_allclose(fast, oracle, atol=1e-5 * np.abs(oracle).max())

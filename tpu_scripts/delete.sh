@@ -11,7 +11,7 @@ usage() {
 Usage: $(basename "$0") --name NAME --zone ZONE [--yes] [options]
 
 Deletes the TPU VM with 'gcloud compute tpus tpu-vm delete'. Its disks go with it: copy
-results out first (a gs:// --workdir already is outside).
+results out first (a workdir on a mounted bucket already is outside).
 
 Options:
   --yes            do not ask for confirmation (gcloud --quiet)

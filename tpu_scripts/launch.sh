@@ -22,11 +22,11 @@ with the output of all workers streamed to this console and appended to a local 
 (each worker also keeps ~/$REMOTE_DIR/logs/train.log). The run gets
 NEARPROX_DISTRIBUTED=auto, so nearprox.train calls jax.distributed.initialize(), which on
 a TPU slice finds the other hosts by itself: no coordinator address is needed. On a pod
-slice give a --workdir every host can write (gs://bucket/path).
+slice give a --workdir every host can write (a gcsfuse-mounted bucket).
 
 Options:
-  --config CFG     config file, e.g. experiments/configs/sst2.py (relative to the repo)
-  --workdir DIR    checkpoints and metrics (gs://... on a pod slice)
+  --config CFG     config file, e.g. experiments/configs/default.py (relative to the repo)
+  --workdir DIR    checkpoints and metrics (a mounted bucket on a pod slice)
   --log-file FILE  local log (default runs/tpu_logs/NAME-YYYYmmdd-HHMMSS.log)
   --env KEY=VALUE  environment variable for the run on every worker (repeatable)
   --detach         start in the background on the workers (nohup) and return; follow with
@@ -39,7 +39,7 @@ $COMMON_FLAGS_HELP
 
 Example:
   $(basename "$0") --name nearprox-pod --zone us-central2-b \\
-      --config experiments/configs/sst2.py --workdir gs://my-bucket/sst2 -- --config.seed=1
+      --config experiments/configs/default.py --workdir /mnt/nearprox-runs/tweets -- --config.seed=1
 USAGE
 }
 
