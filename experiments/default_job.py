@@ -89,6 +89,10 @@ def main() -> None:
           f"{config.task}, objective {config.objective.kind} + L2 ===", flush=True)
     reports[label] = train.train_and_evaluate(config, workdirs[label])
     reports[label].pop("params")
+    if reports[label]["preempted"]:
+      # SIGTERM: the run saved a checkpoint; running this script again resumes it.
+      raise SystemExit(f"{label} was interrupted at step {reports[label]['steps']}; "
+                       f"run the same command again to resume from {workdirs[label]}")
 
   plot_path = args.workdir / "comparison.png"
   plot(workdirs, plot_path)
