@@ -471,6 +471,17 @@ def _check(config, task, hidden_size):
                      f"{hidden_size!r}")
 
 
+def _combine(config, task, batch, clean_logits, perturbed_logits) -> jax.Array:
+  """ℓ_i = task_i + adv_weight·adv_i ("sum") or adv_i ("adv_only"), per example."""
+  if config.kind == "smart":
+    adv = smoothness_divergence(task, clean_logits, perturbed_logits)
+  else:
+    adv = task_loss(task, perturbed_logits, batch)
+  if config.combine == "adv_only":
+    return adv
+  return task_loss(task, clean_logits, batch) + config.adv_weight * adv
+
+
 def make_per_example_loss(logits_fn: LogitsFn, config: ObjectiveConfig, *,
                           task: str = "classification", hidden_size: int | None = None):
   """The per-example training objective ``loss_fn(params, batch, rng=None) -> [B]``.
@@ -503,13 +514,7 @@ def make_per_example_loss(logits_fn: LogitsFn, config: ObjectiveConfig, *,
     clean_logits, delta, dropout_keys = _perturb(logits_fn, config, task, hidden_size,
                                                  params, batch, rng)
     perturbed_logits = logits_fn(params, batch, delta, dropout_keys)
-    if config.kind == "smart":
-      adv = smoothness_divergence(task, clean_logits, perturbed_logits)
-    else:
-      adv = task_loss(task, perturbed_logits, batch)
-    if config.combine == "adv_only":
-      return adv
-    return task_loss(task, clean_logits, batch) + config.adv_weight * adv
+    return _combine(config, task, batch, clean_logits, perturbed_logits)
 
   return loss_fn
 
@@ -538,13 +543,7 @@ def make_loss_at_perturbation(logits_fn: LogitsFn, config: ObjectiveConfig, *,
     if config.kind == "clean":
       return task_loss(task, clean_logits, batch)
     perturbed_logits = logits_fn(params, batch, jax.lax.stop_gradient(delta), dropout_keys)
-    if config.kind == "smart":
-      adv = smoothness_divergence(task, clean_logits, perturbed_logits)
-    else:
-      adv = task_loss(task, perturbed_logits, batch)
-    if config.combine == "adv_only":
-      return adv
-    return task_loss(task, clean_logits, batch) + config.adv_weight * adv
+    return _combine(config, task, batch, clean_logits, perturbed_logits)
 
   return loss_fn
 
