@@ -226,13 +226,20 @@ def md_damping(study: dict) -> str:
           "![damping](PLOT:damping.png)")
 
 
+def _training_attack(row: dict) -> str:
+  """The training perturbation's radius and ascent steps (older rows lack them)."""
+  if row["objective"] == "clean" or "train_epsilon" not in row:
+    return "–"
+  return f"ε={row['train_epsilon']:g}, {row['train_steps']} step(s)"
+
+
 def md_adversarial(study: dict) -> str:
   rows = study["tables"]["adversarial"]
   eps = [k for k in rows[0] if k.startswith("acc_eps_")]
-  body = [[DISPLAY[r["variant"]], r["objective"], pct(r["dev_accuracy"]),
+  body = [[DISPLAY[r["variant"]], r["objective"], _training_attack(r), pct(r["dev_accuracy"]),
            *[pct(r[k]) for k in eps], num(r["step_ratio_to_clean"])] for r in rows]
   first = rows[0]
-  return (table(["optimizer", "objective", "clean dev acc (%)",
+  return (table(["optimizer", "objective", "training δ", "clean dev acc (%)",
                  *[f"ε={k[8:]} (%)" for k in eps], "step × clean"], body) +
           f"\n\nAttack: ℓ2 PGD on the word embeddings, {first['attack_steps']} steps, step "
           f"2.5ε/K, no random start, on {first['attack_examples']} SST-2 dev examples "

@@ -1,7 +1,7 @@
 """Regenerates every table and plot of the README's Results section from scratch.
 
-    python experiments/reproduce.py --quick            # ≈15 min on 2 idle CPU cores
-    python experiments/reproduce.py --full             # ≈3 h on 2 idle CPU cores
+    python experiments/reproduce.py --quick            # ≤ 15 min on 2 idle CPU cores
+    python experiments/reproduce.py --full             # the README's tables, ≈100 min there
     python experiments/reproduce.py --smoke --out /tmp/r --readme /tmp/r/README.md
     python experiments/reproduce.py --quick --only optimizers,damping
     python experiments/reproduce.py --quick --report-only   # tables/README from existing runs
@@ -163,9 +163,10 @@ def render_readme(mode: str, plan, config, results: dict, out: Path, link_root: 
       lines += ["Runs not done: " + ", ".join(f"`{m}`" for m in study["missing"][:12]) +
                 (" …" if len(study["missing"]) > 12 else ""), ""]
   lines += ["### Regenerating", "",
-            "`python experiments/reproduce.py --quick` (sized for ≈15 min on 2 idle CPU "
-            "cores; the run time above was measured on a shared, busy machine), `--full` "
-            "(sized for ≈3 h there, an estimate), `--smoke` (seconds, random tiny model). "
+            "`python experiments/reproduce.py --quick` (a reduced version: one seed, 32 "
+            "steps of batch 8, sized for ≤ 15 min on 2 idle CPU cores), `--full` (these "
+            "tables; the run time stored is stated above), `--smoke` (seconds, random tiny "
+            "model). "
             "Completed runs are "
             "reused; `--report-only` rewrites this section from stored runs. On a GPU/TPU, "
             "`--full --set batch_size=32 --set max_length=64 --set num_train_steps=600 --set max_eval_examples=0` "

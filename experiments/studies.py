@@ -25,7 +25,7 @@ from typing import Any
 
 import numpy as np
 
-from nearprox import data
+from nearprox import data, losses
 import runs
 
 VARIANTS: dict[str, dict[str, Any]] = {
@@ -305,13 +305,20 @@ def adversarial(ctx: Context) -> dict:
       continue
     clean_step = None
     for objective in plan.objectives:
-      result = ctx.run("adversarial", "sst2", variant, lr, plan.seeds[0],
-                       {"objective.kind": objective}, attack=attack)
+      settings = (plan.get("objective_settings") or {}).get(objective) or {}
+      settings = settings.to_dict() if hasattr(settings, "to_dict") else dict(settings)
+      resolved = losses.ObjectiveConfig(kind=objective, **settings)
+      extra = {"objective.kind": objective,
+               **{f"objective.{field}": value for field, value in settings.items()}}
+      result = ctx.run("adversarial", "sst2", variant, lr, plan.seeds[0], extra,
+                       attack=attack)
       if result is None:
         continue
       step = result["report"]["train_step_seconds"]
       clean_step = step if objective == "clean" else clean_step
-      row = {"variant": variant, "objective": objective, "lr": lr, "seed": plan.seeds[0],
+      row = {"variant": variant, "objective": objective, "train_epsilon": resolved.epsilon,
+             "train_steps": resolved.num_steps if objective != "clean" else 0,
+             "lr": lr, "seed": plan.seeds[0],
              "dev_accuracy": final(result, "dev", "accuracy"), "step_seconds": step,
              "step_ratio_to_clean": step / clean_step if clean_step else float("nan"),
              "attack_examples": result["attack"][0]["num_examples"],

@@ -20,7 +20,7 @@ GLUE = Path(os.environ.get("NEARPROX_GLUE_DIR", REPO / ".." / "shared" / "data" 
 
 def reproduce(tmp_path, *extra):
   command = [sys.executable, str(REPO / "experiments" / "reproduce.py"), "--smoke",
-             "--only", "optimizers,damping", "--out", str(tmp_path / "results"),
+             "--only", "optimizers,damping,adversarial", "--out", str(tmp_path / "results"),
              "--readme", str(tmp_path / "README_results.md"),
              "--workdir", str(tmp_path / "work"), "--link-root", str(tmp_path), *extra]
   completed = subprocess.run(command, capture_output=True, text=True, timeout=300)
@@ -34,9 +34,10 @@ def test_smoke_pipeline_produces_tables_from_run_files(tmp_path):
   log = reproduce(tmp_path, "--data-dir", str(GLUE))
   out = tmp_path / "results" / "smoke"
   stored = [json.loads(p.read_text()) for p in sorted((out / "runs").glob("*.json"))]
-  # sgd + proximal tikhonov (λ=0.1 is the sweep run itself) + tikhonov at λ=1.
-  assert len(stored) == 3
-  assert log.count("[run]") == 3 and "[failed]" not in log
+  # sgd + proximal tikhonov (λ=0.1 is the sweep run itself) + tikhonov at λ=1, then the
+  # clean and FGM objectives with an attack evaluation.
+  assert len(stored) == 5
+  assert log.count("[run]") == 5 and "[failed]" not in log
   for result in stored:
     assert result["report"]["steps"] == 3
     assert result["history"], "metrics.jsonl rows are kept in the run file"
@@ -55,11 +56,18 @@ def test_smoke_pipeline_produces_tables_from_run_files(tmp_path):
   with open(out / "damping_damping.csv") as f:
     damping = {float(r["damping"]): r for r in csv.DictReader(f)}
   assert set(damping) == {0.1, 1.0}
+  with open(out / "adversarial_adversarial.csv") as f:
+    adversarial = {r["objective"]: r for r in csv.DictReader(f)}
+  # The plan's training perturbation (configs/quick.py, inherited by smoke) reaches the run.
+  assert float(adversarial["fgm"]["train_epsilon"]) == 0.1
+  fgm_run = next(r for r in stored if r["config"]["objective"]["kind"] == "fgm")
+  assert fgm_run["config"]["objective"]["epsilon"] == 0.1
+  assert [row["epsilon"] for row in fgm_run["attack"]] == [0.0, 1.0]
   assert 1.0 <= float(damping[1.0]["effective_rank_mean"]) <= 8.0  # B = 8
 
   readme = (tmp_path / "README_results.md").read_text()
   assert "(mode **smoke**" in readme
-  assert readme.count("**not run**") == 4  # adversarial, multidevice, glue, noise
+  assert readme.count("**not run**") == 3  # multidevice, glue, noise
   sgd_step = by_variant["sgd"]["report"]["train_step_seconds"]
   assert f"| SGD | 0.01 | 1 | {100 * by_variant['sgd']['report']['dev']['accuracy']:.1f} |" \
       in readme
