@@ -96,14 +96,16 @@ def main() -> None:
 
   plot_path = args.workdir / "comparison.png"
   plot(workdirs, plot_path)
-  splits = [name for name in reports["proximal SGD"] if isinstance(reports["proximal SGD"][name], dict)]
+  first = reports["proximal SGD"]
+  splits = [name for name in first if isinstance(first[name], dict)]
   print("\n=== report ===")
-  header = f"{'':14s}" + "".join(f"{f'{s} {m}':>26s}" for s in splits
-                                  for m in reports["proximal SGD"][s]) + f"{'s/step':>9s}"
-  print(header)
-  for label, report in reports.items():
-    row = "".join(f"{report[s][m]:26.4f}" for s in splits for m in report[s])
-    print(f"{label:14s}{row}{report['train_step_seconds']:9.3f}")
+  print(f"{'':34s}" + "".join(f"{label:>16s}" for label in reports))
+  for split in splits:
+    for metric in first[split]:
+      print(f"{split + ' ' + metric:34s}" +
+            "".join(f"{report[split][metric]:16.4f}" for report in reports.values()))
+  print(f"{'seconds per step':34s}" +
+        "".join(f"{report['train_step_seconds']:16.3f}" for report in reports.values()))
   print(f"\nplot: {plot_path}")
   for label, report in reports.items():
     print(f"{label}: checkpoints {workdirs[label] / 'checkpoints'}, logs "

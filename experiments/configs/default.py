@@ -2,7 +2,7 @@
 
     python -m nearprox.train --config experiments/configs/default.py --workdir runs/default
     python -m nearprox.train --config experiments/configs/default.py --workdir runs/sgd \
-        --config.optimizer.name=sgd --config.optimizer.learning_rate=0.05
+        --config.optimizer.name=sgd --config.optimizer.learning_rate=0.03
 """
 
 import ml_collections
@@ -33,7 +33,7 @@ def get_config() -> ml_collections.ConfigDict:
   # Optimizer: "proximal_sgd", "proximal_norm_sgd", "sgd", "adamw".
   config.optimizer = ml_collections.ConfigDict()
   config.optimizer.name = "proximal_sgd"
-  config.optimizer.learning_rate = 0.05
+  config.optimizer.learning_rate = 0.03
   config.optimizer.warmup_fraction = 0.1
   config.optimizer.momentum = 0.9           # 0 disables (sgd, proximal_sgd)
   config.optimizer.nesterov = False
@@ -47,7 +47,9 @@ def get_config() -> ml_collections.ConfigDict:
   # Objective (nearprox.losses.ObjectiveConfig): None fields take the kind's defaults.
   config.objective = ml_collections.ConfigDict()
   config.objective.kind = "fgm"
-  config.objective.epsilon = placeholder(float)
+  # FGM step length (ℓ2 over an example's word embeddings): 0.1 is where the embedding-space
+  # PGD attack starts to bite (experiments/README_results.md); 1.0 collapses training.
+  config.objective.epsilon = 0.1
   config.objective.adv_weight = placeholder(float)
   config.objective.num_steps = placeholder(int)
   config.objective.step_size = placeholder(float)

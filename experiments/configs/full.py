@@ -65,5 +65,5 @@ def get_plan() -> ml_collections.ConfigDict:
   plan.glue_optimizers = ("adamw", "best_proximal")
   plan.damping_grid = (0.001, 0.01, 0.1, 1.0, 10.0)
   plan.noise_levels = (0.2, 0.4)
-  plan.noise_optimizers = ("adamw", "best_proximal")
+  plan.noise_optimizers = ("adamw", "proximal_tikhonov", "proximal_natural")
   return plan

@@ -40,6 +40,7 @@ def get_config() -> ml_collections.ConfigDict:
   config.progress = False
   config.parallel = "jit"
   config.objective.kind = "clean"
+  config.objective.epsilon = None  # each objective's default unless a study sets one
   return config
 
 
