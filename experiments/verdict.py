@@ -160,7 +160,14 @@ def glue(study) -> list[str]:
     if base in rows:
       text += "; " + compare(r[metric], rows[base][metric], r[f"{metric}_std"],
                              rows[base][f"{metric}_std"], DISPLAY[base])
-  return [text + "."]
+  text += "."
+  identical = [DISPLAY[v] for v, row in rows.items()
+               if row["seeds"] > 1 and all(row[f"{m}_std"] < 1e-9 for m in (metric, "accuracy")
+                                           if f"{m}_std" in row)]
+  if identical:
+    text += (f" {', '.join(identical)}: every seed gives the same scores, the signature of "
+             "a model that predicts a single class.")
+  return [text]
 
 
 def noise(study) -> list[str]:
