@@ -25,7 +25,7 @@ from typing import Any
 
 import numpy as np
 
-from nearprox import data, losses
+from nearprox import data, losses, train
 import runs
 
 VARIANTS: dict[str, dict[str, Any]] = {
@@ -40,6 +40,7 @@ DISPLAY = {
     "sgd": "SGD", "sgd_momentum": "SGD+momentum", "adamw": "AdamW",
     "proximal_tikhonov": "proximal SGD, tikhonov", "proximal_natural": "proximal SGD, natural",
     "proximal_norm": "rank-one proximal (‖g‖²/(‖g‖²+λ))",
+    "majority": "majority class (no training)",
 }
 PROXIMAL = ("proximal_tikhonov", "proximal_natural", "proximal_norm")
 STUDIES = ("optimizers", "damping", "adversarial", "multidevice", "glue", "noise")
@@ -389,9 +390,34 @@ def glue(ctx: Context) -> dict:
       row[metric], row[f"{metric}_std"], _ = mean_std([final(r, "dev", m) for r in found
                                                       for m in [metric]])
     rows.append(row)
+  if rows:
+    rows.append(majority_class_row(ctx, task, plan.glue_max_length))
   return _study("glue", f"{task.upper()} (dev)", ctx, start, {"glue": rows}, {},
                 notes=[f"learning rates transferred from the SST-2 sweep; metrics: "
-                       f"{', '.join(metrics)} (first is the official one)"])
+                       f"{', '.join(metrics)} (first is the official one); the majority "
+                       "row always predicts the training split's most frequent class, on "
+                       "the same dev examples (a model that learned nothing scores this)"])
+
+
+def majority_class_row(ctx: Context, task_name: str, max_length: int) -> dict:
+  """The scores of always predicting the most frequent training label, per seed's subset."""
+  config = ctx.ex.base_config
+  task = data.get_task(task_name)
+  load = lambda split: data.load_task(task_name, split, config.data_dir, source=config.source,
+                                      seed=0).labels
+  train_labels, dev_labels = load("train"), load("dev")
+  majority = int(np.argmax(np.bincount(train_labels, minlength=task.num_labels)))
+  scores = {m: [] for m in task.metric_names}
+  for seed in ctx.plan.seeds:
+    keep = train.eval_subset(len(dev_labels), config.max_eval_examples, seed)
+    labels = dev_labels if keep is None else dev_labels[keep]
+    for metric, value in task.metrics(labels, np.full_like(labels, majority)).items():
+      scores[metric].append(value)
+  row = {"task": task_name, "variant": "majority", "lr": None, "seeds": len(ctx.plan.seeds),
+         "max_length": max_length}
+  for metric, values in scores.items():
+    row[metric], row[f"{metric}_std"], _ = mean_std(values)
+  return row
 
 
 # ---------------------------------------------------------------------------------- 6

@@ -84,9 +84,13 @@ def damping(study) -> list[str]:
     mine = sorted((r for r in rows if r["filter"] == filt), key=lambda r: r["damping"])
     best = max(mine, key=lambda r: r["dev_accuracy"])
     worst = min(mine, key=lambda r: r["dev_accuracy"])
+    if best["dev_accuracy"] - worst["dev_accuracy"] < 5e-4:
+      spread = f"stays at {_p(best['dev_accuracy'])} for every λ"
+    else:
+      spread = (f"ranges {_p(worst['dev_accuracy'])} (λ={worst['damping']:g}) to "
+                f"{_p(best['dev_accuracy'])} (λ={best['damping']:g})")
     out.append(f"Damping ({filt}): over λ = {mine[0]['damping']:g} … {mine[-1]['damping']:g} "
-               f"SST-2 dev accuracy ranges {_p(worst['dev_accuracy'])} (λ={worst['damping']:g})"
-               f" to {_p(best['dev_accuracy'])} (λ={best['damping']:g}); the kept fraction "
+               f"SST-2 dev accuracy {spread}; the kept fraction "
                f"‖d‖²/‖g‖² averages {mine[0]['kept_fraction_mean']:.3g} at the smallest λ and "
                f"{mine[-1]['kept_fraction_mean']:.3g} at the largest, with mean effective rank "
                f"{mine[0]['effective_rank_mean']:.3g} of the Gram matrix.")
@@ -154,19 +158,27 @@ def glue(study) -> list[str]:
     return []
   r = prox[0]
   metric = next(m for m in ("f1", "mcc", "accuracy") if m in r)
+  majority = rows.get("majority")
+  # Equal to always predicting the majority class in every metric: nothing learned.
+  trivial = {v for v, row in rows.items() if majority and v != "majority" and all(
+      abs(row[m] - majority[m]) < 1e-9 for m in ("f1", "mcc", "accuracy") if m in row)}
   text = (f"On {r['task'].upper()} the {DISPLAY[r['variant']]} scores dev {metric} "
           f"{_p(r[metric])}")
+  skipped = []
   for base in ("adamw", "sgd_momentum"):
-    if base in rows:
+    if base in rows and {base, r["variant"]} <= trivial:  # no tally for two non-learners
+      skipped.append(DISPLAY[base])
+    elif base in rows:
       text += "; " + compare(r[metric], rows[base][metric], r[f"{metric}_std"],
                              rows[base][f"{metric}_std"], DISPLAY[base])
   text += "."
-  identical = [DISPLAY[v] for v, row in rows.items()
-               if row["seeds"] > 1 and all(row[f"{m}_std"] < 1e-9 for m in (metric, "accuracy")
-                                           if f"{m}_std" in row)]
-  if identical:
-    text += (f" {', '.join(identical)}: every seed gives the same scores, the signature of "
-             "a model that predicts a single class.")
+  if trivial:
+    names = " and ".join(DISPLAY[v] for v in rows if v in trivial)
+    count = len(trivial)
+    text += (f" {names[0].upper() + names[1:]} score{'s' if count == 1 else ''} exactly what "
+             f"always predicting the majority class scores ({metric} {_p(majority[metric])}):"
+             f" {'it' if count == 1 else 'they'} learned nothing at this budget")
+    text += f", so it is not compared with {' or '.join(skipped)}." if skipped else "."
   return [text]
 
 

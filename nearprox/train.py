@@ -125,13 +125,21 @@ def load_splits(config, tokenizer) -> dict[str, dict[str, np.ndarray]]:
     if name == "train" and config.label_noise:
       arrays["labels"] = flip_labels(arrays["labels"], config.label_noise, task.num_labels,
                                      config.seed)
-    if name != "train" and 0 < config.max_eval_examples < len(arrays["labels"]):
-      # A seeded random subset: the files are often sorted by label or source.
-      keep = np.sort(np.random.default_rng(config.seed).permutation(
-          len(arrays["labels"]))[:config.max_eval_examples])
+    keep = eval_subset(len(arrays["labels"]), config.max_eval_examples, config.seed)
+    if name != "train" and keep is not None:
       arrays = {k: v[keep] for k, v in arrays.items()}
     encoded[name] = arrays
   return encoded
+
+
+def eval_subset(num_examples: int, max_examples: int, seed: int) -> np.ndarray | None:
+  """Sorted indices of the seeded random subset of an evaluation split (None: all of it).
+
+  Random, not the first ``max_examples``: the files are often sorted by label or source.
+  """
+  if not 0 < max_examples < num_examples:
+    return None
+  return np.sort(np.random.default_rng(seed).permutation(num_examples)[:max_examples])
 
 
 # ------------------------------------------------------------------------------ the step

@@ -79,3 +79,46 @@ def test_smoke_pipeline_produces_tables_from_run_files(tmp_path):
   assert "[run]" not in again
   with open(out / "optimizers_summary.csv") as f:
     assert list(csv.DictReader(f)) == summary
+
+
+@pytest.fixture
+def experiment_modules(monkeypatch):
+  monkeypatch.syspath_prepend(str(REPO / "experiments"))
+  import runs, studies, verdict  # noqa: E401 (the experiments folder is not a package)
+  return runs, studies, verdict
+
+
+@pytest.mark.skipif(not (GLUE / "MRPC" / "dev.tsv").exists(),
+                    reason="needs the GLUE MRPC TSVs (NEARPROX_GLUE_DIR)")
+def test_majority_class_row_scores_the_constant_prediction(experiment_modules, tmp_path,
+                                                            monkeypatch):
+  runs, studies, _ = experiment_modules
+  import ml_collections
+  monkeypatch.setenv("NEARPROX_GLUE_DIR", str(GLUE))
+  config = ml_collections.ConfigDict({"data_dir": None, "source": None,
+                                      "max_eval_examples": 0})
+  plan = ml_collections.ConfigDict({"seeds": (0, 1)})
+  ctx = studies.Context(plan, runs.Executor(config, tmp_path, tmp_path, allow_new=False))
+  row = studies.majority_class_row(ctx, "mrpc", 64)
+  # MRPC dev: 279 of 408 pairs are paraphrases, the training majority class too, so the
+  # constant prediction has accuracy p = 279/408 and F1 2p/(1+p) on every seed.
+  p = 279 / 408
+  assert row["accuracy"] == pytest.approx(p) and row["accuracy_std"] == 0.0
+  assert row["f1"] == pytest.approx(2 * p / (1 + p))
+  assert row["variant"] == "majority" and row["seeds"] == 2
+  config.max_eval_examples = 100  # each seed's subset, as the runs evaluate it
+  subset = studies.majority_class_row(ctx, "mrpc", 64)
+  assert subset["accuracy"] != pytest.approx(p) and subset["accuracy_std"] > 0
+
+
+def test_glue_verdict_counts_no_comparison_between_non_learners(experiment_modules):
+  _, _, verdict = experiment_modules
+  base = {"task": "mrpc", "seeds": 3, "f1_std": 0.0, "accuracy_std": 0.0}
+  majority = {**base, "variant": "majority", "f1": 0.812, "accuracy": 0.684}
+  prox = {**base, "variant": "proximal_tikhonov", "f1": 0.812, "accuracy": 0.684}
+  for adamw_f1, adamw_accuracy, compared in ((0.812, 0.684, False), (0.85, 0.75, True)):
+    adamw = {**base, "variant": "adamw", "f1": adamw_f1, "accuracy": adamw_accuracy}
+    text = verdict.glue({"tables": {"glue": [adamw, prox, majority]}})[0]
+    assert ("AdamW (" in text) == compared, text
+    assert "majority class" in text
+    assert ("AdamW and proximal SGD, tikhonov score" in text) == (not compared), text

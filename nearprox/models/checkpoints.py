@@ -146,9 +146,13 @@ def state_dict_to_params(model: nn.Module, state_dict: Mapping[str, np.ndarray],
                          f"({len(missing)} missing, {len(mismatched)} mismatched):\n"
                          + "\n".join(lines))
     if fresh:
-        initial = traverse_util.flatten_dict(
-            init_params(model, rng if rng is not None else jax.random.PRNGKey(0)))
-        loaded.update({p: initial[p] for p in expected if p not in loaded})
+        # Jitted, and returning only the new leaves: XLA drops the rest of the init, which run
+        # eagerly costs seconds (one small compilation per op) for each model load.
+        todo = [p for p in expected if p not in loaded]
+        initial = jax.jit(lambda key: [traverse_util.flatten_dict(init_params(model, key))[p]
+                                       for p in todo])(
+            rng if rng is not None else jax.random.PRNGKey(0))
+        loaded.update(zip(todo, initial))
     return traverse_util.unflatten_dict(loaded), report
 
 
