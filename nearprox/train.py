@@ -125,8 +125,9 @@ def load_splits(config, tokenizer) -> dict[str, dict[str, np.ndarray]]:
     if name == "train" and config.label_noise:
       arrays["labels"] = flip_labels(arrays["labels"], config.label_noise, task.num_labels,
                                      config.seed)
-    keep = eval_subset(len(arrays["labels"]), config.max_eval_examples, config.seed)
-    if name != "train" and keep is not None:
+    keep = None if name == "train" else eval_subset(len(arrays["labels"]),
+                                                    config.max_eval_examples, config.seed)
+    if keep is not None:
       arrays = {k: v[keep] for k, v in arrays.items()}
     encoded[name] = arrays
   return encoded
