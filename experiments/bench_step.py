@@ -35,7 +35,8 @@ import numpy as np
 import optax
 
 import nearprox
-from nearprox import factored, gram, models
+from nearprox import factored_grads, spectral_filter
+from nearprox.text import models
 
 GB = 1024.0**3
 
@@ -51,35 +52,41 @@ def make_batch(vocab: int, batch: int, length: int, seed: int = 0):
 
 def make_steps(model, learning_rate=1e-3, damping=1e-3):
   def per_example_loss(params, ids, mask, labels):
-    logits = model.apply({"params": params}, ids, attention_mask=mask,
-                         deterministic=True).logits
+    logits = model.apply({"params": params}, ids, attention_mask=mask, deterministic=True).logits
     return optax.softmax_cross_entropy_with_integer_labels(logits, labels)
 
   sgd = optax.sgd(learning_rate)
   prox = nearprox.proximal_sgd(learning_rate, damping, damping_mode="relative")
 
   def sgd_step(params, state, ids, mask, labels):
-    loss, grads = jax.value_and_grad(
-        lambda p: per_example_loss(p, ids, mask, labels).mean())(params)
+    loss, grads = jax.value_and_grad(lambda p: per_example_loss(p, ids, mask, labels).mean())(
+        params
+    )
     updates, state = sgd.update(grads, state, params)
     return optax.apply_updates(params, updates), state, loss
 
   def proximal_step(method, **kwargs):
     def step(params, state, ids, mask, labels):
       if kwargs:
-        losses, grads = factored.factored_value_and_grads(
-            per_example_loss, params, ids, mask, labels, **kwargs)
+        losses, grads = factored_grads.factored_value_and_grads(
+            per_example_loss, params, ids, mask, labels, **kwargs
+        )
       else:
         losses, grads = nearprox.per_example_value_and_grads(
-            per_example_loss, params, ids, mask, labels, method=method)
+            per_example_loss, params, ids, mask, labels, method=method
+        )
       updates, state = prox.update(grads, state, params)
       return optax.apply_updates(params, updates), state, losses.mean()
+
     return step
 
-  return {"per_example_loss": per_example_loss, "sgd": (sgd_step, sgd),
-          "factored": (proximal_step("factored"), prox),
-          "factored_kept": (proximal_step("factored", kernel_combine="materialized"), prox),
-          "vmap": (proximal_step("vmap"), prox)}
+  return {
+      "per_example_loss": per_example_loss,
+      "sgd": (sgd_step, sgd),
+      "factored": (proximal_step("factored"), prox),
+      "factored_kept": (proximal_step("factored", kernel_combine="materialized"), prox),
+      "vmap": (proximal_step("vmap"), prox),
+  }
 
 
 def gflops(compiled) -> float:
@@ -90,8 +97,7 @@ def gflops(compiled) -> float:
 
 def peak_bytes(compiled) -> float:
   stats = compiled.memory_analysis()
-  return float(stats.temp_size_in_bytes + stats.argument_size_in_bytes
-               + stats.output_size_in_bytes)
+  return float(stats.temp_size_in_bytes + stats.argument_size_in_bytes + stats.output_size_in_bytes)
 
 
 def bench(model, params, batch, length, names, repeats, max_gb, vocab):
@@ -122,14 +128,20 @@ def target_lines(results) -> list[str]:
   """Issue #4's targets on MiniLM B=32 T=64, checked against this run's numbers."""
   sgd, fac, vmap = results["sgd"], results["factored"], results.get("vmap")
   lines = []
+
   def check(text, value, limit, lower_is_better=True):
     met = value <= limit if lower_is_better else value >= limit
     lines.append(f"- {text}: {value:.2f}× → {'met' if met else '**missed**'}")
+
   if fac[0] is not None and sgd[0] is not None:
     check("target factored step ≤ 1.3× the SGD step", fac[0] / sgd[0], 1.3)
     if vmap and vmap[0] is not None:
-      check("target factored step ≥ 3× faster than the vmap step", vmap[0] / fac[0], 3.0,
-            lower_is_better=False)
+      check(
+          "target factored step ≥ 3× faster than the vmap step",
+          vmap[0] / fac[0],
+          3.0,
+          lower_is_better=False,
+      )
   check("target factored peak memory ≤ 1.5× SGD's", fac[1] / sgd[1], 1.5)
   return lines
 
@@ -140,18 +152,27 @@ def breakdown(model, params, batch, length, repeats, vocab) -> list[str]:
   per_example_loss = make_steps(model)["per_example_loss"]
   prox = nearprox.proximal_sgd(1e-3, 1e-3, damping_mode="relative")
   state = prox.init(params)
-  capture = jax.jit(lambda p: nearprox.per_example_value_and_grads(
-      per_example_loss, p, ids, mask, labels, method="factored"))
+  capture = jax.jit(
+      lambda p: nearprox.per_example_value_and_grads(
+          per_example_loss, p, ids, mask, labels, method="factored"
+      )
+  )
   factors_ = capture(params)[1]
   parts = {
-      "forward (loss only)": (jax.jit(lambda p: per_example_loss(p, ids, mask, labels).mean()),
-                              (params,)),
-      "SGD: value_and_grad of the mean loss": (jax.jit(jax.value_and_grad(
-          lambda p: per_example_loss(p, ids, mask, labels).mean())), (params,)),
+      "forward (loss only)": (
+          jax.jit(lambda p: per_example_loss(p, ids, mask, labels).mean()),
+          (params,),
+      ),
+      "SGD: value_and_grad of the mean loss": (
+          jax.jit(jax.value_and_grad(lambda p: per_example_loss(p, ids, mask, labels).mean())),
+          (params,),
+      ),
       "factored: capture (forward + backward, factors)": (capture, (params,)),
-      "factored: Gram K of the factors": (jax.jit(gram.gram_matrix), (factors_,)),
+      "factored: Gram K of the factors": (jax.jit(spectral_filter.gram_matrix), (factors_,)),
       "factored: proximal update (Gram + solve + combine)": (
-          jax.jit(lambda f, s, p: prox.update(f, s, p)[0]), (factors_, state, params)),
+          jax.jit(lambda f, s, p: prox.update(f, s, p)[0]),
+          (factors_, state, params),
+      ),
   }
   best = {}
   for name, (fn, call_args) in parts.items():
@@ -163,8 +184,10 @@ def breakdown(model, params, batch, length, repeats, vocab) -> list[str]:
       jax.block_until_ready(fn(*call_args))
       best[name] = min(best[name], time.perf_counter() - start)
   base = best["SGD: value_and_grad of the mean loss"]
-  return [f"| {name} | {seconds * 1e3:.0f} ms | {seconds / base:.2f}× |"
-          for name, seconds in best.items()]
+  return [
+      f"| {name} | {seconds * 1e3:.0f} ms | {seconds / base:.2f}× |"
+      for name, seconds in best.items()
+  ]
 
 
 def fmt_time(result):
@@ -178,9 +201,12 @@ def fmt_ratio(result, base):
   return f"{result[0] / base[0]:.2f}×"
 
 
-LABELS = (("sgd", "(i) SGD"), ("factored", "(ii) proximal, factored (default)"),
-          ("factored_kept", "(ii-b) proximal, factored, kernel_combine='materialized'"),
-          ("vmap", "(iii) proximal, vmap"))
+LABELS = (
+    ("sgd", "(i) SGD"),
+    ("factored", "(ii) proximal, factored (default)"),
+    ("factored_kept", "(ii-b) proximal, factored, kernel_combine='materialized'"),
+    ("vmap", "(iii) proximal, vmap"),
+)
 
 
 def comparison_rows(title, results):
@@ -190,8 +216,10 @@ def comparison_rows(title, results):
     if name not in results:
       continue
     r = results[name]
-    rows.append(f"| {title} | {label} | {fmt_time(r)} | {fmt_ratio(r, sgd)} | "
-                f"{r[2] / sgd[2]:.2f}× | {r[1] / GB:.2f} GB | {r[1] / sgd[1]:.2f}× | {r[3]} |")
+    rows.append(
+        f"| {title} | {label} | {fmt_time(r)} | {fmt_ratio(r, sgd)} | "
+        f"{r[2] / sgd[2]:.2f}× | {r[1] / GB:.2f} GB | {r[1] / sgd[1]:.2f}× | {r[3]} |"
+    )
   return rows
 
 
@@ -208,43 +236,69 @@ def header(argv) -> list[str]:
       "- FLOPs: XLA cost_analysis() of the compiled step (deterministic); wall times on a shared "
       "machine are noisy, compare them with the FLOPs column. Lower bound of the factored step "
       "for the dense kernels: (4T + B)/(3T) × SGD with the factored combine, (3T + B)/(3T) with "
-      "kernel_combine='materialized' (nearprox/factored.py docstring).",
+      "kernel_combine='materialized' (nearprox/factored_grads.py docstring).",
       "",
   ]
 
 
 def main(argv=None):
   parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-  parser.add_argument("--quick", action="store_true",
-                      help="MiniLM B=32 T=64 only (no BERT-base, no scaling sweep)")
+  parser.add_argument(
+      "--quick", action="store_true", help="MiniLM B=32 T=64 only (no BERT-base, no scaling sweep)"
+  )
   parser.add_argument("--repeats", type=int, default=None, help="timed repeats per step")
-  parser.add_argument("--max-gb", type=float, default=16.0,
-                      help="skip settings whose estimated peak memory exceeds this")
+  parser.add_argument(
+      "--max-gb",
+      type=float,
+      default=16.0,
+      help="skip settings whose estimated peak memory exceeds this",
+  )
   parser.add_argument("--no-bert-base", action="store_true")
   parser.add_argument("--no-scaling", action="store_true")
-  parser.add_argument("--output", default=os.path.join(os.path.dirname(__file__), "results",
-                                                       "bench_step.md"))
+  parser.add_argument(
+      "--output", default=os.path.join(os.path.dirname(__file__), "results", "bench_step.md")
+  )
   args = parser.parse_args(argv)
   repeats = args.repeats or (3 if args.quick else 5)
 
   lines = header(["experiments/bench_step.py"] + (sys.argv[1:] if argv is None else argv))
-  lines += ["## Step time and peak memory, relative to SGD", "",
-            "| setting | step | time | × SGD | FLOPs × SGD | peak memory | × SGD | note |",
-            "|---|---|---|---|---|---|---|---|"]
+  lines += [
+      "## Step time and peak memory, relative to SGD",
+      "",
+      "| setting | step | time | × SGD | FLOPs × SGD | peak memory | × SGD | note |",
+      "|---|---|---|---|---|---|---|---|",
+  ]
 
   minilm, minilm_params, _ = models.load_pretrained("minilm", num_labels=2)
   vocab = minilm.config.vocab_size
-  results = bench(minilm, minilm_params, 32, 64, ("sgd", "factored", "factored_kept", "vmap"),
-                  repeats, args.max_gb, vocab)
+  results = bench(
+      minilm,
+      minilm_params,
+      32,
+      64,
+      ("sgd", "factored", "factored_kept", "vmap"),
+      repeats,
+      args.max_gb,
+      vocab,
+  )
   lines += comparison_rows("MiniLM-L6 (22.7M params), B=32, T=64", results)
   lines += ["", *target_lines(results)]
-  lines += ["", "## Where the factored step's time goes (MiniLM, B=32, T=64)", "",
-            "| part | time | × SGD value_and_grad |", "|---|---|---|"]
+  lines += [
+      "",
+      "## Where the factored step's time goes (MiniLM, B=32, T=64)",
+      "",
+      "| part | time | × SGD value_and_grad |",
+      "|---|---|---|",
+  ]
   lines += breakdown(minilm, minilm_params, 32, 64, repeats, vocab)
-  lines += ["", "The Gram's FLOPs are B·T·P (per-example kernel gradients) + B²·P (G Gᵀ) "
-            "over the P dense-kernel parameters, i.e. (T + B)/(3T) = 0.5 of a "
-            "value_and_grad's 3·B·T·P at B=32, T=64; the table shows what it costs in time "
-            "on this machine.", ""]
+  lines += [
+      "",
+      "The Gram's FLOPs are B·T·P (per-example kernel gradients) + B²·P (G Gᵀ) "
+      "over the P dense-kernel parameters, i.e. (T + B)/(3T) = 0.5 of a "
+      "value_and_grad's 3·B·T·P at B=32, T=64; the table shows what it costs in time "
+      "on this machine.",
+      "",
+  ]
   print("\n".join(lines), flush=True)
 
   if not args.quick and not args.no_bert_base:
@@ -252,8 +306,16 @@ def main(argv=None):
     base = models.BertForSequenceClassification(config)
     base_params = models.init_params(base, jax.random.key(0), 2, 8)
     for batch in (32, 8):
-      results = bench(base, base_params, batch, 128, ("sgd", "factored", "factored_kept", "vmap"),
-                      max(2, repeats // 2), args.max_gb, config.vocab_size)
+      results = bench(
+          base,
+          base_params,
+          batch,
+          128,
+          ("sgd", "factored", "factored_kept", "vmap"),
+          max(2, repeats // 2),
+          args.max_gb,
+          config.vocab_size,
+      )
       if results["factored"][0] is not None:
         break
     row = comparison_rows(f"BERT-base shapes (random weights), B={batch}, T=128", results)
@@ -261,20 +323,33 @@ def main(argv=None):
     print("\n".join(row), flush=True)
 
   if not args.quick and not args.no_scaling:
-    lines += ["", "## Factored proximal step vs. batch size B and sequence length T (MiniLM)",
-              "", "| B | T | SGD | factored | × SGD | FLOPs × SGD | factored peak memory | × SGD "
-              "| note |",
-              "|---|---|---|---|---|---|---|---|---|"]
+    lines += [
+        "",
+        "## Factored proximal step vs. batch size B and sequence length T (MiniLM)",
+        "",
+        "| B | T | SGD | factored | × SGD | FLOPs × SGD | factored peak memory | × SGD " "| note |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
     print("\n".join(lines[-4:]), flush=True)
     for batch in (8, 32, 128):
       for length in (32, 128, 512):
-        results = bench(minilm, minilm_params, batch, length, ("sgd", "factored"),
-                        2 if batch * length >= 16384 else 3, args.max_gb, vocab)
+        results = bench(
+            minilm,
+            minilm_params,
+            batch,
+            length,
+            ("sgd", "factored"),
+            2 if batch * length >= 16384 else 3,
+            args.max_gb,
+            vocab,
+        )
         sgd, fac = results["sgd"], results["factored"]
         note = fac[3] or sgd[3]
-        row = (f"| {batch} | {length} | {fmt_time(sgd)} | {fmt_time(fac)} | "
-               f"{fmt_ratio(fac, sgd)} | {fac[2] / sgd[2]:.2f}× | {fac[1] / GB:.2f} GB | "
-               f"{fac[1] / sgd[1]:.2f}× | {note} |")
+        row = (
+            f"| {batch} | {length} | {fmt_time(sgd)} | {fmt_time(fac)} | "
+            f"{fmt_ratio(fac, sgd)} | {fac[2] / sgd[2]:.2f}× | {fac[1] / GB:.2f} GB | "
+            f"{fac[1] / sgd[1]:.2f}× | {note} |"
+        )
         lines.append(row)
         print(row, flush=True)
 

@@ -7,7 +7,7 @@ budget (steps, batch, learning rate, momentum, objective = task + FGM + L2):
 2. plain SGD — the same config with ``optimizer.name = "sgd"``.
 
 Both run 100 steps of batch 32 and are evaluated on seeded random subsets of 1000 dev and
-1000 test examples (and of the low-confidence test examples); `python -m nearprox.train
+1000 test examples (and of the low-confidence test examples); `python -m nearprox.training.train
 --config experiments/configs/default.py` evaluates on whole splits.
 
 It then prints dev/test metrics side by side, writes ``comparison.png`` (training loss and
@@ -30,7 +30,7 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
-from nearprox import train  # noqa: E402
+from nearprox.training import train  # noqa: E402
 
 CONFIG = Path(__file__).with_name("configs") / "default.py"
 
@@ -52,10 +52,15 @@ def plot(runs: dict[str, Path], path: Path) -> None:
     records = read_metrics(workdir)
     train_rows = [r for r in records if "train/loss" in r]
     dev_rows = [r for r in records if "dev/accuracy" in r]
-    loss_ax.plot([r["step"] for r in train_rows], [r["train/loss"] for r in train_rows],
-                 label=label)
-    acc_ax.plot([r["step"] for r in dev_rows], [r["dev/accuracy"] for r in dev_rows],
-                marker="o", label=label)
+    loss_ax.plot(
+        [r["step"] for r in train_rows], [r["train/loss"] for r in train_rows], label=label
+    )
+    acc_ax.plot(
+        [r["step"] for r in dev_rows],
+        [r["dev/accuracy"] for r in dev_rows],
+        marker="o",
+        label=label,
+    )
   loss_ax.set(xlabel="step", ylabel="training loss (task + FGM)", title="training loss")
   acc_ax.set(xlabel="step", ylabel="dev accuracy", title="dev accuracy")
   for ax in (loss_ax, acc_ax):
@@ -85,14 +90,19 @@ def main() -> None:
       config.num_train_steps = args.steps
     config.optimizer.name = optimizer
     workdirs[label] = args.workdir / optimizer
-    print(f"\n=== {label}: {config.num_train_steps} steps of batch {config.batch_size} on "
-          f"{config.task}, objective {config.objective.kind} + L2 ===", flush=True)
+    print(
+        f"\n=== {label}: {config.num_train_steps} steps of batch {config.batch_size} on "
+        f"{config.task}, objective {config.objective.kind} + L2 ===",
+        flush=True,
+    )
     reports[label] = train.train_and_evaluate(config, workdirs[label])
     reports[label].pop("params")
     if reports[label]["preempted"]:
       # SIGTERM: the run saved a checkpoint; running this script again resumes it.
-      raise SystemExit(f"{label} was interrupted at step {reports[label]['steps']}; "
-                       f"run the same command again to resume from {workdirs[label]}")
+      raise SystemExit(
+          f"{label} was interrupted at step {reports[label]['steps']}; "
+          f"run the same command again to resume from {workdirs[label]}"
+      )
 
   plot_path = args.workdir / "comparison.png"
   plot(workdirs, plot_path)
@@ -102,15 +112,21 @@ def main() -> None:
   print(f"{'':34s}" + "".join(f"{label:>16s}" for label in reports))
   for split in splits:
     for metric in first[split]:
-      print(f"{split + ' ' + metric:34s}" +
-            "".join(f"{report[split][metric]:16.4f}" for report in reports.values()))
-  print(f"{'seconds per step':34s}" +
-        "".join(f"{report['train_step_seconds']:16.3f}" for report in reports.values()))
+      print(
+          f"{split + ' ' + metric:34s}"
+          + "".join(f"{report[split][metric]:16.4f}" for report in reports.values())
+      )
+  print(
+      f"{'seconds per step':34s}"
+      + "".join(f"{report['train_step_seconds']:16.3f}" for report in reports.values())
+  )
   print(f"\nplot: {plot_path}")
   for label, report in reports.items():
-    print(f"{label}: checkpoints {workdirs[label] / 'checkpoints'}, logs "
-          f"{workdirs[label] / 'metrics.jsonl'} and {workdirs[label] / 'tensorboard'}, "
-          f"model {report.get('hf_model')}")
+    print(
+        f"{label}: checkpoints {workdirs[label] / 'checkpoints'}, logs "
+        f"{workdirs[label] / 'metrics.jsonl'} and {workdirs[label] / 'tensorboard'}, "
+        f"model {report.get('hf_model')}"
+    )
   (args.workdir / "summary.json").write_text(json.dumps(reports, indent=2))
 
 

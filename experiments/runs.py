@@ -7,9 +7,9 @@ hash of exactly these, so two studies asking for the same config share one run, 
 rerun of ``reproduce.py`` skips every run whose file exists (resume after an interruption).
 
 Result file fields: ``key``, ``label``, ``config`` (the resolved config), ``devices``,
-``report`` (``nearprox.train.train_and_evaluate``'s report without the params),
+``report`` (``nearprox.training.train.train_and_evaluate``'s report without the params),
 ``history`` (the rows of ``metrics.jsonl``: train/loss, train/step_time, train/gram/*,
-dev/<metric> …), ``attack`` (rows of :func:`nearprox.robustness.attack_accuracy` or
+dev/<metric> …), ``attack`` (rows of :func:`nearprox.text.robustness.attack_accuracy` or
 None), ``wall_seconds`` and ``machine``.
 
 Multi-device runs execute in a subprocess (``XLA_FLAGS=--xla_force_host_platform_device_count``
@@ -29,8 +29,9 @@ import subprocess
 import sys
 import time
 import traceback
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import ml_collections
 
@@ -40,6 +41,7 @@ REPO = Path(__file__).resolve().parents[1]
 @dataclasses.dataclass(frozen=True)
 class Attack:
   """Embedding-space PGD evaluation of the final params on ``examples`` dev examples."""
+
   epsilons: tuple[float, ...]
   num_steps: int
   examples: int
@@ -66,19 +68,32 @@ def run_key(config: ml_collections.ConfigDict, devices: int, attack: Attack | No
   settings = config.to_dict()
   for where_not_what in ("data_dir", "progress"):  # machine-specific, not the numbers
     settings.pop(where_not_what, None)
-  payload = json.dumps({"config": settings, "devices": devices,
-                        "attack": dataclasses.asdict(attack) if attack else None},
-                       sort_keys=True, default=str)
+  payload = json.dumps(
+      {
+          "config": settings,
+          "devices": devices,
+          "attack": dataclasses.asdict(attack) if attack else None,
+      },
+      sort_keys=True,
+      default=str,
+  )
   return hashlib.sha1(payload.encode()).hexdigest()[:12]
 
 
 def git_commit() -> str:
   """HEAD's hash, with ``+dirty`` when tracked files differ from it."""
   try:
-    head = subprocess.run(["git", "-C", str(REPO), "rev-parse", "--short=12", "HEAD"],
-                          capture_output=True, text=True, check=True).stdout.strip()
-    dirty = subprocess.run(["git", "-C", str(REPO), "status", "--porcelain",
-                            "--untracked-files=no"], capture_output=True, text=True).stdout
+    head = subprocess.run(
+        ["git", "-C", str(REPO), "rev-parse", "--short=12", "HEAD"],
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout.strip()
+    dirty = subprocess.run(
+        ["git", "-C", str(REPO), "status", "--porcelain", "--untracked-files=no"],
+        capture_output=True,
+        text=True,
+    ).stdout
     return head + ("+dirty" if dirty.strip() else "")
   except (OSError, subprocess.CalledProcessError):
     return "unknown"
@@ -87,11 +102,17 @@ def git_commit() -> str:
 def machine() -> dict[str, Any]:
   """Platform, CPU count and JAX devices of this process."""
   import jax
+
   cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
-  return {"platform": platform.platform(), "processor": platform.processor() or
-          platform.machine(), "cpus": cpus, "jax": jax.__version__,
-          "backend": jax.default_backend(), "devices": len(jax.devices()),
-          "device_kind": jax.devices()[0].device_kind}
+  return {
+      "platform": platform.platform(),
+      "processor": platform.processor() or platform.machine(),
+      "cpus": cpus,
+      "jax": jax.__version__,
+      "backend": jax.default_backend(),
+      "devices": len(jax.devices()),
+      "device_kind": jax.devices()[0].device_kind,
+  }
 
 
 def _read_history(path: Path) -> list[dict]:
@@ -102,35 +123,56 @@ def _read_history(path: Path) -> list[dict]:
 
 def _attack(config, params, attack: Attack) -> list[dict]:
   import jax
-  from nearprox import data, losses, robustness, train
+
+  from nearprox.text import data, models, robustness
+  from nearprox.training import train
+
   task = data.get_task(config.task)
   model, _, tokenizer = train.create_model(config, task.num_labels, jax.random.key(0))
   eval_config = apply_overrides(config, {"max_eval_examples": attack.examples})
   dev = train.load_splits(eval_config, tokenizer)["dev"]
   batches = list(data.batches(dev, config.eval_batch_size, shuffle=False))
-  return robustness.attack_accuracy(losses.bert_logits_fn(model), params, batches,
-                                    attack.epsilons, hidden_size=model.config.hidden_size,
-                                    num_steps=attack.num_steps)
+  return robustness.attack_accuracy(
+      models.bert_logits_fn(model),
+      params,
+      batches,
+      attack.epsilons,
+      hidden_size=model.config.hidden_size,
+      num_steps=attack.num_steps,
+  )
 
 
-def execute(config, workdir: Path, attack: Attack | None, label: str, key: str,
-            devices: int) -> dict:
+def execute(
+    config, workdir: Path, attack: Attack | None, label: str, key: str, devices: int
+) -> dict:
   """Trains in this process (and attacks); returns the result dict."""
   import jax
-  from nearprox import train
+
+  from nearprox.training import train
+
   if workdir.exists():
     shutil.rmtree(workdir)  # a partial run restarts from step 0 (no checkpoints)
   started = time.time()
   report = train.train_and_evaluate(config, workdir)
   params = report.pop("params")
   if report.get("preempted"):  # SIGTERM: store nothing partial; a rerun resumes here
-    raise SystemExit(f"run {label} stopped by SIGTERM at step {report['steps']}; rerun "
-                     "experiments/reproduce.py to resume")
+    raise SystemExit(
+        f"run {label} stopped by SIGTERM at step {report['steps']}; rerun "
+        "experiments/reproduce.py to resume"
+    )
   rows = _attack(config, params, attack) if attack else None
-  result = {"key": key, "label": label, "config": config.to_dict(), "devices": devices,
-            "report": report, "history": _read_history(workdir / "metrics.jsonl"),
-            "attack": rows, "wall_seconds": time.time() - started, "machine": machine(),
-            "commit": git_commit()}
+  result = {
+      "key": key,
+      "label": label,
+      "config": config.to_dict(),
+      "devices": devices,
+      "report": report,
+      "history": _read_history(workdir / "metrics.jsonl"),
+      "attack": rows,
+      "wall_seconds": time.time() - started,
+      "machine": machine(),
+      "commit": git_commit(),
+  }
   del params
   shutil.rmtree(workdir, ignore_errors=True)
   jax.clear_caches()
@@ -150,8 +192,9 @@ def execute_spec_file(spec_path: str) -> None:
   spec = json.loads(Path(spec_path).read_text())
   config = ml_collections.ConfigDict(spec["config"])
   attack = Attack(**spec["attack"]) if spec["attack"] else None
-  result = execute(config, Path(spec["workdir"]), attack, spec["label"], spec["key"],
-                   spec["devices"])
+  result = execute(
+      config, Path(spec["workdir"]), attack, spec["label"], spec["key"], spec["devices"]
+  )
   write_json(Path(spec["result"]), result)
 
 
@@ -167,8 +210,15 @@ class Executor:
     log: a print-like function.
   """
 
-  def __init__(self, base_config, out: Path, workdir: Path, allow_new: bool = True,
-               deadline: float | None = None, log: Callable[[str], None] = print):
+  def __init__(
+      self,
+      base_config,
+      out: Path,
+      workdir: Path,
+      allow_new: bool = True,
+      deadline: float | None = None,
+      log: Callable[[str], None] = print,
+  ):
     self.base_config = base_config
     self.out = Path(out)
     self.workdir = Path(workdir)
@@ -178,8 +228,9 @@ class Executor:
     self.requested: list[str] = []  # keys, in order of first request
     self.missing: dict[str, str] = {}  # key -> label of runs that do not exist
 
-  def run(self, label: str, overrides: dict[str, Any], devices: int = 1,
-          attack: Attack | None = None) -> dict | None:
+  def run(
+      self, label: str, overrides: dict[str, Any], devices: int = 1, attack: Attack | None = None
+  ) -> dict | None:
     """The result of the run, training it first when needed and allowed; else None."""
     config = apply_overrides(self.base_config, overrides)
     key = run_key(config, devices, attack)
@@ -208,24 +259,41 @@ class Executor:
     result = json.loads(path.read_text())
     report = result["report"]
     metrics = {k: v for k, v in report.items() if k in ("dev", "test")}
-    self.log(f"[done] {label}: {metrics} step {report['train_step_seconds']:.3f}s, "
-             f"{time.time() - started:.0f}s")
+    self.log(
+        f"[done] {label}: {metrics} step {report['train_step_seconds']:.3f}s, "
+        f"{time.time() - started:.0f}s"
+    )
     return result
 
   def _execute_subprocess(self, config, key, label, devices, attack, path) -> None:
-    spec = {"config": config.to_dict(), "attack": dataclasses.asdict(attack) if attack
-            else None, "label": label, "key": key, "devices": devices,
-            "workdir": str(self.workdir / key), "result": str(path)}
+    spec = {
+        "config": config.to_dict(),
+        "attack": dataclasses.asdict(attack) if attack else None,
+        "label": label,
+        "key": key,
+        "devices": devices,
+        "workdir": str(self.workdir / key),
+        "result": str(path),
+    }
     spec_path = self.workdir / f"{key}.spec.json"
     write_json(spec_path, spec)
     env = dict(os.environ)
-    flags = [f for f in env.get("XLA_FLAGS", "").split()
-             if not f.startswith("--xla_force_host_platform_device_count")]
+    flags = [
+        f
+        for f in env.get("XLA_FLAGS", "").split()
+        if not f.startswith("--xla_force_host_platform_device_count")
+    ]
     env["XLA_FLAGS"] = " ".join(flags + [f"--xla_force_host_platform_device_count={devices}"])
     env["JAX_PLATFORMS"] = "cpu"  # the study is about host (CPU) devices
-    command = [sys.executable, str(REPO / "experiments" / "reproduce.py"), "--run-spec",
-               str(spec_path)]
+    command = [
+        sys.executable,
+        str(REPO / "experiments" / "reproduce.py"),
+        "--run-spec",
+        str(spec_path),
+    ]
     completed = subprocess.run(command, env=env, capture_output=True, text=True)
     if completed.returncode != 0 or not path.exists():
-      raise RuntimeError(f"run {label} on {devices} host devices failed "
-                         f"(exit {completed.returncode}):\n{completed.stderr[-3000:]}")
+      raise RuntimeError(
+          f"run {label} on {devices} host devices failed "
+          f"(exit {completed.returncode}):\n{completed.stderr[-3000:]}"
+      )

@@ -15,8 +15,11 @@ import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-PATTERN = re.compile(r"(<!-- BEGIN GENERATED: (?P<path>\S+) -->\n)(?P<body>.*?)"
-                     r"(<!-- END GENERATED: (?P=path) -->)", re.DOTALL)
+PATTERN = re.compile(
+    r"(<!-- BEGIN GENERATED: (?P<path>\S+) -->\n)(?P<body>.*?)"
+    r"(<!-- END GENERATED: (?P=path) -->)",
+    re.DOTALL,
+)
 
 
 def splice(readme: str, root: Path = ROOT) -> str:
@@ -26,6 +29,7 @@ def splice(readme: str, root: Path = ROOT) -> str:
       raise FileNotFoundError(f"README marker names {source}, which does not exist")
     body = source.read_text().rstrip("\n") + "\n"
     return match.group(1) + body + match.group(4)
+
   return PATTERN.sub(replace, readme)
 
 

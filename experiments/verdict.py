@@ -41,39 +41,56 @@ def optimizers(study) -> list[str]:
     best_prox = max(prox, key=lambda r: r["mean"])
     best_all = max(rows.values(), key=lambda r: r["mean"])
     first = best_prox
-    text = (f"On {'SST-2' if task == 'sst2' else task} ({first['split']} {first['metric']}, "
-            f"{first['steps']} steps, {first['seeds']} seed(s)) the best proximal variant, "
-            f"{DISPLAY[best_prox['variant']]}, scores {_p(best_prox['mean'])}")
+    text = (
+        f"On {'SST-2' if task == 'sst2' else task} ({first['split']} {first['metric']}, "
+        f"{first['steps']} steps, {first['seeds']} seed(s)) the best proximal variant, "
+        f"{DISPLAY[best_prox['variant']]}, scores {_p(best_prox['mean'])}"
+    )
     for base in ("adamw", "sgd_momentum", "sgd"):
       if base in rows:
-        text += "; it is " + compare(best_prox["mean"], rows[base]["mean"], best_prox["std"],
-                                     rows[base]["std"], DISPLAY[base])
+        text += "; it is " + compare(
+            best_prox["mean"],
+            rows[base]["mean"],
+            best_prox["std"],
+            rows[base]["std"],
+            DISPLAY[base],
+        )
     text += f". Best overall: {DISPLAY[best_all['variant']]} ({_p(best_all['mean'])})."
     if "adamw" in rows and best_prox["reached"] and rows["adamw"]["reached"]:
-      text += (f" Steps to the {_p(first['target'])} dev target: "
-               f"{best_prox['steps_to_target']:.0f} ({DISPLAY[best_prox['variant']]}) vs "
-               f"{rows['adamw']['steps_to_target']:.0f} (AdamW).")
+      text += (
+          f" Steps to the {_p(first['target'])} dev target: "
+          f"{best_prox['steps_to_target']:.0f} ({DISPLAY[best_prox['variant']]}) vs "
+          f"{rows['adamw']['steps_to_target']:.0f} (AdamW)."
+      )
     elif "adamw" in rows:
-      text += (f" The {_p(first['target'])} dev target was reached by "
-               f"{best_prox['reached']}/{best_prox['seeds']} proximal and "
-               f"{rows['adamw']['reached']}/{rows['adamw']['seeds']} AdamW seeds.")
+      text += (
+          f" The {_p(first['target'])} dev target was reached by "
+          f"{best_prox['reached']}/{best_prox['seeds']} proximal and "
+          f"{rows['adamw']['reached']}/{rows['adamw']['seeds']} AdamW seeds."
+      )
     out.append(text)
   unstable = [r for r in summary if r["seeds"] > 1 and _ok(r["std"]) and r["std"] >= 0.05]
   if unstable:
-    out.append("Seed spread: " + "; ".join(
-        f"{DISPLAY[r['variant']]} on {'SST-2' if r['task'] == 'sst2' else r['task']} "
-        f"{_p(r['mean'])} ± {100 * r['std']:.1f} points at lr {r['lr']:g}"
-        for r in unstable) +
-        ". The rate was tuned on seed 0 alone, and some other seeds collapse to the majority "
-        "class at it: at this budget these optimizers are sensitive to the learning rate.")
+    out.append(
+        "Seed spread: "
+        + "; ".join(
+            f"{DISPLAY[r['variant']]} on {'SST-2' if r['task'] == 'sst2' else r['task']} "
+            f"{_p(r['mean'])} ± {100 * r['std']:.1f} points at lr {r['lr']:g}"
+            for r in unstable
+        )
+        + ". The rate was tuned on seed 0 alone, and some other seeds collapse to the majority "
+        "class at it: at this budget these optimizers are sensitive to the learning rate."
+    )
   costs = {}
   for r in summary:
     if r["variant"] in PROXIMAL and _ok(r["step_ratio_to_sgd"]):
       costs.setdefault(r["variant"], []).append(r["step_ratio_to_sgd"])
   if costs:
-    out.append("Cost: a step takes " + ", ".join(
-        f"{sum(v) / len(v):.2f}× ({DISPLAY[k]})" for k, v in costs.items()) +
-        " the plain SGD step (median step times, averaged over the tasks).")
+    out.append(
+        "Cost: a step takes "
+        + ", ".join(f"{sum(v) / len(v):.2f}× ({DISPLAY[k]})" for k, v in costs.items())
+        + " the plain SGD step (median step times, averaged over the tasks)."
+    )
   return out
 
 
@@ -87,13 +104,17 @@ def damping(study) -> list[str]:
     if best["dev_accuracy"] - worst["dev_accuracy"] < 5e-4:
       spread = f"stays at {_p(best['dev_accuracy'])} for every λ"
     else:
-      spread = (f"ranges {_p(worst['dev_accuracy'])} (λ={worst['damping']:g}) to "
-                f"{_p(best['dev_accuracy'])} (λ={best['damping']:g})")
-    out.append(f"Damping ({filt}): over λ = {mine[0]['damping']:g} … {mine[-1]['damping']:g} "
-               f"SST-2 dev accuracy {spread}; the kept fraction "
-               f"‖d‖²/‖g‖² averages {mine[0]['kept_fraction_mean']:.3g} at the smallest λ and "
-               f"{mine[-1]['kept_fraction_mean']:.3g} at the largest, with mean effective rank "
-               f"{mine[0]['effective_rank_mean']:.3g} of the Gram matrix.")
+      spread = (
+          f"ranges {_p(worst['dev_accuracy'])} (λ={worst['damping']:g}) to "
+          f"{_p(best['dev_accuracy'])} (λ={best['damping']:g})"
+      )
+    out.append(
+        f"Damping ({filt}): over λ = {mine[0]['damping']:g} … {mine[-1]['damping']:g} "
+        f"SST-2 dev accuracy {spread}; the kept fraction "
+        f"‖d‖²/‖g‖² averages {mine[0]['kept_fraction_mean']:.3g} at the smallest λ and "
+        f"{mine[-1]['kept_fraction_mean']:.3g} at the largest, with mean effective rank "
+        f"{mine[0]['effective_rank_mean']:.3g} of the Gram matrix."
+    )
   return out
 
 
@@ -123,18 +144,24 @@ def adversarial(study) -> list[str]:
       if _collapsed(row):
         collapsed.append(objective)
         continue
-      parts.append(f"{objective} {_p(row[key])} at ε={eps:g} (clean dev "
-                   f"{_p(row['dev_accuracy'])}, {row['step_ratio_to_clean']:.2f}× the clean "
-                   "step time)")
-    text = (f"Adversarial training ({DISPLAY[variant]}, SST-2 dev): the clean-trained model "
-            f"keeps {_p(clean[key])} under the ε={eps:g} PGD attack (clean dev "
-            f"{_p(clean['dev_accuracy'])})")
+      parts.append(
+          f"{objective} {_p(row[key])} at ε={eps:g} (clean dev "
+          f"{_p(row['dev_accuracy'])}, {row['step_ratio_to_clean']:.2f}× the clean "
+          "step time)"
+      )
+    text = (
+        f"Adversarial training ({DISPLAY[variant]}, SST-2 dev): the clean-trained model "
+        f"keeps {_p(clean[key])} under the ε={eps:g} PGD attack (clean dev "
+        f"{_p(clean['dev_accuracy'])})"
+    )
     text += ("; " + "; ".join(parts)) if parts else ""
     text += "."
     if collapsed:
-      text += (f" Trained with {' and '.join(collapsed)} the model predicts (almost) one "
-               "class at every ε: training collapsed at this learning rate, which is not "
-               "robustness.")
+      text += (
+          f" Trained with {' and '.join(collapsed)} the model predicts (almost) one "
+          "class at every ε: training collapsed at this learning rate, which is not "
+          "robustness."
+      )
     out.append(text)
   return out
 
@@ -144,11 +171,18 @@ def multidevice(study) -> list[str]:
   if "local" not in rows or "global" not in rows:
     return []
   loc, glo = rows["local"], rows["global"]
-  return [f"On {loc['devices']} host devices the exact global Gram "
-          f"({_p(glo['dev_accuracy'])} SST-2 dev) is " +
-          compare(glo["dev_accuracy"], loc["dev_accuracy"], glo["dev_accuracy_std"],
-                  loc["dev_accuracy_std"], "the per-device (local) Gram") +
-          f", at {glo['step_seconds'] / loc['step_seconds']:.2f}× its step time."]
+  return [
+      f"On {loc['devices']} host devices the exact global Gram "
+      f"({_p(glo['dev_accuracy'])} SST-2 dev) is "
+      + compare(
+          glo["dev_accuracy"],
+          loc["dev_accuracy"],
+          glo["dev_accuracy_std"],
+          loc["dev_accuracy_std"],
+          "the per-device (local) Gram",
+      )
+      + f", at {glo['step_seconds'] / loc['step_seconds']:.2f}× its step time."
+  ]
 
 
 def glue(study) -> list[str]:
@@ -160,24 +194,37 @@ def glue(study) -> list[str]:
   metric = next(m for m in ("f1", "mcc", "accuracy") if m in r)
   majority = rows.get("majority")
   # Equal to always predicting the majority class in every metric: nothing learned.
-  trivial = {v for v, row in rows.items() if majority and v != "majority" and all(
-      abs(row[m] - majority[m]) < 1e-9 for m in ("f1", "mcc", "accuracy") if m in row)}
-  text = (f"On {r['task'].upper()} the {DISPLAY[r['variant']]} scores dev {metric} "
-          f"{_p(r[metric])}")
+  trivial = {
+      v
+      for v, row in rows.items()
+      if majority
+      and v != "majority"
+      and all(abs(row[m] - majority[m]) < 1e-9 for m in ("f1", "mcc", "accuracy") if m in row)
+  }
+  text = (
+      f"On {r['task'].upper()} the {DISPLAY[r['variant']]} scores dev {metric} " f"{_p(r[metric])}"
+  )
   skipped = []
   for base in ("adamw", "sgd_momentum"):
     if base in rows and {base, r["variant"]} <= trivial:  # no tally for two non-learners
       skipped.append(DISPLAY[base])
     elif base in rows:
-      text += "; " + compare(r[metric], rows[base][metric], r[f"{metric}_std"],
-                             rows[base][f"{metric}_std"], DISPLAY[base])
+      text += "; " + compare(
+          r[metric],
+          rows[base][metric],
+          r[f"{metric}_std"],
+          rows[base][f"{metric}_std"],
+          DISPLAY[base],
+      )
   text += "."
   if trivial:
     names = " and ".join(DISPLAY[v] for v in rows if v in trivial)
     count = len(trivial)
-    text += (f" {names[0].upper() + names[1:]} score{'s' if count == 1 else ''} exactly what "
-             f"always predicting the majority class scores ({metric} {_p(majority[metric])}):"
-             f" {'it' if count == 1 else 'they'} learned nothing at this budget")
+    text += (
+        f" {names[0].upper() + names[1:]} score{'s' if count == 1 else ''} exactly what "
+        f"always predicting the majority class scores ({metric} {_p(majority[metric])}):"
+        f" {'it' if count == 1 else 'they'} learned nothing at this budget"
+    )
     text += f", so it is not compared with {' or '.join(skipped)}." if skipped else "."
   return [text]
 
@@ -192,30 +239,50 @@ def noise(study) -> list[str]:
     if (prox, hi) not in by or ("adamw", hi) not in by or hi == 0.0:
       continue
     mine, adamw = by[(prox, hi)], by[("adamw", hi)]
-    text = (f"With {_p(hi)} flipped SST-2 training labels, {DISPLAY[prox]} reaches "
-            f"{_p(mine['dev_accuracy'])} dev accuracy, " +
-            compare(mine["dev_accuracy"], adamw["dev_accuracy"], mine["dev_accuracy_std"],
-                    adamw["dev_accuracy_std"], "AdamW"))
+    text = (
+        f"With {_p(hi)} flipped SST-2 training labels, {DISPLAY[prox]} reaches "
+        f"{_p(mine['dev_accuracy'])} dev accuracy, "
+        + compare(
+            mine["dev_accuracy"],
+            adamw["dev_accuracy"],
+            mine["dev_accuracy_std"],
+            adamw["dev_accuracy_std"],
+            "AdamW",
+        )
+    )
     if (prox, 0.0) in by:
       drop = by[(prox, 0.0)]["dev_accuracy"] - mine["dev_accuracy"]
       text += f"; it loses {100 * drop:.1f} points to the noise"
       if ("adamw", 0.0) in by:
-        text += (f", AdamW {100 * (by[('adamw', 0.0)]['dev_accuracy'] - adamw['dev_accuracy']):.1f}")
+        text += f", AdamW {100 * (by[('adamw', 0.0)]['dev_accuracy'] - adamw['dev_accuracy']):.1f}"
     out.append(text + ".")
   low = {r["variant"]: r for r in study["tables"]["low_confidence"]}
   lp = [low[v] for v in PROXIMAL if v in low]
   if lp and "adamw" in low:
     best = max(lp, key=lambda r: r["low_confidence_accuracy"])
-    out.append(f"On low-confidence tweets (test) the best proximal variant, "
-               f"{DISPLAY[best['variant']]}, scores {_p(best['low_confidence_accuracy'])}: " +
-               compare(best["low_confidence_accuracy"],
-                       low["adamw"]["low_confidence_accuracy"], best["low_confidence_std"],
-                       low["adamw"]["low_confidence_std"], "AdamW") + ".")
+    out.append(
+        f"On low-confidence tweets (test) the best proximal variant, "
+        f"{DISPLAY[best['variant']]}, scores {_p(best['low_confidence_accuracy'])}: "
+        + compare(
+            best["low_confidence_accuracy"],
+            low["adamw"]["low_confidence_accuracy"],
+            best["low_confidence_std"],
+            low["adamw"]["low_confidence_std"],
+            "AdamW",
+        )
+        + "."
+    )
   return out
 
 
-FUNCTIONS = {"optimizers": optimizers, "damping": damping, "adversarial": adversarial,
-             "multidevice": multidevice, "glue": glue, "noise": noise}
+FUNCTIONS = {
+    "optimizers": optimizers,
+    "damping": damping,
+    "adversarial": adversarial,
+    "multidevice": multidevice,
+    "glue": glue,
+    "noise": noise,
+}
 
 
 def verdict(results: dict[str, dict]) -> str:
@@ -235,12 +302,19 @@ def verdict(results: dict[str, dict]) -> str:
         f"ahead in {tally['ahead of']}, level in {tally['level with']} and behind in "
         f"{tally['behind']} of the {sum(tally.values())} comparisons above (a difference "
         f"counts when it exceeds the summed seed standard deviations and "
-        f"{100 * MIN_GAP:.0f} point).")
-  single = any(row.get("seeds") == 1 for study in results.values() if study
-               for rows in study["tables"].values() for row in rows)
+        f"{100 * MIN_GAP:.0f} point)."
+    )
+  single = any(
+      row.get("seeds") == 1
+      for study in results.values()
+      if study
+      for rows in study["tables"].values()
+      for row in rows
+  )
   if single:
     sentences.append(
         "Caution: some of these numbers come from a single seed (no standard deviation), "
         "where run-to-run variation at this budget can exceed the differences above; "
-        "treat single-seed comparisons as indications, not results.")
+        "treat single-seed comparisons as indications, not results."
+    )
   return "\n\n".join(sentences)

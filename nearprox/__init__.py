@@ -1,13 +1,13 @@
 """nearprox: the proximal gradient scaling K(K+λI)⁻¹ of per-example gradients, for optax.
 
-    per_example = nearprox.per_example_grads(loss_fn, params, batch)   # loss_fn -> [B]
-    opt = nearprox.proximal_sgd(learning_rate=0.1, damping=1e-3, damping_mode="relative")
-    updates, state = opt.update(per_example, state, params, mask=batch_mask)
-    params = optax.apply_updates(params, updates)
+per_example = nearprox.per_example_grads(loss_fn, params, batch)   # loss_fn -> [B]
+opt = nearprox.proximal_sgd(learning_rate=0.1, damping=1e-3, damping_mode="relative")
+updates, state = opt.update(per_example, state, params, mask=batch_mask)
+params = optax.apply_updates(params, updates)
 """
 
-from nearprox.gram import FilterStats, PerExampleFactor, filter_coefficients, gram_matrix
 from nearprox.per_example import per_example_grads, per_example_value_and_grads
+from nearprox.spectral_filter import FilterStats, PerExampleFactor, filter_coefficients, gram_matrix
 from nearprox.transform import (
     ScaleByProximalState,
     proximal_sgd,

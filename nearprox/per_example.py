@@ -7,14 +7,14 @@
   a batch of one; materializes G (B × P numbers). It is the oracle of the tests. Randomness
   inside ``loss_fn`` must therefore come from per-example arrays in ``args`` (e.g. keys
   [B, 2]) for the two methods to agree.
-* ``"factored"``: the fast path (:mod:`nearprox.factored`). One forward and one backward
+* ``"factored"``: the fast path (:mod:`nearprox.factored_grads`). One forward and one backward
   pass over the whole batch capture each Flax dense/embedding layer's inputs and output
   cotangents; the Gram matrix and the filtered gradient are computed from those factors.
 """
 
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
 
 import jax
 
@@ -28,7 +28,8 @@ def _vmap_value_and_grads(loss_fn: Callable, params, *args):
     if getattr(losses, "shape", None) != (1,):
       raise ValueError(
           "loss_fn must return the vector of per-example losses, shape [B]; for a batch of "
-          f"one example it returned shape {getattr(losses, 'shape', type(losses))}")
+          f"one example it returned shape {getattr(losses, 'shape', type(losses))}"
+      )
     return losses[0]
 
   value_and_grad = jax.value_and_grad(one_example_loss)
@@ -42,19 +43,21 @@ def _check_args(args) -> None:
     if len(shape) == 0:
       raise ValueError(
           f"argument {jax.tree_util.keystr(path)} of loss_fn has no batch axis; every array "
-          "argument needs the batch axis first (pass per-example keys for randomness)")
+          "argument needs the batch axis first (pass per-example keys for randomness)"
+      )
     sizes.add(shape[0])
   if len(sizes) > 1:
     raise ValueError(f"arguments of loss_fn have different batch sizes: {sorted(sizes)}")
 
 
-def per_example_value_and_grads(loss_fn: Callable, params, *args, method: str = "vmap",
-                                **factored_options):
+def per_example_value_and_grads(
+    loss_fn: Callable, params, *args, method: str = "vmap", **factored_options
+):
   """(losses [B], per-example gradients) of ``loss_fn(params, *args)``.
 
   The gradients are the params pytree with a leading batch axis ("vmap") or the factored
   form ("factored"); both are accepted by :func:`nearprox.scale_by_proximal`.
-  ``factored_options`` go to :func:`nearprox.factored.factored_value_and_grads`
+  ``factored_options`` go to :func:`nearprox.factored_grads.factored_value_and_grads`
   (``kernel_combine="auto" | "factored" | "materialized"``: time against memory).
   """
   if method not in METHODS:
@@ -64,12 +67,11 @@ def per_example_value_and_grads(loss_fn: Callable, params, *args, method: str = 
     if factored_options:
       raise ValueError(f"options {sorted(factored_options)} apply to method='factored' only")
     return _vmap_value_and_grads(loss_fn, params, *args)
-  from nearprox import factored  # The fast path needs Flax's interception machinery.
-  return factored.factored_value_and_grads(loss_fn, params, *args, **factored_options)
+  from nearprox import factored_grads  # The fast path needs Flax's interception machinery.
+
+  return factored_grads.factored_value_and_grads(loss_fn, params, *args, **factored_options)
 
 
-def per_example_grads(loss_fn: Callable, params, *args, method: str = "vmap",
-                      **factored_options):
+def per_example_grads(loss_fn: Callable, params, *args, method: str = "vmap", **factored_options):
   """Per-example gradients of ``loss_fn(params, *args)`` (which returns losses [B])."""
-  return per_example_value_and_grads(loss_fn, params, *args, method=method,
-                                     **factored_options)[1]
+  return per_example_value_and_grads(loss_fn, params, *args, method=method, **factored_options)[1]

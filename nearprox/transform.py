@@ -6,7 +6,7 @@
 
 with f(K) = K(K+λI)⁻¹ ("tikhonov", the proximal gradient scaling ⟨∇L,∇L⟩/(⟨∇L,∇L⟩+λI)) or
 f(K) = λ(K+λI)⁻¹ ("natural": the damped natural gradient ρ(F+ρI)⁻¹g with empirical Fisher
-F = GᵀG/B and ρ = λ/B, by the Woodbury identity). See DESIGN.md §1 and :mod:`nearprox.gram`.
+F = GᵀG/B and ρ = λ/B, by the Woodbury identity). See DESIGN.md §1 and :mod:`nearprox.spectral_filter`.
 
 Like ``optax.contrib.differentially_private_aggregate``, it must come first in a chain: its
 input is per-example, its output is an ordinary aggregated gradient.
@@ -19,7 +19,7 @@ Several devices (``axis_name`` set, inside ``jax.pmap`` or ``jax.shard_map``):
   SGD.
 * ``gram="global"``: exact. Each device all-gathers every device's per-example gradients
   (dense: (n−1)·B·P numbers received per device; factored: the factors, see
-  :mod:`nearprox.factored`), computes its rows of the global K and all-gathers those rows
+  :mod:`nearprox.factored_grads`), computes its rows of the global K and all-gathers those rows
   (n·B² numbers), then solves the same global system; its share of d is all-reduced
   (P numbers). The result equals the single-device result on the concatenated global batch.
 
@@ -34,23 +34,25 @@ so anything in them (NaN included) has no effect.
 from __future__ import annotations
 
 import math
-from typing import Callable, NamedTuple, Union
+from collections.abc import Callable
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
 import optax
 
-from nearprox import gram as gram_lib
+from nearprox import spectral_filter
 
 GRAM_MODES = ("local", "global")
 
-Damping = Union[float, Callable[[jax.Array], jax.Array]]
+Damping = float | Callable[[jax.Array], jax.Array]
 
 
 class ScaleByProximalState(NamedTuple):
-  """Step count and what the last filtered step did (see :class:`nearprox.gram.FilterStats`)."""
+  """Step count and what the last filtered step did (see :class:`nearprox.spectral_filter.FilterStats`)."""
+
   count: jax.Array
-  stats: gram_lib.FilterStats
+  stats: spectral_filter.FilterStats
 
 
 def _check_damping(damping: Damping, name: str = "damping") -> None:
@@ -76,7 +78,8 @@ def _mask_for(mask, batch: int) -> jax.Array:
   if mask.shape != (batch,):
     raise ValueError(
         f"mask must have shape ({batch},) to match the per-example gradients' batch axis, "
-        f"got {mask.shape}")
+        f"got {mask.shape}"
+    )
   return mask.astype(jnp.float32)
 
 
@@ -106,8 +109,8 @@ def scale_by_proximal(
     of shape [B] for padded examples, and returns the filtered gradient (params' shapes).
   """
   _check_damping(damping)
-  _check_choice(filter, gram_lib.FILTERS, "filter")
-  _check_choice(damping_mode, gram_lib.DAMPING_MODES, "damping_mode")
+  _check_choice(filter, spectral_filter.FILTERS, "filter")
+  _check_choice(damping_mode, spectral_filter.DAMPING_MODES, "damping_mode")
   _check_choice(gram, GRAM_MODES, "gram")
   if gram == "global" and axis_name is None:
     raise ValueError('gram="global" needs axis_name: the mapped axis the batch is split over')
@@ -115,40 +118,42 @@ def scale_by_proximal(
   def init_fn(params):
     del params
     zero = jnp.zeros((), jnp.float32)
-    return ScaleByProximalState(jnp.zeros((), jnp.int32), gram_lib.FilterStats(zero, zero, zero, zero))
+    return ScaleByProximalState(
+        jnp.zeros((), jnp.int32), spectral_filter.FilterStats(zero, zero, zero, zero)
+    )
 
   def update_fn(updates, state, params=None, *, mask=None, **extra_args):
     del params, extra_args
-    batch = gram_lib.batch_size(updates)
+    batch = spectral_filter.batch_size(updates)
     mask = _mask_for(mask, batch)
-    updates = gram_lib.zero_masked_examples(updates, mask)
+    updates = spectral_filter.zero_masked_examples(updates, mask)
     damping_now = damping(state.count) if callable(damping) else damping
 
     def solve(k, m):
-      return gram_lib.filter_coefficients(k, m, damping_now, filter, damping_mode)
+      return spectral_filter.filter_coefficients(k, m, damping_now, filter, damping_mode)
 
     if axis_name is None:
-      coeffs, stats = solve(gram_lib.gram_matrix(updates), mask)
-      filtered = gram_lib.combine(updates, coeffs)
+      coeffs, stats = solve(spectral_filter.gram_matrix(updates), mask)
+      filtered = spectral_filter.combine(updates, coeffs)
     elif gram == "local":
-      coeffs, stats = solve(gram_lib.gram_matrix(updates), mask)
+      coeffs, stats = solve(spectral_filter.gram_matrix(updates), mask)
       num_kept = jnp.sum(mask > 0).astype(jnp.float32)
       total_kept = jax.lax.psum(num_kept, axis_name)
       share = num_kept / jnp.maximum(total_kept, 1.0)
-      filtered = jax.lax.psum(gram_lib.combine(updates, coeffs * share), axis_name)
+      filtered = jax.lax.psum(spectral_filter.combine(updates, coeffs * share), axis_name)
       # Devices' statistics differ; their mean keeps the state the same on every device.
       stats = jax.lax.pmean(stats, axis_name)
     else:
       everyone = jax.lax.all_gather(updates, axis_name, tiled=True)
-      my_rows = gram_lib.gram_matrix(updates, everyone)
+      my_rows = spectral_filter.gram_matrix(updates, everyone)
       global_gram = jax.lax.all_gather(my_rows, axis_name, tiled=True)
       global_mask = jax.lax.all_gather(mask, axis_name, tiled=True)
       global_coeffs, stats = solve(global_gram, global_mask)
       start = jax.lax.axis_index(axis_name) * batch
       coeffs = jax.lax.dynamic_slice_in_dim(global_coeffs, start, batch)
-      filtered = jax.lax.psum(gram_lib.combine(updates, coeffs), axis_name)
+      filtered = jax.lax.psum(spectral_filter.combine(updates, coeffs), axis_name)
 
-    stats = gram_lib.FilterStats(*(jnp.asarray(s, jnp.float32) for s in stats))
+    stats = spectral_filter.FilterStats(*(jnp.asarray(s, jnp.float32) for s in stats))
     return filtered, ScaleByProximalState(optax.safe_increment(state.count), stats)
 
   return optax.GradientTransformationExtraArgs(init_fn, update_fn)
@@ -187,7 +192,7 @@ def scale_by_proximal_norm(damping: float) -> optax.GradientTransformation:
   def update_fn(updates, state, params=None):
     del params
     leaves = jax.tree.leaves(updates)
-    dtype = gram_lib.compute_dtype(jnp.result_type(*leaves)) if leaves else jnp.float32
+    dtype = spectral_filter.compute_dtype(jnp.result_type(*leaves)) if leaves else jnp.float32
     sq_norm = sum(jnp.sum(jnp.square(x.astype(dtype))) for x in leaves)
     scale = sq_norm / (sq_norm + damping)
     return jax.tree.map(lambda x: (x.astype(dtype) * scale).astype(x.dtype), updates), state

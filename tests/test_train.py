@@ -4,7 +4,6 @@ import importlib.util
 import json
 import logging
 import os
-import shutil
 import signal
 import socket
 import subprocess
@@ -15,7 +14,8 @@ import jax
 import numpy as np
 import pytest
 
-from nearprox import data, models, train
+from nearprox.text import data, models
+from nearprox.training import train
 
 REPO = Path(__file__).resolve().parents[1]
 TINY_CONFIG = REPO / "experiments" / "configs" / "tiny.py"
@@ -24,8 +24,10 @@ TINY_CONFIG = REPO / "experiments" / "configs" / "tiny.py"
 def write_sst2(root: Path, n_train=96, n_dev=37, seed=0) -> Path:
   """A GLUE-layout SST-2 whose label is decided by one sentiment word per sentence."""
   rng = np.random.default_rng(seed)
-  words = {1: ["good", "great", "wonderful", "excellent", "superb"],
-           0: ["bad", "awful", "terrible", "boring", "dreadful"]}
+  words = {
+      1: ["good", "great", "wonderful", "excellent", "superb"],
+      0: ["bad", "awful", "terrible", "boring", "dreadful"],
+  }
   filler = ["the", "movie", "was", "quite", "a", "film", "story", "plot", "really", "and"]
   folder = root / "SST-2"
   folder.mkdir(parents=True, exist_ok=True)
@@ -71,15 +73,25 @@ def flat_params(params):
 
 
 def test_cli_trains_minilm_past_the_majority_class_and_exports(glue_dir, tmp_path):
-  """`python -m nearprox.train` with proximal SGD on MiniLM: a real run, end to end."""
+  """`python -m nearprox.training.train` with proximal SGD on MiniLM: a real run, end to end."""
   workdir = tmp_path / "run"
-  command = [sys.executable, "-m", "nearprox.train", f"--config={TINY_CONFIG}",
-             f"--workdir={workdir}", "--config.model.name=minilm", "--config.task=sst2",
-             f"--config.data_dir={glue_dir}", "--config.num_train_steps=12",
-             "--config.optimizer.learning_rate=0.05", "--config.export_hf=True",
-             "--config.parallel=jit"]
-  result = subprocess.run(command, capture_output=True, text=True, timeout=900,
-                          env={**os.environ, "XLA_FLAGS": ""})
+  command = [
+      sys.executable,
+      "-m",
+      "nearprox.training.train",
+      f"--config={TINY_CONFIG}",
+      f"--workdir={workdir}",
+      "--config.model.name=minilm",
+      "--config.task=sst2",
+      f"--config.data_dir={glue_dir}",
+      "--config.num_train_steps=12",
+      "--config.optimizer.learning_rate=0.05",
+      "--config.export_hf=True",
+      "--config.parallel=jit",
+  ]
+  result = subprocess.run(
+      command, capture_output=True, text=True, timeout=900, env={**os.environ, "XLA_FLAGS": ""}
+  )
   assert result.returncode == 0, result.stderr[-3000:]
   assert "Resolved config:" in result.stdout and "proximal_sgd" in result.stdout
   report = json.loads((workdir / "report.json").read_text())
@@ -93,10 +105,12 @@ def test_cli_trains_minilm_past_the_majority_class_and_exports(glue_dir, tmp_pat
   # The exported Hugging Face directory loads back with the same predictions.
   model, params, tokenizer = models.load_pretrained(report["hf_model"], num_labels=2)
   encoded = data.encode(data.load_task("sst2", "dev", glue_dir), tokenizer, 16)
-  logits = model.apply({"params": params}, encoded.input_ids, encoded.attention_mask,
-                       encoded.token_type_ids).logits
-  np.testing.assert_allclose(np.mean(np.argmax(logits, -1) == encoded.labels),
-                             report["dev"]["accuracy"], atol=1e-6)
+  logits = model.apply(
+      {"params": params}, encoded.input_ids, encoded.attention_mask, encoded.token_type_ids
+  ).logits
+  np.testing.assert_allclose(
+      np.mean(np.argmax(logits, -1) == encoded.labels), report["dev"]["accuracy"], atol=1e-6
+  )
 
 
 def run_preempted(config, workdir, after_steps, monkeypatch):
@@ -117,9 +131,17 @@ def run_preempted(config, workdir, after_steps, monkeypatch):
 @pytest.mark.parametrize("optimizer", ["proximal_sgd", "adamw"])
 def test_preempted_run_saves_and_resumes_exactly(glue_dir, tmp_path, optimizer, monkeypatch):
   """SIGTERM after 3 of 6 steps saves a checkpoint; resuming gives the straight run's params."""
-  config = tiny_config(glue_dir, **{"optimizer.name": optimizer, "num_train_steps": 6,
-                                    "checkpoint_every": 100, "parallel": "jit",
-                                    "objective.kind": "fgm", "optimizer.momentum": 0.9})
+  config = tiny_config(
+      glue_dir,
+      **{
+          "optimizer.name": optimizer,
+          "num_train_steps": 6,
+          "checkpoint_every": 100,
+          "parallel": "jit",
+          "objective.kind": "fgm",
+          "optimizer.momentum": 0.9,
+      },
+  )
   straight = train.train_and_evaluate(config, tmp_path / "straight")
   first = run_preempted(config, tmp_path / "resumed", 3, monkeypatch)
   assert first["preempted"] and first["steps"] == 3
@@ -130,10 +152,13 @@ def test_preempted_run_saves_and_resumes_exactly(glue_dir, tmp_path, optimizer, 
   assert resumed["dev"] == straight["dev"]
 
 
-def test_corrupt_latest_checkpoint_falls_back_to_the_previous(glue_dir, tmp_path, caplog,
-                                                               monkeypatch):
-  config = tiny_config(glue_dir, **{"num_train_steps": 6, "checkpoint_every": 2,
-                                    "keep_checkpoints": 3, "parallel": "jit"})
+def test_corrupt_latest_checkpoint_falls_back_to_the_previous(
+    glue_dir, tmp_path, caplog, monkeypatch
+):
+  config = tiny_config(
+      glue_dir,
+      **{"num_train_steps": 6, "checkpoint_every": 2, "keep_checkpoints": 3, "parallel": "jit"},
+  )
   straight = train.train_and_evaluate(config, tmp_path / "straight")
   run_preempted(config, tmp_path / "run", 4, monkeypatch)
   latest = tmp_path / "run" / "checkpoints" / "4"
@@ -155,22 +180,37 @@ def test_pmap_shard_map_and_single_device_agree(glue_dir, tmp_path, gram):
   results = {}
   modes = ["jit", "pmap", "shard_map"] if gram == "global" else ["pmap", "shard_map"]
   for mode in modes:
-    config = tiny_config(glue_dir, **{"parallel": mode, "optimizer.gram": gram,
-                                      "num_train_steps": 3, "checkpoint_every": 100,
-                                      "objective.kind": "fgm"})
+    config = tiny_config(
+        glue_dir,
+        **{
+            "parallel": mode,
+            "optimizer.gram": gram,
+            "num_train_steps": 3,
+            "checkpoint_every": 100,
+            "objective.kind": "fgm",
+        },
+    )
     results[mode] = train.train_and_evaluate(config, tmp_path / mode)
   reference = flat_params(results[modes[0]]["params"])
   for mode in modes[1:]:
-    np.testing.assert_allclose(flat_params(results[mode]["params"]), reference, rtol=1e-4,
-                               atol=1e-6)
+    np.testing.assert_allclose(
+        flat_params(results[mode]["params"]), reference, rtol=1e-4, atol=1e-6
+    )
     assert results[mode]["dev"] == results[modes[0]]["dev"]
 
 
 def test_baseline_optimizer_agrees_across_devices(glue_dir, tmp_path):
   results = {}
   for mode in ("jit", "shard_map"):
-    config = tiny_config(glue_dir, **{"parallel": mode, "optimizer.name": "sgd",
-                                      "num_train_steps": 2, "checkpoint_every": 100})
+    config = tiny_config(
+        glue_dir,
+        **{
+            "parallel": mode,
+            "optimizer.name": "sgd",
+            "num_train_steps": 2,
+            "checkpoint_every": 100,
+        },
+    )
     results[mode] = flat_params(train.train_and_evaluate(config, tmp_path / mode)["params"])
   np.testing.assert_allclose(results["shard_map"], results["jit"], rtol=1e-4, atol=1e-6)
 
@@ -183,22 +223,44 @@ def _free_port() -> int:
 
 def test_two_processes_agree_with_one(glue_dir, tmp_path):
   """Two JAX processes (4 CPU devices each, gloo collectives) = one process with 8."""
-  common = [sys.executable, "-m", "nearprox.train", f"--config={TINY_CONFIG}",
-            f"--config.data_dir={glue_dir}", "--config.task=sst2", "--config.num_train_steps=3",
-            "--config.checkpoint_every=100", "--config.optimizer.gram=global",
-            "--config.export_hf=True"]
+  common = [
+      sys.executable,
+      "-m",
+      "nearprox.training.train",
+      f"--config={TINY_CONFIG}",
+      f"--config.data_dir={glue_dir}",
+      "--config.task=sst2",
+      "--config.num_train_steps=3",
+      "--config.checkpoint_every=100",
+      "--config.optimizer.gram=global",
+      "--config.export_hf=True",
+  ]
   env = {**os.environ, "JAX_PLATFORMS": "cpu"}
-  single = subprocess.run(common + [f"--workdir={tmp_path / 'one'}"], capture_output=True,
-                          text=True, timeout=600,
-                          env={**env, "XLA_FLAGS": "--xla_force_host_platform_device_count=8"})
+  single = subprocess.run(
+      common + [f"--workdir={tmp_path / 'one'}"],
+      capture_output=True,
+      text=True,
+      timeout=600,
+      env={**env, "XLA_FLAGS": "--xla_force_host_platform_device_count=8"},
+  )
   assert single.returncode == 0, single.stderr[-3000:]
   port = _free_port()
-  workers = [subprocess.Popen(
-      common + [f"--workdir={tmp_path / 'two'}"], stdout=subprocess.PIPE,
-      stderr=subprocess.PIPE, text=True,
-      env={**env, "XLA_FLAGS": "--xla_force_host_platform_device_count=4",
-           "NEARPROX_COORDINATOR": f"127.0.0.1:{port}", "NEARPROX_NUM_PROCESSES": "2",
-           "NEARPROX_PROCESS_ID": str(i)}) for i in range(2)]
+  workers = [
+      subprocess.Popen(
+          common + [f"--workdir={tmp_path / 'two'}"],
+          stdout=subprocess.PIPE,
+          stderr=subprocess.PIPE,
+          text=True,
+          env={
+              **env,
+              "XLA_FLAGS": "--xla_force_host_platform_device_count=4",
+              "NEARPROX_COORDINATOR": f"127.0.0.1:{port}",
+              "NEARPROX_NUM_PROCESSES": "2",
+              "NEARPROX_PROCESS_ID": str(i),
+          },
+      )
+      for i in range(2)
+  ]
   outputs = [w.communicate(timeout=600) for w in workers]
   for worker, (_, stderr) in zip(workers, outputs):
     assert worker.returncode == 0, stderr[-3000:]
@@ -207,8 +269,7 @@ def test_two_processes_agree_with_one(glue_dir, tmp_path):
   assert one["dev"] == two["dev"]
   _, params_one, _ = models.load_pretrained(one["hf_model"], num_labels=2)
   _, params_two, _ = models.load_pretrained(two["hf_model"], num_labels=2)
-  np.testing.assert_allclose(flat_params(params_two), flat_params(params_one), rtol=1e-4,
-                             atol=1e-6)
+  np.testing.assert_allclose(flat_params(params_two), flat_params(params_one), rtol=1e-4, atol=1e-6)
 
 
 def test_evaluation_masks_the_padded_last_batch(glue_dir):
@@ -218,12 +279,13 @@ def test_evaluation_masks_the_padded_last_batch(glue_dir):
   model, params, tokenizer = train.create_model(config, task.num_labels, jax.random.key(0))
   arrays = data.encode(data.load_task("sst2", "dev", glue_dir), tokenizer, 16).arrays()
   runner = train.parallel.Runner("jit")
-  logits_fn = train.losses.bert_logits_fn(model)
+  logits_fn = models.bert_logits_fn(model)
   runner.compile(lambda *a: None, lambda p, b: train.eval_step(p, b, logits_fn=logits_fn))
   state = train.TrainState(0, params, None)
   got = train.evaluate(runner, state, arrays, task, batch_size=16)
-  logits = model.apply({"params": params}, arrays["input_ids"], arrays["attention_mask"],
-                       arrays["token_type_ids"]).logits
+  logits = model.apply(
+      {"params": params}, arrays["input_ids"], arrays["attention_mask"], arrays["token_type_ids"]
+  ).logits
   assert got == task.metrics(arrays["labels"], np.asarray(logits))
 
 
@@ -234,13 +296,16 @@ def test_label_noise_flips_the_requested_fraction():
   np.testing.assert_array_equal(noisy, train.flip_labels(labels, 0.2, 3, seed=0))
 
 
-@pytest.mark.parametrize("override,match", [
-    ({"optimizer.name": "lion"}, "optimizer.name"),
-    ({"parallel": "threads"}, "parallel"),
-    ({"label_noise": 1.5}, "label_noise"),
-    ({"task": "imdb"}, "unknown task"),
-    ({"objective.kind": "fgsm"}, "kind"),
-])
+@pytest.mark.parametrize(
+    "override,match",
+    [
+        ({"optimizer.name": "lion"}, "optimizer.name"),
+        ({"parallel": "threads"}, "parallel"),
+        ({"label_noise": 1.5}, "label_noise"),
+        ({"task": "imdb"}, "unknown task"),
+        ({"objective.kind": "fgsm"}, "kind"),
+    ],
+)
 def test_bad_configs_are_clear_errors(glue_dir, tmp_path, override, match):
   with pytest.raises(ValueError, match=match):
     train.train_and_evaluate(tiny_config(glue_dir, **override), tmp_path / "run")

@@ -19,14 +19,15 @@ SHAPES = {"dense/kernel": (3, 4), "dense/bias": (4,), "embed": (5, 2, 3), "scale
 def random_per_example(batch, seed=0, dtypes=None, scale=1.0):
   rng = np.random.default_rng(seed)
   dtypes = dtypes or {}
-  return {name: jnp.asarray(scale * rng.normal(size=(batch,) + shape), dtypes.get(name, jnp.float32))
-          for name, shape in SHAPES.items()}
+  return {
+      name: jnp.asarray(scale * rng.normal(size=(batch,) + shape), dtypes.get(name, jnp.float32))
+      for name, shape in SHAPES.items()
+  }
 
 
 def flat_rows(per_example):
   leaves = jax.tree.leaves(per_example)
-  return np.concatenate(
-      [np.asarray(x, np.float64).reshape(x.shape[0], -1) for x in leaves], axis=1)
+  return np.concatenate([np.asarray(x, np.float64).reshape(x.shape[0], -1) for x in leaves], axis=1)
 
 
 def flat(tree):
@@ -59,13 +60,15 @@ def filtered(per_example, damping, mask=None, **kw):
 @pytest.mark.parametrize("damping_mode,damping", [("absolute", 3.0), ("relative", 0.1)])
 def test_matches_float64_reference(batch, filter, damping_mode, damping):
   g = random_per_example(batch, seed=batch)
-  d, _ = jax.jit(functools.partial(filtered, damping=damping, filter=filter,
-                                   damping_mode=damping_mode))(g)
+  d, _ = jax.jit(
+      functools.partial(filtered, damping=damping, filter=filter, damping_mode=damping_mode)
+  )(g)
   want = reference(g, damping, filter, damping_mode)
   np.testing.assert_allclose(flat(d), want, rtol=2e-5, atol=2e-5 * np.abs(want).max())
   # Output has the parameters' structure, shapes and dtypes.
   assert jax.tree.map(lambda x: (x.shape, x.dtype), d) == {
-      k: (SHAPES[k], jnp.float32) for k in SHAPES}
+      k: (SHAPES[k], jnp.float32) for k in SHAPES
+  }
 
 
 @pytest.mark.parametrize("filter", ["tikhonov", "natural"])
@@ -145,7 +148,10 @@ def test_masked_examples_change_nothing(filter, damping_mode):
   d, state = filtered(poisoned, 0.5, mask=mask, filter=filter, damping_mode=damping_mode)
   kept = jax.tree.map(lambda x: x[np.asarray(mask) > 0], g)
   d_kept, state_kept = filtered(kept, 0.5, filter=filter, damping_mode=damping_mode)
-  np.testing.assert_allclose(flat(d), flat(d_kept), rtol=1e-5, atol=1e-7)
+  # Two float32 eigendecompositions of different sizes (8×8 with decoupled padding, 6×6):
+  # they agree to rounding; a leak of the NaN or 1e30 rows would not be small.
+  scale = np.abs(flat(d_kept)).max()
+  np.testing.assert_allclose(flat(d), flat(d_kept), rtol=1e-4, atol=1e-6 * scale)
   np.testing.assert_allclose(flat(d), reference(g, 0.5, filter, damping_mode, mask), rtol=1e-4)
   for got, want in zip(state.stats, state_kept.stats):
     np.testing.assert_allclose(got, want, rtol=1e-5)
@@ -231,8 +237,10 @@ def test_nonfinite_gradient_is_skipped_by_apply_if_finite():
   d, _ = filtered(bad, 0.5)
   assert all(not np.isfinite(np.asarray(x)).all() for x in jax.tree.leaves(d))
   # apply_if_finite goes after the aggregation: its skipped update has the params' shape.
-  opt = optax.chain(nearprox.scale_by_proximal(0.5),
-                    optax.apply_if_finite(optax.sgd(0.1), max_consecutive_errors=3))
+  opt = optax.chain(
+      nearprox.scale_by_proximal(0.5),
+      optax.apply_if_finite(optax.sgd(0.1), max_consecutive_errors=3),
+  )
   state = opt.init(params)
   updates, state = opt.update(bad, state, params)
   assert all(np.all(np.asarray(x) == 0) for x in jax.tree.leaves(updates))
@@ -242,6 +250,7 @@ def test_nonfinite_gradient_is_skipped_by_apply_if_finite():
 
 
 # ---------------------------------------------------------------- several devices
+
 
 def _device_split(tree, n):
   return jax.tree.map(lambda x: x.reshape((n, x.shape[0] // n) + x.shape[1:]), tree)
@@ -256,8 +265,9 @@ def test_pmap_and_shard_map(gram, filter):
   g = random_per_example(n * per_device, seed=16)
   mask = np.ones(n * per_device)
   mask[[4, 5, 22]] = 0  # device 1 has one real example, device 7 two.
-  tx = nearprox.scale_by_proximal(0.2, filter=filter, damping_mode="relative",
-                                  axis_name="batch", gram=gram)
+  tx = nearprox.scale_by_proximal(
+      0.2, filter=filter, damping_mode="relative", axis_name="batch", gram=gram
+  )
 
   def step(g, mask):
     d, state = tx.update(g, tx.init(None), mask=mask)
@@ -268,18 +278,30 @@ def test_pmap_and_shard_map(gram, filter):
   else:
     blocks = [slice(i * per_device, (i + 1) * per_device) for i in range(n)]
     counts = np.array([mask[b].sum() for b in blocks])
-    want = sum(c * reference(jax.tree.map(lambda x: x[b], g), 0.2, filter, "relative", mask[b])
-               for c, b in zip(counts, blocks)) / counts.sum()
+    want = (
+        sum(
+            c * reference(jax.tree.map(lambda x: x[b], g), 0.2, filter, "relative", mask[b])
+            for c, b in zip(counts, blocks)
+        )
+        / counts.sum()
+    )
 
   d_pmap, rank = jax.pmap(step, axis_name="batch")(_device_split(g, n), mask.reshape(n, -1))
   for i in range(n):  # every device holds the same result
-    np.testing.assert_allclose(flat(jax.tree.map(lambda x: x[i], d_pmap)), want, rtol=1e-4, atol=1e-6)
+    np.testing.assert_allclose(
+        flat(jax.tree.map(lambda x: x[i], d_pmap)), want, rtol=1e-4, atol=1e-6
+    )
 
   mesh = jax.make_mesh((n,), ("batch",))
   spec = jax.sharding.PartitionSpec("batch")
-  sharded = jax.jit(jax.shard_map(
-      lambda g, m: step(g, m)[0], mesh=mesh, in_specs=(spec, spec),
-      out_specs=jax.sharding.PartitionSpec()))
+  sharded = jax.jit(
+      jax.shard_map(
+          lambda g, m: step(g, m)[0],
+          mesh=mesh,
+          in_specs=(spec, spec),
+          out_specs=jax.sharding.PartitionSpec(),
+      )
+  )
   on_mesh = jax.sharding.NamedSharding(mesh, spec)
   d_shard = sharded(jax.device_put(g, on_mesh), jax.device_put(jnp.asarray(mask), on_mesh))
   np.testing.assert_allclose(flat(d_shard), want, rtol=1e-4, atol=1e-6)
@@ -287,17 +309,21 @@ def test_pmap_and_shard_map(gram, filter):
 
 # ---------------------------------------------------------------- bad input
 
-@pytest.mark.parametrize("kwargs,match", [
-    (dict(damping=0.0), "damping"),
-    (dict(damping=-1.0), "damping"),
-    (dict(damping=float("nan")), "damping"),
-    (dict(damping=float("inf")), "damping"),
-    (dict(damping="big"), "damping"),
-    (dict(damping=1.0, filter="lowpass"), "filter"),
-    (dict(damping=1.0, damping_mode="adaptive"), "damping_mode"),
-    (dict(damping=1.0, gram="sketchy", axis_name="b"), "gram"),
-    (dict(damping=1.0, gram="global"), "axis_name"),
-])
+
+@pytest.mark.parametrize(
+    "kwargs,match",
+    [
+        (dict(damping=0.0), "damping"),
+        (dict(damping=-1.0), "damping"),
+        (dict(damping=float("nan")), "damping"),
+        (dict(damping=float("inf")), "damping"),
+        (dict(damping="big"), "damping"),
+        (dict(damping=1.0, filter="lowpass"), "filter"),
+        (dict(damping=1.0, damping_mode="adaptive"), "damping_mode"),
+        (dict(damping=1.0, gram="sketchy", axis_name="b"), "gram"),
+        (dict(damping=1.0, gram="global"), "axis_name"),
+    ],
+)
 def test_bad_construction_arguments(kwargs, match):
   with pytest.raises(ValueError, match=match):
     nearprox.scale_by_proximal(**kwargs)
@@ -325,12 +351,16 @@ def test_bad_update_inputs_name_the_leaf_or_argument():
 
 # ---------------------------------------------------------------- rank-one form
 
+
 def test_scale_by_proximal_norm_in_a_chain():
   rng = np.random.default_rng(17)
-  g = {"a": jnp.asarray(rng.normal(size=(3, 2)), jnp.float32),
-       "b": jnp.asarray(rng.normal(size=(4,)), jnp.bfloat16)}
-  tx = optax.chain(optax.clip_by_global_norm(100.0), nearprox.scale_by_proximal_norm(2.0),
-                   optax.scale(-0.5))
+  g = {
+      "a": jnp.asarray(rng.normal(size=(3, 2)), jnp.float32),
+      "b": jnp.asarray(rng.normal(size=(4,)), jnp.bfloat16),
+  }
+  tx = optax.chain(
+      optax.clip_by_global_norm(100.0), nearprox.scale_by_proximal_norm(2.0), optax.scale(-0.5)
+  )
   updates, _ = tx.update(g, tx.init(g))
   gf = flat(g)
   want = -0.5 * gf * (gf @ gf) / (gf @ gf + 2.0)
@@ -342,6 +372,7 @@ def test_scale_by_proximal_norm_in_a_chain():
 
 
 # ---------------------------------------------------------------- per-example gradients
+
 
 def test_vmap_per_example_grads_are_each_examples_gradient():
   rng = np.random.default_rng(18)
@@ -355,12 +386,13 @@ def test_vmap_per_example_grads_are_each_examples_gradient():
   losses, grads = nearprox.per_example_value_and_grads(loss_fn, params, x, y)
   np.testing.assert_allclose(losses, loss_fn(params, x, y), rtol=1e-6)
   for i in range(5):
-    one = jax.grad(lambda p: loss_fn(p, x[i:i + 1], y[i:i + 1])[0])(params)
+    one = jax.grad(lambda p: loss_fn(p, x[i : i + 1], y[i : i + 1])[0])(params)
     np.testing.assert_allclose(flat(jax.tree.map(lambda t: t[i], grads)), flat(one), rtol=1e-6)
   # Their mean is the gradient of the mean loss.
   mean_grad = jax.grad(lambda p: loss_fn(p, x, y).mean())(params)
-  np.testing.assert_allclose(flat(jax.tree.map(lambda t: t.mean(0), grads)), flat(mean_grad),
-                             rtol=1e-5, atol=1e-6)
+  np.testing.assert_allclose(
+      flat(jax.tree.map(lambda t: t.mean(0), grads)), flat(mean_grad), rtol=1e-5, atol=1e-6
+  )
 
 
 def test_per_example_grads_bad_input():
@@ -378,12 +410,17 @@ def test_per_example_grads_bad_input():
 
 # ---------------------------------------------------------------- properties
 
+
 @hypothesis.settings(max_examples=25, deadline=None, derandomize=True)
 @hypothesis.given(
-    rows=hnp.arrays(np.float32, st.tuples(st.integers(1, 9), st.integers(1, 6)),
-                    elements=st.floats(-10, 10, width=32, allow_subnormal=False)),
+    rows=hnp.arrays(
+        np.float32,
+        st.tuples(st.integers(1, 9), st.integers(1, 6)),
+        elements=st.floats(-10, 10, width=32, allow_subnormal=False),
+    ),
     log_damping=st.floats(-3, 3),
-    filter=st.sampled_from(["tikhonov", "natural"]))
+    filter=st.sampled_from(["tikhonov", "natural"]),
+)
 def test_property_matches_reference_and_shrinks_the_gradient(rows, log_damping, filter):
   damping = 10.0**log_damping
   g = {"w": jnp.asarray(rows)}

@@ -17,10 +17,10 @@ usage() {
 Usage: $(basename "$0") --name NAME --zone ZONE --config CFG --workdir DIR [options] [-- ARGS]
 
 Runs, on every worker at once (a pod slice needs all hosts to start together),
-  cd ~/$REMOTE_DIR && .venv/bin/python -m nearprox.train --config CFG --workdir DIR ARGS
+  cd ~/$REMOTE_DIR && .venv/bin/python -m nearprox.training.train --config CFG --workdir DIR ARGS
 with the output of all workers streamed to this console and appended to a local log file
 (each worker also keeps ~/$REMOTE_DIR/logs/train.log). The run gets
-NEARPROX_DISTRIBUTED=auto, so nearprox.train calls jax.distributed.initialize(), which on
+NEARPROX_DISTRIBUTED=auto, so nearprox.training.train calls jax.distributed.initialize(), which on
 a TPU slice finds the other hosts by itself: no coordinator address is needed. On a pod
 slice give a --workdir every host can write (a gcsfuse-mounted bucket).
 
@@ -33,7 +33,7 @@ Options:
                    logs.sh, stop with stop.sh. Use it for long runs: without it the run
                    ends when this terminal's connection does
   --worker W       workers to run on (default all)
-  -- ARGS          passed to nearprox.train unchanged (e.g. --config.learning_rate=3e-5)
+  -- ARGS          passed to nearprox.training.train unchanged (e.g. --config.learning_rate=3e-5)
 
 $COMMON_FLAGS_HELP
 
@@ -58,7 +58,7 @@ while [[ $# -gt 0 ]]; do
     --detach) DETACH=1; shift ;;
     --worker | --worker=*) WORKER="$(flag_value "$@")"; shift "$(flag_shift "$1")" ;;
     --) shift; TRAIN_ARGS=("$@"); break ;;
-    *) die "unknown argument: $1 (see --help; arguments for nearprox.train go after --)" ;;
+    *) die "unknown argument: $1 (see --help; arguments for nearprox.training.train go after --)" ;;
   esac
 done
 
@@ -75,11 +75,11 @@ if [[ ! -f "$config_file" ]]; then
   echo "warning: ${CONFIG%%:*} is not in this checkout; the workers must have it" >&2
 fi
 
-# NEARPROX_DISTRIBUTED=auto: nearprox.train calls jax.distributed.initialize(), which finds
+# NEARPROX_DISTRIBUTED=auto: nearprox.training.train calls jax.distributed.initialize(), which finds
 # the other hosts of a TPU slice by itself. PYTHONUNBUFFERED: lines appear as they happen.
 # --env values come last, so they override these.
 train_cmd="$(quote_args env NEARPROX_DISTRIBUTED=auto PYTHONUNBUFFERED=1 "${ENV_VARS[@]}" \
-  .venv/bin/python -m nearprox.train \
+  .venv/bin/python -m nearprox.training.train \
   --config "$CONFIG" --workdir "$WORKDIR" "${TRAIN_ARGS[@]}")"
 if [[ "$DETACH" == 1 ]]; then
   remote_script="cd ~/$REMOTE_DIR && mkdir -p logs

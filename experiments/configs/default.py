@@ -1,7 +1,7 @@
 """The default job: MiniLM on the offline tweet-sentiment corpus, proximal SGD + FGM + L2.
 
-    python -m nearprox.train --config experiments/configs/default.py --workdir runs/default
-    python -m nearprox.train --config experiments/configs/default.py --workdir runs/sgd \
+    python -m nearprox.training.train --config experiments/configs/default.py --workdir runs/default
+    python -m nearprox.training.train --config experiments/configs/default.py --workdir runs/sgd \
         --config.optimizer.name=sgd --config.optimizer.learning_rate=0.03
 """
 
@@ -12,39 +12,39 @@ def get_config() -> ml_collections.ConfigDict:
   config = ml_collections.ConfigDict()
   config.seed = 0
 
-  # Data: a task name of nearprox.data ("tweets", "sst2", "cola", "mrpc", "rte").
+  # Data: a task name of nearprox.text.data ("tweets", "sst2", "cola", "mrpc", "rte").
   config.task = "tweets"
   placeholder = ml_collections.config_dict.placeholder
   config.data_dir = placeholder(str)  # GLUE root for GLUE tasks (default $NEARPROX_GLUE_DIR)
-  config.source = placeholder(str)    # "tsv" / "tfds" for GLUE tasks; None picks
+  config.source = placeholder(str)  # "tsv" / "tfds" for GLUE tasks; None picks
   config.max_length = 64
-  config.batch_size = 32          # global, over all devices and hosts
+  config.batch_size = 32  # global, over all devices and hosts
   config.eval_batch_size = 128
-  config.max_eval_examples = 0    # 0: evaluate on the whole split
-  config.label_noise = 0.0        # fraction of training labels flipped (seeded)
+  config.max_eval_examples = 0  # 0: evaluate on the whole split
+  config.label_noise = 0.0  # fraction of training labels flipped (seeded)
   config.low_confidence_below = 0.7  # tweets: also report test examples below this confidence
 
   # Model: "minilm", a Hugging Face directory / cached hub name, or "tiny" (random, for tests).
   config.model = ml_collections.ConfigDict()
   config.model.name = "minilm"
   config.model.dtype = "float32"
-  config.model.dropout = False    # dropout during training (per-example keys)
+  config.model.dropout = False  # dropout during training (per-example keys)
 
   # Optimizer: "proximal_sgd", "proximal_norm_sgd", "sgd", "adamw".
   config.optimizer = ml_collections.ConfigDict()
   config.optimizer.name = "proximal_sgd"
   config.optimizer.learning_rate = 0.03
   config.optimizer.warmup_fraction = 0.1
-  config.optimizer.momentum = 0.9           # 0 disables (sgd, proximal_sgd)
+  config.optimizer.momentum = 0.9  # 0 disables (sgd, proximal_sgd)
   config.optimizer.nesterov = False
-  config.optimizer.weight_decay = 0.01      # adamw only (decoupled)
-  config.optimizer.damping = 0.1            # proximal: λ, or λ / mean ‖g_i‖² if relative
+  config.optimizer.weight_decay = 0.01  # adamw only (decoupled)
+  config.optimizer.damping = 0.1  # proximal: λ, or λ / mean ‖g_i‖² if relative
   config.optimizer.filter = "tikhonov"
   config.optimizer.damping_mode = "relative"
-  config.optimizer.gram = "local"           # several devices: "local" or "global"
+  config.optimizer.gram = "local"  # several devices: "local" or "global"
   config.optimizer.per_example = "factored"  # "factored" (fast) or "vmap" (reference)
 
-  # Objective (nearprox.losses.ObjectiveConfig): None fields take the kind's defaults.
+  # Objective (nearprox.text.objectives.ObjectiveConfig): None fields take the kind's defaults.
   config.objective = ml_collections.ConfigDict()
   config.objective.kind = "fgm"
   # FGM step length (ℓ2 over an example's word embeddings): 0.1 is where the embedding-space
@@ -62,7 +62,7 @@ def get_config() -> ml_collections.ConfigDict:
   config.eval_every = 60
   config.checkpoint_every = 60
   config.keep_checkpoints = 2
-  config.parallel = "shard_map"   # "shard_map" (jit + shard_map), "pmap", or "jit" (1 device)
-  config.export_hf = True         # write the fine-tuned model as a Hugging Face directory
+  config.parallel = "shard_map"  # "shard_map" (jit + shard_map), "pmap", or "jit" (1 device)
+  config.export_hf = True  # write the fine-tuned model as a Hugging Face directory
   config.progress = True
   return config

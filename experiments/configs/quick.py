@@ -9,7 +9,7 @@ direction of effects at a very short budget; they are not converged fine-tuning 
 (see full.py, whose runs the README reports).
 
     python experiments/reproduce.py --quick
-    python -m nearprox.train --config experiments/configs/quick.py --workdir /tmp/q
+    python -m nearprox.training.train --config experiments/configs/quick.py --workdir /tmp/q
 """
 
 import importlib.util
@@ -58,18 +58,20 @@ def get_plan() -> ml_collections.ConfigDict:
       "proximal_natural": (0.1, 0.3),
       "proximal_norm": (1e-2, 3e-2),
   }
-  plan.sweep_tasks = ("sst2",)        # tweets reuses SST-2's best learning rate
-  plan.sweep_extensions = 0           # full.py extends a grid past an edge that wins
+  plan.sweep_tasks = ("sst2",)  # tweets reuses SST-2's best learning rate
+  plan.sweep_extensions = 0  # full.py extends a grid past an edge that wins
   plan.optimizer_tasks = ("sst2", "tweets")
   plan.tweets_variants = ("adamw", "proximal_tikhonov", "proximal_natural")
   plan.damping_grid = (0.01, 0.1, 1.0)
   plan.damping_filters = ("tikhonov", "natural")
   plan.objectives = ("clean", "fgm", "pgd")
   plan.objective_optimizers = ("best_proximal",)
-  # Training perturbation per objective (others: nearprox.losses defaults). ε = 0.1 (ℓ2 over
+  # Training perturbation per objective (others: nearprox.text.objectives defaults). ε = 0.1 (ℓ2 over
   # a whole example's word embeddings) sits inside the attack grid below.
-  plan.objective_settings = {"fgm": {"epsilon": 0.1},
-                             "pgd": {"epsilon": 0.1, "step_size": 0.04, "num_steps": 3}}
+  plan.objective_settings = {
+      "fgm": {"epsilon": 0.1},
+      "pgd": {"epsilon": 0.1, "step_size": 0.04, "num_steps": 3},
+  }
   plan.attack_epsilons = (0.0, 0.05, 0.1, 0.2, 0.5)
   plan.attack_steps = 3
   plan.attack_examples = 128

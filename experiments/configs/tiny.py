@@ -1,13 +1,15 @@
 """A smoke-test config: a random 2-layer BERT (hidden 32) with MiniLM's tokenizer, a few
 steps, small evaluation. Used by the tests; also a quick check that a machine is set up.
 
-    python -m nearprox.train --config experiments/configs/tiny.py --workdir /tmp/tiny
+    python -m nearprox.training.train --config experiments/configs/tiny.py --workdir /tmp/tiny
 """
 
 import importlib.util
 from pathlib import Path
 
-_spec = importlib.util.spec_from_file_location("default_config", Path(__file__).with_name("default.py"))
+_spec = importlib.util.spec_from_file_location(
+    "default_config", Path(__file__).with_name("default.py")
+)
 _default = importlib.util.module_from_spec(_spec)
 _spec.loader.exec_module(_default)
 

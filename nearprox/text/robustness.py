@@ -24,13 +24,13 @@ from __future__ import annotations
 import csv
 import functools
 import os
-from typing import Iterable, Sequence
+from collections.abc import Iterable, Sequence
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from nearprox import losses
+from nearprox.text import objectives
 
 FIELDS = ("epsilon", "accuracy", "loss", "num_examples", "num_steps", "step_size", "norm")
 
@@ -40,8 +40,18 @@ def madry_step_size(epsilon: float, num_steps: int) -> float:
   return 2.5 * epsilon / num_steps
 
 
-def pgd_attack(logits_fn: losses.LogitsFn, params, batch, *, epsilon, step_size,
-               num_steps: int, norm: str = "l2", hidden_size: int, start=None):
+def pgd_attack(
+    logits_fn: objectives.LogitsFn,
+    params,
+    batch,
+    *,
+    epsilon,
+    step_size,
+    num_steps: int,
+    norm: str = "l2",
+    hidden_size: int,
+    start=None,
+):
   """The most damaging of K PGD iterates per example, in the ε-ball, zero on padding.
 
   Starts from ``start`` (projected into the ball; default δ = 0), takes K steps
@@ -52,19 +62,19 @@ def pgd_attack(logits_fn: losses.LogitsFn, params, batch, *, epsilon, step_size,
   Returns:
     (δ [B, T, hidden_size], misclassified [B] bool, cross-entropy at δ [B]).
   """
-  if norm not in losses.NORMS:
-    raise ValueError(f"norm must be one of {losses.NORMS}, got {norm!r}")
+  if norm not in objectives.NORMS:
+    raise ValueError(f"norm must be one of {objectives.NORMS}, got {norm!r}")
   labels = batch["labels"]
-  mask = losses.token_mask(batch)
+  mask = objectives.token_mask(batch)
   if start is None:
     start = jnp.zeros((*batch["input_ids"].shape, hidden_size), jnp.float32)
-  start = losses.project_to_ball(start * mask, epsilon, norm)
+  start = objectives.project_to_ball(start * mask, epsilon, norm)
 
   def evaluate(delta):
     logits = logits_fn(params, batch, delta, None)
     if not (hasattr(logits, "ndim") and logits.ndim == 2):
       raise ValueError("pgd_attack needs classification logits [B, k] from logits_fn")
-    return losses.cross_entropy_loss(logits, labels), jnp.argmax(logits, axis=-1) != labels
+    return objectives.cross_entropy_loss(logits, labels), jnp.argmax(logits, axis=-1) != labels
 
   def keep_best(best, delta, loss, wrong):
     best_delta, best_wrong, best_loss = best
@@ -77,8 +87,8 @@ def pgd_attack(logits_fn: losses.LogitsFn, params, batch, *, epsilon, step_size,
     loss, pullback, wrong = jax.vjp(evaluate, delta, has_aux=True)
     grad = pullback(jnp.ones_like(loss))[0] * mask
     best = keep_best(best, delta, loss, wrong)
-    moved = delta + step_size * losses.steepest_ascent_direction(grad, norm)
-    return losses.project_to_ball(moved, epsilon, norm) * mask, best
+    moved = delta + step_size * objectives.steepest_ascent_direction(grad, norm)
+    return objectives.project_to_ball(moved, epsilon, norm) * mask, best
 
   loss, wrong = evaluate(start)
   delta, best = jax.lax.fori_loop(0, num_steps, step, (start, (start, wrong, loss)))
@@ -90,9 +100,17 @@ def pgd_attack(logits_fn: losses.LogitsFn, params, batch, *, epsilon, step_size,
 def _make_batch_attack(logits_fn, hidden_size, num_steps, norm):
   @jax.jit
   def attack(params, batch, epsilon, step_size, start):
-    delta, wrong, loss = pgd_attack(logits_fn, params, batch, epsilon=epsilon,
-                                    step_size=step_size, num_steps=num_steps, norm=norm,
-                                    hidden_size=hidden_size, start=start)
+    delta, wrong, loss = pgd_attack(
+        logits_fn,
+        params,
+        batch,
+        epsilon=epsilon,
+        step_size=step_size,
+        num_steps=num_steps,
+        norm=norm,
+        hidden_size=hidden_size,
+        start=start,
+    )
     weight = batch.get("mask")
     weight = jnp.ones(loss.shape, jnp.float32) if weight is None else weight.astype(jnp.float32)
     correct = 1.0 - wrong.astype(jnp.float32)
@@ -101,15 +119,23 @@ def _make_batch_attack(logits_fn, hidden_size, num_steps, norm):
   return attack
 
 
-def attack_accuracy(logits_fn: losses.LogitsFn, params, batches: Iterable, epsilons:
-                    Sequence[float], *, hidden_size: int, num_steps: int = 10,
-                    step_size: float | None = None, norm: str = "l2",
-                    warm_start: bool = True) -> list[dict]:
+def attack_accuracy(
+    logits_fn: objectives.LogitsFn,
+    params,
+    batches: Iterable,
+    epsilons: Sequence[float],
+    *,
+    hidden_size: int,
+    num_steps: int = 10,
+    step_size: float | None = None,
+    norm: str = "l2",
+    warm_start: bool = True,
+) -> list[dict]:
   """Accuracy (and mean cross-entropy) under the PGD attack, one row per ε.
 
   Args:
     logits_fn: ``logits_fn(params, batch, word_embeddings_delta, rng)`` → logits [B, k]
-      (e.g. :func:`nearprox.losses.bert_logits_fn` (model)); called with ``rng=None``.
+      (e.g. :func:`nearprox.text.objectives.bert_logits_fn` (model)); called with ``rng=None``.
     params: the model parameters.
     batches: batches (dicts with ``input_ids``, ``labels``, optional ``attention_mask``,
       ``token_type_ids``, ``mask``); materialized once as a list.
@@ -124,8 +150,8 @@ def attack_accuracy(logits_fn: losses.LogitsFn, params, batches: Iterable, epsil
     ``[{"epsilon", "accuracy", "loss", "num_examples", "num_steps", "step_size", "norm"}]``
     in the order of ``epsilons``; accuracy and loss over unmasked rows.
   """
-  if norm not in losses.NORMS:
-    raise ValueError(f"norm must be one of {losses.NORMS}, got {norm!r}")
+  if norm not in objectives.NORMS:
+    raise ValueError(f"norm must be one of {objectives.NORMS}, got {norm!r}")
   if isinstance(num_steps, bool) or not isinstance(num_steps, int) or num_steps < 1:
     raise ValueError(f"num_steps must be an int >= 1, got {num_steps!r}")
   if step_size is not None and not step_size >= 0:
@@ -146,15 +172,27 @@ def attack_accuracy(logits_fn: losses.LogitsFn, params, batches: Iterable, epsil
       start = starts[i]
       if start is None:
         start = jnp.zeros((*batch["input_ids"].shape, hidden_size), jnp.float32)
-      delta, c, l, n = attack(params, batch, jnp.float32(epsilon), jnp.float32(alpha), start)
+      delta, num_correct, loss_sum, num = attack(
+          params, batch, jnp.float32(epsilon), jnp.float32(alpha), start
+      )
       if warm_start:
         starts[i] = delta
-      correct, total_loss, count = correct + float(c), total_loss + float(l), count + float(n)
+      correct, total_loss, count = (
+          correct + float(num_correct),
+          total_loss + float(loss_sum),
+          count + float(num),
+      )
     if count == 0:
       raise ValueError("every row of every batch is masked (batch['mask'] == 0)")
-    rows[epsilon] = dict(epsilon=epsilon, accuracy=correct / count, loss=total_loss / count,
-                         num_examples=int(count), num_steps=num_steps, step_size=alpha,
-                         norm=norm)
+    rows[epsilon] = dict(
+        epsilon=epsilon,
+        accuracy=correct / count,
+        loss=total_loss / count,
+        num_examples=int(count),
+        num_steps=num_steps,
+        step_size=alpha,
+        norm=norm,
+    )
   return [dict(rows[e]) for e in epsilons]
 
 
@@ -186,6 +224,7 @@ def plot_accuracy(curves, path, title: str = "Accuracy under embedding-space PGD
   compare several models/objectives on one plot.
   """
   import matplotlib
+
   matplotlib.use("Agg")
   import matplotlib.pyplot as plt
 

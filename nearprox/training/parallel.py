@@ -21,9 +21,10 @@ import os
 import jax
 import numpy as np
 from jax.experimental import multihost_utils
-from jax.sharding import NamedSharding, PartitionSpec as P
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
 
-from nearprox import data
+from nearprox.text import data
 
 AXIS = "batch"
 MODES = ("shard_map", "pmap", "jit")
@@ -48,11 +49,17 @@ def initialize() -> None:
     jax.distributed.initialize(
         coordinator_address=os.environ["NEARPROX_COORDINATOR"],
         num_processes=int(os.environ["NEARPROX_NUM_PROCESSES"]),
-        process_id=int(os.environ["NEARPROX_PROCESS_ID"]))
+        process_id=int(os.environ["NEARPROX_PROCESS_ID"]),
+    )
   else:
     return
-  logging.info("process %d of %d, %d local / %d global devices", jax.process_index(),
-               jax.process_count(), jax.local_device_count(), jax.device_count())
+  logging.info(
+      "process %d of %d, %d local / %d global devices",
+      jax.process_index(),
+      jax.process_count(),
+      jax.local_device_count(),
+      jax.device_count(),
+  )
 
 
 def is_main_process() -> bool:
@@ -60,7 +67,7 @@ def is_main_process() -> bool:
 
 
 def host_shard() -> dict[str, int]:
-  """Keyword arguments of :func:`nearprox.data.batches` selecting this host's rows."""
+  """Keyword arguments of :func:`nearprox.text.data.batches` selecting this host's rows."""
   return {"process_index": jax.process_index(), "process_count": jax.process_count()}
 
 
@@ -90,8 +97,9 @@ class Runner:
     if mode not in MODES:
       raise ValueError(f"config.parallel must be one of {MODES}, got {mode!r}")
     if mode == "jit" and jax.process_count() > 1:
-      raise ValueError('parallel="jit" runs on one device; use "shard_map" or "pmap" on '
-                       "several hosts")
+      raise ValueError(
+          'parallel="jit" runs on one device; use "shard_map" or "pmap" on ' "several hosts"
+      )
     self.mode = mode
     self.axis_name = None if mode == "jit" else AXIS
     if mode == "shard_map":
@@ -110,19 +118,29 @@ class Runner:
     else:
       # check_vma=False: the step sums gradients itself (psum inside the proximal transform
       # or train_step); automatic psums on replicated params would double-count.
-      self._train = jax.jit(jax.shard_map(
-          train_fn, mesh=self.mesh, in_specs=(P(), P(AXIS), P()), out_specs=(P(), P()),
-          check_vma=False), donate_argnums=0)
-      self._eval = jax.jit(jax.shard_map(
-          eval_fn, mesh=self.mesh, in_specs=(P(), P(AXIS)), out_specs=P(AXIS),
-          check_vma=False))
+      self._train = jax.jit(
+          jax.shard_map(
+              train_fn,
+              mesh=self.mesh,
+              in_specs=(P(), P(AXIS), P()),
+              out_specs=(P(), P()),
+              check_vma=False,
+          ),
+          donate_argnums=0,
+      )
+      self._eval = jax.jit(
+          jax.shard_map(
+              eval_fn, mesh=self.mesh, in_specs=(P(), P(AXIS)), out_specs=P(AXIS), check_vma=False
+          )
+      )
 
   def _put_batch(self, batch):
     if self.mode == "pmap":
       return data.shard_batch(batch, jax.local_device_count())
     if self.mode == "shard_map":
       return jax.tree.map(
-          lambda x: jax.make_array_from_process_local_data(self.sharded, np.asarray(x)), batch)
+          lambda x: jax.make_array_from_process_local_data(self.sharded, np.asarray(x)), batch
+      )
     return batch
 
   def put_state(self, state):
@@ -132,8 +150,11 @@ class Runner:
       return jax.tree.map(lambda x: np.stack([np.asarray(x)] * copies), state)
     if self.mode == "shard_map":
       return jax.tree.map(
-          lambda x: jax.make_array_from_callback(np.shape(x), self.replicated,
-                                                 lambda index: np.asarray(x)[index]), state)
+          lambda x: jax.make_array_from_callback(
+              np.shape(x), self.replicated, lambda index: np.asarray(x)[index]
+          ),
+          state,
+      )
     return jax.device_put(state)
 
   def get_state(self, device_state):

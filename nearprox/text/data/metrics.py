@@ -2,7 +2,7 @@
 
 Every function takes integer ``labels`` [N], integer ``predictions`` [N] (or logits
 [N, C], reduced with ``argmax``) and an optional ``mask`` [N]: rows with mask 0 are
-padding (see :func:`nearprox.data.batches`) and are left out entirely, so a padded
+padding (see :func:`nearprox.text.data.batches`) and are left out entirely, so a padded
 evaluation set gives exactly the numbers of the unpadded one.
 
 Definitions (TP, FP, FN, TN counted over unmasked rows; C the confusion matrix with
@@ -38,7 +38,8 @@ def _prepare(labels, predictions, mask):
   if predictions.shape != labels.shape:
     raise ValueError(
         f"predictions must have shape {labels.shape} (or logits [N, C]), got "
-        f"{np.shape(predictions)}")
+        f"{np.shape(predictions)}"
+    )
   if mask is None:
     keep = np.ones(labels.shape, dtype=bool)
   else:
@@ -56,8 +57,9 @@ def confusion_matrix(labels, predictions, num_labels: int, mask=None) -> np.ndar
   labels, predictions = _prepare(labels, predictions, mask)
   for name, values in (("labels", labels), ("predictions", predictions)):
     if values.min() < 0 or values.max() >= num_labels:
-      raise ValueError(f"{name} must lie in [0, {num_labels}), got "
-                       f"[{values.min()}, {values.max()}]")
+      raise ValueError(
+          f"{name} must lie in [0, {num_labels}), got " f"[{values.min()}, {values.max()}]"
+      )
   counts = np.zeros((num_labels, num_labels), dtype=np.int64)
   np.add.at(counts, (labels, predictions), 1)
   return counts
@@ -102,6 +104,7 @@ def matthews_corrcoef(labels, predictions, mask=None) -> float:
   total = counts.sum()
   correct = np.trace(counts)
   numerator = correct * total - pred_counts @ true_counts
-  denominator = np.sqrt((total**2 - pred_counts @ pred_counts) *
-                        (total**2 - true_counts @ true_counts))
+  denominator = np.sqrt(
+      (total**2 - pred_counts @ pred_counts) * (total**2 - true_counts @ true_counts)
+  )
   return float(numerator / denominator) if denominator > 0 else 0.0

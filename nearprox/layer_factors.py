@@ -3,7 +3,7 @@
 A dense layer applied to a sequence of T positions, with inputs a_i (T × d_in) and output
 cotangents δ_i (T × d_out) for example i, has the per-example kernel gradient g_i = a_iᵀ δ_i.
 :class:`DenseFactor` keeps (a, δ) instead of the B × d_in × d_out gradients and implements
-the two operations of :class:`nearprox.gram.PerExampleFactor`:
+the two operations of :class:`nearprox.spectral_filter.PerExampleFactor`:
 
 * Gram: ⟨g_i, g'_j⟩ = Σ_{t,s} (a_it·a'_js)(δ_it·δ'_js) = sum((A_i A'_jᵀ) ∘ (Δ_i Δ'_jᵀ)), the
   "ghost" formula, ~B·B'·T·T'·(d_in+d_out) multiply-adds; or materialize each side's g_i
@@ -39,7 +39,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from nearprox.gram import PerExampleFactor, compute_dtype
+from nearprox.spectral_filter import PerExampleFactor, compute_dtype
 
 _HIGHEST = jax.lax.Precision.HIGHEST
 
@@ -49,13 +49,16 @@ COMBINE_METHODS = ("factored", "materialized")
 
 def _check_same_kind(self, other) -> None:
   if type(other) is not type(self):
-    raise ValueError(f"cannot take inner products between a {type(self).__name__} and a "
-                     f"{type(other).__name__}; the two per-example pytrees must match")
+    raise ValueError(
+        f"cannot take inner products between a {type(self).__name__} and a "
+        f"{type(other).__name__}; the two per-example pytrees must match"
+    )
 
 
-def dense_gram_method(batch: int, length: int, other_batch: int, other_length: int,
-                      d_in: int, d_out: int, same: bool) -> str:
-  """"ghost" or "materialize", whichever needs fewer multiply-adds for this layer's Gram.
+def dense_gram_method(
+    batch: int, length: int, other_batch: int, other_length: int, d_in: int, d_out: int, same: bool
+) -> str:
+  """ "ghost" or "materialize", whichever needs fewer multiply-adds for this layer's Gram.
 
   ghost:       B·B'·T·T'·(d_in + d_out)
   materialize: (B·T + B'·T')·d_in·d_out (only B·T·d_in·d_out when both sides are the same
@@ -68,9 +71,16 @@ def dense_gram_method(batch: int, length: int, other_batch: int, other_length: i
   return "ghost" if ghost <= materialize else "materialize"
 
 
-def embed_gram_method(batch: int, length: int, other_batch: int, other_length: int,
-                      num_embeddings: int, features: int, same: bool) -> str:
-  """"ghost" (token-equality mask) or "materialize" ([B, V, D] gradients), by cost."""
+def embed_gram_method(
+    batch: int,
+    length: int,
+    other_batch: int,
+    other_length: int,
+    num_embeddings: int,
+    features: int,
+    same: bool,
+) -> str:
+  """ "ghost" (token-equality mask) or "materialize" ([B, V, D] gradients), by cost."""
   ghost = batch * other_batch * length * other_length * (features + 1)
   rows = batch if same else batch + other_batch
   materialize = (rows + batch * other_batch) * num_embeddings * features
@@ -95,6 +105,7 @@ class DenseFactor(PerExampleFactor):
       them), B·d_in·d_out multiply-adds, but G (B·d_in·d_out numbers) then stays alive from
       the Gram to the combine. Used only when the Gram materializes.
   """
+
   inputs: jax.Array
   cotangents: jax.Array
   kernel_shape: tuple[int, ...]
@@ -104,28 +115,32 @@ class DenseFactor(PerExampleFactor):
 
   def __post_init__(self):
     if self.gram_method not in ("auto",) + GRAM_METHODS:
-      raise ValueError(f"gram_method must be 'auto' or one of {GRAM_METHODS}, "
-                       f"got {self.gram_method!r}")
+      raise ValueError(
+          f"gram_method must be 'auto' or one of {GRAM_METHODS}, " f"got {self.gram_method!r}"
+      )
     if self.combine_method not in COMBINE_METHODS:
-      raise ValueError(f"combine_method must be one of {COMBINE_METHODS}, "
-                       f"got {self.combine_method!r}")
+      raise ValueError(
+          f"combine_method must be one of {COMBINE_METHODS}, " f"got {self.combine_method!r}"
+      )
 
-  def _method(self, other: "DenseFactor") -> str:
+  def _method(self, other: DenseFactor) -> str:
     if self.gram_method != "auto":
       return self.gram_method
     batch, length, d_in = self.inputs.shape
     other_batch, other_length, _ = other.inputs.shape
-    return dense_gram_method(batch, length, other_batch, other_length, d_in,
-                             self.cotangents.shape[-1], other is self)
+    return dense_gram_method(
+        batch, length, other_batch, other_length, d_in, self.cotangents.shape[-1], other is self
+    )
 
   def _per_example(self) -> jax.Array:
     """G, [B, d_in · d_out]: the materialized per-example kernel gradients."""
     dtype = compute_dtype(self.cotangents.dtype)
-    grads = jnp.einsum("btk,btl->bkl", self.inputs.astype(dtype), self.cotangents.astype(dtype),
-                       precision=_HIGHEST)
+    grads = jnp.einsum(
+        "btk,btl->bkl", self.inputs.astype(dtype), self.cotangents.astype(dtype), precision=_HIGHEST
+    )
     return grads.reshape(grads.shape[0], -1)
 
-  def gram(self, other: "DenseFactor") -> jax.Array:
+  def gram(self, other: DenseFactor) -> jax.Array:
     _check_same_kind(self, other)
     dtype = compute_dtype(self.cotangents.dtype)
     if self._method(other) == "materialize":
@@ -133,10 +148,15 @@ class DenseFactor(PerExampleFactor):
       theirs = mine if other is self else other._per_example()
       return jnp.matmul(mine, theirs.T, precision=_HIGHEST)
     # [B, T, B', T'] is the plain matmul's output order: no transpose before the product.
-    inner_a = jnp.einsum("itk,jsk->itjs", self.inputs.astype(dtype), other.inputs.astype(dtype),
-                         precision=_HIGHEST)
-    inner_d = jnp.einsum("itl,jsl->itjs", self.cotangents.astype(dtype),
-                         other.cotangents.astype(dtype), precision=_HIGHEST)
+    inner_a = jnp.einsum(
+        "itk,jsk->itjs", self.inputs.astype(dtype), other.inputs.astype(dtype), precision=_HIGHEST
+    )
+    inner_d = jnp.einsum(
+        "itl,jsl->itjs",
+        self.cotangents.astype(dtype),
+        other.cotangents.astype(dtype),
+        precision=_HIGHEST,
+    )
     return jnp.sum(inner_a * inner_d, axis=(1, 3))
 
   def combine(self, coeffs: jax.Array) -> jax.Array:
@@ -160,6 +180,7 @@ class EmbedFactor(PerExampleFactor):
     table_dtype: the table's dtype.
     gram_method: "auto" (:func:`embed_gram_method`), "ghost" or "materialize".
   """
+
   ids: jax.Array
   cotangents: jax.Array
   num_embeddings: int
@@ -168,26 +189,37 @@ class EmbedFactor(PerExampleFactor):
 
   def __post_init__(self):
     if self.gram_method not in ("auto",) + GRAM_METHODS:
-      raise ValueError(f"gram_method must be 'auto' or one of {GRAM_METHODS}, "
-                       f"got {self.gram_method!r}")
+      raise ValueError(
+          f"gram_method must be 'auto' or one of {GRAM_METHODS}, " f"got {self.gram_method!r}"
+      )
 
-  def _method(self, other: "EmbedFactor") -> str:
+  def _method(self, other: EmbedFactor) -> str:
     if self.gram_method != "auto":
       return self.gram_method
     batch, length, features = self.cotangents.shape
-    return embed_gram_method(batch, length, other.ids.shape[0], other.ids.shape[1],
-                             self.num_embeddings, features, other is self)
+    return embed_gram_method(
+        batch,
+        length,
+        other.ids.shape[0],
+        other.ids.shape[1],
+        self.num_embeddings,
+        features,
+        other is self,
+    )
 
   def _per_example(self) -> jax.Array:
     """[B, V · D]: the materialized per-example table gradients (scatter-add)."""
     batch, length, features = self.cotangents.shape
     dtype = compute_dtype(self.cotangents.dtype)
     rows = jnp.arange(batch, dtype=self.ids.dtype)[:, None] * self.num_embeddings + self.ids
-    grads = jax.ops.segment_sum(self.cotangents.astype(dtype).reshape(-1, features),
-                                rows.reshape(-1), num_segments=batch * self.num_embeddings)
+    grads = jax.ops.segment_sum(
+        self.cotangents.astype(dtype).reshape(-1, features),
+        rows.reshape(-1),
+        num_segments=batch * self.num_embeddings,
+    )
     return grads.reshape(batch, -1)
 
-  def gram(self, other: "EmbedFactor") -> jax.Array:
+  def gram(self, other: EmbedFactor) -> jax.Array:
     _check_same_kind(self, other)
     dtype = compute_dtype(self.cotangents.dtype)
     if self._method(other) == "materialize":
@@ -195,28 +227,39 @@ class EmbedFactor(PerExampleFactor):
       theirs = mine if other is self else other._per_example()
       return jnp.matmul(mine, theirs.T, precision=_HIGHEST)
     same_row = self.ids[:, :, None, None] == other.ids[None, None, :, :]
-    inner_d = jnp.einsum("itd,jsd->itjs", self.cotangents.astype(dtype),
-                         other.cotangents.astype(dtype), precision=_HIGHEST)
+    inner_d = jnp.einsum(
+        "itd,jsd->itjs",
+        self.cotangents.astype(dtype),
+        other.cotangents.astype(dtype),
+        precision=_HIGHEST,
+    )
     return jnp.sum(jnp.where(same_row, inner_d, 0.0), axis=(1, 3))
 
   def combine(self, coeffs: jax.Array) -> jax.Array:
     dtype = compute_dtype(self.cotangents.dtype)
     features = self.cotangents.shape[-1]
     weighted = self.cotangents.astype(dtype) * coeffs.astype(dtype)[:, None, None]
-    table = jax.ops.segment_sum(weighted.reshape(-1, features), self.ids.reshape(-1),
-                                num_segments=self.num_embeddings)
+    table = jax.ops.segment_sum(
+        weighted.reshape(-1, features), self.ids.reshape(-1), num_segments=self.num_embeddings
+    )
     return table.astype(self.table_dtype)
 
 
 for _cls in (DenseFactor, EmbedFactor):
   _data = [f.name for f in dataclasses.fields(_cls) if f.name in ("inputs", "ids", "cotangents")]
   jax.tree_util.register_dataclass(
-      _cls, data_fields=_data,
-      meta_fields=[f.name for f in dataclasses.fields(_cls) if f.name not in _data])
+      _cls,
+      data_fields=_data,
+      meta_fields=[f.name for f in dataclasses.fields(_cls) if f.name not in _data],
+  )
 
 
 def factor_nbytes(per_example_grads) -> int:
   """Bytes of every array in a per-example pytree (factored or dense): what an all_gather of it
   moves per participating device."""
-  return int(sum(np.prod(x.shape, dtype=np.int64) * np.dtype(x.dtype).itemsize
-                 for x in jax.tree.leaves(per_example_grads)))
+  return int(
+      sum(
+          np.prod(x.shape, dtype=np.int64) * np.dtype(x.dtype).itemsize
+          for x in jax.tree.leaves(per_example_grads)
+      )
+  )

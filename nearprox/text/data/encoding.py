@@ -1,4 +1,4 @@
-"""Tokenization of a :class:`~nearprox.data.Split` into fixed-shape arrays, cached on disk.
+"""Tokenization of a :class:`~nearprox.text.data.Split` into fixed-shape arrays, cached on disk.
 
 ``encode(split, tokenizer, max_length)`` calls the model's Hugging Face tokenizer once
 over the whole split, padded and truncated to exactly ``max_length`` tokens (static shapes
@@ -34,7 +34,7 @@ from typing import Any
 
 import numpy as np
 
-from nearprox.data.tasks import Split
+from nearprox.text.data.tasks import Split
 
 CACHE_DIR_ENV = "NEARPROX_CACHE_DIR"
 _CACHE_FORMAT = 1
@@ -66,7 +66,7 @@ class Encoded:
     return int(self.input_ids.shape[1])
 
   def arrays(self) -> dict[str, np.ndarray]:
-    """The four arrays by name (the keys of :func:`nearprox.data.batches`' batches)."""
+    """The four arrays by name (the keys of :func:`nearprox.text.data.batches`' batches)."""
     return {field.name: getattr(self, field.name) for field in dataclasses.fields(self)}
 
 
@@ -94,11 +94,14 @@ def tokenizer_fingerprint(tokenizer: Any) -> str:
   elif hasattr(tokenizer, "get_vocab"):  # a slow (Python) tokenizer
     description["vocab"] = sorted(tokenizer.get_vocab().items())
     description["special_tokens"] = repr(getattr(tokenizer, "special_tokens_map", None))
-    description["init_kwargs"] = repr(sorted(
-        (k, repr(v)) for k, v in getattr(tokenizer, "init_kwargs", {}).items()))
+    description["init_kwargs"] = repr(
+        sorted((k, repr(v)) for k, v in getattr(tokenizer, "init_kwargs", {}).items())
+    )
   else:
-    raise ValueError(f"tokenizer: cannot fingerprint a {type(tokenizer).__name__} (no "
-                     f"backend_tokenizer or get_vocab); pass use_cache=False")
+    raise ValueError(
+        f"tokenizer: cannot fingerprint a {type(tokenizer).__name__} (no "
+        f"backend_tokenizer or get_vocab); pass use_cache=False"
+    )
   blob = json.dumps(description, sort_keys=True, default=repr).encode("utf-8")
   return hashlib.sha256(blob).hexdigest()
 
@@ -116,9 +119,13 @@ def _library_versions() -> dict[str, str]:
 def cache_key(split: Split, tokenizer: Any, max_length: int) -> str:
   """The SHA-256 hex naming ``split``'s cache file for this tokenizer and length."""
   digest = hashlib.sha256()
-  header = {"format": _CACHE_FORMAT, "tokenizer": tokenizer_fingerprint(tokenizer),
-            "max_length": int(max_length), "num_examples": len(split),
-            "pair": split.text_b is not None}
+  header = {
+      "format": _CACHE_FORMAT,
+      "tokenizer": tokenizer_fingerprint(tokenizer),
+      "max_length": int(max_length),
+      "num_examples": len(split),
+      "pair": split.text_b is not None,
+  }
   digest.update(json.dumps(header, sort_keys=True).encode("utf-8"))
   for texts in (split.text_a, split.text_b or ()):
     digest.update(b"\x00texts")
@@ -129,9 +136,15 @@ def cache_key(split: Split, tokenizer: Any, max_length: int) -> str:
   return digest.hexdigest()
 
 
-def encode(split: Split, tokenizer: Any, max_length: int, *,
-           cache_dir: str | os.PathLike | None = None, use_cache: bool = True,
-           chunk_size: int = 8192) -> Encoded:
+def encode(
+    split: Split,
+    tokenizer: Any,
+    max_length: int,
+    *,
+    cache_dir: str | os.PathLike | None = None,
+    use_cache: bool = True,
+    chunk_size: int = 8192,
+) -> Encoded:
   """Tokenizes ``split`` to ``[N, max_length]`` int32 arrays (cached; see module docstring).
 
   Args:
@@ -170,8 +183,9 @@ def _tokenize(split: Split, tokenizer, max_length: int, chunk_size: int):
     args = [split.text_a[start:stop]]
     if split.text_b is not None:
       args.append(split.text_b[start:stop])
-    tokens = tokenizer(*args, padding="max_length", max_length=max_length, truncation=True,
-                       return_tensors="np")
+    tokens = tokenizer(
+        *args, padding="max_length", max_length=max_length, truncation=True, return_tensors="np"
+    )
     for key in _TOKEN_KEYS:
       if key not in tokens:
         if key == "token_type_ids":  # tokenizers without segments (e.g. RoBERTa's)
@@ -179,8 +193,10 @@ def _tokenize(split: Split, tokenizer, max_length: int, chunk_size: int):
         raise ValueError(f"tokenizer output has no {key!r}; keys: {sorted(tokens.keys())}")
       values = np.asarray(tokens[key])
       if values.shape != (stop - start, max_length):
-        raise ValueError(f"tokenizer returned {key} of shape {values.shape}, expected "
-                         f"{(stop - start, max_length)}; it must pad to max_length")
+        raise ValueError(
+            f"tokenizer returned {key} of shape {values.shape}, expected "
+            f"{(stop - start, max_length)}; it must pad to max_length"
+        )
       out[key][start:stop] = values
   return out
 
@@ -204,13 +220,17 @@ def _save(path: Path, arrays: dict[str, np.ndarray]) -> None:
   temporary = None
   try:
     path.parent.mkdir(parents=True, exist_ok=True)
-    with tempfile.NamedTemporaryFile(dir=path.parent, prefix=path.stem, suffix=".tmp",
-                                     delete=False) as file:
+    with tempfile.NamedTemporaryFile(
+        dir=path.parent, prefix=path.stem, suffix=".tmp", delete=False
+    ) as file:
       temporary = Path(file.name)
       np.savez_compressed(file, **arrays)
     os.replace(temporary, path)  # atomic: readers see the old file or the whole new one
   except OSError as error:
-    warnings.warn(f"could not write tokenization cache {path}: {error}; continuing "
-                  f"without it", RuntimeWarning, stacklevel=3)
+    warnings.warn(
+        f"could not write tokenization cache {path}: {error}; continuing " f"without it",
+        RuntimeWarning,
+        stacklevel=3,
+    )
     if temporary is not None:
       temporary.unlink(missing_ok=True)

@@ -60,23 +60,17 @@ Randomness (dropout, PGD random start, SMART noise) comes from PER-EXAMPLE keys 
 noise. All forward passes of one loss evaluation use the same dropout key, so the
 perturbation is the only difference between the clean and perturbed predictions.
 
-L2 regularization λ·½‖θ_S‖² over a subset S of leaves (default: dense kernels, i.e. leaves
-named ``"kernel"``; no biases, no LayerNorm scales/offsets, no embedding tables) is NOT part
-of the per-example loss: it would add the same vector λθ to every g_i, i.e. a rank-one term
-to the Gram matrix that the spectral filter would then damp. Its gradient λθ is added after
-the filter with :func:`l2_regularization` (``optax.add_decayed_weights``):
-
-    optax.chain(nearprox.scale_by_proximal(damping), l2_regularization(λ), optax.sgd(lr))
-
-:func:`l2_penalty` gives the value for logging.
+L2 regularization λ·½‖θ_S‖² is NOT part of the per-example loss: it would add the same
+vector λθ to every g_i, i.e. a rank-one term to the Gram matrix that the spectral filter would
+then damp. :mod:`nearprox.training.optimizers` adds its gradient after the filter.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import functools
 import numbers
-from typing import Any, Callable, Mapping
+from collections.abc import Callable, Mapping
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -96,14 +90,42 @@ COMBINES = ("sum", "adv_only")
 
 # Per-kind defaults, from the anchors' public code (see ObjectiveConfig).
 _DEFAULTS = {
-    "clean": dict(epsilon=0.0, step_size=0.0, num_steps=1, norm="l2", random_start=False,
-                  noise_std=0.0, adv_weight=0.0),
-    "fgm": dict(epsilon=1.0, step_size=0.0, num_steps=1, norm="l2", random_start=False,
-                noise_std=0.0, adv_weight=1.0),
-    "pgd": dict(epsilon=0.3, step_size=0.1, num_steps=3, norm="l2", random_start=True,
-                noise_std=0.0, adv_weight=1.0),
-    "smart": dict(epsilon=1e-3, step_size=1e-3, num_steps=1, norm="linf", random_start=False,
-                  noise_std=1e-5, adv_weight=1.0),
+    "clean": dict(
+        epsilon=0.0,
+        step_size=0.0,
+        num_steps=1,
+        norm="l2",
+        random_start=False,
+        noise_std=0.0,
+        adv_weight=0.0,
+    ),
+    "fgm": dict(
+        epsilon=1.0,
+        step_size=0.0,
+        num_steps=1,
+        norm="l2",
+        random_start=False,
+        noise_std=0.0,
+        adv_weight=1.0,
+    ),
+    "pgd": dict(
+        epsilon=0.3,
+        step_size=0.1,
+        num_steps=3,
+        norm="l2",
+        random_start=True,
+        noise_std=0.0,
+        adv_weight=1.0,
+    ),
+    "smart": dict(
+        epsilon=1e-3,
+        step_size=1e-3,
+        num_steps=1,
+        norm="linf",
+        random_start=False,
+        noise_std=1e-5,
+        adv_weight=1.0,
+    ),
 }
 
 
@@ -131,8 +153,8 @@ class ObjectiveConfig:
       SMART's α, the paper searches {1, 3, 5}).
     combine: "sum" (task + adv_weight·adv) or "adv_only" (adv; not for SMART, which has
       no label signal).
-    l2_weight: λ_reg of λ_reg·½‖θ_S‖². Not used by :func:`make_per_example_loss`; build
-      :func:`l2_regularization` (l2_weight) after the proximal filter.
+    l2_weight: λ_reg of λ_reg·½‖θ_S‖². Not used by :func:`make_per_example_loss`;
+      :func:`nearprox.training.optimizers.l2_regularization` adds it after the filter.
 
   ``dataclasses.replace`` keeps resolved values: replace(fgm_cfg, kind="pgd") keeps ε=1.
   """
@@ -157,51 +179,61 @@ class ObjectiveConfig:
     if self.norm not in NORMS:
       raise ValueError(f"ObjectiveConfig.norm must be one of {NORMS}, got {self.norm!r}")
     if self.combine not in COMBINES:
-      raise ValueError(
-          f"ObjectiveConfig.combine must be one of {COMBINES}, got {self.combine!r}")
+      raise ValueError(f"ObjectiveConfig.combine must be one of {COMBINES}, got {self.combine!r}")
     for name in ("epsilon", "step_size", "noise_std", "adv_weight", "l2_weight"):
       value = getattr(self, name)
       if not _is_number(value, numbers.Real) or not value >= 0:  # also rejects NaN
         raise ValueError(f"ObjectiveConfig.{name} must be a number >= 0, got {value!r}")
     if not isinstance(self.random_start, (bool, np.bool_)):
-      raise ValueError(f"ObjectiveConfig.random_start must be a bool, got "
-                       f"{self.random_start!r}")
+      raise ValueError(
+          f"ObjectiveConfig.random_start must be a bool, got " f"{self.random_start!r}"
+      )
     if not _is_number(self.num_steps, numbers.Integral) or self.num_steps < 1:
-      raise ValueError(f"ObjectiveConfig.num_steps must be an int >= 1, got "
-                       f"{self.num_steps!r}")
+      raise ValueError(f"ObjectiveConfig.num_steps must be an int >= 1, got " f"{self.num_steps!r}")
     if self.kind in ("pgd", "smart") and self.step_size <= 0:
-      raise ValueError(f"ObjectiveConfig.step_size must be > 0 for kind={self.kind!r}, got "
-                       f"{self.step_size!r}")
+      raise ValueError(
+          f"ObjectiveConfig.step_size must be > 0 for kind={self.kind!r}, got "
+          f"{self.step_size!r}"
+      )
     if self.kind == "smart" and self.combine == "adv_only":
-      raise ValueError("ObjectiveConfig.combine='adv_only' is not allowed for kind='smart': "
-                       "the smoothness term has no label signal")
+      raise ValueError(
+          "ObjectiveConfig.combine='adv_only' is not allowed for kind='smart': "
+          "the smoothness term has no label signal"
+      )
     if self.kind == "clean" and self.combine == "adv_only":
-      raise ValueError("ObjectiveConfig.combine='adv_only' needs an adversarial kind, got "
-                       "kind='clean'")
+      raise ValueError(
+          "ObjectiveConfig.combine='adv_only' needs an adversarial kind, got " "kind='clean'"
+      )
 
 
 # ----------------------------------------------------------------------------------------
 # Task losses and divergences: logits in, one number per example out.
 
+
 def cross_entropy_loss(logits: jax.Array, labels: jax.Array) -> jax.Array:
   """−log softmax(logits)[label] per example: logits [B, k], integer labels [B] → [B]."""
   return optax.softmax_cross_entropy_with_integer_labels(
-      logits.astype(jnp.float32), labels.astype(jnp.int32))
+      logits.astype(jnp.float32), labels.astype(jnp.int32)
+  )
 
 
 def mse_loss(predictions: jax.Array, targets: jax.Array) -> jax.Array:
   """Squared error (pred − y)² per example: predictions [B] or [B, 1], targets [B] → [B]."""
   predictions = predictions.reshape(predictions.shape[0], -1)
   if predictions.shape[1] != 1:
-    raise ValueError(f"regression needs one output per example (num_labels=1), got "
-                     f"predictions of shape {predictions.shape}")
+    raise ValueError(
+        f"regression needs one output per example (num_labels=1), got "
+        f"predictions of shape {predictions.shape}"
+    )
   return jnp.square(predictions[:, 0].astype(jnp.float32) - targets.astype(jnp.float32))
 
 
 def span_cross_entropy_loss(start_logits, end_logits, start_positions, end_positions):
   """Extractive QA: ½(CE(start) + CE(end)) per example; logits [B, T], positions [B]."""
-  return 0.5 * (cross_entropy_loss(start_logits, start_positions)
-                + cross_entropy_loss(end_logits, end_positions))
+  return 0.5 * (
+      cross_entropy_loss(start_logits, start_positions)
+      + cross_entropy_loss(end_logits, end_positions)
+  )
 
 
 def symmetric_kl(logits: jax.Array, perturbed_logits: jax.Array) -> jax.Array:
@@ -230,8 +262,9 @@ def task_loss(task: str, logits, batch: Batch) -> jax.Array:
     return mse_loss(logits, batch["labels"])
   if task == "qa":
     start_logits, end_logits = logits
-    return span_cross_entropy_loss(start_logits, end_logits, batch["start_positions"],
-                                   batch["end_positions"])
+    return span_cross_entropy_loss(
+        start_logits, end_logits, batch["start_positions"], batch["end_positions"]
+    )
   raise ValueError(f"task must be one of {TASKS}, got {task!r}")
 
 
@@ -244,13 +277,15 @@ def smoothness_divergence(task: str, logits, perturbed_logits) -> jax.Array:
     diff = (perturbed_logits - logits).astype(jnp.float32)
     return jnp.sum(jnp.square(diff.reshape(diff.shape[0], -1)), axis=-1)
   if task == "qa":
-    return 0.5 * (symmetric_kl(logits[0], perturbed_logits[0])
-                  + symmetric_kl(logits[1], perturbed_logits[1]))
+    return 0.5 * (
+        symmetric_kl(logits[0], perturbed_logits[0]) + symmetric_kl(logits[1], perturbed_logits[1])
+    )
   raise ValueError(f"task must be one of {TASKS}, got {task!r}")
 
 
 # ----------------------------------------------------------------------------------------
 # Per-example perturbation geometry. Arrays are [B, T, H]; norms are over (T, H) per example.
+
 
 def token_mask(batch: Batch, dtype=jnp.float32) -> jax.Array:
   """[B, T, 1]: 1 on real tokens, 0 on padding (``attention_mask``; all ones if absent)."""
@@ -310,9 +345,11 @@ def random_ball_point(keys, shape, epsilon, norm: str, mask: jax.Array) -> jax.A
     draw = jax.vmap(lambda k: jax.random.uniform(k, one_shape, minval=-1.0, maxval=1.0))
     return epsilon * draw(keys) * mask
   if norm == "l2":
+
     def draw(key):
       key_dir, key_radius = jax.random.split(key)
       return jax.random.normal(key_dir, one_shape), jax.random.uniform(key_radius)
+
     direction, u = jax.vmap(draw)(keys)
     direction = steepest_ascent_direction(direction * mask, "l2")
     n = jnp.sum(jnp.broadcast_to(mask, shape).reshape(shape[0], -1), axis=-1)
@@ -370,20 +407,24 @@ def pgd_ascent(objective, delta, grad, mask, *, epsilon, step_size, num_steps, n
 # ----------------------------------------------------------------------------------------
 # The objective.
 
+
 def _split_keys(rng, batch_size):
   """Per-example keys [B] → (dropout keys, noise keys), or (None, None) without rng."""
   if rng is None:
     return None, None
   if rng.shape[0] != batch_size:
-    raise ValueError(f"rng must hold one key per example (leading axis {batch_size}), got "
-                     f"shape {rng.shape}; use jax.random.split(key, batch_size)")
+    raise ValueError(
+        f"rng must hold one key per example (leading axis {batch_size}), got "
+        f"shape {rng.shape}; use jax.random.split(key, batch_size)"
+    )
   keys = jax.vmap(jax.random.split)(rng)
   return keys[:, 0], keys[:, 1]
 
 
 def _needs_noise(config: ObjectiveConfig) -> bool:
   return (config.kind == "pgd" and config.random_start) or (
-      config.kind == "smart" and config.noise_std > 0)
+      config.kind == "smart" and config.noise_std > 0
+  )
 
 
 def _perturb(logits_fn, config, task, hidden_size, params, batch, rng):
@@ -394,8 +435,10 @@ def _perturb(logits_fn, config, task, hidden_size, params, batch, rng):
   mask = token_mask(batch)
   dropout_keys, noise_keys = _split_keys(rng, input_ids.shape[0])
   if noise_keys is None and _needs_noise(config):
-    raise ValueError(f"ObjectiveConfig(kind={config.kind!r}) draws random noise: pass "
-                     "per-example keys rng [B] (jax.random.split(key, B))")
+    raise ValueError(
+        f"ObjectiveConfig(kind={config.kind!r}) draws random noise: pass "
+        "per-example keys rng [B] (jax.random.split(key, B))"
+    )
   zeros = jnp.zeros(shape, jnp.float32)
 
   def logits_at(delta):
@@ -412,8 +455,7 @@ def _perturb(logits_fn, config, task, hidden_size, params, batch, rng):
     grad_fn = _sum_grad(divergence)
 
     def step(_, delta):
-      moved = delta + config.step_size * per_token_normalize(grad_fn(delta) * mask,
-                                                             config.norm)
+      moved = delta + config.step_size * per_token_normalize(grad_fn(delta) * mask, config.norm)
       return project_to_ball(moved, config.epsilon, config.norm) * mask
 
     if config.noise_std == 0:
@@ -440,16 +482,30 @@ def _perturb(logits_fn, config, task, hidden_size, params, batch, rng):
       grad = None
     else:
       start, grad = zeros, pullback(ones)[0]
-    delta = pgd_ascent(objective, start, grad, mask, epsilon=config.epsilon,
-                       step_size=config.step_size, num_steps=config.num_steps,
-                       norm=config.norm)
+    delta = pgd_ascent(
+        objective,
+        start,
+        grad,
+        mask,
+        epsilon=config.epsilon,
+        step_size=config.step_size,
+        num_steps=config.num_steps,
+        norm=config.norm,
+    )
     return clean_logits, jax.lax.stop_gradient(delta), dropout_keys
   raise ValueError(f"no perturbation for kind={config.kind!r}")
 
 
-def adversarial_perturbation(logits_fn: LogitsFn, config: ObjectiveConfig, params,
-                             batch: Batch, rng=None, *, task: str = "classification",
-                             hidden_size: int) -> jax.Array:
+def adversarial_perturbation(
+    logits_fn: LogitsFn,
+    config: ObjectiveConfig,
+    params,
+    batch: Batch,
+    rng=None,
+    *,
+    task: str = "classification",
+    hidden_size: int,
+) -> jax.Array:
   """The per-example perturbation δ [B, T, hidden_size] that ``config`` trains against.
 
   A constant for differentiation (``stop_gradient``); zero on padding; zero for "clean".
@@ -467,8 +523,9 @@ def _check(config, task, hidden_size):
   if task not in TASKS:
     raise ValueError(f"task must be one of {TASKS}, got {task!r}")
   if config.kind != "clean" and (not isinstance(hidden_size, int) or hidden_size < 1):
-    raise ValueError(f"hidden_size must be a positive int (the word-embedding width), got "
-                     f"{hidden_size!r}")
+    raise ValueError(
+        f"hidden_size must be a positive int (the word-embedding width), got " f"{hidden_size!r}"
+    )
 
 
 def _combine(config, task, batch, clean_logits, perturbed_logits) -> jax.Array:
@@ -482,8 +539,13 @@ def _combine(config, task, batch, clean_logits, perturbed_logits) -> jax.Array:
   return task_loss(task, clean_logits, batch) + config.adv_weight * adv
 
 
-def make_per_example_loss(logits_fn: LogitsFn, config: ObjectiveConfig, *,
-                          task: str = "classification", hidden_size: int | None = None):
+def make_per_example_loss(
+    logits_fn: LogitsFn,
+    config: ObjectiveConfig,
+    *,
+    task: str = "classification",
+    hidden_size: int | None = None,
+):
   """The per-example training objective ``loss_fn(params, batch, rng=None) -> [B]``.
 
   Args:
@@ -511,16 +573,18 @@ def make_per_example_loss(logits_fn: LogitsFn, config: ObjectiveConfig, *,
     if config.kind == "clean":
       dropout_keys, _ = _split_keys(rng, batch["input_ids"].shape[0])
       return task_loss(task, logits_fn(params, batch, None, dropout_keys), batch)
-    clean_logits, delta, dropout_keys = _perturb(logits_fn, config, task, hidden_size,
-                                                 params, batch, rng)
+    clean_logits, delta, dropout_keys = _perturb(
+        logits_fn, config, task, hidden_size, params, batch, rng
+    )
     perturbed_logits = logits_fn(params, batch, delta, dropout_keys)
     return _combine(config, task, batch, clean_logits, perturbed_logits)
 
   return loss_fn
 
 
-def make_loss_at_perturbation(logits_fn: LogitsFn, config: ObjectiveConfig, *,
-                              task: str = "classification"):
+def make_loss_at_perturbation(
+    logits_fn: LogitsFn, config: ObjectiveConfig, *, task: str = "classification"
+):
   """The same objective with δ given: ``loss_fn(params, batch, rng, delta) -> [B]``.
 
   Pair it with :func:`adversarial_perturbation` (computed first, a constant):
@@ -546,97 +610,3 @@ def make_loss_at_perturbation(logits_fn: LogitsFn, config: ObjectiveConfig, *,
     return _combine(config, task, batch, clean_logits, perturbed_logits)
 
   return loss_fn
-
-
-# ----------------------------------------------------------------------------------------
-# L2 regularization, applied after the proximal filter.
-
-def _leaf_name(path) -> str | None:
-  last = path[-1] if path else None
-  for attr in ("key", "name", "idx"):
-    if hasattr(last, attr):
-      return str(getattr(last, attr))
-  return None
-
-
-def kernel_mask(params: Params) -> Params:
-  """True on leaves named ``"kernel"`` (dense weights), False elsewhere: biases, LayerNorm
-  ``scale``/``bias`` and ``embedding`` tables are not decayed (BERT fine-tuning practice)."""
-  return jax.tree_util.tree_map_with_path(lambda path, _: _leaf_name(path) == "kernel",
-                                          params)
-
-
-def _resolve_mask(mask, params):
-  return mask(params) if callable(mask) else mask
-
-
-def l2_penalty(params: Params, weight: float, mask=kernel_mask) -> jax.Array:
-  """λ·½‖θ_S‖² (a scalar) over the leaves selected by ``mask`` (pytree of bools or a
-  function of params); for logging, the gradient is applied by :func:`l2_regularization`."""
-  selected = jax.tree.map(lambda p, m: jnp.sum(jnp.square(p.astype(jnp.float32))) if m
-                          else jnp.zeros((), jnp.float32), params, _resolve_mask(mask, params))
-  return 0.5 * weight * sum(jax.tree.leaves(selected), jnp.zeros((), jnp.float32))
-
-
-def l2_regularization(weight: float, mask=kernel_mask) -> optax.GradientTransformation:
-  """Adds ∇(λ·½‖θ_S‖²) = λ·θ on the selected leaves (0 elsewhere) to the updates.
-
-  ``optax.add_decayed_weights(weight, mask)``; place it AFTER ``scale_by_proximal`` (the
-  L2 gradient is the same for every example, so it stays out of the per-example Gram) and
-  before the learning-rate scaling, e.g.
-  ``optax.chain(nearprox.scale_by_proximal(d), l2_regularization(λ), optax.sgd(lr))``.
-  """
-  if not weight >= 0:
-    raise ValueError(f"weight must be >= 0, got {weight!r}")
-  return optax.add_decayed_weights(weight, mask)
-
-
-# ----------------------------------------------------------------------------------------
-# Adapter for the nearprox Flax BERT.
-
-@functools.lru_cache(maxsize=64)  # The same function for the same model: jit caches hit.
-def bert_logits_fn(model, deterministic: bool = True) -> LogitsFn:
-  """``logits_fn`` for ``nearprox.models.BertForSequenceClassification`` (→ ``.logits``)
-  or ``BertForQuestionAnswering`` (→ ``(start_logits, end_logits)``).
-
-  ``params`` is the ``"params"`` collection. With ``deterministic=False`` dropout draws from
-  the per-example keys: the model is vmapped over examples (each applied as a batch of
-  one with its own ``"dropout"`` key), so example i's dropout masks depend on its key only
-  and a batch of one reproduces its row. ``rng=None`` is then an error.
-  """
-  def outputs(out):
-    if hasattr(out, "logits"):
-      return out.logits
-    return out.start_logits, out.end_logits
-
-  def apply(params, input_ids, attention_mask, token_type_ids, delta, dropout_rng):
-    rngs = None if dropout_rng is None else {"dropout": dropout_rng}
-    return outputs(model.apply({"params": params}, input_ids, attention_mask, token_type_ids,
-                               deterministic=deterministic, word_embeddings_delta=delta,
-                               rngs=rngs))
-
-  def logits_fn(params, batch, word_embeddings_delta=None, rng=None):
-    input_ids = batch["input_ids"]
-    attention_mask = batch.get("attention_mask")
-    token_type_ids = batch.get("token_type_ids")
-    if attention_mask is None:
-      attention_mask = jnp.ones(input_ids.shape, jnp.int32)
-    if token_type_ids is None:
-      token_type_ids = jnp.zeros(input_ids.shape, jnp.int32)
-    if deterministic:
-      return apply(params, input_ids, attention_mask, token_type_ids, word_embeddings_delta,
-                   None)
-    if rng is None:
-      raise ValueError("bert_logits_fn(deterministic=False) needs per-example dropout keys "
-                       "rng [B]")
-    one = lambda x: None if x is None else x[None]
-
-    def apply_one(ids, am, tt, delta, key):
-      out = apply(params, one(ids), one(am), one(tt), one(delta), key)
-      return jax.tree.map(lambda x: x[0], out)
-
-    delta_axis = None if word_embeddings_delta is None else 0
-    return jax.vmap(apply_one, in_axes=(0, 0, 0, delta_axis, 0))(
-        input_ids, attention_mask, token_type_ids, word_embeddings_delta, rng)
-
-  return logits_fn

@@ -44,7 +44,7 @@ class PerExampleFactor(abc.ABC):
   """
 
   @abc.abstractmethod
-  def gram(self, other: "PerExampleFactor") -> jax.Array:
+  def gram(self, other: PerExampleFactor) -> jax.Array:
     """Inner products ⟨g_i, g'_j⟩ between self's and other's examples: [B_self, B_other]."""
 
   @abc.abstractmethod
@@ -75,7 +75,8 @@ def batch_size(per_example_grads) -> int:
     if not hasattr(leaf, "shape") or len(leaf.shape) == 0:
       raise ValueError(
           f"per-example gradient leaf {name} is a scalar; every leaf needs a leading batch "
-          "axis (pass per-example gradients, e.g. from nearprox.per_example_grads)")
+          "axis (pass per-example gradients, e.g. from nearprox.per_example_grads)"
+      )
     sizes.setdefault(leaf.shape[0], name)
   if not sizes:
     raise ValueError("per-example gradients are an empty pytree")
@@ -87,9 +88,11 @@ def batch_size(per_example_grads) -> int:
 
 def zero_masked_examples(per_example_grads, mask: jax.Array):
   """Zeroes every array's rows of masked examples, so nothing in them (NaN included) leaks."""
+
   def zero(x):
     keep = (mask > 0).reshape((-1,) + (1,) * (x.ndim - 1))
     return jnp.where(keep, x, jnp.zeros((), x.dtype))
+
   return jax.tree.map(zero, per_example_grads)
 
 
@@ -121,7 +124,9 @@ def combine(per_example_grads, coeffs: jax.Array):
   """Σ_i coeffs_i g_i for every leaf: a pytree with the parameters' shapes."""
   return jax.tree.map(
       lambda x: x.combine(coeffs) if is_factor(x) else _dense_combine(x, coeffs),
-      per_example_grads, is_leaf=is_factor)
+      per_example_grads,
+      is_leaf=is_factor,
+  )
 
 
 class FilterStats(NamedTuple):
@@ -132,14 +137,20 @@ class FilterStats(NamedTuple):
   effective_rank: participation ratio (Σσ)²/Σσ² of K's spectrum, in [1, B_eff].
   kept_fraction: ‖d‖² / ‖g‖², how much of the mean gradient's squared norm the filter kept.
   """
+
   damping: jax.Array
   gram_trace: jax.Array
   effective_rank: jax.Array
   kept_fraction: jax.Array
 
 
-def filter_coefficients(gram: jax.Array, mask: jax.Array, damping, filter: str = "tikhonov",
-                        damping_mode: str = "absolute") -> tuple[jax.Array, FilterStats]:
+def filter_coefficients(
+    gram: jax.Array,
+    mask: jax.Array,
+    damping,
+    filter: str = "tikhonov",
+    damping_mode: str = "absolute",
+) -> tuple[jax.Array, FilterStats]:
   """The example weights c = f(K) w of DESIGN.md §1, and statistics of the solve.
 
   Args:

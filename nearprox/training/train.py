@@ -1,6 +1,6 @@
 """Fine-tunes a Flax BERT on a text-classification task with proximal SGD or a baseline.
 
-    python -m nearprox.train --config experiments/configs/default.py --workdir runs/default \
+    python -m nearprox.training.train --config experiments/configs/default.py --workdir runs/default \
         [--config.optimizer.name=adamw --config.optimizer.learning_rate=1e-4 ...]
 
 One step, read top to bottom in :func:`train_step`: per-example keys → adversarial
@@ -10,11 +10,11 @@ proximal transform aggregates over devices itself) → new params and summed met
 same per-device function runs under ``jax.shard_map`` (default), ``jax.pmap`` or plain
 ``jax.jit`` (one device); every collective names the axis ``"batch"``.
 
-Around it (:func:`train_and_evaluate`): data from :mod:`nearprox.data` (the last partial
+Around it (:func:`train_and_evaluate`): data from :mod:`nearprox.text.data` (the last partial
 batch padded and masked), orbax checkpoints (resume, keep k, save on SIGTERM, fall back to
 the previous checkpoint if the latest is unreadable), TensorBoard events and a JSON-lines
 log in ``workdir``, a progress bar, dev/test evaluation and the export of the fine-tuned
-model as a Hugging Face directory. Several hosts: :func:`nearprox.parallel.initialize`
+model as a Hugging Face directory. Several hosts: :func:`nearprox.training.parallel.initialize`
 joins them (``jax.distributed``); each host reads its block of every global batch.
 """
 
@@ -35,12 +35,12 @@ import numpy as np
 import optax
 
 import nearprox
-from nearprox import data, losses, models, parallel
-from nearprox.checkpointing import Checkpoints
-from nearprox.metrics_writer import MetricWriter
+from nearprox.text import data, models, objectives
+from nearprox.training import optimizers, parallel
+from nearprox.training.metrics_writer import MetricWriter
+from nearprox.training.orbax_checkpoints import Checkpoints
 
 INPUT_KEYS = ("input_ids", "attention_mask", "token_type_ids", "labels")
-OPTIMIZERS = ("proximal_sgd", "proximal_norm_sgd", "sgd", "adamw")
 
 
 class TrainState(NamedTuple):
@@ -51,40 +51,10 @@ class TrainState(NamedTuple):
 
 # ------------------------------------------------------------------------------ pieces
 
-def learning_rate_schedule(config, num_steps: int) -> optax.Schedule:
-  """Linear warmup to the peak learning rate, then linear decay to 0."""
-  peak = config.optimizer.learning_rate
-  warmup = int(round(config.optimizer.warmup_fraction * num_steps))
-  return optax.join_schedules(
-      [optax.linear_schedule(0.0, peak, max(warmup, 1)),
-       optax.linear_schedule(peak, 0.0, max(num_steps - warmup, 1))], [warmup])
 
-
-def create_optimizer(config, num_steps: int, axis_name: str | None):
-  """(optax transformation, whether it takes per-example gradients)."""
-  opt = config.optimizer
-  if opt.name not in OPTIMIZERS:
-    raise ValueError(f"config.optimizer.name must be one of {OPTIMIZERS}, got {opt.name!r}")
-  schedule = learning_rate_schedule(config, num_steps)
-  # The L2 gradient λθ is added after any filtering: it is the same for every example.
-  l2 = losses.l2_regularization(config.objective.l2_weight)
-  sgd = optax.sgd(schedule, momentum=opt.momentum or None, nesterov=opt.nesterov)
-  if opt.name == "proximal_sgd":
-    proximal = nearprox.scale_by_proximal(
-        opt.damping, filter=opt.filter, damping_mode=opt.damping_mode, axis_name=axis_name,
-        gram=opt.gram if axis_name else "local")  # one device: local and global coincide
-    return optax.chain(proximal, l2, sgd), True
-  if opt.name == "proximal_norm_sgd":
-    return optax.chain(nearprox.scale_by_proximal_norm(opt.damping), l2, sgd), False
-  if opt.name == "sgd":
-    return optax.chain(l2, sgd), False
-  adamw = optax.adamw(schedule, weight_decay=opt.weight_decay, mask=losses.kernel_mask)
-  return optax.chain(l2, adamw), False
-
-
-def objective_config(config) -> losses.ObjectiveConfig:
+def objective_config(config) -> objectives.ObjectiveConfig:
   fields = {k: v for k, v in config.objective.items() if v is not None}
-  return losses.ObjectiveConfig(**fields)
+  return objectives.ObjectiveConfig(**fields)
 
 
 def create_model(config, num_labels: int, rng: jax.Array):
@@ -92,8 +62,11 @@ def create_model(config, num_labels: int, rng: jax.Array):
   dtype = jnp.dtype(config.model.dtype)
   if config.model.name == "tiny":
     tokenizer = models.load_tokenizer(models.minilm_dir())
-    bert_config = models.tiny_config(vocab_size=tokenizer.vocab_size, num_labels=num_labels,
-                                     max_position_embeddings=max(32, config.max_length))
+    bert_config = models.tiny_config(
+        vocab_size=tokenizer.vocab_size,
+        num_labels=num_labels,
+        max_position_embeddings=max(32, config.max_length),
+    )
     model = models.BertForSequenceClassification(bert_config, dtype=dtype)
     return model, models.init_params(model, rng, 2, config.max_length), tokenizer
   return models.load_pretrained(config.model.name, num_labels=num_labels, dtype=dtype, rng=rng)
@@ -116,38 +89,45 @@ def load_splits(config, tokenizer) -> dict[str, dict[str, np.ndarray]]:
   names = ("train", "dev", "test") if config.task == "tweets" else ("train", "dev")
   encoded = {}
   for name in names:
-    split = data.load_task(config.task, name, config.data_dir, source=config.source,
-                           seed=config.seed)
+    split = data.load_task(
+        config.task, name, config.data_dir, source=config.source, seed=config.seed
+    )
     arrays = data.encode(split, tokenizer, config.max_length).arrays()
     if name == "test" and config.low_confidence_below > 0 and "confidence" in split.extra:
       low = split.extra["confidence"] < config.low_confidence_below  # NaN (unknown) excluded
       encoded["test_low_confidence"] = {k: v[low] for k, v in arrays.items()}
     if name == "train" and config.label_noise:
-      arrays["labels"] = flip_labels(arrays["labels"], config.label_noise, task.num_labels,
-                                     config.seed)
-    keep = None if name == "train" else eval_subset(len(arrays["labels"]),
-                                                    config.max_eval_examples, config.seed)
+      arrays["labels"] = flip_labels(
+          arrays["labels"], config.label_noise, task.num_labels, config.seed
+      )
+    keep = (
+        None
+        if name == "train"
+        else data.eval_subset(len(arrays["labels"]), config.max_eval_examples, config.seed)
+    )
     if keep is not None:
       arrays = {k: v[keep] for k, v in arrays.items()}
     encoded[name] = arrays
   return encoded
 
 
-def eval_subset(num_examples: int, max_examples: int, seed: int) -> np.ndarray | None:
-  """Sorted indices of the seeded random subset of an evaluation split (None: all of it).
-
-  Random, not the first ``max_examples``: the files are often sorted by label or source.
-  """
-  if not 0 < max_examples < num_examples:
-    return None
-  return np.sort(np.random.default_rng(seed).permutation(num_examples)[:max_examples])
-
-
 # ------------------------------------------------------------------------------ the step
 
-def train_step(state: TrainState, batch, rng, *, perturbation_fn, loss_fn, tx,
-               per_example: bool, per_example_method: str, axis_name: str | None):
+
+def train_step(
+    state: TrainState,
+    batch,
+    rng,
+    *,
+    perturbation_fn,
+    loss_fn,
+    tx,
+    per_example: bool,
+    per_example_method: str,
+    axis_name: str | None,
+):
   """One optimizer step on this device's block of the global batch."""
+
   def global_sum(x):
     return jax.lax.psum(x, axis_name) if axis_name else x
 
@@ -165,9 +145,11 @@ def train_step(state: TrainState, batch, rng, *, perturbation_fn, loss_fn, tx,
 
   if per_example:
     example_losses, grads = nearprox.per_example_value_and_grads(
-        loss_fn, state.params, inputs, keys, delta, method=per_example_method)
+        loss_fn, state.params, inputs, keys, delta, method=per_example_method
+    )
     updates, opt_state = tx.update(grads, state.opt_state, state.params, mask=mask)
   else:
+
     def mean_loss(params):
       example_losses = loss_fn(params, inputs, keys, delta)
       return jnp.sum(example_losses * mask) / num_examples, example_losses
@@ -176,11 +158,14 @@ def train_step(state: TrainState, batch, rng, *, perturbation_fn, loss_fn, tx,
     updates, opt_state = tx.update(global_sum(grads), state.opt_state, state.params)
 
   params = optax.apply_updates(state.params, updates)
-  metrics = {"loss": global_sum(jnp.sum(example_losses * mask)) / num_examples,
-             "update_norm": optax.tree.norm(updates)}
-  first = opt_state[0]
-  if isinstance(first, nearprox.ScaleByProximalState):
-    metrics.update({f"gram/{k}": v for k, v in first.stats._asdict().items()})
+  metrics = {
+      "loss": global_sum(jnp.sum(example_losses * mask)) / num_examples,
+      "update_norm": optax.tree.norm(updates),
+  }
+  # Found by type wherever the chain holds it, so reordering the chain keeps the logging.
+  proximal = optax.tree_utils.tree_get(opt_state, "ScaleByProximalState")
+  if proximal is not None:
+    metrics.update({f"gram/{k}": v for k, v in proximal.stats._asdict().items()})
   return TrainState(state.step + 1, params, opt_state), metrics
 
 
@@ -190,6 +175,7 @@ def eval_step(params, batch, *, logits_fn):
 
 # ------------------------------------------------------------------------------ the loop
 
+
 def evaluate(runner, device_state, arrays, task, batch_size: int) -> dict[str, float]:
   """The task's metrics on one split; the padded rows of the last batch are masked out."""
   logits, labels, masks = [], [], []
@@ -198,7 +184,8 @@ def evaluate(runner, device_state, arrays, task, batch_size: int) -> dict[str, f
     labels.append(batch["labels"])
     masks.append(batch["mask"])
   logits, labels, masks = parallel.gather_from_hosts(
-      (np.concatenate(logits), np.concatenate(labels), np.concatenate(masks)))
+      (np.concatenate(logits), np.concatenate(labels), np.concatenate(masks))
+  )
   return task.metrics(labels, logits, masks)
 
 
@@ -207,8 +194,11 @@ def train_batches(arrays, config, start_step: int):
   per_epoch = data.num_batches(len(arrays["labels"]), config.batch_size)
   epoch, skip = divmod(start_step, per_epoch)
   while True:
-    for i, batch in enumerate(data.batches(arrays, config.batch_size, seed=config.seed,
-                                           epoch=epoch, **parallel.host_shard())):
+    for i, batch in enumerate(
+        data.batches(
+            arrays, config.batch_size, seed=config.seed, epoch=epoch, **parallel.host_shard()
+        )
+    ):
       if i >= skip:
         yield batch
     epoch, skip = epoch + 1, 0
@@ -223,35 +213,52 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path) -
   task = data.get_task(config.task)
   objective = objective_config(config)
   runner = parallel.Runner(config.parallel)
-  tx, per_example = create_optimizer(config, config.num_train_steps, runner.axis_name)
+  tx, per_example = optimizers.create_optimizer(config, config.num_train_steps, runner.axis_name)
   if not 0.0 <= config.label_noise <= 1.0:
     raise ValueError(f"config.label_noise must lie in [0, 1], got {config.label_noise}")
 
   rng = jax.random.key(config.seed)
   model, params, tokenizer = create_model(config, task.num_labels, jax.random.fold_in(rng, 1))
   splits = load_splits(config, tokenizer)
-  logits_fn = losses.bert_logits_fn(model, deterministic=not config.model.dropout)
-  perturbation_fn = functools.partial(losses.adversarial_perturbation, logits_fn, objective,
-                                      hidden_size=model.config.hidden_size)
-  loss_fn = losses.make_loss_at_perturbation(logits_fn, objective)
+  logits_fn = models.bert_logits_fn(model, deterministic=not config.model.dropout)
+  perturbation_fn = functools.partial(
+      objectives.adversarial_perturbation,
+      logits_fn,
+      objective,
+      hidden_size=model.config.hidden_size,
+  )
+  loss_fn = objectives.make_loss_at_perturbation(logits_fn, objective)
   runner.compile(
-      functools.partial(train_step, perturbation_fn=perturbation_fn, loss_fn=loss_fn, tx=tx,
-                        per_example=per_example,
-                        per_example_method=config.optimizer.per_example,
-                        axis_name=runner.axis_name),
-      functools.partial(eval_step, logits_fn=losses.bert_logits_fn(model, deterministic=True)))
+      functools.partial(
+          train_step,
+          perturbation_fn=perturbation_fn,
+          loss_fn=loss_fn,
+          tx=tx,
+          per_example=per_example,
+          per_example_method=config.optimizer.per_example,
+          axis_name=runner.axis_name,
+      ),
+      functools.partial(eval_step, logits_fn=models.bert_logits_fn(model, deterministic=True)),
+  )
 
   state = TrainState(jnp.zeros((), jnp.int32), params, tx.init(params))
-  checkpoints = Checkpoints(workdir / "checkpoints", config.checkpoint_every,
-                            config.keep_checkpoints)
+  checkpoints = Checkpoints(
+      workdir / "checkpoints", config.checkpoint_every, config.keep_checkpoints
+  )
   state = checkpoints.restore_latest(state)
   start_step = int(state.step)
   writer = MetricWriter(workdir, enabled=parallel.is_main_process())
   if start_step == 0:
     writer.write_config(config)
-  logging.info("task %s: %s; train %d examples; optimizer %s; objective %s; from step %d",
-               task.name, task.description, len(splits["train"]["labels"]),
-               config.optimizer.name, objective.kind, start_step)
+  logging.info(
+      "task %s: %s; train %d examples; optimizer %s; objective %s; from step %d",
+      task.name,
+      task.description,
+      len(splits["train"]["labels"]),
+      config.optimizer.name,
+      objective.kind,
+      start_step,
+  )
 
   preempted = []
   previous_handler = signal.signal(signal.SIGTERM, lambda *_: preempted.append(True))
@@ -269,12 +276,11 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path) -
       progress.update(1)
       if done % config.log_every == 0 or done == config.num_train_steps:
         metrics = {k: float(v) for k, v in metrics.items()}
-        metrics["step_time"] = float(np.median(step_times[-config.log_every:]))
+        metrics["step_time"] = float(np.median(step_times[-config.log_every :]))
         writer.write_scalars(done, {f"train/{k}": v for k, v in metrics.items()})
         progress.set_postfix(loss=f"{metrics['loss']:.4f}")
       if done % config.eval_every == 0 and done < config.num_train_steps:
-        dev = evaluate(runner, device_state, splits["dev"], task,
-                       config.eval_batch_size)
+        dev = evaluate(runner, device_state, splits["dev"], task, config.eval_batch_size)
         writer.write_scalars(done, {f"dev/{k}": v for k, v in dev.items()})
       if preempted:
         logging.warning("SIGTERM at step %d: saving a checkpoint and stopping", done)
@@ -288,19 +294,24 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path) -
     checkpoints.wait()
 
   state = runner.get_state(device_state)
-  report = {"task": task.name, "optimizer": config.optimizer.name,
-            "objective": objective.kind, "steps": int(state.step),
-            "preempted": bool(preempted), "workdir": str(workdir),
-            "train_step_seconds": float(np.median(step_times[1:] or step_times or [0.0]))}
+  report = {
+      "task": task.name,
+      "optimizer": config.optimizer.name,
+      "objective": objective.kind,
+      "steps": int(state.step),
+      "preempted": bool(preempted),
+      "workdir": str(workdir),
+      "train_step_seconds": float(np.median(step_times[1:] or step_times or [0.0])),
+  }
   if not preempted:
     for name in splits:
       if name != "train":
-        report[name] = evaluate(runner, device_state, splits[name], task,
-                                config.eval_batch_size)
+        report[name] = evaluate(runner, device_state, splits[name], task, config.eval_batch_size)
         writer.write_scalars(int(state.step), {f"{name}/{k}": v for k, v in report[name].items()})
     if config.export_hf and parallel.is_main_process():
-      report["hf_model"] = str(models.save_pretrained(model, state.params,
-                                                      tokenizer, workdir / "hf_model"))
+      report["hf_model"] = str(
+          models.save_pretrained(model, state.params, tokenizer, workdir / "hf_model")
+      )
   writer.close()
   if parallel.is_main_process():
     (workdir / "report.json").write_text(json.dumps(report, indent=2))
@@ -311,6 +322,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path) -
 def main(argv):
   del argv
   from absl import flags
+
   config = flags.FLAGS.config
   print("Resolved config:\n" + str(config), flush=True)
   report = train_and_evaluate(config, flags.FLAGS.workdir)

@@ -24,8 +24,7 @@ class Checkpoints:
     if every < 1 or keep < 1:
       raise ValueError(f"checkpoint_every and keep_checkpoints must be >= 1, got {every}, {keep}")
     self.every = every
-    options = ocp.CheckpointManagerOptions(save_interval_steps=every, max_to_keep=keep,
-                                           create=True)
+    options = ocp.CheckpointManagerOptions(save_interval_steps=every, max_to_keep=keep, create=True)
     self.manager = ocp.CheckpointManager(Path(directory).absolute(), options=options)
 
   def should_save(self, step: int) -> bool:
@@ -44,9 +43,13 @@ class Checkpoints:
       try:
         restored = self.manager.restore(step, args=ocp.args.StandardRestore(abstract))
       except Exception as error:  # noqa: BLE001 — any unreadable checkpoint: try an older one
-        logger.warning("checkpoint at step %d in %s is unreadable (%s: %s); trying the "
-                       "previous one", step, self.manager.directory, type(error).__name__,
-                       str(error)[:200])
+        logger.warning(
+            "checkpoint at step %d in %s is unreadable (%s: %s); trying the " "previous one",
+            step,
+            self.manager.directory,
+            type(error).__name__,
+            str(error)[:200],
+        )
         continue
       logger.info("resumed from the checkpoint at step %d", step)
       return restored

@@ -8,6 +8,7 @@ from pathlib import Path
 
 
 class _NoProgress:
+
   def update(self, n):
     pass
 
@@ -29,6 +30,7 @@ class MetricWriter:
     if not enabled:
       return
     from tensorboardX import SummaryWriter
+
     workdir = Path(workdir)
     workdir.mkdir(parents=True, exist_ok=True)
     self.tensorboard = SummaryWriter(str(workdir / "tensorboard"))
@@ -52,6 +54,7 @@ class MetricWriter:
     if not (self.enabled and enabled):
       return _NoProgress()
     from tqdm import tqdm
+
     return tqdm(total=total, initial=initial, desc="train", unit="step", dynamic_ncols=True)
 
   def close(self) -> None:

@@ -5,9 +5,9 @@ the per-example gradients g_i = ∇θ ℓ_i as a pytree with the structure of ``
 leaves are (DESIGN.md §2):
 
 * ``nn.Dense`` / ``nn.DenseGeneral`` kernels (attention projections with multi-head outputs
-  included): :class:`nearprox.factors.DenseFactor` (a, δ), the layer's inputs and output
+  included): :class:`nearprox.layer_factors.DenseFactor` (a, δ), the layer's inputs and output
   cotangents, g_i = a_iᵀ δ_i;
-* ``nn.Embed`` tables (looked up with ``__call__``): :class:`nearprox.factors.EmbedFactor`
+* ``nn.Embed`` tables (looked up with ``__call__``): :class:`nearprox.layer_factors.EmbedFactor`
   (token ids, cotangents of the looked-up vectors);
 * everything else, materialized as [B, *param_shape] arrays: Dense/DenseGeneral biases
   (Σ_t δ_it), ``nn.LayerNorm`` / ``nn.RMSNorm`` parameters (a per-example vjp of that one
@@ -86,18 +86,18 @@ measured numbers: experiments/bench_step.py.)
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
-from flax.core import meta
-from flax.core import tracers
+from flax.core import meta, tracers
 from jax.extend import core as jex_core
 
-from nearprox import factors
-from nearprox.gram import compute_dtype
+from nearprox import layer_factors
+from nearprox.spectral_filter import compute_dtype
 
 _DENSE_TYPES = (nn.Dense, nn.DenseGeneral)
 _EMBED_TYPES = (nn.Embed,)
@@ -108,13 +108,14 @@ _INTERCEPTED = _DENSE_TYPES + _EMBED_TYPES + _LOCAL_TYPES
 @dataclasses.dataclass
 class _Call:
   """One intercepted layer call, as seen by the discovery trace."""
-  kind: str | None          # "dense", "embed", "local", or None when not factorable
-  reason: str               # why not factorable (for debugging), "" otherwise
+
+  kind: str | None  # "dense", "embed", "local", or None when not factorable
+  reason: str  # why not factorable (for debugging), "" otherwise
   module_type: type
   input_shape: tuple
-  module: nn.Module | None = None          # unbound clone, for the local per-example vjp
+  module: nn.Module | None = None  # unbound clone, for the local per-example vjp
   leaves: dict[str, int] = dataclasses.field(default_factory=dict)  # param name -> leaf
-  contract_axes: tuple[int, ...] = ()       # dense: input axes contracted with the kernel
+  contract_axes: tuple[int, ...] = ()  # dense: input axes contracted with the kernel
   output_shape: tuple = ()
   output_dtype: Any = None
   probed: bool = False
@@ -123,8 +124,8 @@ class _Call:
 @dataclasses.dataclass
 class _Plan:
   calls: list[_Call]
-  leaf_kinds: list[str]     # per params leaf: "kernel", "bias", "embed", "local",
-                            # "fallback" or "unused"
+  leaf_kinds: list[str]  # per params leaf: "kernel", "bias", "embed", "local",
+  # "fallback" or "unused"
 
 
 def _normalize(axes, ndim: int) -> tuple[int, ...]:
@@ -165,8 +166,7 @@ def _layer_check(module: nn.Module, x, args, kwargs) -> tuple[str | None, str, t
 
 
 def _intercepts(context, busy: bool) -> bool:
-  return (not busy and context.method_name == "__call__"
-          and type(context.module) in _INTERCEPTED)
+  return not busy and context.method_name == "__call__" and type(context.module) in _INTERCEPTED
 
 
 def _discover(loss_fn: Callable, treedef, leaves: list, args: tuple, batch: int) -> _Plan:
@@ -198,8 +198,7 @@ def _discover(loss_fn: Callable, treedef, leaves: list, args: tuple, batch: int)
       elif not params or any(id(v) not in leaf_of for v in params.values()):
         call.reason = "its parameters are not leaves of params passed through unchanged"
       else:
-        call.kind, call.reason, call.contract_axes = _layer_check(module, x, call_args,
-                                                                  call_kwargs)
+        call.kind, call.reason, call.contract_axes = _layer_check(module, x, call_args, call_kwargs)
       if call.kind is None:
         return next_fun(*call_args, **call_kwargs)
       call.leaves = {name: leaf_of[id(v)] for name, v in params.items()}
@@ -226,8 +225,10 @@ def _discover(loss_fn: Callable, treedef, leaves: list, args: tuple, batch: int)
   used_elsewhere = [v in used for v in leaf_vars]
   out_shape = closed.out_avals[0].shape if closed.out_avals else None
   if len(closed.out_avals) != 1 or out_shape != (batch,):
-    raise ValueError("loss_fn must return the vector of per-example losses, shape "
-                     f"({batch},); got {[a.shape for a in closed.out_avals]}")
+    raise ValueError(
+        "loss_fn must return the vector of per-example losses, shape "
+        f"({batch},); got {[a.shape for a in closed.out_avals]}"
+    )
   return _Plan(calls, _leaf_kinds(calls, used_elsewhere))
 
 
@@ -237,8 +238,11 @@ def _leaf_kinds(calls: list[_Call], used_elsewhere: list[bool]) -> list[str]:
   for call in calls:
     for name, leaf in call.leaves.items():
       if call.kind == "dense":
-        role = ("kernel" if name == "kernel" else "bias" if name == "bias" else None,
-                call.module_type, len(call.contract_axes))
+        role = (
+            "kernel" if name == "kernel" else "bias" if name == "bias" else None,
+            call.module_type,
+            len(call.contract_axes),
+        )
       elif call.kind == "embed":
         role = ("embed" if name == "embedding" else None,)
       else:
@@ -258,7 +262,8 @@ def _leaf_kinds(calls: list[_Call], used_elsewhere: list[bool]) -> list[str]:
   # A module's call is probed when any of its leaves is taken from the captured cotangents.
   for call in calls:
     call.probed = call.kind is not None and any(
-        kinds[leaf] not in ("fallback", "unused") for leaf in call.leaves.values())
+        kinds[leaf] not in ("fallback", "unused") for leaf in call.leaves.values()
+    )
   return kinds
 
 
@@ -268,8 +273,10 @@ def _batch_size(loss_fn: Callable, params, args: tuple) -> int:
       return int(leaf.shape[0])
   out = jax.eval_shape(loss_fn, params, *args)
   if getattr(out, "ndim", 0) != 1:
-    raise ValueError("loss_fn must return the vector of per-example losses, shape [B]; got "
-                     f"{getattr(out, 'shape', type(out))}")
+    raise ValueError(
+        "loss_fn must return the vector of per-example losses, shape [B]; got "
+        f"{getattr(out, 'shape', type(out))}"
+    )
   return int(out.shape[0])
 
 
@@ -278,7 +285,7 @@ def _dense_factor_parts(call: _Call, x: jax.Array, delta: jax.Array, batch: int)
   keep = [ax for ax in range(x.ndim) if ax not in call.contract_axes]
   d_in = int(np.prod([x.shape[ax] for ax in call.contract_axes]))
   inputs = jnp.transpose(x, keep + list(call.contract_axes)).reshape(batch, -1, d_in)
-  out_features = call.output_shape[len(keep):]
+  out_features = call.output_shape[len(keep) :]
   return inputs, delta.reshape(batch, inputs.shape[1], int(np.prod(out_features)))
 
 
@@ -302,7 +309,7 @@ def factored_value_and_grads(loss_fn: Callable, params, *args, kernel_combine: s
     params: the parameters pytree.
     *args: batch arrays, batch axis first.
     kernel_combine: how the filtered gradient of each dense kernel is formed
-      (:class:`~nearprox.factors.DenseFactor` ``combine_method``): "factored" (Aᵀ(c∘Δ):
+      (:class:`~nearprox.layer_factors.DenseFactor` ``combine_method``): "factored" (Aᵀ(c∘Δ):
       least memory, B·T·d_in·d_out more multiply-adds), "materialized" (reuse the Gram's
       per-example gradients: fewest multiply-adds, B·d_in·d_out more memory per layer), or
       "auto": "materialized" for the smallest layers, as long as the per-example gradients
@@ -311,12 +318,14 @@ def factored_value_and_grads(loss_fn: Callable, params, *args, kernel_combine: s
 
   Returns:
     ``(losses, grads)`` where ``grads`` has the structure of ``params`` and each leaf is a
-    :class:`~nearprox.factors.DenseFactor`, an :class:`~nearprox.factors.EmbedFactor` or a
+    :class:`~nearprox.layer_factors.DenseFactor`, an :class:`~nearprox.layer_factors.EmbedFactor` or a
     dense [B, *leaf.shape] array; feed it to :func:`nearprox.scale_by_proximal`.
   """
-  if kernel_combine not in ("auto",) + factors.COMBINE_METHODS:
-    raise ValueError(f"kernel_combine must be 'auto' or one of {factors.COMBINE_METHODS}, "
-                     f"got {kernel_combine!r}")
+  if kernel_combine not in ("auto",) + layer_factors.COMBINE_METHODS:
+    raise ValueError(
+        f"kernel_combine must be 'auto' or one of {layer_factors.COMBINE_METHODS}, "
+        f"got {kernel_combine!r}"
+    )
   leaves, treedef = jax.tree.flatten(params)
   batch = _batch_size(loss_fn, params, args)
   plan = _discover(loss_fn, treedef, leaves, args, batch)
@@ -339,8 +348,10 @@ def factored_value_and_grads(loss_fn: Callable, params, *args, kernel_combine: s
       k = count[0]
       count[0] += 1
       if k >= len(calls) or type(context.module) is not calls[k].module_type:
-        raise ValueError("loss_fn called its layers differently in two traces; the factored "
-                         "path needs a deterministic sequence of layer calls")
+        raise ValueError(
+            "loss_fn called its layers differently in two traces; the factored "
+            "path needs a deterministic sequence of layer calls"
+        )
       out = next_fun(*call_args, **call_kwargs)
       if k not in probe_of:
         return out
@@ -367,8 +378,16 @@ def factored_value_and_grads(loss_fn: Callable, params, *args, kernel_combine: s
   grads: list[Any] = [None] * len(leaves)
   for i, value in zip(fallback, per_example_fallback):
     grads[i] = value
-  _assemble(calls, kinds, leaves, inputs, {k: deltas[j] for k, j in probe_of.items()},
-            batch, grads, kernel_combine)
+  _assemble(
+      calls,
+      kinds,
+      leaves,
+      inputs,
+      {k: deltas[j] for k, j in probe_of.items()},
+      batch,
+      grads,
+      kernel_combine,
+  )
   for i, kind in enumerate(kinds):
     if kind == "unused":
       grads[i] = jnp.zeros((batch,) + tuple(leaves[i].shape), leaves[i].dtype)
@@ -389,7 +408,7 @@ def _kernel_combine_methods(choice: str, shapes: list[tuple[int, int, int, int]]
   methods, used = ["factored"] * len(shapes), 0
   for j in sorted(range(len(shapes)), key=lambda j: shapes[j][2] * shapes[j][3]):
     b, t, d_in, d_out = shapes[j]
-    if factors.dense_gram_method(b, t, b, t, d_in, d_out, True) != "materialize":
+    if layer_factors.dense_gram_method(b, t, b, t, d_in, d_out, True) != "materialize":
       continue
     if used + b * d_in * d_out <= budget:
       methods[j] = "materialized"
@@ -412,19 +431,24 @@ def _assemble(calls, kinds, leaves, inputs, deltas, batch, grads, kernel_combine
     x, delta = inputs[k], deltas[k]
     if call.kind == "dense":
       a, d = _dense_factor_parts(call, x, delta, batch)
-      for name, leaf in call.leaves.items():
+      for leaf in call.leaves.values():
         if kinds[leaf] == "kernel":
           parts.setdefault(leaf, []).append((a, d))
         elif kinds[leaf] == "bias":
           bias_shape = tuple(leaves[leaf].shape)
-          accumulate(leaf, jnp.sum(delta.astype(compute_dtype(delta.dtype)).reshape(
-              (batch, -1) + bias_shape), axis=1))
+          accumulate(
+              leaf,
+              jnp.sum(
+                  delta.astype(compute_dtype(delta.dtype)).reshape((batch, -1) + bias_shape), axis=1
+              ),
+          )
     elif call.kind == "embed":
       leaf = call.leaves["embedding"]
       num = call.module.num_embeddings
       ids = jnp.zeros_like(x) if num == 1 else jnp.where(x < 0, x + num, x)
       parts.setdefault(leaf, []).append(
-          (ids.reshape(batch, -1), delta.reshape(batch, -1, delta.shape[-1])))
+          (ids.reshape(batch, -1), delta.reshape(batch, -1, delta.shape[-1]))
+      )
     else:
       local = _local_per_example(call, leaves, x, delta)
       for name, leaf in call.leaves.items():
@@ -433,20 +457,25 @@ def _assemble(calls, kinds, leaves, inputs, deltas, batch, grads, kernel_combine
 
   for leaf, value in sums.items():
     grads[leaf] = value.astype(leaves[leaf].dtype)
-  joined = {leaf: tuple(jnp.concatenate(p, axis=1) if len(p) > 1 else p[0]
-                        for p in zip(*pieces)) for leaf, pieces in parts.items()}
+  joined = {
+      leaf: tuple(jnp.concatenate(p, axis=1) if len(p) > 1 else p[0] for p in zip(*pieces))
+      for leaf, pieces in parts.items()
+  }
   kernels = [leaf for leaf in joined if kinds[leaf] == "kernel"]
   methods = _kernel_combine_methods(
-      kernel_combine, [joined[leaf][0].shape + joined[leaf][1].shape[-1:] for leaf in kernels])
+      kernel_combine, [joined[leaf][0].shape + joined[leaf][1].shape[-1:] for leaf in kernels]
+  )
   method_of = dict(zip(kernels, methods))
   for leaf, (first, second) in joined.items():
     param = leaves[leaf]
     if kinds[leaf] == "kernel":
-      grads[leaf] = factors.DenseFactor(first, second, tuple(param.shape), np.dtype(param.dtype),
-                                        combine_method=method_of[leaf])
+      grads[leaf] = layer_factors.DenseFactor(
+          first, second, tuple(param.shape), np.dtype(param.dtype), combine_method=method_of[leaf]
+      )
     else:
-      grads[leaf] = factors.EmbedFactor(first, second, int(param.shape[0]),
-                                        np.dtype(param.dtype))
+      grads[leaf] = layer_factors.EmbedFactor(
+          first, second, int(param.shape[0]), np.dtype(param.dtype)
+      )
 
 
 def leaf_kinds(loss_fn: Callable, params, *args) -> dict[str, str]:
@@ -460,19 +489,24 @@ def leaf_kinds(loss_fn: Callable, params, *args) -> dict[str, str]:
   return dict(zip(paths, plan.leaf_kinds))
 
 
-def encoder_gathered_numbers(num_layers: int, hidden: int, ffn: int, length: int,
-                             num_labels: int) -> int:
+def encoder_gathered_numbers(
+    num_layers: int, hidden: int, ffn: int, length: int, num_labels: int
+) -> int:
   """Numbers per example that ``gram="global"`` gathers for a BERT sequence classifier
   (the formula of the module docstring)."""
   h, f, t = hidden, ffn, length
-  return (t * (num_layers * (4 * 2 * h + 2 * (h + f)) + 3 * (h + 1))
-          + num_layers * (5 * h + f + 4 * h) + 3 * h + (h + 2 * num_labels) + 2 * h)
+  return (
+      t * (num_layers * (4 * 2 * h + 2 * (h + f)) + 3 * (h + 1))
+      + num_layers * (5 * h + f + 4 * h)
+      + 3 * h
+      + (h + 2 * num_labels)
+      + 2 * h
+  )
 
 
 def gathered_bytes_per_device(loss_fn: Callable, params, *args) -> int:
   """Bytes one device contributes to ``gram="global"``'s all-gather of the factored gradients
   of ``loss_fn(params, *args)`` (shapes only, via ``jax.eval_shape``); each device receives
   (n − 1) times this."""
-  shapes = jax.eval_shape(lambda p, *a: factored_value_and_grads(loss_fn, p, *a)[1],
-                          params, *args)
-  return factors.factor_nbytes(shapes)
+  shapes = jax.eval_shape(lambda p, *a: factored_value_and_grads(loss_fn, p, *a)[1], params, *args)
+  return layer_factors.factor_nbytes(shapes)

@@ -14,7 +14,7 @@ The files are tab-separated with **no quoting**: sentences contain ``"`` charact
 CSV reader would take for quotes, so they are read with ``csv.QUOTE_NONE``; every line is
 one example. Header columns are found by name (any order; extra columns are ignored), and
 every line must have as many fields as the header. Any deviation raises
-:class:`~nearprox.data.DataError` naming the file and line.
+:class:`~nearprox.text.data.DataError` naming the file and line.
 """
 
 from __future__ import annotations
@@ -27,7 +27,7 @@ from pathlib import Path
 
 import numpy as np
 
-from nearprox.data.tasks import DataError, Split, canonical_split, get_task, located
+from nearprox.text.data.tasks import DataError, Split, canonical_split, get_task, located
 
 GLUE_DIR_ENV = "NEARPROX_GLUE_DIR"
 
@@ -47,12 +47,33 @@ _BINARY = {"0": 0, "1": 1}
 
 LAYOUTS = {
     "sst2": _Layout("SST-2", ("sentence", "label"), True, "sentence", None, "label", _BINARY),
-    "cola": _Layout("CoLA", ("source", "label", "original_label", "sentence"), False,
-                    "sentence", None, "label", _BINARY),
-    "mrpc": _Layout("MRPC", ("Quality", "#1 ID", "#2 ID", "#1 String", "#2 String"), True,
-                    "#1 String", "#2 String", "Quality", _BINARY),
-    "rte": _Layout("RTE", ("index", "sentence1", "sentence2", "label"), True,
-                   "sentence1", "sentence2", "label", {"entailment": 0, "not_entailment": 1}),
+    "cola": _Layout(
+        "CoLA",
+        ("source", "label", "original_label", "sentence"),
+        False,
+        "sentence",
+        None,
+        "label",
+        _BINARY,
+    ),
+    "mrpc": _Layout(
+        "MRPC",
+        ("Quality", "#1 ID", "#2 ID", "#1 String", "#2 String"),
+        True,
+        "#1 String",
+        "#2 String",
+        "Quality",
+        _BINARY,
+    ),
+    "rte": _Layout(
+        "RTE",
+        ("index", "sentence1", "sentence2", "label"),
+        True,
+        "sentence1",
+        "sentence2",
+        "label",
+        {"entailment": 0, "not_entailment": 1},
+    ),
 }
 
 
@@ -76,13 +97,14 @@ def glue_path(task: str, split: str, data_dir: str | os.PathLike | None = None) 
     raise DataError(f"GLUE {task} test labels are not public; use split 'train' or 'dev'")
   root = glue_dir(data_dir)
   if root is None:
-    raise DataError(f"no GLUE directory for task {task!r}: pass data_dir=, set "
-                    f"${GLUE_DIR_ENV}, or use source='tfds'")
+    raise DataError(
+        f"no GLUE directory for task {task!r}: pass data_dir=, set "
+        f"${GLUE_DIR_ENV}, or use source='tfds'"
+    )
   for candidate in (root / layout.folder / f"{split}.tsv", root / f"{split}.tsv"):
     if candidate.is_file():
       return candidate
-  raise DataError(f"{root}: no {layout.folder}/{split}.tsv (nor {split}.tsv) for task "
-                  f"{task!r}")
+  raise DataError(f"{root}: no {layout.folder}/{split}.tsv (nor {split}.tsv) for task " f"{task!r}")
 
 
 def load_glue_tsv(task: str, split: str, data_dir: str | os.PathLike | None = None) -> Split:
@@ -100,11 +122,18 @@ def read_glue_tsv(path: str | os.PathLike, task: str, split: str = "dev") -> Spl
   if layout.has_header:
     header_line, header = rows[0]
     header = [name.strip() for name in header]
-    missing = [name for name in (layout.text_a, layout.text_b, layout.label)
-               if name is not None and name not in header]
+    missing = [
+        name
+        for name in (layout.text_a, layout.text_b, layout.label)
+        if name is not None and name not in header
+    ]
     if missing:
-      raise located(path, header_line, f"missing column(s) {missing} for task {task!r}; "
-                    f"header is {header}, expected {list(layout.columns)}")
+      raise located(
+          path,
+          header_line,
+          f"missing column(s) {missing} for task {task!r}; "
+          f"header is {header}, expected {list(layout.columns)}",
+      )
     rows = rows[1:]
   else:
     header = list(layout.columns)
@@ -113,21 +142,34 @@ def read_glue_tsv(path: str | os.PathLike, task: str, split: str = "dev") -> Spl
   text_a, text_b, labels = [], [], []
   for line, fields in rows:
     if len(fields) != len(header):
-      raise located(path, line, f"expected {len(header)} tab-separated fields "
-                    f"({', '.join(header)}), found {len(fields)}")
+      raise located(
+          path,
+          line,
+          f"expected {len(header)} tab-separated fields "
+          f"({', '.join(header)}), found {len(fields)}",
+      )
     raw_label = fields[index[layout.label]].strip()
     if raw_label not in layout.label_values:
-      raise located(path, line, f"bad label {raw_label!r} for task {task!r}; expected one "
-                    f"of {sorted(layout.label_values)}")
+      raise located(
+          path,
+          line,
+          f"bad label {raw_label!r} for task {task!r}; expected one "
+          f"of {sorted(layout.label_values)}",
+      )
     labels.append(layout.label_values[raw_label])
     text_a.append(fields[index[layout.text_a]])
     if layout.text_b is not None:
       text_b.append(fields[index[layout.text_b]])
   if not labels:
     raise located(path, 2, "no examples after the header")
-  return Split(task=get_task(task), name=split, text_a=text_a,
-               text_b=text_b if layout.text_b is not None else None,
-               labels=np.asarray(labels, np.int32), source=str(path))
+  return Split(
+      task=get_task(task),
+      name=split,
+      text_a=text_a,
+      text_b=text_b if layout.text_b is not None else None,
+      labels=np.asarray(labels, np.int32),
+      source=str(path),
+  )
 
 
 def _layout(task: str) -> _Layout:
@@ -146,7 +188,7 @@ def _read_tsv_rows(path: Path) -> list[tuple[int, list[str]]]:
   try:
     text = raw.decode("utf-8-sig")
   except UnicodeDecodeError as error:
-    line = raw[:error.start].count(b"\n") + 1
+    line = raw[: error.start].count(b"\n") + 1
     raise located(path, line, f"not valid UTF-8 ({error.reason} at byte {error.start})") from None
   reader = csv.reader(io.StringIO(text, newline=""), delimiter="\t", quoting=csv.QUOTE_NONE)
   rows = []

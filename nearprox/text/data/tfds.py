@@ -7,22 +7,26 @@ runs. TFDS downloads and prepares the data on first use (network needed), into
 
 TFDS's ``glue/*`` features are ``idx``, ``label`` and ``sentence`` (single-sentence tasks)
 or ``sentence1``/``sentence2`` (pair tasks); its class order matches
-:data:`nearprox.data.TASKS` (RTE: entailment 0). The ``validation`` split is our ``dev``;
+:data:`nearprox.text.data.TASKS` (RTE: entailment 0). The ``validation`` split is our ``dev``;
 TFDS's GLUE ``test`` splits carry label -1 (unlabeled) and are refused.
 """
 
 from __future__ import annotations
 
 import os
-from typing import Mapping
+from collections.abc import Mapping
 
 import numpy as np
 
-from nearprox.data.tasks import DataError, Split, canonical_split, get_task
+from nearprox.text.data.tasks import DataError, Split, canonical_split, get_task
 
 TFDS_NAMES = {"sst2": "glue/sst2", "cola": "glue/cola", "mrpc": "glue/mrpc", "rte": "glue/rte"}
-_TEXT_FEATURES = {"sst2": ("sentence", None), "cola": ("sentence", None),
-                  "mrpc": ("sentence1", "sentence2"), "rte": ("sentence1", "sentence2")}
+_TEXT_FEATURES = {
+    "sst2": ("sentence", None),
+    "cola": ("sentence", None),
+    "mrpc": ("sentence1", "sentence2"),
+    "rte": ("sentence1", "sentence2"),
+}
 _TFDS_SPLITS = {"train": "train", "dev": "validation", "test": "test"}
 
 
@@ -34,12 +38,14 @@ def import_tfds():
     raise ImportError(
         "loading GLUE from TFDS needs the optional extra 'tfds' (tensorflow and "
         "tensorflow-datasets): pip install 'nearprox[tfds]'. Without network access use "
-        "GLUE TSV files (source='tsv') or the offline task 'tweets'.") from error
+        "GLUE TSV files (source='tsv') or the offline task 'tweets'."
+    ) from error
   return tensorflow_datasets
 
 
-def load_glue_tfds(task: str, split: str, data_dir: str | os.PathLike | None = None,
-                   download: bool = True) -> Split:
+def load_glue_tfds(
+    task: str, split: str, data_dir: str | os.PathLike | None = None, download: bool = True
+) -> Split:
   """Loads ``task``'s ``split`` ("train" or "dev") through TFDS."""
   if task not in TFDS_NAMES:
     get_task(task)  # a DataError listing the known tasks if the name is unknown
@@ -48,14 +54,21 @@ def load_glue_tfds(task: str, split: str, data_dir: str | os.PathLike | None = N
   tfds = import_tfds()
   name, tfds_split = TFDS_NAMES[task], _TFDS_SPLITS[split]
   # batch_size=-1: the whole split as one batch of tensors, converted to NumPy.
-  examples = tfds.as_numpy(tfds.load(
-      name, split=tfds_split, data_dir=None if data_dir is None else os.fspath(data_dir),
-      batch_size=-1, download=download))
+  examples = tfds.as_numpy(
+      tfds.load(
+          name,
+          split=tfds_split,
+          data_dir=None if data_dir is None else os.fspath(data_dir),
+          batch_size=-1,
+          download=download,
+      )
+  )
   return split_from_tfds_arrays(task, split, examples, source=f"tfds:{name}[{tfds_split}]")
 
 
-def split_from_tfds_arrays(task: str, split: str, examples: Mapping[str, np.ndarray],
-                           source: str = "tfds") -> Split:
+def split_from_tfds_arrays(
+    task: str, split: str, examples: Mapping[str, np.ndarray], source: str = "tfds"
+) -> Split:
   """A :class:`Split` from TFDS's NumPy feature arrays (text as bytes, labels as ints)."""
   first, second = _TEXT_FEATURES[task]
   needed = [key for key in (first, second, "label") if key is not None]
@@ -68,10 +81,14 @@ def split_from_tfds_arrays(task: str, split: str, examples: Mapping[str, np.ndar
     raise DataError(f"{source}: labels are -1 (an unlabeled split); use 'train' or 'dev'")
   if labels.size and labels.max() >= num_labels:
     raise DataError(f"{source}: label {labels.max()} outside [0, {num_labels})")
-  return Split(task=get_task(task), name=canonical_split(split),
-               text_a=_decode(examples[first]),
-               text_b=_decode(examples[second]) if second is not None else None,
-               labels=labels.astype(np.int32), source=source)
+  return Split(
+      task=get_task(task),
+      name=canonical_split(split),
+      text_a=_decode(examples[first]),
+      text_b=_decode(examples[second]) if second is not None else None,
+      labels=labels.astype(np.int32),
+      source=source,
+  )
 
 
 def _decode(values) -> list[str]:

@@ -15,7 +15,7 @@ B rows with *copies of its own real rows* carrying ``mask = 0`` (copies, not zer
 of all-padding tokens can make an attention softmax 0/0, and NaN·0 is still NaN). Every
 example is therefore seen exactly once per epoch with weight 1, and a loss or metric
 weighted by ``mask`` (``Σ mask·ℓ / Σ mask``; the ``mask=`` argument of
-:mod:`nearprox.data.metrics` and of ``nearprox.scale_by_proximal``) equals the one on the
+:mod:`nearprox.text.data.metrics` and of ``nearprox.scale_by_proximal``) equals the one on the
 unpadded data. ``drop_remainder=True`` drops it instead (e.g. for training).
 
 **Shuffling.** Epoch e's order is ``np.random.default_rng([seed, e]).permutation(N)``: a
@@ -33,11 +33,11 @@ devices in process order.
 
 from __future__ import annotations
 
-from typing import Iterator, Mapping
+from collections.abc import Iterator, Mapping
 
 import numpy as np
 
-from nearprox.data.encoding import Encoded
+from nearprox.text.data.encoding import Encoded
 
 RESERVED_KEYS = ("mask", "index")
 
@@ -50,8 +50,9 @@ def num_batches(num_examples: int, batch_size: int, drop_remainder: bool = False
   return -(-num_examples // batch_size)
 
 
-def epoch_order(num_examples: int, seed: int = 0, epoch: int = 0,
-                shuffle: bool = True) -> np.ndarray:
+def epoch_order(
+    num_examples: int, seed: int = 0, epoch: int = 0, shuffle: bool = True
+) -> np.ndarray:
   """The example order of one epoch: a permutation seeded by (seed, epoch), or arange."""
   if not shuffle:
     return np.arange(num_examples)
@@ -60,14 +61,21 @@ def epoch_order(num_examples: int, seed: int = 0, epoch: int = 0,
   return np.random.default_rng([int(seed), int(epoch)]).permutation(num_examples)
 
 
-def batches(data: Encoded | Mapping[str, np.ndarray], batch_size: int, seed: int = 0,
-            epoch: int = 0, shuffle: bool = True, *, drop_remainder: bool = False,
-            process_index: int = 0, process_count: int = 1
-            ) -> Iterator[dict[str, np.ndarray]]:
+def batches(
+    data: Encoded | Mapping[str, np.ndarray],
+    batch_size: int,
+    seed: int = 0,
+    epoch: int = 0,
+    shuffle: bool = True,
+    *,
+    drop_remainder: bool = False,
+    process_index: int = 0,
+    process_count: int = 1,
+) -> Iterator[dict[str, np.ndarray]]:
   """Yields one epoch of fixed-shape batches (keys and padding: module docstring).
 
   Args:
-    data: an :class:`~nearprox.data.Encoded` split, or any mapping of arrays with a common
+    data: an :class:`~nearprox.text.data.Encoded` split, or any mapping of arrays with a common
       leading axis N (``mask`` and ``index`` are added here and may not be in it).
     batch_size: the global batch size B.
     seed: shuffling seed (same on every host).
@@ -89,13 +97,15 @@ def batches(data: Encoded | Mapping[str, np.ndarray], batch_size: int, seed: int
   if num_examples == 0:
     raise ValueError("data has no examples")
   if batch_size % process_count:
-    raise ValueError(f"batch_size {batch_size} is not divisible by process_count "
-                     f"{process_count}")
+    raise ValueError(
+        f"batch_size {batch_size} is not divisible by process_count " f"{process_count}"
+    )
 
   order = epoch_order(num_examples, seed, epoch, shuffle)
-  for start in range(0, num_batches(num_examples, batch_size, drop_remainder) * batch_size,
-                     batch_size):
-    rows = order[start:start + batch_size]
+  for start in range(
+      0, num_batches(num_examples, batch_size, drop_remainder) * batch_size, batch_size
+  ):
+    rows = order[start : start + batch_size]
     num_real = len(rows)
     if num_real < batch_size:  # the last batch: pad with copies of its own rows
       rows = rows[np.arange(batch_size) % num_real]
@@ -107,8 +117,9 @@ def batches(data: Encoded | Mapping[str, np.ndarray], batch_size: int, seed: int
     yield batch
 
 
-def host_slice(batch: Mapping[str, np.ndarray], process_index: int,
-               process_count: int) -> dict[str, np.ndarray]:
+def host_slice(
+    batch: Mapping[str, np.ndarray], process_index: int, process_count: int
+) -> dict[str, np.ndarray]:
   """Process ``process_index``'s contiguous block of B / process_count rows of each array.
 
   The blocks of processes 0 .. process_count-1, concatenated, are ``batch``.
@@ -122,7 +133,7 @@ def host_slice(batch: Mapping[str, np.ndarray], process_index: int,
     if size % process_count:
       raise ValueError(f"batch axis {size} is not divisible by process_count {process_count}")
     block = size // process_count
-    return value[process_index * block:(process_index + 1) * block]
+    return value[process_index * block : (process_index + 1) * block]
 
   return _map_leaves(take, batch)
 
@@ -134,8 +145,9 @@ def shard_batch(batch: Mapping[str, np.ndarray], num_shards: int) -> dict[str, n
   def reshape(value):
     value = np.asarray(value)
     if value.shape[0] % num_shards:
-      raise ValueError(f"batch axis {value.shape[0]} is not divisible by num_shards "
-                       f"{num_shards}")
+      raise ValueError(
+          f"batch axis {value.shape[0]} is not divisible by num_shards " f"{num_shards}"
+      )
     return value.reshape((num_shards, value.shape[0] // num_shards) + value.shape[1:])
 
   return _map_leaves(reshape, batch)
@@ -151,3 +163,13 @@ def _check_positive(**values: int) -> None:
   for name, value in values.items():
     if not isinstance(value, (int, np.integer)) or value < 1:
       raise ValueError(f"{name} must be a positive integer, got {value!r}")
+
+
+def eval_subset(num_examples: int, max_examples: int, seed: int) -> np.ndarray | None:
+  """Sorted indices of the seeded random subset of an evaluation split (None: all of it).
+
+  Random, not the first ``max_examples``: the files are often sorted by label or source.
+  """
+  if not 0 < max_examples < num_examples:
+    return None
+  return np.sort(np.random.default_rng(seed).permutation(num_examples)[:max_examples])

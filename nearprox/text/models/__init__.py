@@ -2,7 +2,7 @@
 
 Numerically equal (float32, ~1e-5) to transformers' PyTorch ``BertModel`` on the same weights.
 
-    from nearprox import models
+    from nearprox.text import models
     model, params, tokenizer = models.load_pretrained("minilm", num_labels=2)
     batch = tokenizer(["a sentence", "another one"], padding=True, return_tensors="np")
     out = model.apply({"params": params}, batch["input_ids"],
@@ -33,21 +33,55 @@ Numerically equal (float32, ~1e-5) to transformers' PyTorch ``BertModel`` on the
   HF (``bert/encoder/layer_0/attention/self/query/kernel``); ``flax_path_to_hf_key`` is the
   conversion table.
 """
-from nearprox.models.bert import (ACTIVATIONS, BertConfig, BertForQuestionAnswering,
-                                  BertForSequenceClassification, BertModel, BertOutput,
-                                  QuestionAnsweringOutput, SequenceClassifierOutput, init_params,
-                                  tiny_config)
-from nearprox.models.checkpoints import (LoadReport, flax_path_to_hf_key, load_config,
-                                         load_pretrained, load_tokenizer, minilm_dir,
-                                         params_to_state_dict, read_state_dict,
-                                         resolve_checkpoint_dir, save_pretrained,
-                                         state_dict_to_params)
+
+from nearprox.text.models.bert import (
+    ACTIVATIONS,
+    BertConfig,
+    BertForQuestionAnswering,
+    BertForSequenceClassification,
+    BertModel,
+    BertOutput,
+    QuestionAnsweringOutput,
+    SequenceClassifierOutput,
+    bert_logits_fn,
+    init_params,
+    tiny_config,
+)
+from nearprox.text.models.hf_checkpoints import (
+    LoadReport,
+    flax_path_to_hf_key,
+    load_config,
+    load_pretrained,
+    load_tokenizer,
+    minilm_dir,
+    params_to_state_dict,
+    read_state_dict,
+    resolve_checkpoint_dir,
+    save_pretrained,
+    state_dict_to_params,
+)
 
 __all__ = [
-    "ACTIVATIONS", "BertConfig", "BertForQuestionAnswering", "BertForSequenceClassification",
-    "BertModel", "BertOutput", "LoadReport", "QuestionAnsweringOutput",
-    "SequenceClassifierOutput", "flax_path_to_hf_key", "init_params", "load_config",
-    "load_pretrained", "load_tokenizer", "minilm_dir", "params_to_state_dict",
-    "read_state_dict", "resolve_checkpoint_dir", "save_pretrained", "state_dict_to_params",
+    "ACTIVATIONS",
+    "BertConfig",
+    "BertForQuestionAnswering",
+    "BertForSequenceClassification",
+    "BertModel",
+    "BertOutput",
+    "LoadReport",
+    "QuestionAnsweringOutput",
+    "SequenceClassifierOutput",
+    "bert_logits_fn",
+    "flax_path_to_hf_key",
+    "init_params",
+    "load_config",
+    "load_pretrained",
+    "load_tokenizer",
+    "minilm_dir",
+    "params_to_state_dict",
+    "read_state_dict",
+    "resolve_checkpoint_dir",
+    "save_pretrained",
+    "state_dict_to_params",
     "tiny_config",
 ]

