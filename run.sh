@@ -5,4 +5,4 @@ set -euo pipefail
 cd "$(dirname "$0")"
 bash scripts/setup_env.sh train
 export HF_HUB_OFFLINE=1
-exec .venv/bin/python experiments/default_job.py "$@"
+exec .venv/bin/python -m experiments.default_job "$@"

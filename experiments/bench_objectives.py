@@ -4,10 +4,10 @@ Times ``jax.jit(jax.grad(mean of the per-example objective))`` for clean / FGM /
 SMART on one batch, all in the same process: each repeat runs every objective once
 (interleaved, so drift in machine load hits all alike) and the table shows the minimum over
 repeats. The count of forward (F), full backward (B) and input-only backward (Bδ) passes is
-the one documented in ``nearprox/objectives.py``.
+the one documented in ``nearprox/text/objectives.py``.
 
-    python experiments/bench_objectives.py                  # MiniLM-L6 shape (hidden 384)
-    python experiments/bench_objectives.py --model tiny     # tiny_config (hidden 32)
+    python -m experiments.bench_objectives                  # MiniLM-L6 shape (hidden 384)
+    python -m experiments.bench_objectives --model=tiny     # tiny_config (hidden 32)
 
 Random weights: the cost does not depend on their values. Deterministic forward (no
 dropout), CPU by default (set JAX_PLATFORMS to choose).
@@ -15,7 +15,6 @@ dropout), CPU by default (set JAX_PLATFORMS to choose).
 
 from __future__ import annotations
 
-import argparse
 import os
 import time
 
@@ -23,6 +22,7 @@ os.environ.setdefault("JAX_PLATFORMS", "cpu")
 
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
+from absl import app, flags  # noqa: E402
 
 from nearprox.text import models, objectives  # noqa: E402
 
@@ -35,6 +35,13 @@ MINILM = dict(
     intermediate_size=1536,
     max_position_embeddings=512,
 )
+
+
+_MODEL = flags.DEFINE_enum("model", "minilm", ("minilm", "tiny"), "model shape (random weights)")
+_BATCH_SIZE = flags.DEFINE_integer("batch_size", 8, "examples per batch")
+_SEQ_LEN = flags.DEFINE_integer("seq_len", 64, "tokens per example")
+_NUM_STEPS = flags.DEFINE_integer("num_steps", 3, "PGD K")
+_REPEATS = flags.DEFINE_integer("repeats", 5, "interleaved timed repeats")
 
 
 def objective_table(num_steps: int) -> dict[str, tuple[objectives.ObjectiveConfig, str]]:
@@ -54,45 +61,39 @@ def objective_table(num_steps: int) -> dict[str, tuple[objectives.ObjectiveConfi
   }
 
 
-def main(argv=None):
-  parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-  parser.add_argument("--model", choices=("minilm", "tiny"), default="minilm")
-  parser.add_argument("--batch-size", type=int, default=8)
-  parser.add_argument("--seq-len", type=int, default=64)
-  parser.add_argument("--num-steps", type=int, default=3, help="PGD K")
-  parser.add_argument("--repeats", type=int, default=5)
-  args = parser.parse_args(argv)
-
-  config = models.tiny_config() if args.model == "tiny" else models.BertConfig(**MINILM)
+def main(argv) -> None:
+  del argv
+  batch_size, seq_len, repeats = _BATCH_SIZE.value, _SEQ_LEN.value, _REPEATS.value
+  config = models.tiny_config() if _MODEL.value == "tiny" else models.BertConfig(**MINILM)
   model = models.BertForSequenceClassification(config)
-  params = models.init_params(model, jax.random.key(0), args.batch_size, args.seq_len)
-  shape = (args.batch_size, args.seq_len)
+  params = models.init_params(model, jax.random.key(0), batch_size, seq_len)
+  shape = (batch_size, seq_len)
   batch = dict(
       input_ids=jax.random.randint(jax.random.key(1), shape, 1, config.vocab_size),
       attention_mask=jnp.ones(shape, jnp.int32),
       labels=jax.random.randint(jax.random.key(2), shape[:1], 0, 2),
   )
-  keys = jax.random.split(jax.random.key(3), args.batch_size)
+  keys = jax.random.split(jax.random.key(3), batch_size)
   logits_fn = models.bert_logits_fn(model)
 
   steps = {}
-  for name, (objective, passes) in objective_table(args.num_steps).items():
+  for name, (objective, passes) in objective_table(_NUM_STEPS.value).items():
     loss_fn = objectives.make_per_example_loss(logits_fn, objective, hidden_size=config.hidden_size)
     grad = jax.jit(jax.grad(lambda p, b, k, f=loss_fn: jnp.mean(f(p, b, k))))
     jax.block_until_ready(grad(params, batch, keys))  # compile
     steps[name] = (grad, passes)
 
   best = {name: float("inf") for name in steps}
-  for _ in range(args.repeats):
+  for _ in range(repeats):
     for name, (grad, _) in steps.items():
       start = time.perf_counter()
       jax.block_until_ready(grad(params, batch, keys))
       best[name] = min(best[name], time.perf_counter() - start)
 
   print(
-      f"model={args.model} (hidden {config.hidden_size}, {config.num_hidden_layers} layers) "
-      f"B={args.batch_size} T={args.seq_len} device={jax.devices()[0].platform} "
-      f"min of {args.repeats} interleaved repeats"
+      f"model={_MODEL.value} (hidden {config.hidden_size}, {config.num_hidden_layers} layers) "
+      f"B={batch_size} T={seq_len} device={jax.devices()[0].platform} "
+      f"min of {repeats} interleaved repeats"
   )
   print(f"{'objective':<24} {'passes':<16} {'ms/step':>9} {'x clean':>8}")
   for name, (_, passes) in steps.items():
@@ -100,4 +101,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-  main()
+  app.run(main)

@@ -1,7 +1,7 @@
 """Benchmark: one SGD step vs. one proximal step (factored and vmap per-example gradients).
 
-    python experiments/bench_step.py            # full: MiniLM, BERT-base shapes, B/T scaling
-    python experiments/bench_step.py --quick    # MiniLM B=32 T=64 only, fewer repeats
+    python -m experiments.bench_step            # full: MiniLM, BERT-base shapes, B/T scaling
+    python -m experiments.bench_step --quick    # MiniLM B=32 T=64 only, fewer repeats
 
 For each setting it jits three train steps on the same batch (sequence classification,
 softmax cross-entropy, dropout off so the vmap oracle is comparable):
@@ -17,13 +17,12 @@ Times are the minimum over interleaved repeats after compilation (so a busy mach
 all of them alike); ratios are to the SGD step of the same run. FLOPs are XLA's
 ``compiled.cost_analysis()`` count (machine independent). Peak memory is XLA's static
 estimate ``compiled.memory_analysis()``: temp + argument + output bytes. Settings whose
-estimate exceeds --max-gb are not run and reported as such. The markdown table is printed
+estimate exceeds --max_gb are not run and reported as such. The markdown table is printed
 and written to experiments/results/bench_step.md.
 """
 
 from __future__ import annotations
 
-import argparse
 import os
 import platform
 import sys
@@ -33,12 +32,24 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+from absl import app, flags
 
 import nearprox
 from nearprox import factored_grads, spectral_filter
 from nearprox.text import models
 
 GB = 1024.0**3
+
+_QUICK = flags.DEFINE_bool("quick", False, "MiniLM B=32 T=64 only (no BERT-base, no scaling)")
+_REPEATS = flags.DEFINE_integer("repeats", None, "timed repeats per step (default 5, quick 3)")
+_MAX_GB = flags.DEFINE_float(
+    "max_gb", 16.0, "skip settings whose peak memory estimate exceeds this"
+)
+_BERT_BASE = flags.DEFINE_bool("bert_base", True, "also the BERT-base shapes")
+_SCALING = flags.DEFINE_bool("scaling", True, "also the batch size / sequence length sweep")
+_OUTPUT = flags.DEFINE_string(
+    "output", os.path.join(os.path.dirname(__file__), "results", "bench_step.md"), "Markdown file"
+)
 
 
 def make_batch(vocab: int, batch: int, length: int, seed: int = 0):
@@ -223,13 +234,13 @@ def comparison_rows(title, results):
   return rows
 
 
-def header(argv) -> list[str]:
+def header(command: str) -> list[str]:
   return [
       "# Step-time benchmark: SGD vs. proximal step (factored / vmap per-example gradients)",
       "",
       f"- machine: {platform.machine()} {platform.processor() or platform.platform()}, "
       f"{os.cpu_count()} CPUs, jax {jax.__version__}, devices {jax.devices()}",
-      f"- command: `python {' '.join(argv)}`",
+      f"- command: `{command}`",
       "- time: min over interleaved repeats after compile; memory: XLA memory_analysis() "
       "temp + argument + output bytes of the jitted step; dropout off; proximal step = "
       "nearprox.proximal_sgd(damping=1e-3, damping_mode='relative').",
@@ -241,27 +252,10 @@ def header(argv) -> list[str]:
   ]
 
 
-def main(argv=None):
-  parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-  parser.add_argument(
-      "--quick", action="store_true", help="MiniLM B=32 T=64 only (no BERT-base, no scaling sweep)"
-  )
-  parser.add_argument("--repeats", type=int, default=None, help="timed repeats per step")
-  parser.add_argument(
-      "--max-gb",
-      type=float,
-      default=16.0,
-      help="skip settings whose estimated peak memory exceeds this",
-  )
-  parser.add_argument("--no-bert-base", action="store_true")
-  parser.add_argument("--no-scaling", action="store_true")
-  parser.add_argument(
-      "--output", default=os.path.join(os.path.dirname(__file__), "results", "bench_step.md")
-  )
-  args = parser.parse_args(argv)
-  repeats = args.repeats or (3 if args.quick else 5)
-
-  lines = header(["experiments/bench_step.py"] + (sys.argv[1:] if argv is None else argv))
+def main(argv) -> None:
+  del argv
+  repeats = _REPEATS.value or (3 if _QUICK.value else 5)
+  lines = header(" ".join(["python -m experiments.bench_step", *sys.argv[1:]]))
   lines += [
       "## Step time and peak memory, relative to SGD",
       "",
@@ -278,7 +272,7 @@ def main(argv=None):
       64,
       ("sgd", "factored", "factored_kept", "vmap"),
       repeats,
-      args.max_gb,
+      _MAX_GB.value,
       vocab,
   )
   lines += comparison_rows("MiniLM-L6 (22.7M params), B=32, T=64", results)
@@ -301,7 +295,7 @@ def main(argv=None):
   ]
   print("\n".join(lines), flush=True)
 
-  if not args.quick and not args.no_bert_base:
+  if not _QUICK.value and _BERT_BASE.value:
     config = models.BertConfig(num_labels=2)  # BERT-base: 12 layers, hidden 768, FFN 3072
     base = models.BertForSequenceClassification(config)
     base_params = models.init_params(base, jax.random.key(0), 2, 8)
@@ -313,7 +307,7 @@ def main(argv=None):
           128,
           ("sgd", "factored", "factored_kept", "vmap"),
           max(2, repeats // 2),
-          args.max_gb,
+          _MAX_GB.value,
           config.vocab_size,
       )
       if results["factored"][0] is not None:
@@ -322,7 +316,7 @@ def main(argv=None):
     lines += row
     print("\n".join(row), flush=True)
 
-  if not args.quick and not args.no_scaling:
+  if not _QUICK.value and _SCALING.value:
     lines += [
         "",
         "## Factored proximal step vs. batch size B and sequence length T (MiniLM)",
@@ -340,7 +334,7 @@ def main(argv=None):
             length,
             ("sgd", "factored"),
             2 if batch * length >= 16384 else 3,
-            args.max_gb,
+            _MAX_GB.value,
             vocab,
         )
         sgd, fac = results["sgd"], results["factored"]
@@ -353,11 +347,11 @@ def main(argv=None):
         lines.append(row)
         print(row, flush=True)
 
-  os.makedirs(os.path.dirname(args.output), exist_ok=True)
-  with open(args.output, "w") as f:
+  os.makedirs(os.path.dirname(_OUTPUT.value), exist_ok=True)
+  with open(_OUTPUT.value, "w") as f:
     f.write("\n".join(lines) + "\n")
-  print(f"\nwritten to {args.output}")
+  print(f"\nwritten to {_OUTPUT.value}")
 
 
 if __name__ == "__main__":
-  main()
+  app.run(main)

@@ -1,55 +1,86 @@
-"""The default job (README's `bash run.sh`): offline, a few minutes on a CPU.
+"""The default job (README's `bash run.sh`): offline, about a quarter of an hour on a CPU.
 
-Fine-tunes the offline MiniLM on the offline tweet-sentiment corpus twice with the same
-budget (steps, batch, learning rate, momentum, objective = task + FGM + L2):
+Fine-tunes the offline MiniLM on the offline tweet-sentiment corpus three times with the same
+budget (100 steps of batch 32, objective = task + FGM + L2), the comparison a user asks for
+first:
 
-1. proximal SGD (tikhonov filter, relative damping) — ``experiments/configs/default.py``;
-2. plain SGD — the same config with ``optimizer.name = "sgd"``.
+1. the proximal variant that the optimizer study (``--mode=full``, experiments/tuning.py)
+   ranked first, at the learning rate and damping its tuning chose;
+2. AdamW at the rate its tuning chose;
+3. plain SGD with momentum, at the default config's rate.
 
-Both run 100 steps of batch 32 and are evaluated on seeded random subsets of 1000 dev and
-1000 test examples (and of the low-confidence test examples); `python -m nearprox.training.train
---config experiments/configs/default.py` evaluates on whole splits.
+Until the study's tuning is complete, the first two fall back to ``FALLBACK`` (the default
+config's proximal SGD, AdamW at 1e-4) and the report says so. Each run is evaluated on
+seeded random subsets of 1000 dev and 1000 test examples (and of the low-confidence test
+examples); `python -m nearprox.training.train --config experiments/configs/default.py`
+evaluates on whole splits.
 
 It then prints dev/test metrics side by side, writes ``comparison.png`` (training loss and
-dev accuracy against step for both) and says where the checkpoints, logs and the exported
-Hugging Face model are.
+dev accuracy against step for each) and says where the checkpoints, logs and the exported
+Hugging Face models are.
 
-    python experiments/default_job.py [--workdir runs/default_job] [--steps N]
+    python -m experiments.default_job [--workdir=runs/default_job] [--config.num_train_steps=40]
 """
 
 from __future__ import annotations
 
-import argparse
-import importlib.util
 import json
 import logging
 from pathlib import Path
 
-import matplotlib
+from absl import app, flags
+from ml_collections import config_flags
 
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
+from experiments import report
+from experiments.configs import default
+from nearprox.training import metrics_writer, train
 
-from nearprox.training import train  # noqa: E402
-
-CONFIG = Path(__file__).with_name("configs") / "default.py"
-
-
-def load_config():
-  spec = importlib.util.spec_from_file_location("default_config", CONFIG)
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module.get_config()
-
-
-def read_metrics(workdir: Path) -> list[dict]:
-  return [json.loads(line) for line in (workdir / "metrics.jsonl").read_text().splitlines()]
+STUDY = Path(__file__).resolve().parent / "results" / "full"
+# Used until the study has chosen (label, overrides of the job config).
+FALLBACK = {
+    "best_proximal": ("proximal SGD (default config)", {}),
+    "adamw": ("AdamW", {"optimizer.name": "adamw", "optimizer.learning_rate": 1e-4}),
+}
+SGD = ("SGD+momentum", {"optimizer.name": "sgd"})
 
 
-def plot(runs: dict[str, Path], path: Path) -> None:
-  fig, (loss_ax, acc_ax) = plt.subplots(1, 2, figsize=(10, 3.8))
-  for label, workdir in runs.items():
-    records = read_metrics(workdir)
+def study_choices() -> tuple[list[tuple[str, dict]], bool]:
+  """[(label, overrides)] of the runs, and whether the study's tuning decided them."""
+  from experiments import runs, tuning
+  from experiments.configs import full
+
+  executor = runs.Executor(full.get_config(), STUDY, STUDY / "work", allow_new=False)
+  ctx = tuning.Context(full.get_plan(), executor)
+  chosen = []
+  for name in ("best_proximal", "adamw"):
+    variant = ctx.resolve(name)
+    trial = ctx.best_trial(variant) if variant else None
+    if trial is None:
+      return [FALLBACK["best_proximal"], FALLBACK["adamw"], SGD], False
+    label = ctx.label(variant) + " (tuned)"
+    chosen.append((label, {**ctx.overrides(variant), **trial["trial"]}))
+  return [*chosen, SGD], True
+
+
+def job_config():
+  """``default.py`` at the job's budget: dev/test metrics on seeded subsets of 1000."""
+  config = default.get_config()
+  config.num_train_steps = 100
+  config.max_eval_examples = 1000
+  config.eval_every = 50
+  return config
+
+
+_WORKDIR = flags.DEFINE_string("workdir", "runs/default_job", "one subdirectory per optimizer")
+_CONFIG = config_flags.DEFINE_config_dict(
+    "config", job_config(), "the config of every run (the optimizer fields are set per run)"
+)
+
+
+def plot(workdirs: dict[str, Path], path: Path) -> None:
+  fig, (loss_ax, acc_ax) = report.pyplot().subplots(1, 2, figsize=(10, 3.8))
+  for label, workdir in workdirs.items():
+    records = metrics_writer.read_jsonl(workdir / "metrics.jsonl")
     train_rows = [r for r in records if "train/loss" in r]
     dev_rows = [r for r in records if "dev/accuracy" in r]
     loss_ax.plot(
@@ -61,35 +92,21 @@ def plot(runs: dict[str, Path], path: Path) -> None:
         marker="o",
         label=label,
     )
-  loss_ax.set(xlabel="step", ylabel="training loss (task + FGM)", title="training loss")
+  loss_ax.set(xlabel="step", ylabel="training loss (task + objective)", title="training loss")
   acc_ax.set(xlabel="step", ylabel="dev accuracy", title="dev accuracy")
   for ax in (loss_ax, acc_ax):
     ax.grid(alpha=0.3)
     ax.legend()
-  fig.tight_layout()
-  fig.savefig(path, dpi=120)
-  plt.close(fig)
+  report.save_figure(fig, path, dpi=120)
 
 
-def main() -> None:
-  parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-  parser.add_argument("--workdir", default="runs/default_job", type=Path)
-  parser.add_argument("--steps", type=int, default=None, help="override num_train_steps")
-  args = parser.parse_args()
-  logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-  logging.getLogger("absl").setLevel(logging.WARNING)
-
+def run(job, workdir: Path, choices) -> tuple[dict[str, dict], dict[str, Path]]:
+  """Trains ``job`` once per (label, overrides); their reports (no params) and workdirs."""
   reports, workdirs = {}, {}
-  for label, optimizer in (("proximal SGD", "proximal_sgd"), ("plain SGD", "sgd")):
-    config = load_config()
-    # A few minutes on a CPU: dev/test metrics on seeded random subsets of 1000 examples.
-    config.num_train_steps = 100
-    config.max_eval_examples = 1000
-    config.eval_every = 50
-    if args.steps:
-      config.num_train_steps = args.steps
-    config.optimizer.name = optimizer
-    workdirs[label] = args.workdir / optimizer
+  for index, (label, overrides) in enumerate(choices):
+    config = job.copy_and_resolve_references()
+    config.update_from_flattened_dict(overrides)
+    workdirs[label] = workdir / f"{index}_{config.optimizer.name}"
     print(
         f"\n=== {label}: {config.num_train_steps} steps of batch {config.batch_size} on "
         f"{config.task}, objective {config.objective.kind} + L2 ===",
@@ -103,32 +120,50 @@ def main() -> None:
           f"{label} was interrupted at step {reports[label]['steps']}; "
           f"run the same command again to resume from {workdirs[label]}"
       )
+  return reports, workdirs
 
-  plot_path = args.workdir / "comparison.png"
-  plot(workdirs, plot_path)
-  first = reports["proximal SGD"]
-  splits = [name for name in first if isinstance(first[name], dict)]
-  print("\n=== report ===")
-  print(f"{'':34s}" + "".join(f"{label:>16s}" for label in reports))
-  for split in splits:
+
+def report_lines(reports: dict[str, dict], workdirs: dict[str, Path]) -> list[str]:
+  """The metrics of every evaluated split side by side, then where the outputs are."""
+  first = next(iter(reports.values()))
+  lines = ["=== report ===", f"{'':34s}" + "".join(f"{label:>16s}" for label in reports)]
+  evaluated = (n for n in first if isinstance(first[n], dict) and n != "predicted_classes")
+  for split in evaluated:
     for metric in first[split]:
-      print(
-          f"{split + ' ' + metric:34s}"
-          + "".join(f"{report[split][metric]:16.4f}" for report in reports.values())
-      )
-  print(
-      f"{'seconds per step':34s}"
-      + "".join(f"{report['train_step_seconds']:16.3f}" for report in reports.values())
-  )
-  print(f"\nplot: {plot_path}")
-  for label, report in reports.items():
-    print(
+      values = "".join(f"{r[split][metric]:16.4f}" for r in reports.values())
+      lines.append(f"{split + ' ' + metric:34s}" + values)
+  seconds = "".join(f"{r['train_step_seconds']:16.3f}" for r in reports.values())
+  lines += [f"{'seconds per step':34s}" + seconds, ""]
+  for label, r in reports.items():
+    lines.append(
         f"{label}: checkpoints {workdirs[label] / 'checkpoints'}, logs "
         f"{workdirs[label] / 'metrics.jsonl'} and {workdirs[label] / 'tensorboard'}, "
-        f"model {report.get('hf_model')}"
+        f"model {r.get('hf_model')}"
     )
-  (args.workdir / "summary.json").write_text(json.dumps(reports, indent=2))
+  return lines
+
+
+def main(argv) -> None:
+  del argv
+  logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+  logging.getLogger("absl").setLevel(logging.WARNING)
+  workdir = Path(_WORKDIR.value)
+  choices, tuned = study_choices()
+  print(
+      "Settings: "
+      + (
+          "chosen by the optimizer study's tuning (experiments/results/full)"
+          if tuned
+          else "the study's tuning is not complete yet, so the default settings"
+      ),
+      flush=True,
+  )
+  reports, workdirs = run(_CONFIG.value, workdir, choices)
+  plot(workdirs, workdir / "comparison.png")
+  print("\n" + "\n".join(report_lines(reports, workdirs)))
+  print(f"\nplot: {workdir / 'comparison.png'}")
+  (workdir / "summary.json").write_text(json.dumps(reports, indent=2))
 
 
 if __name__ == "__main__":
-  main()
+  app.run(main)

@@ -1,7 +1,7 @@
-"""Tables (CSV), plots (PNG) and the generated README section from the study dicts.
+"""Tables (CSV), plots (PNG) and the Markdown of each study from the study dicts.
 
-Every number written here comes from a study dict of :mod:`studies`, i.e. from run result
-files; nothing is typed in. The verdict paragraph is templated text around those numbers.
+Every number written here comes from a study dict of :mod:`experiments.studies`, i.e. from
+run result files; nothing is typed in.
 """
 
 from __future__ import annotations
@@ -9,13 +9,11 @@ from __future__ import annotations
 import csv
 import json
 import math
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
-import studies
-from studies import DISPLAY
-
-TASK_NAMES = {"sst2": "SST-2", "tweets": "tweets", "mrpc": "MRPC", "cola": "CoLA", "rte": "RTE"}
-
+from nearprox.text import data
 
 # ------------------------------------------------------------------------------ files
 
@@ -38,7 +36,8 @@ def write_tables(study: dict, out: Path) -> list[Path]:
   return paths
 
 
-def _pyplot():
+def pyplot():
+  """matplotlib.pyplot on the file-only Agg backend."""
   import matplotlib
 
   matplotlib.use("Agg")
@@ -47,30 +46,35 @@ def _pyplot():
   return plt
 
 
+def save_figure(fig, path: Path, dpi: int = 110) -> list[Path]:
+  """Lays out, writes and closes ``fig``; returns ``[path]``."""
+  fig.tight_layout()
+  fig.savefig(path, dpi=dpi)
+  pyplot().close(fig)
+  return [path]
+
+
 def plot_optimizers(study: dict, out: Path) -> list[Path]:
   """Per task: dev metric and train loss vs step, one line per optimizer (seed mean)."""
-  plt, paths = _pyplot(), []
+  paths = []
   for task, variants in study["curves"].items():
-    fig, (ax_dev, ax_loss) = plt.subplots(1, 2, figsize=(10, 3.8))
+    fig, (ax_dev, ax_loss) = pyplot().subplots(1, 2, figsize=(10, 3.8))
     for variant, curve in variants.items():
       if curve["dev"]:
-        ax_dev.plot(*zip(*curve["dev"]), marker="o", label=DISPLAY[variant])
+        ax_dev.plot(*zip(*curve["dev"]), marker="o", label=variant)
       if curve["loss"]:
-        ax_loss.plot(*zip(*curve["loss"]), label=DISPLAY[variant])
+        ax_loss.plot(*zip(*curve["loss"]), label=variant)
+    info = data.get_task(task)
     ax_dev.set(
         xlabel="step",
-        ylabel=f"dev {studies.primary_metric(task)}",
-        title=f"{TASK_NAMES[task]}: dev metric",
+        ylabel=f"dev {info.primary_metric}",
+        title=f"{info.display_name}: dev metric",
     )
-    ax_loss.set(xlabel="step", ylabel="train loss", title=f"{TASK_NAMES[task]}: train loss")
+    ax_loss.set(xlabel="step", ylabel="train loss", title=f"{info.display_name}: train loss")
     for ax in (ax_dev, ax_loss):
       ax.grid(alpha=0.3)
     ax_loss.legend(fontsize=7)
-    fig.tight_layout()
-    path = out / f"optimizers_{task}.png"
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    paths.append(path)
+    paths += save_figure(fig, out / f"optimizers_{task}.png")
   return paths
 
 
@@ -78,8 +82,7 @@ def plot_damping(study: dict, out: Path) -> list[Path]:
   rows = study["tables"]["damping"]
   if not rows:
     return []
-  plt = _pyplot()
-  fig, axes = plt.subplots(1, 3, figsize=(14, 3.8))
+  fig, axes = pyplot().subplots(1, 3, figsize=(14, 3.8))
   for filt in dict.fromkeys(r["filter"] for r in rows):
     mine = sorted((r for r in rows if r["filter"] == filt), key=lambda r: r["damping"])
     axes[0].plot(
@@ -100,11 +103,7 @@ def plot_damping(study: dict, out: Path) -> list[Path]:
   axes[2].legend(fontsize=6)
   for ax in axes:
     ax.grid(alpha=0.3)
-  fig.tight_layout()
-  path = out / "damping.png"
-  fig.savefig(path, dpi=110)
-  plt.close(fig)
-  return [path]
+  return save_figure(fig, out / "damping.png")
 
 
 def plot_robustness(study: dict, out: Path) -> list[Path]:
@@ -121,8 +120,7 @@ def plot_noise(study: dict, out: Path) -> list[Path]:
   rows = study["tables"]["noise"]
   if not rows:
     return []
-  plt = _pyplot()
-  fig, ax = plt.subplots(figsize=(5, 3.5))
+  fig, ax = pyplot().subplots(figsize=(5, 3.5))
   for variant in dict.fromkeys(r["variant"] for r in rows):
     mine = sorted((r for r in rows if r["variant"] == variant), key=lambda r: r["label_noise"])
     ax.errorbar(
@@ -131,18 +129,14 @@ def plot_noise(study: dict, out: Path) -> list[Path]:
         yerr=[r["dev_accuracy_std"] for r in mine],
         marker="o",
         capsize=3,
-        label=DISPLAY[variant],
+        label=variant,
     )
   ax.set(
       xlabel="fraction of flipped training labels", ylabel="SST-2 dev accuracy", title="label noise"
   )
   ax.grid(alpha=0.3)
   ax.legend(fontsize=7)
-  fig.tight_layout()
-  path = out / "noise.png"
-  fig.savefig(path, dpi=110)
-  plt.close(fig)
-  return [path]
+  return save_figure(fig, out / "noise.png")
 
 
 PLOTS = {
@@ -171,10 +165,26 @@ def num(x, digits=3) -> str:
   return f"{x:.{digits}g}"
 
 
-def table(header: list[str], rows: list[list[str]]) -> str:
-  lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-  lines += ["| " + " | ".join(str(c) for c in row) + " |" for row in rows]
+def table(rows: list[dict], columns: list[tuple[str, Callable[[dict], Any]]]) -> str:
+  """A Markdown table with one column per ``(header, cell of a row)``."""
+  lines = ["| " + " | ".join(h for h, _ in columns) + " |", "|" + "---|" * len(columns)]
+  lines += ["| " + " | ".join(str(cell(r)) for _, cell in columns) + " |" for r in rows]
   return "\n".join(lines)
+
+
+def _get(key: str, fmt: Callable = num) -> Callable[[dict], str]:
+  return lambda row: fmt(row[key])
+
+
+def _spread(key: str, std_key: str) -> Callable[[dict], str]:
+  """Mean ± seed standard deviation in percent (no ± with one seed)."""
+  return lambda row: pct(row[key], row[std_key], row["seeds"])
+
+
+OPTIMIZER = ("optimizer", _get("variant", str))
+LR = ("lr", _get("learning_rate"))
+SEEDS = ("seeds", _get("seeds", str))
+DAMPING = ("λ (relative)", _get("damping", lambda d: "—" if d is None else f"{d:g}"))
 
 
 def status(study: dict) -> str:
@@ -194,97 +204,73 @@ def _steps_cell(row) -> str:
 
 
 def md_optimizers(study: dict) -> str:
-  parts = []
-  summary = study["tables"]["summary"]
+  parts, summary = [], study["tables"]["summary"]
   for task in dict.fromkeys(r["task"] for r in summary):
     rows = [r for r in summary if r["task"] == task]
     first = rows[0]
     split, metric = first["split"], first["metric"]
-    header = [
-        "optimizer",
-        "lr",
-        "seeds",
-        f"{split} {metric} (%)",
-        f"steps to {pct(first['target'])}% dev",
-        "s/step",
-        "× SGD",
+    others = data.get_task(task).metric_names[1:]
+    columns = [
+        OPTIMIZER,
+        LR,
+        DAMPING,
+        SEEDS,
+        (f"{split} {metric} (%)", _spread("mean", "std")),
+        *[(f"{split} {m} (%)", _get(f"{split}_{m}", pct)) for m in others],
     ]
-    if task == "tweets":
-      header[4:4] = ["test macro-F1 (%)", "low-confidence test acc (%)"]
-    body = []
-    for r in rows:
-      cells = [
-          DISPLAY[r["variant"]],
-          num(r["lr"]),
-          r["seeds"],
-          pct(r["mean"], r["std"], r["seeds"]),
-          _steps_cell(r),
-          num(r["step_seconds"]),
-          num(r["step_ratio_to_sgd"]),
-      ]
-      if task == "tweets":
-        cells[4:4] = [
-            pct(r["test_macro_f1"]),
-            pct(r["low_confidence_accuracy"], r["low_confidence_std"], r["seeds"]),
-        ]
-      body.append(cells)
+    if "low_confidence_accuracy" in first:
+      columns.append(
+          (
+              "low-confidence test acc (%)",
+              _spread("low_confidence_accuracy", "low_confidence_accuracy_std"),
+          )
+      )
+    columns += [
+        ("one-class seeds", _get("collapsed_seeds", lambda n: "—" if n is None else n)),
+        (f"steps to {pct(first['target'])}% dev", _steps_cell),
+        ("s/step", _get("step_seconds")),
+        ("× SGD", _get("step_ratio_to_sgd")),
+    ]
     parts.append(
-        f"**{TASK_NAMES[task]}** ({split} split; {first['steps']} steps; target = "
-        f"{pct(first['target'])}% dev {metric}, i.e. the plan's fraction of the best "
-        f"optimizer's mean final dev score)\n\n"
-        + table(header, body)
+        f"**{data.get_task(task).display_name}** ({split} split; {first['steps']} steps; "
+        f"target = {pct(first['target'])}% dev {metric}, i.e. the plan's fraction of the best "
+        f"optimizer's mean final dev score; one-class seeds: runs whose final model puts every "
+        f"{split} example in the same class)\n\n"
+        + table(rows, columns)
         + f"\n\n![{task}](PLOT:optimizers_{task}.png)"
     )
-  sweep = study["tables"]["lr_sweep"]
-  if sweep:
-    body = [
-        [
-            TASK_NAMES[r["task"]],
-            DISPLAY[r["variant"]],
-            num(r["lr"]),
-            pct(next(v for k, v in r.items() if k.startswith("dev_"))),
-            num(r["train_loss_end"]),
-            "✓" if r["chosen"] else "",
-        ]
-        for r in sweep
+  if study["tables"].get("tuning"):
+    columns = [
+        OPTIMIZER,
+        LR,
+        DAMPING,
+        SEEDS,
+        ("held-out score (%)", _spread("score", "score_std")),
+        ("one-class seeds", _get("collapsed_seeds")),
+        ("final train loss", _get("train_loss_end")),
+        ("chosen", lambda r: "✓" if r["chosen"] else ""),
     ]
     parts.append(
-        "Learning-rate sweep (seed 0, dev split; ✓ = chosen: best dev score, ties "
-        "broken by the lower final training loss):\n\n"
-        + table(["task", "optimizer", "lr", "dev (%)", "final train loss", "chosen"], body)
+        "Tuning (held-out training examples, never the reported split; ✓ = chosen: best mean "
+        "over the tuning seeds, trials with a one-class seed last, ties broken by the lower "
+        "final training loss):\n\n" + table(study["tables"]["tuning"], columns)
     )
   return "\n\n".join(parts)
 
 
 def md_damping(study: dict) -> str:
-  rows = study["tables"]["damping"]
-  body = [
-      [
-          r["filter"],
-          num(r["damping"]),
-          num(r["lr"]),
-          pct(r["dev_accuracy"]),
-          num(r["effective_rank_mean"]),
-          num(r["effective_rank_final"]),
-          num(r["kept_fraction_mean"]),
-          num(r["kept_fraction_final"]),
-      ]
-      for r in rows
+  columns = [
+      ("filter", _get("filter", str)),
+      ("λ (relative)", _get("damping")),
+      LR,
+      ("SST-2 dev acc (%)", _get("dev_accuracy", pct)),
+      ("eff. rank (mean)", _get("effective_rank_mean")),
+      ("eff. rank (final)", _get("effective_rank_final")),
+      ("kept fraction (mean)", _get("kept_fraction_mean")),
+      ("kept fraction (final)", _get("kept_fraction_final")),
   ]
   return (
-      table(
-          [
-              "filter",
-              "λ (relative)",
-              "lr",
-              "SST-2 dev acc (%)",
-              "eff. rank (mean)",
-              "eff. rank (final)",
-              "kept fraction (mean)",
-              "kept fraction (final)",
-          ],
-          body,
-      )
+      table(study["tables"]["damping"], columns)
       + "\n\nEffective rank: participation ratio (Σσ)²/Σσ² of K's spectrum (1 … B). Kept "
       "fraction: ‖d‖²/‖g‖² of the filtered vs the plain mean gradient.\n\n"
       "![damping](PLOT:damping.png)"
@@ -292,63 +278,41 @@ def md_damping(study: dict) -> str:
 
 
 def _training_attack(row: dict) -> str:
-  """The training perturbation's radius and ascent steps (older rows lack them)."""
-  if row["objective"] == "clean" or "train_epsilon" not in row:
+  """The training perturbation's radius and ascent steps."""
+  if row["objective"] == "clean":
     return "–"
   return f"ε={row['train_epsilon']:g}, {row['train_steps']} step(s)"
 
 
 def md_adversarial(study: dict) -> str:
   rows = study["tables"]["adversarial"]
-  eps = [k for k in rows[0] if k.startswith("acc_eps_")]
-  body = [
-      [
-          DISPLAY[r["variant"]],
-          r["objective"],
-          _training_attack(r),
-          pct(r["dev_accuracy"]),
-          *[pct(r[k]) for k in eps],
-          num(r["step_ratio_to_clean"]),
-      ]
-      for r in rows
+  columns = [
+      OPTIMIZER,
+      ("objective", _get("objective", str)),
+      ("training δ", _training_attack),
+      ("clean dev acc (%)", _get("dev_accuracy", pct)),
+      *[(f"ε={k[8:]} (%)", _get(k, pct)) for k in rows[0] if k.startswith("acc_eps_")],
+      ("step × clean", _get("step_ratio_to_clean")),
   ]
-  first = rows[0]
   return (
-      table(
-          [
-              "optimizer",
-              "objective",
-              "training δ",
-              "clean dev acc (%)",
-              *[f"ε={k[8:]} (%)" for k in eps],
-              "step × clean",
-          ],
-          body,
-      )
-      + f"\n\nAttack: ℓ2 PGD on the word embeddings, {first['attack_steps']} steps, step "
-      f"2.5ε/K, no random start, on {first['attack_examples']} SST-2 dev examples "
+      table(rows, columns)
+      + f"\n\nAttack: ℓ2 PGD on the word embeddings, {rows[0]['attack_steps']} steps, step "
+      f"2.5ε/K, no random start, on {rows[0]['attack_examples']} SST-2 dev examples "
       "(ε=0: clean accuracy on that subset).\n\n![robustness](PLOT:robustness.png)"
   )
 
 
 def md_multidevice(study: dict) -> str:
-  rows = study["tables"]["multidevice"]
-  body = [
-      [
-          DISPLAY[r["variant"]],
-          r["gram"],
-          r["devices"],
-          r["seeds"],
-          pct(r["dev_accuracy"], r["dev_accuracy_std"], r["seeds"]),
-          num(r["step_seconds"]),
-          num(r["step_ratio_to_sgd"]),
-      ]
-      for r in rows
+  columns = [
+      OPTIMIZER,
+      ("Gram", _get("gram", str)),
+      ("devices", _get("devices", str)),
+      SEEDS,
+      ("SST-2 dev acc (%)", _spread("dev_accuracy", "dev_accuracy_std")),
+      ("s/step", _get("step_seconds")),
+      ("× SGD (8 dev.)", _get("step_ratio_to_sgd")),
   ]
-  return table(
-      ["optimizer", "Gram", "devices", "seeds", "SST-2 dev acc (%)", "s/step", "× SGD (8 dev.)"],
-      body,
-  ) + (
+  return table(study["tables"]["multidevice"], columns) + (
       "\n\nHost (CPU) devices share the same cores, so step times measure the extra work "
       "and communication of each mode, not a speed-up."
   )
@@ -356,18 +320,10 @@ def md_multidevice(study: dict) -> str:
 
 def md_glue(study: dict) -> str:
   rows = study["tables"]["glue"]
-  metrics = [k for k in rows[0] if k in ("f1", "mcc", "accuracy")]
-  body = [
-      [
-          DISPLAY[r["variant"]],
-          num(r["lr"]),
-          r["seeds"],
-          *[pct(r[m], r[f"{m}_std"], r["seeds"]) for m in metrics],
-      ]
-      for r in rows
-  ]
+  metrics = data.get_task(rows[0]["task"]).metric_names
+  columns = [OPTIMIZER, LR, SEEDS, *[(f"dev {m} (%)", _spread(m, f"{m}_std")) for m in metrics]]
   return (
-      table(["optimizer", "lr", "seeds", *[f"dev {m} (%)" for m in metrics]], body)
+      table(rows, columns)
       + f"\n\n{rows[0]['max_length']} tokens; "
       + "; ".join(study["notes"])
       + "."
@@ -376,36 +332,28 @@ def md_glue(study: dict) -> str:
 
 def md_noise(study: dict) -> str:
   parts = []
-  rows = study["tables"]["noise"]
-  if rows:
-    body = [
-        [
-            DISPLAY[r["variant"]],
-            pct(r["label_noise"]),
-            r["seeds"],
-            pct(r["dev_accuracy"], r["dev_accuracy_std"], r["seeds"]),
-        ]
-        for r in rows
+  if study["tables"]["noise"]:
+    columns = [
+        OPTIMIZER,
+        ("flipped train labels (%)", _get("label_noise", pct)),
+        SEEDS,
+        ("SST-2 dev acc (%)", _spread("dev_accuracy", "dev_accuracy_std")),
     ]
-    parts.append(
-        table(["optimizer", "flipped train labels (%)", "seeds", "SST-2 dev acc (%)"], body)
-        + "\n\n![noise](PLOT:noise.png)"
-    )
-  low = study["tables"]["low_confidence"]
-  if low:
-    body = [
-        [
-            DISPLAY[r["variant"]],
-            r["seeds"],
-            pct(r["test_accuracy"], r["test_accuracy_std"], r["seeds"]),
-            pct(r["low_confidence_accuracy"], r["low_confidence_std"], r["seeds"]),
-        ]
-        for r in low
+    parts.append(table(study["tables"]["noise"], columns) + "\n\n![noise](PLOT:noise.png)")
+  if study["tables"]["low_confidence"]:
+    columns = [
+        OPTIMIZER,
+        SEEDS,
+        ("test acc (%)", _spread("test_accuracy", "test_accuracy_std")),
+        (
+            "low-confidence test acc (%)",
+            _spread("low_confidence_accuracy", "low_confidence_accuracy_std"),
+        ),
     ]
     parts.append(
         "Tweets, test examples whose annotator confidence is below the config's "
         "`low_confidence_below` (the noisily labelled ones):\n\n"
-        + table(["optimizer", "seeds", "test acc (%)", "low-confidence test acc (%)"], body)
+        + table(study["tables"]["low_confidence"], columns)
     )
   return "\n\n".join(parts)
 

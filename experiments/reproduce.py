@@ -1,159 +1,127 @@
 """Regenerates every table and plot of the README's Results section from scratch.
 
-    python experiments/reproduce.py --quick            # ≤ 15 min on 2 idle CPU cores
-    python experiments/reproduce.py --full             # the README's tables, ≈100 min there
-    python experiments/reproduce.py --smoke --out /tmp/r --readme /tmp/r/README.md
-    python experiments/reproduce.py --quick --only optimizers,damping
-    python experiments/reproduce.py --quick --report-only   # tables/README from existing runs
+    python -m experiments.reproduce --mode=quick          # ≤ 15 min on 2 idle CPU cores
+    python -m experiments.reproduce --mode=full           # the README's tables, ≈100 min there
+    python -m experiments.reproduce --mode=smoke --out=/tmp/r --readme=/tmp/r/README.md
+    python -m experiments.reproduce --mode=quick --only=optimizers,damping
+    python -m experiments.reproduce --mode=quick --report_only   # tables/README from stored runs
+    python -m experiments.reproduce --mode=full --plan.seeds=0,1 --config.model.dtype=bfloat16
 
 Modes are ``experiments/configs/{smoke,quick,full}.py`` (each derived from ``default.py``):
-``get_config()`` is the training config every run starts from and ``get_plan()`` what each
-study runs (:mod:`studies`). Runs already stored under ``<out>/<mode>/runs/`` are reused,
-so an interrupted invocation resumes where it stopped. ``--stop-after MIN`` starts no new
-run after MIN minutes and still writes the tables from whatever exists; studies with missing
+``get_config()`` is the training config every run starts from (``--config.<field>=value``
+overrides it) and ``get_plan()`` what each study runs (:mod:`experiments.studies`;
+``--plan.<field>=value``). Runs already stored under ``<out>/<mode>/runs/`` are reused, so an
+interrupted invocation resumes where it stopped. ``--stop_after=MIN`` starts no new run
+after MIN minutes and still writes the tables from whatever exists; studies with missing
 runs are marked incomplete / not run in the generated section.
 
-Larger budgets (GPU/TPU): ``--set KEY=VALUE`` overrides the mode's training config, e.g.
-``--full --set batch_size=32 --set max_length=64 --set num_train_steps=600
---set max_eval_examples=0`` is the converged SST-2 setting (AdamW 1e-4 → 87.5% dev with one
-seed on a CPU machine). Not measured here on an accelerator: a GPU/TPU needs the JAX
-build for it (``pip install jax[cuda12]`` / ``jax[tpu]``) and nothing else; step times and
-the ``× SGD`` ratios are then the accelerator's. ``--set
-model.dtype=bfloat16`` is safe for the proximal variants (the Gram solve is in float32).
-Results of other settings land in the same run store under new keys (a run's key hashes its
-whole config), but ``<out>/<mode>``'s tables are rewritten, so use another ``--out``.
+Larger budgets (GPU/TPU): ``--mode=full --config.batch_size=32 --config.max_length=64
+--config.num_train_steps=600 --config.max_eval_examples=0`` is the converged SST-2 setting
+(AdamW 1e-4 → 87.5% dev with one seed on a CPU machine). Not measured here on an
+accelerator: a GPU/TPU needs the JAX build for it (``pip install jax[cuda12]`` / ``jax[tpu]``)
+and nothing else; step times and the ``× SGD`` ratios are then the accelerator's.
+``--config.model.dtype=bfloat16`` is safe for the proximal variants (the Gram solve is in
+float32). Results of other settings land in the same run store under new keys (a run's key
+hashes its whole config), but ``<out>/<mode>``'s tables are rewritten, so use another
+``--out``.
 
 Outputs: ``<out>/<mode>/runs/<key>.json`` (one per training run), ``<out>/<mode>/<study>.json``
-and ``<study>_<table>.csv``, PNG plots, and the README section (``--readme``, default
-``experiments/README_results.md``), generated from those files only.
+(tables and comparison records) and ``<study>_<table>.csv``, ``summary.json`` (one record per
+task and optimizer: :data:`experiments.studies.SUMMARY_FIELDS`), PNG plots, and the README
+section (``--readme``, default ``experiments/README_results.md``), generated from those files
+only.
 """
 
 from __future__ import annotations
 
-import argparse
 import datetime
-import importlib.util
+import importlib
 import json
 import os
 import sys
 import time
 from pathlib import Path
 
-HERE = Path(__file__).resolve().parent
-sys.path.insert(0, str(HERE))
+from absl import app, flags
+from absl import logging as absl_logging
+from ml_collections import config_flags
 
+from experiments import report, runs, studies, verdict
+from experiments import tuning as tuning_lib
+from nearprox.text import data
+
+HERE = Path(__file__).resolve().parent
 MODES = ("smoke", "quick", "full")
 
-
-def load_mode(mode: str):
-  path = HERE / "configs" / f"{mode}.py"
-  spec = importlib.util.spec_from_file_location(f"nearprox_{mode}_config", path)
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module.get_config(), module.get_plan()
-
-
-def parse_set(config, assignments: list[str]):
-  import runs
-
-  overrides = {}
-  for item in assignments:
-    key, sep, text = item.partition("=")
-    if not sep:
-      raise ValueError(f"--set expects KEY=VALUE, got {item!r}")
-    try:
-      overrides[key] = json.loads(text)
-    except json.JSONDecodeError:
-      overrides[key] = text
-  return runs.apply_overrides(config, overrides)
+_MODE = flags.DEFINE_enum("mode", "quick", MODES, "experiments/configs/<mode>.py to run")
+_ONLY = flags.DEFINE_list(
+    "only",
+    [],
+    f"studies to run (default: the mode's plan.studies; known: {', '.join(studies.STUDIES)})",
+)
+_OUT = flags.DEFINE_string("out", str(HERE / "results"), "results root (<out>/<mode>/...)")
+_README = flags.DEFINE_string("readme", str(HERE / "README_results.md"), "README section to write")
+_LINK_ROOT = flags.DEFINE_string(
+    "link_root", str(HERE.parent), "image links are relative to this directory (README.md's)"
+)
+_WORKDIR = flags.DEFINE_string("workdir", "/tmp/nearprox_reproduce", "scratch space of a run")
+_DATA_DIR = flags.DEFINE_string("data_dir", None, "GLUE root (else $NEARPROX_GLUE_DIR)")
+_STOP_AFTER = flags.DEFINE_float("stop_after", None, "start no new run after this many minutes")
+_REPORT_ONLY = flags.DEFINE_bool("report_only", False, "never train: tables from stored runs")
+_RUN_SPEC = flags.DEFINE_string("run_spec", None, "internal: execute one run spec (JSON) and exit")
 
 
-def parse_args(argv=None):
-  parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-  group = parser.add_mutually_exclusive_group()
-  for mode in MODES:
-    group.add_argument(f"--{mode}", dest="mode", action="store_const", const=mode)
-  parser.add_argument("--only", default="", help="comma-separated studies (default: all)")
-  parser.add_argument("--out", default=str(HERE / "results"), help="results root")
-  parser.add_argument("--readme", default=str(HERE / "README_results.md"))
-  parser.add_argument(
-      "--link-root",
-      default=str(HERE.parent),
-      help="image links are relative to this directory (default: the "
-      "repository root, where README.md includes the section)",
-  )
-  parser.add_argument(
-      "--workdir", default="/tmp/nearprox_reproduce", help="scratch space while a run trains"
-  )
-  parser.add_argument("--data-dir", default=None, help="GLUE root (else $NEARPROX_GLUE_DIR)")
-  parser.add_argument(
-      "--set",
-      action="append",
-      default=[],
-      metavar="KEY=VALUE",
-      help="override a field of the mode's training config",
-  )
-  parser.add_argument(
-      "--plan",
-      action="append",
-      default=[],
-      metavar="KEY=VALUE",
-      help="override a field of the mode's study plan (JSON value)",
-  )
-  parser.add_argument(
-      "--stop-after",
-      type=float,
-      default=None,
-      metavar="MIN",
-      help="start no new run after MIN minutes",
-  )
-  parser.add_argument("--report-only", action="store_true", help="never train")
-  parser.add_argument("--run-spec", default=None, help=argparse.SUPPRESS)
-  args = parser.parse_args(argv)
-  args.mode = args.mode or "quick"
-  return args
+def define_config_flags(argv: list[str]) -> None:
+  """Defines ``--config`` and ``--plan`` as the ``--mode`` file's ``get_config()`` and
+  ``get_plan()``; their ``--config.*`` / ``--plan.*`` overrides are parsed with them."""
+  flags.FLAGS(argv, known_only=True)  # --mode, before the flags that depend on it
+  mode = importlib.import_module(f"experiments.configs.{_MODE.value}")
+  config_flags.DEFINE_config_dict("config", mode.get_config(), "the training config")
+  config_flags.DEFINE_config_dict("plan", mode.get_plan(), "the study plan")
 
 
 def default_data_dir() -> str | None:
-  for candidate in (
-      os.environ.get("NEARPROX_GLUE_DIR"),
-      HERE.parent / ".." / "shared" / "data" / "glue",
-  ):
+  for candidate in (os.environ.get(data.GLUE_DIR_ENV), HERE.parent / ".." / "shared/data/glue"):
     if candidate and Path(candidate, "SST-2").is_dir():
       return str(Path(candidate).resolve())
   return None
 
 
-def render_readme(
-    mode: str,
-    plan,
-    config,
-    results: dict,
-    out: Path,
-    link_root: Path,
-    wall_seconds: float,
-    command: str,
-) -> str:
+def partial_notice(plan, results) -> list[str]:
+  """A warning paragraph when some study of the plan is missing runs (or was not run)."""
+  missing = sum(len(results[n]["missing"]) for n in plan.studies if n in results)
+  absent = [n for n in plan.studies if n not in results]
+  if not missing and not absent:
+    return []
+  text = (
+      f"**Partial study**: {missing} runs the studies asked for so far do not exist yet "
+      "(stages that depend on them, such as the reported runs after the tuning, ask for more)"
+      + (f", and {', '.join(absent)} did not run" if absent else "")
+      + ". Every number below comes from the runs that exist; a comparison that needs missing "
+      "runs is left out, and the verdict is not final until this notice is gone."
+  )
+  return [text, ""]
+
+
+def render_readme(mode, plan, config, results, out, link_root, wall_seconds, command) -> str:
   """The Results section (Markdown, no top-level heading: it is spliced under README.md's
   "## Results" by experiments/update_readme.py); image links relative to ``link_root``."""
-  import report
-  import runs
-  import studies
-
-  stored = sorted((out / "runs").glob("*.json"))
-  machines = {json.dumps(json.loads(p.read_text())["machine"], sort_keys=True) for p in stored}
-  commits = sorted({json.loads(p.read_text()).get("commit", "unknown") for p in stored})
-  compute = sum(json.loads(p.read_text())["wall_seconds"] for p in stored)
+  stored = [json.loads(p.read_text()) for p in sorted((out / "runs").glob("*.json"))]
+  machines = sorted({json.dumps(r["machine"], sort_keys=True) for r in stored})
+  commits = sorted({r.get("commit", "unknown") for r in stored})
+  compute = sum(r["wall_seconds"] for r in stored)
   links = os.path.relpath(out, link_root)
+  tuning, tuned_on = plan.tuning, data.get_task(plan.tuning.task).display_name
+  counts = sorted({len(tuning_lib.Context(plan, None).trials(v)) for v in plan.lr_grid})
+  trials = " or ".join(map(str, counts))
   lines = [
       "<!-- Generated by experiments/reproduce.py from the files in "
       f"{links}; do not edit by hand. -->",
       "",
-      f"These numbers come from the runs of `python experiments/reproduce.py --{mode}` "
+      f"These numbers come from the runs of `python -m experiments.reproduce --mode={mode}` "
       f"(mode **{mode}**"
       + (": a short budget, not converged fine-tuning" if mode != "full" else "")
-      + "). "
-      f"Section generated by `{command}` "
+      + f"). Section generated by `{command}` "
       f"on {datetime.datetime.now(datetime.UTC):%Y-%m-%d %H:%M} UTC "
       f"at commit `{runs.git_commit()}`; runs from commit(s) "
       + ", ".join(f"`{c}`" for c in commits)
@@ -165,7 +133,7 @@ def render_readme(
       + "; ".join(
           "{platform}, {cpus} CPUs, JAX {jax} on {backend} ({devices} device(s), "
           "{device_kind})".format(**json.loads(m))
-          for m in sorted(machines)
+          for m in machines
       ),
       f"- Model `{config.model.name}`, batch {config.batch_size}, {config.max_length} "
       f"tokens, {config.num_train_steps} steps (warmup {config.optimizer.warmup_fraction:g}"
@@ -178,100 +146,77 @@ def render_readme(
       f"{config.optimizer.damping:g} (`{config.optimizer.damping_mode}`; the rank-one "
       "form uses it as an absolute λ) unless swept; per-example gradients "
       f"`{config.optimizer.per_example}`.",
-      "- Learning rates: swept on the dev split of "
-      + ", ".join(report.TASK_NAMES[t] for t in plan.sweep_tasks)
-      + " (seed 0), starting grids "
-      + "; ".join(f"{studies.DISPLAY[v]} {list(g)}" for v, g in plan.lr_grid.items())
-      + f", each extended past an edge that wins (at most {plan.sweep_extensions}×)"
-      ". Tasks without their own sweep use the SST-2 rate. SST-2 has no labelled test "
-      "split, so its numbers are dev numbers of dev-tuned rates (as in GLUE papers); "
-      "tweets are reported on their held-out test split.",
+      f"- Tuning (fixed before the runs; experiments/tuning.py): {trials} trials per "
+      f"optimizer (learning rate × relative λ for the proximal ones), {tuning.steps} steps "
+      f"each on {tuned_on}, scored on {tuning.holdout_examples} training examples held out "
+      f"of training, seeds {list(tuning.seeds)}; the choice is the best mean over those "
+      "seeds (a trial with a seed that collapsed to one class ranks last). Every task uses "
+      f"the {tuned_on} choice. GLUE tasks report dev, tweets its held-out test split; neither "
+      "was seen by the tuning.",
       "",
+      *partial_notice(plan, results),
       "### Verdict",
       "",
-      verdict_text(results),
+      verdict.verdict(results),
       "",
   ]
-  for index, name in enumerate(studies.STUDIES, 1):
+  for index, name in enumerate(plan.studies, 1):
     study = results.get(name)
-    title = study["title"] if study else name
-    lines += [f"### {index}. {title}", ""]
+    lines += [f"### {index}. {study['title'] if study else name}", ""]
     if study is None:
       lines += ["**not run** (not selected in this invocation).", ""]
       continue
     lines += [f"Status: {report.status(study)}.", ""]
     if any(study["tables"].values()):
-      body = report.SECTIONS[name](study)
-      body = body.replace("PLOT:", links + "/")
-      lines += [body, ""]
+      lines += [report.SECTIONS[name](study).replace("PLOT:", links + "/"), ""]
     if study["missing"]:
-      lines += [
-          "Runs not done: "
-          + ", ".join(f"`{m}`" for m in study["missing"][:12])
-          + (" …" if len(study["missing"]) > 12 else ""),
-          "",
-      ]
+      missing = ", ".join(f"`{m}`" for m in study["missing"][:12])
+      lines += [f"Runs not done: {missing}" + (" …" if len(study["missing"]) > 12 else ""), ""]
   lines += [
       "### Regenerating",
       "",
-      "`python experiments/reproduce.py --quick` (a reduced version: one seed, 32 "
-      "steps of batch 8, sized for ≤ 15 min on 2 idle CPU cores), `--full` (these "
-      "tables; the run time stored is stated above), `--smoke` (seconds, random tiny "
-      "model). "
-      "Completed runs are "
-      "reused; `--report-only` rewrites this section from stored runs. On a GPU/TPU, "
-      "`--full --set batch_size=32 --set max_length=64 --set num_train_steps=600 --set max_eval_examples=0` "
-      "gives the converged setting (see the docstring of experiments/reproduce.py).",
+      "`python -m experiments.reproduce --mode=full` (these tables; the run time stored is "
+      "stated above; the run store resumes anywhere, so the study can span several "
+      "sittings), `--mode=quick` (a smoke run of every study at a tiny budget, ≤ 15 min on 2 "
+      "idle CPU cores: a check of the pipeline, not evidence), `--mode=smoke` (seconds, "
+      "random tiny model). Completed runs are reused; `--report_only` rewrites this section "
+      "from stored runs.",
       "",
   ]
   return "\n".join(lines)
 
 
-def verdict_text(results) -> str:
-  import verdict
-
-  return verdict.verdict(results)
-
-
-def main(argv=None) -> int:
-  args = parse_args(argv)
-  if args.run_spec:
-    import runs
-
-    runs.execute_spec_file(args.run_spec)
-    return 0
+def main(argv) -> None:
+  del argv
+  if _RUN_SPEC.value:
+    runs.execute_spec_file(_RUN_SPEC.value)
+    return
   started = time.time()
+  absl_logging.set_verbosity(absl_logging.WARNING)  # orbax logs every checkpoint at INFO
   import jax
 
-  cache = Path(args.workdir) / "jax_cache"
+  cache = Path(_WORKDIR.value) / "jax_cache"
   jax.config.update("jax_compilation_cache_dir", str(cache))  # seeds share executables
-  import report
-  import runs
-  import studies
-
-  config, plan = load_mode(args.mode)
-  data_dir = args.data_dir or default_data_dir()
+  mode, config, plan = _MODE.value, flags.FLAGS.config, flags.FLAGS.plan
+  data_dir = _DATA_DIR.value or default_data_dir()
   if data_dir:  # via the environment: config.data_dir would also redirect the tweets CSV
-    os.environ["NEARPROX_GLUE_DIR"] = data_dir
-  config = parse_set(config, args.set)
-  plan = parse_set(plan, args.plan)
-  out = Path(args.out) / args.mode
-  only = [s for s in args.only.split(",") if s] or list(studies.STUDIES)
+    os.environ[data.GLUE_DIR_ENV] = data_dir
+  out = Path(_OUT.value) / mode
+  only = _ONLY.value or list(plan.studies)
   unknown = set(only) - set(studies.STUDIES)
   if unknown:
-    raise SystemExit(f"--only: unknown studies {sorted(unknown)}; known: {studies.STUDIES}")
-  deadline = started + 60 * args.stop_after if args.stop_after else None
+    raise app.UsageError(f"--only: unknown studies {sorted(unknown)}; known: {studies.STUDIES}")
   executor = runs.Executor(
       config,
       out,
-      Path(args.workdir) / args.mode,
-      allow_new=not args.report_only,
-      deadline=deadline,
+      Path(_WORKDIR.value) / mode,
+      allow_new=not _REPORT_ONLY.value,
+      deadline=started + 60 * _STOP_AFTER.value if _STOP_AFTER.value else None,
       log=lambda m: print(m, flush=True),
   )
-  ctx = studies.Context(plan, executor)
+  ctx = tuning_lib.Context(plan, executor)
   results = {}
-  for name in studies.STUDIES:
+  for name in plan.studies:
     if name not in only:
       previous = out / f"{name}.json"  # keep earlier invocations' tables in the README
       if previous.exists():
@@ -282,23 +227,22 @@ def main(argv=None) -> int:
     report.write_tables(results[name], out)
     if name in report.PLOTS:
       report.PLOTS[name](results[name], out)
-  command = "python experiments/reproduce.py " + " ".join(sys.argv[1:] if argv is None else argv)
-  readme = Path(args.readme)
+  if "optimizers" in results:
+    summary = [
+        {k: row[k] for k in studies.SUMMARY_FIELDS}
+        for row in results["optimizers"]["tables"]["summary"]
+    ]
+    runs.write_json(out / "summary.json", summary)
+  command = " ".join(["python -m experiments.reproduce", *sys.argv[1:]])
   text = render_readme(
-      args.mode,
-      plan,
-      config,
-      results,
-      out,
-      Path(args.link_root),
-      time.time() - started,
-      command.strip(),
+      mode, plan, config, results, out, Path(_LINK_ROOT.value), time.time() - started, command
   )
+  readme = Path(_README.value)
   readme.parent.mkdir(parents=True, exist_ok=True)
   readme.write_text(text)
   print(f"wrote {readme} ({time.time() - started:.0f}s)", flush=True)
-  return 0
 
 
 if __name__ == "__main__":
-  sys.exit(main())
+  define_config_flags(sys.argv)
+  app.run(main)

@@ -11,17 +11,18 @@ model, its params and batches (e.g. at the end of training):
 From the command line, on a Hugging Face BERT directory (``models.save_pretrained`` output,
 or "minilm") and a task's dev split (``nearprox.text.data.load_task``):
 
-    python experiments/robustness_eval.py --checkpoint runs/sst2/hf --task sst2 \\
-        --data-dir ../shared/data/glue --epsilons 0,0.25,0.5,1,2 --max-examples 512 \\
-        --out experiments/results/robustness_sst2
+    python -m experiments.robustness_eval --checkpoint=runs/sst2/hf_model --task=sst2 \\
+        --data_dir=../shared/data/glue --epsilons=0,0.25,0.5,1,2 --max_examples=512 \\
+        --out=experiments/results/robustness_sst2
 """
 
 from __future__ import annotations
 
-import argparse
 import os
 from collections.abc import Iterable, Sequence
 from pathlib import Path
+
+from absl import app, flags
 
 from nearprox.text import models, objectives, robustness
 
@@ -61,64 +62,47 @@ def evaluate_and_write(
   return rows
 
 
-def _dev_batches(task_name: str, tokenizer, args) -> list[dict]:
-  import numpy as np
-
+def main(argv) -> None:
+  del argv
   from nearprox.text import data
 
-  split = data.load_task(task_name, "dev", args.data_dir, source=args.source)
-  arrays = data.encode(split, tokenizer, args.max_length).arrays()
-  if 0 < args.max_examples < len(arrays["labels"]):
-    keep = np.sort(
-        np.random.default_rng(args.seed).permutation(len(arrays["labels"]))[: args.max_examples]
-    )
+  FLAGS = flags.FLAGS
+  task = data.get_task(FLAGS.task)
+  model, params, tokenizer = models.load_pretrained(FLAGS.checkpoint, num_labels=task.num_labels)
+  split = data.load_task(task.name, "dev", FLAGS.data_dir, source=FLAGS.source)
+  arrays = data.encode(split, tokenizer, FLAGS.max_length).arrays()
+  keep = data.eval_subset(len(arrays["labels"]), FLAGS.max_examples, FLAGS.seed)
+  if keep is not None:
     arrays = {k: v[keep] for k, v in arrays.items()}
-  return list(data.batches(arrays, args.batch_size, shuffle=False))
-
-
-def main(argv=None) -> list[dict]:
-  parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-  parser.add_argument(
-      "--checkpoint",
-      required=True,
-      help="Hugging Face BERT directory with a classification head, or 'minilm'",
-  )
-  parser.add_argument("--task", required=True, help="sst2, cola, mrpc, rte or tweets")
-  parser.add_argument("--data-dir", default=None)
-  parser.add_argument("--source", default=None, help="tsv, tfds or csv (default: per task)")
-  parser.add_argument("--epsilons", default="0,0.25,0.5,1,2", help="comma-separated attack radii")
-  parser.add_argument("--num-steps", type=int, default=10)
-  parser.add_argument("--step-size", type=float, default=None, help="default 2.5·ε/K")
-  parser.add_argument("--norm", choices=objectives.NORMS, default="l2")
-  parser.add_argument("--max-length", type=int, default=128)
-  parser.add_argument("--batch-size", type=int, default=32)
-  parser.add_argument("--max-examples", type=int, default=0, help="0: the whole dev split")
-  parser.add_argument("--seed", type=int, default=0)
-  parser.add_argument("--out", required=True, help="output prefix (.csv and .png added)")
-  args = parser.parse_args(argv)
-
-  from nearprox.text import data, models
-
-  task = data.get_task(args.task)
-  model, params, tokenizer = models.load_pretrained(args.checkpoint, num_labels=task.num_labels)
-  batches = _dev_batches(args.task, tokenizer, args)
-  epsilons = [float(e) for e in args.epsilons.split(",") if e.strip()]
   rows = evaluate_and_write(
       model,
       params,
-      batches,
-      epsilons,
-      args.out,
-      num_steps=args.num_steps,
-      step_size=args.step_size,
-      norm=args.norm,
-      title=f"{args.task} dev under embedding PGD",
+      list(data.batches(arrays, FLAGS.batch_size, shuffle=False)),
+      [float(e) for e in FLAGS.epsilons],
+      FLAGS.out,
+      num_steps=FLAGS.num_steps,
+      step_size=FLAGS.step_size,
+      norm=FLAGS.norm,
+      title=f"{task.display_name} dev under embedding PGD",
   )
   print(f"{'epsilon':>8} {'accuracy':>9} {'loss':>8}  (n={rows[0]['num_examples']})")
   for row in rows:
     print(f"{row['epsilon']:8.3g} {row['accuracy']:9.4f} {row['loss']:8.4f}")
-  return rows
 
 
-if __name__ == "__main__":
-  main()
+if __name__ == "__main__":  # flags only here: the module is also imported for its function
+  flags.DEFINE_string("checkpoint", None, "Hugging Face BERT directory with a head, or 'minilm'")
+  flags.DEFINE_string("task", None, "sst2, cola, mrpc, rte or tweets")
+  flags.DEFINE_string("data_dir", None, "GLUE root (default $NEARPROX_GLUE_DIR)")
+  flags.DEFINE_string("source", None, "tsv, tfds or csv (default: per task)")
+  flags.DEFINE_list("epsilons", ["0", "0.25", "0.5", "1", "2"], "attack radii")
+  flags.DEFINE_integer("num_steps", 10, "PGD steps K")
+  flags.DEFINE_float("step_size", None, "PGD step (default 2.5·ε/K)")
+  flags.DEFINE_enum("norm", "l2", objectives.NORMS, "perturbation norm")
+  flags.DEFINE_integer("max_length", 128, "tokens per example")
+  flags.DEFINE_integer("batch_size", 32, "evaluation batch size")
+  flags.DEFINE_integer("max_examples", 0, "seeded dev subset (0: the whole dev split)")
+  flags.DEFINE_integer("seed", 0, "seed of the dev subset")
+  flags.DEFINE_string("out", None, "output prefix (.csv and .png added)")
+  flags.mark_flags_as_required(["checkpoint", "task", "out"])
+  app.run(main)

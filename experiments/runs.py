@@ -4,16 +4,19 @@ A run is a training config (a mode's base config from ``experiments/configs/<mod
 a study's overrides), the number of host devices it needs, and optionally a robustness
 evaluation of its final parameters. Its result file ``<out>/runs/<key>.json`` is named by a
 hash of exactly these, so two studies asking for the same config share one run, and a
-rerun of ``reproduce.py`` skips every run whose file exists (resume after an interruption).
+rerun of ``experiments.reproduce`` skips every run whose file exists (resume after an
+interruption).
 
 Result file fields: ``key``, ``label``, ``config`` (the resolved config), ``devices``,
 ``report`` (``nearprox.training.train.train_and_evaluate``'s report without the params),
 ``history`` (the rows of ``metrics.jsonl``: train/loss, train/step_time, train/gram/*,
-dev/<metric> …), ``attack`` (rows of :func:`nearprox.text.robustness.attack_accuracy` or
-None), ``wall_seconds`` and ``machine``.
+dev/<metric> …; the report's ``predicted_classes`` counts, per evaluated split, the examples
+the final model assigns to each class: a single non-zero count is a collapsed run),
+``attack`` (rows of :func:`nearprox.text.robustness.attack_accuracy` or None),
+``wall_seconds``, ``machine`` and ``commit``.
 
 Multi-device runs execute in a subprocess (``XLA_FLAGS=--xla_force_host_platform_device_count``
-must be set before JAX is imported): ``python experiments/reproduce.py --run-spec spec.json``.
+must be set before JAX is imported): ``python -m experiments.reproduce --run_spec=spec.json``.
 """
 
 from __future__ import annotations
@@ -48,53 +51,78 @@ class Attack:
 
 
 def apply_overrides(config: ml_collections.ConfigDict, overrides: dict[str, Any]):
-  """A copy of ``config`` with dotted-key overrides applied (``"optimizer.name": "sgd"``)."""
-  config = ml_collections.ConfigDict(config.to_dict())  # unlocked deep copy
-  for dotted, value in overrides.items():
-    *parents, leaf = dotted.split(".")
-    node = config
-    for name in parents:
-      if name not in node:
-        raise ValueError(f"override {dotted!r}: config has no field {name!r}")
-      node = node[name]
-    if leaf not in node:
-      raise ValueError(f"override {dotted!r}: config has no field {leaf!r}")
-    node[leaf] = value
+  """A locked copy of ``config`` with dotted-key overrides (``{"optimizer.name": "sgd"}``).
+
+  ``ConfigDict.update_from_flattened_dict`` on a locked copy, one key at a time so that an
+  unknown field is reported with the override that names it.
+  """
+  config = ml_collections.ConfigDict(config.to_dict())
+  config.lock()
+  for key, value in overrides.items():
+    try:
+      config.update_from_flattened_dict({key: value})
+    except KeyError as error:
+      raise ValueError(f"override {key!r}: the config has no such field ({error})") from None
   return config
 
 
+# Bump when a default of experiments/configs/default.py changes what a run computes: keys
+# leave out fields at their default value (below), so such a change would not show in them.
+KEY_VERSION = 1
+
+
+def _without_defaults(settings: dict, defaults: dict) -> dict:
+  """``settings`` less every field equal to its default (recursively)."""
+  kept = {}
+  for name, value in settings.items():
+    default = defaults.get(name, _NO_DEFAULT)
+    if isinstance(value, dict) and isinstance(default, dict):
+      value = _without_defaults(value, default)
+      if value:
+        kept[name] = value
+    elif value != default:
+      kept[name] = value
+  return kept
+
+
+_NO_DEFAULT = object()
+
+
 def run_key(config: ml_collections.ConfigDict, devices: int, attack: Attack | None) -> str:
-  """Hash of everything that decides a run's numbers (not its label)."""
-  settings = config.to_dict()
+  """Hash of everything that decides a run's numbers (not its label).
+
+  Fields at the value of ``experiments/configs/default.py`` are left out, so adding a config
+  field (whose default keeps the old behaviour) leaves every stored run's key unchanged, and
+  the run store of a long study survives new features.
+  """
+  from experiments.configs import default
+
+  settings = _without_defaults(config.to_dict(), default.get_config().to_dict())
   for where_not_what in ("data_dir", "progress"):  # machine-specific, not the numbers
     settings.pop(where_not_what, None)
-  payload = json.dumps(
-      {
-          "config": settings,
-          "devices": devices,
-          "attack": dataclasses.asdict(attack) if attack else None,
-      },
-      sort_keys=True,
-      default=str,
-  )
-  return hashlib.sha1(payload.encode()).hexdigest()[:12]
+  payload = {
+      "config": settings,
+      "devices": devices,
+      "attack": _fields(attack),
+      "version": KEY_VERSION,
+  }
+  return hashlib.sha1(json.dumps(payload, sort_keys=True, default=str).encode()).hexdigest()[:12]
+
+
+def _fields(attack: Attack | None) -> dict | None:
+  return dataclasses.asdict(attack) if attack else None
+
+
+def _git(*args: str) -> str:
+  command = ["git", "-C", str(REPO), *args]
+  return subprocess.run(command, capture_output=True, text=True, check=True).stdout.strip()
 
 
 def git_commit() -> str:
   """HEAD's hash, with ``+dirty`` when tracked files differ from it."""
   try:
-    head = subprocess.run(
-        ["git", "-C", str(REPO), "rev-parse", "--short=12", "HEAD"],
-        capture_output=True,
-        text=True,
-        check=True,
-    ).stdout.strip()
-    dirty = subprocess.run(
-        ["git", "-C", str(REPO), "status", "--porcelain", "--untracked-files=no"],
-        capture_output=True,
-        text=True,
-    ).stdout
-    return head + ("+dirty" if dirty.strip() else "")
+    dirty = _git("status", "--porcelain", "--untracked-files=no")
+    return _git("rev-parse", "--short=12", "HEAD") + ("+dirty" if dirty else "")
   except (OSError, subprocess.CalledProcessError):
     return "unknown"
 
@@ -115,13 +143,9 @@ def machine() -> dict[str, Any]:
   }
 
 
-def _read_history(path: Path) -> list[dict]:
-  if not path.exists():
-    return []
-  return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
-
-
 def _attack(config, params, attack: Attack) -> list[dict]:
+  """Accuracy of the final params under the embedding-space PGD attack, on
+  ``attack.examples`` dev examples."""
   import jax
 
   from nearprox.text import data, models, robustness
@@ -131,11 +155,10 @@ def _attack(config, params, attack: Attack) -> list[dict]:
   model, _, tokenizer = train.create_model(config, task.num_labels, jax.random.key(0))
   eval_config = apply_overrides(config, {"max_eval_examples": attack.examples})
   dev = train.load_splits(eval_config, tokenizer)["dev"]
-  batches = list(data.batches(dev, config.eval_batch_size, shuffle=False))
   return robustness.attack_accuracy(
       models.bert_logits_fn(model),
       params,
-      batches,
+      list(data.batches(dev, config.eval_batch_size, shuffle=False)),
       attack.epsilons,
       hidden_size=model.config.hidden_size,
       num_steps=attack.num_steps,
@@ -148,7 +171,7 @@ def execute(
   """Trains in this process (and attacks); returns the result dict."""
   import jax
 
-  from nearprox.training import train
+  from nearprox.training import metrics_writer, train
 
   if workdir.exists():
     shutil.rmtree(workdir)  # a partial run restarts from step 0 (no checkpoints)
@@ -158,7 +181,7 @@ def execute(
   if report.get("preempted"):  # SIGTERM: store nothing partial; a rerun resumes here
     raise SystemExit(
         f"run {label} stopped by SIGTERM at step {report['steps']}; rerun "
-        "experiments/reproduce.py to resume"
+        "python -m experiments.reproduce to resume"
     )
   rows = _attack(config, params, attack) if attack else None
   result = {
@@ -167,7 +190,7 @@ def execute(
       "config": config.to_dict(),
       "devices": devices,
       "report": report,
-      "history": _read_history(workdir / "metrics.jsonl"),
+      "history": metrics_writer.read_jsonl(workdir / "metrics.jsonl"),
       "attack": rows,
       "wall_seconds": time.time() - started,
       "machine": machine(),
@@ -188,7 +211,7 @@ def write_json(path: Path, value) -> None:
 
 
 def execute_spec_file(spec_path: str) -> None:
-  """The ``--run-spec`` entry point (a fresh process whose XLA_FLAGS are already set)."""
+  """The ``--run_spec`` entry point (a fresh process whose XLA_FLAGS are already set)."""
   spec = json.loads(Path(spec_path).read_text())
   config = ml_collections.ConfigDict(spec["config"])
   attack = Attack(**spec["attack"]) if spec["attack"] else None
@@ -198,35 +221,29 @@ def execute_spec_file(spec_path: str) -> None:
   write_json(Path(spec["result"]), result)
 
 
+@dataclasses.dataclass
 class Executor:
   """Runs (or reuses) training runs for the studies, one at a time.
 
-  Args:
+  Attributes:
     base_config: the mode's config; every run is ``base_config`` + overrides.
     out: results directory of the mode; run files go to ``out/runs``.
     workdir: scratch directory for checkpoints/metrics while a run trains.
-    allow_new: False (``--report-only``): only existing results are returned.
+    allow_new: False (``--report_only``): only existing results are returned.
     deadline: a ``time.time()`` after which no new run starts (results still load).
     log: a print-like function.
+    requested: run keys, in order of first request.
+    missing: key -> label of the requested runs that do not exist.
   """
 
-  def __init__(
-      self,
-      base_config,
-      out: Path,
-      workdir: Path,
-      allow_new: bool = True,
-      deadline: float | None = None,
-      log: Callable[[str], None] = print,
-  ):
-    self.base_config = base_config
-    self.out = Path(out)
-    self.workdir = Path(workdir)
-    self.allow_new = allow_new
-    self.deadline = deadline
-    self.log = log
-    self.requested: list[str] = []  # keys, in order of first request
-    self.missing: dict[str, str] = {}  # key -> label of runs that do not exist
+  base_config: ml_collections.ConfigDict
+  out: Path
+  workdir: Path
+  allow_new: bool = True
+  deadline: float | None = None
+  log: Callable[[str], None] = print
+  requested: list[str] = dataclasses.field(default_factory=list)
+  missing: dict[str, str] = dataclasses.field(default_factory=dict)
 
   def run(
       self, label: str, overrides: dict[str, Any], devices: int = 1, attack: Attack | None = None
@@ -268,7 +285,7 @@ class Executor:
   def _execute_subprocess(self, config, key, label, devices, attack, path) -> None:
     spec = {
         "config": config.to_dict(),
-        "attack": dataclasses.asdict(attack) if attack else None,
+        "attack": _fields(attack),
         "label": label,
         "key": key,
         "devices": devices,
@@ -285,13 +302,8 @@ class Executor:
     ]
     env["XLA_FLAGS"] = " ".join(flags + [f"--xla_force_host_platform_device_count={devices}"])
     env["JAX_PLATFORMS"] = "cpu"  # the study is about host (CPU) devices
-    command = [
-        sys.executable,
-        str(REPO / "experiments" / "reproduce.py"),
-        "--run-spec",
-        str(spec_path),
-    ]
-    completed = subprocess.run(command, env=env, capture_output=True, text=True)
+    command = [sys.executable, "-m", "experiments.reproduce", f"--run_spec={spec_path}"]
+    completed = subprocess.run(command, env=env, cwd=REPO, capture_output=True, text=True)
     if completed.returncode != 0 or not path.exists():
       raise RuntimeError(
           f"run {label} on {devices} host devices failed "

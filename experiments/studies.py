@@ -1,10 +1,13 @@
 """The six studies behind "does the proximal scaling help?" (issue 7), as run lists + tables.
 
 Each study function takes a :class:`Context` (the mode's plan from
-``experiments/configs/<mode>.py`` and an :class:`runs.Executor`) and returns a study dict:
-``{"name", "title", "requested", "missing", "tables": {name: [row, ...]}, "curves": …}``.
-Every number in a table is read from run result files; a run that does not exist (deadline
-or ``--report-only``) is counted in ``missing`` and leaves its rows out.
+``experiments/configs/<mode>.py`` and a :class:`runs.Executor`) and returns a study dict:
+``{"name", "title", "requested", "missing", "tables": {name: [row, ...]}, "curves",
+"comparisons", "notes", "plan"}``. Every number in a table is read from run result files; a
+run that does not exist (deadline or ``--report_only``) is counted in ``missing`` and leaves
+its rows out. Rows name an optimizer variant by its label (``variant``, e.g. "AdamW") and by
+its config name (``optimizer``, e.g. "adamw"). ``comparisons`` are the records the verdict
+is rendered from (:func:`comparison`).
 
 1. ``optimizers``  SGD, SGD+momentum, AdamW, proximal SGD (tikhonov / natural filter) and
    the rank-one form on SST-2 (dev) and tweets (test); learning rate per optimizer chosen on
@@ -12,7 +15,7 @@ or ``--report-only``) is counted in ``missing`` and leaves its rows out.
 2. ``damping``     relative λ sweep for both filters: accuracy and the Gram spectrum
    (effective rank, kept fraction) across training.
 3. ``adversarial`` clean / FGM / PGD / SMART objectives with the best proximal optimizer
-   (and AdamW in --full): clean accuracy and accuracy under embedding-space PGD vs ε.
+   (and AdamW in --mode=full): clean accuracy and accuracy under embedding-space PGD vs ε.
 4. ``multidevice`` local vs global Gram on 8 host devices (subprocess), step time.
 5. ``glue``        one more GLUE task (MRPC: F1) with the SST-2 learning rates.
 6. ``noise``       20% / 40% flipped SST-2 training labels; tweets low-confidence test.
@@ -20,83 +23,43 @@ or ``--report-only``) is counted in ``missing`` and leaves its rows out.
 
 from __future__ import annotations
 
-import math
-from typing import Any
-
 import numpy as np
-import runs
 
+from experiments import runs
+from experiments.tuning import (
+    DISPLAY,
+    PROXIMAL,
+    Context,
+    collapsed,
+    final,
+    history_curve,
+    mean_std,
+)
 from nearprox.text import data, objectives
 
-VARIANTS: dict[str, dict[str, Any]] = {
-    "sgd": {"optimizer.name": "sgd", "optimizer.momentum": 0.0},
-    "sgd_momentum": {"optimizer.name": "sgd", "optimizer.momentum": 0.9},
-    "adamw": {"optimizer.name": "adamw"},
-    "proximal_tikhonov": {"optimizer.name": "proximal_sgd", "optimizer.filter": "tikhonov"},
-    "proximal_natural": {"optimizer.name": "proximal_sgd", "optimizer.filter": "natural"},
-    "proximal_norm": {"optimizer.name": "proximal_norm_sgd"},
-}
-DISPLAY = {
-    "sgd": "SGD",
-    "sgd_momentum": "SGD+momentum",
-    "adamw": "AdamW",
-    "proximal_tikhonov": "proximal SGD, tikhonov",
-    "proximal_natural": "proximal SGD, natural",
-    "proximal_norm": "rank-one proximal (‖g‖²/(‖g‖²+λ))",
-    "majority": "majority class (no training)",
-}
-PROXIMAL = ("proximal_tikhonov", "proximal_natural", "proximal_norm")
-STUDIES = ("optimizers", "damping", "adversarial", "multidevice", "glue", "noise")
-
-
-def primary_metric(task: str) -> str:
-  return data.get_task(task).primary_metric
-
-
-def reported_split(task: str) -> str:
-  """Where a task's numbers are reported: tweets has a labelled test split, GLUE does not."""
-  return "test" if task == "tweets" else "dev"
-
-
-def final(result: dict, split: str, metric: str) -> float:
-  value = result["report"].get(split, {}).get(metric, float("nan"))
-  return float(value)
+BASELINES = ("adamw", "sgd_momentum", "sgd")  # what the best proximal variant is compared with
+STUDY_TASK = "sst2"  # where the damping, adversarial, multidevice and noise studies train
+LOW_CONFIDENCE_TASK = "tweets"  # the task whose test split has low-confidence labels
+# The optimizer summary records (experiments/results/<mode>/summary.json), in this order.
+SUMMARY_FIELDS = tuple(
+    "task optimizer variant steps batch_size max_length seeds learning_rate damping metric mean"
+    " std collapsed_seeds split".split()
+)
+# A difference is a win or a loss only above the noise floor: the two seed standard
+# deviations summed, and at least one accuracy point (all there is with one seed).
+MIN_GAP = 0.01
 
 
 def dev_curve(result: dict, metric: str) -> list[tuple[int, float]]:
   """(step, dev metric) at every evaluation during training and at the end."""
-  points = [
-      (row["step"], row[f"dev/{metric}"]) for row in result["history"] if f"dev/{metric}" in row
-  ]
+  points = history_curve(result, f"dev/{metric}")
   points.append((result["report"]["steps"], final(result, "dev", metric)))
   return sorted(dict(points).items())
 
 
-def history_curve(result: dict, name: str) -> list[tuple[int, float]]:
-  return [(row["step"], row[name]) for row in result["history"] if name in row]
-
-
 def steps_to_target(result: dict, metric: str, target: float) -> int | None:
   """The first evaluated step whose dev metric reaches ``target`` (None: never)."""
-  for step, value in dev_curve(result, metric):
-    if value >= target:
-      return int(step)
-  return None
-
-
-def end_loss(result: dict) -> float:
-  """Mean training loss over the last quarter of the logged steps (NaN if diverged)."""
-  losses = [v for _, v in history_curve(result, "train/loss")]
-  tail = losses[-max(1, len(losses) // 4) :]
-  return float(np.mean(tail)) if tail else float("nan")
-
-
-def mean_std(values) -> tuple[float, float, int]:
-  values = [v for v in values if v is not None and not math.isnan(v)]
-  if not values:
-    return float("nan"), float("nan"), 0
-  std = float(np.std(values, ddof=1)) if len(values) > 1 else 0.0
-  return float(np.mean(values)), std, len(values)
+  return next((int(s) for s, value in dev_curve(result, metric) if value >= target), None)
 
 
 def mean_curve(curves: list[list[tuple[int, float]]]) -> list[tuple[int, float]]:
@@ -108,252 +71,169 @@ def mean_curve(curves: list[list[tuple[int, float]]]) -> list[tuple[int, float]]
   return [(s, float(np.mean([t[s] for t in tables]))) for s in steps]
 
 
-class Context:
-  """The plan of the mode, the executor, and choices shared between studies."""
-
-  def __init__(self, plan, executor: runs.Executor):
-    self.plan = plan
-    self.ex = executor
-
-  def run(
-      self,
-      label: str,
-      task: str,
-      variant: str,
-      lr: float,
-      seed: int,
-      extra: dict | None = None,
-      devices: int = 1,
-      attack: runs.Attack | None = None,
-  ):
-    overrides = {
-        "task": task,
-        "seed": seed,
-        "optimizer.learning_rate": lr,
-        **VARIANTS[variant],
-        **(extra or {}),
-    }
-    name = f"{label}:{task}:{variant}:lr={lr:g}:seed={seed}"
-    name += "".join(f":{k.split('.')[-1]}={v}" for k, v in (extra or {}).items())
-    return self.ex.run(name, overrides, devices=devices, attack=attack)
-
-  def sweep_task(self, task: str) -> str:
-    return task if task in self.plan.sweep_tasks else self.plan.sweep_tasks[0]
-
-  def _sweep_rows(self, task: str, variant: str, grid) -> list[dict]:
-    metric = primary_metric(task)
-    rows = []
-    for lr in grid:
-      result = self.run("sweep", task, variant, lr, self.plan.seeds[0])
-      if result is not None:
-        rows.append(
-            {
-                "task": task,
-                "variant": variant,
-                "lr": lr,
-                "seed": self.plan.seeds[0],
-                f"dev_{metric}": final(result, "dev", metric),
-                "train_loss_end": end_loss(result),
-            }
-        )
-    return rows
-
-  def sweep(self, task: str, variant: str) -> list[dict]:
-    """The learning-rate sweep rows (seed 0, dev split of the sweep task).
-
-    The grid starts as ``plan.lr_grid[variant]``; while the best rate lies on an edge of
-    the grid it is extended past that edge by the grid's ratio, at most
-    ``plan.sweep_extensions`` times (so no optimizer is judged at a rate cut off by a
-    badly placed grid).
-    """
-    task = self.sweep_task(task)
-    grid = sorted(self.plan.lr_grid[variant])
-    rows = self._sweep_rows(task, variant, grid)
-    for _ in range(self.plan.sweep_extensions):
-      if len(rows) < len(grid) or len(grid) < 2:
-        break
-      best = self._best(rows)
-      ratio = grid[1] / grid[0]
-      if best == grid[-1]:
-        grid.append(float(f"{grid[-1] * ratio:.3g}"))
-      elif best == grid[0]:
-        grid.insert(0, float(f"{grid[0] / ratio:.3g}"))
-      else:
-        break
-      rows = self._sweep_rows(task, variant, grid)
-    return rows if len(rows) == len(grid) else rows + [None]  # None marks incomplete
-
-  @staticmethod
-  def _best(rows) -> float:
-    """Best dev metric; ties (e.g. several rates stuck at chance) go to the lower training
-    loss at the end of training, so the grid extends towards the rate that moved."""
-    key = next(k for k in rows[0] if k.startswith("dev_"))
-    nan_low = lambda x: -math.inf if math.isnan(x) else x
-    return max(rows, key=lambda r: (nan_low(r[key]), nan_low(-r["train_loss_end"])))["lr"]
-
-  def best_lr(self, task: str, variant: str) -> float | None:
-    """The swept rate with the best dev metric (NaN counts as worst); None if the sweep is
-    incomplete."""
-    rows = self.sweep(task, variant)
-    if not rows or rows[-1] is None:
-      return None
-    return self._best(rows)
-
-  def resolve(self, variant: str) -> str | None:
-    """``"best_proximal"``: the proximal variant with the best SST-2 dev score in the sweep."""
-    if variant != "best_proximal":
-      return variant
-    scores = {}
-    for name in (v for v in PROXIMAL if v in self.plan.lr_grid):
-      lr = self.best_lr("sst2", name)
-      if lr is not None:
-        row = next(r for r in self.sweep("sst2", name) if r["lr"] == lr)
-        scores[name] = row["dev_accuracy"]
-    return max(scores, key=scores.get) if scores else None
-
-
-def _study(name: str, title: str, ctx: Context, start: int, tables, curves, notes=()) -> dict:
-  """The study dict; ``requested``/``missing`` count the distinct runs it asked for first
-  (runs shared with an earlier study, e.g. the learning-rate sweep, belong to that one)."""
-  keys = ctx.ex.requested[start:]
-  missing = [ctx.ex.missing[k] for k in keys if k in ctx.ex.missing]
+def comparison(subject: dict, baseline: dict, key: str, std_key=None, **context) -> dict:
+  """The record "subject vs baseline on ``key``" (seed spread ``std_key``, default
+  ``<key>_std``): ``outcome`` is "ahead", "behind" or "level" (within ``MIN_GAP``)."""
+  a, b, std_key = subject[key], baseline[key], std_key or f"{key}_std"
+  floor = max(MIN_GAP, (subject[std_key] or 0.0) + (baseline[std_key] or 0.0))
+  outcome = "ahead" if a - b > floor else "behind" if a - b < -floor else "level"
   return {
-      "name": name,
-      "title": title,
-      "requested": len(keys),
-      "missing": missing,
-      "tables": tables,
-      "curves": curves,
-      "notes": list(notes),
-      "plan": ctx.plan.mode,
+      **context,
+      "subject": subject["variant"],
+      "baseline": baseline["variant"],
+      "baseline_optimizer": baseline["optimizer"],
+      "subject_mean": a,
+      "subject_std": subject[std_key],
+      "baseline_mean": b,
+      "baseline_std": baseline[std_key],
+      "difference": a - b,
+      "outcome": outcome,
   }
 
 
-def _start(ctx: Context) -> int:
-  return len(ctx.ex.requested)
+FUNCTIONS = {}  # study name -> function of a Context, in the order of the README
+
+
+def study(title: str):
+  """Registers a study: the function returns its ``tables`` and optionally ``curves``,
+  ``comparisons``, ``notes`` and a ``title`` of its own; the study dict adds the runs it
+  asked for first (``requested``; runs shared with an earlier study, e.g. the
+  learning-rate sweep, belong to that one) and those of them that do not exist."""
+
+  def register(fn):
+    def run(ctx: Context) -> dict:
+      start = len(ctx.ex.requested)
+      found = fn(ctx)
+      keys = ctx.ex.requested[start:]
+      return {
+          "name": fn.__name__,
+          "title": title,
+          "curves": {},
+          "comparisons": [],
+          "notes": [],
+          **found,
+          "requested": len(keys),
+          "missing": [ctx.ex.missing[k] for k in keys if k in ctx.ex.missing],
+          "plan": ctx.plan.mode,
+      }
+
+    FUNCTIONS[fn.__name__] = run
+    return run
+
+  return register
 
 
 # ---------------------------------------------------------------------------------- 1
 
 
+@study("Optimizer comparison")
 def optimizers(ctx: Context) -> dict:
-  plan, start = ctx.plan, _start(ctx)
-  sweep_rows, run_rows, summary, curves = [], [], [], {}
+  plan = ctx.plan
+  tuning_rows, run_rows, summary, curves, comparisons = [], [], [], {}, []
+  for variant in plan.optimizer_variants:
+    variant = ctx.resolve(variant)
+    rows, _ = ctx.tuning(variant) if variant else ([], False)
+    chosen = ctx.best_trial(variant) if rows else None
+    for row in rows:  # trials done so far, also while the tuning is incomplete
+      is_chosen = chosen is not None and row["trial"] == chosen["trial"]
+      tuning_rows.append({k: v for k, v in row.items() if k != "trial"} | {"chosen": is_chosen})
+  best = ctx.resolve("best_proximal")  # chosen on held-out training data, not on any task
   for task in plan.optimizer_tasks:
-    metric, split = primary_metric(task), reported_split(task)
-    results = {}
-    for variant in (plan.lr_grid if task == "sst2" else plan.tweets_variants):
-      rows = [r for r in ctx.sweep(task, variant) if r is not None]
-      lr = ctx.best_lr(task, variant)
-      for row in rows:
-        row["chosen"] = row["lr"] == lr
-      sweep_rows += rows if ctx.sweep_task(task) == task else []
-      if lr is None:
-        continue
-      found = [
-          r
-          for r in (ctx.run("optimizers", task, variant, lr, s) for s in plan.seeds)
-          if r is not None
-      ]
-      if found:
-        results[variant] = (lr, found)
-    if not results:
+    info = data.get_task(task)
+    metric, split = info.primary_metric, info.reported_split
+    groups = {}
+    for variant in plan.optimizer_variants:
+      group = ctx.group("optimizers", task, variant)
+      if group is not None:
+        groups[group.variant] = group
+    if not groups:
       continue
-    best_dev = max(
-        mean_std([final(r, "dev", metric) for r in found])[0] for _, found in results.values()
-    )
-    target = plan.target_fraction * best_dev
+    target = plan.target_fraction * max(g.stat("dev", metric)[0] for g in groups.values())
     # The SGD step time (momentum costs nothing measurable) is the unit of the cost column.
-    sgd = next((v for v in ("sgd", "sgd_momentum") if v in results), None)
-    sgd_step = (
-        mean_std([r["report"]["train_step_seconds"] for r in results[sgd][1]])[0]
-        if sgd
-        else float("nan")
-    )
-    curves[task] = {}
-    for variant, (lr, found) in results.items():
+    sgd = next((groups[v] for v in ("sgd", "sgd_momentum") if v in groups), None)
+    sgd_step = sgd.step_seconds() if sgd else float("nan")
+    rows, curves[task] = {}, {}
+    for variant, group in groups.items():
+      found = group.results
       reached = [steps_to_target(r, metric, target) for r in found]
-      step_s = mean_std([r["report"]["train_step_seconds"] for r in found])
       for r, steps in zip(found, reached):
         run_rows.append(
             {
                 "task": task,
-                "variant": variant,
-                "lr": lr,
+                **group.describe(),
                 "seed": r["config"]["seed"],
                 f"{split}_{metric}": final(r, split, metric),
                 f"dev_{metric}": final(r, "dev", metric),
                 "steps_to_target": steps,
+                "collapsed": collapsed(r),
                 "step_seconds": r["report"]["train_step_seconds"],
                 "wall_seconds": r["wall_seconds"],
             }
         )
-      row = {
+      config = found[0]["config"]
+      mean, std = group.stat(split, metric)
+      rows[variant] = {
           "task": task,
-          "variant": variant,
-          "lr": lr,
+          **group.describe(),
+          "steps": found[0]["report"]["steps"],
+          "batch_size": config["batch_size"],
+          "max_length": config["max_length"],
           "seeds": len(found),
-          "split": split,
           "metric": metric,
-          "mean": mean_std([final(r, split, metric) for r in found])[0],
-          "std": mean_std([final(r, split, metric) for r in found])[1],
-          "dev_mean": mean_std([final(r, "dev", metric) for r in found])[0],
+          "mean": mean,
+          "std": std,
+          "collapsed_seeds": group.collapsed_seeds(),
+          "split": split,
+          "dev_mean": group.stat("dev", metric)[0],
           "target": target,
           "reached": sum(s is not None for s in reached),
           "steps_to_target": mean_std([s for s in reached if s is not None])[0],
-          "step_seconds": step_s[0],
-          "step_ratio_to_sgd": step_s[0] / sgd_step,
-          "steps": found[0]["report"]["steps"],
+          "step_seconds": group.step_seconds(),
+          "step_ratio_to_sgd": group.step_seconds() / sgd_step,
       }
-      if task == "tweets":
-        for key in ("macro_f1",):
-          row[f"test_{key}"] = mean_std([final(r, "test", key) for r in found])[0]
-        low = [final(r, "test_low_confidence", "accuracy") for r in found]
-        row["low_confidence_accuracy"], row["low_confidence_std"], _ = mean_std(low)
-      summary.append(row)
-      curves[task][variant] = {
+      for other in info.metric_names[1:]:
+        rows[variant][f"{split}_{other}"] = group.stat(split, other)[0]
+      if "test_low_confidence" in found[0]["report"]:
+        rows[variant].update(
+            group.stats("low_confidence_accuracy", "test_low_confidence", "accuracy")
+        )
+      curves[task][group.label] = {
           "dev": mean_curve([dev_curve(r, metric) for r in found]),
           "loss": mean_curve([history_curve(r, "train/loss") for r in found]),
       }
-  return _study(
-      "optimizers",
-      "Optimizer comparison",
-      ctx,
-      start,
-      {"lr_sweep": sweep_rows, "runs": run_rows, "summary": summary},
-      curves,
-  )
+    # Every proximal variant against every baseline, as data; the verdict leads with the
+    # variant the tuning chose (best_proximal), so no choice is made on the reported split.
+    for variant in (v for v in PROXIMAL if v in rows):
+      rows[variant]["best_proximal"] = variant == best
+      for base in (b for b in BASELINES if b in rows):
+        record = comparison(rows[variant], rows[base], "mean", "std", study="optimizers", task=task)
+        comparisons.append({**record, "metric": metric, "preselected": variant == best})
+    summary += rows.values()
+  tables = {"tuning": tuning_rows, "runs": run_rows, "summary": summary}
+  return {"tables": tables, "curves": curves, "comparisons": comparisons}
 
 
 # ---------------------------------------------------------------------------------- 2
 
 
+@study("Damping sweep (relative λ)")
 def damping(ctx: Context) -> dict:
-  plan, start = ctx.plan, _start(ctx)
+  plan = ctx.plan
   rows, curves = [], {}
   for filt in plan.damping_filters:
-    variant = f"proximal_{filt}"
-    lr = ctx.best_lr("sst2", variant) if variant in plan.lr_grid else None
-    if lr is None:
-      continue
     for lam in plan.damping_grid:
-      result = ctx.run(
-          "damping",
-          "sst2",
-          variant,
-          lr,
-          plan.seeds[0],
-          {"optimizer.damping": lam, "optimizer.damping_mode": "relative"},
-      )
-      if result is None:
+      extra = {"optimizer.damping": lam, "optimizer.damping_mode": "relative"}
+      group = ctx.group("damping", STUDY_TASK, f"proximal_{filt}", plan.seeds[:1], extra)
+      if group is None:
         continue
+      result = group.results[0]
       rank = history_curve(result, "train/gram/effective_rank")
       kept = history_curve(result, "train/gram/kept_fraction")
       rows.append(
           {
               "filter": filt,
               "damping": lam,
-              "lr": lr,
+              "learning_rate": group.lr,
               "seed": plan.seeds[0],
               "dev_accuracy": final(result, "dev", "accuracy"),
               "effective_rank_mean": mean_std([v for _, v in rank])[0],
@@ -368,170 +248,139 @@ def damping(ctx: Context) -> dict:
           "kept_fraction": kept,
           "dev": dev_curve(result, "accuracy"),
       }
-  return _study("damping", "Damping sweep (relative λ)", ctx, start, {"damping": rows}, curves)
+  return {"tables": {"damping": rows}, "curves": curves}
 
 
 # ---------------------------------------------------------------------------------- 3
 
 
+@study("Adversarial objectives and robustness")
 def adversarial(ctx: Context) -> dict:
-  plan, start = ctx.plan, _start(ctx)
+  plan = ctx.plan
   attack = runs.Attack(
       tuple(float(e) for e in plan.attack_epsilons), plan.attack_steps, plan.attack_examples
   )
   rows, curves = [], {}
   for name in plan.objective_optimizers:
-    variant = ctx.resolve(name)
-    lr = ctx.best_lr("sst2", variant) if variant else None
-    if lr is None:
-      continue
     clean_step = None
     for objective in plan.objectives:
       settings = (plan.get("objective_settings") or {}).get(objective) or {}
       settings = settings.to_dict() if hasattr(settings, "to_dict") else dict(settings)
       resolved = objectives.ObjectiveConfig(kind=objective, **settings)
-      extra = {
-          "objective.kind": objective,
-          **{f"objective.{field}": value for field, value in settings.items()},
-      }
-      result = ctx.run("adversarial", "sst2", variant, lr, plan.seeds[0], extra, attack=attack)
-      if result is None:
+      extra = {"objective.kind": objective, **{f"objective.{k}": v for k, v in settings.items()}}
+      group = ctx.group("adversarial", STUDY_TASK, name, plan.seeds[:1], extra, attack=attack)
+      if group is None:
         continue
+      result = group.results[0]
       step = result["report"]["train_step_seconds"]
       clean_step = step if objective == "clean" else clean_step
-      row = {
-          "variant": variant,
-          "objective": objective,
-          "train_epsilon": resolved.epsilon,
-          "train_steps": resolved.num_steps if objective != "clean" else 0,
-          "lr": lr,
-          "seed": plan.seeds[0],
-          "dev_accuracy": final(result, "dev", "accuracy"),
-          "step_seconds": step,
-          "step_ratio_to_clean": step / clean_step if clean_step else float("nan"),
-          "attack_examples": result["attack"][0]["num_examples"],
-          "attack_steps": result["attack"][0]["num_steps"],
-      }
-      for attack_row in result["attack"]:
-        row[f"acc_eps_{attack_row['epsilon']:g}"] = attack_row["accuracy"]
-      rows.append(row)
-      curves[f"{DISPLAY[variant]}, {objective}"] = result["attack"]
-  return _study(
-      "adversarial",
-      "Adversarial objectives and robustness",
-      ctx,
-      start,
-      {"adversarial": rows},
-      curves,
-  )
+      accuracy = {f"acc_eps_{a['epsilon']:g}": a["accuracy"] for a in result["attack"]}
+      rows.append(
+          {
+              **group.describe(),
+              "objective": objective,
+              "train_epsilon": resolved.epsilon,
+              "train_steps": resolved.num_steps if objective != "clean" else 0,
+              "seed": plan.seeds[0],
+              "dev_accuracy": final(result, "dev", "accuracy"),
+              "step_seconds": step,
+              "step_ratio_to_clean": step / clean_step if clean_step else float("nan"),
+              "attack_examples": result["attack"][0]["num_examples"],
+              "attack_steps": result["attack"][0]["num_steps"],
+              **accuracy,
+              # The same accuracy at every radius: a model predicting (almost) one class.
+              "flat_under_attack": max(accuracy.values()) - min(accuracy.values()) < 0.005,
+          }
+      )
+      curves[f"{group.label}, {objective}"] = result["attack"]
+  return {"tables": {"adversarial": rows}, "curves": curves}
 
 
 # ---------------------------------------------------------------------------------- 4
 
 
+@study("Local vs global Gram on host devices")
 def multidevice(ctx: Context) -> dict:
-  plan, start = ctx.plan, _start(ctx)
-  best = ctx.resolve("best_proximal")
-  filtered = best if best in ("proximal_tikhonov", "proximal_natural") else "proximal_tikhonov"
-  rows, steps = [], {}
+  plan = ctx.plan
+  rows = {}
   for name in plan.multidevice_variants:
-    variant = name if name in VARIANTS else filtered
-    lr = ctx.best_lr("sst2", variant) if variant in plan.lr_grid else None
-    if lr is None:
-      continue
     extra = {"parallel": "shard_map"}
     if name in ("local", "global"):
       extra["optimizer.gram"] = name
-    found = [
-        r
-        for r in (
-            ctx.run(
-                f"multidevice-{name}", "sst2", variant, lr, s, extra, devices=plan.multidevice_count
-            )
-            for s in plan.multidevice_seeds
-        )
-        if r is not None
-    ]
-    if not found:
-      continue
-    acc = mean_std([final(r, "dev", "accuracy") for r in found])
-    steps[name] = mean_std([r["report"]["train_step_seconds"] for r in found])[0]
-    rows.append(
-        {
-            "variant": variant,
-            "gram": name if name in ("local", "global") else "—",
-            "devices": plan.multidevice_count,
-            "lr": lr,
-            "seeds": len(found),
-            "dev_accuracy": acc[0],
-            "dev_accuracy_std": acc[1],
-            "step_seconds": steps[name],
-        }
+    group = ctx.group(
+        f"multidevice-{name}",
+        STUDY_TASK,
+        name if name not in ("local", "global") else "best_filter",
+        plan.multidevice_seeds,
+        extra,
+        devices=plan.multidevice_count,
     )
-  base = next((steps[n] for n in plan.multidevice_variants if n in VARIANTS and n in steps), None)
-  for row in rows:
+    if group is not None:
+      rows[name] = {
+          **group.describe(),
+          "gram": name if name in ("local", "global") else "—",
+          "devices": plan.multidevice_count,
+          "seeds": len(group.results),
+          **group.stats("dev_accuracy", "dev", "accuracy"),
+          "step_seconds": group.step_seconds(),
+      }
+  base = next((rows[n]["step_seconds"] for n in rows if n not in ("local", "global")), None)
+  for row in rows.values():
     row["step_ratio_to_sgd"] = row["step_seconds"] / base if base else float("nan")
-  return _study(
-      "multidevice",
-      f"Local vs global Gram on {plan.multidevice_count} host " "devices",
-      ctx,
-      start,
-      {"multidevice": rows},
-      {},
-  )
+  comparisons = []
+  if "local" in rows and "global" in rows:
+    subject = {**rows["global"], "variant": "the global Gram"}
+    baseline = {**rows["local"], "variant": "the per-device (local) Gram"}
+    comparisons.append(comparison(subject, baseline, "dev_accuracy", study="multidevice"))
+  title = f"Local vs global Gram on {plan.multidevice_count} host devices"
+  return {
+      "title": title,
+      "tables": {"multidevice": list(rows.values())},
+      "comparisons": comparisons,
+  }
 
 
 # ---------------------------------------------------------------------------------- 5
 
 
+@study("GLUE (dev)")
 def glue(ctx: Context) -> dict:
-  plan, start = ctx.plan, _start(ctx)
-  task = plan.glue_task
-  metrics = data.get_task(task).metric_names
-  rows = []
+  plan = ctx.plan
+  task = data.get_task(plan.glue_task)
+  rows = {}
   for name in plan.glue_optimizers:
-    variant = ctx.resolve(name)
-    lr = ctx.best_lr("sst2", variant) if variant else None
-    if lr is None:
+    group = ctx.group("glue", task.name, name, extra={"max_length": plan.glue_max_length})
+    if group is None:
       continue
-    found = [
-        r
-        for r in (
-            ctx.run("glue", task, variant, lr, s, {"max_length": plan.glue_max_length})
-            for s in plan.seeds
-        )
-        if r is not None
-    ]
-    if not found:
-      continue
-    row = {
-        "task": task,
-        "variant": variant,
-        "lr": lr,
-        "seeds": len(found),
-        "max_length": plan.glue_max_length,
-    }
-    for metric in metrics:
-      row[metric], row[f"{metric}_std"], _ = mean_std(
-          [final(r, "dev", m) for r in found for m in [metric]]
-      )
-    rows.append(row)
+    row = {"task": task.name, **group.describe(), "seeds": len(group.results)}
+    row["max_length"] = plan.glue_max_length
+    for metric in task.metric_names:
+      row.update(group.stats(metric, "dev", metric))
+    rows[group.variant] = row
+  comparisons = []
   if rows:
-    rows.append(majority_class_row(ctx, task, plan.glue_max_length))
-  return _study(
-      "glue",
-      f"{task.upper()} (dev)",
-      ctx,
-      start,
-      {"glue": rows},
-      {},
-      notes=[
-          f"learning rates transferred from the SST-2 sweep; metrics: "
-          f"{', '.join(metrics)} (first is the official one); the majority "
+    majority = majority_class_row(ctx, task.name, plan.glue_max_length)
+    for row in rows.values():  # equal to the majority class in every metric: nothing learned
+      row["same_as_majority"] = all(abs(row[m] - majority[m]) < 1e-9 for m in task.metric_names)
+    proximal = next((r for r in rows.values() if r["optimizer"].startswith("proximal")), None)
+    for base in ("adamw", "sgd_momentum"):
+      if proximal and base in rows:
+        counted = not (proximal["same_as_majority"] and rows[base]["same_as_majority"])
+        record = comparison(proximal, rows[base], task.primary_metric, study="glue", task=task.name)
+        comparisons.append({**record, "counted": counted})  # not between two non-learners
+    rows["majority"] = majority
+  tuned_on = data.get_task(plan.tuning.task).display_name
+  return {
+      "title": f"{task.display_name} (dev)",
+      "tables": {"glue": list(rows.values())},
+      "comparisons": comparisons,
+      "notes": [
+          f"settings tuned on held-out {tuned_on} training data; metrics: "
+          f"{', '.join(task.metric_names)} (first is the official one); the majority "
           "row always predicts the training split's most frequent class, on "
           "the same dev examples (a model that learned nothing scores this)"
       ],
-  )
+  }
 
 
 def majority_class_row(ctx: Context, task_name: str, max_length: int) -> dict:
@@ -551,81 +400,59 @@ def majority_class_row(ctx: Context, task_name: str, max_length: int) -> dict:
       scores[metric].append(value)
   row = {
       "task": task_name,
-      "variant": "majority",
-      "lr": None,
+      "optimizer": None,
+      "variant": DISPLAY["majority"],
+      "learning_rate": None,
       "seeds": len(ctx.plan.seeds),
       "max_length": max_length,
   }
   for metric, values in scores.items():
-    row[metric], row[f"{metric}_std"], _ = mean_std(values)
+    row[metric], row[f"{metric}_std"] = mean_std(values)
   return row
 
 
 # ---------------------------------------------------------------------------------- 6
 
 
+@study("Noisy labels")
 def noise(ctx: Context) -> dict:
-  plan, start = ctx.plan, _start(ctx)
-  rows = []
+  plan = ctx.plan
+  rows, comparisons = {}, []
   for name in plan.noise_optimizers:
-    variant = ctx.resolve(name)
-    lr = ctx.best_lr("sst2", variant) if variant else None
-    if lr is None:
-      continue
     for level in (0.0, *plan.noise_levels):
       label = "optimizers" if level == 0.0 else "noise"
-      found = [
-          r
-          for r in (
-              ctx.run(label, "sst2", variant, lr, s, {"label_noise": level}) for s in plan.seeds
-          )
-          if r is not None
-      ]
-      if found:
-        acc = mean_std([final(r, "dev", "accuracy") for r in found])
-        rows.append(
-            {
-                "variant": variant,
-                "label_noise": level,
-                "lr": lr,
-                "seeds": len(found),
-                "dev_accuracy": acc[0],
-                "dev_accuracy_std": acc[1],
-            }
-        )
-  low = []
-  if "tweets" in plan.optimizer_tasks:
-    for variant in plan.tweets_variants:
-      lr = ctx.best_lr("tweets", variant)
-      if lr is None:
-        continue
-      found = [
-          r
-          for r in (ctx.run("optimizers", "tweets", variant, lr, s) for s in plan.seeds)
-          if r is not None
-      ]
-      if found:
-        test = mean_std([final(r, "test", "accuracy") for r in found])
-        lowc = mean_std([final(r, "test_low_confidence", "accuracy") for r in found])
-        low.append(
-            {
-                "variant": variant,
-                "lr": lr,
-                "seeds": len(found),
-                "test_accuracy": test[0],
-                "test_accuracy_std": test[1],
-                "low_confidence_accuracy": lowc[0],
-                "low_confidence_std": lowc[1],
-            }
-        )
-  return _study("noise", "Noisy labels", ctx, start, {"noise": rows, "low_confidence": low}, {})
+      group = ctx.group(label, STUDY_TASK, name, extra={"label_noise": level})
+      if group is not None:
+        rows[group.variant, level] = {
+            **group.describe(),
+            "label_noise": level,
+            "seeds": len(group.results),
+            **group.stats("dev_accuracy", "dev", "accuracy"),
+        }
+  top = max((level for _, level in rows), default=0.0)
+  for variant in PROXIMAL:
+    if top > 0.0 and (variant, top) in rows and ("adamw", top) in rows:
+      record = comparison(rows[variant, top], rows["adamw", top], "dev_accuracy", study="noise")
+      comparisons.append({**record, "label_noise": top})
+  low = {}
+  if LOW_CONFIDENCE_TASK in plan.optimizer_tasks:
+    for variant in plan.optimizer_variants:
+      group = ctx.group("optimizers", LOW_CONFIDENCE_TASK, variant)
+      if group is not None:
+        low[group.variant] = {
+            **group.describe(),
+            "seeds": len(group.results),
+            **group.stats("test_accuracy", "test", "accuracy"),
+            **group.stats("low_confidence_accuracy", "test_low_confidence", "accuracy"),
+        }
+  best = ctx.resolve("best_proximal")  # chosen by the tuning, not on the test split
+  if best in low and "adamw" in low:
+    key = "low_confidence_accuracy"
+    comparisons.append(
+        comparison(low[best], low["adamw"], key, study="noise", task=LOW_CONFIDENCE_TASK)
+    )
+  tables = {"noise": list(rows.values()), "low_confidence": list(low.values())}
+  return {"tables": tables, "comparisons": comparisons}
 
 
-FUNCTIONS = {
-    "optimizers": optimizers,
-    "damping": damping,
-    "adversarial": adversarial,
-    "multidevice": multidevice,
-    "glue": glue,
-    "noise": noise,
-}
+STUDIES = tuple(FUNCTIONS)

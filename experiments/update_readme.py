@@ -4,8 +4,8 @@
     ... replaced by that file's content ...
     <!-- END GENERATED: experiments/results/bench_step.md -->
 
-Run after `experiments/bench_step.py` or `experiments/reproduce.py`; the README's tables are
-never edited by hand.
+Run ``python -m experiments.update_readme`` after ``python -m experiments.bench_step`` or
+``python -m experiments.reproduce``; the README's tables are never edited by hand.
 """
 
 from __future__ import annotations

@@ -4,10 +4,20 @@ per_example = nearprox.per_example_grads(loss_fn, params, batch)   # loss_fn -> 
 opt = nearprox.proximal_sgd(learning_rate=0.1, damping=1e-3, damping_mode="relative")
 updates, state = opt.update(per_example, state, params, mask=batch_mask)
 params = optax.apply_updates(params, updates)
+
+Example weights (e.g. iEF's ‖∇_logits ℓ_n‖², ``nearprox.text.objectives.ief_weights``) go to
+``opt.update(..., example_weights=s)``; ``optax.chain(nearprox.scale_by_proximal(...),
+optax.adamw(...))`` puts the filter in front of any optax optimizer.
 """
 
 from nearprox.per_example import per_example_grads, per_example_value_and_grads
-from nearprox.spectral_filter import FilterStats, PerExampleFactor, filter_coefficients, gram_matrix
+from nearprox.spectral_filter import (
+    FilterStats,
+    PerExampleFactor,
+    filter_coefficients,
+    gram_matrix,
+    step_scale,
+)
 from nearprox.transform import (
     ScaleByProximalState,
     proximal_sgd,
@@ -28,4 +38,5 @@ __all__ = [
     "proximal_sgd",
     "scale_by_proximal",
     "scale_by_proximal_norm",
+    "step_scale",
 ]

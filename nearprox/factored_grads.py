@@ -2,7 +2,7 @@
 
 ``factored_value_and_grads(loss_fn, params, *args)`` returns the per-example losses [B] and
 the per-example gradients g_i = ∇θ ℓ_i as a pytree with the structure of ``params`` whose
-leaves are (DESIGN.md §2):
+leaves are (docs/method.md §2):
 
 * ``nn.Dense`` / ``nn.DenseGeneral`` kernels (attention projections with multi-head outputs
   included): :class:`nearprox.layer_factors.DenseFactor` (a, δ), the layer's inputs and output
@@ -13,13 +13,13 @@ leaves are (DESIGN.md §2):
   (Σ_t δ_it), ``nn.LayerNorm`` / ``nn.RMSNorm`` parameters (a per-example vjp of that one
   layer on its captured input and output cotangent), and the **exact fallback** below.
 
-How. ``loss_fn(params, *args) -> losses [B]`` must call a Flax linen model's ``apply``.
-``flax.linen.intercept_methods`` wraps ``__call__`` of those layer types: it records each
-call's input and adds a zero "probe" to its output (like ``Module.perturb``), so the
-gradient of Σ_i ℓ_i with respect to the probe is the output cotangent δ. One ``jax.vjp``
-over (probes, fallback leaves) with cotangent ones(B) gives every δ; the factored leaves are
-closed over as constants, so no weight gradient is computed in the backward pass. Which
-call reads which leaf is found by identity of the traced leaf values in an abstract
+How (docs/method.md §2.6). ``loss_fn(params, *args) -> losses [B]`` must call a Flax linen
+model's ``apply``. ``flax.linen.intercept_methods`` wraps ``__call__`` of those layer types:
+it records each call's input and adds a zero "probe" to its output (like ``Module.perturb``),
+so the gradient of Σ_i ℓ_i with respect to the probe is the output cotangent δ. One
+``jax.vjp`` over (probes, fallback leaves) with cotangent ones(B) gives every δ; the factored
+leaves are closed over as constants, so no weight gradient is computed in the backward pass.
+Which call reads which leaf is found by identity of the traced leaf values in an abstract
 discovery trace (``jax.make_jaxpr``, no FLOPs), so ``loss_fn`` may wrap ``params`` freely
 (``{"params": params}``, sub-trees) as long as it passes the arrays on unchanged.
 
@@ -54,33 +54,11 @@ Assumptions.
 * Out-of-range embedding ids (which ``Embed`` turns into NaN vectors) are not supported;
   negative ids index from the end, as in ``Embed``.
 
-Communication with ``gram="global"`` (:func:`nearprox.scale_by_proximal`). Each device
-all-gathers the whole factored pytree, i.e. for every example: each dense layer's
-T·(d_in + d_out) numbers, each table's T ids and T·D cotangents, and the materialized small
-leaves. For an encoder of L layers (hidden h, feed-forward f, H heads of h/H), per example
-
-    T · [L · (4·2h + 2·(h + f)) + 3·(h + 1)]    (kernels of q, k, v, attention output,
-                                                 FFN in and out; word, position, token-type
-                                                 tables: T ids and T·h cotangents each)
-    + L · (5h + f + 4h)                          (biases; two LayerNorms per layer)
-    + 3h + (h + 2k) + 2h                         (pooler, classifier, embedding LayerNorm)
-
-numbers. BERT-base (L=12, h=768, f=3072, vocab 30522, k=2 labels), T=128, float32 and int32
-ids, B=32 per device: 21,653,380 numbers per example, **2.77 GB per device per step**
-(2,771,632,640 bytes; each device receives (n−1) times that), against B·P·4 = 14.0 GB for
-the dense per-example gradients (P = 109,483,778) and P·4 = 0.44 GB for the all-reduce of
-``gram="local"`` or plain data-parallel SGD. Then K's rows (n·B² numbers) are gathered too.
-:func:`encoder_gathered_numbers` is this formula; :func:`gathered_bytes_per_device` measures
-any model from shapes (``jax.eval_shape``).
-
-Cost, in multiply-adds over the P dense-kernel parameters, against SGD's 3·B·T·P (forward,
-input gradients, weight gradients): the capture is a forward and a backward pass without
-weight gradients (2·B·T·P); a materializing Gram adds B·T·P for the per-example gradients
-and B²·P for G Gᵀ; the combine adds B·T·P (factored) or B·P (per-example gradients kept,
-``kernel_combine``). So the step costs between (3T + B)/(3T) and (4T + B)/(3T) SGD steps
-for the kernels, e.g. 1.17×–1.5× at B=32, T=64: the factored combine saves memory, the
-kept gradients save time. (The lower end needs the B·P per-example gradients alive at once;
-measured numbers: experiments/bench_step.py.)
+Cost: for the dense kernels the step does between (3T + B)/(3T) and (4T + B)/(3T) times the
+multiply-adds of an SGD step (``kernel_combine="materialized"`` and ``"factored"``;
+docs/method.md §2.7). Communication of ``gram="global"``: every device all-gathers the
+factored pytree; :func:`encoder_gathered_numbers` is the formula for a BERT classifier and
+:func:`gathered_bytes_per_device` measures any model from shapes (docs/method.md §2.8).
 """
 
 from __future__ import annotations
@@ -493,7 +471,7 @@ def encoder_gathered_numbers(
     num_layers: int, hidden: int, ffn: int, length: int, num_labels: int
 ) -> int:
   """Numbers per example that ``gram="global"`` gathers for a BERT sequence classifier
-  (the formula of the module docstring)."""
+  (the formula of docs/method.md §2.8)."""
   h, f, t = hidden, ffn, length
   return (
       t * (num_layers * (4 * 2 * h + 2 * (h + f)) + 3 * (h + 1))

@@ -7,9 +7,10 @@
   a batch of one; materializes G (B × P numbers). It is the oracle of the tests. Randomness
   inside ``loss_fn`` must therefore come from per-example arrays in ``args`` (e.g. keys
   [B, 2]) for the two methods to agree.
-* ``"factored"``: the fast path (:mod:`nearprox.factored_grads`). One forward and one backward
-  pass over the whole batch capture each Flax dense/embedding layer's inputs and output
-  cotangents; the Gram matrix and the filtered gradient are computed from those factors.
+* ``"factored"``: the fast path (:mod:`nearprox.factored_grads`; docs/method.md §2). One
+  forward and one backward pass over the whole batch capture each Flax dense/embedding
+  layer's inputs and output cotangents; the Gram matrix and the filtered gradient are
+  computed from those factors.
 """
 
 from __future__ import annotations

@@ -12,19 +12,26 @@ leaf by leaf of the parameter pytree:
 Every array inside either form has the batch axis first, so masking, slicing and
 ``all_gather`` act on examples uniformly.
 
-With the Gram matrix K = G Gᵀ (the empirical NTK of the per-example loss), weights
-w = m / Σm and damping λ, the filters of DESIGN.md §1 are
+With the Gram matrix K = G Gᵀ (the empirical NTK of the per-example loss), mask m, optional
+example weights s ≥ 0, right-hand side w = m∘s / Σ m∘s (w = m / Σm without weights) and
+damping λ, the filters of ``docs/method.md`` are
 
     tikhonov:  c = K (K + λI)⁻¹ w        (σ/(σ+λ) per eigen-direction)
     natural:   c = λ (K + λI)⁻¹ w        (λ/(σ+λ) per eigen-direction)
 
 and the filtered gradient is d = Gᵀ c. ``c_tikhonov + c_natural = w``, so the two filtered
-gradients add up to the plain mean gradient g = Gᵀ w.
+gradients add up to the weighted mean gradient Gᵀ w (the plain mean g = Gᵀ u, u = m / Σm,
+without weights).
+
+Everything a step-size rule needs is a quadratic form in K (:func:`step_scale`), so no
+extra pass over the model is needed: ‖g‖² = uᵀKu, ‖d‖² = cᵀKc, gᵀd = uᵀKc and, with the
+empirical Fisher F = GᵀG / B_eff (B_eff unmasked examples), dᵀFd = cᵀK²c / B_eff.
 """
 
 from __future__ import annotations
 
 import abc
+import functools
 from typing import Any, NamedTuple
 
 import jax
@@ -32,6 +39,7 @@ import jax.numpy as jnp
 
 FILTERS = ("tikhonov", "natural")
 DAMPING_MODES = ("absolute", "relative")
+STEP_SIZES = ("none", "graft", "quadratic")
 
 _HIGHEST = jax.lax.Precision.HIGHEST
 
@@ -132,16 +140,48 @@ def combine(per_example_grads, coeffs: jax.Array):
 class FilterStats(NamedTuple):
   """What one filtered step did, for logging (all scalars).
 
-  damping: the λ used (after the relative scaling).
-  gram_trace: trace(K) over unmasked examples = Σ_i ‖g_i‖².
-  effective_rank: participation ratio (Σσ)²/Σσ² of K's spectrum, in [1, B_eff].
-  kept_fraction: ‖d‖² / ‖g‖², how much of the mean gradient's squared norm the filter kept.
+  Attributes:
+    damping: the λ used (after the relative scaling).
+    gram_trace: trace(K) over unmasked examples = Σ_i ‖g_i‖².
+    effective_rank: participation ratio (Σσ)²/Σσ² of K's spectrum, in [1, B_eff].
+    kept_fraction: ‖d‖² / ‖g‖² = cᵀKc / uᵀKu before any step-size scaling, with g = Gᵀu the
+      plain masked mean gradient: how much of the mean gradient's squared norm the filter
+      kept. In [0, 1] without example weights; weights can make it larger.
+    step_scale: the factor α that the step-size rule and the norm clip applied to d (see
+      :func:`step_scale`); 1 when neither is set.
   """
 
   damping: jax.Array
   gram_trace: jax.Array
   effective_rank: jax.Array
   kept_fraction: jax.Array
+  step_scale: jax.Array
+
+
+def _masked_gram(gram: jax.Array, keep: jax.Array) -> jax.Array:
+  """K symmetrized, with every row and column of a masked example set to 0."""
+  pair_kept = (keep[:, None] * keep[None, :]) > 0
+  return jnp.where(pair_kept, 0.5 * (gram + gram.T), 0.0)
+
+
+def normalized_weights(mask: jax.Array, weights: jax.Array | None = None, dtype=jnp.float32):
+  """(w, mass): w = m∘s / Σ m∘s and mass = Σ m∘s, with m = [mask > 0] and s = ``weights``.
+
+  Without weights s = 1, so w = m / Σm and the mass is the number of unmasked examples.
+  Masked entries of s are ignored (NaN included); a zero mass gives w = 0, not NaN.
+  """
+  keep = (mask > 0).astype(dtype)
+  if weights is None:
+    scaled = keep
+  else:
+    weights = jnp.asarray(weights)
+    if weights.shape != mask.shape:
+      raise ValueError(
+          f"example weights must have shape {mask.shape} (one per example), got {weights.shape}"
+      )
+    scaled = jnp.where(keep > 0, weights.astype(dtype), 0.0)
+  mass = jnp.sum(scaled)
+  return jnp.where(mass > 0, scaled / jnp.where(mass > 0, mass, 1.0), 0.0), mass
 
 
 def filter_coefficients(
@@ -150,8 +190,9 @@ def filter_coefficients(
     damping,
     filter: str = "tikhonov",
     damping_mode: str = "absolute",
+    weights: jax.Array | None = None,
 ) -> tuple[jax.Array, FilterStats]:
-  """The example weights c = f(K) w of DESIGN.md §1, and statistics of the solve.
+  """The coefficients c = f(K) w of ``docs/method.md``, and statistics of the solve.
 
   Args:
     gram: K, [B, B], any float dtype (solved in float32 or wider).
@@ -159,6 +200,9 @@ def filter_coefficients(
     damping: λ > 0 (absolute), or the factor of trace(K)/B_eff (relative).
     filter: "tikhonov" (K(K+λI)⁻¹) or "natural" (λ(K+λI)⁻¹).
     damping_mode: "absolute" or "relative".
+    weights: optional example weights s ≥ 0, [B]: the right-hand side becomes
+      w = m∘s / Σ m∘s instead of m / Σm (all-zero weights give c = 0). They change w
+      only, not K or λ.
 
   K is symmetrized and eigendecomposed (never inverted): c = U h(σ) Uᵀ w with
   h = σ/(σ+λ) or λ/(σ+λ); tiny negative eigenvalues from rounding are clipped to 0.
@@ -166,10 +210,8 @@ def filter_coefficients(
   dtype = compute_dtype(gram.dtype)
   keep = (mask > 0).astype(dtype)
   num_kept = jnp.sum(keep)
-  weights = keep / jnp.maximum(num_kept, 1.0)
-  gram = gram.astype(dtype)
-  pair_kept = (keep[:, None] * keep[None, :]) > 0
-  gram = jnp.where(pair_kept, 0.5 * (gram + gram.T), 0.0)
+  rhs, _ = normalized_weights(mask, weights, dtype)
+  gram = _masked_gram(gram.astype(dtype), keep)
   trace = jnp.trace(gram)
   if damping_mode == "relative":
     damping = damping * trace / jnp.maximum(num_kept, 1.0)
@@ -186,10 +228,11 @@ def filter_coefficients(
     response = damping / (sigma + damping)
   else:
     raise ValueError(f"filter must be one of {FILTERS}, got {filter!r}")
-  projected = jnp.matmul(vectors.T, weights, precision=_HIGHEST)
+  projected = jnp.matmul(vectors.T, rhs, precision=_HIGHEST)
   coeffs = jnp.matmul(vectors, response * projected, precision=_HIGHEST) * keep
 
-  mean_sq_norm = weights @ jnp.matmul(gram, weights, precision=_HIGHEST)
+  mean = keep / jnp.maximum(num_kept, 1.0)
+  mean_sq_norm = mean @ jnp.matmul(gram, mean, precision=_HIGHEST)
   kept_sq_norm = coeffs @ jnp.matmul(gram, coeffs, precision=_HIGHEST)
   frob_sq = jnp.sum(gram * gram)
   stats = FilterStats(
@@ -197,5 +240,78 @@ def filter_coefficients(
       gram_trace=trace,
       effective_rank=jnp.where(frob_sq > 0, trace**2 / frob_sq, 0.0),
       kept_fraction=jnp.where(mean_sq_norm > 0, kept_sq_norm / mean_sq_norm, 0.0),
+      step_scale=jnp.ones((), dtype),
   )
   return coeffs, stats
+
+
+def _safe_divide(numerator: jax.Array, denominator: jax.Array) -> jax.Array:
+  """numerator / denominator, and 0 where denominator ≤ 0 (a zero step, never NaN)."""
+  positive = denominator > 0
+  return jnp.where(positive, numerator / jnp.where(positive, denominator, 1.0), 0.0)
+
+
+def step_scale(
+    gram: jax.Array,
+    mask: jax.Array,
+    coeffs: jax.Array,
+    damping,
+    rule: str = "none",
+    step_size_damping: float | None = None,
+    max_update_norm: float | None = None,
+) -> jax.Array:
+  """The factor α of the step α·d, d = Gᵀc, from K and c alone (no pass over the model).
+
+  With u = m / Σm (g = Gᵀu, the plain mean gradient SGD would step) and B_eff = Σm:
+  ‖g‖² = uᵀKu, ‖d‖² = cᵀKc, gᵀd = uᵀKc and dᵀFd = cᵀK²c / B_eff for the empirical Fisher
+  F = GᵀG / B_eff. The rules:
+
+  * ``"none"``: α = 1.
+  * ``"graft"``: α = ‖g‖ / ‖d‖: d keeps its direction and takes the mean gradient's norm,
+    as grafting takes another optimizer's step norm (Agarwal et al. 2020).
+  * ``"quadratic"``: α = max(gᵀd, 0) / (dᵀFd + ρ‖d‖²), the minimizer of the damped
+    quadratic model L − α gᵀd + ½α² dᵀ(F + ρI)d along d (Martens & Grosse 2015).
+    ρ = λ / B_eff by default: the filter's damping in Fisher units, for which the natural
+    filter's d = ρ(F+ρI)⁻¹g gets α = 1/ρ, i.e. the damped Newton step (F+ρI)⁻¹g.
+
+  Then, with ``max_update_norm`` M, α is reduced so that ‖α d‖ ≤ M. A zero denominator
+  (d = 0, or all examples masked) gives α = 0, never NaN.
+
+  Args:
+    gram: K, [B, B] (rows and columns of masked examples are ignored).
+    mask: [B], as for :func:`filter_coefficients`.
+    coeffs: c from :func:`filter_coefficients`.
+    damping: the λ the filter used (``FilterStats.damping``, after any relative scaling).
+    rule: "none", "graft" or "quadratic".
+    step_size_damping: ρ ≥ 0 for "quadratic", replacing λ / B_eff.
+    max_update_norm: M > 0, or None for no clip.
+  """
+  if rule not in STEP_SIZES:
+    raise ValueError(f"step-size rule must be one of {STEP_SIZES}, got {rule!r}")
+  dtype = compute_dtype(gram.dtype)
+  if rule == "none" and max_update_norm is None:
+    return jnp.ones((), dtype)
+  keep = (mask > 0).astype(dtype)
+  num_kept = jnp.maximum(jnp.sum(keep), 1.0)
+  gram = _masked_gram(gram.astype(dtype), keep)
+  coeffs = coeffs.astype(dtype) * keep
+  mean = keep / num_kept
+  dot = functools.partial(jnp.dot, precision=_HIGHEST)  # full float32 on TPU/GPU too
+  gram_coeffs = dot(gram, coeffs)
+  d_sq = jnp.maximum(dot(coeffs, gram_coeffs), 0.0)  # K is PSD; rounding may dip below 0
+  if rule == "none":
+    alpha = jnp.ones((), dtype)
+  elif rule == "graft":
+    g_sq = jnp.maximum(dot(mean, dot(gram, mean)), 0.0)
+    alpha = jnp.sqrt(_safe_divide(g_sq, d_sq))
+  else:
+    rho = damping / num_kept if step_size_damping is None else step_size_damping
+    curvature = dot(gram_coeffs, gram_coeffs) / num_kept + rho * d_sq
+    alpha = _safe_divide(jnp.maximum(dot(mean, gram_coeffs), 0.0), curvature)
+  if max_update_norm is not None:
+    # ‖α d‖ > M > 0 implies ‖d‖ > 0, so the division is safe where it is taken.
+    d_norm = jnp.sqrt(d_sq)
+    alpha = jnp.where(
+        alpha * d_norm > max_update_norm, _safe_divide(max_update_norm, d_norm), alpha
+    )
+  return alpha.astype(dtype)

@@ -1,8 +1,10 @@
-"""Smoke test of experiments/reproduce.py: tiny model, 3 steps, one seed, two studies.
+"""The experiments package: the reproduce pipeline (smoke mode), the default job, the verdict.
 
-Checks that the run files, CSV tables, plots and the generated README section are produced
-and that the README's numbers are the run files' numbers (nothing typed in), and that a
-second invocation resumes from the stored runs instead of training again.
+The smoke test runs ``python -m experiments.reproduce --mode=smoke`` (tiny model, 3 steps,
+one seed, three studies) and checks that the run files, CSV tables, summary records, plots
+and the generated README section are produced, that the README's numbers are the run files'
+numbers (nothing typed in), that ``--config.*`` / ``--plan.*`` overrides reach the runs, and
+that a second invocation resumes from the stored runs instead of training again.
 """
 
 import csv
@@ -12,32 +14,42 @@ import subprocess
 import sys
 from pathlib import Path
 
+import ml_collections
 import pytest
+
+from experiments import runs, studies, verdict
 
 REPO = Path(__file__).resolve().parents[1]
 GLUE = Path(os.environ.get("NEARPROX_GLUE_DIR", REPO / ".." / "shared" / "data" / "glue"))
 
 
-def reproduce(tmp_path, *extra):
-  command = [
-      sys.executable,
-      str(REPO / "experiments" / "reproduce.py"),
-      "--smoke",
-      "--only",
-      "optimizers,damping,adversarial",
-      "--out",
-      str(tmp_path / "results"),
-      "--readme",
-      str(tmp_path / "README_results.md"),
-      "--workdir",
-      str(tmp_path / "work"),
-      "--link-root",
-      str(tmp_path),
-      *extra,
-  ]
-  completed = subprocess.run(command, capture_output=True, text=True, timeout=300)
+def run_module(module: str, *flags: str) -> str:
+  completed = subprocess.run(
+      [sys.executable, "-m", module, *flags],
+      cwd=REPO,
+      capture_output=True,
+      text=True,
+      timeout=600,
+      env={**os.environ, "XLA_FLAGS": ""},
+  )
   assert completed.returncode == 0, completed.stdout[-2000:] + completed.stderr[-4000:]
   return completed.stdout
+
+
+def reproduce(tmp_path, *extra):
+  return run_module(
+      "experiments.reproduce",
+      "--mode=smoke",
+      "--only=optimizers,damping,adversarial",
+      f"--out={tmp_path / 'results'}",
+      f"--readme={tmp_path / 'README_results.md'}",
+      f"--workdir={tmp_path / 'work'}",
+      f"--link_root={tmp_path}",
+      f"--data_dir={GLUE}",
+      "--config.eval_batch_size=16",
+      "--plan.damping_grid=1.0",
+      *extra,
+  )
 
 
 @pytest.mark.skipif(
@@ -45,42 +57,63 @@ def reproduce(tmp_path, *extra):
     reason="needs the GLUE SST-2 TSVs (NEARPROX_GLUE_DIR)",
 )
 def test_smoke_pipeline_produces_tables_from_run_files(tmp_path):
-  log = reproduce(tmp_path, "--data-dir", str(GLUE))
+  log = reproduce(tmp_path)
   out = tmp_path / "results" / "smoke"
   stored = [json.loads(p.read_text()) for p in sorted((out / "runs").glob("*.json"))]
-  # sgd + proximal tikhonov (λ=0.1 is the sweep run itself) + tikhonov at λ=1, then the
-  # clean and FGM objectives with an attack evaluation.
-  assert len(stored) == 5
-  assert log.count("[run]") == 5 and "[failed]" not in log
+  # One tuning trial each for sgd and proximal tikhonov (λ = 0.1) on held-out training
+  # examples, their reported runs, tikhonov at λ = 1 (the plan override), then the clean and
+  # FGM objectives with an attack evaluation.
+  assert len(stored) == 7
+  assert log.count("[run]") == 7 and "[failed]" not in log
+  tuned = [r for r in stored if r["config"]["holdout_examples"]]
+  assert len(tuned) == 2 and all(set(r["report"]) >= {"holdout"} for r in tuned)
   for result in stored:
     assert result["report"]["steps"] == 3
+    assert result["config"]["eval_batch_size"] == 16  # the --config override
     assert result["history"], "metrics.jsonl rows are kept in the run file"
+    # Predicted classes of the evaluated examples: smoke's 16 held-out training examples in
+    # the tuning runs (which never load dev), its 32 dev examples otherwise.
+    counts = result["report"]["predicted_classes"]
+    assert {k: sum(v) for k, v in counts.items()} == (
+        {"holdout": 16} if result in tuned else {"dev": 32}
+    )
   for name in (
       "optimizers_summary.csv",
-      "optimizers_lr_sweep.csv",
+      "optimizers_tuning.csv",
       "damping_damping.csv",
       "optimizers_sst2.png",
       "damping.png",
       "optimizers.json",
       "damping.json",
+      "summary.json",
   ):
     assert (out / name).stat().st_size > 0, name
 
-  with open(out / "optimizers_summary.csv") as f:
-    summary = list(csv.DictReader(f))
-  assert sorted(r["variant"] for r in summary) == ["proximal_tikhonov", "sgd"]
-  by_variant = {
+  summary = json.loads((out / "summary.json").read_text())
+  assert [list(r) for r in summary] == [list(studies.SUMMARY_FIELDS)] * 2
+  by_optimizer = {r["optimizer"]: r for r in summary}
+  assert set(by_optimizer) == {"sgd", "proximal_sgd"}
+  prox, sgd = by_optimizer["proximal_sgd"], by_optimizer["sgd"]
+  assert prox["variant"] == "proximal SGD, tikhonov" and prox["damping"] == 0.1
+  assert sgd["damping"] is None and sgd["split"] == "dev" and sgd["metric"] == "accuracy"
+  assert (prox["steps"], prox["batch_size"], prox["max_length"], prox["seeds"]) == (3, 8, 16, 1)
+  runs_by_name = {
       r["config"]["optimizer"]["name"]: r
       for r in stored
       if r["config"]["optimizer"]["damping"] == 0.1
+      and not r["config"]["holdout_examples"]
+      and r["attack"] is None
   }
-  prox = next(r for r in summary if r["variant"] == "proximal_tikhonov")
-  assert float(prox["mean"]) == pytest.approx(
-      by_variant["proximal_sgd"]["report"]["dev"]["accuracy"]
-  )
+  for name, record in by_optimizer.items():
+    result = runs_by_name[name]
+    assert record["mean"] == pytest.approx(result["report"]["dev"]["accuracy"])
+    assert record["learning_rate"] == result["config"]["optimizer"]["learning_rate"]
+    one_class = sum(c > 0 for c in result["report"]["predicted_classes"]["dev"]) == 1
+    assert record["collapsed_seeds"] == int(one_class)
   with open(out / "damping_damping.csv") as f:
     damping = {float(r["damping"]): r for r in csv.DictReader(f)}
-  assert set(damping) == {0.1, 1.0}
+  assert set(damping) == {1.0}  # --plan.damping_grid
+  assert 1.0 <= float(damping[1.0]["effective_rank_mean"]) <= 8.0  # B = 8
   with open(out / "adversarial_adversarial.csv") as f:
     adversarial = {r["objective"]: r for r in csv.DictReader(f)}
   # The plan's training perturbation (configs/quick.py, inherited by smoke) reaches the run.
@@ -88,44 +121,66 @@ def test_smoke_pipeline_produces_tables_from_run_files(tmp_path):
   fgm_run = next(r for r in stored if r["config"]["objective"]["kind"] == "fgm")
   assert fgm_run["config"]["objective"]["epsilon"] == 0.1
   assert [row["epsilon"] for row in fgm_run["attack"]] == [0.0, 1.0]
-  assert 1.0 <= float(damping[1.0]["effective_rank_mean"]) <= 8.0  # B = 8
+  comparisons = json.loads((out / "optimizers.json").read_text())["comparisons"]
+  assert [(c["subject"], c["baseline"]) for c in comparisons] == [("proximal SGD, tikhonov", "SGD")]
 
   readme = (tmp_path / "README_results.md").read_text()
-  assert "(mode **smoke**" in readme
+  assert "(mode **smoke**" in readme and "python -m experiments.reproduce --mode=smoke" in readme
   assert readme.count("**not run**") == 3  # multidevice, glue, noise
-  sgd_step = by_variant["sgd"]["report"]["train_step_seconds"]
-  assert (
-      f"| SGD | 0.01 | 1 | {100 * by_variant['sgd']['report']['dev']['accuracy']:.1f} |" in readme
-  )
-  assert f"{sgd_step:.3g}" in readme
+  accuracy = 100 * sgd["mean"]
+  assert f"| SGD | 0.01 | — | 1 | {accuracy:.1f} |" in readme
+  tuning = list(csv.DictReader(open(out / "optimizers_tuning.csv")))
+  assert [(r["variant"], r["chosen"]) for r in tuning] == [
+      ("SGD", "True"),
+      ("proximal SGD, tikhonov", "True"),
+  ]
+  assert f"{runs_by_name['sgd']['report']['train_step_seconds']:.3g}" in readme
   assert "results/smoke/optimizers_sst2.png" in readme
+  assert f"it is {verdict.WORDS[comparisons[0]['outcome']]} SGD" in readme
 
   # Resume: everything is stored, so nothing trains and the tables are unchanged.
-  again = reproduce(tmp_path, "--data-dir", str(GLUE), "--report-only")
+  again = reproduce(tmp_path, "--report_only")
   assert "[run]" not in again
-  with open(out / "optimizers_summary.csv") as f:
-    assert list(csv.DictReader(f)) == summary
+  assert json.loads((out / "summary.json").read_text()) == summary
 
 
-@pytest.fixture
-def experiment_modules(monkeypatch):
-  monkeypatch.syspath_prepend(str(REPO / "experiments"))
-  import runs  # noqa: E401 (the experiments folder is not a package)
-  import studies
-  import verdict
+def test_default_job_trains_both_optimizers_and_reports(tmp_path):
+  """`python -m experiments.default_job` (what `bash run.sh` runs) on the tiny model."""
+  log = run_module(
+      "experiments.default_job",
+      f"--workdir={tmp_path}",
+      "--config.model.name=tiny",
+      "--config.num_train_steps=2",
+      "--config.eval_every=1",
+      "--config.batch_size=8",
+      "--config.max_length=16",
+      "--config.max_eval_examples=16",
+      "--config.export_hf=False",
+      "--config.parallel=jit",
+  )
+  summary = json.loads((tmp_path / "summary.json").read_text())
+  # The study's choices once its tuning is complete, the default settings before.
+  optimizers = [r["optimizer"] for r in summary.values()]
+  assert optimizers[0].startswith("proximal") and optimizers[1:] == ["adamw", "sgd"]
+  assert "Settings: " in log
+  assert all(r["steps"] == 2 and r["objective"] == "fgm" for r in summary.values())
+  assert "=== report ===" in log and f"{summary['SGD+momentum']['dev']['accuracy']:16.4f}" in log
+  assert (tmp_path / "comparison.png").stat().st_size > 0
 
-  return runs, studies, verdict
+
+def test_overrides_name_an_unknown_field():
+  config = ml_collections.ConfigDict({"seed": 0, "optimizer": {"name": "sgd"}})
+  assert runs.apply_overrides(config, {"optimizer.name": "adamw"}).optimizer.name == "adamw"
+  assert config.optimizer.name == "sgd"  # a copy
+  for key in ("optimizer.nmae", "sede", "model.name"):
+    with pytest.raises(ValueError, match=f"override '{key}'"):
+      runs.apply_overrides(config, {key: 1})
 
 
 @pytest.mark.skipif(
     not (GLUE / "MRPC" / "dev.tsv").exists(), reason="needs the GLUE MRPC TSVs (NEARPROX_GLUE_DIR)"
 )
-def test_majority_class_row_scores_the_constant_prediction(
-    experiment_modules, tmp_path, monkeypatch
-):
-  runs, studies, _ = experiment_modules
-  import ml_collections
-
+def test_majority_class_row_scores_the_constant_prediction(tmp_path, monkeypatch):
   monkeypatch.setenv("NEARPROX_GLUE_DIR", str(GLUE))
   config = ml_collections.ConfigDict({"data_dir": None, "source": None, "max_eval_examples": 0})
   plan = ml_collections.ConfigDict({"seeds": (0, 1)})
@@ -136,20 +191,69 @@ def test_majority_class_row_scores_the_constant_prediction(
   p = 279 / 408
   assert row["accuracy"] == pytest.approx(p) and row["accuracy_std"] == 0.0
   assert row["f1"] == pytest.approx(2 * p / (1 + p))
-  assert row["variant"] == "majority" and row["seeds"] == 2
+  assert row["variant"] == studies.DISPLAY["majority"] and row["seeds"] == 2
   config.max_eval_examples = 100  # each seed's subset, as the runs evaluate it
   subset = studies.majority_class_row(ctx, "mrpc", 64)
   assert subset["accuracy"] != pytest.approx(p) and subset["accuracy_std"] > 0
 
 
-def test_glue_verdict_counts_no_comparison_between_non_learners(experiment_modules):
-  _, _, verdict = experiment_modules
-  base = {"task": "mrpc", "seeds": 3, "f1_std": 0.0, "accuracy_std": 0.0}
-  majority = {**base, "variant": "majority", "f1": 0.812, "accuracy": 0.684}
-  prox = {**base, "variant": "proximal_tikhonov", "f1": 0.812, "accuracy": 0.684}
-  for adamw_f1, adamw_accuracy, compared in ((0.812, 0.684, False), (0.85, 0.75, True)):
-    adamw = {**base, "variant": "adamw", "f1": adamw_f1, "accuracy": adamw_accuracy}
-    text = verdict.glue({"tables": {"glue": [adamw, prox, majority]}})[0]
-    assert ("AdamW (" in text) == compared, text
-    assert "majority class" in text
-    assert ("AdamW and proximal SGD, tikhonov score" in text) == (not compared), text
+def _glue_study(adamw_f1: float) -> dict:
+  """A glue study dict as :func:`studies.glue` builds it, for MRPC rows with given scores."""
+
+  def row(optimizer, label, f1, learned=True):
+    return {
+        "task": "mrpc",
+        "optimizer": optimizer,
+        "variant": label,
+        "seeds": 3,
+        "f1": f1,
+        "f1_std": 0.0,
+        "accuracy": f1,
+        "accuracy_std": 0.0,
+        "same_as_majority": not learned,
+    }
+
+  majority = {**row(None, studies.DISPLAY["majority"], 0.812), "same_as_majority": False}
+  prox = row("proximal_sgd", "proximal SGD, tikhonov", 0.812, learned=False)
+  adamw = row("adamw", "AdamW", adamw_f1, learned=adamw_f1 != 0.812)
+  counted = adamw_f1 != 0.812
+  record = studies.comparison(prox, adamw, "f1", "f1_std", study="glue", counted=counted)
+  tables = {"glue": [adamw, prox, majority]}
+  return {"name": "glue", "tables": tables, "comparisons": [record]}
+
+
+def test_verdict_tallies_the_comparison_records_not_its_text():
+  learned = verdict.verdict({"glue": _glue_study(adamw_f1=0.85)})
+  assert "behind AdamW (85.0%; -3.8 points)" in learned
+  assert "behind in 1 of the 1 comparisons" in learned
+  # Both score exactly the majority class: no comparison is drawn or counted.
+  trivial = verdict.verdict({"glue": _glue_study(adamw_f1=0.812)})
+  assert "AdamW and proximal SGD, tikhonov score exactly what" in trivial
+  assert "so it is not compared with AdamW" in trivial
+  assert "In short" not in trivial
+
+
+def test_run_keys_survive_new_config_fields_but_not_new_values(monkeypatch):
+  from experiments.configs import default, full
+
+  config = full.get_config()
+  key = runs.run_key(config, 1, None)
+  assert key == runs.run_key(full.get_config(), 1, None)
+  # A feature added later: a new field whose default keeps the old behaviour.
+  original = default.get_config
+
+  def with_new_field():
+    config = original()
+    config.optimizer.new_option = 0
+    return config
+
+  monkeypatch.setattr(default, "get_config", with_new_field)
+  extended = full.get_config()
+  assert extended.optimizer.new_option == 0
+  assert runs.run_key(extended, 1, None) == key
+  extended.optimizer.new_option = 1
+  assert runs.run_key(extended, 1, None) != key
+  changed = full.get_config()
+  changed.optimizer.learning_rate = 0.5
+  assert runs.run_key(changed, 1, None) != key
+  assert runs.run_key(config, 8, None) != key

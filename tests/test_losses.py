@@ -9,8 +9,6 @@ have one partly padded row, two full rows and one fully padded row (batch["mask"
 
 import dataclasses
 import functools
-import importlib.util
-from pathlib import Path
 
 import flax.linen as nn
 import jax
@@ -521,14 +519,6 @@ def trained():
   return model, params
 
 
-def _robustness_eval_script():
-  path = Path(__file__).resolve().parents[1] / "experiments" / "robustness_eval.py"
-  spec = importlib.util.spec_from_file_location("robustness_eval", path)
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module
-
-
 def test_attack_lowers_accuracy_monotonically(trained, tmp_path):
   model, params = trained
   logits_fn = models.bert_logits_fn(model)
@@ -556,8 +546,9 @@ def test_attack_lowers_accuracy_monotonically(trained, tmp_path):
   )
   assert rows0[0]["accuracy"] == pytest.approx(clean)
   # The script's API: rows in the order asked for, CSV + PNG written.
-  script = _robustness_eval_script()
-  reverse = script.evaluate_and_write(
+  from experiments import robustness_eval
+
+  reverse = robustness_eval.evaluate_and_write(
       model, params, batches, epsilons[::-1], tmp_path / "r", num_steps=5, label="clean-trained"
   )
   assert [r["accuracy"] for r in reverse] == pytest.approx(list(accuracy[::-1]))

@@ -464,3 +464,15 @@ def test_safetensors_loading_never_needs_torch(tiny_hf):
       [sys.executable, "-c", script], capture_output=True, text=True, env=env, timeout=120
   )
   assert result.returncode == 0 and "ok" in result.stdout, result.stderr[-2000:]
+
+
+def test_transformers_note_about_missing_pytorch_is_silenced():
+  """The library needs no torch, so transformers' import-time advice is dropped (only it)."""
+  models.load_tokenizer(models.minilm_dir())
+  logger = logging.getLogger("transformers")
+
+  def record(message):
+    return logging.LogRecord("transformers", logging.WARNING, __file__, 1, message, None, None)
+
+  assert not logger.filter(record("PyTorch was not found. Models won't be available."))
+  assert logger.filter(record("Some other transformers warning"))

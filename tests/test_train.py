@@ -1,6 +1,5 @@
 """The training system end to end: CLI, parallel modes, resume, preemption, hosts."""
 
-import importlib.util
 import json
 import logging
 import os
@@ -14,6 +13,7 @@ import jax
 import numpy as np
 import pytest
 
+from experiments.configs import tiny
 from nearprox.text import data, models
 from nearprox.training import train
 
@@ -43,18 +43,10 @@ def write_sst2(root: Path, n_train=96, n_dev=37, seed=0) -> Path:
 
 
 def tiny_config(glue_dir, **overrides):
-  spec = importlib.util.spec_from_file_location("tiny_config", TINY_CONFIG)
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  config = module.get_config()
-  config.task = "sst2"
-  config.data_dir = str(glue_dir)
-  for key, value in overrides.items():
-    target = config
-    *path, leaf = key.split(".")
-    for part in path:
-      target = target[part]
-    target[leaf] = value
+  """experiments/configs/tiny.py on the SST-2 files in ``glue_dir``; dotted-key overrides."""
+  config = tiny.get_config()
+  config.lock()  # a misspelt override is an error, not a new field
+  config.update_from_flattened_dict({"task": "sst2", "data_dir": str(glue_dir), **overrides})
   return config
 
 
@@ -282,11 +274,12 @@ def test_evaluation_masks_the_padded_last_batch(glue_dir):
   logits_fn = models.bert_logits_fn(model)
   runner.compile(lambda *a: None, lambda p, b: train.eval_step(p, b, logits_fn=logits_fn))
   state = train.TrainState(0, params, None)
-  got = train.evaluate(runner, state, arrays, task, batch_size=16)
+  got, counts = train.evaluate(runner, state, arrays, task, batch_size=16)
   logits = model.apply(
       {"params": params}, arrays["input_ids"], arrays["attention_mask"], arrays["token_type_ids"]
   ).logits
   assert got == task.metrics(arrays["labels"], np.asarray(logits))
+  assert counts == np.bincount(np.argmax(logits, -1), minlength=2).tolist()
 
 
 def test_label_noise_flips_the_requested_fraction():
@@ -294,6 +287,35 @@ def test_label_noise_flips_the_requested_fraction():
   noisy = train.flip_labels(labels, 0.2, 3, seed=0)
   assert np.sum(noisy != labels) == 200 and set(np.unique(noisy)) == {0, 1, 2}
   np.testing.assert_array_equal(noisy, train.flip_labels(labels, 0.2, 3, seed=0))
+
+
+def test_holdout_is_a_fixed_slice_of_train_and_hides_the_reported_splits(glue_dir):
+  """Tuning runs: the same 20 of 96 training rows for every seed, clean labels, no dev."""
+  tokenizer = models.load_tokenizer(models.minilm_dir())
+  full = train.load_splits(tiny_config(glue_dir), tokenizer)["train"]
+  splits = [
+      train.load_splits(
+          tiny_config(glue_dir, holdout_examples=20, seed=seed, label_noise=0.5), tokenizer
+      )
+      for seed in (0, 1)
+  ]
+  assert set(splits[0]) == {"train", "holdout"}
+  for split in splits:
+    assert len(split["holdout"]["labels"]) == 20 and len(split["train"]["labels"]) == 76
+  np.testing.assert_array_equal(
+      splits[0]["holdout"]["input_ids"], splits[1]["holdout"]["input_ids"]
+  )
+  rows = {tuple(r) for r in full["input_ids"].tolist()}
+  held = {tuple(r) for r in splits[0]["holdout"]["input_ids"].tolist()}
+  rest = {tuple(r) for r in splits[0]["train"]["input_ids"].tolist()}
+  assert held <= rows and rest <= rows and not held & rest
+  # The held-out labels are the file's labels: label noise only touches what is trained on.
+  by_row = {tuple(r): y for r, y in zip(full["input_ids"].tolist(), full["labels"].tolist())}
+  assert [by_row[tuple(r)] for r in splits[0]["holdout"]["input_ids"].tolist()] == list(
+      splits[0]["holdout"]["labels"]
+  )
+  with pytest.raises(ValueError, match="holdout_examples"):
+    train.load_splits(tiny_config(glue_dir, holdout_examples=96), tokenizer)
 
 
 @pytest.mark.parametrize(

@@ -21,6 +21,7 @@ def get_config() -> ml_collections.ConfigDict:
   config.batch_size = 32  # global, over all devices and hosts
   config.eval_batch_size = 128
   config.max_eval_examples = 0  # 0: evaluate on the whole split
+  config.holdout_examples = 0  # N > 0: tune on N held-out training examples (no dev/test)
   config.label_noise = 0.0  # fraction of training labels flipped (seeded)
   config.low_confidence_below = 0.7  # tweets: also report test examples below this confidence
 
@@ -30,19 +31,23 @@ def get_config() -> ml_collections.ConfigDict:
   config.model.dtype = "float32"
   config.model.dropout = False  # dropout during training (per-example keys)
 
-  # Optimizer: "proximal_sgd", "proximal_norm_sgd", "sgd", "adamw".
+  # Optimizer: "proximal_sgd", "proximal_adamw", "proximal_norm_sgd", "sgd", "adamw".
   config.optimizer = ml_collections.ConfigDict()
   config.optimizer.name = "proximal_sgd"
   config.optimizer.learning_rate = 0.03
   config.optimizer.warmup_fraction = 0.1
   config.optimizer.momentum = 0.9  # 0 disables (sgd, proximal_sgd)
   config.optimizer.nesterov = False
-  config.optimizer.weight_decay = 0.01  # adamw only (decoupled)
+  config.optimizer.weight_decay = 0.01  # adamw, proximal_adamw (decoupled)
   config.optimizer.damping = 0.1  # proximal: λ, or λ / mean ‖g_i‖² if relative
   config.optimizer.filter = "tikhonov"
   config.optimizer.damping_mode = "relative"
   config.optimizer.gram = "local"  # several devices: "local" or "global"
   config.optimizer.per_example = "factored"  # "factored" (fast) or "vmap" (reference)
+  # Per-example optimizers only: "uniform" or "ief" (example weights ‖∇_logits ℓ_n‖²).
+  config.optimizer.weighting = "uniform"
+  config.optimizer.step_size = "none"  # proximal: "none", "graft" or "quadratic"
+  config.optimizer.max_update_norm = 0.0  # proximal: bound on ‖α·d‖ (before the lr); 0 disables
 
   # Objective (nearprox.text.objectives.ObjectiveConfig): None fields take the kind's defaults.
   config.objective = ml_collections.ConfigDict()

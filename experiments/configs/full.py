@@ -1,69 +1,87 @@
-"""--full: every study at the budget that fits ≈100 min on 2 idle CPU cores.
+"""--mode=full: the optimizer study of issue 13 at a real fine-tuning budget.
 
-MiniLM, batch 16, 32 tokens, 80 steps (1,280 training examples seen); three seeds for the
-optimizer comparison (SST-2 and tweets), MRPC and label-noise studies, one for the damping,
-adversarial and 8-device studies; three learning rates per optimizer swept on SST-2 dev
-(seed 0; tweets and MRPC reuse them), extended once past an edge that wins; five damping
-values per filter; all four objectives, the adversarial ones trained at ε = 0.1 (ℓ2, the
-range where the PGD attack bites: clean models fall to chance near ε = 0.5); attack grid
-ε ∈ {0, 0.05, 0.1, 0.2, 0.5}. SST-2 dev is evaluated in full (872); tweet dev/test are
-subsampled to 1000 examples. About 100 run-equivalents of ≈55 s each on 2 idle cores.
+Budget of every reported number: MiniLM (all-MiniLM-L6-v2), batch 32, 64 tokens, 600 steps,
+10% linear warmup then linear decay to 0, the same for every optimizer; L2 1e-4 on kernels,
+no dropout, clean objective unless stated; evaluation on the whole dev/test splits; three
+seeds for every reported number.
 
-On a GPU/TPU machine, a converged setting (the reference point AdamW 1e-4 → 87.5% SST-2
-dev) is ``--full --set batch_size=32 --set max_length=64 --set num_train_steps=600``
-(and ``max_eval_examples=0`` for full eval splits); see experiments/reproduce.py.
+The tuning protocol (experiments/tuning.py), fixed here before any run:
 
-    python experiments/reproduce.py --full
+* six trials per optimizer on log grids: six learning rates for AdamW and SGD+momentum,
+  three learning rates × two relative dampings λ ∈ {0.1, 1} for every proximal variant;
+* each trial is trained for 200 steps (a third of the budget, same schedule shape) on SST-2
+  with seeds 0 and 1 and scored on 1,000 SST-2 training examples held out of training (the
+  dev split is not loaded);
+* the choice is the best mean held-out accuracy over the two seeds, trials with a seed that
+  collapsed to one class last, ties by the lower final training loss; no grid extension;
+* stage two, after the first: the best filter of {tikhonov, EF, iEF} with the grafted step
+  size (d rescaled to the plain mean gradient's norm), and the same filter in front of AdamW,
+  each with six trials of its own;
+* the chosen settings run at the full budget with seeds 0, 1, 2 on SST-2 (dev), tweets (test)
+  and MRPC (dev F1); tweets and MRPC reuse the SST-2 choice for every optimizer;
+* the adversarial study (clean / FGM / PGD / SMART, attack ε grid 0 … 0.5) and the
+  noisy-label study (20% and 40% flipped labels) then train AdamW and the proximal variant
+  the tuning ranked first (``best_proximal``), three seeds each.
+
+Compute: a 600-step run takes about 10 (AdamW) to 16 (proximal) minutes on 2 CPU cores, so
+the study spans many hours; the run store resumes anywhere, and the README marks a partial
+study as partial.
+
+    python -m experiments.reproduce --mode=full [--stop_after=MIN]
 """
-
-import importlib.util
-import pathlib
 
 import ml_collections
 
+from experiments.configs import quick
 
-def _quick():
-  path = pathlib.Path(__file__).with_name("quick.py")
-  spec = importlib.util.spec_from_file_location("nearprox_quick_config", path)
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module
+PROXIMAL_VARIANTS = (
+    "proximal_tikhonov",
+    "proximal_ef",
+    "proximal_ief",
+    "proximal_graft",
+    "proximal_adamw",
+)
 
 
 def get_config() -> ml_collections.ConfigDict:
-  config = _quick().get_config()  # quick.py derives from default.py
-  config.max_length = 32
-  config.batch_size = 16
-  config.max_eval_examples = 1000
-  config.num_train_steps = 80
-  config.log_every = 5
-  config.eval_every = 20
+  config = quick.get_config()  # quick.py derives from default.py
+  config.max_length = 64
+  config.batch_size = 32
+  config.max_eval_examples = 0
+  config.num_train_steps = 600
+  config.log_every = 20
+  config.eval_every = 100
   return config
 
 
 def get_plan() -> ml_collections.ConfigDict:
-  plan = _quick().get_plan()
+  plan = quick.get_plan()
   plan.mode = "full"
+  plan.studies = ("optimizers", "adversarial", "noise")
   plan.seeds = (0, 1, 2)
+  plan.tuning = ml_collections.ConfigDict(
+      {"task": "sst2", "steps": 200, "holdout_examples": 1000, "seeds": (0, 1)}
+  )
+  plan.optimizer_variants = ("adamw", "sgd_momentum", *PROXIMAL_VARIANTS)
   plan.lr_grid = {
-      "sgd": (0.03, 0.1, 0.3),
-      "sgd_momentum": (3e-3, 1e-2, 3e-2),
-      "adamw": (3e-5, 1e-4, 3e-4),
-      "proximal_tikhonov": (1e-2, 3e-2, 1e-1),
-      "proximal_natural": (0.03, 0.1, 0.3),
-      "proximal_norm": (3e-3, 1e-2, 3e-2),
+      "adamw": (1e-5, 2e-5, 5e-5, 1e-4, 2e-4, 5e-4),
+      "sgd_momentum": (2e-3, 5e-3, 1e-2, 2e-2, 5e-2, 1e-1),
+      # The natural filters keep a small part of ‖g‖ (a kept fraction of a few percent at
+      # λ = 0.1), so their rates sit an order of magnitude above SGD's; grafting restores
+      # SGD's step norm, and Adam normalizes whatever it is given.
+      "proximal_tikhonov": (3e-3, 1e-2, 3e-2),
+      "proximal_ef": (0.03, 0.1, 0.3),
+      "proximal_ief": (0.03, 0.1, 0.3),
+      "proximal_graft": (3e-3, 1e-2, 3e-2),
+      "proximal_adamw": (3e-5, 1e-4, 3e-4),
   }
-  plan.sweep_tasks = ("sst2",)
-  plan.sweep_extensions = 1
-  plan.tweets_variants = tuple(plan.lr_grid)
+  plan.damping_trials = {v: (0.1, 1.0) for v in PROXIMAL_VARIANTS}
+  plan.optimizer_tasks = ("sst2", "tweets", "mrpc")
   plan.objectives = ("clean", "fgm", "pgd", "smart")
-  plan.objective_optimizers = ("best_proximal",)
+  plan.objective_optimizers = ("adamw", "best_proximal")
   plan.attack_epsilons = (0.0, 0.05, 0.1, 0.2, 0.5)
   plan.attack_steps = 5
   plan.attack_examples = 256
-  plan.multidevice_variants = ("local", "global")
-  plan.glue_optimizers = ("adamw", "best_proximal")
-  plan.damping_grid = (0.001, 0.01, 0.1, 1.0, 10.0)
   plan.noise_levels = (0.2, 0.4)
-  plan.noise_optimizers = ("adamw", "proximal_tikhonov", "proximal_natural")
+  plan.noise_optimizers = ("adamw", "best_proximal")
   return plan

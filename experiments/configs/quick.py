@@ -1,34 +1,25 @@
-"""--quick: every study at a small budget, sized for ≤ 15 min on 2 idle CPU cores.
+"""--mode=quick: every study at a small budget, sized for ≤ 15 min on 2 idle CPU cores.
 
-MiniLM, batch 8, 32 tokens, 32 steps, one seed, dev/test subsampled to 200 examples; two
-learning rates per optimizer (SST-2 dev, no grid extension), three damping values per
-filter; on tweets AdamW and the two proximal filters; clean, FGM and PGD objectives (no
-SMART); 8-device local vs global Gram; MRPC and 40% label noise with AdamW and the best
-proximal variant. About 28 training runs. The numbers show the pipeline end to end and the
-direction of effects at a very short budget; they are not converged fine-tuning results
-(see full.py, whose runs the README reports).
+A smoke run, not evidence: MiniLM, batch 8, 32 tokens, 32 steps, one seed, dev/test
+subsampled to 200 examples. The tuning protocol of experiments/tuning.py with two trials per
+optimizer (16 steps on 200 held-out SST-2 training examples, one seed), for AdamW, EF, iEF
+and the best filter with the grafted step size; SST-2 and tweets; three damping values for
+EF; clean, FGM and PGD objectives (no SMART); 8-device local vs global Gram; MRPC and 40%
+label noise with AdamW and the best proximal variant. It shows the pipeline end to end; the
+README reports full.py's runs.
 
-    python experiments/reproduce.py --quick
+    python -m experiments.reproduce --mode=quick
     python -m nearprox.training.train --config experiments/configs/quick.py --workdir /tmp/q
 """
 
-import importlib.util
-import pathlib
-
 import ml_collections
 
-
-def _default_config() -> ml_collections.ConfigDict:
-  path = pathlib.Path(__file__).with_name("default.py")
-  spec = importlib.util.spec_from_file_location("nearprox_default_config", path)
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module.get_config()
+from experiments.configs import default
 
 
 def get_config() -> ml_collections.ConfigDict:
   """The training config every quick run starts from (a study then overrides fields)."""
-  config = _default_config()
+  config = default.get_config()
   config.max_length = 32
   config.batch_size = 8
   config.max_eval_examples = 200
@@ -45,29 +36,31 @@ def get_config() -> ml_collections.ConfigDict:
 
 
 def get_plan() -> ml_collections.ConfigDict:
-  """What each study runs in this mode (see experiments/studies.py)."""
+  """What each study runs in this mode (see experiments/studies.py); ``--plan.*`` overrides it."""
   plan = ml_collections.ConfigDict()
   plan.mode = "quick"
+  plan.studies = ("optimizers", "damping", "adversarial", "multidevice", "glue", "noise")
   plan.seeds = (0,)
-  # Learning-rate grids per optimizer variant, swept on the SST-2 dev split (seed 0).
+  # The tuning protocol of experiments/tuning.py at a tiny budget (one seed: a smoke run).
+  plan.tuning = ml_collections.ConfigDict(
+      {"task": "sst2", "steps": 16, "holdout_examples": 200, "seeds": (0,)}
+  )
+  plan.optimizer_variants = ("adamw", "proximal_ef", "proximal_ief", "proximal_graft")
+  # Trials: learning rate × relative damping (proximal variants), two per optimizer.
   plan.lr_grid = {
-      "sgd": (0.1, 0.3),
-      "sgd_momentum": (1e-2, 3e-2),
       "adamw": (1e-4, 3e-4),
-      "proximal_tikhonov": (3e-2, 1e-1),
-      "proximal_natural": (0.1, 0.3),
-      "proximal_norm": (1e-2, 3e-2),
+      "proximal_ef": (0.1, 0.3),
+      "proximal_ief": (0.1, 0.3),
+      "proximal_graft": (1e-2, 3e-2),
   }
-  plan.sweep_tasks = ("sst2",)  # tweets reuses SST-2's best learning rate
-  plan.sweep_extensions = 0  # full.py extends a grid past an edge that wins
+  plan.damping_trials = {v: (0.1,) for v in plan.lr_grid if v.startswith("proximal")}
   plan.optimizer_tasks = ("sst2", "tweets")
-  plan.tweets_variants = ("adamw", "proximal_tikhonov", "proximal_natural")
   plan.damping_grid = (0.01, 0.1, 1.0)
-  plan.damping_filters = ("tikhonov", "natural")
+  plan.damping_filters = ("ef",)
   plan.objectives = ("clean", "fgm", "pgd")
   plan.objective_optimizers = ("best_proximal",)
-  # Training perturbation per objective (others: nearprox.text.objectives defaults). ε = 0.1 (ℓ2 over
-  # a whole example's word embeddings) sits inside the attack grid below.
+  # Training perturbation per objective (others: nearprox.text.objectives defaults).
+  # ε = 0.1 (ℓ2 over a whole example's word embeddings) sits inside the attack grid below.
   plan.objective_settings = {
       "fgm": {"epsilon": 0.1},
       "pgd": {"epsilon": 0.1, "step_size": 0.04, "num_steps": 3},

@@ -1,24 +1,15 @@
-"""--smoke: the whole pipeline on the random "tiny" BERT in seconds (tests/test_experiments.py).
+"""--mode=smoke: the whole pipeline on the random "tiny" BERT in seconds (for the tests).
 
 The numbers mean nothing (a random 2-layer model, 3 steps); only the plumbing is checked.
 """
 
-import importlib.util
-import pathlib
-
 import ml_collections
 
-
-def _quick():
-  path = pathlib.Path(__file__).with_name("quick.py")
-  spec = importlib.util.spec_from_file_location("nearprox_quick_config", path)
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module
+from experiments.configs import quick
 
 
 def get_config() -> ml_collections.ConfigDict:
-  config = _quick().get_config()
+  config = quick.get_config()
   config.model.name = "tiny"
   config.max_length = 16
   config.batch_size = 8
@@ -31,11 +22,14 @@ def get_config() -> ml_collections.ConfigDict:
 
 
 def get_plan() -> ml_collections.ConfigDict:
-  plan = _quick().get_plan()
+  plan = quick.get_plan()
   plan.mode = "smoke"
+  plan.tuning.steps = 3
+  plan.tuning.holdout_examples = 16
+  plan.optimizer_variants = ("sgd", "proximal_tikhonov")
   plan.lr_grid = {"sgd": (1e-2,), "proximal_tikhonov": (1e-2,)}
+  plan.damping_trials = {"proximal_tikhonov": (0.1,)}
   plan.optimizer_tasks = ("sst2",)
-  plan.tweets_variants = tuple(plan.lr_grid)
   plan.damping_grid = (0.1, 1.0)
   plan.damping_filters = ("tikhonov",)
   plan.objectives = ("clean", "fgm")

@@ -4,18 +4,13 @@ steps, small evaluation. Used by the tests; also a quick check that a machine is
     python -m nearprox.training.train --config experiments/configs/tiny.py --workdir /tmp/tiny
 """
 
-import importlib.util
-from pathlib import Path
+import ml_collections
 
-_spec = importlib.util.spec_from_file_location(
-    "default_config", Path(__file__).with_name("default.py")
-)
-_default = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(_default)
+from experiments.configs import default
 
 
-def get_config():
-  config = _default.get_config()
+def get_config() -> ml_collections.ConfigDict:
+  config = default.get_config()
   config.model.name = "tiny"
   config.max_length = 16
   config.batch_size = 8

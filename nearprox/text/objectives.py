@@ -37,19 +37,20 @@ Perturbations (``ObjectiveConfig.kind``):
   (default ε = η: one step lands on the ball). As in mt-dnn's ``SymKlCriterion`` each KL
   direction treats its target distribution as a constant: KL(sg(p̃)‖p) + KL(sg(p)‖p̃).
 
-Cost per evaluation of ∇θ Σℓ_i (F = forward, B = full backward, Bδ = backward to the input
-only, no weight gradients), and the step time measured by ``experiments/bench_objectives.py``
-(random MiniLM-L6-shaped BERT, hidden 384, B = 8, T = 64, CPU, default configs):
+Passes per evaluation of ∇θ Σℓ_i (F = forward, B = full backward, Bδ = backward to the input
+only, no weight gradients):
 
-    kind                         combine="sum"         "adv_only"           × clean
-    clean                        1F + 1B                                    1.00
-    fgm                          2F + 2B + 1Bδ         2F + 1B + 1Bδ        1.90
-    pgd, K steps, no rand. start (K+1)F + 2B + K·Bδ    (K+1)F + 1B + K·Bδ   2.93 (K=3)
-    pgd, K steps, random start   (K+2)F + 2B + K·Bδ    (K+1)F + 1B + K·Bδ   3.34 (K=3)
-    smart, K steps               (K+2)F + 2B + K·Bδ                         2.15 (K=1)
+    kind                         combine="sum"         "adv_only"
+    clean                        1F + 1B
+    fgm                          2F + 2B + 1Bδ         2F + 1B + 1Bδ
+    pgd, K steps, no rand. start (K+1)F + 2B + K·Bδ    (K+1)F + 1B + K·Bδ
+    pgd, K steps, random start   (K+2)F + 2B + K·Bδ    (K+1)F + 1B + K·Bδ
+    smart, K steps               (K+2)F + 2B + K·Bδ
 
 The clean forward at δ = 0 is shared with the first ascent gradient (one ``jax.vjp``) for FGM
-and for PGD without random start.
+and for PGD without random start. What these passes cost in step time, relative to the clean
+objective, is measured by ``experiments/bench_objectives.py`` (its output is where those
+numbers are kept).
 
 PyTorch implementations get the FGM ascent gradient from the clean backward for free
 (2F2B); here the loss is a pure function differentiated outside, so the δ-gradient is an
@@ -62,7 +63,8 @@ perturbation is the only difference between the clean and perturbed predictions.
 
 L2 regularization λ·½‖θ_S‖² is NOT part of the per-example loss: it would add the same
 vector λθ to every g_i, i.e. a rank-one term to the Gram matrix that the spectral filter would
-then damp. :mod:`nearprox.training.optimizers` adds its gradient after the filter.
+then damp (docs/method.md §3). :mod:`nearprox.training.optimizers` adds its gradient after
+the filter.
 """
 
 from __future__ import annotations
@@ -266,6 +268,84 @@ def task_loss(task: str, logits, batch: Batch) -> jax.Array:
         start_logits, end_logits, batch["start_positions"], batch["end_positions"]
     )
   raise ValueError(f"task must be one of {TASKS}, got {task!r}")
+
+
+# ----------------------------------------------------------------------------------------
+# Example weights for nearprox.scale_by_proximal: s_n = ‖∇_{z_n} ℓ_n‖², the squared norm of
+# example n's task-loss gradient with respect to its own logits z_n (the iEF weights of Wu,
+# Yu, Zhang & Woodland, "An Improved Empirical Fisher Approximation for Natural Gradient
+# Descent", NeurIPS 2024, arXiv 2406.06420). Each is the exact gradient of the loss above it.
+
+
+def cross_entropy_logit_grad_sq_norm(logits: jax.Array, labels: jax.Array) -> jax.Array:
+  """‖∇_z cross_entropy_loss‖² = ‖softmax(z) − onehot(y)‖² per example: [B, k], [B] → [B]."""
+  logits = logits.astype(jnp.float32)
+  residual = jax.nn.softmax(logits, axis=-1) - jax.nn.one_hot(
+      labels.astype(jnp.int32), logits.shape[-1], dtype=jnp.float32
+  )
+  return jnp.sum(jnp.square(residual), axis=-1)
+
+
+def mse_grad_sq_norm(predictions: jax.Array, targets: jax.Array) -> jax.Array:
+  """‖∇_p mse_loss‖² = (2(p − y))² per example: predictions [B] or [B, 1], targets [B] → [B]."""
+  predictions = predictions.reshape(predictions.shape[0], -1)
+  if predictions.shape[1] != 1:
+    raise ValueError(
+        f"regression needs one output per example (num_labels=1), got "
+        f"predictions of shape {predictions.shape}"
+    )
+  residual = predictions[:, 0].astype(jnp.float32) - targets.astype(jnp.float32)
+  return 4.0 * jnp.square(residual)
+
+
+def span_cross_entropy_grad_sq_norm(start_logits, end_logits, start_positions, end_positions):
+  """‖∇ span_cross_entropy_loss‖² over both start and end logits, per example [B].
+
+  The loss is ½(CE(start) + CE(end)), so each half's gradient carries a factor ½:
+  ¼(‖softmax(s) − e_start‖² + ‖softmax(e) − e_end‖²).
+  """
+  return 0.25 * (
+      cross_entropy_logit_grad_sq_norm(start_logits, start_positions)
+      + cross_entropy_logit_grad_sq_norm(end_logits, end_positions)
+  )
+
+
+def ief_weights(task: str, logits, batch: Batch) -> jax.Array:
+  """s_n = ‖∇_{z_n} task_loss_n‖² [B] for ``task_loss(task, logits, batch)``, same inputs.
+
+  Pass them as ``example_weights`` to :func:`nearprox.scale_by_proximal`: with the natural
+  filter that is the damped iEF update. They are constants for the parameter gradient
+  (wrap them in ``jax.lax.stop_gradient`` when computed inside a differentiated function).
+  """
+  if task == "classification":
+    return cross_entropy_logit_grad_sq_norm(logits, batch["labels"])
+  if task == "regression":
+    return mse_grad_sq_norm(logits, batch["labels"])
+  if task == "qa":
+    start_logits, end_logits = logits
+    return span_cross_entropy_grad_sq_norm(
+        start_logits, end_logits, batch["start_positions"], batch["end_positions"]
+    )
+  raise ValueError(f"task must be one of {TASKS}, got {task!r}")
+
+
+def make_ief_weights_fn(logits_fn: LogitsFn, *, task: str = "classification"):
+  """``weights_fn(params, batch, rng) -> s [B]``: :func:`ief_weights` at the clean logits.
+
+  It evaluates the clean forward pass of :func:`make_loss_at_perturbation`'s ``loss_fn``
+  with the same per-example dropout keys (so the same logits), one extra forward pass. For
+  adversarial objectives the weights come from the clean task term only. The result is
+  wrapped in ``stop_gradient``.
+  """
+  if task not in TASKS:
+    raise ValueError(f"task must be one of {TASKS}, got {task!r}")
+
+  def weights_fn(params, batch, rng=None):
+    dropout_keys, _ = _split_keys(rng, batch["input_ids"].shape[0])
+    logits = logits_fn(params, batch, None, dropout_keys)
+    return jax.lax.stop_gradient(ief_weights(task, logits, batch))
+
+  return weights_fn
 
 
 def smoothness_divergence(task: str, logits, perturbed_logits) -> jax.Array:

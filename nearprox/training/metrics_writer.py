@@ -19,6 +19,14 @@ class _NoProgress:
     pass
 
 
+def read_jsonl(path: str | Path) -> list[dict]:
+  """The records of a JSON-lines file such as ``workdir/metrics.jsonl`` ([] if it is absent)."""
+  path = Path(path)
+  if not path.exists():
+    return []
+  return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
 class MetricWriter:
   """Writes scalars to ``workdir/tensorboard`` (tensorboardX) and ``workdir/metrics.jsonl``.
 

@@ -4,6 +4,12 @@
 :data:`OPTIMIZERS`) with the warmup + linear-decay schedule of :func:`learning_rate_schedule`.
 The L2 gradient λθ (on dense kernels, :func:`kernel_mask`) is added after any proximal filter:
 it is the same for every example, so it stays out of the per-example Gram matrix.
+
+The per-example optimizers put :func:`nearprox.scale_by_proximal` first: "proximal_sgd"
+(SGD on the filtered gradient) and "proximal_adamw" (AdamW on it, the filter in front of
+Adam as in Natural GaLore). ``config.optimizer.weighting`` ("uniform" or "ief") and
+``step_size`` / ``max_update_norm`` (0 disables the clip) configure the filter; the
+weighting needs a per-example optimizer.
 """
 
 from __future__ import annotations
@@ -15,9 +21,12 @@ import jax.numpy as jnp
 import optax
 
 import nearprox
+from nearprox import spectral_filter
 
 Params = Any
-OPTIMIZERS = ("proximal_sgd", "proximal_norm_sgd", "sgd", "adamw")
+OPTIMIZERS = ("proximal_sgd", "proximal_adamw", "proximal_norm_sgd", "sgd", "adamw")
+PER_EXAMPLE_OPTIMIZERS = ("proximal_sgd", "proximal_adamw")
+WEIGHTINGS = ("uniform", "ief")
 
 
 def learning_rate_schedule(config, num_steps: int) -> optax.Schedule:
@@ -33,29 +42,56 @@ def learning_rate_schedule(config, num_steps: int) -> optax.Schedule:
   )
 
 
+def _check_choice(value, choices, name: str) -> None:
+  if value not in choices:
+    raise ValueError(f"config.optimizer.{name} must be one of {choices}, got {value!r}")
+
+
 def create_optimizer(config, num_steps: int, axis_name: str | None):
   """(optax transformation, whether it takes per-example gradients)."""
   opt = config.optimizer
-  if opt.name not in OPTIMIZERS:
-    raise ValueError(f"config.optimizer.name must be one of {OPTIMIZERS}, got {opt.name!r}")
+  # Configs written before these fields existed keep today's behaviour.
+  weighting = opt.get("weighting", "uniform")
+  step_size = opt.get("step_size", "none")
+  max_update_norm = opt.get("max_update_norm", 0.0)
+  _check_choice(opt.name, OPTIMIZERS, "name")
+  _check_choice(weighting, WEIGHTINGS, "weighting")
+  _check_choice(step_size, spectral_filter.STEP_SIZES, "step_size")
+  per_example = opt.name in PER_EXAMPLE_OPTIMIZERS
+  if weighting != "uniform" and not per_example:
+    raise ValueError(
+        f"config.optimizer.weighting={weighting!r} weights per-example gradients: it needs one "
+        f"of {PER_EXAMPLE_OPTIMIZERS}, got name={opt.name!r}"
+    )
+  if not per_example and (step_size != "none" or max_update_norm):
+    raise ValueError(
+        "config.optimizer.step_size and max_update_norm configure the proximal filter: they "
+        f"need one of {PER_EXAMPLE_OPTIMIZERS}, got name={opt.name!r}"
+    )
+  if not max_update_norm >= 0:
+    raise ValueError(
+        f"config.optimizer.max_update_norm must be >= 0 (0 disables), got {max_update_norm!r}"
+    )
   schedule = learning_rate_schedule(config, num_steps)
   # The L2 gradient λθ is added after any filtering: it is the same for every example.
   l2 = l2_regularization(config.objective.l2_weight)
+  adamw = optax.adamw(schedule, weight_decay=opt.weight_decay, mask=kernel_mask)
   sgd = optax.sgd(schedule, momentum=opt.momentum or None, nesterov=opt.nesterov)
-  if opt.name == "proximal_sgd":
+  if per_example:
     proximal = nearprox.scale_by_proximal(
         opt.damping,
         filter=opt.filter,
         damping_mode=opt.damping_mode,
         axis_name=axis_name,
-        gram=opt.gram if axis_name else "local",
-    )  # one device: local and global coincide
-    return optax.chain(proximal, l2, sgd), True
+        gram=opt.gram if axis_name else "local",  # one device: local and global coincide
+        step_size=step_size,
+        max_update_norm=max_update_norm or None,
+    )
+    return optax.chain(proximal, l2, sgd if opt.name == "proximal_sgd" else adamw), True
   if opt.name == "proximal_norm_sgd":
     return optax.chain(nearprox.scale_by_proximal_norm(opt.damping), l2, sgd), False
   if opt.name == "sgd":
     return optax.chain(l2, sgd), False
-  adamw = optax.adamw(schedule, weight_decay=opt.weight_decay, mask=kernel_mask)
   return optax.chain(l2, adamw), False
 
 

@@ -82,11 +82,19 @@ def flip_labels(labels: np.ndarray, fraction: float, num_labels: int, seed: int)
 
 
 def load_splits(config, tokenizer) -> dict[str, dict[str, np.ndarray]]:
-  """The task's encoded splits: train, dev and (tweets only) test, and for tweets also
-  ``test_low_confidence``: test examples whose annotator confidence is below
-  ``config.low_confidence_below`` (when > 0)."""
+  """The task's encoded splits: train, dev and (tasks with a labelled test split) test, and
+  for tweets also ``test_low_confidence``: test examples whose annotator confidence is below
+  ``config.low_confidence_below`` (when > 0).
+
+  With ``config.holdout_examples = N > 0`` (tuning runs) the only evaluation split is
+  ``holdout``: N training examples drawn with a fixed seed (the same for every run seed, so
+  tuning trials are compared on the same examples), removed from train before any label
+  noise; dev and test are not loaded, so tuning never sees a reported split.
+  """
   task = data.get_task(config.task)
-  names = ("train", "dev", "test") if config.task == "tweets" else ("train", "dev")
+  names = ("train", "dev", "test") if task.has_test else ("train", "dev")
+  if config.holdout_examples:
+    names = ("train",)
   encoded = {}
   for name in names:
     split = data.load_task(
@@ -96,6 +104,8 @@ def load_splits(config, tokenizer) -> dict[str, dict[str, np.ndarray]]:
     if name == "test" and config.low_confidence_below > 0 and "confidence" in split.extra:
       low = split.extra["confidence"] < config.low_confidence_below  # NaN (unknown) excluded
       encoded["test_low_confidence"] = {k: v[low] for k, v in arrays.items()}
+    if name == "train" and config.holdout_examples:
+      arrays, encoded["holdout"] = split_holdout(arrays, config.holdout_examples)
     if name == "train" and config.label_noise:
       arrays["labels"] = flip_labels(
           arrays["labels"], config.label_noise, task.num_labels, config.seed
@@ -109,6 +119,22 @@ def load_splits(config, tokenizer) -> dict[str, dict[str, np.ndarray]]:
       arrays = {k: v[keep] for k, v in arrays.items()}
     encoded[name] = arrays
   return encoded
+
+
+HOLDOUT_SEED = 20261129  # fixed: every tuning run holds out the same training examples
+
+
+def split_holdout(arrays: dict[str, np.ndarray], num_examples: int):
+  """(rest of train, held-out examples): ``num_examples`` rows drawn with HOLDOUT_SEED."""
+  total = len(arrays["labels"])
+  if not 0 < num_examples < total:
+    raise ValueError(
+        f"config.holdout_examples must lie in (0, {total}) for this training split, "
+        f"got {num_examples}"
+    )
+  order = np.random.default_rng(HOLDOUT_SEED).permutation(total)
+  held, rest = np.sort(order[:num_examples]), np.sort(order[num_examples:])
+  return {k: v[rest] for k, v in arrays.items()}, {k: v[held] for k, v in arrays.items()}
 
 
 # ------------------------------------------------------------------------------ the step
@@ -125,8 +151,14 @@ def train_step(
     per_example: bool,
     per_example_method: str,
     axis_name: str | None,
+    example_weights_fn=None,
 ):
-  """One optimizer step on this device's block of the global batch."""
+  """One optimizer step on this device's block of the global batch.
+
+  ``example_weights_fn(params, inputs, keys) -> [B]`` (per-example optimizers only, e.g.
+  :func:`nearprox.text.objectives.make_ief_weights_fn`) gives the proximal filter's example
+  weights; None: uniform.
+  """
 
   def global_sum(x):
     return jax.lax.psum(x, axis_name) if axis_name else x
@@ -147,7 +179,13 @@ def train_step(
     example_losses, grads = nearprox.per_example_value_and_grads(
         loss_fn, state.params, inputs, keys, delta, method=per_example_method
     )
-    updates, opt_state = tx.update(grads, state.opt_state, state.params, mask=mask)
+    weights = {}
+    if example_weights_fn is not None:
+      # Constants of the step: the filter weights the examples, nothing differentiates them.
+      weights["example_weights"] = jax.lax.stop_gradient(
+          example_weights_fn(state.params, inputs, keys)
+      )
+    updates, opt_state = tx.update(grads, state.opt_state, state.params, mask=mask, **weights)
   else:
 
     def mean_loss(params):
@@ -176,8 +214,10 @@ def eval_step(params, batch, *, logits_fn):
 # ------------------------------------------------------------------------------ the loop
 
 
-def evaluate(runner, device_state, arrays, task, batch_size: int) -> dict[str, float]:
-  """The task's metrics on one split; the padded rows of the last batch are masked out."""
+def evaluate(runner, device_state, arrays, task, batch_size: int) -> tuple[dict, list[int]]:
+  """(the task's metrics, the number of examples predicted as each class) on one split; the
+  padded rows of the last batch are masked out. A single non-zero count is a model that
+  collapsed to one class."""
   logits, labels, masks = [], [], []
   for batch in data.batches(arrays, batch_size, shuffle=False, **parallel.host_shard()):
     logits.append(runner.eval(device_state, batch))
@@ -186,7 +226,9 @@ def evaluate(runner, device_state, arrays, task, batch_size: int) -> dict[str, f
   logits, labels, masks = parallel.gather_from_hosts(
       (np.concatenate(logits), np.concatenate(labels), np.concatenate(masks))
   )
-  return task.metrics(labels, logits, masks)
+  predicted = np.argmax(logits, axis=-1)[masks > 0]
+  counts = np.bincount(predicted, minlength=task.num_labels) if logits.shape[-1] > 1 else []
+  return task.metrics(labels, logits, masks), [int(c) for c in counts]
 
 
 def train_batches(arrays, config, start_step: int):
@@ -228,6 +270,13 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path) -
       hidden_size=model.config.hidden_size,
   )
   loss_fn = objectives.make_loss_at_perturbation(logits_fn, objective)
+  # iEF weights from the clean logits of loss_fn (same dropout keys): one extra forward pass,
+  # since the per-example gradient functions return the losses but not the logits.
+  example_weights_fn = (
+      objectives.make_ief_weights_fn(logits_fn)
+      if config.optimizer.get("weighting", "uniform") == "ief"
+      else None
+  )
   runner.compile(
       functools.partial(
           train_step,
@@ -237,6 +286,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path) -
           per_example=per_example,
           per_example_method=config.optimizer.per_example,
           axis_name=runner.axis_name,
+          example_weights_fn=example_weights_fn,
       ),
       functools.partial(eval_step, logits_fn=models.bert_logits_fn(model, deterministic=True)),
   )
@@ -280,8 +330,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path) -
         writer.write_scalars(done, {f"train/{k}": v for k, v in metrics.items()})
         progress.set_postfix(loss=f"{metrics['loss']:.4f}")
       if done % config.eval_every == 0 and done < config.num_train_steps:
-        dev = evaluate(runner, device_state, splits["dev"], task, config.eval_batch_size)
-        writer.write_scalars(done, {f"dev/{k}": v for k, v in dev.items()})
+        watched = "holdout" if "holdout" in splits else "dev"
+        scores, _ = evaluate(runner, device_state, splits[watched], task, config.eval_batch_size)
+        writer.write_scalars(done, {f"{watched}/{k}": v for k, v in scores.items()})
       if preempted:
         logging.warning("SIGTERM at step %d: saving a checkpoint and stopping", done)
         checkpoints.save(done, runner.get_state(device_state), force=True)
@@ -304,9 +355,12 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path) -
       "train_step_seconds": float(np.median(step_times[1:] or step_times or [0.0])),
   }
   if not preempted:
+    report["predicted_classes"] = {}
     for name in splits:
       if name != "train":
-        report[name] = evaluate(runner, device_state, splits[name], task, config.eval_batch_size)
+        report[name], report["predicted_classes"][name] = evaluate(
+            runner, device_state, splits[name], task, config.eval_batch_size
+        )
         writer.write_scalars(int(state.step), {f"{name}/{k}": v for k, v in report[name].items()})
     if config.export_hf and parallel.is_main_process():
       report["hf_model"] = str(

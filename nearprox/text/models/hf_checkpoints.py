@@ -293,11 +293,20 @@ def read_state_dict(ckpt_dir: str | os.PathLike) -> dict[str, np.ndarray]:
   )
 
 
+def _without_torch_advice(record: logging.LogRecord) -> bool:
+  """Drops transformers' import-time note that PyTorch is missing: nearprox uses transformers
+  for tokenizers and configs only, so the note is noise on every run."""
+  return not record.getMessage().startswith("PyTorch was not found")
+
+
 def load_tokenizer(ckpt_dir: str | os.PathLike):
   """The checkpoint's fast (Rust ``tokenizers``) tokenizer via ``AutoTokenizer``."""
   ckpt_dir = Path(ckpt_dir)
   if not any((ckpt_dir / name).is_file() for name in TOKENIZER_FILES):
     raise FileNotFoundError(f"{ckpt_dir} has no tokenizer: expected one of {TOKENIZER_FILES}")
+  transformers_logger = logging.getLogger("transformers")
+  if _without_torch_advice not in transformers_logger.filters:
+    transformers_logger.addFilter(_without_torch_advice)
   from transformers import AutoTokenizer
 
   tokenizer = AutoTokenizer.from_pretrained(str(ckpt_dir))

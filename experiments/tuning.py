@@ -1,0 +1,260 @@
+"""Optimizer variants and the tuning protocol every study draws its settings from.
+
+The protocol (issue 13; fixed before the runs, the same for every optimizer):
+
+* **Trials.** Each variant has the trials of its plan grid: the product of
+  ``plan.lr_grid[variant]`` and, for the proximal variants, ``plan.damping_trials[variant]``
+  (relative λ; learning rate and damping tuned jointly on log grids). A mode's plan gives every
+  variant the same number of trials; :func:`Context.tuning` reports the count.
+* **Tuning runs.** ``plan.tuning.steps`` steps (the schedule's shape is the budget's: warmup
+  fraction and linear decay to 0) on ``plan.tuning.task``, evaluated on
+  ``plan.tuning.holdout_examples`` training examples held out of training
+  (``config.holdout_examples``: the same examples for every run, and the reported dev/test
+  splits are not even loaded), one run per seed of ``plan.tuning.seeds``.
+* **Choice.** The trial with the best mean held-out metric over the tuning seeds, where a
+  trial any of whose seeds collapsed to one class ranks below every trial none of whose seeds
+  did; ties go to the lower mean training loss at the end. Never one seed alone.
+* **Two stages.** ``best_filter`` is the best first-stage filter variant (tikhonov, EF, iEF)
+  by that rule; the derived variants (:data:`DERIVED`: the same filter with the grafted step
+  size, and the same filter in front of AdamW) are tuned after it, on their own grids.
+  ``best_proximal`` is the best of every proximal variant, derived ones included, by the same
+  rule on the same held-out examples: what the robustness studies compare with AdamW.
+* **Reported runs** use the chosen trial at the mode's full budget, ``plan.seeds`` seeds, on
+  every task (tasks other than the tuning task reuse its settings, for every optimizer alike).
+"""
+
+from __future__ import annotations
+
+import itertools
+import math
+from typing import Any, NamedTuple
+
+import numpy as np
+
+from experiments import runs
+from nearprox.text import data
+
+VARIANTS: dict[str, dict[str, Any]] = {
+    "sgd": {"optimizer.name": "sgd", "optimizer.momentum": 0.0},
+    "sgd_momentum": {"optimizer.name": "sgd", "optimizer.momentum": 0.9},
+    "adamw": {"optimizer.name": "adamw"},
+    "proximal_tikhonov": {"optimizer.name": "proximal_sgd", "optimizer.filter": "tikhonov"},
+    "proximal_ef": {"optimizer.name": "proximal_sgd", "optimizer.filter": "natural"},
+    "proximal_ief": {
+        "optimizer.name": "proximal_sgd",
+        "optimizer.filter": "natural",
+        "optimizer.weighting": "ief",
+    },
+    "proximal_norm": {"optimizer.name": "proximal_norm_sgd"},
+}
+FILTERS = ("proximal_tikhonov", "proximal_ef", "proximal_ief")  # candidates for best_filter
+# Second stage: the best filter with these overrides on top.
+DERIVED: dict[str, dict[str, Any]] = {
+    "proximal_graft": {"optimizer.step_size": "graft"},
+    "proximal_adamw": {"optimizer.name": "proximal_adamw"},
+}
+PROXIMAL = (*FILTERS, "proximal_norm", *DERIVED)
+DISPLAY = {
+    "sgd": "SGD",
+    "sgd_momentum": "SGD+momentum",
+    "adamw": "AdamW",
+    "proximal_tikhonov": "proximal SGD, tikhonov",
+    "proximal_ef": "proximal SGD, EF (natural, uniform weights)",
+    "proximal_ief": "proximal SGD, iEF (natural, iEF weights)",
+    "proximal_norm": "rank-one proximal (‖g‖²/(‖g‖²+λ))",
+    "proximal_graft": "{base}, grafted step size",
+    "proximal_adamw": "{base} → AdamW",
+    "majority": "majority class (no training)",
+}
+ALIASES = ("best_filter", "best_proximal")
+
+
+def final(result: dict, split: str, metric: str) -> float:
+  return float(result["report"].get(split, {}).get(metric, float("nan")))
+
+
+def history_curve(result: dict, name: str) -> list[tuple[int, float]]:
+  return [(row["step"], row[name]) for row in result["history"] if name in row]
+
+
+def end_loss(result: dict) -> float:
+  """Mean training loss over the last quarter of the logged steps (NaN if diverged)."""
+  losses = [v for _, v in history_curve(result, "train/loss")]
+  tail = losses[-max(1, len(losses) // 4) :]
+  return float(np.mean(tail)) if tail else float("nan")
+
+
+def mean_std(values) -> tuple[float, float]:
+  """Mean and sample standard deviation (0 for one value) of the non-NaN values."""
+  values = [v for v in values if v is not None and not math.isnan(v)]
+  if not values:
+    return float("nan"), float("nan")
+  return float(np.mean(values)), float(np.std(values, ddof=1)) if len(values) > 1 else 0.0
+
+
+def collapsed(result: dict, split: str | None = None) -> bool | None:
+  """Whether the final model puts every example of ``split`` (default: the task's reported
+  split) in one class; None when the run file does not record its predictions."""
+  split = split or data.get_task(result["config"]["task"]).reported_split
+  counts = result["report"].get("predicted_classes", {}).get(split)
+  return None if counts is None else sum(c > 0 for c in counts) == 1
+
+
+def _rank(row: dict) -> tuple:
+  """Sort key of a tuning row, larger is better: no collapsed seed, mean score, low loss."""
+  nan_low = lambda x: -math.inf if math.isnan(x) else x
+  return (row["collapsed_seeds"] == 0, nan_low(row["score"]), nan_low(-row["train_loss_end"]))
+
+
+class Group(NamedTuple):
+  """The runs of one variant at its chosen trial, one per seed that exists."""
+
+  variant: str
+  label: str
+  trial: dict
+  results: list[dict]
+
+  @property
+  def lr(self) -> float:
+    return self.trial["optimizer.learning_rate"]
+
+  def describe(self) -> dict:
+    """The columns naming the group in a table row."""
+    optimizer = self.results[0]["config"]["optimizer"]
+    damping = optimizer["damping"] if self.variant in PROXIMAL else None
+    return {
+        "optimizer": optimizer["name"],
+        "variant": self.label,
+        "learning_rate": self.lr,
+        "damping": damping,
+    }
+
+  def stat(self, split: str, metric: str) -> tuple[float, float]:
+    return mean_std([final(r, split, metric) for r in self.results])
+
+  def stats(self, name: str, split: str, metric: str) -> dict[str, float]:
+    """``{name: mean, name_std: seed standard deviation}`` of a metric on a split."""
+    mean, std = self.stat(split, metric)
+    return {name: mean, f"{name}_std": std}
+
+  def step_seconds(self) -> float:
+    return mean_std([r["report"]["train_step_seconds"] for r in self.results])[0]
+
+  def collapsed_seeds(self) -> int | None:
+    one_class = [collapsed(r) for r in self.results]
+    return None if None in one_class else sum(one_class)
+
+
+class Context:
+  """The plan of the mode, the executor, and the tuning every study shares."""
+
+  def __init__(self, plan, executor: runs.Executor):
+    self.plan = plan
+    self.ex = executor
+
+  # ------------------------------------------------------------------------ variants
+
+  def resolve(self, name: str) -> str | None:
+    """A variant name; ``best_filter`` / ``best_proximal`` become the variant they choose
+    (None until the tuning runs that decide it all exist)."""
+    if name not in ALIASES:
+      return name
+    pool = FILTERS if name == "best_filter" else PROXIMAL
+    rows = {}
+    for variant in (v for v in pool if v in self.plan.lr_grid):
+      row = self.best_trial(variant)
+      if row is None:
+        return None  # the choice must not change when a missing trial lands
+      rows[variant] = row
+    return max(rows, key=lambda v: _rank(rows[v])) if rows else None
+
+  def overrides(self, variant: str) -> dict | None:
+    """The config overrides of a variant (derived ones need the best filter first)."""
+    if variant not in DERIVED:
+      return dict(VARIANTS[variant])
+    base = self.resolve("best_filter")
+    return None if base is None else {**VARIANTS[base], **DERIVED[variant]}
+
+  def label(self, variant: str) -> str:
+    base = self.resolve("best_filter") if variant in DERIVED else None
+    return DISPLAY[variant].format(base=DISPLAY.get(base, "best filter"))
+
+  def trials(self, variant: str) -> list[dict]:
+    """The plan's grid of a variant: learning rate × (proximal variants) relative damping."""
+    dampings = (self.plan.get("damping_trials") or {}).get(variant) or (None,)
+    return [
+        {"optimizer.learning_rate": lr}
+        | ({} if damping is None else {"optimizer.damping": damping})
+        for lr, damping in itertools.product(self.plan.lr_grid[variant], dampings)
+    ]
+
+  # ------------------------------------------------------------------------ tuning
+
+  def tuning(self, variant: str) -> tuple[list[dict], bool]:
+    """(one row per trial of ``variant`` that has runs: mean held-out score over the tuning
+    seeds, collapsed seeds, end loss; whether every tuning run exists). A derived variant
+    has no rows before the first stage is complete."""
+    base = self.overrides(variant)
+    if base is None:
+      return [], False
+    tuning = self.plan.tuning
+    metric = data.get_task(tuning.task).primary_metric
+    rows, complete = [], True
+    for trial in self.trials(variant):
+      settings = {
+          "task": tuning.task,
+          "num_train_steps": tuning.steps,
+          "holdout_examples": tuning.holdout_examples,
+          **base,
+          **trial,
+      }
+      name = f"tune:{variant}:" + ",".join(f"{k.split('.')[-1]}={v:g}" for k, v in trial.items())
+      found = [self.ex.run(f"{name}:seed={s}", {**settings, "seed": s}) for s in tuning.seeds]
+      found = [r for r in found if r is not None]
+      complete &= len(found) == len(tuning.seeds)
+      if not found:
+        continue
+      mean, std = mean_std([final(r, "holdout", metric) for r in found])
+      one_class = [collapsed(r, "holdout") for r in found]
+      rows.append(
+          {
+              "variant": self.label(variant),
+              "optimizer": found[0]["config"]["optimizer"]["name"],
+              "learning_rate": trial["optimizer.learning_rate"],
+              "damping": trial.get("optimizer.damping"),
+              "seeds": len(found),
+              "metric": f"holdout_{metric}",
+              "score": mean,
+              "score_std": std,
+              "collapsed_seeds": sum(bool(c) for c in one_class),
+              "train_loss_end": mean_std([end_loss(r) for r in found])[0],
+              "trial": trial,
+          }
+      )
+    return rows, complete and bool(rows)
+
+  def best_trial(self, variant: str) -> dict | None:
+    """The chosen tuning row of ``variant`` (None: not decided until every trial exists)."""
+    rows, complete = self.tuning(variant)
+    return max(rows, key=_rank) if complete else None
+
+  # ------------------------------------------------------------------------ reported runs
+
+  def group(self, label, task, name, seeds=None, extra=None, devices=1, attack=None):
+    """The :class:`Group` of ``name`` (a variant or an alias) on ``task`` at its chosen trial
+    and the mode's full budget, one run per seed (default ``plan.seeds``); None when the
+    variant is not in the plan, its tuning is not complete or no run exists."""
+    variant = self.resolve(name)
+    if variant is None or variant not in self.plan.lr_grid:
+      return None
+    chosen = self.best_trial(variant)
+    if chosen is None:
+      return None
+    overrides = {"task": task, **self.overrides(variant), **chosen["trial"], **(extra or {})}
+    found = []
+    for seed in self.plan.seeds if seeds is None else seeds:
+      run_name = f"{label}:{task}:{variant}:seed={seed}"
+      run_name += "".join(f":{k.split('.')[-1]}={v}" for k, v in (extra or {}).items())
+      found.append(self.ex.run(run_name, {**overrides, "seed": seed}, devices, attack))
+    found = [r for r in found if r is not None]
+    return Group(variant, self.label(variant), chosen["trial"], found) if found else None

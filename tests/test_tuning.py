@@ -1,0 +1,112 @@
+"""The tuning protocol of experiments/tuning.py on synthetic run results (no training)."""
+
+import ml_collections
+import pytest
+
+from experiments import tuning
+
+
+class FakeExecutor:
+  """Answers ``run`` with a result whose held-out/dev score is ``score(overrides)``."""
+
+  def __init__(self, score, collapse=lambda overrides: False, missing=lambda overrides: False):
+    self.score, self.collapse, self.missing = score, collapse, missing
+    self.calls = []
+
+  def run(self, label, overrides, devices=1, attack=None):
+    self.calls.append(dict(overrides))
+    if self.missing(overrides):
+      return None
+    split = "holdout" if overrides.get("holdout_examples") else "dev"
+    counts = [10, 0] if self.collapse(overrides) else [6, 4]
+    name = overrides.get("optimizer.name")
+    optimizer = {"name": name, "damping": overrides.get("optimizer.damping", 0.1)}
+    return {
+        "config": {"task": overrides["task"], "seed": overrides["seed"], "optimizer": optimizer},
+        "report": {
+            split: {"accuracy": self.score(overrides)},
+            "predicted_classes": {split: counts},
+            "train_step_seconds": 1.0,
+        },
+        "history": [{"step": 10, "train/loss": 1.0 - self.score(overrides)}],
+    }
+
+
+def plan(**lr_grid):
+  plan = ml_collections.ConfigDict()
+  plan.seeds = (0, 1, 2)
+  plan.tuning = ml_collections.ConfigDict(
+      {"task": "sst2", "steps": 5, "holdout_examples": 100, "seeds": (0, 1)}
+  )
+  plan.lr_grid = lr_grid
+  plan.damping_trials = {v: (0.1, 1.0) for v in lr_grid if v.startswith("proximal")}
+  return plan
+
+
+def test_the_choice_is_the_best_mean_over_seeds_not_seed_0():
+  # lr 0.1 wins on seed 0 by a little and loses on seed 1 by a lot.
+  table = {(0.1, 0): 0.80, (0.1, 1): 0.60, (0.01, 0): 0.79, (0.01, 1): 0.78}
+  score = lambda o: table[o["optimizer.learning_rate"], o["seed"]]
+  ctx = tuning.Context(plan(adamw=(0.01, 0.1)), FakeExecutor(score))
+  rows, complete = ctx.tuning("adamw")
+  assert complete and [r["score"] for r in rows] == pytest.approx([0.785, 0.70])
+  assert ctx.best_trial("adamw")["trial"] == {"optimizer.learning_rate": 0.01}
+  # Tuning runs are scored on held-out training examples at the tuning budget.
+  assert all(c["holdout_examples"] == 100 and c["num_train_steps"] == 5 for c in ctx.ex.calls)
+
+
+def test_a_collapsed_seed_ranks_a_trial_last_and_ties_go_to_the_lower_loss():
+  score = lambda o: 0.9 if o["optimizer.learning_rate"] == 1.0 else 0.7
+  collapse = lambda o: o["optimizer.learning_rate"] == 1.0 and o["seed"] == 1
+  ctx = tuning.Context(plan(sgd=(0.1, 1.0)), FakeExecutor(score, collapse))
+  assert ctx.best_trial("sgd")["trial"] == {"optimizer.learning_rate": 0.1}
+  rows, _ = ctx.tuning("sgd")
+  assert [r["collapsed_seeds"] for r in rows] == [0, 1]
+  tied = tuning._rank({"collapsed_seeds": 0, "score": 0.5, "train_loss_end": 0.3})
+  assert tied > tuning._rank({"collapsed_seeds": 0, "score": 0.5, "train_loss_end": 0.4})
+
+
+def test_proximal_trials_tune_learning_rate_and_damping_jointly():
+  ctx = tuning.Context(plan(proximal_ef=(0.1, 0.3), adamw=(1e-4, 3e-4, 1e-3, 3e-3)), None)
+  assert ctx.trials("proximal_ef") == [
+      {"optimizer.learning_rate": lr, "optimizer.damping": d}
+      for lr in (0.1, 0.3)
+      for d in (0.1, 1.0)
+  ]
+  assert len(ctx.trials("adamw")) == len(ctx.trials("proximal_ef")) == 4
+
+
+def test_derived_variants_wait_for_the_first_stage_and_build_on_the_best_filter():
+  # iEF at lr 0.3, λ = 1 is the best first-stage trial; tikhonov is worse everywhere.
+  def score(o):
+    if o.get("optimizer.step_size") == "graft":
+      return 0.95
+    if o.get("optimizer.weighting") == "ief":
+      return 0.9 if (o["optimizer.learning_rate"], o["optimizer.damping"]) == (0.3, 1.0) else 0.8
+    return 0.7
+
+  grid = {"proximal_tikhonov": (0.01,), "proximal_ief": (0.1, 0.3), "proximal_graft": (0.01,)}
+  # While one iEF trial is missing, nothing downstream is decided.
+  missing = lambda o: o.get("optimizer.weighting") == "ief" and o["optimizer.learning_rate"] == 0.3
+  ctx = tuning.Context(plan(**grid), FakeExecutor(score, missing=missing))
+  assert ctx.resolve("best_filter") is None and ctx.tuning("proximal_graft") == ([], False)
+  assert ctx.group("optimizers", "sst2", "proximal_graft") is None
+
+  ctx = tuning.Context(plan(**grid), FakeExecutor(score))
+  assert ctx.resolve("best_filter") == "proximal_ief"
+  assert ctx.overrides("proximal_graft") == {
+      **tuning.VARIANTS["proximal_ief"],
+      "optimizer.step_size": "graft",
+  }
+  assert (
+      ctx.label("proximal_graft") == "proximal SGD, iEF (natural, iEF weights), grafted step size"
+  )
+  assert ctx.resolve("best_proximal") == "proximal_graft"
+  # Reported runs: the chosen trial at the full budget, one per seed, no held-out split.
+  group = ctx.group("optimizers", "tweets", "best_proximal")
+  assert group.variant == "proximal_graft" and len(group.results) == 3
+  final_calls = [c for c in ctx.ex.calls if c["task"] == "tweets"]
+  assert [c["seed"] for c in final_calls] == [0, 1, 2]
+  assert all(
+      "holdout_examples" not in c and c["optimizer.step_size"] == "graft" for c in final_calls
+  )
