@@ -290,7 +290,9 @@ def md_adversarial(study: dict) -> str:
       OPTIMIZER,
       ("objective", _get("objective", str)),
       ("training δ", _training_attack),
-      ("clean dev acc (%)", _get("dev_accuracy", pct)),
+      SEEDS,
+      ("clean dev acc (%)", _spread("dev_accuracy", "dev_accuracy_std")),
+      ("one-class seeds", _get("collapsed_seeds", lambda n: "—" if n is None else n)),
       *[(f"ε={k[8:]} (%)", _get(k, pct)) for k in rows[0] if k.startswith("acc_eps_")],
       ("step × clean", _get("step_ratio_to_clean")),
   ]
@@ -298,7 +300,8 @@ def md_adversarial(study: dict) -> str:
       table(rows, columns)
       + f"\n\nAttack: ℓ2 PGD on the word embeddings, {rows[0]['attack_steps']} steps, step "
       f"2.5ε/K, no random start, on {rows[0]['attack_examples']} SST-2 dev examples "
-      "(ε=0: clean accuracy on that subset).\n\n![robustness](PLOT:robustness.png)"
+      "(ε=0: clean accuracy on that subset); accuracies under attack are means over the "
+      "seeds.\n\n![robustness](PLOT:robustness.png)"
   )
 
 

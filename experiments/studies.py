@@ -268,31 +268,37 @@ def adversarial(ctx: Context) -> dict:
       settings = settings.to_dict() if hasattr(settings, "to_dict") else dict(settings)
       resolved = objectives.ObjectiveConfig(kind=objective, **settings)
       extra = {"objective.kind": objective, **{f"objective.{k}": v for k, v in settings.items()}}
-      group = ctx.group("adversarial", STUDY_TASK, name, plan.seeds[:1], extra, attack=attack)
+      group = ctx.group("adversarial", STUDY_TASK, name, extra=extra, attack=attack)
       if group is None:
         continue
-      result = group.results[0]
-      step = result["report"]["train_step_seconds"]
+      found = group.results
+      step = group.step_seconds()
       clean_step = step if objective == "clean" else clean_step
-      accuracy = {f"acc_eps_{a['epsilon']:g}": a["accuracy"] for a in result["attack"]}
+      # Mean over seeds of the accuracy under attack at each radius (same ε grid every run).
+      mean_attack = [
+          {**rows_at[0], "accuracy": mean_std([r["accuracy"] for r in rows_at])[0]}
+          for rows_at in zip(*(r["attack"] for r in found))
+      ]
+      accuracy = {f"acc_eps_{a['epsilon']:g}": a["accuracy"] for a in mean_attack}
       rows.append(
           {
               **group.describe(),
               "objective": objective,
               "train_epsilon": resolved.epsilon,
               "train_steps": resolved.num_steps if objective != "clean" else 0,
-              "seed": plan.seeds[0],
-              "dev_accuracy": final(result, "dev", "accuracy"),
+              "seeds": len(found),
+              **group.stats("dev_accuracy", "dev", "accuracy"),
+              "collapsed_seeds": group.collapsed_seeds(),
               "step_seconds": step,
               "step_ratio_to_clean": step / clean_step if clean_step else float("nan"),
-              "attack_examples": result["attack"][0]["num_examples"],
-              "attack_steps": result["attack"][0]["num_steps"],
+              "attack_examples": found[0]["attack"][0]["num_examples"],
+              "attack_steps": found[0]["attack"][0]["num_steps"],
               **accuracy,
               # The same accuracy at every radius: a model predicting (almost) one class.
               "flat_under_attack": max(accuracy.values()) - min(accuracy.values()) < 0.005,
           }
       )
-      curves[f"{group.label}, {objective}"] = result["attack"]
+      curves[f"{group.label}, {objective}"] = mean_attack
   return {"tables": {"adversarial": rows}, "curves": curves}
 
 

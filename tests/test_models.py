@@ -476,3 +476,16 @@ def test_transformers_note_about_missing_pytorch_is_silenced():
 
   assert not logger.filter(record("PyTorch was not found. Models won't be available."))
   assert logger.filter(record("Some other transformers warning"))
+
+
+def test_question_answering_head_has_two_outputs_whatever_the_source_labels(tiny_hf, tmp_path):
+  """A source checkpoint with 3 labels: the QA model and its export still say 2 (start, end)."""
+  path = _copy_dir(tiny_hf[0], tmp_path / "three_labels")
+  config = json.loads((path / "config.json").read_text())
+  config["id2label"] = {str(i): f"L{i}" for i in range(3)}
+  config["label2id"] = {f"L{i}": i for i in range(3)}
+  (path / "config.json").write_text(json.dumps(config))
+  model, params, tokenizer = models.load_pretrained(path, head="question_answering")
+  assert model.config.num_labels == 2
+  exported = models.save_pretrained(model, params, tokenizer, tmp_path / "export")
+  assert len(json.loads((exported / "config.json").read_text())["id2label"]) == 2

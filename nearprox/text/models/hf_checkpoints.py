@@ -366,6 +366,10 @@ def load_pretrained(
   config = load_config(ckpt_dir)
   if head == "sequence_classification":
     config = dataclasses.replace(config, num_labels=int(num_labels))
+  elif head == "question_answering":
+    # transformers sizes its QA output layer by num_labels (start, end): the exported
+    # config must say 2 whatever the source checkpoint's label count was.
+    config = dataclasses.replace(config, num_labels=2)
   tokenizer = load_tokenizer(ckpt_dir)
   model = _HEADS[head](config, dtype=dtype, param_dtype=param_dtype)
   params, report = state_dict_to_params(model, read_state_dict(ckpt_dir), rng)
