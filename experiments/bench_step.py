@@ -11,7 +11,16 @@ softmax cross-entropy, dropout off so the vmap oracle is comparable):
                    nearprox.proximal_sgd update (damping_mode="relative"), apply_updates;
   (ii-b)           the same with kernel_combine="materialized" (per-example kernel
                    gradients kept from the Gram to the combine: fewer FLOPs, more memory);
-  (iii) vmap:      the same with method="vmap" (materializes the B × P per-example gradients).
+  (iii) vmap:      the same with method="vmap" (materializes the B × P per-example gradients);
+  (iv)  sketched:  the factored step with ``sketch_dim=k`` (an estimated Gram, docs/method.md
+                   §2.9), for several k, with the accuracy of its filtered gradient.
+
+The sketch section runs on real text (the first B sentences of SST-2's dev split, from
+--data_dir or $NEARPROX_GLUE_DIR; random tokens when neither is there, and the output says
+so) and compares, per k, the step's time and memory with SGD's and the sketched filtered
+gradient d̂ with the exact d: cos(d̂, d) for both filters at relative damping 0.1, with uniform
+and with iEF weights, and the relative Frobenius error ‖K̂ − K‖/‖K‖ (mean over three sketch
+seeds, i.e. step counts; the cosines are the minimum over them).
 
 Times are the minimum over interleaved repeats after compilation (so a busy machine slows
 all of them alike); ratios are to the SGD step of the same run. FLOPs are XLA's
@@ -23,6 +32,8 @@ and written to experiments/results/bench_step.md.
 
 from __future__ import annotations
 
+import contextlib
+import functools
 import os
 import platform
 import sys
@@ -35,8 +46,8 @@ import optax
 from absl import app, flags
 
 import nearprox
-from nearprox import factored_grads, spectral_filter
-from nearprox.text import models
+from nearprox import factored_grads, layer_factors, sketch, spectral_filter
+from nearprox.text import models, objectives
 
 GB = 1024.0**3
 
@@ -47,6 +58,18 @@ _MAX_GB = flags.DEFINE_float(
 )
 _BERT_BASE = flags.DEFINE_bool("bert_base", True, "also the BERT-base shapes")
 _SCALING = flags.DEFINE_bool("scaling", True, "also the batch size / sequence length sweep")
+_SKETCH_DIMS = flags.DEFINE_list(
+    "sketch_dims", ["256", "1024", "4096", "16384"], "k of the sketch table (MiniLM)"
+)
+_BERT_SKETCH_DIMS = flags.DEFINE_list(
+    "bert_sketch_dims", ["1024", "4096"], "k of the sketch table (BERT-base shapes)"
+)
+_FAMILY_DIMS = flags.DEFINE_list(
+    "family_dims", ["256", "1024", "4096"], "k of the family comparison"
+)
+_DATA_DIR = flags.DEFINE_string(
+    "data_dir", None, "GLUE root with SST-2/dev.tsv (default $NEARPROX_GLUE_DIR)"
+)
 _OUTPUT = flags.DEFINE_string(
     "output", os.path.join(os.path.dirname(__file__), "results", "bench_step.md"), "Markdown file"
 )
@@ -61,7 +84,48 @@ def make_batch(vocab: int, batch: int, length: int, seed: int = 0):
   return jnp.asarray(ids * mask), jnp.asarray(mask), jnp.asarray(labels)
 
 
-def make_steps(model, learning_rate=1e-3, damping=1e-3):
+def text_batch(tokenizer, batch: int, length: int, data_dir=None):
+  """(ids, mask, labels, description): the first ``batch`` sentences of SST-2's dev split,
+  tokenized to ``length``, or random tokens (``make_batch``) when there is no GLUE data."""
+  from nearprox.text.data import DataError, load_task
+
+  try:
+    split = load_task("sst2", "dev", data_dir, source="tsv")
+  except DataError:
+    ids, mask, labels = make_batch(tokenizer.vocab_size, batch, length)
+    return ids, mask, labels, "random tokens (no GLUE SST-2 data found)"
+  encoded = tokenizer(
+      list(split.text_a[:batch]),
+      padding="max_length",
+      max_length=length,
+      truncation=True,
+      return_tensors="np",
+  )
+  mask = np.asarray(encoded["attention_mask"], np.int32)
+  description = (
+      f"SST-2 dev sentences 1–{batch}, {int(mask.sum())} real tokens of {batch * length} "
+      "(the rest padding)"
+  )
+  return (
+      jnp.asarray(encoded["input_ids"], jnp.int32),
+      jnp.asarray(mask),
+      jnp.asarray(np.asarray(split.labels[:batch]), jnp.int32),
+      description,
+  )
+
+
+@contextlib.contextmanager
+def unblocked_gram():
+  """Traces the exact Gram with the per-example kernel gradients formed whole (no blocking)."""
+  saved = layer_factors.GRAM_BLOCK_NUMBERS
+  layer_factors.GRAM_BLOCK_NUMBERS = 0
+  try:
+    yield
+  finally:
+    layer_factors.GRAM_BLOCK_NUMBERS = saved
+
+
+def make_steps(model, learning_rate=1e-3, damping=1e-3, sketch_dims=()):
   def per_example_loss(params, ids, mask, labels):
     logits = model.apply({"params": params}, ids, attention_mask=mask, deterministic=True).logits
     return optax.softmax_cross_entropy_with_integer_labels(logits, labels)
@@ -76,7 +140,7 @@ def make_steps(model, learning_rate=1e-3, damping=1e-3):
     updates, state = sgd.update(grads, state, params)
     return optax.apply_updates(params, updates), state, loss
 
-  def proximal_step(method, **kwargs):
+  def proximal_step(method, opt=prox, **kwargs):
     def step(params, state, ids, mask, labels):
       if kwargs:
         losses, grads = factored_grads.factored_value_and_grads(
@@ -86,18 +150,23 @@ def make_steps(model, learning_rate=1e-3, damping=1e-3):
         losses, grads = nearprox.per_example_value_and_grads(
             per_example_loss, params, ids, mask, labels, method=method
         )
-      updates, state = prox.update(grads, state, params)
+      updates, state = opt.update(grads, state, params)
       return optax.apply_updates(params, updates), state, losses.mean()
 
     return step
 
-  return {
+  steps = {
       "per_example_loss": per_example_loss,
       "sgd": (sgd_step, sgd),
       "factored": (proximal_step("factored"), prox),
+      "factored_unblocked": (proximal_step("factored"), prox),
       "factored_kept": (proximal_step("factored", kernel_combine="materialized"), prox),
       "vmap": (proximal_step("vmap"), prox),
   }
+  for k in sketch_dims:
+    opt = nearprox.proximal_sgd(learning_rate, damping, damping_mode="relative", sketch_dim=k)
+    steps[f"sketch{k}"] = (proximal_step("factored", opt), opt)
+  return steps
 
 
 def gflops(compiled) -> float:
@@ -106,21 +175,33 @@ def gflops(compiled) -> float:
   return float(analysis.get("flops", float("nan"))) / 1e9
 
 
+def counted_gflops(compiled, fn, *call_args) -> float:
+  """XLA's FLOP count of ``compiled``; XLA counts a loop body once, so a step whose exact Gram
+  runs in blocks (a while loop) is counted on its unblocked twin (the same products)."""
+  if " while(" not in compiled.as_text():
+    return gflops(compiled)
+  with unblocked_gram():  # a new function object: jit's trace cache would return the blocks
+    return gflops(jax.jit(lambda *a: fn(*a)).lower(*call_args).compile())
+
+
 def peak_bytes(compiled) -> float:
   stats = compiled.memory_analysis()
   return float(stats.temp_size_in_bytes + stats.argument_size_in_bytes + stats.output_size_in_bytes)
 
 
-def bench(model, params, batch, length, names, repeats, max_gb, vocab):
-  """{name: Result} for the steps in ``names``, timed interleaved on the same batch."""
-  ids, mask, labels = make_batch(vocab, batch, length)
-  steps = make_steps(model)
+def bench(model, params, batch, length, names, repeats, max_gb, vocab, data=None, sketch_dims=()):
+  """{name: Result} for the steps in ``names``, timed interleaved on the same batch
+  (``data`` = (ids, mask, labels), default random tokens)."""
+  ids, mask, labels = make_batch(vocab, batch, length) if data is None else data
+  steps = make_steps(model, sketch_dims=sketch_dims)
   compiled, results = {}, {}
   for name in names:
     step, opt = steps[name]
     state = opt.init(params)
-    exe = jax.jit(step).lower(params, state, ids, mask, labels).compile()
-    peak, flops = peak_bytes(exe), gflops(exe)
+    blocking = unblocked_gram() if name == "factored_unblocked" else contextlib.nullcontext()
+    with blocking:
+      exe = jax.jit(step).lower(params, state, ids, mask, labels).compile()
+    peak, flops = peak_bytes(exe), counted_gflops(exe, step, params, state, ids, mask, labels)
     if peak > max_gb * GB:
       results[name] = [None, peak, flops, f"not run: needs ~{peak / GB:.1f} GB > {max_gb:g} GB"]
       continue
@@ -157,11 +238,13 @@ def target_lines(results) -> list[str]:
   return lines
 
 
-def breakdown(model, params, batch, length, repeats, vocab) -> list[str]:
-  """Rows timing the parts of the factored proximal step against SGD's gradient."""
+def breakdown(model, params, batch, length, repeats, vocab, sketch_dim) -> list[str]:
+  """Rows timing the parts of the factored proximal step against SGD's gradient, with the
+  FLOPs of each part (XLA's count) next to its time."""
   ids, mask, labels = make_batch(vocab, batch, length)
   per_example_loss = make_steps(model)["per_example_loss"]
   prox = nearprox.proximal_sgd(1e-3, 1e-3, damping_mode="relative")
+  sketched = nearprox.proximal_sgd(1e-3, 1e-3, damping_mode="relative", sketch_dim=sketch_dim)
   state = prox.init(params)
   capture = jax.jit(
       lambda p: nearprox.per_example_value_and_grads(
@@ -169,36 +252,293 @@ def breakdown(model, params, batch, length, repeats, vocab) -> list[str]:
       )
   )
   factors_ = capture(params)[1]
+  count = jnp.zeros((), jnp.int32)
+  coeffs = jnp.full((batch,), 1.0 / batch)
+
+  def sketch_gram(f, c):
+    return sketch.estimated_gram(sketch.sketch_per_example(f, c, sketch_dim))
+
+  def combine_factored(f, c):  # every kernel as Aᵀ(c∘Δ), as in the sketched step
+    return spectral_filter.combine(sketch.sketch_per_example(f, count, sketch_dim).for_combine, c)
+
   parts = {
-      "forward (loss only)": (
-          jax.jit(lambda p: per_example_loss(p, ids, mask, labels).mean()),
-          (params,),
-      ),
+      "forward (loss only)": (lambda p: per_example_loss(p, ids, mask, labels).mean(), (params,)),
       "SGD: value_and_grad of the mean loss": (
-          jax.jit(jax.value_and_grad(lambda p: per_example_loss(p, ids, mask, labels).mean())),
+          jax.value_and_grad(lambda p: per_example_loss(p, ids, mask, labels).mean()),
           (params,),
       ),
       "factored: capture (forward + backward, factors)": (capture, (params,)),
-      "factored: Gram K of the factors": (jax.jit(spectral_filter.gram_matrix), (factors_,)),
+      # Two function objects: jit caches traces by function, and the blocking is traced.
+      "factored: exact Gram K, per-example kernel gradients formed whole": (
+          lambda f: spectral_filter.gram_matrix(f),
+          (factors_,),
+      ),
+      "factored: exact Gram K, G formed in cached blocks (default)": (
+          lambda f: spectral_filter.gram_matrix(f),
+          (factors_,),
+      ),
+      f"sketched: K̂ (sketch_dim={sketch_dim})": (sketch_gram, (factors_, count)),
+      "combine: Aᵀ(c∘Δ) for every kernel": (combine_factored, (factors_, coeffs)),
       "factored: proximal update (Gram + solve + combine)": (
-          jax.jit(lambda f, s, p: prox.update(f, s, p)[0]),
+          lambda f, s, p: prox.update(f, s, p)[0],
           (factors_, state, params),
       ),
+      f"sketched: proximal update (sketch_dim={sketch_dim})": (
+          lambda f, s, p: sketched.update(f, s, p)[0],
+          (factors_, sketched.init(params), params),
+      ),
   }
-  best = {}
+  compiled, best, flops = {}, {}, {}
   for name, (fn, call_args) in parts.items():
-    jax.block_until_ready(fn(*call_args))
+    blocking = unblocked_gram() if "formed whole" in name else contextlib.nullcontext()
+    with blocking:
+      compiled[name] = jax.jit(fn).lower(*call_args).compile()
+    flops[name] = counted_gflops(compiled[name], fn, *call_args)
+    jax.block_until_ready(compiled[name](*call_args))
     best[name] = float("inf")
   for _ in range(repeats):
-    for name, (fn, call_args) in parts.items():
+    for name, (_, call_args) in parts.items():
       start = time.perf_counter()
-      jax.block_until_ready(fn(*call_args))
+      jax.block_until_ready(compiled[name](*call_args))
       best[name] = min(best[name], time.perf_counter() - start)
-  base = best["SGD: value_and_grad of the mean loss"]
+  base = "SGD: value_and_grad of the mean loss"
   return [
-      f"| {name} | {seconds * 1e3:.0f} ms | {seconds / base:.2f}× |"
+      f"| {name} | {seconds * 1e3:.0f} ms | {seconds / best[base]:.2f}× | "
+      f"{flops[name] / flops[base]:.2f}× |"
       for name, seconds in best.items()
   ]
+
+
+def _flat_cosine(x, y):
+  dot = sum(jnp.vdot(a.astype(jnp.float32), b.astype(jnp.float32)) for a, b in zip(x, y))
+  norm = lambda t: jnp.sqrt(sum(jnp.vdot(a.astype(jnp.float32), a.astype(jnp.float32)) for a in t))
+  return dot / (norm(x) * norm(y))
+
+
+def sketch_accuracy(model, params, data, sketch_dims, counts=3, error_counts=10, damping=0.1):
+  """{k: metrics} of the sketched filter against the exact one on one batch.
+
+  Metrics: the minimum over ``counts`` sketch seeds (step counts 0, 1, …) of cos(d̂, d) for
+  (filter, weights) in {tikhonov, natural} × {uniform, iEF}, at relative damping ``damping``;
+  the root-mean-square over ``error_counts`` seeds of ‖K̂ − K‖_F/‖K‖_F and of the same
+  restricted to the sketched leaves, and the bound √(Σ c·tr(K_leaf)²)/‖K‖_F on the first
+  (docs/method.md §2.9).
+  """
+  ids, mask, labels = data
+  per_example_loss = make_steps(model)["per_example_loss"]
+  grads = jax.jit(
+      lambda p: factored_grads.factored_value_and_grads(per_example_loss, p, ids, mask, labels)[1]
+  )(params)
+  logits = jax.jit(
+      lambda p: model.apply({"params": p}, ids, attention_mask=mask, deterministic=True).logits
+  )(params)
+  ief = objectives.cross_entropy_logit_grad_sq_norm(logits, labels)
+  settings = [(f, w) for f in ("tikhonov", "natural") for w in ("uniform", "iEF")]
+
+  @functools.partial(jax.jit, static_argnames=("filter", "weighted", "sketch_dim"))
+  def direction(grads, count, filter, weighted, sketch_dim):
+    tx = nearprox.scale_by_proximal(
+        damping, filter=filter, damping_mode="relative", sketch_dim=sketch_dim
+    )
+    state = tx.init(None)._replace(count=count)
+    d, _ = tx.update(grads, state, example_weights=ief if weighted else None)
+    return jax.tree.leaves(d)
+
+  cosine = jax.jit(_flat_cosine)
+  zero = jnp.zeros((), jnp.int32)
+  exact = {(f, w): direction(grads, zero, f, w == "iEF", None) for f, w in settings}
+  leaf_grams = jax.jit(
+      lambda g: [spectral_filter.gram_matrix([x]) for _, x in spectral_filter.per_example_leaves(g)]
+  )(grads)
+  leaf_grams = [np.asarray(k, np.float64) for k in leaf_grams]
+  gram = sum(leaf_grams)
+  gram_norm = np.linalg.norm(gram)
+  out = {}
+  for k in sketch_dims:
+    factors = sketch.variance_factors(grads, k)
+    sketched_exact = sum(
+        (g for g, c in zip(leaf_grams, factors) if c is not None), np.zeros_like(gram)
+    )
+    bound = np.sqrt(sum(c * np.trace(g) ** 2 for g, c in zip(leaf_grams, factors) if c))
+    estimate = jax.jit(lambda g, c, k=k: sketch.sketch_per_example(g, c, k).features)
+    cosines = {setting: [] for setting in settings}
+    errors, sketched_errors = [], []
+    for count in range(max(counts, error_counts)):
+      count = jnp.asarray(count, jnp.int32)
+      phi = np.asarray(estimate(grads, count), np.float64)
+      error = np.sum((phi @ phi.T - sketched_exact) ** 2)
+      errors.append(error / gram_norm**2)
+      sketched_errors.append(error / max(np.sum(sketched_exact**2), 1e-30))
+      if int(count) >= counts:
+        continue
+      for f, w in settings:
+        d_hat = direction(grads, count, f, w == "iEF", k)
+        cosines[(f, w)].append(float(cosine(d_hat, exact[(f, w)])))
+    out[k] = {
+        "sketched": sum(c is not None for c in factors),
+        "features": int(phi.shape[1]),
+        "cos": {setting: min(values) for setting, values in cosines.items()},
+        "error": float(np.sqrt(np.mean(errors))),
+        "sketched_error": float(np.sqrt(np.mean(sketched_errors))),
+        "bound": float(bound / gram_norm),
+        "sketched_share": float(np.trace(sketched_exact) / np.trace(gram)),
+    }
+  return out
+
+
+def _count_sketch(x, key, k):
+  """[..., d] -> [..., k]: each coordinate added, with a random sign, into a random bucket."""
+  buckets = jax.random.randint(jax.random.fold_in(key, 0), (x.shape[-1],), 0, k)
+  signs = jax.random.rademacher(jax.random.fold_in(key, 1), (x.shape[-1],), x.dtype)
+  moved = jnp.moveaxis(x * signs, -1, 0)
+  return jnp.moveaxis(jax.ops.segment_sum(moved, buckets, num_segments=k), 0, -1)
+
+
+def _gaussian_kronecker(a, d, key, k1, k2):
+  s1 = jax.random.normal(jax.random.fold_in(key, 0), (a.shape[-1], k1)) / np.sqrt(k1)
+  s2 = jax.random.normal(jax.random.fold_in(key, 1), (d.shape[-1], k2)) / np.sqrt(k2)
+  return jnp.einsum("btr,bts->brs", a @ s1, d @ s2).reshape(a.shape[0], -1)
+
+
+def _count_kronecker(a, d, key, k1, k2):
+  x = _count_sketch(a, jax.random.fold_in(key, 0), k1)
+  y = _count_sketch(d, jax.random.fold_in(key, 1), k2)
+  return jnp.einsum("btr,bts->brs", x, y).reshape(a.shape[0], -1)
+
+
+def _tensor_sketch(a, d, key, k1, k2):
+  """TensorSketch (Pham & Pagh 2013): count sketches of a and δ to k = k₁k₂ buckets, multiplied
+  in Fourier space (a circular convolution: the sketch of a ⊗ δ), summed over positions."""
+  k = k1 * k2
+  fa = jnp.fft.rfft(_count_sketch(a, jax.random.fold_in(key, 0), k), axis=-1)
+  fd = jnp.fft.rfft(_count_sketch(d, jax.random.fold_in(key, 1), k), axis=-1)
+  return jnp.fft.irfft(jnp.sum(fa * fd, axis=1), n=k, axis=-1)
+
+
+SKETCH_FAMILIES = {
+    "Kronecker, Rademacher S₁, S₂ (the library's)": sketch.kronecker_features,
+    "Kronecker, Gaussian S₁, S₂": _gaussian_kronecker,
+    "Kronecker, count sketches S₁, S₂": _count_kronecker,
+    "TensorSketch (count sketches + FFT)": _tensor_sketch,
+}
+
+
+def family_rows(model, params, data, sketch_dims, repeats, seeds=5) -> list[str]:
+  """Rows comparing sketch families at equal k on the MiniLM batch's dense kernels (those the
+  library sketches at that k): the time to compute K̂'s sketched part, and its relative error
+  (root-mean-square over ``seeds``)."""
+  ids, mask, labels = data
+  per_example_loss = make_steps(model)["per_example_loss"]
+  grads = jax.jit(
+      lambda p: factored_grads.factored_value_and_grads(per_example_loss, p, ids, mask, labels)[1]
+  )(params)
+  rows = []
+  for k in sketch_dims:
+    flags = sketch.sketched_leaves(grads, k)
+    kernels = [
+        leaf
+        for (path, leaf) in spectral_filter.per_example_leaves(grads)
+        if flags[path] and isinstance(leaf, layer_factors.DenseFactor)
+    ]
+    exact = np.asarray(jax.jit(spectral_filter.gram_matrix)(kernels), np.float64)
+    compiled = {}
+    for name, features in SKETCH_FAMILIES.items():
+
+      def gram(kernels, key, features=features):
+        total = 0.0
+        for index, leaf in enumerate(kernels):
+          k1, k2 = sketch.side_dims(*leaf.matrix_shape, k)
+          phi = features(leaf.inputs, leaf.cotangents, jax.random.fold_in(key, index), k1, k2)
+          total = total + phi @ phi.T
+        return total
+
+      compiled[name] = jax.jit(gram).lower(kernels, jax.random.key(0)).compile()
+    best = {name: float("inf") for name in compiled}
+    errors = {name: [] for name in compiled}
+    for seed in range(max(seeds, repeats)):
+      for name, exe in compiled.items():
+        start = time.perf_counter()
+        estimate = np.asarray(jax.block_until_ready(exe(kernels, jax.random.key(seed))), np.float64)
+        best[name] = min(best[name], time.perf_counter() - start)
+        if seed < seeds:
+          errors[name].append(np.sum((estimate - exact) ** 2) / np.sum(exact**2))
+    base = best[next(iter(best))]
+    for name in compiled:
+      rows.append(
+          f"| {k} | {len(kernels)} | {name} | {best[name] * 1e3:.0f} ms | "
+          f"{best[name] / base:.2f}× | {np.sqrt(np.mean(errors[name])):.3f} |"
+      )
+  return rows
+
+
+SKETCH_HEADER = [
+    "| k | leaves sketched | their share of trace(K) | features / example | time | × SGD "
+    "| FLOPs × SGD | peak memory | × SGD | cos tikhonov | cos natural | cos tikhonov, iEF "
+    "| cos natural, iEF | ‖K̂−K‖/‖K‖ | bound | sketched leaves' ‖K̂−K‖/‖K‖ |",
+    "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+]
+
+
+def sketch_rows(results, accuracy, sketch_dims) -> list[str]:
+  sgd, exact = results["sgd"], results["factored"]
+  rows = [
+      f"| exact | 0 | 0 | – | {fmt_time(exact)} | {fmt_ratio(exact, sgd)} | "
+      f"{exact[2] / sgd[2]:.2f}× | {exact[1] / GB:.2f} GB | {exact[1] / sgd[1]:.2f}× "
+      "| 1 | 1 | 1 | 1 | 0 | 0 | 0 |"
+  ]
+  for k in sketch_dims:
+    r, a = results[f"sketch{k}"], accuracy[k]
+    cos = " | ".join(f"{a['cos'][s]:.4f}" for s in a["cos"])
+    rows.append(
+        f"| {k} | {a['sketched']} | {a['sketched_share']:.1%} | {a['features']:,} | "
+        f"{fmt_time(r)} | {fmt_ratio(r, sgd)} | {r[2] / sgd[2]:.2f}× | {r[1] / GB:.2f} GB | "
+        f"{r[1] / sgd[1]:.2f}× | {cos} | {a['error']:.4f} | {a['bound']:.4f} | "
+        f"{a['sketched_error']:.3f} |"
+    )
+  return rows
+
+
+def sketch_target_lines(results, accuracy, sketch_dims) -> list[str]:
+  """Issue #14's targets (MiniLM, B=32, T=64, real text), checked at every k."""
+  sgd = results["sgd"]
+  verdict = lambda ok: "met" if ok else "**missed**"
+  lines = [
+      "Targets, per k: step ≤ 1.15× SGD's time, peak memory ≤ 1.2× SGD's, and cos(d̂, d) ≥ 0.99 "
+      "for both filters with uniform and iEF weights (the worst of the four):",
+      "",
+  ]
+  for k in sketch_dims:
+    time_ratio = results[f"sketch{k}"][0] / sgd[0]
+    memory = results[f"sketch{k}"][1] / sgd[1]
+    worst = min(accuracy[k]["cos"].values())
+    lines.append(
+        f"- k = {k}: time {time_ratio:.2f}× → {verdict(time_ratio <= 1.15)}; memory "
+        f"{memory:.2f}× → {verdict(memory <= 1.2)}; cos {worst:.4f} → {verdict(worst >= 0.99)}"
+        f" (‖K̂−K‖/‖K‖ = {accuracy[k]['error']:.4f})"
+    )
+  return lines
+
+
+def sketch_section(title, model, params, data, sketch_dims, repeats, max_gb, note) -> list[str]:
+  """The sketch table of one setting (and the targets for MiniLM)."""
+  names = ("sgd", "factored", *(f"sketch{k}" for k in sketch_dims))
+  batch, length = data[0].shape
+  results = bench(
+      model, params, batch, length, names, repeats, max_gb, None, data=data, sketch_dims=sketch_dims
+  )
+  skipped = [name for name in names if results[name][0] is None]
+  if skipped:
+    return [f"### {title}", "", f"not run: {'; '.join(results[n][3] for n in skipped)}", ""], None
+  accuracy = sketch_accuracy(model, params, data, sketch_dims)
+  return [
+      f"### {title}",
+      "",
+      f"- data: {note}.",
+      "",
+      *SKETCH_HEADER,
+      *sketch_rows(results, accuracy, sketch_dims),
+      "",
+  ], (results, accuracy)
 
 
 def fmt_time(result):
@@ -215,6 +555,7 @@ def fmt_ratio(result, base):
 LABELS = (
     ("sgd", "(i) SGD"),
     ("factored", "(ii) proximal, factored (default)"),
+    ("factored_unblocked", "(ii-a) the same, per-example kernel gradients formed whole"),
     ("factored_kept", "(ii-b) proximal, factored, kernel_combine='materialized'"),
     ("vmap", "(iii) proximal, vmap"),
 )
@@ -241,10 +582,14 @@ def header(command: str) -> list[str]:
       f"- machine: {platform.machine()} {platform.processor() or platform.platform()}, "
       f"{os.cpu_count()} CPUs, jax {jax.__version__}, devices {jax.devices()}",
       f"- command: `{command}`",
+      f"- load average when the run started: {os.getloadavg()[0]:.2f} on {os.cpu_count()} CPUs "
+      "(other processes may share them; interleaved repeats slow every step alike).",
       "- time: min over interleaved repeats after compile; memory: XLA memory_analysis() "
       "temp + argument + output bytes of the jitted step; dropout off; proximal step = "
       "nearprox.proximal_sgd(damping=1e-3, damping_mode='relative').",
-      "- FLOPs: XLA cost_analysis() of the compiled step (deterministic); wall times on a shared "
+      "- FLOPs: XLA cost_analysis() of the compiled step (deterministic; a step with the exact "
+      "Gram in blocks is counted on its unblocked twin, as XLA counts a loop body once); wall "
+      "times on a shared "
       "machine are noisy, compare them with the FLOPs column. Lower bound of the factored step "
       "for the dense kernels: (4T + B)/(3T) × SGD with the factored combine, (3T + B)/(3T) with "
       "kernel_combine='materialized' (nearprox/factored_grads.py docstring).",
@@ -255,6 +600,7 @@ def header(command: str) -> list[str]:
 def main(argv) -> None:
   del argv
   repeats = _REPEATS.value or (3 if _QUICK.value else 5)
+  sketch_dims = [int(k) for k in _SKETCH_DIMS.value]
   lines = header(" ".join(["python -m experiments.bench_step", *sys.argv[1:]]))
   lines += [
       "## Step time and peak memory, relative to SGD",
@@ -262,59 +608,114 @@ def main(argv) -> None:
       "| setting | step | time | × SGD | FLOPs × SGD | peak memory | × SGD | note |",
       "|---|---|---|---|---|---|---|---|",
   ]
+  steps = ("sgd", "factored", "factored_unblocked", "factored_kept", "vmap")
 
-  minilm, minilm_params, _ = models.load_pretrained("minilm", num_labels=2)
+  minilm, minilm_params, tokenizer = models.load_pretrained("minilm", num_labels=2)
   vocab = minilm.config.vocab_size
-  results = bench(
-      minilm,
-      minilm_params,
-      32,
-      64,
-      ("sgd", "factored", "factored_kept", "vmap"),
-      repeats,
-      _MAX_GB.value,
-      vocab,
-  )
+  results = bench(minilm, minilm_params, 32, 64, steps, repeats, _MAX_GB.value, vocab)
   lines += comparison_rows("MiniLM-L6 (22.7M params), B=32, T=64", results)
-  lines += ["", *target_lines(results)]
-  lines += [
-      "",
-      "## Where the factored step's time goes (MiniLM, B=32, T=64)",
-      "",
-      "| part | time | × SGD value_and_grad |",
-      "|---|---|---|",
-  ]
-  lines += breakdown(minilm, minilm_params, 32, 64, repeats, vocab)
-  lines += [
-      "",
-      "The Gram's FLOPs are B·T·P (per-example kernel gradients) + B²·P (G Gᵀ) "
-      "over the P dense-kernel parameters, i.e. (T + B)/(3T) = 0.5 of a "
-      "value_and_grad's 3·B·T·P at B=32, T=64; the table shows what it costs in time "
-      "on this machine.",
-      "",
-  ]
   print("\n".join(lines), flush=True)
 
+  base = base_params = None
   if not _QUICK.value and _BERT_BASE.value:
     config = models.BertConfig(num_labels=2)  # BERT-base: 12 layers, hidden 768, FFN 3072
     base = models.BertForSequenceClassification(config)
     base_params = models.init_params(base, jax.random.key(0), 2, 8)
     for batch in (32, 8):
-      results = bench(
+      base_results = bench(
           base,
           base_params,
           batch,
           128,
-          ("sgd", "factored", "factored_kept", "vmap"),
+          steps,
           max(2, repeats // 2),
           _MAX_GB.value,
           config.vocab_size,
       )
-      if results["factored"][0] is not None:
+      if base_results["factored"][0] is not None:
         break
-    row = comparison_rows(f"BERT-base shapes (random weights), B={batch}, T=128", results)
+    row = comparison_rows(f"BERT-base shapes (random weights), B={batch}, T=128", base_results)
     lines += row
     print("\n".join(row), flush=True)
+
+  start = len(lines)
+  lines += ["", *target_lines(results)]
+  sketch_dim = sketch_dims[len(sketch_dims) // 2]
+  lines += [
+      "",
+      "## Where the factored step's time goes (MiniLM, B=32, T=64)",
+      "",
+      "| part | time | × SGD value_and_grad | FLOPs × SGD value_and_grad |",
+      "|---|---|---|---|",
+  ]
+  lines += breakdown(minilm, minilm_params, 32, 64, repeats, vocab, sketch_dim)
+  lines += [
+      "",
+      "The exact Gram's FLOPs are B·T·P (per-example kernel gradients) + B²·P (G Gᵀ) over the "
+      "P dense-kernel parameters, (T + B)/(3T) = 0.5 of a value_and_grad's 3·B·T·P at B=32, "
+      "T=64. Formed whole, G (B·d_in·d_out numbers per layer) goes to memory and back between "
+      "the two products; the default forms it in blocks of columns of its longer side that stay in cache "
+      "(nearprox/layer_factors.py, docs/method.md §2.7). Time ratios above their FLOP ratios "
+      "are throughput the part loses against SGD's own matmuls on this machine.",
+      "",
+  ]
+  print("\n".join(lines[start:]), flush=True)
+
+  start = len(lines)
+  lines += [
+      "## Estimated Gram: scale_by_proximal(sketch_dim=k)",
+      "",
+      "Each sketched leaf contributes Φ Φᵀ (Φ its Kronecker sketch, k₁·k₂ ≈ k features per "
+      "example); leaves whose exact Gram is cheaper stay exact (docs/method.md §2.9). Times and "
+      "memory as above; cos(d̂, d) between the sketched and the exact filtered gradient at "
+      "relative damping 0.1, minimum over three sketch seeds (step counts); ‖K̂−K‖/‖K‖: "
+      "root-mean-square over ten seeds, next to its bound √(Σ c·tr(K_leaf)²)/‖K‖ from the "
+      "variance bound, and the same error relative to the sketched leaves' own part of K.",
+      "",
+  ]
+  data = text_batch(tokenizer, 32, 64, _DATA_DIR.value)
+  section, measured = sketch_section(
+      "MiniLM-L6, B=32, T=64",
+      minilm,
+      minilm_params,
+      data[:3],
+      sketch_dims,
+      repeats,
+      _MAX_GB.value,
+      data[3],
+  )
+  lines += section
+  if measured is not None:
+    lines += [*sketch_target_lines(*measured, sketch_dims), ""]
+  lines += [
+      "#### Sketch families at equal k (the same batch's dense kernels)",
+      "",
+      "Time to compute the sketched kernels' part of K̂ (all of them, one jitted function; × the "
+      "library's family) and its error relative to their exact part (root-mean-square over five "
+      "seeds). Each family has k₁k₂ features per kernel (docs/method.md §2.9).",
+      "",
+      "| k | kernels | family | time | × library's | ‖K̂−K‖/‖K‖ (sketched kernels) |",
+      "|---|---|---|---|---|---|",
+      *family_rows(minilm, minilm_params, data[:3], [int(k) for k in _FAMILY_DIMS.value], repeats),
+      "",
+  ]
+  print("\n".join(lines[start:]), flush=True)
+
+  if base is not None:
+    bert_dims = [int(k) for k in _BERT_SKETCH_DIMS.value]
+    ids, mask, labels = make_batch(base.config.vocab_size, 32, 128)
+    section, _ = sketch_section(
+        "BERT-base shapes (random weights), B=32, T=128",
+        base,
+        base_params,
+        (ids, mask, labels),
+        bert_dims,
+        max(2, repeats // 2),
+        _MAX_GB.value,
+        "random tokens and random weights (a pretrained BERT-base is not stored here)",
+    )
+    lines += section
+    print("\n".join(section), flush=True)
 
   if not _QUICK.value and _SCALING.value:
     lines += [

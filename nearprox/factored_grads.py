@@ -57,8 +57,9 @@ Assumptions.
 Cost: for the dense kernels the step does between (3T + B)/(3T) and (4T + B)/(3T) times the
 multiply-adds of an SGD step (``kernel_combine="materialized"`` and ``"factored"``;
 docs/method.md §2.7). Communication of ``gram="global"``: every device all-gathers the
-factored pytree; :func:`encoder_gathered_numbers` is the formula for a BERT classifier and
-:func:`gathered_bytes_per_device` measures any model from shapes (docs/method.md §2.8).
+factored pytree (with ``sketch_dim``, the sketched kernels' features in place of their
+factors); :func:`encoder_gathered_numbers` is the formula for a BERT classifier and
+:func:`gathered_bytes_per_device` measures any model from shapes (docs/method.md §2.8, §2.9).
 """
 
 from __future__ import annotations
@@ -74,7 +75,7 @@ import numpy as np
 from flax.core import meta, tracers
 from jax.extend import core as jex_core
 
-from nearprox import layer_factors
+from nearprox import layer_factors, sketch
 from nearprox.spectral_filter import compute_dtype
 
 _DENSE_TYPES = (nn.Dense, nn.DenseGeneral)
@@ -468,13 +469,26 @@ def leaf_kinds(loss_fn: Callable, params, *args) -> dict[str, str]:
 
 
 def encoder_gathered_numbers(
-    num_layers: int, hidden: int, ffn: int, length: int, num_labels: int
+    num_layers: int,
+    hidden: int,
+    ffn: int,
+    length: int,
+    num_labels: int,
+    sketch_features: int | None = None,
 ) -> int:
   """Numbers per example that ``gram="global"`` gathers for a BERT sequence classifier
-  (the formula of docs/method.md §2.8)."""
+  (the formula of docs/method.md §2.8).
+
+  ``sketch_features``: with ``scale_by_proximal(sketch_dim=k)``, the k₁·k₂ features of each
+  attention and FFN kernel (``nearprox.sketch.side_dims``; 4096 for k = 4096 at BERT's
+  shapes), gathered instead of those kernels' factors, when all of them are sketched
+  (docs/method.md §2.9).
+  """
   h, f, t = hidden, ffn, length
+  kernels = t * (4 * 2 * h + 2 * (h + f)) if sketch_features is None else 6 * sketch_features
   return (
-      t * (num_layers * (4 * 2 * h + 2 * (h + f)) + 3 * (h + 1))
+      num_layers * kernels
+      + t * 3 * (h + 1)
       + num_layers * (5 * h + f + 4 * h)
       + 3 * h
       + (h + 2 * num_labels)
@@ -482,9 +496,21 @@ def encoder_gathered_numbers(
   )
 
 
-def gathered_bytes_per_device(loss_fn: Callable, params, *args) -> int:
-  """Bytes one device contributes to ``gram="global"``'s all-gather of the factored gradients
-  of ``loss_fn(params, *args)`` (shapes only, via ``jax.eval_shape``); each device receives
-  (n − 1) times this."""
-  shapes = jax.eval_shape(lambda p, *a: factored_value_and_grads(loss_fn, p, *a)[1], params, *args)
-  return layer_factors.factor_nbytes(shapes)
+def gathered_bytes_per_device(
+    loss_fn: Callable, params, *args, sketch_dim: int | None = None, num_devices: int = 1
+) -> int:
+  """Bytes one device contributes to ``gram="global"``'s all-gather of the per-example
+  gradients of ``loss_fn(params, *args)`` (shapes only, via ``jax.eval_shape``); each device
+  receives (n − 1) times this. Without a sketch: the factored pytree. With ``sketch_dim``:
+  the sketched features and the exact leaves' factors, with the choices made for the global
+  batch of ``num_devices`` devices (docs/method.md §2.9)."""
+
+  def gathered(p, *a):
+    grads = factored_value_and_grads(loss_fn, p, *a)[1]
+    if sketch_dim is None:
+      return grads
+    batch = _batch_size(loss_fn, p, a) * num_devices
+    parts = sketch.sketch_per_example(grads, jnp.zeros((), jnp.int32), sketch_dim, batch)
+    return parts.features, parts.exact
+
+  return layer_factors.factor_nbytes(jax.eval_shape(gathered, params, *args))

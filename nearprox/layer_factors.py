@@ -1,5 +1,7 @@
 """Factored per-example gradients of dense and embedding layers (leaves of the fast path).
 
+The mathematics and the cost trade-offs are in docs/method.md §2.1–§2.4.
+
 A dense layer applied to a sequence of T positions, with inputs a_i (T × d_in) and output
 cotangents δ_i (T × d_out) for example i, has the per-example kernel gradient g_i = a_iᵀ δ_i.
 :class:`DenseFactor` keeps (a, δ) instead of the B × d_in × d_out gradients and implements
@@ -8,7 +10,10 @@ the two operations of :class:`nearprox.spectral_filter.PerExampleFactor`:
 * Gram: ⟨g_i, g'_j⟩ = Σ_{t,s} (a_it·a'_js)(δ_it·δ'_js) = sum((A_i A'_jᵀ) ∘ (Δ_i Δ'_jᵀ)), the
   "ghost" formula, ~B·B'·T·T'·(d_in+d_out) multiply-adds; or materialize each side's g_i
   (B·T·d_in·d_out) and take G G'ᵀ (B·B'·d_in·d_out). :func:`dense_gram_method` picks the
-  cheaper from the static shapes; both are float32 at HIGHEST precision.
+  cheaper from the static shapes; both are float32 at HIGHEST precision. A large G is formed
+  in cache-sized blocks of columns (``GRAM_BLOCK_NUMBERS``), each multiplied into K at once.
+* Sketch (``scale_by_proximal(sketch_dim=k)``): the Kronecker sketch (A_iS₁)ᵀ(Δ_iS₂) of
+  :mod:`nearprox.sketch`, when it costs less than the exact Gram (:meth:`DenseFactor.sketch`).
 * combine: Σ_i c_i g_i = Aᵀ(c ∘ Δ), one contraction over all B·T positions
   (B·T·d_in·d_out); or, with ``combine_method="materialized"``, cᵀG from the G that the
   materializing Gram computed (B·d_in·d_out, but G stays alive until the combine).
@@ -20,6 +25,7 @@ g_i = Σ_t e_{tok_it} δ_itᵀ. :class:`EmbedFactor` keeps (tok, δ):
   inputs), or materialize the [B, V, D] gradients when the table is small (position and
   token-type tables); chosen by :func:`embed_gram_method`.
 * combine: a scatter-add of c_i δ_it into rows tok_it.
+* no sketch: a table keeps its exact Gram under ``sketch_dim`` (docs/method.md §2.9).
 
 A layer called several times (a shared module) contributes Σ_calls a_callᵀ δ_call, which is
 again of the form Aᵀ Δ with the calls' positions concatenated along the T axis, so one factor
@@ -39,6 +45,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from nearprox import sketch as sketch_lib
 from nearprox.spectral_filter import PerExampleFactor, compute_dtype
 
 _HIGHEST = jax.lax.Precision.HIGHEST
@@ -63,7 +70,8 @@ def dense_gram_method(
   ghost:       B·B'·T·T'·(d_in + d_out)
   materialize: (B·T + B'·T')·d_in·d_out (only B·T·d_in·d_out when both sides are the same
                examples) + B·B'·d_in·d_out
-  Ghost wins roughly when 2·B·T² < d_in·d_out (DESIGN.md §2).
+  For one batch against itself, ghost wins when B·T²·(d_in + d_out) < (T + B)·d_in·d_out
+  (docs/method.md §2.2; its memory crossover is 2·B·T² < d_in·d_out, not used here).
   """
   ghost = batch * other_batch * length * other_length * (d_in + d_out)
   per_example = batch * length if same else batch * length + other_batch * other_length
@@ -85,6 +93,66 @@ def embed_gram_method(
   rows = batch if same else batch + other_batch
   materialize = (rows + batch * other_batch) * num_embeddings * features
   return "ghost" if ghost <= materialize else "materialize"
+
+
+# The materializing Gram forms the per-example kernel gradients G (B·d_in·d_out numbers) in
+# blocks of columns of its longer side, of about GRAM_BLOCK_NUMBERS numbers each, when G has
+# more than GRAM_BLOCKED_ABOVE numbers: a block is multiplied into K while it is still in cache
+# instead of G going to memory and back (docs/method.md §2.7). GRAM_BLOCK_NUMBERS = 0 turns
+# the blocking off.
+GRAM_BLOCK_NUMBERS = 1 << 22
+GRAM_BLOCKED_ABOVE = 1 << 23
+
+
+def _gram_blocks(batch: int, d_in: int, d_out: int) -> int:
+  """Number of blocks of the materializing Gram along max(d_in, d_out) (1: not blocked)."""
+  if GRAM_BLOCK_NUMBERS <= 0 or batch * d_in * d_out <= GRAM_BLOCKED_ABOVE:
+    return 1
+  width = max(1, GRAM_BLOCK_NUMBERS // (batch * min(d_in, d_out)))
+  return -(-max(d_in, d_out) // width)
+
+
+def _blocked_materialized_gram(mine: DenseFactor, other: DenseFactor | None, blocks: int):
+  """Σ_c G_c G'_cᵀ over ``blocks`` blocks c of columns of the longer side of the per-example
+  gradients G_i = A_iᵀΔ_i: the materializing Gram without ever holding all of G (``other``
+  None: the same examples). ⟨G_i, G_j⟩ = ⟨G_iᵀ, G_jᵀ⟩, so a long input side is blocked by
+  exchanging the roles of A and Δ."""
+  dtype = compute_dtype(mine.cotangents.dtype)
+  swap = mine.inputs.shape[-1] > mine.cotangents.shape[-1]
+
+  def sides(factor):  # (short side, long side), float32 or wider
+    a, d = factor.inputs.astype(dtype), factor.cotangents.astype(dtype)
+    return (d, a) if swap else (a, d)
+
+  long = max(mine.inputs.shape[-1], mine.cotangents.shape[-1])
+  width = -(-long // blocks)
+
+  def split(x):  # [B, T, long] -> [blocks, B, T, width], zero-padded columns
+    if blocks * width != long:
+      x = jnp.pad(x, ((0, 0), (0, 0), (0, blocks * width - long)))
+    return jnp.moveaxis(x.reshape(x.shape[:2] + (blocks, width)), 2, 0)
+
+  def grads(short, block):
+    g = jnp.einsum("btk,btl->bkl", short, block, precision=_HIGHEST)
+    return g.reshape(g.shape[0], -1)
+
+  short, long_side = sides(mine)
+  if other is None:
+
+    def body(total, block):
+      g = grads(short, block)
+      return total + jnp.matmul(g, g.T, precision=_HIGHEST), None
+
+    xs, shape = split(long_side), (short.shape[0], short.shape[0])
+  else:
+    other_short, other_long = sides(other)
+
+    def body(total, block):
+      g, h = grads(short, block[0]), grads(other_short, block[1])
+      return total + jnp.matmul(g, h.T, precision=_HIGHEST), None
+
+    xs, shape = (split(long_side), split(other_long)), (short.shape[0], other_short.shape[0])
+  return jax.lax.scan(body, jnp.zeros(shape, dtype), xs)[0]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -144,6 +212,10 @@ class DenseFactor(PerExampleFactor):
     _check_same_kind(self, other)
     dtype = compute_dtype(self.cotangents.dtype)
     if self._method(other) == "materialize":
+      batch = max(self.inputs.shape[0], other.inputs.shape[0])
+      blocks = _gram_blocks(batch, self.inputs.shape[-1], self.cotangents.shape[-1])
+      if self.combine_method == "factored" and blocks > 1:
+        return _blocked_materialized_gram(self, None if other is self else other, blocks)
       mine = self._per_example()
       theirs = mine if other is self else other._per_example()
       return jnp.matmul(mine, theirs.T, precision=_HIGHEST)
@@ -158,6 +230,38 @@ class DenseFactor(PerExampleFactor):
         precision=_HIGHEST,
     )
     return jnp.sum(inner_a * inner_d, axis=(1, 3))
+
+  @property
+  def matrix_shape(self) -> tuple[int, int]:
+    """(d_in, d_out): the per-example gradient as the matrix the sketch multiplies."""
+    return self.inputs.shape[-1], self.cotangents.shape[-1]
+
+  def sketch(self, key: jax.Array, sketch_dim: int, batch: int) -> jax.Array | None:
+    """The Kronecker sketch (A_iS₁)ᵀ(Δ_iS₂) [B, k₁k₂] (:func:`nearprox.sketch.kronecker_features`)
+    when it costs fewer multiply-adds than the exact Gram plus the difference in combine cost
+    (a sketched kernel combines as Aᵀ(c∘Δ): a "materialized" combine would need its G), for
+    ``batch`` examples; None otherwise."""
+    _, length, d_in = self.inputs.shape
+    d_out = self.cotangents.shape[-1]
+    k1, k2 = sketch_lib.side_dims(d_in, d_out, sketch_dim)
+    if k1 >= d_in and k2 >= d_out:
+      return None  # the "sketch" would be the gradient itself
+    method = self.gram_method
+    if method == "auto":
+      method = dense_gram_method(batch, length, batch, length, d_in, d_out, True)
+    ghost = batch * batch * length * length * (d_in + d_out)
+    materialize = (batch * length + batch * batch) * d_in * d_out
+    exact = ghost if method == "ghost" else materialize
+    factored_combine = batch * length * d_in * d_out
+    kept = self.combine_method == "materialized" and method == "materialize"
+    exact += batch * d_in * d_out if kept else factored_combine
+    cost = sketch_lib.dense_sketch_cost(batch, length, d_in, d_out, k1, k2) + factored_combine
+    if cost >= exact:
+      return None
+    return sketch_lib.kronecker_features(self.inputs, self.cotangents, key, k1, k2)
+
+  def for_sketched_combine(self) -> DenseFactor:
+    return dataclasses.replace(self, combine_method="factored")
 
   def combine(self, coeffs: jax.Array) -> jax.Array:
     dtype = compute_dtype(self.cotangents.dtype)

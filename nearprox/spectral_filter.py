@@ -10,7 +10,9 @@ leaf by leaf of the parameter pytree:
   them (e.g. a dense layer's inputs a_i and output cotangents δ_i, g_i = a_iᵀ δ_i).
 
 Every array inside either form has the batch axis first, so masking, slicing and
-``all_gather`` act on examples uniformly.
+``all_gather`` act on examples uniformly. A factor may also offer random features whose Gram
+estimates its own (:meth:`PerExampleFactor.sketch`, used by ``scale_by_proximal(sketch_dim=k)``
+through :mod:`nearprox.sketch`).
 
 With the Gram matrix K = G Gᵀ (the empirical NTK of the per-example loss), mask m, optional
 example weights s ≥ 0, right-hand side w = m∘s / Σ m∘s (w = m / Σm without weights) and
@@ -58,6 +60,17 @@ class PerExampleFactor(abc.ABC):
   @abc.abstractmethod
   def combine(self, coeffs: jax.Array) -> jax.Array:
     """Σ_i coeffs_i g_i, with the shape and dtype of the parameter leaf."""
+
+  def sketch(self, key: jax.Array, sketch_dim: int, batch: int) -> jax.Array | None:
+    """Random features Φ [B, k'] with E[Φ Φᵀ] = this leaf's Gram, or None to keep the exact
+    Gram (the default; :mod:`nearprox.sketch`). ``batch`` is the batch size the cost
+    comparison is made for."""
+    del key, sketch_dim, batch
+    return None
+
+  def for_sketched_combine(self) -> PerExampleFactor:
+    """This leaf as it should combine once its Gram was sketched (default: unchanged)."""
+    return self
 
 
 def is_factor(x: Any) -> bool:

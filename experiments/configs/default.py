@@ -51,6 +51,8 @@ def get_config() -> ml_collections.ConfigDict:
   config.optimizer.weighting = "uniform"
   config.optimizer.step_size = "none"  # proximal: "none", "graft" or "quadratic"
   config.optimizer.max_update_norm = 0.0  # proximal: bound on ‖α·d‖ (before the lr); 0 disables
+  # Proximal: k features per sketched leaf for an estimated Gram (docs/method.md §2.9); 0 = exact.
+  config.optimizer.sketch_dim = 0
 
   # Objective (nearprox.text.objectives.ObjectiveConfig): None fields take the kind's defaults.
   config.objective = ml_collections.ConfigDict()

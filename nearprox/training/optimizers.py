@@ -54,6 +54,7 @@ def create_optimizer(config, num_steps: int, axis_name: str | None):
   weighting = opt.get("weighting", "uniform")
   step_size = opt.get("step_size", "none")
   max_update_norm = opt.get("max_update_norm", 0.0)
+  sketch_dim = opt.get("sketch_dim", 0)
   _check_choice(opt.name, OPTIMIZERS, "name")
   _check_choice(weighting, WEIGHTINGS, "weighting")
   _check_choice(step_size, spectral_filter.STEP_SIZES, "step_size")
@@ -86,6 +87,7 @@ def create_optimizer(config, num_steps: int, axis_name: str | None):
         gram=opt.gram if axis_name else "local",  # one device: local and global coincide
         step_size=step_size,
         max_update_norm=max_update_norm or None,
+        sketch_dim=sketch_dim,
     )
     return optax.chain(proximal, l2, sgd if opt.name == "proximal_sgd" else adamw), True
   if opt.name == "proximal_norm_sgd":
