@@ -67,6 +67,9 @@ _BERT_SKETCH_DIMS = flags.DEFINE_list(
 _FAMILY_DIMS = flags.DEFINE_list(
     "family_dims", ["256", "1024", "4096"], "k of the family comparison"
 )
+_MODEL = flags.DEFINE_string(
+    "model", "minilm", "the pretrained model of the MiniLM rows: 'minilm' or a checkpoint directory"
+)
 _DATA_DIR = flags.DEFINE_string(
     "data_dir", None, "GLUE root with SST-2/dev.tsv (default $NEARPROX_GLUE_DIR)"
 )
@@ -580,7 +583,8 @@ def header(command: str) -> list[str]:
       "# Step-time benchmark: SGD vs. proximal step (factored / vmap per-example gradients)",
       "",
       f"- machine: {platform.machine()} {platform.processor() or platform.platform()}, "
-      f"{os.cpu_count()} CPUs, jax {jax.__version__}, devices {jax.devices()}",
+      f"{os.cpu_count()} CPUs, jax {jax.__version__}, devices {jax.devices()}, float32 matmul "
+      f"precision {jax.config.jax_default_matmul_precision or 'default'}",
       f"- command: `{command}`",
       f"- load average when the run started: {os.getloadavg()[0]:.2f} on {os.cpu_count()} CPUs "
       "(other processes may share them; interleaved repeats slow every step alike).",
@@ -610,7 +614,7 @@ def main(argv) -> None:
   ]
   steps = ("sgd", "factored", "factored_unblocked", "factored_kept", "vmap")
 
-  minilm, minilm_params, tokenizer = models.load_pretrained("minilm", num_labels=2)
+  minilm, minilm_params, tokenizer = models.load_pretrained(_MODEL.value, num_labels=2)
   vocab = minilm.config.vocab_size
   results = bench(minilm, minilm_params, 32, 64, steps, repeats, _MAX_GB.value, vocab)
   lines += comparison_rows("MiniLM-L6 (22.7M params), B=32, T=64", results)

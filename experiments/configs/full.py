@@ -23,6 +23,16 @@ The tuning protocol (experiments/tuning.py), fixed here before any run:
   noisy-label study (20% and 40% flipped labels) then train AdamW and the proximal variant
   the tuning ranked first (``best_proximal``), three seeds each.
 
+Added on 2026-11-29, after 5 tuning runs and before any proximal run, without changing the
+above (studies 7 and 8 of experiments/studies.py):
+
+* ``sketch``: ``best_proximal`` on SST-2 with ``optimizer.sketch_dim = plan.sketch_dim`` (the
+  smallest k of experiments/results/bench_step.md whose cos(d̂, d) ≥ 0.99 for both filters and
+  both weightings), seeds 0, 1, 2, against the same settings with the exact Gram;
+* ``squad``: AdamW, ``best_proximal`` and SGD+momentum on SQuAD's held-out articles
+  (configs/squad.py: windows of 256 tokens, stride 64, batch 16, 600 steps), seeds 0, 1, 2,
+  each at its SST-2 choice (QA is not tuned, for any optimizer).
+
 Compute: a 600-step run takes about 10 (AdamW) to 16 (proximal) minutes on 2 CPU cores, so
 the study spans many hours; the run store resumes anywhere, and the README marks a partial
 study as partial.
@@ -32,7 +42,7 @@ study as partial.
 
 import ml_collections
 
-from experiments.configs import quick
+from experiments.configs import quick, squad
 
 PROXIMAL_VARIANTS = (
     "proximal_tikhonov",
@@ -57,7 +67,7 @@ def get_config() -> ml_collections.ConfigDict:
 def get_plan() -> ml_collections.ConfigDict:
   plan = quick.get_plan()
   plan.mode = "full"
-  plan.studies = ("optimizers", "adversarial", "noise")
+  plan.studies = ("optimizers", "sketch", "adversarial", "noise", "squad")
   plan.seeds = (0, 1, 2)
   plan.tuning = ml_collections.ConfigDict(
       {"task": "sst2", "steps": 200, "holdout_examples": 1000, "seeds": (0, 1)}
@@ -84,4 +94,10 @@ def get_plan() -> ml_collections.ConfigDict:
   plan.attack_examples = 256
   plan.noise_levels = (0.2, 0.4)
   plan.noise_optimizers = ("adamw", "best_proximal")
+  plan.sketch_dim = 1024
+  plan.qa_optimizers = ("adamw", "best_proximal", "sgd_momentum")
+  qa = squad.get_config()
+  plan.qa_settings = {
+      k: qa[k] for k in ("max_length", "doc_stride", "batch_size", "eval_batch_size", "eval_every")
+  }
   return plan

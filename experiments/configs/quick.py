@@ -77,4 +77,14 @@ def get_plan() -> ml_collections.ConfigDict:
   plan.noise_levels = (0.4,)
   plan.noise_optimizers = ("adamw", "best_proximal")
   plan.target_fraction = 0.95
+  # Studies 7 and 8 (not in this mode's plan.studies; full.py and smoke.py run them).
+  plan.sketch_dim = 1024
+  plan.qa_optimizers = ("adamw", "best_proximal")
+  plan.qa_settings = {
+      "max_length": 128,
+      "doc_stride": 32,
+      "batch_size": 8,
+      "eval_batch_size": 64,
+      "eval_every": 16,
+  }
   return plan

@@ -24,6 +24,7 @@ def get_config() -> ml_collections.ConfigDict:
 def get_plan() -> ml_collections.ConfigDict:
   plan = quick.get_plan()
   plan.mode = "smoke"
+  plan.studies = (*plan.studies, "sketch", "squad")
   plan.tuning.steps = 3
   plan.tuning.holdout_examples = 16
   plan.optimizer_variants = ("sgd", "proximal_tikhonov")
@@ -41,4 +42,13 @@ def get_plan() -> ml_collections.ConfigDict:
   plan.glue_optimizers = ("best_proximal",)
   plan.noise_levels = (0.4,)
   plan.noise_optimizers = ("best_proximal",)
+  plan.sketch_dim = 64
+  plan.qa_optimizers = ("sgd", "best_proximal")
+  plan.qa_settings = {
+      "max_length": 48,
+      "doc_stride": 16,
+      "batch_size": 8,
+      "eval_batch_size": 16,
+      "eval_every": 2,
+  }
   return plan
