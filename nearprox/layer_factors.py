@@ -99,14 +99,20 @@ def embed_gram_method(
 # blocks of columns of its longer side, of about GRAM_BLOCK_NUMBERS numbers each, when G has
 # more than GRAM_BLOCKED_ABOVE numbers: a block is multiplied into K while it is still in cache
 # instead of G going to memory and back (docs/method.md §2.7). GRAM_BLOCK_NUMBERS = 0 turns
-# the blocking off.
+# the blocking off. Only on the backends in GRAM_BLOCKED_BACKENDS: on a GPU the loop over
+# blocks made the step slower than forming G whole (experiments/results/bench_step_h200.md).
 GRAM_BLOCK_NUMBERS = 1 << 22
 GRAM_BLOCKED_ABOVE = 1 << 23
+GRAM_BLOCKED_BACKENDS = ("cpu",)
 
 
 def _gram_blocks(batch: int, d_in: int, d_out: int) -> int:
   """Number of blocks of the materializing Gram along max(d_in, d_out) (1: not blocked)."""
-  if GRAM_BLOCK_NUMBERS <= 0 or batch * d_in * d_out <= GRAM_BLOCKED_ABOVE:
+  if (
+      GRAM_BLOCK_NUMBERS <= 0
+      or batch * d_in * d_out <= GRAM_BLOCKED_ABOVE
+      or jax.default_backend() not in GRAM_BLOCKED_BACKENDS
+  ):
     return 1
   width = max(1, GRAM_BLOCK_NUMBERS // (batch * min(d_in, d_out)))
   return -(-max(d_in, d_out) // width)

@@ -442,6 +442,9 @@ def test_blocked_materializing_gram_equals_the_plain_one(monkeypatch, d_in, d_ou
   monkeypatch.setattr(layer_factors, "GRAM_BLOCKED_ABOVE", 0)
   # Blocks of 150 // (5 · 10) = 3 of the 12 columns of the long side: 4 blocks.
   assert layer_factors._gram_blocks(5, d_in, d_out) == 4
+  with monkeypatch.context() as gpu:  # other backends form G whole
+    gpu.setattr(jax, "default_backend", lambda: "gpu")
+    assert layer_factors._gram_blocks(5, d_in, d_out) == 1
   np.testing.assert_allclose(leaf.gram(leaf), plain_self, rtol=1e-5, atol=tol)
   np.testing.assert_allclose(leaf.gram(other), plain_cross, rtol=1e-5, atol=tol)
   monkeypatch.setattr(layer_factors, "GRAM_BLOCK_NUMBERS", 5 * 10 * 5)  # 3 blocks, 3 padded
