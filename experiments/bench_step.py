@@ -312,6 +312,14 @@ def breakdown(model, params, batch, length, repeats, vocab, sketch_dim) -> list[
   ]
 
 
+def batch_factored_grads(model, params, data):
+  """The factored per-example gradients of ``data`` = (ids, mask, labels)."""
+  per_example_loss = make_steps(model)["per_example_loss"]
+  return jax.jit(lambda p: factored_grads.factored_value_and_grads(per_example_loss, p, *data)[1])(
+      params
+  )
+
+
 def _flat_cosine(x, y):
   dot = sum(jnp.vdot(a.astype(jnp.float32), b.astype(jnp.float32)) for a, b in zip(x, y))
   norm = lambda t: jnp.sqrt(sum(jnp.vdot(a.astype(jnp.float32), a.astype(jnp.float32)) for a in t))
@@ -328,10 +336,7 @@ def sketch_accuracy(model, params, data, sketch_dims, counts=3, error_counts=10,
   (docs/method.md §2.9).
   """
   ids, mask, labels = data
-  per_example_loss = make_steps(model)["per_example_loss"]
-  grads = jax.jit(
-      lambda p: factored_grads.factored_value_and_grads(per_example_loss, p, ids, mask, labels)[1]
-  )(params)
+  grads = batch_factored_grads(model, params, data)
   logits = jax.jit(
       lambda p: model.apply({"params": p}, ids, attention_mask=mask, deterministic=True).logits
   )(params)
@@ -430,11 +435,7 @@ def family_rows(model, params, data, sketch_dims, repeats, seeds=5) -> list[str]
   """Rows comparing sketch families at equal k on the MiniLM batch's dense kernels (those the
   library sketches at that k): the time to compute K̂'s sketched part, and its relative error
   (root-mean-square over ``seeds``)."""
-  ids, mask, labels = data
-  per_example_loss = make_steps(model)["per_example_loss"]
-  grads = jax.jit(
-      lambda p: factored_grads.factored_value_and_grads(per_example_loss, p, ids, mask, labels)[1]
-  )(params)
+  grads = batch_factored_grads(model, params, data)
   rows = []
   for k in sketch_dims:
     flags = sketch.sketched_leaves(grads, k)

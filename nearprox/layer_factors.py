@@ -62,21 +62,30 @@ def _check_same_kind(self, other) -> None:
     )
 
 
-def dense_gram_method(
+def dense_gram_costs(
     batch: int, length: int, other_batch: int, other_length: int, d_in: int, d_out: int, same: bool
-) -> str:
-  """ "ghost" or "materialize", whichever needs fewer multiply-adds for this layer's Gram.
+) -> dict[str, int]:
+  """Multiply-adds of a dense layer's Gram by each method.
 
   ghost:       B·B'·T·T'·(d_in + d_out)
   materialize: (B·T + B'·T')·d_in·d_out (only B·T·d_in·d_out when both sides are the same
                examples) + B·B'·d_in·d_out
-  For one batch against itself, ghost wins when B·T²·(d_in + d_out) < (T + B)·d_in·d_out
-  (docs/method.md §2.2; its memory crossover is 2·B·T² < d_in·d_out, not used here).
   """
   ghost = batch * other_batch * length * other_length * (d_in + d_out)
   per_example = batch * length if same else batch * length + other_batch * other_length
-  materialize = (per_example + batch * other_batch) * d_in * d_out
-  return "ghost" if ghost <= materialize else "materialize"
+  return {"ghost": ghost, "materialize": (per_example + batch * other_batch) * d_in * d_out}
+
+
+def dense_gram_method(
+    batch: int, length: int, other_batch: int, other_length: int, d_in: int, d_out: int, same: bool
+) -> str:
+  """ "ghost" or "materialize", whichever needs fewer multiply-adds (:func:`dense_gram_costs`).
+
+  For one batch against itself, ghost wins when B·T²·(d_in + d_out) < (T + B)·d_in·d_out
+  (docs/method.md §2.2; its memory crossover is 2·B·T² < d_in·d_out, not used here).
+  """
+  costs = dense_gram_costs(batch, length, other_batch, other_length, d_in, d_out, same)
+  return "ghost" if costs["ghost"] <= costs["materialize"] else "materialize"
 
 
 def embed_gram_method(
@@ -255,9 +264,7 @@ class DenseFactor(PerExampleFactor):
     method = self.gram_method
     if method == "auto":
       method = dense_gram_method(batch, length, batch, length, d_in, d_out, True)
-    ghost = batch * batch * length * length * (d_in + d_out)
-    materialize = (batch * length + batch * batch) * d_in * d_out
-    exact = ghost if method == "ghost" else materialize
+    exact = dense_gram_costs(batch, length, batch, length, d_in, d_out, True)[method]
     factored_combine = batch * length * d_in * d_out
     kept = self.combine_method == "materialized" and method == "materialize"
     exact += batch * d_in * d_out if kept else factored_combine
