@@ -75,7 +75,7 @@ import numpy as np
 from flax.core import meta, tracers
 from jax.extend import core as jex_core
 
-from nearprox import layer_factors, sketch
+from nearprox import layer_factors, per_example, sketch
 from nearprox.spectral_filter import compute_dtype
 
 _DENSE_TYPES = (nn.Dense, nn.DenseGeneral)
@@ -279,7 +279,9 @@ def _local_per_example(call: _Call, leaves: list, x: jax.Array, delta: jax.Array
   return jax.vmap(one)(x, delta)
 
 
-def factored_value_and_grads(loss_fn: Callable, params, *args, kernel_combine: str = "auto"):
+def factored_value_and_grads(
+    loss_fn: Callable, params, *args, kernel_combine: str = "auto", has_aux: bool = False
+):
   """(losses [B], per-example gradients in factored form) of ``loss_fn(params, *args)``.
 
   Args:
@@ -294,9 +296,11 @@ def factored_value_and_grads(loss_fn: Callable, params, *args, kernel_combine: s
       "auto": "materialized" for the smallest layers, as long as the per-example gradients
       kept take no more memory in total than the kernel factors (see
       :func:`_kernel_combine_methods`).
+    has_aux: ``loss_fn`` returns ``(losses, aux)``, aux arrays with the batch axis first;
+      they come from the same forward pass (:func:`nearprox.per_example_value_and_grads`).
 
   Returns:
-    ``(losses, grads)`` where ``grads`` has the structure of ``params`` and each leaf is a
+    ``(losses, grads)`` (``((losses, aux), grads)`` with ``has_aux``) where ``grads`` has the structure of ``params`` and each leaf is a
     :class:`~nearprox.layer_factors.DenseFactor`, an :class:`~nearprox.layer_factors.EmbedFactor` or a
     dense [B, *leaf.shape] array; feed it to :func:`nearprox.scale_by_proximal`.
   """
@@ -306,8 +310,9 @@ def factored_value_and_grads(loss_fn: Callable, params, *args, kernel_combine: s
         f"got {kernel_combine!r}"
     )
   leaves, treedef = jax.tree.flatten(params)
-  batch = _batch_size(loss_fn, params, args)
-  plan = _discover(loss_fn, treedef, leaves, args, batch)
+  losses_fn = (lambda *a: loss_fn(*a)[0]) if has_aux else loss_fn
+  batch = _batch_size(losses_fn, params, args)
+  plan = _discover(losses_fn, treedef, leaves, args, batch)
   calls, kinds = plan.calls, plan.leaf_kinds
   fallback = [i for i, kind in enumerate(kinds) if kind == "fallback"]
   probed = [k for k, call in enumerate(calls) if call.probed]
@@ -338,15 +343,16 @@ def factored_value_and_grads(loss_fn: Callable, params, *args, kernel_combine: s
       return out + probe_values[probe_of[k]]
 
     with nn.intercept_methods(interceptor):
-      losses = loss_fn(jax.tree.unflatten(treedef, values), *args)
-    return losses, inputs
+      out = loss_fn(jax.tree.unflatten(treedef, values), *args)
+    losses, aux = out if has_aux else (out, None)
+    return losses, (inputs, aux)
 
   fallback_values = [leaves[i] for i in fallback]
   if not probes and not fallback:
-    losses, inputs = forward([], [])
+    losses, (inputs, aux) = forward([], [])
     deltas, per_example_fallback = [], []
   else:
-    losses, pull, inputs = jax.vjp(forward, probes, fallback_values, has_aux=True)
+    losses, pull, (inputs, aux) = jax.vjp(forward, probes, fallback_values, has_aux=True)
     deltas = pull(jnp.ones_like(losses))[0]
     per_example_fallback = []
     if fallback:
@@ -370,7 +376,11 @@ def factored_value_and_grads(loss_fn: Callable, params, *args, kernel_combine: s
   for i, kind in enumerate(kinds):
     if kind == "unused":
       grads[i] = jnp.zeros((batch,) + tuple(leaves[i].shape), leaves[i].dtype)
-  return losses, jax.tree.unflatten(treedef, grads)
+  grads = jax.tree.unflatten(treedef, grads)
+  if not has_aux:
+    return losses, grads
+  per_example.check_aux(aux, batch)
+  return (losses, aux), grads
 
 
 def _kernel_combine_methods(choice: str, shapes: list[tuple[int, int, int, int]]) -> list[str]:

@@ -11,6 +11,11 @@
   forward and one backward pass over the whole batch capture each Flax dense/embedding
   layer's inputs and output cotangents; the Gram matrix and the filtered gradient are
   computed from those factors.
+
+With ``has_aux=True`` (as in ``jax.value_and_grad``) ``loss_fn`` returns ``(losses [B],
+aux)``, every aux leaf with the batch axis first and row i depending on example i only
+(e.g. iEF weights from the clean logits of the same forward pass): it comes back beside the
+losses at no extra pass, as ``((losses, aux), grads)``.
 """
 
 from __future__ import annotations
@@ -22,19 +27,36 @@ import jax
 METHODS = ("vmap", "factored")
 
 
-def _vmap_value_and_grads(loss_fn: Callable, params, *args):
+def _vmap_value_and_grads(loss_fn: Callable, params, *args, has_aux: bool = False):
   def one_example_loss(params, *example):
     batch_of_one = jax.tree.map(lambda x: x[None], example)
-    losses = loss_fn(params, *batch_of_one)
+    losses, aux = (
+        loss_fn(params, *batch_of_one) if has_aux else (loss_fn(params, *batch_of_one), None)
+    )
     if getattr(losses, "shape", None) != (1,):
       raise ValueError(
           "loss_fn must return the vector of per-example losses, shape [B]; for a batch of "
           f"one example it returned shape {getattr(losses, 'shape', type(losses))}"
       )
-    return losses[0]
+    if not has_aux:
+      return losses[0]
+    check_aux(aux, 1)
+    return losses[0], jax.tree.map(lambda x: x[0], aux)
 
-  value_and_grad = jax.value_and_grad(one_example_loss)
+  value_and_grad = jax.value_and_grad(one_example_loss, has_aux=has_aux)
   return jax.vmap(value_and_grad, in_axes=(None,) + (0,) * len(args))(params, *args)
+
+
+def check_aux(aux, batch: int) -> None:
+  """Every leaf of ``loss_fn``'s aux output must have the batch axis (size ``batch``) first."""
+  for path, leaf in jax.tree_util.tree_flatten_with_path(aux)[0]:
+    shape = getattr(leaf, "shape", ())
+    if len(shape) == 0 or shape[0] != batch:
+      raise ValueError(
+          f"aux output {jax.tree_util.keystr(path) or '(root)'} of loss_fn has shape "
+          f"{tuple(shape)}; with has_aux=True every aux array needs the batch axis "
+          f"(size {batch}) first"
+      )
 
 
 def _check_args(args) -> None:
@@ -52,9 +74,15 @@ def _check_args(args) -> None:
 
 
 def per_example_value_and_grads(
-    loss_fn: Callable, params, *args, method: str = "vmap", **factored_options
+    loss_fn: Callable,
+    params,
+    *args,
+    method: str = "vmap",
+    has_aux: bool = False,
+    **factored_options,
 ):
-  """(losses [B], per-example gradients) of ``loss_fn(params, *args)``.
+  """(losses [B], per-example gradients) of ``loss_fn(params, *args)``; with ``has_aux``,
+  ``((losses, aux), gradients)`` of a ``loss_fn`` returning ``(losses, aux)``.
 
   The gradients are the params pytree with a leading batch axis ("vmap") or the factored
   form ("factored"); both are accepted by :func:`nearprox.scale_by_proximal`.
@@ -67,10 +95,12 @@ def per_example_value_and_grads(
   if method == "vmap":
     if factored_options:
       raise ValueError(f"options {sorted(factored_options)} apply to method='factored' only")
-    return _vmap_value_and_grads(loss_fn, params, *args)
+    return _vmap_value_and_grads(loss_fn, params, *args, has_aux=has_aux)
   from nearprox import factored_grads  # The fast path needs Flax's interception machinery.
 
-  return factored_grads.factored_value_and_grads(loss_fn, params, *args, **factored_options)
+  return factored_grads.factored_value_and_grads(
+      loss_fn, params, *args, has_aux=has_aux, **factored_options
+  )
 
 
 def per_example_grads(loss_fn: Callable, params, *args, method: str = "vmap", **factored_options):

@@ -488,7 +488,7 @@ def test_train_step_with_ief_weights_passes_them_to_the_filter():
   model, params, batch = tiny_step_inputs()
   logits_fn = models.bert_logits_fn(model, deterministic=True)
   objective = objectives.ObjectiveConfig(kind="clean")
-  loss_fn = objectives.make_loss_at_perturbation(logits_fn, objective)
+  loss_fn = objectives.make_loss_at_perturbation(logits_fn, objective, with_ief_weights=True)
   perturbation_fn = functools.partial(
       objectives.adversarial_perturbation, logits_fn, objective, hidden_size=32
   )
@@ -504,7 +504,7 @@ def test_train_step_with_ief_weights_passes_them_to_the_filter():
       per_example=per_example,
       per_example_method="factored",
       axis_name=None,
-      example_weights_fn=objectives.make_ief_weights_fn(logits_fn),
+      loss_returns_weights=True,
   )
   new_state, metrics = jax.jit(step)(state, batch, jax.random.key(3))
 

@@ -221,6 +221,47 @@ def test_unsupported_layers_fall_back_exactly():
   assert_trees_close(filtered_jit(grads_f, params), filtered_jit(grads_v, params))
 
 
+@pytest.mark.parametrize("method", ["vmap", "factored"])
+@pytest.mark.parametrize("model", [TokenModel, UnsupportedModel])
+def test_aux_outputs_come_back_beside_the_losses(method, model):
+  """has_aux: (losses, aux) from the same forward, the gradients unchanged (factored and
+  fallback leaves alike)."""
+  model = model()
+  loss_fn, params, args = token_problem(model, vocab=12)
+  args = (args[0], args[1] % 3)
+
+  def loss_with_logits(p, ids, labels):
+    logits = model.apply({"params": p}, ids)
+    losses = optax.softmax_cross_entropy_with_integer_labels(logits, labels)
+    return losses, {"logits": logits, "max": jnp.max(logits, axis=-1)}
+
+  def both(p, *a):
+    with_aux = nearprox.per_example_value_and_grads(
+        loss_with_logits, p, *a, method=method, has_aux=True
+    )
+    return with_aux, nearprox.per_example_value_and_grads(loss_fn, p, *a, method=method)
+
+  ((losses, aux), grads), (want_losses, want_grads) = jax.jit(both)(params, *args)
+  logits = model.apply({"params": params}, args[0])
+  np.testing.assert_allclose(aux["logits"], logits, rtol=1e-5, atol=1e-6)
+  np.testing.assert_allclose(aux["max"], logits.max(axis=-1), rtol=1e-5, atol=1e-6)
+  np.testing.assert_allclose(losses, want_losses, rtol=1e-6)
+  np.testing.assert_allclose(gram_of(grads), gram_of(want_grads), rtol=1e-6)
+
+
+@pytest.mark.parametrize("method", ["vmap", "factored"])
+def test_aux_without_a_batch_axis_is_rejected(method):
+  loss_fn, params, args = token_problem(TokenModel())
+  with pytest.raises(ValueError, match=r"aux output \['total'\].*batch axis"):
+    nearprox.per_example_value_and_grads(
+        lambda p, *a: (loss_fn(p, *a), {"total": loss_fn(p, *a).sum()}),
+        params,
+        *args,
+        method=method,
+        has_aux=True,
+    )
+
+
 # ----------------------------------------------------------------------------- factor leaves
 
 

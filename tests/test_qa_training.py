@@ -265,12 +265,14 @@ def test_train_step_with_ief_weights_on_qa(squad_dir, tokenizer):
       perturbation_fn=functools.partial(
           objectives.adversarial_perturbation, logits_fn, objective, task="qa", hidden_size=32
       ),
-      loss_fn=objectives.make_loss_at_perturbation(logits_fn, objective, task="qa"),
+      loss_fn=objectives.make_loss_at_perturbation(
+          logits_fn, objective, task="qa", with_ief_weights=True
+      ),
       tx=tx,
       per_example=per_example,
       per_example_method="factored",
       axis_name=None,
-      example_weights_fn=objectives.make_ief_weights_fn(logits_fn, task="qa"),
+      loss_returns_weights=True,
       input_keys=task_io.input_keys(task),
   )
   new_state, metrics = jax.jit(step)(state, batch, jax.random.key(3))

@@ -329,25 +329,6 @@ def ief_weights(task: str, logits, batch: Batch) -> jax.Array:
   raise ValueError(f"task must be one of {TASKS}, got {task!r}")
 
 
-def make_ief_weights_fn(logits_fn: LogitsFn, *, task: str = "classification"):
-  """``weights_fn(params, batch, rng) -> s [B]``: :func:`ief_weights` at the clean logits.
-
-  It evaluates the clean forward pass of :func:`make_loss_at_perturbation`'s ``loss_fn``
-  with the same per-example dropout keys (so the same logits), one extra forward pass. For
-  adversarial objectives the weights come from the clean task term only. The result is
-  wrapped in ``stop_gradient``.
-  """
-  if task not in TASKS:
-    raise ValueError(f"task must be one of {TASKS}, got {task!r}")
-
-  def weights_fn(params, batch, rng=None):
-    dropout_keys, _ = _split_keys(rng, batch["input_ids"].shape[0])
-    logits = logits_fn(params, batch, None, dropout_keys)
-    return jax.lax.stop_gradient(ief_weights(task, logits, batch))
-
-  return weights_fn
-
-
 def smoothness_divergence(task: str, logits, perturbed_logits) -> jax.Array:
   """SMART's label-free ℓ_s per example [B]: symmetric KL (classification; mean over start
   and end for qa) or squared difference of the outputs (regression, as mt-dnn)."""
@@ -663,7 +644,11 @@ def make_per_example_loss(
 
 
 def make_loss_at_perturbation(
-    logits_fn: LogitsFn, config: ObjectiveConfig, *, task: str = "classification"
+    logits_fn: LogitsFn,
+    config: ObjectiveConfig,
+    *,
+    task: str = "classification",
+    with_ief_weights: bool = False,
 ):
   """The same objective with δ given: ``loss_fn(params, batch, rng, delta) -> [B]``.
 
@@ -678,6 +663,11 @@ def make_loss_at_perturbation(
   ``make_per_example_loss`` the ascent's backward pass reads the kernels outside their
   layers' calls, which sends every leaf to the exact (slow) fallback. It costs one more
   forward pass than sharing the clean forward with the ascent.
+
+  ``with_ief_weights``: ``loss_fn`` returns ``(losses, s)`` with s = :func:`ief_weights` at
+  the clean logits of the same forward pass (constants: ``stop_gradient``), for
+  ``per_example_value_and_grads(..., has_aux=True)``. For adversarial objectives the weights
+  come from the clean task term only.
   """
   _check(config, task, 1)
 
@@ -685,8 +675,12 @@ def make_loss_at_perturbation(
     dropout_keys, _ = _split_keys(rng, batch["input_ids"].shape[0])
     clean_logits = logits_fn(params, batch, None, dropout_keys)
     if config.kind == "clean":
-      return task_loss(task, clean_logits, batch)
-    perturbed_logits = logits_fn(params, batch, jax.lax.stop_gradient(delta), dropout_keys)
-    return _combine(config, task, batch, clean_logits, perturbed_logits)
+      losses = task_loss(task, clean_logits, batch)
+    else:
+      perturbed_logits = logits_fn(params, batch, jax.lax.stop_gradient(delta), dropout_keys)
+      losses = _combine(config, task, batch, clean_logits, perturbed_logits)
+    if not with_ief_weights:
+      return losses
+    return losses, ief_weights(task, jax.lax.stop_gradient(clean_logits), batch)
 
   return loss_fn

@@ -77,14 +77,14 @@ def train_step(
     per_example: bool,
     per_example_method: str,
     axis_name: str | None,
-    example_weights_fn=None,
+    loss_returns_weights: bool = False,
     input_keys: tuple[str, ...] = INPUT_KEYS,
 ):
   """One optimizer step on this device's block of the global batch.
 
-  ``example_weights_fn(params, inputs, keys) -> [B]`` (per-example optimizers only, e.g.
-  :func:`nearprox.text.objectives.make_ief_weights_fn`) gives the proximal filter's example
-  weights; None: uniform. ``input_keys``: the batch entries the loss reads
+  ``loss_returns_weights`` (per-example optimizers only): ``loss_fn`` returns ``(losses,
+  example weights [B])`` for the proximal filter (e.g. ``make_loss_at_perturbation(...,
+  with_ief_weights=True)``); False: uniform weights. ``input_keys``: the batch entries the loss reads
   (:func:`nearprox.training.task_io.input_keys`).
   """
 
@@ -104,15 +104,22 @@ def train_step(
   delta = perturbation_fn(state.params, inputs, keys)
 
   if per_example:
-    example_losses, grads = nearprox.per_example_value_and_grads(
-        loss_fn, state.params, inputs, keys, delta, method=per_example_method
+    value, grads = nearprox.per_example_value_and_grads(
+        loss_fn,
+        state.params,
+        inputs,
+        keys,
+        delta,
+        method=per_example_method,
+        has_aux=loss_returns_weights,
     )
     weights = {}
-    if example_weights_fn is not None:
+    if loss_returns_weights:
+      example_losses, example_weights = value
       # Constants of the step: the filter weights the examples, nothing differentiates them.
-      weights["example_weights"] = jax.lax.stop_gradient(
-          example_weights_fn(state.params, inputs, keys)
-      )
+      weights["example_weights"] = jax.lax.stop_gradient(example_weights)
+    else:
+      example_losses = value
     updates, opt_state = tx.update(grads, state.opt_state, state.params, mask=mask, **weights)
   else:
 
@@ -182,13 +189,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path) -
       task=task.kind,
       hidden_size=model.config.hidden_size,
   )
-  loss_fn = objectives.make_loss_at_perturbation(logits_fn, objective, task=task.kind)
-  # iEF weights from the clean logits of loss_fn (same dropout keys): one extra forward pass,
-  # since the per-example gradient functions return the losses but not the logits.
-  example_weights_fn = (
-      objectives.make_ief_weights_fn(logits_fn, task=task.kind)
-      if config.optimizer.get("weighting", "uniform") == "ief"
-      else None
+  # iEF weights come from the clean logits of the loss's own forward pass.
+  ief = config.optimizer.get("weighting", "uniform") == "ief"
+  loss_fn = objectives.make_loss_at_perturbation(
+      logits_fn, objective, task=task.kind, with_ief_weights=ief
   )
   runner.compile(
       functools.partial(
@@ -199,7 +203,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path) -
           per_example=per_example,
           per_example_method=config.optimizer.per_example,
           axis_name=runner.axis_name,
-          example_weights_fn=example_weights_fn,
+          loss_returns_weights=ief,
           input_keys=task_io.input_keys(task),
       ),
       functools.partial(eval_step, logits_fn=models.bert_logits_fn(model, deterministic=True)),
