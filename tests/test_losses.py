@@ -562,7 +562,8 @@ def test_attack_lowers_accuracy_monotonically(trained, tmp_path):
 @pytest.mark.parametrize("kind", ["fgm", "pgd", "smart"])
 def test_loss_at_precomputed_perturbation_is_factored_and_equals_the_objective(kind):
   """make_loss_at_perturbation + adversarial_perturbation: every leaf on the fast path, and
-  the filtered gradient equals the vmap oracle of make_per_example_loss."""
+  the filtered gradient equals the vmap oracle of make_per_example_loss; with iEF weights,
+  the weights are those of the clean logits."""
   import collections
 
   import nearprox
@@ -600,3 +601,11 @@ def test_loss_at_precomputed_perturbation_is_factored_and_equals_the_objective(k
   fast = np.concatenate([np.ravel(x) for x in jax.tree.leaves(fast)])
   oracle = np.concatenate([np.ravel(x) for x in jax.tree.leaves(oracle)])
   np.testing.assert_allclose(fast, oracle, atol=1e-5 * np.abs(oracle).max())
+  # with_ief_weights: the same losses, and the iEF weights of the clean logits alone.
+  weighted = objectives.make_loss_at_perturbation(logits_fn, objective, with_ief_weights=True)
+  (losses, weights), _ = nearprox.per_example_value_and_grads(
+      weighted, params, batch, keys, delta, method="factored", has_aux=True
+  )
+  np.testing.assert_allclose(losses, at_delta(params, batch, keys, delta), rtol=1e-5)
+  clean_weights = objectives.ief_weights("classification", logits_fn(params, batch), batch)
+  np.testing.assert_allclose(weights, clean_weights, rtol=1e-5, atol=1e-7)
