@@ -114,6 +114,7 @@ def render_readme(mode, plan, config, results, out, link_root, wall_seconds, com
   machines = sorted({json.dumps(r["machine"], sort_keys=True) for r in stored})
   commits = sorted({r.get("commit", "unknown") for r in stored})
   compute = sum(r["wall_seconds"] for r in stored)
+  cpu = [r["cpu_seconds"] for r in stored if "cpu_seconds" in r]
   links = os.path.relpath(out, link_root)
   tuning, tuned_on = plan.tuning, data.get_task(plan.tuning.task).display_name
   counts = sorted({len(tuning_lib.Context(plan, None).trials(v)) for v in plan.lr_grid})
@@ -131,8 +132,14 @@ def render_readme(mode, plan, config, results, out, link_root, wall_seconds, com
       + ", ".join(f"`{c}`" for c in commits)
       + ".",
       "",
-      f"- Training runs stored: {len(stored)}, {compute / 60:.1f} min of run time in "
-      f"total; this invocation took {wall_seconds / 60:.1f} min.",
+      f"- Training runs stored: {len(stored)}, {compute / 60:.1f} min of wall-clock run time "
+      "in total (time the process was paused counts)"
+      + (
+          f"; the {len(cpu)} runs that record their CPU time used {sum(cpu) / 60:.1f} CPU-min"
+          if cpu
+          else ""
+      )
+      + f"; this invocation took {wall_seconds / 60:.1f} min.",
       "- Machine(s): "
       + "; ".join(
           "{platform}, {cpus} CPUs, JAX {jax} on {backend} ({devices} device(s), "

@@ -13,7 +13,9 @@ Result file fields: ``key``, ``label``, ``config`` (the resolved config), ``devi
 dev/<metric> …; the report's ``predicted_classes`` counts, per evaluated split, the examples
 the final model assigns to each class: a single non-zero count is a collapsed run),
 ``attack`` (rows of :func:`nearprox.text.robustness.attack_accuracy` or None),
-``wall_seconds``, ``machine`` and ``commit``.
+``wall_seconds`` (including any time the process was stopped), ``cpu_seconds`` (this
+process's user + system time over all its threads: what the run cost, pauses excluded),
+``machine`` and ``commit``.
 
 Multi-device runs execute in a subprocess (``XLA_FLAGS=--xla_force_host_platform_device_count``
 must be set before JAX is imported): ``python -m experiments.reproduce --run_spec=spec.json``.
@@ -143,6 +145,13 @@ def machine() -> dict[str, Any]:
   }
 
 
+def cpu_seconds() -> float:
+  """User + system CPU time of this process, all threads (it does not advance while the
+  process is stopped, unlike the wall clock)."""
+  times = os.times()
+  return times.user + times.system
+
+
 def _attack(config, params, attack: Attack) -> list[dict]:
   """Accuracy of the final params under the embedding-space PGD attack, on
   ``attack.examples`` dev examples."""
@@ -175,7 +184,7 @@ def execute(
 
   if workdir.exists():
     shutil.rmtree(workdir)  # a partial run restarts from step 0 (no checkpoints)
-  started = time.time()
+  started, cpu_started = time.time(), cpu_seconds()
   report = train.train_and_evaluate(config, workdir)
   params = report.pop("params")
   if report.get("preempted"):  # SIGTERM: store nothing partial; a rerun resumes here
@@ -193,6 +202,7 @@ def execute(
       "history": metrics_writer.read_jsonl(workdir / "metrics.jsonl"),
       "attack": rows,
       "wall_seconds": time.time() - started,
+      "cpu_seconds": cpu_seconds() - cpu_started,
       "machine": machine(),
       "commit": git_commit(),
   }

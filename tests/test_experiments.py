@@ -72,6 +72,7 @@ def test_smoke_pipeline_produces_tables_from_run_files(tmp_path):
     assert result["report"]["steps"] == 3
     assert result["config"]["eval_batch_size"] == 16  # the --config override
     assert result["history"], "metrics.jsonl rows are kept in the run file"
+    assert 0 < result["cpu_seconds"] and 0 < result["wall_seconds"]
     # Predicted classes of the evaluated examples: smoke's 16 held-out training examples in
     # the tuning runs (which never load dev), its 32 dev examples otherwise.
     counts = result["report"]["predicted_classes"]
@@ -128,6 +129,8 @@ def test_smoke_pipeline_produces_tables_from_run_files(tmp_path):
   readme = (tmp_path / "README_results.md").read_text()
   assert "(mode **smoke**" in readme and "python -m experiments.reproduce --mode=smoke" in readme
   assert readme.count("**not run**") == 5  # multidevice, glue, noise, sketch, squad
+  cpu_minutes = sum(r["cpu_seconds"] for r in stored) / 60
+  assert f"the 7 runs that record their CPU time used {cpu_minutes:.1f} CPU-min" in readme
   accuracy = 100 * sgd["mean"]
   assert f"| SGD | 0.01 | — | 1 | {accuracy:.1f} |" in readme
   tuning = list(csv.DictReader(open(out / "optimizers_tuning.csv")))
