@@ -6,7 +6,9 @@ updates, state = opt.update(per_example, state, params, mask=batch_mask)
 params = optax.apply_updates(params, updates)
 
 Example weights (e.g. iEF's ‖∇_logits ℓ_n‖², ``nearprox.text.objectives.ief_weights``) go to
-``opt.update(..., example_weights=s)``; ``optax.chain(nearprox.scale_by_proximal(...),
+``opt.update(..., example_weights=s)`` (a ``loss_fn`` returning ``(losses, s)`` gives them
+from its own forward pass: ``per_example_value_and_grads(..., has_aux=True)``);
+``optax.chain(nearprox.scale_by_proximal(...),
 optax.adamw(...))`` puts the filter in front of any optax optimizer.
 ``scale_by_proximal(..., sketch_dim=k)`` estimates the Gram from random features of the
 costly leaves (``nearprox.sketch``; docs/method.md §2.9) instead of computing it exactly.
