@@ -300,7 +300,8 @@ def factored_value_and_grads(
       they come from the same forward pass (:func:`nearprox.per_example_value_and_grads`).
 
   Returns:
-    ``(losses, grads)`` (``((losses, aux), grads)`` with ``has_aux``) where ``grads`` has the structure of ``params`` and each leaf is a
+    ``(losses, grads)`` (``((losses, aux), grads)`` with ``has_aux``) where ``grads`` has
+    the structure of ``params`` and each leaf is a
     :class:`~nearprox.layer_factors.DenseFactor`, an :class:`~nearprox.layer_factors.EmbedFactor` or a
     dense [B, *leaf.shape] array; feed it to :func:`nearprox.scale_by_proximal`.
   """

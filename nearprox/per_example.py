@@ -30,9 +30,8 @@ METHODS = ("vmap", "factored")
 def _vmap_value_and_grads(loss_fn: Callable, params, *args, has_aux: bool = False):
   def one_example_loss(params, *example):
     batch_of_one = jax.tree.map(lambda x: x[None], example)
-    losses, aux = (
-        loss_fn(params, *batch_of_one) if has_aux else (loss_fn(params, *batch_of_one), None)
-    )
+    out = loss_fn(params, *batch_of_one)
+    losses, aux = out if has_aux else (out, None)
     if getattr(losses, "shape", None) != (1,):
       raise ValueError(
           "loss_fn must return the vector of per-example losses, shape [B]; for a batch of "

@@ -84,8 +84,8 @@ def train_step(
 
   ``loss_returns_weights`` (per-example optimizers only): ``loss_fn`` returns ``(losses,
   example weights [B])`` for the proximal filter (e.g. ``make_loss_at_perturbation(...,
-  with_ief_weights=True)``); False: uniform weights. ``input_keys``: the batch entries the loss reads
-  (:func:`nearprox.training.task_io.input_keys`).
+  with_ief_weights=True)``); False: uniform weights. ``input_keys``: the batch entries the
+  loss reads (:func:`nearprox.training.task_io.input_keys`).
   """
 
   def global_sum(x):
@@ -113,14 +113,10 @@ def train_step(
         method=per_example_method,
         has_aux=loss_returns_weights,
     )
-    weights = {}
-    if loss_returns_weights:
-      example_losses, example_weights = value
-      # Constants of the step: the filter weights the examples, nothing differentiates them.
-      weights["example_weights"] = jax.lax.stop_gradient(example_weights)
-    else:
-      example_losses = value
-    updates, opt_state = tx.update(grads, state.opt_state, state.params, mask=mask, **weights)
+    # The weights come out beside the losses (aux): nothing differentiates them.
+    example_losses, weights = value if loss_returns_weights else (value, None)
+    extra = {"example_weights": weights} if loss_returns_weights else {}
+    updates, opt_state = tx.update(grads, state.opt_state, state.params, mask=mask, **extra)
   else:
 
     def mean_loss(params):
