@@ -185,6 +185,7 @@ OPTIMIZER = ("optimizer", _get("variant", str))
 LR = ("lr", _get("learning_rate"))
 SEEDS = ("seeds", _get("seeds", str))
 DAMPING = ("λ (relative)", _get("damping", lambda d: "—" if d is None else f"{d:g}"))
+RAN_ON = ("ran on", lambda row: row.get("machine", "—"))  # step times compare within one
 
 
 def status(study: dict) -> str:
@@ -228,6 +229,7 @@ def md_optimizers(study: dict) -> str:
     columns += [
         ("one-class seeds", _get("collapsed_seeds", lambda n: "—" if n is None else n)),
         (f"steps to {pct(first['target'])}% dev", _steps_cell),
+        RAN_ON,
         ("s/step", _get("step_seconds")),
         ("× SGD", _get("step_ratio_to_sgd")),
     ]
@@ -312,6 +314,7 @@ def md_multidevice(study: dict) -> str:
       ("devices", _get("devices", str)),
       SEEDS,
       ("SST-2 dev acc (%)", _spread("dev_accuracy", "dev_accuracy_std")),
+      RAN_ON,
       ("s/step", _get("step_seconds")),
       ("× SGD (8 dev.)", _get("step_ratio_to_sgd")),
   ]
@@ -373,6 +376,7 @@ def md_sketch(study: dict) -> str:
       SEEDS,
       ("SST-2 dev acc (%)", _spread("dev_accuracy", "dev_accuracy_std")),
       ("one-class seeds", _get("collapsed_seeds", lambda n: "—" if n is None else n)),
+      RAN_ON,
       ("s/step", _get("step_seconds")),
   ]
   return table(study["tables"]["sketch"], columns) + (
@@ -391,6 +395,7 @@ def md_squad(study: dict) -> str:
       DAMPING,
       SEEDS,
       *[(f"held-out {m} (%)", _spread(m, f"{m}_std")) for m in metrics],
+      RAN_ON,
       ("s/step", _get("step_seconds")),
   ]
   first = rows[0]

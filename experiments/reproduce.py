@@ -19,7 +19,9 @@ on 2 CPU cores (experiments/configs/full.py); on a GPU/TPU it needs the JAX buil
 ratios are then the accelerator's. ``--config.model.dtype=bfloat16`` is safe for the proximal
 variants (the Gram solve is in float32). Results of other settings land in the same run store
 under new keys (a run's key hashes its config), but ``<out>/<mode>``'s tables are rewritten,
-so use another ``--out``.
+so use another ``--out``. On a machine with room for several runs at once (a GPU), start N
+invocations with ``--claim_runs`` on the same ``--out`` and ``--workdir``: each trains the
+runs it claims first, and a rerun picks up the stages the others' runs decided.
 
 Data: ``--data_dir`` (GLUE root, else ``$NEARPROX_GLUE_DIR``, else ``../shared/data/glue``) and
 ``--squad_dir`` (a folder with ``dev-v1.1.json``, else ``$NEARPROX_SQUAD_DIR``, else
@@ -34,6 +36,7 @@ only.
 
 from __future__ import annotations
 
+import collections
 import datetime
 import importlib
 import json
@@ -71,6 +74,12 @@ _SQUAD_DIR = flags.DEFINE_string(
 )
 _STOP_AFTER = flags.DEFINE_float("stop_after", None, "start no new run after this many minutes")
 _REPORT_ONLY = flags.DEFINE_bool("report_only", False, "never train: tables from stored runs")
+_CLAIM_RUNS = flags.DEFINE_bool(
+    "claim_runs",
+    False,
+    "share the run store with other processes of this machine started with it (each new run "
+    "is claimed in <workdir>/<mode>/claims first): N of them train N runs at once",
+)
 _RUN_SPEC = flags.DEFINE_string("run_spec", None, "internal: execute one run spec (JSON) and exit")
 
 
@@ -89,6 +98,16 @@ def default_data_dir(env: str, shared: str, marker: str) -> str | None:
     if candidate and Path(candidate, marker).exists():
       return str(Path(candidate).resolve())
   return None
+
+
+def describe_machine(machine: dict, count: int) -> str:
+  text = "{platform}, {cpus} CPUs, JAX {jax} on {backend} ({devices} device(s), {device_kind}"
+  precision = machine.get("matmul_precision")  # recorded since 2026-11-30
+  return (
+      text.format(**machine)
+      + (f", float32 matmul precision {precision}" if precision else "")
+      + f"): {count} run{'s' if count != 1 else ''}"
+  )
 
 
 def partial_notice(plan, results) -> list[str]:
@@ -111,7 +130,7 @@ def render_readme(mode, plan, config, results, out, link_root, wall_seconds, com
   """The Results section (Markdown, no top-level heading: it is spliced under README.md's
   "## Results" by experiments/update_readme.py); image links relative to ``link_root``."""
   stored = [json.loads(p.read_text()) for p in sorted((out / "runs").glob("*.json"))]
-  machines = sorted({json.dumps(r["machine"], sort_keys=True) for r in stored})
+  machines = collections.Counter(json.dumps(r["machine"], sort_keys=True) for r in stored)
   commits = sorted({r.get("commit", "unknown") for r in stored})
   compute = sum(r["wall_seconds"] for r in stored)
   cpu = [r["cpu_seconds"] for r in stored if "cpu_seconds" in r]
@@ -141,11 +160,8 @@ def render_readme(mode, plan, config, results, out, link_root, wall_seconds, com
       )
       + f"; this invocation took {wall_seconds / 60:.1f} min.",
       "- Machine(s): "
-      + "; ".join(
-          "{platform}, {cpus} CPUs, JAX {jax} on {backend} ({devices} device(s), "
-          "{device_kind})".format(**json.loads(m))
-          for m in machines
-      ),
+      + "; ".join(describe_machine(json.loads(m), n) for m, n in sorted(machines.items()))
+      + ". Step times are compared only between runs of one kind of machine.",
       f"- Model `{config.model.name}`, batch {config.batch_size}, {config.max_length} "
       f"tokens, {config.num_train_steps} steps (warmup {config.optimizer.warmup_fraction:g}"
       f", linear decay), L2 {config.objective.l2_weight:g} on kernels, objective "
@@ -231,6 +247,7 @@ def main(argv) -> None:
       allow_new=not _REPORT_ONLY.value,
       deadline=started + 60 * _STOP_AFTER.value if _STOP_AFTER.value else None,
       log=lambda m: print(m, flush=True),
+      claims=Path(_WORKDIR.value) / mode / "claims" if _CLAIM_RUNS.value else None,
   )
   ctx = tuning_lib.Context(plan, executor)
   results = {}

@@ -17,6 +17,11 @@ the final model assigns to each class: a single non-zero count is a collapsed ru
 process's user + system time over all its threads: what the run cost, pauses excluded),
 ``machine`` and ``commit``.
 
+Several processes can share one run store (``Executor(claims=...)``, ``reproduce
+--claim_runs``): each takes a run by creating ``<claims>/<key>.claim`` first, so on a machine
+with room for several runs at once (a GPU) N workers train N different runs; a claim whose
+process died on this host is taken over.
+
 Multi-device runs execute in a subprocess (``XLA_FLAGS=--xla_force_host_platform_device_count``
 must be set before JAX is imported): ``python -m experiments.reproduce --run_spec=spec.json``.
 """
@@ -30,6 +35,7 @@ import json
 import os
 import platform
 import shutil
+import socket
 import subprocess
 import sys
 import time
@@ -120,17 +126,21 @@ def _git(*args: str) -> str:
   return subprocess.run(command, capture_output=True, text=True, check=True).stdout.strip()
 
 
+COMMIT_ENV = "NEARPROX_GIT_COMMIT"
+
+
 def git_commit() -> str:
-  """HEAD's hash, with ``+dirty`` when tracked files differ from it."""
+  """HEAD's hash, with ``+dirty`` when tracked files differ from it; in a copy of the tree
+  without ``.git`` (a remote machine), ``$NEARPROX_GIT_COMMIT``, else ``unknown``."""
   try:
     dirty = _git("status", "--porcelain", "--untracked-files=no")
     return _git("rev-parse", "--short=12", "HEAD") + ("+dirty" if dirty else "")
   except (OSError, subprocess.CalledProcessError):
-    return "unknown"
+    return os.environ.get(COMMIT_ENV, "unknown")
 
 
 def machine() -> dict[str, Any]:
-  """Platform, CPU count and JAX devices of this process."""
+  """Platform, CPU count, JAX devices and float32 matmul precision of this process."""
   import jax
 
   cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
@@ -142,6 +152,8 @@ def machine() -> dict[str, Any]:
       "backend": jax.default_backend(),
       "devices": len(jax.devices()),
       "device_kind": jax.devices()[0].device_kind,
+      # GPUs may run float32 matmuls in TF32 unless this says "highest".
+      "matmul_precision": str(jax.config.jax_default_matmul_precision or "default"),
   }
 
 
@@ -213,9 +225,19 @@ def execute(
   return result
 
 
+def _alive(pid: int) -> bool:
+  try:
+    os.kill(pid, 0)
+  except ProcessLookupError:
+    return False
+  except PermissionError:  # exists, owned by another user
+    return True
+  return True
+
+
 def write_json(path: Path, value) -> None:
   path.parent.mkdir(parents=True, exist_ok=True)
-  tmp = path.with_suffix(".tmp")
+  tmp = path.with_suffix(f".{os.getpid()}.tmp")  # workers sharing a store never collide
   tmp.write_text(json.dumps(value, indent=1, default=float))
   tmp.replace(path)  # atomic: an interrupted write never leaves a half file to "resume"
 
@@ -242,6 +264,8 @@ class Executor:
     allow_new: False (``--report_only``): only existing results are returned.
     deadline: a ``time.time()`` after which no new run starts (results still load).
     log: a print-like function.
+    claims: a directory shared by the processes training into ``out``: a run is trained by
+      the process that creates its claim file (None: this process trains every run).
     requested: run keys, in order of first request.
     missing: key -> label of the requested runs that do not exist.
   """
@@ -252,6 +276,7 @@ class Executor:
   allow_new: bool = True
   deadline: float | None = None
   log: Callable[[str], None] = print
+  claims: Path | None = None
   requested: list[str] = dataclasses.field(default_factory=list)
   missing: dict[str, str] = dataclasses.field(default_factory=dict)
 
@@ -271,6 +296,13 @@ class Executor:
     if not self.allow_new or (self.deadline is not None and time.time() > self.deadline):
       self.missing[key] = label
       return None
+    if self.claims is not None:
+      if not self._claim(key):
+        self.missing[key] = label + " (running in another process)"
+        return None
+      if path.exists():  # finished by another process since the check above
+        self._release(key)
+        return json.loads(path.read_text())
     self.log(f"[run] {label} ({key}) ...")
     started = time.time()
     try:
@@ -283,6 +315,9 @@ class Executor:
       self.log(f"[failed] {label} ({key}):\n{traceback.format_exc()}")
       self.missing[key] = label + " (failed)"
       return None
+    finally:
+      if self.claims is not None:
+        self._release(key)
     result = json.loads(path.read_text())
     report = result["report"]
     metrics = {k: v for k, v in report.items() if k in ("holdout", "dev", "test")}
@@ -291,6 +326,29 @@ class Executor:
         f"{time.time() - started:.0f}s"
     )
     return result
+
+  def _claim(self, key: str) -> bool:
+    """Creates ``<claims>/<key>.claim`` (host and pid); False when another live process holds
+    it. A claim left by a process that no longer exists on this host is taken over."""
+    self.claims.mkdir(parents=True, exist_ok=True)
+    claim = self.claims / f"{key}.claim"
+    owner = f"{socket.gethostname()} {os.getpid()}"
+    for _ in range(2):
+      try:
+        fd = os.open(claim, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
+      except FileExistsError:
+        host, _, pid = claim.read_text().partition(" ")
+        if host != socket.gethostname() or not pid.isdigit() or _alive(int(pid)):
+          return False
+        claim.unlink(missing_ok=True)  # its process died: the run is free again
+        continue
+      with os.fdopen(fd, "w") as f:
+        f.write(owner)
+      return True
+    return False
+
+  def _release(self, key: str) -> None:
+    (self.claims / f"{key}.claim").unlink(missing_ok=True)
 
   def _execute_subprocess(self, config, key, label, devices, attack, path) -> None:
     spec = {

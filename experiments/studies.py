@@ -155,7 +155,6 @@ def optimizers(ctx: Context) -> dict:
     target = plan.target_fraction * max(g.stat("dev", metric)[0] for g in groups.values())
     # The SGD step time (momentum costs nothing measurable) is the unit of the cost column.
     sgd = next((groups[v] for v in ("sgd", "sgd_momentum") if v in groups), None)
-    sgd_step = sgd.step_seconds() if sgd else float("nan")
     rows, curves[task] = {}, {}
     for variant, group in groups.items():
       found = group.results
@@ -193,7 +192,7 @@ def optimizers(ctx: Context) -> dict:
           "reached": sum(s is not None for s in reached),
           "steps_to_target": mean_std([s for s in reached if s is not None])[0],
           "step_seconds": group.step_seconds(),
-          "step_ratio_to_sgd": group.step_seconds() / sgd_step,
+          "step_ratio_to_sgd": group.step_ratio(sgd),  # NaN across machines
       }
       for other in info.metric_names[1:]:
         rows[variant][f"{split}_{other}"] = group.stat(split, other)[0]
@@ -266,7 +265,7 @@ def adversarial(ctx: Context) -> dict:
   )
   rows, curves = [], {}
   for name in plan.objective_optimizers:
-    clean_step = None
+    clean = None
     for objective in plan.objectives:
       settings = (plan.get("objective_settings") or {}).get(objective) or {}
       settings = settings.to_dict() if hasattr(settings, "to_dict") else dict(settings)
@@ -276,8 +275,7 @@ def adversarial(ctx: Context) -> dict:
       if group is None:
         continue
       found = group.results
-      step = group.step_seconds()
-      clean_step = step if objective == "clean" else clean_step
+      clean = group if objective == "clean" else clean
       # Mean over seeds of the accuracy under attack at each radius (same ε grid every run).
       mean_attack = [
           {**rows_at[0], "accuracy": mean_std([r["accuracy"] for r in rows_at])[0]}
@@ -293,8 +291,8 @@ def adversarial(ctx: Context) -> dict:
               "seeds": len(found),
               **group.stats("dev_accuracy", "dev", "accuracy"),
               "collapsed_seeds": group.collapsed_seeds(),
-              "step_seconds": step,
-              "step_ratio_to_clean": step / clean_step if clean_step else float("nan"),
+              "step_seconds": group.step_seconds(),
+              "step_ratio_to_clean": group.step_ratio(clean),  # NaN across machines
               "attack_examples": found[0]["attack"][0]["num_examples"],
               "attack_steps": found[0]["attack"][0]["num_steps"],
               **accuracy,

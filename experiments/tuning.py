@@ -127,6 +127,7 @@ class Group(NamedTuple):
         "variant": self.label,
         "learning_rate": self.lr,
         "damping": damping,
+        "machine": self.machine,
     }
 
   def stat(self, split: str, metric: str) -> tuple[float, float]:
@@ -137,8 +138,23 @@ class Group(NamedTuple):
     mean, std = self.stat(split, metric)
     return {name: mean, f"{name}_std": std}
 
+  @property
+  def machine(self) -> str:
+    """The accelerator its runs trained on (``cpu``, ``NVIDIA H200``…), or ``mixed``."""
+    kinds = {r["machine"]["device_kind"] for r in self.results}
+    return kinds.pop() if len(kinds) == 1 else "mixed"
+
   def step_seconds(self) -> float:
+    """Mean step time over the seeds; NaN when they ran on different machines."""
+    if self.machine == "mixed":
+      return float("nan")
     return mean_std([r["report"]["train_step_seconds"] for r in self.results])[0]
+
+  def step_ratio(self, other: Group | None) -> float:
+    """Its step time over ``other``'s; NaN unless both ran on one kind of machine."""
+    if other is None or self.machine != other.machine:
+      return float("nan")
+    return self.step_seconds() / other.step_seconds()
 
   def collapsed_seeds(self) -> int | None:
     one_class = [collapsed(r) for r in self.results]

@@ -220,11 +220,14 @@ def sketch(study) -> list[str]:
   rows = {r["gram"]: r for r in study["tables"]["sketch"]}
   out = []
   for record in study["comparisons"]:
-    ratio = rows["sketched"]["step_seconds"] / rows["exact"]["step_seconds"]
+    sketched, exact = rows["sketched"], rows["exact"]
+    if sketched.get("machine") == exact.get("machine"):
+      cost = f"at {sketched['step_seconds'] / exact['step_seconds']:.2f}× its step time"
+    else:  # step times of different machines are not comparable
+      cost = f"its runs on {sketched['machine']}, the exact Gram's on {exact['machine']}"
     out.append(
-        f"With {record['subject']}, {rows['sketched']['variant']} reaches "
-        f"{_p(record['subject_mean'])} SST-2 dev accuracy: {_phrase(record)}, at {ratio:.2f}× "
-        "its step time in the study's runs."
+        f"With {record['subject']}, {sketched['variant']} reaches "
+        f"{_p(record['subject_mean'])} SST-2 dev accuracy: {_phrase(record)}, {cost}."
     )
   return out
 

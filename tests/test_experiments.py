@@ -305,3 +305,42 @@ def test_run_keys_survive_new_config_fields_but_not_new_values(monkeypatch):
   changed.optimizer.learning_rate = 0.5
   assert runs.run_key(changed, 1, None) != key
   assert runs.run_key(config, 8, None) != key
+
+
+def test_workers_sharing_a_run_store_train_each_run_once(tmp_path, monkeypatch):
+  """``--claim_runs``: a run claimed by a live process is left to it; a claim whose process
+  died on this host is taken over; the claim goes once the run file exists."""
+  import socket
+
+  from experiments.configs import full
+
+  trained = []
+
+  def fake_execute(config, workdir, attack, label, key, devices):
+    trained.append(label)
+    return {"key": key, "report": {"train_step_seconds": 0.5}}
+
+  monkeypatch.setattr(runs, "execute", fake_execute)
+  claims = tmp_path / "claims"
+  executor = runs.Executor(full.get_config(), tmp_path / "out", tmp_path, claims=claims)
+  key = lambda seed: runs.run_key(runs.apply_overrides(full.get_config(), {"seed": seed}), 1, None)
+  claims.mkdir()
+  host = socket.gethostname()
+  (claims / f"{key(0)}.claim").write_text(f"{host} {os.getppid()}")  # a live process
+  (claims / f"{key(1)}.claim").write_text(f"other-host {os.getpid()}")  # can't tell: leave it
+  dead = subprocess.Popen(["true"])  # a pid that no longer runs
+  dead.wait()
+  (claims / f"{key(2)}.claim").write_text(f"{host} {dead.pid}")
+
+  assert executor.run("seed0", {"seed": 0}) is None
+  assert executor.run("seed1", {"seed": 1}) is None
+  assert executor.missing[key(0)] == "seed0 (running in another process)"
+  assert executor.run("seed2", {"seed": 2})["key"] == key(2)
+  assert executor.run("seed3", {"seed": 3})["key"] == key(3)
+  assert trained == ["seed2", "seed3"]
+  assert sorted(p.name for p in claims.iterdir()) == sorted([f"{key(0)}.claim", f"{key(1)}.claim"])
+  # Once the other process has stored its run, every worker reads it instead of training.
+  runs.write_json(tmp_path / "out" / "runs" / f"{key(0)}.json", {"key": key(0)})
+  fresh = runs.Executor(full.get_config(), tmp_path / "out", tmp_path, claims=claims)
+  assert fresh.run("seed0", {"seed": 0}) == {"key": key(0)}
+  assert trained == ["seed2", "seed3"]
