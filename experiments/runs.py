@@ -130,13 +130,16 @@ COMMIT_ENV = "NEARPROX_GIT_COMMIT"
 
 
 def git_commit() -> str:
-  """HEAD's hash, with ``+dirty`` when tracked files differ from it; in a copy of the tree
-  without ``.git`` (a remote machine), ``$NEARPROX_GIT_COMMIT``, else ``unknown``."""
+  """``$NEARPROX_GIT_COMMIT`` when set (a copy of the tree on another machine, whose ``.git``
+  may be absent or stale), else HEAD's hash with ``+dirty`` when tracked files differ from
+  it, else ``unknown``."""
+  if os.environ.get(COMMIT_ENV):
+    return os.environ[COMMIT_ENV]
   try:
     dirty = _git("status", "--porcelain", "--untracked-files=no")
     return _git("rev-parse", "--short=12", "HEAD") + ("+dirty" if dirty else "")
   except (OSError, subprocess.CalledProcessError):
-    return os.environ.get(COMMIT_ENV, "unknown")
+    return "unknown"
 
 
 def machine() -> dict[str, Any]:
