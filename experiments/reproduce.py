@@ -110,6 +110,35 @@ def describe_machine(machine: dict, count: int) -> str:
   )
 
 
+def duplicates_check(out: Path, links: str) -> list[str]:
+  """A bullet comparing every run trained twice, on two machines (``<out>/duplicates``), with
+  its stored twin: the same config and seed, so the difference is the machines'."""
+  pairs = []
+  for path in sorted((out / "duplicates").glob("*.json")):
+    twin = json.loads(path.read_text())
+    stored = out / "runs" / f"{twin['key']}.json"
+    if stored.exists():
+      pairs.append((json.loads(stored.read_text()), twin))
+  if not pairs:
+    return []
+  metric_gap, loss_gap = 0.0, 0.0
+  for a, b in pairs:
+    for split in ("holdout", "dev", "test"):
+      for name, value in a["report"].get(split, {}).items():
+        metric_gap = max(metric_gap, abs(value - b["report"].get(split, {}).get(name, value)))
+    ends = tuning_lib.end_loss(a), tuning_lib.end_loss(b)
+    loss_gap = max(loss_gap, abs(ends[0] - ends[1]) / abs(ends[0]))
+  kinds = sorted(
+      {f"{a['machine']['device_kind']} / {b['machine']['device_kind']}" for a, b in pairs}
+  )
+  return [
+      f"- Trained twice, on two machines ({', '.join(kinds)}): {len(pairs)} run(s); the "
+      f"largest gap is {100 * metric_gap:.2f} points in an evaluated metric and "
+      f"{loss_gap:.1e} relative in the final training loss (`{links}/duplicates/`; the stored "
+      "run is the one that landed first)."
+  ]
+
+
 def partial_notice(plan, results) -> list[str]:
   """A warning paragraph when some study of the plan is missing runs (or was not run)."""
   missing = sum(len(results[n]["missing"]) for n in plan.studies if n in results)
@@ -162,6 +191,7 @@ def render_readme(mode, plan, config, results, out, link_root, wall_seconds, com
       "- Machine(s): "
       + "; ".join(describe_machine(json.loads(m), n) for m, n in sorted(machines.items()))
       + ". Step times are compared only between runs of one kind of machine.",
+      *duplicates_check(out, links),
       f"- Model `{config.model.name}`, batch {config.batch_size}, {config.max_length} "
       f"tokens, {config.num_train_steps} steps (warmup {config.optimizer.warmup_fraction:g}"
       f", linear decay), L2 {config.objective.l2_weight:g} on kernels, objective "

@@ -17,6 +17,10 @@ the final model assigns to each class: a single non-zero count is a collapsed ru
 process's user + system time over all its threads: what the run cost, pauses excluded),
 ``machine`` and ``commit``.
 
+A run finished while another machine's process already stored the same key (claims are per
+machine) goes to ``<out>/duplicates/<key>.<device kind>.<pid>.json``: the stored result is
+kept, and the README compares the two (the same config trained on two machines).
+
 Several processes can share one run store (``Executor(claims=...)``, ``reproduce
 --claim_runs``): each takes a run by creating ``<claims>/<key>.claim`` first, so on a machine
 with room for several runs at once (a GPU) N workers train N different runs; a claim whose
@@ -311,7 +315,12 @@ class Executor:
     try:
       if devices == 1:
         result = execute(config, self.workdir / key, attack, label, key, devices)
-        write_json(path, result)
+        if path.exists():  # stored meanwhile by a process of another machine: the first stays
+          kind = result["machine"]["device_kind"].replace(" ", "_")
+          write_json(self.out / "duplicates" / f"{key}.{kind}.{os.getpid()}.json", result)
+          self.log(f"[duplicate] {label} ({key}): kept the stored run, this one in duplicates/")
+        else:
+          write_json(path, result)
       else:
         self._execute_subprocess(config, key, label, devices, attack, path)
     except Exception:  # one broken run must not lose the others' tables

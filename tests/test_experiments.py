@@ -167,7 +167,12 @@ def test_sketch_and_squad_studies_compare_from_run_files(tmp_path):
   qa = [r for r in stored if r["config"]["task"] == "squad"]
   assert sorted(r["config"]["optimizer"]["name"] for r in qa) == ["proximal_sgd", "sgd"]
   for result in qa:
-    assert (result["config"]["max_length"], result["config"]["doc_stride"]) == (48, 16)
+    config = result["config"]
+    assert (config["max_length"], config["doc_stride"], config["max_question_length"]) == (
+        48,
+        16,
+        16,
+    )
     assert set(result["report"]["dev"]) >= {"f1", "exact_match"}
 
   sketch = json.loads((out / "sketch.json").read_text())
@@ -344,3 +349,34 @@ def test_workers_sharing_a_run_store_train_each_run_once(tmp_path, monkeypatch):
   fresh = runs.Executor(full.get_config(), tmp_path / "out", tmp_path, claims=claims)
   assert fresh.run("seed0", {"seed": 0}) == {"key": key(0)}
   assert trained == ["seed2", "seed3"]
+  # A run another machine stored while this one trained it: the first stays, ours is kept aside.
+  first = {"key": key(4), "report": {"train_step_seconds": 0.1}}
+
+  def stored_meanwhile(config, workdir, attack, label, key, devices):
+    runs.write_json(tmp_path / "out" / "runs" / f"{key}.json", first)
+    return {"key": key, "report": {"train_step_seconds": 0.5}, "machine": {"device_kind": "cpu"}}
+
+  monkeypatch.setattr(runs, "execute", stored_meanwhile)
+  assert fresh.run("seed4", {"seed": 4}) == first
+  (twin,) = (tmp_path / "out" / "duplicates").glob(f"{key(4)}.cpu.*.json")
+  assert json.loads(twin.read_text())["report"]["train_step_seconds"] == 0.5
+
+
+def test_readme_compares_runs_trained_on_two_machines(tmp_path):
+  from experiments import reproduce
+
+  def result(machine, accuracy, loss):
+    history = [{"step": s, "train/loss": loss} for s in (1, 2, 3, 4)]
+    return {
+        "key": "k",
+        "report": {"holdout": {"accuracy": accuracy}},
+        "history": history,
+        "machine": {"device_kind": machine},
+    }
+
+  assert reproduce.duplicates_check(tmp_path, "r") == []
+  runs.write_json(tmp_path / "runs" / "k.json", result("NVIDIA H200", 0.875, 0.5))
+  runs.write_json(tmp_path / "duplicates" / "k.cpu.1.json", result("cpu", 0.870, 0.5005))
+  (line,) = reproduce.duplicates_check(tmp_path, "r")
+  assert "(NVIDIA H200 / cpu): 1 run(s)" in line
+  assert "0.50 points" in line and "1.0e-03 relative" in line

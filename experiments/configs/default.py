@@ -21,6 +21,7 @@ def get_config() -> ml_collections.ConfigDict:
   config.source = placeholder(str)  # "tsv" / "tfds" for GLUE tasks; None picks
   config.max_length = 64
   config.doc_stride = 128  # QA (squad): context tokens shared by consecutive windows
+  config.max_question_length = 64  # QA: questions are cut to this many tokens
   config.batch_size = 32  # global, over all devices and hosts
   config.eval_batch_size = 128
   config.max_eval_examples = 0  # 0: evaluate on the whole split

@@ -47,6 +47,7 @@ def get_plan() -> ml_collections.ConfigDict:
   plan.qa_settings = {
       "max_length": 48,
       "doc_stride": 16,
+      "max_question_length": 16,  # real SQuAD questions reach 40 tokens; 48-token windows
       "batch_size": 8,
       "eval_batch_size": 16,
       "eval_every": 2,

@@ -111,7 +111,8 @@ def load_splits(config, tokenizer) -> dict[str, Mapping[str, np.ndarray] | QAEva
   Classification: train, dev and (tasks with a labelled test split) test, and for tweets
   also ``test_low_confidence``: test examples whose annotator confidence is below
   ``config.low_confidence_below`` (when > 0). QA: train and dev windows of
-  ``config.max_length`` tokens with ``config.doc_stride`` shared context tokens.
+  ``config.max_length`` tokens with ``config.doc_stride`` shared context tokens, questions cut
+  to ``config.max_question_length`` tokens.
   ``config.max_eval_examples > 0`` evaluates a seeded subset of that many examples
   (questions for QA).
 
@@ -156,7 +157,13 @@ def load_splits(config, tokenizer) -> dict[str, Mapping[str, np.ndarray] | QAEva
 
 def _qa_splits(config, tokenizer) -> dict[str, Mapping[str, np.ndarray] | QAEvalSplit]:
   def windows(questions):
-    return data.encode_squad(questions, tokenizer, config.max_length, config.doc_stride)
+    return data.encode_squad(
+        questions,
+        tokenizer,
+        config.max_length,
+        config.doc_stride,
+        max_question_length=config.max_question_length,
+    )
 
   train = data.load_task(config.task, "train", config.data_dir, source=config.source)
   evaluated = {}
