@@ -235,9 +235,12 @@ def render_readme(mode, plan, config, results, out, link_root, wall_seconds, com
       "`python -m experiments.reproduce --mode=full` (these tables; the run time stored is "
       "stated above; the run store resumes anywhere, so the study can span several "
       "sittings), `--mode=quick` (a smoke run of every study at a tiny budget, ≤ 15 min on 2 "
-      "idle CPU cores: a check of the pipeline, not evidence), `--mode=smoke` (seconds, "
+      "idle CPU cores: a check of the pipeline, not evidence), `--mode=smoke` (a few minutes, "
       "random tiny model). Completed runs are reused; `--report_only` rewrites this section "
-      "from stored runs.",
+      "from stored runs. On a machine with room for several runs at once (a GPU), N "
+      "invocations with `--claim_runs` and the same `--out` and `--workdir` train N runs at "
+      "a time; a run that two machines both trained keeps the first result stored and the "
+      "other in `duplicates/`, compared above.",
       "",
   ]
   return "\n".join(lines)
