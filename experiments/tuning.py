@@ -217,13 +217,7 @@ class Context:
     metric = data.get_task(tuning.task).primary_metric
     rows, complete = [], True
     for trial in self.trials(variant):
-      settings = {
-          "task": tuning.task,
-          "num_train_steps": tuning.steps,
-          "holdout_examples": tuning.holdout_examples,
-          **base,
-          **trial,
-      }
+      settings = self.tuning_settings(base, trial)
       name = f"tune:{variant}:" + ",".join(f"{k.split('.')[-1]}={v:g}" for k, v in trial.items())
       found = [self.ex.run(f"{name}:seed={s}", {**settings, "seed": s}) for s in tuning.seeds]
       found = [r for r in found if r is not None]
@@ -248,6 +242,18 @@ class Context:
           }
       )
     return rows, complete and bool(rows)
+
+  def tuning_settings(self, overrides: dict, trial: dict) -> dict:
+    """The overrides of a tuning run (without its seed): the tuning task, budget and held-out
+    examples, then the variant's overrides and the trial's settings."""
+    tuning = self.plan.tuning
+    return {
+        "task": tuning.task,
+        "num_train_steps": tuning.steps,
+        "holdout_examples": tuning.holdout_examples,
+        **overrides,
+        **trial,
+    }
 
   def best_trial(self, variant: str) -> dict | None:
     """The chosen tuning row of ``variant`` (None: not decided until every trial exists)."""

@@ -217,17 +217,28 @@ def noise(study) -> list[str]:
 
 
 def sketch(study) -> list[str]:
-  rows = {r["gram"]: r for r in study["tables"]["sketch"]}
+  tables = {
+      None: {r["gram"]: r for r in study["tables"]["sketch"]},
+      "tuning": {r["gram"]: r for r in study["tables"].get("sketch_tuning_budget") or []},
+  }
   out = []
   for record in study["comparisons"]:
+    rows = tables[record.get("budget")]
     sketched, exact = rows["sketched"], rows["exact"]
     if sketched.get("machine") == exact.get("machine"):
       cost = f"at {sketched['step_seconds'] / exact['step_seconds']:.2f}× its step time"
     else:  # step times of different machines are not comparable
       cost = f"its runs on {sketched['machine']}, the exact Gram's on {exact['machine']}"
+    where = (
+        "SST-2 dev accuracy"
+        if record.get("budget") is None
+        else f"held-out SST-2 training accuracy at the tuning budget ({sketched['steps']} steps)"
+    )
     out.append(
-        f"With {record['subject']}, {sketched['variant']} reaches "
-        f"{_p(record['subject_mean'])} SST-2 dev accuracy: {_phrase(record)}, {cost}."
+        f"With {record['subject']}, {sketched['variant']} at learning rate "
+        f"{sketched['learning_rate']:g}, λ {sketched['damping']:g} reaches "
+        f"{_p(record['subject_mean'])} {where} over {sketched['seeds']} seeds: "
+        f"{_phrase(record)}, {cost}."
     )
   return out
 

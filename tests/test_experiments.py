@@ -160,10 +160,12 @@ def test_sketch_and_squad_studies_compare_from_run_files(tmp_path):
   assert "[failed]" not in log
   out = tmp_path / "results" / "smoke"
   stored = [json.loads(p.read_text()) for p in sorted((out / "runs").glob("*.json"))]
-  # Two tuning runs (sgd, tikhonov), the exact and the sketched SST-2 run, two SQuAD runs.
-  assert len(stored) == 6 and log.count("[run]") == 6
+  # Two tuning runs (sgd, tikhonov), the exact and the sketched SST-2 run, the sketched
+  # run at the tuning budget (its exact twin is the tikhonov tuning run), two SQuAD runs.
+  assert len(stored) == 7 and log.count("[run]") == 7
   sketched = [r for r in stored if r["config"]["optimizer"].get("sketch_dim")]
-  assert [r["config"]["optimizer"]["sketch_dim"] for r in sketched] == [64]
+  assert [r["config"]["optimizer"]["sketch_dim"] for r in sketched] == [64, 64]
+  sketched = sorted(sketched, key=lambda r: r["config"]["holdout_examples"])
   qa = [r for r in stored if r["config"]["task"] == "squad"]
   assert sorted(r["config"]["optimizer"]["name"] for r in qa) == ["proximal_sgd", "sgd"]
   for result in qa:
@@ -179,8 +181,14 @@ def test_sketch_and_squad_studies_compare_from_run_files(tmp_path):
   rows = {r["gram"]: r for r in sketch["tables"]["sketch"]}
   assert rows["sketched"]["sketch_dim"] == 64 and rows["exact"]["sketch_dim"] is None
   assert rows["sketched"]["dev_accuracy"] == sketched[0]["report"]["dev"]["accuracy"]
-  (record,) = sketch["comparisons"]
+  record, check = sketch["comparisons"]
   assert (record["subject"], record["baseline"]) == ("the sketched Gram (k = 64)", "the exact Gram")
+  assert check["budget"] == "tuning"
+  at_tuning = {r["gram"]: r for r in sketch["tables"]["sketch_tuning_budget"]}
+  tuned = next(r for r in stored if r["label"].startswith("tune:proximal_tikhonov"))
+  assert at_tuning["exact"]["holdout_accuracy"] == tuned["report"]["holdout"]["accuracy"]
+  assert at_tuning["sketched"]["holdout_accuracy"] == sketched[1]["report"]["holdout"]["accuracy"]
+  assert check["subject_mean"] == at_tuning["sketched"]["holdout_accuracy"]
   squad = json.loads((out / "squad.json").read_text())
   by_optimizer = {r["optimizer"]: r for r in squad["tables"]["squad"]}
   for result in qa:
@@ -192,6 +200,7 @@ def test_sketch_and_squad_studies_compare_from_run_files(tmp_path):
 
   readme = (tmp_path / "README_results.md").read_text()
   assert "Sketched vs exact Gram" in readme and "sketched, k = 64" in readme
+  assert "held-out SST-2 training accuracy at the tuning budget (3 steps)" in readme
   f1 = 100 * by_optimizer["sgd"]["f1"]
   assert f"| SGD | 0.01 | — | 1 | {f1:.1f} |" in readme
   assert "On SQuAD's held-out articles, proximal SGD, tikhonov reaches held-out F1" in readme

@@ -33,6 +33,15 @@ above (studies 7 and 8 of experiments/studies.py):
   (configs/squad.py: windows of 256 tokens, stride 64, batch 16, 600 steps), seeds 0, 1, 2,
   each at its SST-2 choice (QA is not tuned, for any optimizer).
 
+Added on 2026-11-30, after tikhonov's tuning was complete and before any reported run:
+
+* ``sketch`` also compares the exact and the sketched Gram at the tuning budget (200 steps,
+  the held-out training examples) for ``plan.sketch_check_variant`` (tikhonov, the first
+  filter whose tuning was complete) at the trial its tuning chose, seeds 0, 1, 2; the exact
+  runs of seeds 0 and 1 are its tuning runs. It answers issue 14's training check without
+  waiting for ``best_proximal``, and compares two Grams at equal settings, so it chooses
+  nothing.
+
 Compute: a 600-step run takes about 10 (AdamW) to 16 (proximal) minutes on 2 CPU cores, so
 the study spans many hours; the run store resumes anywhere, and the README marks a partial
 study as partial.
@@ -95,6 +104,7 @@ def get_plan() -> ml_collections.ConfigDict:
   plan.noise_levels = (0.2, 0.4)
   plan.noise_optimizers = ("adamw", "best_proximal")
   plan.sketch_dim = 1024
+  plan.sketch_check_variant = "proximal_tikhonov"
   plan.qa_optimizers = ("adamw", "best_proximal", "sgd_momentum")
   qa = squad.get_config()
   plan.qa_settings = {

@@ -43,6 +43,7 @@ def get_plan() -> ml_collections.ConfigDict:
   plan.noise_levels = (0.4,)
   plan.noise_optimizers = ("best_proximal",)
   plan.sketch_dim = 64
+  plan.sketch_check_variant = "proximal_tikhonov"
   plan.qa_optimizers = ("sgd", "best_proximal")
   plan.qa_settings = {
       "max_length": 48,
