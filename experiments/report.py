@@ -250,6 +250,7 @@ def md_optimizers(study: dict) -> str:
         ("held-out score (%)", _spread("score", "score_std")),
         ("one-class seeds", _get("collapsed_seeds")),
         ("final train loss", _get("train_loss_end")),
+        RAN_ON,
         ("chosen", lambda r: "✓" if r["chosen"] else ""),
     ]
     parts.append(

@@ -238,6 +238,7 @@ class Context:
               "score_std": std,
               "collapsed_seeds": sum(bool(c) for c in one_class),
               "train_loss_end": mean_std([end_loss(r) for r in found])[0],
+              "machine": " + ".join(sorted({r["machine"]["device_kind"] for r in found})),
               "trial": trial,
           }
       )
