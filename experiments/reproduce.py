@@ -5,6 +5,7 @@
     python -m experiments.reproduce --mode=smoke --out=/tmp/r --readme=/tmp/r/README.md
     python -m experiments.reproduce --mode=quick --only=optimizers,damping
     python -m experiments.reproduce --mode=full --report_only   # tables/README from stored runs
+    python -m experiments.reproduce --mode=full --workers=8 --stop_after=30   # on a GPU
     python -m experiments.reproduce --mode=full --plan.seeds=0,1 --config.model.dtype=bfloat16
 
 Modes are ``experiments/configs/{smoke,quick,full}.py`` (each derived from ``default.py``):
@@ -19,9 +20,10 @@ on 2 CPU cores (experiments/configs/full.py); on a GPU/TPU it needs the JAX buil
 ratios are then the accelerator's. ``--config.model.dtype=bfloat16`` is safe for the proximal
 variants (the Gram solve is in float32). Results of other settings land in the same run store
 under new keys (a run's key hashes its config), but ``<out>/<mode>``'s tables are rewritten,
-so use another ``--out``. On a machine with room for several runs at once (a GPU), start N
-invocations with ``--claim_runs`` on the same ``--out`` and ``--workdir``: each trains the
-runs it claims first, and a rerun picks up the stages the others' runs decided.
+so use another ``--out``. On a machine with room for several runs at once (a GPU),
+``--workers=N`` trains with N processes of the same invocation (each with ``--claim_runs``:
+it trains the runs it claims first, so no run trains twice; a process is restarted while runs
+land, since they may decide a stage that opens new runs), then writes the tables once.
 
 Data: ``--data_dir`` (GLUE root, else ``$NEARPROX_GLUE_DIR``, else ``../shared/data/glue``) and
 ``--squad_dir`` (a folder with ``dev-v1.1.json``, else ``$NEARPROX_SQUAD_DIR``, else
@@ -80,6 +82,12 @@ _CLAIM_RUNS = flags.DEFINE_bool(
     "share the run store with other processes of this machine started with it (each new run "
     "is claimed in <workdir>/<mode>/claims first): N of them train N runs at once",
 )
+_WORKERS = flags.DEFINE_integer(
+    "workers",
+    1,
+    "N > 1: train with N processes of this invocation at once (--claim_runs, restarted while "
+    "runs land), then write the tables once; flags as --name=value",
+)
 _RUN_SPEC = flags.DEFINE_string("run_spec", None, "internal: execute one run spec (JSON) and exit")
 
 
@@ -90,6 +98,15 @@ def define_config_flags(argv: list[str]) -> None:
   mode = importlib.import_module(f"experiments.configs.{_MODE.value}")
   config_flags.DEFINE_config_dict("config", mode.get_config(), "the training config")
   config_flags.DEFINE_config_dict("plan", mode.get_plan(), "the study plan")
+
+
+def worker_flags(argv: list[str]) -> list[str]:
+  """This invocation's flags for one of its ``--workers``: all but those the parent sets."""
+  valued = ("--workers", "--stop_after", "--readme")
+  for arg in argv:
+    if arg in valued:
+      raise app.UsageError(f"with --workers, write {arg}=value (one argument)")
+  return [a for a in argv if a.split("=")[0] not in (*valued, "--claim_runs")]
 
 
 def default_data_dir(env: str, shared: str, marker: str) -> str | None:
@@ -269,6 +286,11 @@ def main(argv) -> None:
     if folder:
       os.environ[env] = folder
   out = Path(_OUT.value) / mode
+  deadline = started + 60 * _STOP_AFTER.value if _STOP_AFTER.value else None
+  if _WORKERS.value > 1 and not _REPORT_ONLY.value:
+    command = [sys.executable, "-m", "experiments.reproduce", *worker_flags(sys.argv[1:])]
+    command += ["--claim_runs", f"--readme={Path(_WORKDIR.value) / mode / 'worker_README.md'}"]
+    runs.run_workers(command, _WORKERS.value, out / "runs", deadline, log=print)
   only = _ONLY.value or list(plan.studies)
   unknown = set(only) - set(studies.STUDIES)
   if unknown:
@@ -277,8 +299,8 @@ def main(argv) -> None:
       config,
       out,
       Path(_WORKDIR.value) / mode,
-      allow_new=not _REPORT_ONLY.value,
-      deadline=started + 60 * _STOP_AFTER.value if _STOP_AFTER.value else None,
+      allow_new=not _REPORT_ONLY.value and _WORKERS.value <= 1,  # workers: they trained
+      deadline=deadline,
       log=lambda m: print(m, flush=True),
       claims=Path(_WORKDIR.value) / mode / "claims" if _CLAIM_RUNS.value else None,
   )

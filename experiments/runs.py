@@ -242,6 +242,48 @@ def _alive(pid: int) -> bool:
   return True
 
 
+def run_workers(
+    command: list[str],
+    workers: int,
+    runs_dir: Path,
+    deadline: float | None,
+    log: Callable[[str], None] = print,
+    poll_seconds: float = 5.0,
+) -> None:
+  """Runs ``command`` (a ``reproduce --claim_runs`` invocation) in ``workers`` processes at
+  once until none has anything left to do.
+
+  A process that ends is started again unless no run landed in ``runs_dir`` during its pass
+  (it found nothing to train: the rest was claimed by others or waits for a choice); a run
+  landing later wakes such idle workers, since it may decide a stage (a tuning choice) that
+  opens new runs. No process starts after ``deadline`` (``time.time()``; None: none), and each
+  gets ``--stop_after`` for the time left.
+  """
+  count = lambda: sum(1 for _ in runs_dir.glob("*.json"))
+  running: dict[int, tuple[subprocess.Popen, int]] = {}
+  idle: set[int] = set()
+  while True:
+    for i in range(workers):
+      left = None if deadline is None else deadline - time.time()
+      if i in running or i in idle or (left is not None and left <= 0):
+        continue
+      stop = [] if left is None else [f"--stop_after={left / 60:.3f}"]
+      running[i] = (subprocess.Popen([*command, *stop], cwd=REPO), count())
+    if not running:
+      return
+    time.sleep(poll_seconds)
+    for i, (process, stored_before) in list(running.items()):
+      if process.poll() is None:
+        continue
+      del running[i]
+      if process.returncode:
+        log(f"[worker {i}] exited with status {process.returncode}")
+      if count() == stored_before:
+        idle.add(i)
+      else:
+        idle.clear()
+
+
 def write_json(path: Path, value) -> None:
   path.parent.mkdir(parents=True, exist_ok=True)
   tmp = path.with_suffix(f".{os.getpid()}.tmp")  # workers sharing a store never collide

@@ -389,3 +389,48 @@ def test_readme_compares_runs_trained_on_two_machines(tmp_path):
   (line,) = reproduce.duplicates_check(tmp_path, "r")
   assert "(NVIDIA H200 / cpu): 1 run(s)" in line
   assert "0.50 points" in line and "1.0e-03 relative" in line
+
+
+FAKE_WORKER = """
+import os, pathlib, sys, time
+runs = pathlib.Path(sys.argv[1])
+with open(runs.parent / "invocations.log", "a") as log:
+  log.write(" ".join(sys.argv[2:]) + "\\n")
+first = [runs / f"{i}.json" for i in range(3)]
+# The second stage (runs 3-5) opens once the first is complete, like a tuning choice.
+todo = first if not all(p.exists() for p in first) else [runs / f"{i}.json" for i in (3, 4, 5)]
+for path in todo:
+  try:
+    os.close(os.open(f"{path}.claim", os.O_CREAT | os.O_EXCL | os.O_WRONLY))
+  except FileExistsError:
+    continue
+  time.sleep(0.2)
+  path.write_text("{}")
+"""
+
+
+def test_workers_are_restarted_while_runs_land_and_stop_when_idle(tmp_path):
+  import time
+
+  runs_dir = tmp_path / "runs"
+  runs_dir.mkdir()
+  command = [sys.executable, "-c", FAKE_WORKER, str(runs_dir)]
+  runs.run_workers(command, 3, runs_dir, time.time() + 120, poll_seconds=0.05)
+  assert sorted(p.name for p in runs_dir.glob("*.json")) == [f"{i}.json" for i in range(6)]
+  invocations = (tmp_path / "invocations.log").read_text().splitlines()
+  assert 6 <= len(invocations) <= 15  # the second stage needed restarts; idle ones stopped
+  assert all(line.startswith("--stop_after=") for line in invocations)
+
+  # After the deadline nothing starts.
+  (tmp_path / "invocations.log").unlink()
+  runs.run_workers(command, 3, tmp_path / "other", time.time() - 1)
+  assert not (tmp_path / "invocations.log").exists()
+
+
+def test_worker_flags_drop_the_parents_own():
+  from experiments import reproduce
+
+  argv = ["--mode=full", "--workers=8", "--stop_after=30", "--readme=/x", "--plan.seeds=0,1"]
+  assert reproduce.worker_flags(argv) == ["--mode=full", "--plan.seeds=0,1"]
+  with pytest.raises(Exception, match="--stop_after=value"):
+    reproduce.worker_flags(["--stop_after", "30"])
