@@ -254,10 +254,10 @@ def render_readme(mode, plan, config, results, out, link_root, wall_seconds, com
       "sittings), `--mode=quick` (a smoke run of every study at a tiny budget, ≤ 15 min on 2 "
       "idle CPU cores: a check of the pipeline, not evidence), `--mode=smoke` (a few minutes, "
       "random tiny model). Completed runs are reused; `--report_only` rewrites this section "
-      "from stored runs. On a machine with room for several runs at once (a GPU), N "
-      "invocations with `--claim_runs` and the same `--out` and `--workdir` train N runs at "
-      "a time; a run that two machines both trained keeps the first result stored and the "
-      "other in `duplicates/`, compared above.",
+      "from stored runs. On a machine with room for several runs at once (a GPU), "
+      "`--workers=N` trains N runs at a time (processes sharing the run store); a run that "
+      "two machines both trained keeps the first result stored and the other in "
+      "`duplicates/`, compared above.",
       "",
   ]
   return "\n".join(lines)
