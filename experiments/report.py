@@ -190,10 +190,16 @@ RAN_ON = ("ran on", lambda row: row.get("machine", "—"))  # step times compare
 
 def status(study: dict) -> str:
   found = study["requested"] - len(study["missing"])
+  waiting = study.get("waiting") or []
+  waits = "; it waits for the tuning's choice of " + " and ".join(f"`{w}`" for w in waiting)
+  waits = waits if waiting else ""
   if not any(study["tables"].values()):
-    return "**not run**" + (f" ({len(study['missing'])} runs missing)" if study["missing"] else "")
-  if study["missing"]:
-    return f"**incomplete**: {found} of its {study['requested']} runs exist"
+    missing = f" ({len(study['missing'])} runs missing)" if study["missing"] else ""
+    return "**not run**" + missing + waits
+  if study["missing"] or waiting:
+    return (
+        f"**incomplete**: {found} of the {study['requested']} runs it asks for so far exist" + waits
+    )
   return f"complete ({found} run(s) of its own, plus any shared with earlier studies)"
 
 

@@ -102,13 +102,13 @@ FUNCTIONS = {}  # study name -> function of a Context, in the order of the READM
 
 def study(title: str):
   """Registers a study: the function returns its ``tables`` and optionally ``curves``,
-  ``comparisons``, ``notes`` and a ``title`` of its own; the study dict adds the runs it
-  asked for first (``requested``; runs shared with an earlier study, e.g. the
+  ``comparisons``, ``notes`` and a ``title`` of its own; the study dict adds the tuning
+  choices it waits for (``waiting``), the runs it asked for first (``requested``; runs shared with an earlier study, e.g. the
   learning-rate sweep, belong to that one) and those of them that do not exist."""
 
   def register(fn):
     def run(ctx: Context) -> dict:
-      start = len(ctx.ex.requested)
+      start, waits_before = len(ctx.ex.requested), len(ctx.waiting)
       found = fn(ctx)
       keys = ctx.ex.requested[start:]
       return {
@@ -120,6 +120,8 @@ def study(title: str):
           **found,
           "requested": len(keys),
           "missing": [ctx.ex.missing[k] for k in keys if k in ctx.ex.missing],
+          # Choices it needs that the tuning has not made: runs it will ask for later.
+          "waiting": sorted(set(ctx.waiting[waits_before:])),
           "plan": ctx.plan.mode,
       }
 

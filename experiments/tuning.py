@@ -167,6 +167,7 @@ class Context:
   def __init__(self, plan, executor: runs.Executor):
     self.plan = plan
     self.ex = executor
+    self.waiting: list[str] = []  # aliases asked for before their tuning was complete
 
   # ------------------------------------------------------------------------ variants
 
@@ -180,6 +181,7 @@ class Context:
     for variant in (v for v in pool if v in self.plan.lr_grid):
       row = self.best_trial(variant)
       if row is None:
+        self.waiting.append(name)
         return None  # the choice must not change when a missing trial lands
       rows[variant] = row
     return max(rows, key=lambda v: _rank(rows[v])) if rows else None
