@@ -100,6 +100,11 @@ def collapsed(result: dict, split: str | None = None) -> bool | None:
   return None if counts is None else sum(c > 0 for c in counts) == 1
 
 
+def machine_kind(result: dict) -> str:
+  """The accelerator a run trained on (``cpu``, ``NVIDIA H200``…); ``unknown`` if unrecorded."""
+  return result.get("machine", {}).get("device_kind", "unknown")
+
+
 def _rank(row: dict) -> tuple:
   """Sort key of a tuning row, larger is better: no collapsed seed, mean score, low loss."""
   nan_low = lambda x: -math.inf if math.isnan(x) else x
@@ -141,7 +146,7 @@ class Group(NamedTuple):
   @property
   def machine(self) -> str:
     """The accelerator its runs trained on (``cpu``, ``NVIDIA H200``…), or ``mixed``."""
-    kinds = {r["machine"]["device_kind"] for r in self.results}
+    kinds = {machine_kind(r) for r in self.results}
     return kinds.pop() if len(kinds) == 1 else "mixed"
 
   def step_seconds(self) -> float:
@@ -240,7 +245,7 @@ class Context:
               "score_std": std,
               "collapsed_seeds": sum(bool(c) for c in one_class),
               "train_loss_end": mean_std([end_loss(r) for r in found])[0],
-              "machine": " + ".join(sorted({r["machine"]["device_kind"] for r in found})),
+              "machine": " + ".join(sorted({machine_kind(r) for r in found})),
               "trial": trial,
           }
       )
