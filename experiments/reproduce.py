@@ -145,9 +145,7 @@ def duplicates_check(out: Path, links: str) -> list[str]:
         metric_gap = max(metric_gap, abs(value - b["report"].get(split, {}).get(name, value)))
     ends = tuning_lib.end_loss(a), tuning_lib.end_loss(b)
     loss_gap = max(loss_gap, abs(ends[0] - ends[1]) / abs(ends[0]))
-  kinds = sorted(
-      {f"{a['machine']['device_kind']} / {b['machine']['device_kind']}" for a, b in pairs}
-  )
+  kinds = sorted({" / ".join(map(tuning_lib.machine_kind, pair)) for pair in pairs})
   return [
       f"- Trained twice, on two machines ({', '.join(kinds)}): {len(pairs)} run(s); the "
       f"largest gap is {100 * metric_gap:.2f} points in an evaluated metric and "
