@@ -71,6 +71,8 @@ def _check_damping(damping: Damping, name: str = "damping") -> None:
     return
   try:
     value = float(damping)
+  except jax.errors.ConcretizationTypeError:
+    return  # traced (optax.inject_hyperparams): checked when the state was made
   except (TypeError, ValueError):
     raise ValueError(f"{name} must be a positive float or a schedule, got {damping!r}") from None
   if not math.isfinite(value) or value <= 0:
@@ -321,8 +323,9 @@ def scale_by_proximal_norm(damping: float) -> optax.GradientTransformation:
   per-example gradients are not available; it composes anywhere in an optax chain. ‖g‖ is
   the global norm over the whole pytree, computed in float32 or wider.
   """
+  if callable(damping):
+    raise ValueError(f"scale_by_proximal_norm takes a constant damping, got {damping!r}")
   _check_damping(damping)
-  damping = float(damping)
 
   def update_fn(updates, state, params=None):
     del params

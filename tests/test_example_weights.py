@@ -437,7 +437,7 @@ def test_proximal_adamw_is_adamw_on_the_filtered_gradient():
   kernel = d["dense"]["kernel"] + 0.01 * params["dense"]["kernel"]  # L2 on kernels only
   with_l2 = {"dense": {"kernel": kernel, "bias": d["dense"]["bias"]}}
   adamw = optax.adamw(
-      optimizers.learning_rate_schedule(config, 10),
+      optimizers.warmup_linear_decay(opt.learning_rate, round(opt.warmup_fraction * 10), 10),
       weight_decay=opt.weight_decay,
       mask=optimizers.kernel_mask,
   )

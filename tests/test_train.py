@@ -326,6 +326,9 @@ def test_holdout_is_a_fixed_slice_of_train_and_hides_the_reported_splits(glue_di
         ({"label_noise": 1.5}, "label_noise"),
         ({"task": "imdb"}, "unknown task"),
         ({"objective.kind": "fgsm"}, "kind"),
+        ({"optimizer.name": "proximal_sgd", "optimizer.damping": 0.0}, "damping"),
+        ({"optimizer.name": "proximal_sgd", "optimizer.filter": "lowpass"}, "filter"),
+        ({"optimizer.name": "proximal_norm_sgd", "optimizer.damping": -1.0}, "damping"),
     ],
 )
 def test_bad_configs_are_clear_errors(glue_dir, tmp_path, override, match):

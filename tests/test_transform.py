@@ -313,6 +313,8 @@ def test_bad_construction_arguments(kwargs, match):
 def test_bad_construction_arguments_of_the_other_transforms():
   with pytest.raises(ValueError, match="damping"):
     nearprox.scale_by_proximal_norm(0.0)
+  with pytest.raises(ValueError, match="constant damping"):
+    nearprox.scale_by_proximal_norm(lambda count: 1.0)
   with pytest.raises(ValueError, match="filter"):
     nearprox.proximal_sgd(0.1, 1.0, filter="nope")
 

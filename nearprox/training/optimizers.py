@@ -1,7 +1,9 @@
 """The optimizers of the training config, and the L2 term they share.
 
 ``create_optimizer(config, num_steps, axis_name)`` builds ``config.optimizer.name`` (one of
-:data:`OPTIMIZERS`) with the warmup + linear-decay schedule of :func:`learning_rate_schedule`.
+:data:`OPTIMIZERS`) with the warmup + linear-decay schedule of :func:`warmup_linear_decay`.
+The peak learning rate and the proximal filter's damping are optimizer state
+(``optax.inject_hyperparams``), so runs that differ only in them share one compiled step.
 The L2 gradient λθ (on dense kernels, :func:`kernel_mask`) is added after any proximal filter:
 it is the same for every example, so it stays out of the per-example Gram matrix.
 
@@ -29,17 +31,43 @@ PER_EXAMPLE_OPTIMIZERS = ("proximal_sgd", "proximal_adamw")
 WEIGHTINGS = ("uniform", "ief")
 
 
-def learning_rate_schedule(config, num_steps: int) -> optax.Schedule:
+def warmup_linear_decay(peak_learning_rate, warmup_steps: int, num_steps: int) -> optax.Schedule:
   """Linear warmup to the peak learning rate, then linear decay to 0."""
-  peak = config.optimizer.learning_rate
-  warmup = int(round(config.optimizer.warmup_fraction * num_steps))
   return optax.join_schedules(
       [
-          optax.linear_schedule(0.0, peak, max(warmup, 1)),
-          optax.linear_schedule(peak, 0.0, max(num_steps - warmup, 1)),
+          optax.linear_schedule(0.0, peak_learning_rate, max(warmup_steps, 1)),
+          optax.linear_schedule(peak_learning_rate, 0.0, max(num_steps - warmup_steps, 1)),
       ],
-      [warmup],
+      [warmup_steps],
   )
+
+
+def _scale_by_warmup_linear_decay(peak_learning_rate, warmup_steps: int, num_steps: int):
+  return optax.scale_by_learning_rate(
+      warmup_linear_decay(peak_learning_rate, warmup_steps, num_steps)
+  )
+
+
+# The peak learning rate and the filter's damping live in the optimizer state, so they are
+# inputs of the compiled train step rather than constants folded into it: the trials of a
+# tuning grid (and their seeds) share one executable and the persistent compilation cache.
+_scale_by_learning_rate = optax.inject_hyperparams(
+    _scale_by_warmup_linear_decay, static_args=("warmup_steps", "num_steps")
+)
+_scale_by_proximal = optax.inject_hyperparams(
+    nearprox.scale_by_proximal,
+    static_args=(
+        "filter",
+        "damping_mode",
+        "axis_name",
+        "gram",
+        "step_size",
+        "step_size_damping",
+        "max_update_norm",
+        "sketch_dim",
+    ),
+)
+_scale_by_proximal_norm = optax.inject_hyperparams(nearprox.scale_by_proximal_norm)
 
 
 def _check_choice(value, choices, name: str) -> None:
@@ -73,14 +101,20 @@ def create_optimizer(config, num_steps: int, axis_name: str | None):
     raise ValueError(
         f"config.optimizer.max_update_norm must be >= 0 (0 disables), got {max_update_norm!r}"
     )
-  schedule = learning_rate_schedule(config, num_steps)
+  warmup_steps = int(round(opt.warmup_fraction * num_steps))
+  learning_rate = _scale_by_learning_rate(opt.learning_rate, warmup_steps, num_steps)
   # The L2 gradient λθ is added after any filtering: it is the same for every example.
   l2 = l2_regularization(config.objective.l2_weight)
-  adamw = optax.adamw(schedule, weight_decay=opt.weight_decay, mask=kernel_mask)
-  sgd = optax.sgd(schedule, momentum=opt.momentum or None, nesterov=opt.nesterov)
+  # optax.adamw and optax.sgd, with the learning rate above.
+  adamw = optax.chain(
+      optax.scale_by_adam(), optax.add_decayed_weights(opt.weight_decay, kernel_mask), learning_rate
+  )
+  momentum = (
+      optax.trace(decay=opt.momentum, nesterov=opt.nesterov) if opt.momentum else optax.identity()
+  )
+  sgd = optax.chain(momentum, learning_rate)
   if per_example:
-    proximal = nearprox.scale_by_proximal(
-        opt.damping,
+    settings = dict(
         filter=opt.filter,
         damping_mode=opt.damping_mode,
         axis_name=axis_name,
@@ -89,9 +123,12 @@ def create_optimizer(config, num_steps: int, axis_name: str | None):
         max_update_norm=max_update_norm or None,
         sketch_dim=sketch_dim,
     )
+    nearprox.scale_by_proximal(opt.damping, **settings)  # its argument errors now, not at init
+    proximal = _scale_by_proximal(opt.damping, **settings)
     return optax.chain(proximal, l2, sgd if opt.name == "proximal_sgd" else adamw), True
   if opt.name == "proximal_norm_sgd":
-    return optax.chain(nearprox.scale_by_proximal_norm(opt.damping), l2, sgd), False
+    nearprox.scale_by_proximal_norm(opt.damping)  # its argument errors now, not at init
+    return optax.chain(_scale_by_proximal_norm(opt.damping), l2, sgd), False
   if opt.name == "sgd":
     return optax.chain(l2, sgd), False
   return optax.chain(l2, adamw), False
