@@ -117,14 +117,25 @@ def default_data_dir(env: str, shared: str, marker: str) -> str | None:
   return None
 
 
-def describe_machine(machine: dict, count: int) -> str:
+def describe_machines(machines: list[dict]) -> str:
+  """One entry per machine, with its run count and the float32 matmul precision the runs
+  recorded (recorded since 2026-11-30; older runs count as "not recorded")."""
   text = "{platform}, {cpus} CPUs, JAX {jax} on {backend} ({devices} device(s), {device_kind}"
-  precision = machine.get("matmul_precision")  # recorded since 2026-11-30
-  return (
-      text.format(**machine)
-      + (f", float32 matmul precision {precision}" if precision else "")
-      + f"): {count} run{'s' if count != 1 else ''}"
-  )
+  by_machine = collections.defaultdict(collections.Counter)
+  for machine in machines:
+    rest = {k: v for k, v in machine.items() if k != "matmul_precision"}
+    precision = machine.get("matmul_precision", "not recorded")
+    by_machine[json.dumps(rest, sort_keys=True)][precision] += 1
+  entries = []
+  for key, precisions in sorted(by_machine.items()):
+    count = sum(precisions.values())
+    entries.append(
+        text.format(**json.loads(key))
+        + "; float32 matmul precision "
+        + ", ".join(f"{p}: {n}" for p, n in sorted(precisions.items()))
+        + f"): {count} run{'s' if count != 1 else ''}"
+    )
+  return "; ".join(entries)
 
 
 def duplicates_check(out: Path, links: str) -> list[str]:
@@ -174,7 +185,6 @@ def render_readme(mode, plan, config, results, out, link_root, wall_seconds, com
   """The Results section (Markdown, no top-level heading: it is spliced under README.md's
   "## Results" by experiments/update_readme.py); image links relative to ``link_root``."""
   stored = [json.loads(p.read_text()) for p in sorted((out / "runs").glob("*.json"))]
-  machines = collections.Counter(json.dumps(r["machine"], sort_keys=True) for r in stored)
   commits = sorted({r.get("commit", "unknown") for r in stored})
   compute = sum(r["wall_seconds"] for r in stored)
   cpu = [r["cpu_seconds"] for r in stored if "cpu_seconds" in r]
@@ -204,7 +214,7 @@ def render_readme(mode, plan, config, results, out, link_root, wall_seconds, com
       )
       + f"; this invocation took {wall_seconds / 60:.1f} min.",
       "- Machine(s): "
-      + "; ".join(describe_machine(json.loads(m), n) for m, n in sorted(machines.items()))
+      + describe_machines([r["machine"] for r in stored])
       + ". Step times are compared only between runs of one kind of machine.",
       *duplicates_check(out, links),
       f"- Model `{config.model.name}`, batch {config.batch_size}, {config.max_length} "

@@ -391,6 +391,24 @@ def test_readme_compares_runs_trained_on_two_machines(tmp_path):
   assert "0.50 points" in line and "1.0e-03 relative" in line
 
 
+def test_readme_lists_each_machine_once_with_its_runs_precisions():
+  from experiments import reproduce
+
+  cpu = {"platform": "Linux", "cpus": 2, "jax": "0.10", "backend": "cpu", "devices": 1}
+  cpu["device_kind"] = "cpu"
+  gpu = {**cpu, "cpus": 16, "backend": "gpu", "device_kind": "NVIDIA H200"}
+  machines = [
+      cpu,
+      {**cpu, "matmul_precision": "default"},
+      cpu,
+      {**gpu, "matmul_precision": "highest"},
+  ]
+  text = reproduce.describe_machines(machines)
+  assert text.count("Linux, 2 CPUs") == 1
+  assert "precision default: 1, not recorded: 2): 3 runs" in text
+  assert "NVIDIA H200; float32 matmul precision highest: 1): 1 run" in text
+
+
 FAKE_WORKER = """
 import os, pathlib, sys, time
 runs = pathlib.Path(sys.argv[1])
