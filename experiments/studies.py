@@ -9,15 +9,21 @@ its rows out. Rows name an optimizer variant by its label (``variant``, e.g. "Ad
 its config name (``optimizer``, e.g. "adamw"). ``comparisons`` are the records the verdict
 is rendered from (:func:`comparison`).
 
-1. ``optimizers``  SGD, SGD+momentum, AdamW, proximal SGD (tikhonov / natural filter) and
-   the rank-one form on SST-2 (dev) and tweets (test); learning rate per optimizer chosen on
-   the dev split (seed 0), then ``plan.seeds`` seeds at that rate.
+Every optimizer's settings come from experiments/tuning.py (held-out training examples,
+mean over seeds, the same number of trials per optimizer); a mode's ``plan.studies`` says
+which of these it runs (--mode=full: optimizers, sketch, adversarial, noise, squad).
+
+1. ``optimizers``  ``plan.optimizer_variants`` (AdamW, SGD+momentum, the tikhonov, EF and iEF
+   filters, the best filter with the grafted step size and in front of AdamW) at their tuned
+   settings on ``plan.optimizer_tasks`` (SST-2 and MRPC dev, tweets test), ``plan.seeds``
+   seeds; the tuning table; steps to a target and the step time against SGD's.
 2. ``damping``     relative λ sweep for both filters: accuracy and the Gram spectrum
    (effective rank, kept fraction) across training.
-3. ``adversarial`` clean / FGM / PGD / SMART objectives with the best proximal optimizer
-   (and AdamW in --mode=full): clean accuracy and accuracy under embedding-space PGD vs ε.
+3. ``adversarial`` clean / FGM / PGD / SMART objectives with ``plan.objective_optimizers``
+   (AdamW and the best proximal variant): clean accuracy and accuracy under embedding-space
+   PGD vs ε.
 4. ``multidevice`` local vs global Gram on 8 host devices (subprocess), step time.
-5. ``glue``        one more GLUE task (MRPC: F1) with the SST-2 learning rates.
+5. ``glue``        one more GLUE task (MRPC: F1) with the SST-2 settings.
 6. ``noise``       20% / 40% flipped SST-2 training labels; tweets low-confidence test.
 7. ``sketch``      the tuned proximal variant with the exact and with the sketched Gram
    (``optimizer.sketch_dim``), same settings and seeds, on SST-2 (issue 14); and, before
@@ -32,6 +38,8 @@ import numpy as np
 
 from experiments import runs
 from experiments.tuning import (
+    ALIASES,
+    DERIVED,
     DISPLAY,
     PROXIMAL,
     Context,
@@ -138,6 +146,12 @@ def study(title: str):
 def optimizers(ctx: Context) -> dict:
   plan = ctx.plan
   tuning_rows, run_rows, summary, curves, comparisons = [], [], [], {}, []
+  # Training order only (the tables below read the same runs): every variant that waits for
+  # no other choice trains its runs on the first task before the derived variants' tuning
+  # starts, so a partial study shows the full-budget comparison there early.
+  for variant in plan.optimizer_variants:
+    if variant not in DERIVED and variant not in ALIASES:
+      ctx.group("optimizers", plan.optimizer_tasks[0], variant)
   for variant in plan.optimizer_variants:
     variant = ctx.resolve(variant)
     rows, _ = ctx.tuning(variant) if variant else ([], False)

@@ -110,3 +110,32 @@ def test_derived_variants_wait_for_the_first_stage_and_build_on_the_best_filter(
   assert all(
       "holdout_examples" not in c and c["optimizer.step_size"] == "graft" for c in final_calls
   )
+
+
+def test_tuned_variants_train_their_first_task_before_the_second_stage_is_tuned():
+  from experiments import studies
+
+  class SecondStageStarted(Exception):
+    pass
+
+  class Executor(FakeExecutor):
+    requested, missing = [], {}
+
+    def run(self, label, overrides, devices=1, attack=None):
+      if overrides.get("optimizer.step_size") == "graft":
+        raise SecondStageStarted
+      return super().run(label, overrides, devices, attack)
+
+  grid = {"adamw": (1e-4,), "proximal_ief": (0.1,), "proximal_graft": (0.01,)}
+  study_plan = plan(**grid)
+  study_plan.optimizer_variants = tuple(grid)
+  study_plan.optimizer_tasks = ("sst2", "tweets")
+  executor = Executor(lambda overrides: 0.8)
+  with pytest.raises(SecondStageStarted):
+    studies.FUNCTIONS["optimizers"](tuning.Context(study_plan, executor))
+  reported = [
+      (c["optimizer.name"], c["seed"])
+      for c in executor.calls
+      if "holdout_examples" not in c and c["task"] == "sst2"
+  ]
+  assert reported == [(name, s) for name in ("adamw", "proximal_sgd") for s in (0, 1, 2)]
