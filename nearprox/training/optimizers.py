@@ -16,6 +16,7 @@ weighting needs a per-example optimizer.
 
 from __future__ import annotations
 
+import inspect
 from typing import Any
 
 import jax
@@ -56,16 +57,9 @@ _scale_by_learning_rate = optax.inject_hyperparams(
 )
 _scale_by_proximal = optax.inject_hyperparams(
     nearprox.scale_by_proximal,
-    static_args=(
-        "filter",
-        "damping_mode",
-        "axis_name",
-        "gram",
-        "step_size",
-        "step_size_damping",
-        "max_update_norm",
-        "sketch_dim",
-    ),
+    static_args=[
+        p for p in inspect.signature(nearprox.scale_by_proximal).parameters if p != "damping"
+    ],
 )
 _scale_by_proximal_norm = optax.inject_hyperparams(nearprox.scale_by_proximal_norm)
 
