@@ -19,8 +19,9 @@ The sketch section runs on real text (the first B sentences of SST-2's dev split
 --data_dir or $NEARPROX_GLUE_DIR; random tokens when neither is there, and the output says
 so) and compares, per k, the step's time and memory with SGD's and the sketched filtered
 gradient d̂ with the exact d: cos(d̂, d) for both filters at relative damping 0.1, with uniform
-and with iEF weights, and the relative Frobenius error ‖K̂ − K‖/‖K‖ (mean over three sketch
-seeds, i.e. step counts; the cosines are the minimum over them).
+and with iEF weights (the minimum over three sketch seeds, i.e. step counts), and the relative
+Frobenius error ‖K̂ − K‖/‖K‖ (root-mean-square over ten seeds); experiments/bench_sketch.py
+holds these measurements.
 
 Times are the minimum over interleaved repeats after compilation (so a busy machine slows
 all of them alike); ratios are to the SGD step of the same run. FLOPs are XLA's
@@ -33,7 +34,6 @@ and written to experiments/results/bench_step.md.
 from __future__ import annotations
 
 import contextlib
-import functools
 import os
 import platform
 import sys
@@ -46,8 +46,9 @@ import optax
 from absl import app, flags
 
 import nearprox
+from experiments import bench_sketch
 from nearprox import factored_grads, layer_factors, sketch, spectral_filter
-from nearprox.text import models, objectives
+from nearprox.text import models
 
 GB = 1024.0**3
 
@@ -129,10 +130,7 @@ def unblocked_gram():
 
 
 def make_steps(model, learning_rate=1e-3, damping=1e-3, sketch_dims=()):
-  def per_example_loss(params, ids, mask, labels):
-    logits = model.apply({"params": params}, ids, attention_mask=mask, deterministic=True).logits
-    return optax.softmax_cross_entropy_with_integer_labels(logits, labels)
-
+  per_example_loss = bench_sketch.per_example_loss(model)
   sgd = optax.sgd(learning_rate)
   prox = nearprox.proximal_sgd(learning_rate, damping, damping_mode="relative")
 
@@ -159,7 +157,6 @@ def make_steps(model, learning_rate=1e-3, damping=1e-3, sketch_dims=()):
     return step
 
   steps = {
-      "per_example_loss": per_example_loss,
       "sgd": (sgd_step, sgd),
       "factored": (proximal_step("factored"), prox),
       "factored_unblocked": (proximal_step("factored"), prox),
@@ -312,169 +309,6 @@ def breakdown(model, params, batch, length, repeats, vocab, sketch_dim) -> list[
   ]
 
 
-def batch_factored_grads(model, params, data):
-  """The factored per-example gradients of ``data`` = (ids, mask, labels)."""
-  per_example_loss = make_steps(model)["per_example_loss"]
-  return jax.jit(lambda p: factored_grads.factored_value_and_grads(per_example_loss, p, *data)[1])(
-      params
-  )
-
-
-def _flat_cosine(x, y):
-  dot = sum(jnp.vdot(a.astype(jnp.float32), b.astype(jnp.float32)) for a, b in zip(x, y))
-  norm = lambda t: jnp.sqrt(sum(jnp.vdot(a.astype(jnp.float32), a.astype(jnp.float32)) for a in t))
-  return dot / (norm(x) * norm(y))
-
-
-def sketch_accuracy(model, params, data, sketch_dims, counts=3, error_counts=10, damping=0.1):
-  """{k: metrics} of the sketched filter against the exact one on one batch.
-
-  Metrics: the minimum over ``counts`` sketch seeds (step counts 0, 1, …) of cos(d̂, d) for
-  (filter, weights) in {tikhonov, natural} × {uniform, iEF}, at relative damping ``damping``;
-  the root-mean-square over ``error_counts`` seeds of ‖K̂ − K‖_F/‖K‖_F and of the same
-  restricted to the sketched leaves, and the bound √(Σ c·tr(K_leaf)²)/‖K‖_F on the first
-  (docs/method.md §2.9).
-  """
-  ids, mask, labels = data
-  grads = batch_factored_grads(model, params, data)
-  logits = jax.jit(
-      lambda p: model.apply({"params": p}, ids, attention_mask=mask, deterministic=True).logits
-  )(params)
-  ief = objectives.cross_entropy_logit_grad_sq_norm(logits, labels)
-  settings = [(f, w) for f in ("tikhonov", "natural") for w in ("uniform", "iEF")]
-
-  @functools.partial(jax.jit, static_argnames=("filter", "weighted", "sketch_dim"))
-  def direction(grads, count, filter, weighted, sketch_dim):
-    tx = nearprox.scale_by_proximal(
-        damping, filter=filter, damping_mode="relative", sketch_dim=sketch_dim
-    )
-    state = tx.init(None)._replace(count=count)
-    d, _ = tx.update(grads, state, example_weights=ief if weighted else None)
-    return jax.tree.leaves(d)
-
-  cosine = jax.jit(_flat_cosine)
-  zero = jnp.zeros((), jnp.int32)
-  exact = {(f, w): direction(grads, zero, f, w == "iEF", None) for f, w in settings}
-  leaf_grams = jax.jit(
-      lambda g: [spectral_filter.gram_matrix([x]) for _, x in spectral_filter.per_example_leaves(g)]
-  )(grads)
-  leaf_grams = [np.asarray(k, np.float64) for k in leaf_grams]
-  gram = sum(leaf_grams)
-  gram_norm = np.linalg.norm(gram)
-  out = {}
-  for k in sketch_dims:
-    factors = sketch.variance_factors(grads, k)
-    sketched_exact = sum(
-        (g for g, c in zip(leaf_grams, factors) if c is not None), np.zeros_like(gram)
-    )
-    bound = np.sqrt(sum(c * np.trace(g) ** 2 for g, c in zip(leaf_grams, factors) if c))
-    estimate = jax.jit(lambda g, c, k=k: sketch.sketch_per_example(g, c, k).features)
-    cosines = {setting: [] for setting in settings}
-    errors, sketched_errors = [], []
-    for count in range(max(counts, error_counts)):
-      count = jnp.asarray(count, jnp.int32)
-      phi = np.asarray(estimate(grads, count), np.float64)
-      error = np.sum((phi @ phi.T - sketched_exact) ** 2)
-      errors.append(error / gram_norm**2)
-      sketched_errors.append(error / max(np.sum(sketched_exact**2), 1e-30))
-      if int(count) >= counts:
-        continue
-      for f, w in settings:
-        d_hat = direction(grads, count, f, w == "iEF", k)
-        cosines[(f, w)].append(float(cosine(d_hat, exact[(f, w)])))
-    out[k] = {
-        "sketched": sum(c is not None for c in factors),
-        "features": int(phi.shape[1]),
-        "cos": {setting: min(values) for setting, values in cosines.items()},
-        "error": float(np.sqrt(np.mean(errors))),
-        "sketched_error": float(np.sqrt(np.mean(sketched_errors))),
-        "bound": float(bound / gram_norm),
-        "sketched_share": float(np.trace(sketched_exact) / np.trace(gram)),
-    }
-  return out
-
-
-def _count_sketch(x, key, k):
-  """[..., d] -> [..., k]: each coordinate added, with a random sign, into a random bucket."""
-  buckets = jax.random.randint(jax.random.fold_in(key, 0), (x.shape[-1],), 0, k)
-  signs = jax.random.rademacher(jax.random.fold_in(key, 1), (x.shape[-1],), x.dtype)
-  moved = jnp.moveaxis(x * signs, -1, 0)
-  return jnp.moveaxis(jax.ops.segment_sum(moved, buckets, num_segments=k), 0, -1)
-
-
-def _gaussian_kronecker(a, d, key, k1, k2):
-  s1 = jax.random.normal(jax.random.fold_in(key, 0), (a.shape[-1], k1)) / np.sqrt(k1)
-  s2 = jax.random.normal(jax.random.fold_in(key, 1), (d.shape[-1], k2)) / np.sqrt(k2)
-  return jnp.einsum("btr,bts->brs", a @ s1, d @ s2).reshape(a.shape[0], -1)
-
-
-def _count_kronecker(a, d, key, k1, k2):
-  x = _count_sketch(a, jax.random.fold_in(key, 0), k1)
-  y = _count_sketch(d, jax.random.fold_in(key, 1), k2)
-  return jnp.einsum("btr,bts->brs", x, y).reshape(a.shape[0], -1)
-
-
-def _tensor_sketch(a, d, key, k1, k2):
-  """TensorSketch (Pham & Pagh 2013): count sketches of a and δ to k = k₁k₂ buckets, multiplied
-  in Fourier space (a circular convolution: the sketch of a ⊗ δ), summed over positions."""
-  k = k1 * k2
-  fa = jnp.fft.rfft(_count_sketch(a, jax.random.fold_in(key, 0), k), axis=-1)
-  fd = jnp.fft.rfft(_count_sketch(d, jax.random.fold_in(key, 1), k), axis=-1)
-  return jnp.fft.irfft(jnp.sum(fa * fd, axis=1), n=k, axis=-1)
-
-
-SKETCH_FAMILIES = {
-    "Kronecker, Rademacher S₁, S₂ (the library's)": sketch.kronecker_features,
-    "Kronecker, Gaussian S₁, S₂": _gaussian_kronecker,
-    "Kronecker, count sketches S₁, S₂": _count_kronecker,
-    "TensorSketch (count sketches + FFT)": _tensor_sketch,
-}
-
-
-def family_rows(model, params, data, sketch_dims, repeats, seeds=5) -> list[str]:
-  """Rows comparing sketch families at equal k on the MiniLM batch's dense kernels (those the
-  library sketches at that k): the time to compute K̂'s sketched part, and its relative error
-  (root-mean-square over ``seeds``)."""
-  grads = batch_factored_grads(model, params, data)
-  rows = []
-  for k in sketch_dims:
-    flags = sketch.sketched_leaves(grads, k)
-    kernels = [
-        leaf
-        for (path, leaf) in spectral_filter.per_example_leaves(grads)
-        if flags[path] and isinstance(leaf, layer_factors.DenseFactor)
-    ]
-    exact = np.asarray(jax.jit(spectral_filter.gram_matrix)(kernels), np.float64)
-    compiled = {}
-    for name, features in SKETCH_FAMILIES.items():
-
-      def gram(kernels, key, features=features):
-        total = 0.0
-        for index, leaf in enumerate(kernels):
-          k1, k2 = sketch.side_dims(*leaf.matrix_shape, k)
-          phi = features(leaf.inputs, leaf.cotangents, jax.random.fold_in(key, index), k1, k2)
-          total = total + phi @ phi.T
-        return total
-
-      compiled[name] = jax.jit(gram).lower(kernels, jax.random.key(0)).compile()
-    best = {name: float("inf") for name in compiled}
-    errors = {name: [] for name in compiled}
-    for seed in range(max(seeds, repeats)):
-      for name, exe in compiled.items():
-        start = time.perf_counter()
-        estimate = np.asarray(jax.block_until_ready(exe(kernels, jax.random.key(seed))), np.float64)
-        best[name] = min(best[name], time.perf_counter() - start)
-        if seed < seeds:
-          errors[name].append(np.sum((estimate - exact) ** 2) / np.sum(exact**2))
-    base = best[next(iter(best))]
-    for name in compiled:
-      rows.append(
-          f"| {k} | {len(kernels)} | {name} | {best[name] * 1e3:.0f} ms | "
-          f"{best[name] / base:.2f}× | {np.sqrt(np.mean(errors[name])):.3f} |"
-      )
-  return rows
-
-
 SKETCH_HEADER = [
     "| k | leaves sketched | their share of trace(K) | features / example | time | × SGD "
     "| FLOPs × SGD | peak memory | × SGD | cos tikhonov | cos natural | cos tikhonov, iEF "
@@ -533,7 +367,7 @@ def sketch_section(title, model, params, data, sketch_dims, repeats, max_gb, not
   skipped = [name for name in names if results[name][0] is None]
   if skipped:
     return [f"### {title}", "", f"not run: {'; '.join(results[n][3] for n in skipped)}", ""], None
-  accuracy = sketch_accuracy(model, params, data, sketch_dims)
+  accuracy = bench_sketch.sketch_accuracy(model, params, data, sketch_dims)
   return [
       f"### {title}",
       "",
@@ -701,7 +535,9 @@ def main(argv) -> None:
       "",
       "| k | kernels | family | time | × library's | ‖K̂−K‖/‖K‖ (sketched kernels) |",
       "|---|---|---|---|---|---|",
-      *family_rows(minilm, minilm_params, data[:3], [int(k) for k in _FAMILY_DIMS.value], repeats),
+      *bench_sketch.family_rows(
+          minilm, minilm_params, data[:3], [int(k) for k in _FAMILY_DIMS.value], repeats
+      ),
       "",
   ]
   print("\n".join(lines[start:]), flush=True)
