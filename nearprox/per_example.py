@@ -3,14 +3,15 @@
 ``loss_fn(params, *args)`` returns the vector of per-example losses [B]; every array in
 ``args`` has the batch axis first. Two methods compute the gradients g_i = ∇θ ℓ_i:
 
+* ``"factored"`` (the default): the fast path (:mod:`nearprox.factored_grads`; docs/method.md
+  §2). One forward and one backward pass over the whole batch capture each Flax
+  dense/embedding layer's inputs and output cotangents; the Gram matrix and the filtered
+  gradient are computed from those factors. Leaves it cannot factor (any function that is not
+  a Flax model, too) come back as exact dense [B, ...] arrays.
 * ``"vmap"``: the reference. ``jax.vmap(jax.grad(...))`` over examples, each evaluated as
   a batch of one; materializes G (B × P numbers). It is the oracle of the tests. Randomness
   inside ``loss_fn`` must therefore come from per-example arrays in ``args`` (e.g. keys
   [B, 2]) for the two methods to agree.
-* ``"factored"``: the fast path (:mod:`nearprox.factored_grads`; docs/method.md §2). One
-  forward and one backward pass over the whole batch capture each Flax dense/embedding
-  layer's inputs and output cotangents; the Gram matrix and the filtered gradient are
-  computed from those factors.
 
 With ``has_aux=True`` (as in ``jax.value_and_grad``) ``loss_fn`` returns ``(losses [B],
 aux)``, every aux leaf with the batch axis first and row i depending on example i only
@@ -76,7 +77,7 @@ def per_example_value_and_grads(
     loss_fn: Callable,
     params,
     *args,
-    method: str = "vmap",
+    method: str = "factored",
     has_aux: bool = False,
     **factored_options,
 ):
@@ -102,6 +103,8 @@ def per_example_value_and_grads(
   )
 
 
-def per_example_grads(loss_fn: Callable, params, *args, method: str = "vmap", **factored_options):
+def per_example_grads(
+    loss_fn: Callable, params, *args, method: str = "factored", **factored_options
+):
   """Per-example gradients of ``loss_fn(params, *args)`` (which returns losses [B])."""
   return per_example_value_and_grads(loss_fn, params, *args, method=method, **factored_options)[1]

@@ -13,7 +13,7 @@ import pytest
 import nearprox
 from experiments.configs import default
 from nearprox.text import models, objectives
-from nearprox.training import optimizers, train
+from nearprox.training import optimizers, task_io, train
 from tests.per_example_trees import flat, flat_rows, random_per_example
 
 
@@ -511,10 +511,13 @@ def test_train_step_with_ief_weights_passes_them_to_the_filter():
   @jax.jit
   def by_hand(params):
     """The step with iEF weights at the clean logits, and with uniform weights (vmap oracle)."""
-    inputs = {k: batch[k] for k in train.INPUT_KEYS}
+    inputs = {k: batch[k] for k in task_io.INPUT_KEYS}
     weights = objectives.ief_weights("classification", logits_fn(params, inputs), inputs)
     grads = nearprox.per_example_grads(
-        lambda p, b: objectives.task_loss("classification", logits_fn(p, b), b), params, inputs
+        lambda p, b: objectives.task_loss("classification", logits_fn(p, b), b),
+        params,
+        inputs,
+        method="vmap",
     )
     steps = [
         tx.update(grads, tx.init(params), params, mask=batch["mask"], example_weights=w)[0]

@@ -597,7 +597,9 @@ def test_loss_at_precomputed_perturbation_is_factored_and_equals_the_objective(k
       nearprox.per_example_grads(at_delta, params, batch, keys, delta, method="factored"),
       tx.init(None),
   )
-  oracle, _ = tx.update(nearprox.per_example_grads(one_call, params, batch, keys), tx.init(None))
+  oracle, _ = tx.update(
+      nearprox.per_example_grads(one_call, params, batch, keys, method="vmap"), tx.init(None)
+  )
   fast = np.concatenate([np.ravel(x) for x in jax.tree.leaves(fast)])
   oracle = np.concatenate([np.ravel(x) for x in jax.tree.leaves(oracle)])
   np.testing.assert_allclose(fast, oracle, atol=1e-5 * np.abs(oracle).max())

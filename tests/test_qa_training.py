@@ -106,7 +106,7 @@ def test_tiny_qa_run_reports_the_scores_of_its_final_params(
   assert report["predicted_classes"] == {"dev": []}
   losses = train_losses(tmp_path)
   assert len(losses) == 3 and np.all(np.isfinite(losses))
-  model, _, _ = train.create_model(config, 0, jax.random.key(0))
+  model, _, _ = task_io.create_model(config, 0, jax.random.key(0))
   assert isinstance(model, models.BertForQuestionAnswering)
   split = dev_split(squad_dir, tokenizer)
   assert len(split.features) % config.eval_batch_size  # the last batch is padded
@@ -128,8 +128,8 @@ def test_fgm_objective_trains_on_the_span_loss(squad_dir, tmp_path):
   assert set(report["dev"]) == {"f1", "exact_match"}
 
   rng = jax.random.key(config.seed)
-  model, params, tokenizer = train.create_model(config, 0, jax.random.fold_in(rng, 1))
-  splits = train.load_splits(config, tokenizer)
+  model, params, tokenizer = task_io.create_model(config, 0, jax.random.fold_in(rng, 1))
+  splits = task_io.load_splits(config, tokenizer)
   batch = next(train.train_batches(splits["train"], config, 0))
   inputs = {k: jnp.asarray(batch[k]) for k in task_io.QA_INPUT_KEYS}
   keys = jax.vmap(lambda i: jax.random.fold_in(jax.random.fold_in(rng, 0), i))(batch["index"])
@@ -177,7 +177,7 @@ def test_hf_export_loads_in_transformers_with_the_same_logits(squad_dir, tokeniz
   )
   report = train.train_and_evaluate(config, tmp_path)
   torch_model = transformers.BertForQuestionAnswering.from_pretrained(report["hf_model"]).eval()
-  model, _, _ = train.create_model(config, 0, jax.random.key(0))
+  model, _, _ = task_io.create_model(config, 0, jax.random.key(0))
   arrays = dev_split(squad_dir, tokenizer).arrays()
   start, end = full_logits(model, report["params"], arrays)
   with torch.no_grad():
@@ -288,7 +288,10 @@ def test_train_step_with_ief_weights_on_qa(squad_dir, tokenizer):
         residual(start, inputs["start_positions"]) + residual(end, inputs["end_positions"])
     )
     grads = nearprox.per_example_grads(
-        lambda p, b: objectives.task_loss("qa", logits_fn(p, b), b), params, inputs
+        lambda p, b: objectives.task_loss("qa", logits_fn(p, b), b),
+        params,
+        inputs,
+        method="vmap",
     )
     steps = [
         tx.update(grads, tx.init(params), params, mask=batch["mask"], example_weights=w)[0]
@@ -310,7 +313,7 @@ def test_evaluation_of_padded_batches_equals_postprocessing_of_the_full_logits(
 ):
   config = qa_config(squad_dir)
   task = data.get_task("squad")
-  model, params, _ = train.create_model(config, 0, jax.random.key(0))
+  model, params, _ = task_io.create_model(config, 0, jax.random.key(0))
   params = jax.tree.map(lambda x: x, params)
   params["qa_outputs"]["kernel"] = 50.0 * params["qa_outputs"]["kernel"]  # varied answers
   split = dev_split(squad_dir, tokenizer)
@@ -323,7 +326,7 @@ def test_evaluation_of_padded_batches_equals_postprocessing_of_the_full_logits(
   start, end = full_logits(model, params, split.arrays())
   rows = task_io.predict(runner, state, split.arrays(), batch_size)
   np.testing.assert_allclose(rows, np.stack([start, end], -1), rtol=1e-5, atol=1e-5)
-  scores, counts = train.evaluate(runner, state, split, task, batch_size)
+  scores, counts = task_io.evaluate(runner, state, split, task, batch_size)
   assert counts == [] and list(scores) == ["f1", "exact_match"]
   assert scores == pytest.approx(scores_of(model, params, split), abs=1e-12)
   predictions = qa.postprocess_predictions(split.questions, split.features, start, end)
@@ -364,18 +367,18 @@ def test_squad_task_and_load_task_routing(tmp_path):
 
 
 def test_qa_splits_subset_questions_and_hold_out_questions(squad_dir, tokenizer):
-  splits = train.load_splits(qa_config(squad_dir, max_eval_examples=3), tokenizer)
+  splits = task_io.load_splits(qa_config(squad_dir, max_eval_examples=3), tokenizer)
   assert list(splits) == ["train", "dev"]
   assert set(splits["train"]) == set(task_io.QA_INPUT_KEYS)
   dev = splits["dev"]
   assert len(dev.questions) == 3  # questions, each with all of its windows
   assert set(dev.features.example_index) == {0, 1, 2}
   assert len(dev.features) > 3
-  full = train.load_splits(qa_config(squad_dir, holdout_examples=4), tokenizer)
+  full = task_io.load_splits(qa_config(squad_dir, holdout_examples=4), tokenizer)
   assert list(full) == ["train", "holdout"]
   held = full["holdout"].questions
   assert len(held) == 4
-  again = train.load_splits(qa_config(squad_dir, holdout_examples=4, seed=7), tokenizer)
+  again = task_io.load_splits(qa_config(squad_dir, holdout_examples=4, seed=7), tokenizer)
   assert again["holdout"].questions.ids == held.ids  # the same for every run seed
   everything = data.load_squad("train", squad_dir)
   rest = [e.id for e in everything.examples if e.id not in set(held.ids)]
@@ -395,7 +398,7 @@ def test_qa_splits_subset_questions_and_hold_out_questions(squad_dir, tokenizer)
 )
 def test_bad_qa_configs_are_clear_errors(squad_dir, tokenizer, override, match):
   with pytest.raises(ValueError, match=match):
-    train.load_splits(qa_config(squad_dir, **override), tokenizer)
+    task_io.load_splits(qa_config(squad_dir, **override), tokenizer)
 
 
 def test_squad_config_resolves():

@@ -2,6 +2,7 @@
 
 import functools
 
+import flax
 import hypothesis
 import hypothesis.extra.numpy as hnp
 import jax
@@ -366,7 +367,7 @@ def test_vmap_per_example_grads_are_each_examples_gradient():
   def loss_fn(params, x, y):
     return jnp.sum((x @ params["w"] + params["b"] - y) ** 2, axis=-1)
 
-  losses, grads = nearprox.per_example_value_and_grads(loss_fn, params, x, y)
+  losses, grads = nearprox.per_example_value_and_grads(loss_fn, params, x, y, method="vmap")
   np.testing.assert_allclose(losses, loss_fn(params, x, y), rtol=1e-6)
   for i in range(5):
     one = jax.grad(lambda p: loss_fn(p, x[i : i + 1], y[i : i + 1])[0])(params)
@@ -378,17 +379,42 @@ def test_vmap_per_example_grads_are_each_examples_gradient():
   )
 
 
-def test_per_example_grads_bad_input():
+def test_default_per_example_grads_are_factored_and_filter_like_the_oracle():
+  """DESIGN §3: per_example_grads returns the factored form by default (the Dense kernel as
+  its layer's factors), and scale_by_proximal gives the vmap oracle's numbers from it."""
+  rng = np.random.default_rng(19)
+  model = flax.linen.Dense(3)
+  x = jnp.asarray(rng.normal(size=(8, 6)), jnp.float32)
+  y = jnp.arange(8) % 3
+  params = model.init(jax.random.key(0), x)["params"]
+
+  def loss_fn(params, x, y):
+    return optax.softmax_cross_entropy_with_integer_labels(model.apply({"params": params}, x), y)
+
+  default = nearprox.per_example_grads(loss_fn, params, x, y)
+  oracle = nearprox.per_example_grads(loss_fn, params, x, y, method="vmap")
+  assert isinstance(default["kernel"], nearprox.layer_factors.DenseFactor)
+  tx = nearprox.scale_by_proximal(0.1, damping_mode="relative")
+  filtered = [flat(tx.update(g, tx.init(params))[0]) for g in (default, oracle)]
+  np.testing.assert_allclose(filtered[0], filtered[1], rtol=1e-5, atol=1e-7)
+
+
+@pytest.mark.parametrize("method", nearprox.per_example.METHODS)
+def test_per_example_grads_bad_input(method):
   params = {"w": jnp.ones(3)}
   x = jnp.ones((4, 3))
   with pytest.raises(ValueError, match="per-example losses"):
-    nearprox.per_example_grads(lambda p, x: jnp.sum(x @ p["w"]), params, x)
+    nearprox.per_example_grads(lambda p, x: jnp.sum(x @ p["w"]), params, x, method=method)
   with pytest.raises(ValueError, match="method"):
     nearprox.per_example_grads(lambda p, x: x @ p["w"], params, x, method="magic")
   with pytest.raises(ValueError, match="different batch sizes"):
-    nearprox.per_example_grads(lambda p, x, y: x @ p["w"] + y, params, x, jnp.ones(5))
+    nearprox.per_example_grads(
+        lambda p, x, y: x @ p["w"] + y, params, x, jnp.ones(5), method=method
+    )
   with pytest.raises(ValueError, match="no batch axis"):
-    nearprox.per_example_grads(lambda p, x, s: x @ p["w"] * s, params, x, jnp.float32(2.0))
+    nearprox.per_example_grads(
+        lambda p, x, s: x @ p["w"] * s, params, x, jnp.float32(2.0), method=method
+    )
 
 
 # ---------------------------------------------------------------- properties
