@@ -7,10 +7,10 @@ first:
 1. the proximal variant that the optimizer study (``--mode=full``, experiments/tuning.py)
    ranked first, at the learning rate and damping its tuning chose;
 2. AdamW at the rate its tuning chose;
-3. plain SGD with momentum, at the default config's rate.
+3. SGD with momentum at the rate its tuning chose.
 
-Until the study's tuning is complete, the first two fall back to ``FALLBACK`` (the default
-config's proximal SGD, AdamW at 1e-4) and the report says so. Each run is evaluated on
+Until the study's tuning has decided all three, the job runs ``FALLBACK`` (the default
+config's proximal SGD, AdamW at 1e-4, SGD+momentum at the default rate) and says so. Each run is evaluated on
 seeded random subsets of 1000 dev and 1000 test examples (and of the low-confidence test
 examples); `python -m nearprox.training.train --config experiments/configs/default.py`
 evaluates on whole splits.
@@ -25,7 +25,6 @@ Hugging Face models are.
 from __future__ import annotations
 
 import json
-import logging
 from pathlib import Path
 
 from absl import app, flags
@@ -36,12 +35,14 @@ from experiments.configs import default
 from nearprox.training import metrics_writer, train
 
 STUDY = Path(__file__).resolve().parent / "results" / "full"
-# Used until the study has chosen (label, overrides of the job config).
-FALLBACK = {
-    "best_proximal": ("proximal SGD (default config)", {}),
-    "adamw": ("AdamW", {"optimizer.name": "adamw", "optimizer.learning_rate": 1e-4}),
-}
-SGD = ("SGD+momentum", {"optimizer.name": "sgd"})
+# The study's variants the job compares, in its column order.
+TUNED = ("best_proximal", "adamw", "sgd_momentum")
+# Used until the study has chosen them all: (label, overrides of the job config).
+FALLBACK = [
+    ("proximal SGD (default config)", {}),
+    ("AdamW", {"optimizer.name": "adamw", "optimizer.learning_rate": 1e-4}),
+    ("SGD+momentum", {"optimizer.name": "sgd"}),
+]
 
 
 def study_choices() -> tuple[list[tuple[str, dict]], bool]:
@@ -52,14 +53,14 @@ def study_choices() -> tuple[list[tuple[str, dict]], bool]:
   executor = runs.Executor(full.get_config(), STUDY, STUDY / "work", allow_new=False)
   ctx = tuning.Context(full.get_plan(), executor)
   chosen = []
-  for name in ("best_proximal", "adamw"):
+  for name in TUNED:
     variant = ctx.resolve(name)
     trial = ctx.best_trial(variant) if variant else None
     if trial is None:
-      return [FALLBACK["best_proximal"], FALLBACK["adamw"], SGD], False
+      return FALLBACK, False
     label = ctx.label(variant) + " (tuned)"
     chosen.append((label, {**ctx.overrides(variant), **trial["trial"]}))
-  return [*chosen, SGD], True
+  return chosen, True
 
 
 def job_config():
@@ -69,12 +70,6 @@ def job_config():
   config.max_eval_examples = 1000
   config.eval_every = 50
   return config
-
-
-_WORKDIR = flags.DEFINE_string("workdir", "runs/default_job", "one subdirectory per optimizer")
-_CONFIG = config_flags.DEFINE_config_dict(
-    "config", job_config(), "the config of every run (the optimizer fields are set per run)"
-)
 
 
 def plot(workdirs: dict[str, Path], path: Path) -> None:
@@ -145,9 +140,8 @@ def report_lines(reports: dict[str, dict], workdirs: dict[str, Path]) -> list[st
 
 def main(argv) -> None:
   del argv
-  logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-  logging.getLogger("absl").setLevel(logging.WARNING)
-  workdir = Path(_WORKDIR.value)
+  train.configure_logging()
+  workdir = Path(flags.FLAGS.workdir)
   choices, tuned = study_choices()
   print(
       "Settings: "
@@ -158,7 +152,7 @@ def main(argv) -> None:
       ),
       flush=True,
   )
-  reports, workdirs = run(_CONFIG.value, workdir, choices)
+  reports, workdirs = run(flags.FLAGS.config, workdir, choices)
   plot(workdirs, workdir / "comparison.png")
   print("\n" + "\n".join(report_lines(reports, workdirs)))
   print(f"\nplot: {workdir / 'comparison.png'}")
@@ -166,4 +160,9 @@ def main(argv) -> None:
 
 
 if __name__ == "__main__":
+  # Defined here, not at import, so tests can import this module beside reproduce's flags.
+  flags.DEFINE_string("workdir", "runs/default_job", "one subdirectory per optimizer")
+  config_flags.DEFINE_config_dict(
+      "config", job_config(), "the config of every run (the optimizer fields are set per run)"
+  )
   app.run(main)

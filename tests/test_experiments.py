@@ -17,7 +17,7 @@ from pathlib import Path
 import ml_collections
 import pytest
 
-from experiments import runs, studies, verdict
+from experiments import default_job, runs, studies, verdict
 from tests.squad_people import write_squad
 
 REPO = Path(__file__).resolve().parents[1]
@@ -226,8 +226,34 @@ def test_default_job_trains_both_optimizers_and_reports(tmp_path):
   assert optimizers[0].startswith("proximal") and optimizers[1:] == ["adamw", "sgd"]
   assert "Settings: " in log
   assert all(r["steps"] == 2 and r["objective"] == "fgm" for r in summary.values())
-  assert "=== report ===" in log and f"{summary['SGD+momentum']['dev']['accuracy']:16.4f}" in log
+  sgd = list(summary.values())[2]
+  assert "=== report ===" in log and f"{sgd['dev']['accuracy']:16.4f}" in log
   assert (tmp_path / "comparison.png").stat().st_size > 0
+
+
+def test_default_job_takes_every_optimizer_at_the_study_s_choice(monkeypatch):
+  """Once the tuning has decided, all three runs (SGD+momentum included) use its trials."""
+  from experiments import tuning
+
+  chosen = {"proximal_ief": 0.1, "adamw": 2e-4, "sgd_momentum": 1e-2}
+  monkeypatch.setattr(
+      tuning.Context,
+      "resolve",
+      lambda self, name: "proximal_ief" if name == "best_proximal" else name,
+  )
+  monkeypatch.setattr(
+      tuning.Context,
+      "best_trial",
+      lambda self, variant: {"trial": {"optimizer.learning_rate": chosen[variant]}},
+  )
+  choices, tuned = default_job.study_choices()
+  assert tuned and [label for label, _ in choices] == [
+      "proximal SGD, iEF (natural, iEF weights) (tuned)",
+      "AdamW (tuned)",
+      "SGD+momentum (tuned)",
+  ]
+  for (_, overrides), variant in zip(choices, chosen):
+    assert overrides == {**tuning.VARIANTS[variant], "optimizer.learning_rate": chosen[variant]}
 
 
 def test_overrides_name_an_unknown_field():
