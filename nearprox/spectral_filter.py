@@ -230,7 +230,8 @@ def filter_coefficients(
     damping = damping * trace / jnp.maximum(num_kept, 1.0)
   # λ = 0 only when every gradient is 0 (relative mode); then d = 0 whatever c is.
   damping = jnp.maximum(jnp.asarray(damping, dtype), jnp.finfo(dtype).tiny)
-  # Masked examples become decoupled unit-scale directions (w_i = 0 there, so c_i = 0).
+  # Masked rows (zeroed above) become decoupled directions of scale trace(K)/B_eff, the
+  # kept examples' mean, so eigh sees no degenerate zero block (w_i = 0 there, so c_i = 0).
   pad_scale = jnp.where(trace > 0, trace / jnp.maximum(num_kept, 1.0), 1.0)
   solve_matrix = gram + jnp.diag((1.0 - keep) * pad_scale)
   sigma, vectors = jnp.linalg.eigh(solve_matrix)

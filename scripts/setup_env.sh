@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Creates ./.venv (Python >= 3.11) and installs nearprox with the given extra ("train" or "test").
-# Sourced by run.sh and test.sh; safe to run again (pip skips what is already there).
+# Run by run.sh and test.sh; safe to run again (pip skips what is already there).
 set -euo pipefail
 extra="${1:-train}"
 root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"

@@ -40,7 +40,7 @@ def get_config() -> ml_collections.ConfigDict:
   config.optimizer.name = "proximal_sgd"
   config.optimizer.learning_rate = 0.03
   config.optimizer.warmup_fraction = 0.1
-  config.optimizer.momentum = 0.9  # 0 disables (sgd, proximal_sgd)
+  config.optimizer.momentum = 0.9  # 0 disables (sgd, proximal_sgd, proximal_norm_sgd)
   config.optimizer.nesterov = False
   config.optimizer.weight_decay = 0.01  # adamw, proximal_adamw (decoupled)
   config.optimizer.damping = 0.1  # proximal: λ, or λ / mean ‖g_i‖² if relative
@@ -58,8 +58,7 @@ def get_config() -> ml_collections.ConfigDict:
   # Objective (nearprox.text.objectives.ObjectiveConfig): None fields take the kind's defaults.
   config.objective = ml_collections.ConfigDict()
   config.objective.kind = "fgm"
-  # FGM step length (ℓ2 over an example's word embeddings): 0.1 is where the embedding-space
-  # PGD attack starts to bite (experiments/README_results.md); 1.0 collapses training.
+  # FGM step length: the ℓ2 norm of the perturbation of one example's word embeddings.
   config.objective.epsilon = 0.1
   config.objective.adv_weight = placeholder(float)
   config.objective.num_steps = placeholder(int)

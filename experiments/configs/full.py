@@ -42,9 +42,8 @@ Added on 2026-11-30, after tikhonov's tuning was complete and before any reporte
   waiting for ``best_proximal``, and compares two Grams at equal settings, so it chooses
   nothing.
 
-Compute: a 600-step run takes about 10 (AdamW) to 16 (proximal) minutes on 2 CPU cores, so
-the study spans many hours; the run store resumes anywhere, and the README marks a partial
-study as partial.
+Compute: every run file records its wall time; on 2 CPU cores the study spans many hours, the
+run store resumes anywhere, and the README marks a partial study as partial.
 
     python -m experiments.reproduce --mode=full [--stop_after=MIN]
 """

@@ -13,13 +13,12 @@ JSON file itself. With the dev file alone (the offline case) it is split by arti
 windows) on which F1 and exact match are reported (``report.json``: ``dev``).
 
 Budget: two CPU cores. A global batch of 16 windows × 256 tokens has as many tokens as the
-B=32, T=128 row of the README's step-time table (factored proximal step 2.5 s on an idle
-2-core machine); a 3-step smoke run of this config measured 8-10 s per step with the two
-cores shared with another job. So 600 steps (≈ 0.95 epoch) should take roughly 25-40
-minutes on idle cores, plus one to three minutes per evaluation of the 1,702 held-out
-questions (at step 300 and at the end). Adversarial objectives would multiply the step time
-(``objective.kind=fgm``: about 2-3×), hence "clean". The learning rates are the
-classification defaults, not tuned for QA.
+B=32, T=128 row of the step-time table (experiments/results/bench_step.md), which gives the
+step time to expect; the run files of the study record the measured ones. 600 steps are
+≈ 0.95 epoch, with evaluations of the 1,702 held-out questions at step 300 and at the end.
+Adversarial objectives add forward and backward passes per step (their pass counts:
+nearprox/text/objectives.py), hence "clean". The learning rates are the classification
+defaults, not tuned for QA.
 """
 
 import ml_collections

@@ -49,8 +49,8 @@ only, no weight gradients):
 
 The clean forward at δ = 0 is shared with the first ascent gradient (one ``jax.vjp``) for FGM
 and for PGD without random start. What these passes cost in step time, relative to the clean
-objective, is measured by ``experiments/bench_objectives.py`` (its output is where those
-numbers are kept).
+objective, is measured by ``experiments/bench_objectives.py`` (run it on the machine in
+question; it prints the table).
 
 PyTorch implementations get the FGM ascent gradient from the clean backward for free
 (2F2B); here the loss is a pure function differentiated outside, so the δ-gradient is an

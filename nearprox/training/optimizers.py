@@ -148,7 +148,7 @@ def _resolve_mask(mask, params):
 
 def l2_penalty(params: Params, weight: float, mask=kernel_mask) -> jax.Array:
   """λ·½‖θ_S‖² (a scalar) over the leaves selected by ``mask`` (pytree of bools or a
-  function of params); for logging, the gradient is applied by :func:`l2_regularization`."""
+  function of params); the train step logs it, :func:`l2_regularization` applies its gradient."""
   selected = jax.tree.map(
       lambda p, m: jnp.sum(jnp.square(p.astype(jnp.float32))) if m else jnp.zeros((), jnp.float32),
       params,

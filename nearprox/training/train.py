@@ -46,10 +46,7 @@ from nearprox.text import data, models, objectives
 from nearprox.training import optimizers, parallel, task_io
 from nearprox.training.metrics_writer import MetricWriter
 from nearprox.training.orbax_checkpoints import Checkpoints
-
-# The task-specific pieces, also under the names they had when they lived here.
 from nearprox.training.task_io import INPUT_KEYS, create_model, evaluate, load_splits
-from nearprox.training.task_io import flip_labels as flip_labels
 
 
 class TrainState(NamedTuple):
@@ -79,13 +76,15 @@ def train_step(
     axis_name: str | None,
     loss_returns_weights: bool = False,
     input_keys: tuple[str, ...] = INPUT_KEYS,
+    l2_weight: float = 0.0,
 ):
   """One optimizer step on this device's block of the global batch.
 
   ``loss_returns_weights`` (per-example optimizers only): ``loss_fn`` returns ``(losses,
   example weights [B])`` for the proximal filter (e.g. ``make_loss_at_perturbation(...,
   with_ief_weights=True)``); False: uniform weights. ``input_keys``: the batch entries the
-  loss reads (:func:`nearprox.training.task_io.input_keys`).
+  loss reads (:func:`nearprox.training.task_io.input_keys`). ``l2_weight``: the optimizer's L2
+  weight, so the step logs the penalty it adds (``l2_penalty``; the chain applies its gradient).
   """
 
   def global_sum(x):
@@ -131,6 +130,8 @@ def train_step(
       "loss": global_sum(jnp.sum(example_losses * mask)) / num_examples,
       "update_norm": optax.tree.norm(updates),
   }
+  if l2_weight:
+    metrics["l2_penalty"] = optimizers.l2_penalty(state.params, l2_weight)
   # Found by type wherever the chain holds it, so reordering the chain keeps the logging.
   proximal = optax.tree_utils.tree_get(opt_state, "ScaleByProximalState")
   if proximal is not None:
@@ -201,6 +202,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path) -
           axis_name=runner.axis_name,
           loss_returns_weights=ief,
           input_keys=task_io.input_keys(task),
+          l2_weight=config.objective.l2_weight,
       ),
       functools.partial(eval_step, logits_fn=models.bert_logits_fn(model, deterministic=True)),
   )
@@ -287,6 +289,14 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path) -
   return report
 
 
+def configure_logging() -> None:
+  """INFO from nearprox; quiet the chatter of the libraries it drives."""
+  logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+  logging.getLogger("absl").setLevel(logging.WARNING)  # orbax's per-save chatter
+  # "Unable to initialize backend 'tpu'" on every start of a machine without one.
+  logging.getLogger("jax._src.xla_bridge").setLevel(logging.WARNING)
+
+
 def main(argv):
   del argv
   from absl import flags
@@ -305,6 +315,5 @@ if __name__ == "__main__":
   config_flags.DEFINE_config_file("config", None, "Experiment config file.", lock_config=True)
   flags.DEFINE_string("workdir", None, "Directory for checkpoints, logs and the exported model.")
   flags.mark_flags_as_required(["config", "workdir"])
-  logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-  logging.getLogger("absl").setLevel(logging.WARNING)  # orbax's per-save chatter
+  configure_logging()
   app.run(main)
