@@ -10,15 +10,7 @@ from nearprox.text import models
 
 @pytest.fixture(scope="module")
 def tiny_batch():
-  config = models.BertConfig(
-      vocab_size=100,
-      hidden_size=32,
-      num_hidden_layers=1,
-      num_attention_heads=4,
-      intermediate_size=64,
-      max_position_embeddings=32,
-  )
-  model = models.BertForSequenceClassification(config)
+  model = models.BertForSequenceClassification(models.tiny_config(num_hidden_layers=1))
   params = models.init_params(model, jax.random.key(0))
   rng = np.random.default_rng(0)
   data = (rng.integers(1, 100, (8, 16)), np.ones((8, 16), np.int32), rng.integers(0, 2, 8))
