@@ -23,7 +23,10 @@ under new keys (a run's key hashes its config), but ``<out>/<mode>``'s tables ar
 so use another ``--out``. On a machine with room for several runs at once (a GPU),
 ``--workers=N`` trains with N processes of the same invocation (each with ``--claim_runs``:
 it trains the runs it claims first, so no run trains twice; a process is restarted while runs
-land, since they may decide a stage that opens new runs), then writes the tables once.
+land, since they may decide a stage that opens new runs), then writes the tables once. On a
+CPU, ``--workers=N --pin_workers`` gives each worker 1/N of the cores (``taskset``): N
+single-core XLA processes train more steps per second in total than one that uses every
+core (measure it on the machine at hand); the run files record the cores each run had.
 
 Data: ``--data_dir`` (GLUE root, else ``$NEARPROX_GLUE_DIR``, else ``../shared/data/glue``) and
 ``--squad_dir`` (a folder with ``dev-v1.1.json``, else ``$NEARPROX_SQUAD_DIR``, else
@@ -87,6 +90,12 @@ _WORKERS = flags.DEFINE_integer(
     1,
     "N > 1: train with N processes of this invocation at once (--claim_runs, restarted while "
     "runs land), then write the tables once; flags as --name=value",
+)
+_PIN_WORKERS = flags.DEFINE_bool(
+    "pin_workers",
+    False,
+    "with --workers=N: worker i uses only the i-th of N equal shares of the CPUs (taskset); on "
+    "a CPU, N single-core workers train more steps per second in total than one using all cores",
 )
 _RUN_SPEC = flags.DEFINE_string("run_spec", None, "internal: execute one run spec (JSON) and exit")
 
@@ -262,8 +271,10 @@ def render_readme(mode, plan, config, results, out, link_root, wall_seconds, com
       "sittings), `--mode=quick` (a smoke run of every study at a tiny budget, ≤ 15 min on 2 "
       "idle CPU cores: a check of the pipeline, not evidence), `--mode=smoke` (a few minutes, "
       "random tiny model). Completed runs are reused; `--report_only` rewrites this section "
-      "from stored runs. On a machine with room for several runs at once (a GPU), "
-      "`--workers=N` trains N runs at a time (processes sharing the run store); a run that "
+      "from stored runs. `--workers=N` trains N runs at a time (processes sharing the run "
+      "store): on a GPU with room for several runs, or on a CPU with `--pin_workers` (each "
+      "worker on its own share of the cores; the tables' machine column gives the cores a "
+      "run had, and step times are compared only between runs with equal cores); a run that "
       "two machines both trained keeps the first result stored and the other in "
       "`duplicates/`, compared above.",
       "",
@@ -298,7 +309,9 @@ def main(argv) -> None:
   if _WORKERS.value > 1 and not _REPORT_ONLY.value:
     command = [sys.executable, "-m", "experiments.reproduce", *worker_flags(sys.argv[1:])]
     command += ["--claim_runs", f"--readme={Path(_WORKDIR.value) / mode / 'worker_README.md'}"]
-    runs.run_workers(command, _WORKERS.value, out / "runs", deadline, log=print)
+    runs.run_workers(
+        command, _WORKERS.value, out / "runs", deadline, log=print, pin=_PIN_WORKERS.value
+    )
   only = _ONLY.value or list(plan.studies)
   unknown = set(only) - set(studies.STUDIES)
   if unknown:

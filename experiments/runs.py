@@ -242,6 +242,15 @@ def _alive(pid: int) -> bool:
   return True
 
 
+def cpu_shares(workers: int) -> list[list[int]]:
+  """The CPUs this process may use, split into ``workers`` disjoint, nearly equal shares
+  (in order); more workers than CPUs is an error, since shares would overlap."""
+  cpus = sorted(os.sched_getaffinity(0))
+  if workers > len(cpus):
+    raise ValueError(f"cannot pin {workers} workers to {len(cpus)} CPUs (one CPU each at least)")
+  return [cpus[i * len(cpus) // workers : (i + 1) * len(cpus) // workers] for i in range(workers)]
+
+
 def run_workers(
     command: list[str],
     workers: int,
@@ -249,9 +258,15 @@ def run_workers(
     deadline: float | None,
     log: Callable[[str], None] = print,
     poll_seconds: float = 5.0,
+    pin: bool = False,
 ) -> None:
   """Runs ``command`` (a ``reproduce --claim_runs`` invocation) in ``workers`` processes at
   once until none has anything left to do.
+
+  ``pin``: worker i runs on the i-th share of this process's CPUs (:func:`cpu_shares`, through
+  ``taskset``), so XLA sizes its thread pool to that share instead of every worker using
+  every core. On a CPU several single-core workers do more steps per second in total than
+  one process using all cores; each run records the cores it had (its ``machine``).
 
   A process that ends is started again unless no run landed in ``runs_dir`` during its pass
   (it found nothing to train: the rest was claimed by others or waits for a choice); a run
@@ -260,6 +275,13 @@ def run_workers(
   gets ``--stop_after`` for the time left.
   """
   count = lambda: sum(1 for _ in runs_dir.glob("*.json"))
+  prefix = {i: [] for i in range(workers)}
+  if pin:
+    taskset = shutil.which("taskset")
+    if taskset is None:
+      raise RuntimeError("pinning workers needs `taskset` (util-linux), not found on PATH")
+    for i, share in enumerate(cpu_shares(workers)):
+      prefix[i] = [taskset, "--cpu-list", ",".join(map(str, share))]
   running: dict[int, tuple[subprocess.Popen, int]] = {}
   idle: set[int] = set()
   while True:
@@ -268,7 +290,7 @@ def run_workers(
       if i in running or i in idle or (left is not None and left <= 0):
         continue
       stop = [] if left is None else [f"--stop_after={left / 60:.3f}"]
-      running[i] = (subprocess.Popen([*command, *stop], cwd=REPO), count())
+      running[i] = (subprocess.Popen([*prefix[i], *command, *stop], cwd=REPO), count())
     if not running:
       return
     time.sleep(poll_seconds)

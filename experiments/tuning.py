@@ -101,8 +101,15 @@ def collapsed(result: dict, split: str | None = None) -> bool | None:
 
 
 def machine_kind(result: dict) -> str:
-  """The accelerator a run trained on (``cpu``, ``NVIDIA H200``…); ``unknown`` if unrecorded."""
-  return result.get("machine", {}).get("device_kind", "unknown")
+  """The accelerator a run trained on (``NVIDIA H200``…; ``unknown`` if unrecorded); on a CPU
+  backend with the cores the run could use (``cpu, 2 cores``), since its step time depends on
+  them (``reproduce --workers=N --pin_workers`` gives each run a share of the cores)."""
+  machine = result.get("machine", {})
+  kind = machine.get("device_kind", "unknown")
+  cpus = machine.get("cpus")
+  if machine.get("backend") == "cpu" and cpus:
+    return f"{kind}, {cpus} core{'' if cpus == 1 else 's'}"
+  return kind
 
 
 def _rank(row: dict) -> tuple:

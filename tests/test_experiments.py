@@ -9,6 +9,7 @@ that a second invocation resumes from the stored runs instead of training again.
 
 import csv
 import json
+import math
 import os
 import subprocess
 import sys
@@ -17,7 +18,7 @@ from pathlib import Path
 import ml_collections
 import pytest
 
-from experiments import default_job, runs, studies, verdict
+from experiments import default_job, runs, studies, tuning, verdict
 from tests.squad_people import write_squad
 
 REPO = Path(__file__).resolve().parents[1]
@@ -469,6 +470,53 @@ def test_workers_are_restarted_while_runs_land_and_stop_when_idle(tmp_path):
   (tmp_path / "invocations.log").unlink()
   runs.run_workers(command, 3, tmp_path / "other", time.time() - 1)
   assert not (tmp_path / "invocations.log").exists()
+
+
+PINNED_WORKER = """
+import os, pathlib, sys
+out = pathlib.Path(sys.argv[1]) / f"{os.getpid()}.cpus"
+out.write_text(",".join(map(str, sorted(os.sched_getaffinity(0)))))
+"""
+
+
+def test_cpu_shares_split_the_allowed_cpus_without_overlap(monkeypatch):
+  monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {4, 5, 6, 7, 8})
+  assert runs.cpu_shares(1) == [[4, 5, 6, 7, 8]]
+  assert runs.cpu_shares(2) == [[4, 5], [6, 7, 8]]
+  assert runs.cpu_shares(5) == [[4], [5], [6], [7], [8]]
+  with pytest.raises(ValueError, match="6 workers to 5 CPUs"):
+    runs.cpu_shares(6)
+
+
+@pytest.mark.skipif(len(os.sched_getaffinity(0)) < 2, reason="needs two CPUs to pin two workers")
+def test_pinned_workers_each_run_on_their_own_cpus(tmp_path):
+  import time
+
+  runs.run_workers(
+      [sys.executable, "-c", PINNED_WORKER, str(tmp_path)],
+      2,
+      tmp_path / "runs",
+      time.time() + 120,
+      poll_seconds=0.05,
+      pin=True,
+  )
+  seen = sorted(p.read_text() for p in tmp_path.glob("*.cpus"))
+  assert seen == sorted(",".join(map(str, share)) for share in runs.cpu_shares(2))
+
+
+def test_cpu_step_times_compare_only_at_equal_core_counts():
+  def result(cpus, seconds, backend="cpu", kind="cpu"):
+    machine = {"backend": backend, "device_kind": kind, "cpus": cpus}
+    return {"machine": machine, "report": {"train_step_seconds": seconds}}
+
+  assert tuning.machine_kind(result(2, 1.0)) == "cpu, 2 cores"
+  assert tuning.machine_kind(result(1, 1.0)) == "cpu, 1 core"
+  assert tuning.machine_kind(result(16, 1.0, "gpu", "NVIDIA H200")) == "NVIDIA H200"
+  group = lambda *results: tuning.Group("v", "v", {"optimizer.learning_rate": 0.1}, list(results))
+  two_cores, one_core = group(result(2, 1.0), result(2, 3.0)), group(result(1, 4.0))
+  assert two_cores.step_seconds() == 2.0 and two_cores.step_ratio(group(result(2, 1.0))) == 2.0
+  assert math.isnan(two_cores.step_ratio(one_core))
+  assert math.isnan(group(result(2, 1.0), result(1, 1.0)).step_seconds())
 
 
 def test_worker_flags_drop_the_parents_own():
