@@ -1,4 +1,9 @@
-"""experiments/bench_sketch.py, the sketch section's measurements, on a one-layer BERT."""
+"""The benchmarks' own code on tiny models: experiments/bench_sketch.py (bench_step's sketch
+section) and experiments/bench_workers.py."""
+
+import os
+import subprocess
+import sys
 
 import jax
 import numpy as np
@@ -37,3 +42,24 @@ def test_family_rows_compare_every_family_with_the_library_s(tiny_batch):
   cells = [row.strip("|").split("|") for row in rows]
   assert cells[0][4].strip() == "1.00×"  # times relative to the first family, the library's
   assert all(np.isfinite(float(c[5])) and float(c[5]) > 0 for c in cells)
+
+
+@pytest.mark.skipif(len(os.sched_getaffinity(0)) < 2, reason="needs two CPUs to pin two probes")
+def test_bench_workers_compares_one_process_with_pinned_ones(tmp_path):
+  config = models.tiny_config(num_hidden_layers=1, max_position_embeddings=64)  # T = 64
+  model = models.BertForSequenceClassification(config)
+  params = models.init_params(model, jax.random.key(0))
+  tokenizer = models.load_tokenizer(models.minilm_dir())
+  path = models.save_pretrained(model, params, tokenizer, tmp_path / "tiny")
+  result = subprocess.run(
+      [sys.executable, "-m", "experiments.bench_workers", f"--model={path}", "--steps=1"],
+      capture_output=True,
+      text=True,
+      timeout=600,
+      env={**os.environ, "XLA_FLAGS": ""},  # one host device per probe, as in a study
+  )
+  assert result.returncode == 0, result.stderr[-3000:]
+  rows = {r.split("|")[1].strip(): r for r in result.stdout.splitlines() if r.startswith("| ")}
+  for step in ("sgd", "factored"):
+    cells = [c.strip() for c in rows[step].strip("|").split("|")]
+    assert cells[3] == "2" and float(cells[4].rstrip("×")) > 0, rows[step]
