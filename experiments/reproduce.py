@@ -129,7 +129,9 @@ def default_data_dir(env: str, shared: str, marker: str) -> str | None:
 def describe_machines(machines: list[dict]) -> str:
   """One entry per machine, with its run count and the float32 matmul precision the runs
   recorded (recorded since 2026-11-30; older runs count as "not recorded")."""
-  text = "{platform}, {cpus} CPUs, JAX {jax} on {backend} ({devices} device(s), {device_kind}"
+  text = (
+      "{platform}, {cpus} CPU{plural}, JAX {jax} on {backend} ({devices} device(s), {device_kind}"
+  )
   by_machine = collections.defaultdict(collections.Counter)
   for machine in machines:
     rest = {k: v for k, v in machine.items() if k != "matmul_precision"}
@@ -138,8 +140,9 @@ def describe_machines(machines: list[dict]) -> str:
   entries = []
   for key, precisions in sorted(by_machine.items()):
     count = sum(precisions.values())
+    machine = json.loads(key)
     entries.append(
-        text.format(**json.loads(key))
+        text.format(**machine, plural="" if machine["cpus"] == 1 else "s")
         + "; float32 matmul precision "
         + ", ".join(f"{p}: {n}" for p, n in sorted(precisions.items()))
         + f"): {count} run{'s' if count != 1 else ''}"

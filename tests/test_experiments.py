@@ -429,9 +429,14 @@ def test_readme_lists_each_machine_once_with_its_runs_precisions():
       {**cpu, "matmul_precision": "default"},
       cpu,
       {**gpu, "matmul_precision": "highest"},
+      {**cpu, "cpus": 1, "matmul_precision": "default"},  # a pinned worker's run
   ]
   text = reproduce.describe_machines(machines)
   assert text.count("Linux, 2 CPUs") == 1
+  assert (
+      "Linux, 1 CPU, JAX 0.10 on cpu (1 device(s), cpu; float32 matmul precision default: 1)"
+      in text
+  )
   assert "precision default: 1, not recorded: 2): 3 runs" in text
   assert "NVIDIA H200; float32 matmul precision highest: 1): 1 run" in text
 
