@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import subprocess
 import sys
 import time
@@ -77,14 +76,12 @@ def main(argv) -> None:
     print(json.dumps(probe()), flush=True)
     return
   shares = runs.cpu_shares(_WORKERS.value)  # fails early with too many workers
-  taskset = shutil.which("taskset")
-  if taskset is None:
-    raise app.UsageError("pinning needs `taskset` (util-linux), not found on PATH")
+  prefixes = runs.pinned_prefixes(_WORKERS.value)
   cpus = sorted(os.sched_getaffinity(0))
   print(f"alone: one probe on CPUs {cpus} ...", flush=True)
   alone = result(launch([]))
   print(f"pinned: {len(shares)} probes on CPUs {shares} ...", flush=True)
-  processes = [launch([taskset, "--cpu-list", ",".join(map(str, s))]) for s in shares]
+  processes = [launch(prefix) for prefix in prefixes]
   pinned = [result(p) for p in processes]
   lines = [
       f"load average at the end: {os.getloadavg()[0]:.2f} on {len(cpus)} CPUs; "

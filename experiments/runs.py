@@ -251,6 +251,14 @@ def cpu_shares(workers: int) -> list[list[int]]:
   return [cpus[i * len(cpus) // workers : (i + 1) * len(cpus) // workers] for i in range(workers)]
 
 
+def pinned_prefixes(workers: int) -> list[list[str]]:
+  """``taskset`` command prefixes putting process i on the i-th of :func:`cpu_shares`."""
+  taskset = shutil.which("taskset")
+  if taskset is None:
+    raise RuntimeError("pinning processes needs `taskset` (util-linux), not found on PATH")
+  return [[taskset, "--cpu-list", ",".join(map(str, share))] for share in cpu_shares(workers)]
+
+
 def run_workers(
     command: list[str],
     workers: int,
@@ -275,13 +283,7 @@ def run_workers(
   gets ``--stop_after`` for the time left.
   """
   count = lambda: sum(1 for _ in runs_dir.glob("*.json"))
-  prefix = {i: [] for i in range(workers)}
-  if pin:
-    taskset = shutil.which("taskset")
-    if taskset is None:
-      raise RuntimeError("pinning workers needs `taskset` (util-linux), not found on PATH")
-    for i, share in enumerate(cpu_shares(workers)):
-      prefix[i] = [taskset, "--cpu-list", ",".join(map(str, share))]
+  prefix = pinned_prefixes(workers) if pin else [[] for _ in range(workers)]
   running: dict[int, tuple[subprocess.Popen, int]] = {}
   idle: set[int] = set()
   while True:
