@@ -4,8 +4,8 @@ A run is a training config (a mode's base config from ``experiments/configs/<mod
 a study's overrides), the number of host devices it needs, and optionally a robustness
 evaluation of its final parameters. Its result file ``<out>/runs/<key>.json`` is named by a
 hash of exactly these, so two studies asking for the same config share one run, and a
-rerun of ``experiments.reproduce`` skips every run whose file exists (resume after an
-interruption).
+rerun of ``experiments.reproduce`` skips every run whose file exists and resumes a run stopped
+by SIGTERM from its checkpoint (see :func:`execute`).
 
 Result file fields: ``key``, ``label``, ``config`` (the resolved config), ``devices``,
 ``report`` (``nearprox.training.train.train_and_evaluate``'s report without the params),
@@ -13,9 +13,12 @@ Result file fields: ``key``, ``label``, ``config`` (the resolved config), ``devi
 dev/<metric> …; the report's ``predicted_classes`` counts, per evaluated split, the examples
 the final model assigns to each class: a single non-zero count is a collapsed run),
 ``attack`` (rows of :func:`nearprox.text.robustness.attack_accuracy` or None),
-``wall_seconds`` (including any time the process was stopped), ``cpu_seconds`` (this
-process's user + system time over all its threads: what the run cost, pauses excluded),
-``machine`` and ``commit``.
+``segments`` (one per process that trained the run: ``from_step``, ``to_step``,
+``wall_seconds`` including any time the process was paused, ``cpu_seconds`` = its user +
+system time over all threads, pauses excluded, ``machine``, ``commit``), ``wall_seconds`` and
+``cpu_seconds`` (the segments' sums; steps trained by a process that was killed without
+SIGTERM, or crashed, are retrained from the last checkpoint and their first try is not timed),
+``machine`` and ``commit`` (of the process that finished the run).
 
 A run finished while another machine's process already stored the same key (claims are per
 machine) goes to ``<out>/duplicates/<key>.<device kind>.<pid>.json``: the stored result is
@@ -164,6 +167,18 @@ def machine() -> dict[str, Any]:
   }
 
 
+def _segment(report: dict, started: float, cpu_started: float) -> dict:
+  """What one process of a run did: the steps it trained, its times, machine and commit."""
+  return {
+      "from_step": report["start_step"],
+      "to_step": report["steps"],
+      "wall_seconds": time.time() - started,
+      "cpu_seconds": cpu_seconds() - cpu_started,
+      "machine": machine(),
+      "commit": git_commit(),
+  }
+
+
 def cpu_seconds() -> float:
   """User + system CPU time of this process, all threads (it does not advance while the
   process is stopped, unlike the wall clock)."""
@@ -196,22 +211,32 @@ def _attack(config, params, attack: Attack) -> list[dict]:
 def execute(
     config, workdir: Path, attack: Attack | None, label: str, key: str, devices: int
 ) -> dict:
-  """Trains in this process (and attacks); returns the result dict."""
+  """Trains in this process (and attacks); returns the result dict.
+
+  ``workdir`` is named by the run's key, so checkpoints found there belong to this config: a
+  run stopped by SIGTERM resumes from its latest checkpoint. Each stopped process appends its
+  segment (steps, times, machine, commit) to ``workdir/segments.json``; the result lists all
+  segments and its ``wall_seconds`` / ``cpu_seconds`` add up the recorded ones.
+  """
   import jax
 
   from nearprox.training import metrics_writer, train
 
-  if workdir.exists():
-    shutil.rmtree(workdir)  # a partial run restarts from step 0 (no checkpoints)
   started, cpu_started = time.time(), cpu_seconds()
   report = train.train_and_evaluate(config, workdir)
   params = report.pop("params")
+  segments_path = workdir / "segments.json"
+  earlier = json.loads(segments_path.read_text()) if segments_path.exists() else []
+  if report["start_step"] == 0:  # no checkpoint was resumed: earlier segments did not count
+    earlier = []
   if report.get("preempted"):  # SIGTERM: store nothing partial; a rerun resumes here
+    write_json(segments_path, earlier + [_segment(report, started, cpu_started)])
     raise SystemExit(
-        f"run {label} stopped by SIGTERM at step {report['steps']}; rerun "
-        "python -m experiments.reproduce to resume"
+        f"run {label} stopped by SIGTERM at step {report['steps']} (checkpoint in {workdir}); "
+        "rerun python -m experiments.reproduce to resume"
     )
   rows = _attack(config, params, attack) if attack else None
+  segments = earlier + [_segment(report, started, cpu_started)]
   result = {
       "key": key,
       "label": label,
@@ -220,8 +245,9 @@ def execute(
       "report": report,
       "history": metrics_writer.read_jsonl(workdir / "metrics.jsonl"),
       "attack": rows,
-      "wall_seconds": time.time() - started,
-      "cpu_seconds": cpu_seconds() - cpu_started,
+      "wall_seconds": sum(s["wall_seconds"] for s in segments),
+      "cpu_seconds": sum(s["cpu_seconds"] for s in segments),
+      "segments": segments,
       "machine": machine(),
       "commit": git_commit(),
   }

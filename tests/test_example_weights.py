@@ -15,6 +15,7 @@ from experiments.configs import default
 from nearprox.text import models, objectives
 from nearprox.training import optimizers, task_io, train
 from tests.per_example_trees import flat, flat_rows, random_per_example
+from tests.tiny_sst2 import tiny_config, write_sst2
 
 
 def reference(
@@ -537,8 +538,6 @@ def test_train_step_with_ief_weights_passes_them_to_the_filter():
 
 def test_training_with_ief_weighting_runs(tmp_path, monkeypatch):
   """train_and_evaluate on the tiny config with weighting="ief", two steps, logs step_scale."""
-  from test_train import tiny_config, write_sst2
-
   monkeypatch.setenv("NEARPROX_CACHE_DIR", str(tmp_path / "cache"))
   glue_dir = write_sst2(tmp_path / "glue", n_train=16, n_dev=8)
   config = tiny_config(

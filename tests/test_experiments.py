@@ -20,6 +20,7 @@ import pytest
 
 from experiments import default_job, runs, studies, tuning, verdict
 from tests.squad_people import write_squad
+from tests.tiny_sst2 import tiny_config, write_sst2
 
 REPO = Path(__file__).resolve().parents[1]
 GLUE = Path(os.environ.get("NEARPROX_GLUE_DIR", REPO / ".." / "shared" / "data" / "glue"))
@@ -396,6 +397,51 @@ def test_workers_sharing_a_run_store_train_each_run_once(tmp_path, monkeypatch):
   assert fresh.run("seed4", {"seed": 4}) == first
   (twin,) = (tmp_path / "out" / "duplicates").glob(f"{key(4)}.cpu.*.json")
   assert json.loads(twin.read_text())["report"]["train_step_seconds"] == 0.5
+
+
+def test_a_run_stopped_by_sigterm_resumes_from_its_checkpoint(tmp_path, monkeypatch):
+  """SIGTERM stops a run after 3 of 6 steps; the rerun resumes from the latest checkpoint
+  (step 2 here: the one at step 3 is removed), drops the log rows past it, and stores the
+  straight run's numbers with both processes' segments and their summed times."""
+  import shutil
+  import signal
+
+  from nearprox.training import train
+
+  monkeypatch.setenv("NEARPROX_CACHE_DIR", str(tmp_path / "cache"))
+  config = tiny_config(
+      write_sst2(tmp_path / "glue", n_train=32, n_dev=16),
+      **{"num_train_steps": 6, "log_every": 1, "eval_every": 100, "checkpoint_every": 2},
+  )
+  config.parallel = "jit"
+  straight = runs.execute(config, tmp_path / "straight", None, "straight", "k0", 1)
+  executor = runs.Executor(config, tmp_path / "out", tmp_path / "work")
+  real_batches = train.train_batches
+
+  def preempting(*args):
+    for i, batch in enumerate(real_batches(*args)):
+      if i == 2:
+        os.kill(os.getpid(), signal.SIGTERM)
+      yield batch
+
+  monkeypatch.setattr(train, "train_batches", preempting)
+  with pytest.raises(SystemExit, match="stopped by SIGTERM at step 3"):
+    executor.run("stopped", {})
+  monkeypatch.setattr(train, "train_batches", real_batches)
+  (workdir,) = [p for p in (tmp_path / "work").iterdir() if p.is_dir()]
+  assert sorted(p.name for p in (workdir / "checkpoints").iterdir()) == ["2", "3"]
+  shutil.rmtree(workdir / "checkpoints" / "3")  # as if killed before the SIGTERM save
+
+  result = runs.Executor(config, tmp_path / "out", tmp_path / "work").run("stopped", {})
+  assert (result["report"]["start_step"], result["report"]["steps"]) == (2, 6)
+  assert result["report"]["dev"] == straight["report"]["dev"]
+  steps = lambda history: [row["step"] for row in history if "train/loss" in row]
+  assert steps(result["history"]) == steps(straight["history"]) == [1, 2, 3, 4, 5, 6]
+  segments = result["segments"]
+  assert [(s["from_step"], s["to_step"]) for s in segments] == [(0, 3), (2, 6)]
+  assert result["wall_seconds"] == pytest.approx(sum(s["wall_seconds"] for s in segments))
+  assert result["cpu_seconds"] == pytest.approx(sum(s["cpu_seconds"] for s in segments))
+  assert not workdir.exists()  # the stored run leaves no scratch behind
 
 
 def test_readme_compares_runs_trained_on_two_machines(tmp_path):

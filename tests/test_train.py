@@ -13,41 +13,12 @@ import jax
 import numpy as np
 import pytest
 
-from experiments.configs import tiny
 from nearprox.text import data, models
 from nearprox.training import task_io, train
+from tests.tiny_sst2 import tiny_config, write_sst2
 
 REPO = Path(__file__).resolve().parents[1]
 TINY_CONFIG = REPO / "experiments" / "configs" / "tiny.py"
-
-
-def write_sst2(root: Path, n_train=96, n_dev=37, seed=0) -> Path:
-  """A GLUE-layout SST-2 whose label is decided by one sentiment word per sentence."""
-  rng = np.random.default_rng(seed)
-  words = {
-      1: ["good", "great", "wonderful", "excellent", "superb"],
-      0: ["bad", "awful", "terrible", "boring", "dreadful"],
-  }
-  filler = ["the", "movie", "was", "quite", "a", "film", "story", "plot", "really", "and"]
-  folder = root / "SST-2"
-  folder.mkdir(parents=True, exist_ok=True)
-  for name, size in (("train", n_train), ("dev", n_dev)):
-    rows = ["sentence\tlabel"]
-    for _ in range(size):
-      label = int(rng.integers(2))
-      sentence = list(rng.choice(filler, 5))
-      sentence.insert(int(rng.integers(6)), str(rng.choice(words[label])))
-      rows.append(" ".join(sentence) + f"\t{label}")
-    (folder / f"{name}.tsv").write_text("\n".join(rows) + "\n")
-  return root
-
-
-def tiny_config(glue_dir, **overrides):
-  """experiments/configs/tiny.py on the SST-2 files in ``glue_dir``; dotted-key overrides."""
-  config = tiny.get_config()
-  config.lock()  # a misspelt override is an error, not a new field
-  config.update_from_flattened_dict({"task": "sst2", "data_dir": str(glue_dir), **overrides})
-  return config
 
 
 @pytest.fixture(scope="module")

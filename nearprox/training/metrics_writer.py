@@ -30,10 +30,12 @@ def read_jsonl(path: str | Path) -> list[dict]:
 class MetricWriter:
   """Writes scalars to ``workdir/tensorboard`` (tensorboardX) and ``workdir/metrics.jsonl``.
 
-  Only the main process writes (``enabled``); other processes get no-ops.
+  Only the main process writes (``enabled``); other processes get no-ops. A run resumed from
+  the checkpoint at ``from_step`` keeps the JSON-lines rows up to that step and drops later
+  ones: those steps are trained again and logged anew.
   """
 
-  def __init__(self, workdir: str | Path, enabled: bool = True):
+  def __init__(self, workdir: str | Path, enabled: bool = True, from_step: int = 0):
     self.enabled = enabled
     if not enabled:
       return
@@ -41,6 +43,10 @@ class MetricWriter:
 
     workdir = Path(workdir)
     workdir.mkdir(parents=True, exist_ok=True)
+    rows = read_jsonl(workdir / "metrics.jsonl")
+    if any(row["step"] > from_step for row in rows):
+      kept = "".join(json.dumps(row) + "\n" for row in rows if row["step"] <= from_step)
+      (workdir / "metrics.jsonl").write_text(kept)
     self.tensorboard = SummaryWriter(str(workdir / "tensorboard"))
     self.jsonl = open(workdir / "metrics.jsonl", "a")
 

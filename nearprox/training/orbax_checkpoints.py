@@ -44,7 +44,7 @@ class Checkpoints:
         restored = self.manager.restore(step, args=ocp.args.StandardRestore(abstract))
       except Exception as error:  # noqa: BLE001 — any unreadable checkpoint: try an older one
         logger.warning(
-            "checkpoint at step %d in %s is unreadable (%s: %s); trying the " "previous one",
+            "checkpoint at step %d in %s is unreadable (%s: %s); trying the previous one",
             step,
             self.manager.directory,
             type(error).__name__,

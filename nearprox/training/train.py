@@ -213,7 +213,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path) -
   )
   state = checkpoints.restore_latest(state)
   start_step = int(state.step)
-  writer = MetricWriter(workdir, enabled=parallel.is_main_process())
+  writer = MetricWriter(workdir, enabled=parallel.is_main_process(), from_step=start_step)
   if start_step == 0:
     writer.write_config(config)
   logging.info(
@@ -265,6 +265,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path) -
       "task": task.name,
       "optimizer": config.optimizer.name,
       "objective": objective.kind,
+      "start_step": start_step,
       "steps": int(state.step),
       "preempted": bool(preempted),
       "workdir": str(workdir),

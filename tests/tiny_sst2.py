@@ -1,0 +1,36 @@
+"""A tiny GLUE-layout SST-2 and the tiny training config on it, for the tests."""
+
+from pathlib import Path
+
+import numpy as np
+
+from experiments.configs import tiny
+
+
+def write_sst2(root: Path, n_train=96, n_dev=37, seed=0) -> Path:
+  """A GLUE-layout SST-2 whose label is decided by one sentiment word per sentence."""
+  rng = np.random.default_rng(seed)
+  words = {
+      1: ["good", "great", "wonderful", "excellent", "superb"],
+      0: ["bad", "awful", "terrible", "boring", "dreadful"],
+  }
+  filler = ["the", "movie", "was", "quite", "a", "film", "story", "plot", "really", "and"]
+  folder = root / "SST-2"
+  folder.mkdir(parents=True, exist_ok=True)
+  for name, size in (("train", n_train), ("dev", n_dev)):
+    rows = ["sentence\tlabel"]
+    for _ in range(size):
+      label = int(rng.integers(2))
+      sentence = list(rng.choice(filler, 5))
+      sentence.insert(int(rng.integers(6)), str(rng.choice(words[label])))
+      rows.append(" ".join(sentence) + f"\t{label}")
+    (folder / f"{name}.tsv").write_text("\n".join(rows) + "\n")
+  return root
+
+
+def tiny_config(glue_dir, **overrides):
+  """experiments/configs/tiny.py on the SST-2 files in ``glue_dir``; dotted-key overrides."""
+  config = tiny.get_config()
+  config.lock()  # a misspelt override is an error, not a new field
+  config.update_from_flattened_dict({"task": "sst2", "data_dir": str(glue_dir), **overrides})
+  return config
