@@ -18,7 +18,7 @@ import optax
 
 import nearprox
 from nearprox import factored_grads, layer_factors, sketch, spectral_filter
-from nearprox.text import objectives
+from nearprox.text import losses
 
 
 def per_example_loss(model):
@@ -57,7 +57,7 @@ def sketch_accuracy(model, params, data, sketch_dims, counts=3, error_counts=10,
   logits = jax.jit(
       lambda p: model.apply({"params": p}, ids, attention_mask=mask, deterministic=True).logits
   )(params)
-  ief = objectives.cross_entropy_logit_grad_sq_norm(logits, labels)
+  ief = losses.cross_entropy_logit_grad_sq_norm(logits, labels)
   settings = [(f, w) for f in ("tikhonov", "natural") for w in ("uniform", "iEF")]
 
   @functools.partial(jax.jit, static_argnames=("filter", "weighted", "sketch_dim"))

@@ -5,7 +5,7 @@ opt = nearprox.proximal_sgd(learning_rate=0.1, damping=1e-3, damping_mode="relat
 updates, state = opt.update(per_example, state, params, mask=batch_mask)
 params = optax.apply_updates(params, updates)
 
-Example weights (e.g. iEF's ‖∇_logits ℓ_n‖², ``nearprox.text.objectives.ief_weights``) go to
+Example weights (e.g. iEF's ‖∇_logits ℓ_n‖², ``nearprox.text.losses.ief_weights``) go to
 ``opt.update(..., example_weights=s)`` (a ``loss_fn`` returning ``(losses, s)`` gives them
 from its own forward pass: ``per_example_value_and_grads(..., has_aux=True)``);
 ``optax.chain(nearprox.scale_by_proximal(...),

@@ -140,7 +140,7 @@ def scale_by_proximal(
   Example weights. ``update(..., example_weights=s)`` replaces the uniform right-hand side
   m / Σm by m∘s / Σ m∘s; K and λ are unchanged. With the natural filter and
   s_n = ‖∇_{z_n} ℓ_n‖² (the squared norm of example n's loss gradient with respect to its
-  logits z_n, :func:`nearprox.text.objectives.ief_weights`), d is the damped improved
+  logits z_n, :func:`nearprox.text.losses.ief_weights`), d is the damped improved
   empirical Fisher (iEF) direction Gᵀ(K+λI)⁻¹s of Wu et al. (2024), scaled by λ / Σ m∘s:
   undamped, Gᵀ K⁻¹ v changes example n's loss by v_n to first order, so the empirical
   Fisher (v = 1) asks every example for the same decrease however well it is already fit,

@@ -12,7 +12,7 @@ import pytest
 
 import nearprox
 from experiments.configs import default
-from nearprox.text import models, objectives
+from nearprox.text import losses, models, objectives
 from nearprox.training import optimizers, task_io, train
 from tests.per_example_trees import flat, flat_rows, random_per_example
 from tests.tiny_sst2 import tiny_config, write_sst2
@@ -324,10 +324,10 @@ def test_factored_form_equals_dense_with_weights():
   params = model.init(jax.random.key(2), ids)["params"]
 
   def loss_fn(p, ids, labels):
-    return objectives.cross_entropy_loss(model.apply({"params": p}, ids), labels)
+    return losses.cross_entropy_loss(model.apply({"params": p}, ids), labels)
 
   logits = model.apply({"params": params}, ids)
-  weights = objectives.ief_weights("classification", logits, {"labels": labels})
+  weights = losses.ief_weights("classification", logits, {"labels": labels})
   mask = jnp.array([1, 1, 0, 1, 1, 1])
   tx = nearprox.scale_by_proximal(0.05, damping_mode="relative", step_size="quadratic")
 
@@ -356,7 +356,7 @@ def _grad_sq_norm(loss, *args):
   """‖∂loss_n/∂(first args)‖² per example by jax.grad, each example as a batch of one."""
 
   def one(*example):
-    num_logits = 2 if loss is objectives.span_cross_entropy_loss else 1
+    num_logits = 2 if loss is losses.span_cross_entropy_loss else 1
     grads = jax.grad(
         lambda *z: loss(*(x[None] for x in z), *(y[None] for y in example[num_logits:]))[0],
         argnums=tuple(range(num_logits)),
@@ -370,8 +370,8 @@ def test_cross_entropy_weights_are_the_logit_gradient_norm():
   rng = np.random.default_rng(13)
   logits = jnp.asarray(3 * rng.normal(size=(7, 4)), jnp.float32)
   labels = jnp.asarray(rng.integers(0, 4, 7))
-  got = objectives.ief_weights("classification", logits, {"labels": labels})
-  want = _grad_sq_norm(objectives.cross_entropy_loss, logits, labels)
+  got = losses.ief_weights("classification", logits, {"labels": labels})
+  want = _grad_sq_norm(losses.cross_entropy_loss, logits, labels)
   np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-7)
   probs = np.asarray(jax.nn.softmax(logits))
   np.testing.assert_allclose(got, np.sum((probs - np.eye(4)[labels]) ** 2, -1), rtol=1e-5)
@@ -382,8 +382,8 @@ def test_regression_weights_are_the_output_gradient_norm(shape):
   rng = np.random.default_rng(14)
   predictions = jnp.asarray(rng.normal(size=shape), jnp.float32)
   targets = jnp.asarray(rng.normal(size=6), jnp.float32)
-  got = objectives.ief_weights("regression", predictions, {"labels": targets})
-  want = _grad_sq_norm(objectives.mse_loss, predictions, targets)
+  got = losses.ief_weights("regression", predictions, {"labels": targets})
+  want = _grad_sq_norm(losses.mse_loss, predictions, targets)
   np.testing.assert_allclose(got, want, rtol=1e-5)
   np.testing.assert_allclose(got, 4 * (predictions.reshape(6) - targets) ** 2, rtol=1e-5)
 
@@ -396,9 +396,9 @@ def test_span_weights_are_the_gradient_norm_over_start_and_end():
       "start_positions": jnp.asarray(rng.integers(0, 9, 5)),
       "end_positions": jnp.asarray(rng.integers(0, 9, 5)),
   }
-  got = objectives.ief_weights("qa", (start, end), positions)
+  got = losses.ief_weights("qa", (start, end), positions)
   want = _grad_sq_norm(
-      objectives.span_cross_entropy_loss,
+      losses.span_cross_entropy_loss,
       start,
       end,
       positions["start_positions"],
@@ -406,7 +406,7 @@ def test_span_weights_are_the_gradient_norm_over_start_and_end():
   )
   np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-8)
   with pytest.raises(ValueError, match="task must be one of"):
-    objectives.ief_weights("ranking", start, positions)
+    losses.ief_weights("ranking", start, positions)
 
 
 # ---------------------------------------------------------------- optimizers and the train step
@@ -513,9 +513,9 @@ def test_train_step_with_ief_weights_passes_them_to_the_filter():
   def by_hand(params):
     """The step with iEF weights at the clean logits, and with uniform weights (vmap oracle)."""
     inputs = {k: batch[k] for k in task_io.INPUT_KEYS}
-    weights = objectives.ief_weights("classification", logits_fn(params, inputs), inputs)
+    weights = losses.ief_weights("classification", logits_fn(params, inputs), inputs)
     grads = nearprox.per_example_grads(
-        lambda p, b: objectives.task_loss("classification", logits_fn(p, b), b),
+        lambda p, b: losses.task_loss("classification", logits_fn(p, b), b),
         params,
         inputs,
         method="vmap",

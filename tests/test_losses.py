@@ -18,7 +18,7 @@ import optax
 import pytest
 
 import nearprox
-from nearprox.text import models, objectives, robustness
+from nearprox.text import losses, models, objectives, robustness
 from nearprox.training import optimizers
 
 B, T, H = 4, 8, 32
@@ -171,32 +171,28 @@ def test_task_losses_match_their_definitions():
   labels = jnp.array([0, 2, 1, 1, 0])
   log_p = jax.nn.log_softmax(logits)
   np.testing.assert_allclose(
-      objectives.cross_entropy_loss(logits, labels), -log_p[jnp.arange(5), labels], rtol=1e-6
+      losses.cross_entropy_loss(logits, labels), -log_p[jnp.arange(5), labels], rtol=1e-6
   )
   np.testing.assert_allclose(
-      objectives.mse_loss(logits[:, :1], labels.astype(float)),
+      losses.mse_loss(logits[:, :1], labels.astype(float)),
       (logits[:, 0] - labels) ** 2,
       rtol=1e-6,
   )
   start, end = logits, logits[:, ::-1]
   np.testing.assert_allclose(
-      objectives.span_cross_entropy_loss(start, end, labels, 2 - labels),
-      0.5
-      * (
-          objectives.cross_entropy_loss(start, labels)
-          + objectives.cross_entropy_loss(end, 2 - labels)
-      ),
+      losses.span_cross_entropy_loss(start, end, labels, 2 - labels),
+      0.5 * (losses.cross_entropy_loss(start, labels) + losses.cross_entropy_loss(end, 2 - labels)),
       rtol=1e-6,
   )
   other = jax.random.normal(jax.random.key(4), (5, 3))
   log_q = jax.nn.log_softmax(other)
   p, q = jnp.exp(log_p), jnp.exp(log_q)
   expected = jnp.sum(p * (log_p - log_q) + q * (log_q - log_p), axis=-1)
-  np.testing.assert_allclose(objectives.symmetric_kl(logits, other), expected, rtol=1e-5)
-  assert np.all(np.asarray(objectives.symmetric_kl(logits, other)) > 0)
-  np.testing.assert_allclose(objectives.symmetric_kl(logits, logits), 0.0, atol=1e-7)
+  np.testing.assert_allclose(losses.symmetric_kl(logits, other), expected, rtol=1e-5)
+  assert np.all(np.asarray(losses.symmetric_kl(logits, other)) > 0)
+  np.testing.assert_allclose(losses.symmetric_kl(logits, logits), 0.0, atol=1e-7)
   with pytest.raises(ValueError, match="num_labels=1"):
-    objectives.mse_loss(logits, labels)
+    losses.mse_loss(logits, labels)
 
 
 # ---------------------------------------------------------------------------------------
@@ -239,7 +235,7 @@ def test_fgm_is_epsilon_times_the_normalized_gradient(setup):
   grad = jax.jit(
       jax.grad(
           lambda d: jnp.sum(
-              objectives.cross_entropy_loss(logits_fn(params, batch, d, None), batch["labels"])
+              losses.cross_entropy_loss(logits_fn(params, batch, d, None), batch["labels"])
           )
       )
   )(jnp.zeros((B, T, H)))
@@ -306,11 +302,11 @@ def _fixed_delta_grad(model, smart):
   def loss(p, batch, delta, weight):
     clean_logits = logits_fn(p, batch, None, None)
     adv_logits = logits_fn(p, batch, delta, None)
-    clean = objectives.cross_entropy_loss(clean_logits, batch["labels"])
+    clean = losses.cross_entropy_loss(clean_logits, batch["labels"])
     if smart:
-      adv = objectives.symmetric_kl(clean_logits, adv_logits)
+      adv = losses.symmetric_kl(clean_logits, adv_logits)
     else:
-      adv = objectives.cross_entropy_loss(adv_logits, batch["labels"])
+      adv = losses.cross_entropy_loss(adv_logits, batch["labels"])
     return jnp.sum(clean + weight * adv)
 
   return jax.jit(jax.value_and_grad(loss))
@@ -377,7 +373,7 @@ def test_regression_and_qa_tasks(stand_in):
       batch, start_positions=jnp.array([1, 2, 0, 0]), end_positions=jnp.array([3, 2, 7, 0])
   )
   out = qa.apply({"params": params}, batch["input_ids"])
-  expected = objectives.span_cross_entropy_loss(
+  expected = losses.span_cross_entropy_loss(
       out.start_logits, out.end_logits, batch["start_positions"], batch["end_positions"]
   )
   clean = objectives.make_per_example_loss(
@@ -605,9 +601,9 @@ def test_loss_at_precomputed_perturbation_is_factored_and_equals_the_objective(k
   np.testing.assert_allclose(fast, oracle, atol=1e-5 * np.abs(oracle).max())
   # with_ief_weights: the same losses, and the iEF weights of the clean logits alone.
   weighted = objectives.make_loss_at_perturbation(logits_fn, objective, with_ief_weights=True)
-  (losses, weights), _ = nearprox.per_example_value_and_grads(
+  (values, weights), _ = nearprox.per_example_value_and_grads(
       weighted, params, batch, keys, delta, method="factored", has_aux=True
   )
-  np.testing.assert_allclose(losses, at_delta(params, batch, keys, delta), rtol=1e-5)
-  clean_weights = objectives.ief_weights("classification", logits_fn(params, batch), batch)
+  np.testing.assert_allclose(values, at_delta(params, batch, keys, delta), rtol=1e-5)
+  clean_weights = losses.ief_weights("classification", logits_fn(params, batch), batch)
   np.testing.assert_allclose(weights, clean_weights, rtol=1e-5, atol=1e-7)

@@ -14,7 +14,7 @@ import pytest
 import nearprox
 from experiments.configs import default, squad, tiny
 from nearprox import factored_grads, spectral_filter
-from nearprox.text import data, models, objectives, qa
+from nearprox.text import data, losses, models, objectives, qa
 from nearprox.training import optimizers, parallel, task_io, train
 from tests.squad_people import PEOPLE, document, paragraph, write_squad
 
@@ -288,7 +288,7 @@ def test_train_step_with_ief_weights_on_qa(squad_dir, tokenizer):
         residual(start, inputs["start_positions"]) + residual(end, inputs["end_positions"])
     )
     grads = nearprox.per_example_grads(
-        lambda p, b: objectives.task_loss("qa", logits_fn(p, b), b),
+        lambda p, b: losses.task_loss("qa", logits_fn(p, b), b),
         params,
         inputs,
         method="vmap",

@@ -2,9 +2,11 @@
 
 * :mod:`nearprox.text.models`: a Flax BERT that loads and saves Hugging Face checkpoints, and
   ``bert_logits_fn``, the adapter the objectives call.
-* :mod:`nearprox.text.data`: GLUE TSVs, TFDS GLUE (optional), the offline tweets; tokenization
+* :mod:`nearprox.text.data`: GLUE TSVs, TFDS GLUE (optional), the offline tweets, SQuAD; tokenization
   and fixed-shape batches.
-* :mod:`nearprox.text.objectives`: per-example task losses and adversarial perturbations
-  (FGM, PGD, SMART) of the word embeddings.
+* :mod:`nearprox.text.losses`: per-example task losses, their iEF weights, SMART's divergence.
+* :mod:`nearprox.text.objectives`: the per-example training loss with adversarial
+  perturbations (FGM, PGD, SMART) of the word embeddings.
+* :mod:`nearprox.text.qa`: SQuAD post-processing and the official exact match / F1.
 * :mod:`nearprox.text.robustness`: accuracy under an embedding-space PGD attack.
 """

@@ -71,21 +71,21 @@ from __future__ import annotations
 
 import dataclasses
 import numbers
-from collections.abc import Callable, Mapping
+from collections.abc import Callable
 from typing import Any
 
 import jax
 import jax.numpy as jnp
 import numpy as np
-import optax
+
+from nearprox.text import losses
+from nearprox.text.losses import TASKS, Batch
 
 Params = Any
-Batch = Mapping[str, jax.Array]
 # logits_fn(params, batch, word_embeddings_delta [B,T,H] or None, per-example keys or None)
 # -> logits [B, k] (classification/regression) or (start [B,T], end [B,T]) (qa).
 LogitsFn = Callable[[Params, Batch, Any, Any], Any]
 
-TASKS = ("classification", "regression", "qa")
 KINDS = ("clean", "fgm", "pgd", "smart")
 NORMS = ("l2", "linf")
 COMBINES = ("sum", "adv_only")
@@ -204,144 +204,8 @@ class ObjectiveConfig:
       )
     if self.kind == "clean" and self.combine == "adv_only":
       raise ValueError(
-          "ObjectiveConfig.combine='adv_only' needs an adversarial kind, got " "kind='clean'"
+          "ObjectiveConfig.combine='adv_only' needs an adversarial kind, got kind='clean'"
       )
-
-
-# ----------------------------------------------------------------------------------------
-# Task losses and divergences: logits in, one number per example out.
-
-
-def cross_entropy_loss(logits: jax.Array, labels: jax.Array) -> jax.Array:
-  """−log softmax(logits)[label] per example: logits [B, k], integer labels [B] → [B]."""
-  return optax.softmax_cross_entropy_with_integer_labels(
-      logits.astype(jnp.float32), labels.astype(jnp.int32)
-  )
-
-
-def mse_loss(predictions: jax.Array, targets: jax.Array) -> jax.Array:
-  """Squared error (pred − y)² per example: predictions [B] or [B, 1], targets [B] → [B]."""
-  predictions = predictions.reshape(predictions.shape[0], -1)
-  if predictions.shape[1] != 1:
-    raise ValueError(
-        f"regression needs one output per example (num_labels=1), got "
-        f"predictions of shape {predictions.shape}"
-    )
-  return jnp.square(predictions[:, 0].astype(jnp.float32) - targets.astype(jnp.float32))
-
-
-def span_cross_entropy_loss(start_logits, end_logits, start_positions, end_positions):
-  """Extractive QA: ½(CE(start) + CE(end)) per example; logits [B, T], positions [B]."""
-  return 0.5 * (
-      cross_entropy_loss(start_logits, start_positions)
-      + cross_entropy_loss(end_logits, end_positions)
-  )
-
-
-def symmetric_kl(logits: jax.Array, perturbed_logits: jax.Array) -> jax.Array:
-  """KL(sg(p̃)‖p) + KL(sg(p)‖p̃) per example (value: the symmetric KL, ≥ 0), [B, k] → [B].
-
-  Each direction's target distribution is a constant, as in mt-dnn's SymKlCriterion, so
-  the gradient flows into p through the first term and into p̃ through the second.
-  """
-  log_p = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
-  log_q = jax.nn.log_softmax(perturbed_logits.astype(jnp.float32), axis=-1)
-  sg = jax.lax.stop_gradient
-  kl_q_p = jnp.sum(jnp.exp(sg(log_q)) * (sg(log_q) - log_p), axis=-1)
-  kl_p_q = jnp.sum(jnp.exp(sg(log_p)) * (sg(log_p) - log_q), axis=-1)
-  return kl_q_p + kl_p_q
-
-
-def task_loss(task: str, logits, batch: Batch) -> jax.Array:
-  """The task's per-example loss [B] from ``logits_fn``'s output and the batch's labels.
-
-  classification: ``batch["labels"]`` int [B]; regression: ``batch["labels"]`` float [B];
-  qa: ``batch["start_positions"]``, ``batch["end_positions"]`` int [B].
-  """
-  if task == "classification":
-    return cross_entropy_loss(logits, batch["labels"])
-  if task == "regression":
-    return mse_loss(logits, batch["labels"])
-  if task == "qa":
-    start_logits, end_logits = logits
-    return span_cross_entropy_loss(
-        start_logits, end_logits, batch["start_positions"], batch["end_positions"]
-    )
-  raise ValueError(f"task must be one of {TASKS}, got {task!r}")
-
-
-# ----------------------------------------------------------------------------------------
-# Example weights for nearprox.scale_by_proximal: s_n = ‖∇_{z_n} ℓ_n‖², the squared norm of
-# example n's task-loss gradient with respect to its own logits z_n (the iEF weights of Wu,
-# Yu, Zhang & Woodland, "An Improved Empirical Fisher Approximation for Natural Gradient
-# Descent", NeurIPS 2024, arXiv 2406.06420). Each is the exact gradient of the loss above it.
-
-
-def cross_entropy_logit_grad_sq_norm(logits: jax.Array, labels: jax.Array) -> jax.Array:
-  """‖∇_z cross_entropy_loss‖² = ‖softmax(z) − onehot(y)‖² per example: [B, k], [B] → [B]."""
-  logits = logits.astype(jnp.float32)
-  residual = jax.nn.softmax(logits, axis=-1) - jax.nn.one_hot(
-      labels.astype(jnp.int32), logits.shape[-1], dtype=jnp.float32
-  )
-  return jnp.sum(jnp.square(residual), axis=-1)
-
-
-def mse_grad_sq_norm(predictions: jax.Array, targets: jax.Array) -> jax.Array:
-  """‖∇_p mse_loss‖² = (2(p − y))² per example: predictions [B] or [B, 1], targets [B] → [B]."""
-  predictions = predictions.reshape(predictions.shape[0], -1)
-  if predictions.shape[1] != 1:
-    raise ValueError(
-        f"regression needs one output per example (num_labels=1), got "
-        f"predictions of shape {predictions.shape}"
-    )
-  residual = predictions[:, 0].astype(jnp.float32) - targets.astype(jnp.float32)
-  return 4.0 * jnp.square(residual)
-
-
-def span_cross_entropy_grad_sq_norm(start_logits, end_logits, start_positions, end_positions):
-  """‖∇ span_cross_entropy_loss‖² over both start and end logits, per example [B].
-
-  The loss is ½(CE(start) + CE(end)), so each half's gradient carries a factor ½:
-  ¼(‖softmax(s) − e_start‖² + ‖softmax(e) − e_end‖²).
-  """
-  return 0.25 * (
-      cross_entropy_logit_grad_sq_norm(start_logits, start_positions)
-      + cross_entropy_logit_grad_sq_norm(end_logits, end_positions)
-  )
-
-
-def ief_weights(task: str, logits, batch: Batch) -> jax.Array:
-  """s_n = ‖∇_{z_n} task_loss_n‖² [B] for ``task_loss(task, logits, batch)``, same inputs.
-
-  Pass them as ``example_weights`` to :func:`nearprox.scale_by_proximal`: with the natural
-  filter that is the damped iEF update. They are constants for the parameter gradient
-  (wrap them in ``jax.lax.stop_gradient`` when computed inside a differentiated function).
-  """
-  if task == "classification":
-    return cross_entropy_logit_grad_sq_norm(logits, batch["labels"])
-  if task == "regression":
-    return mse_grad_sq_norm(logits, batch["labels"])
-  if task == "qa":
-    start_logits, end_logits = logits
-    return span_cross_entropy_grad_sq_norm(
-        start_logits, end_logits, batch["start_positions"], batch["end_positions"]
-    )
-  raise ValueError(f"task must be one of {TASKS}, got {task!r}")
-
-
-def smoothness_divergence(task: str, logits, perturbed_logits) -> jax.Array:
-  """SMART's label-free ℓ_s per example [B]: symmetric KL (classification; mean over start
-  and end for qa) or squared difference of the outputs (regression, as mt-dnn)."""
-  if task == "classification":
-    return symmetric_kl(logits, perturbed_logits)
-  if task == "regression":
-    diff = (perturbed_logits - logits).astype(jnp.float32)
-    return jnp.sum(jnp.square(diff.reshape(diff.shape[0], -1)), axis=-1)
-  if task == "qa":
-    return 0.5 * (
-        symmetric_kl(logits[0], perturbed_logits[0]) + symmetric_kl(logits[1], perturbed_logits[1])
-    )
-  raise ValueError(f"task must be one of {TASKS}, got {task!r}")
 
 
 # ----------------------------------------------------------------------------------------
@@ -507,12 +371,12 @@ def _perturb(logits_fn, config, task, hidden_size, params, batch, rng):
 
   def task_at(delta):
     logits = logits_at(delta)
-    return task_loss(task, logits, batch), logits
+    return losses.task_loss(task, logits, batch), logits
 
   if config.kind == "smart":
     clean_logits = logits_at(zeros)
     target = jax.lax.stop_gradient(clean_logits)
-    divergence = lambda d: smoothness_divergence(task, target, logits_at(d))
+    divergence = lambda d: losses.smoothness_divergence(task, target, logits_at(d))
     grad_fn = _sum_grad(divergence)
 
     def step(_, delta):
@@ -592,12 +456,12 @@ def _check(config, task, hidden_size):
 def _combine(config, task, batch, clean_logits, perturbed_logits) -> jax.Array:
   """ℓ_i = task_i + adv_weight·adv_i ("sum") or adv_i ("adv_only"), per example."""
   if config.kind == "smart":
-    adv = smoothness_divergence(task, clean_logits, perturbed_logits)
+    adv = losses.smoothness_divergence(task, clean_logits, perturbed_logits)
   else:
-    adv = task_loss(task, perturbed_logits, batch)
+    adv = losses.task_loss(task, perturbed_logits, batch)
   if config.combine == "adv_only":
     return adv
-  return task_loss(task, clean_logits, batch) + config.adv_weight * adv
+  return losses.task_loss(task, clean_logits, batch) + config.adv_weight * adv
 
 
 def make_per_example_loss(
@@ -616,7 +480,7 @@ def make_per_example_loss(
       dropout keys or None (deterministic). :func:`bert_logits_fn` adapts a nearprox BERT.
     config: the :class:`ObjectiveConfig`.
     task: "classification", "regression" or "qa" (which labels in ``batch``: see
-      :func:`task_loss`).
+      :func:`nearprox.text.losses.task_loss`).
     hidden_size: the word-embedding width H (needed unless kind == "clean").
 
   Returns:
@@ -633,7 +497,7 @@ def make_per_example_loss(
   def loss_fn(params, batch, rng=None):
     if config.kind == "clean":
       dropout_keys, _ = _split_keys(rng, batch["input_ids"].shape[0])
-      return task_loss(task, logits_fn(params, batch, None, dropout_keys), batch)
+      return losses.task_loss(task, logits_fn(params, batch, None, dropout_keys), batch)
     clean_logits, delta, dropout_keys = _perturb(
         logits_fn, config, task, hidden_size, params, batch, rng
     )
@@ -664,8 +528,9 @@ def make_loss_at_perturbation(
   layers' calls, which sends every leaf to the exact (slow) fallback. It costs one more
   forward pass than sharing the clean forward with the ascent.
 
-  ``with_ief_weights``: ``loss_fn`` returns ``(losses, s)`` with s = :func:`ief_weights` at
-  the clean logits of the same forward pass (constants: ``stop_gradient``), for
+  ``with_ief_weights``: ``loss_fn`` returns ``(losses, s)`` with s =
+  :func:`nearprox.text.losses.ief_weights` at the clean logits of the same forward pass
+  (constants: ``stop_gradient``), for
   ``per_example_value_and_grads(..., has_aux=True)``. For adversarial objectives the weights
   come from the clean task term only.
   """
@@ -675,12 +540,12 @@ def make_loss_at_perturbation(
     dropout_keys, _ = _split_keys(rng, batch["input_ids"].shape[0])
     clean_logits = logits_fn(params, batch, None, dropout_keys)
     if config.kind == "clean":
-      losses = task_loss(task, clean_logits, batch)
+      values = losses.task_loss(task, clean_logits, batch)
     else:
       perturbed_logits = logits_fn(params, batch, jax.lax.stop_gradient(delta), dropout_keys)
-      losses = _combine(config, task, batch, clean_logits, perturbed_logits)
+      values = _combine(config, task, batch, clean_logits, perturbed_logits)
     if not with_ief_weights:
-      return losses
-    return losses, ief_weights(task, jax.lax.stop_gradient(clean_logits), batch)
+      return values
+    return values, losses.ief_weights(task, jax.lax.stop_gradient(clean_logits), batch)
 
   return loss_fn

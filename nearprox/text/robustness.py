@@ -30,7 +30,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from nearprox.text import objectives
+from nearprox.text import losses, objectives
 
 FIELDS = ("epsilon", "accuracy", "loss", "num_examples", "num_steps", "step_size", "norm")
 
@@ -74,7 +74,7 @@ def pgd_attack(
     logits = logits_fn(params, batch, delta, None)
     if not (hasattr(logits, "ndim") and logits.ndim == 2):
       raise ValueError("pgd_attack needs classification logits [B, k] from logits_fn")
-    return objectives.cross_entropy_loss(logits, labels), jnp.argmax(logits, axis=-1) != labels
+    return losses.cross_entropy_loss(logits, labels), jnp.argmax(logits, axis=-1) != labels
 
   def keep_best(best, delta, loss, wrong):
     best_delta, best_wrong, best_loss = best
@@ -135,7 +135,7 @@ def attack_accuracy(
 
   Args:
     logits_fn: ``logits_fn(params, batch, word_embeddings_delta, rng)`` → logits [B, k]
-      (e.g. :func:`nearprox.text.objectives.bert_logits_fn` (model)); called with ``rng=None``.
+      (e.g. :func:`nearprox.text.models.bert_logits_fn` (model)); called with ``rng=None``.
     params: the model parameters.
     batches: batches (dicts with ``input_ids``, ``labels``, optional ``attention_mask``,
       ``token_type_ids``, ``mask``); materialized once as a list.

@@ -1,0 +1,156 @@
+"""Per-example task losses, their logit gradients' squared norms (iEF weights) and SMART's
+smoothness divergence: logits in, one number per example [B] out.
+
+``task`` is one of :data:`TASKS`: ``"classification"`` (logits [B, k], integer
+``batch["labels"]``), ``"regression"`` (predictions [B] or [B, 1], float ``batch["labels"]``)
+or ``"qa"`` (a pair of start and end logits [B, T], ``batch["start_positions"]`` and
+``batch["end_positions"]``).
+
+References:
+  Wu, Yu, Zhang & Woodland, "An Improved Empirical Fisher Approximation for Natural Gradient
+  Descent", NeurIPS 2024, arXiv 2406.06420 (the iEF weights).
+  Jiang et al., "SMART: Robust and Efficient Fine-Tuning for Pre-trained Natural Language
+  Models through Principled Regularized Optimization", ACL 2020 (the smoothness term).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+
+import jax
+import jax.numpy as jnp
+import optax
+
+Batch = Mapping[str, jax.Array]
+TASKS = ("classification", "regression", "qa")
+
+
+def _single_output(predictions: jax.Array) -> jax.Array:
+  """Regression outputs [B] or [B, 1] as a float32 vector [B]; other shapes are an error."""
+  predictions = predictions.reshape(predictions.shape[0], -1)
+  if predictions.shape[1] != 1:
+    raise ValueError(
+        f"regression needs one output per example (num_labels=1), got "
+        f"predictions of shape {predictions.shape}"
+    )
+  return predictions[:, 0].astype(jnp.float32)
+
+
+def cross_entropy_loss(logits: jax.Array, labels: jax.Array) -> jax.Array:
+  """−log softmax(logits)[label] per example: logits [B, k], integer labels [B] → [B]."""
+  return optax.softmax_cross_entropy_with_integer_labels(
+      logits.astype(jnp.float32), labels.astype(jnp.int32)
+  )
+
+
+def mse_loss(predictions: jax.Array, targets: jax.Array) -> jax.Array:
+  """Squared error (pred − y)² per example: predictions [B] or [B, 1], targets [B] → [B]."""
+  return jnp.square(_single_output(predictions) - targets.astype(jnp.float32))
+
+
+def span_cross_entropy_loss(start_logits, end_logits, start_positions, end_positions):
+  """Extractive QA: ½(CE(start) + CE(end)) per example; logits [B, T], positions [B]."""
+  return 0.5 * (
+      cross_entropy_loss(start_logits, start_positions)
+      + cross_entropy_loss(end_logits, end_positions)
+  )
+
+
+def symmetric_kl(logits: jax.Array, perturbed_logits: jax.Array) -> jax.Array:
+  """KL(sg(p̃)‖p) + KL(sg(p)‖p̃) per example (value: the symmetric KL, ≥ 0), [B, k] → [B].
+
+  Each direction's target distribution is a constant, as in mt-dnn's SymKlCriterion, so
+  the gradient flows into p through the first term and into p̃ through the second.
+  """
+  log_p = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
+  log_q = jax.nn.log_softmax(perturbed_logits.astype(jnp.float32), axis=-1)
+  sg = jax.lax.stop_gradient
+  kl_q_p = jnp.sum(jnp.exp(sg(log_q)) * (sg(log_q) - log_p), axis=-1)
+  kl_p_q = jnp.sum(jnp.exp(sg(log_p)) * (sg(log_p) - log_q), axis=-1)
+  return kl_q_p + kl_p_q
+
+
+def task_loss(task: str, logits, batch: Batch) -> jax.Array:
+  """The task's per-example loss [B] from ``logits_fn``'s output and the batch's labels.
+
+  classification: ``batch["labels"]`` int [B]; regression: ``batch["labels"]`` float [B];
+  qa: ``batch["start_positions"]``, ``batch["end_positions"]`` int [B].
+  """
+  if task == "classification":
+    return cross_entropy_loss(logits, batch["labels"])
+  if task == "regression":
+    return mse_loss(logits, batch["labels"])
+  if task == "qa":
+    start_logits, end_logits = logits
+    return span_cross_entropy_loss(
+        start_logits, end_logits, batch["start_positions"], batch["end_positions"]
+    )
+  raise ValueError(f"task must be one of {TASKS}, got {task!r}")
+
+
+# ----------------------------------------------------------------------------------------
+# Example weights for nearprox.scale_by_proximal: s_n = ‖∇_{z_n} ℓ_n‖², the squared norm of
+# example n's task-loss gradient with respect to its own logits z_n (the iEF weights of Wu,
+# Yu, Zhang & Woodland, "An Improved Empirical Fisher Approximation for Natural Gradient
+# Descent", NeurIPS 2024, arXiv 2406.06420). Each is the exact gradient of the loss above it.
+
+
+def cross_entropy_logit_grad_sq_norm(logits: jax.Array, labels: jax.Array) -> jax.Array:
+  """‖∇_z cross_entropy_loss‖² = ‖softmax(z) − onehot(y)‖² per example: [B, k], [B] → [B]."""
+  logits = logits.astype(jnp.float32)
+  residual = jax.nn.softmax(logits, axis=-1) - jax.nn.one_hot(
+      labels.astype(jnp.int32), logits.shape[-1], dtype=jnp.float32
+  )
+  return jnp.sum(jnp.square(residual), axis=-1)
+
+
+def mse_grad_sq_norm(predictions: jax.Array, targets: jax.Array) -> jax.Array:
+  """‖∇_p mse_loss‖² = (2(p − y))² per example: predictions [B] or [B, 1], targets [B] → [B]."""
+  residual = _single_output(predictions) - targets.astype(jnp.float32)
+  return 4.0 * jnp.square(residual)
+
+
+def span_cross_entropy_grad_sq_norm(start_logits, end_logits, start_positions, end_positions):
+  """‖∇ span_cross_entropy_loss‖² over both start and end logits, per example [B].
+
+  The loss is ½(CE(start) + CE(end)), so each half's gradient carries a factor ½:
+  ¼(‖softmax(s) − e_start‖² + ‖softmax(e) − e_end‖²).
+  """
+  return 0.25 * (
+      cross_entropy_logit_grad_sq_norm(start_logits, start_positions)
+      + cross_entropy_logit_grad_sq_norm(end_logits, end_positions)
+  )
+
+
+def ief_weights(task: str, logits, batch: Batch) -> jax.Array:
+  """s_n = ‖∇_{z_n} task_loss_n‖² [B] for ``task_loss(task, logits, batch)``, same inputs.
+
+  Pass them as ``example_weights`` to :func:`nearprox.scale_by_proximal`: with the natural
+  filter that is the damped iEF update. They are constants for the parameter gradient
+  (wrap them in ``jax.lax.stop_gradient`` when computed inside a differentiated function).
+  """
+  if task == "classification":
+    return cross_entropy_logit_grad_sq_norm(logits, batch["labels"])
+  if task == "regression":
+    return mse_grad_sq_norm(logits, batch["labels"])
+  if task == "qa":
+    start_logits, end_logits = logits
+    return span_cross_entropy_grad_sq_norm(
+        start_logits, end_logits, batch["start_positions"], batch["end_positions"]
+    )
+  raise ValueError(f"task must be one of {TASKS}, got {task!r}")
+
+
+def smoothness_divergence(task: str, logits, perturbed_logits) -> jax.Array:
+  """SMART's label-free ℓ_s per example [B]: symmetric KL (classification; mean over start
+  and end for qa) or squared difference of the outputs (regression, as mt-dnn)."""
+  if task == "classification":
+    return symmetric_kl(logits, perturbed_logits)
+  if task == "regression":
+    diff = (perturbed_logits - logits).astype(jnp.float32)
+    return jnp.sum(jnp.square(diff.reshape(diff.shape[0], -1)), axis=-1)
+  if task == "qa":
+    return 0.5 * (
+        symmetric_kl(logits[0], perturbed_logits[0]) + symmetric_kl(logits[1], perturbed_logits[1])
+    )
+  raise ValueError(f"task must be one of {TASKS}, got {task!r}")
