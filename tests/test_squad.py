@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from nearprox.text import data, qa
-from nearprox.text.data import squad
+from nearprox.text.data import squad, squad_features
 
 REPO = Path(__file__).resolve().parents[1]
 SQUAD_DEV = Path(
@@ -269,7 +269,7 @@ def test_context_without_tokens_names_the_file_and_question(tmp_path, tokenizer)
   with pytest.raises(
       data.DataError, match=rf"^{re.escape(str(path))}: question q-blank: the context .* no tokens"
   ):
-    squad.encode_squad(split, tokenizer, 64, 16, use_cache=False)
+    squad_features.encode_squad(split, tokenizer, 64, 16, use_cache=False)
 
 
 # --------------------------------------------------------------------------- splits
@@ -375,12 +375,12 @@ def _check_features(split, features, tokenizer, doc_stride):
 
 
 def test_windows_cover_the_context_and_labels_decode(fixture_split, tokenizer):
-  features = squad.encode_squad(fixture_split, tokenizer, 40, 8, use_cache=False)
+  features = squad_features.encode_squad(fixture_split, tokenizer, 40, 8, use_cache=False)
   counts = np.bincount(features.example_index)
   assert counts[0] >= 3 and counts[3] == 1  # the long context needs several windows
   agree, total = _check_features(fixture_split, features, tokenizer, 8)
   assert total >= 4 and agree == total
-  texts = squad.feature_answer_texts(fixture_split, features)
+  texts = squad_features.feature_answer_texts(fixture_split, features)
   assert {text for text in texts if text is not None} == {
       "the Alps",
       "the North Sea",
@@ -414,18 +414,22 @@ def test_long_questions_are_cut(fixture_split, tokenizer):
   long = fixture_split.examples[0]
   words = " ".join(["river"] * 100)
   split = squad.SquadSplit("dev", (dataclasses.replace(long, question=words),))
-  features = squad.encode_squad(split, tokenizer, 64, 8, max_question_length=10, use_cache=False)
+  features = squad_features.encode_squad(
+      split, tokenizer, 64, 8, max_question_length=10, use_cache=False
+  )
   question_tokens = (features.token_type_ids[0] == 0) & (features.attention_mask[0] == 1)
   assert question_tokens.sum() == 10 + 2  # [CLS] question [SEP]
   with pytest.raises(
       ValueError, match=r"question q-early has 10 tokens, .* 51 context .* doc_stride=51"
   ):
-    squad.encode_squad(split, tokenizer, 64, 51, max_question_length=10, use_cache=False)
-  assert len(squad.encode_squad(split, tokenizer, 64, 50, max_question_length=10, use_cache=False))
+    squad_features.encode_squad(split, tokenizer, 64, 51, max_question_length=10, use_cache=False)
+  assert len(
+      squad_features.encode_squad(split, tokenizer, 64, 50, max_question_length=10, use_cache=False)
+  )
 
 
 def test_encoding_is_cached_on_disk(fixture_split, tokenizer, tmp_path, monkeypatch):
-  first = squad.encode_squad(fixture_split, tokenizer, 40, 8, cache_dir=tmp_path)
+  first = squad_features.encode_squad(fixture_split, tokenizer, 40, 8, cache_dir=tmp_path)
   files = list((tmp_path / "tokenized").glob("squad-*.npz"))
   assert len(files) == 1
 
@@ -433,15 +437,19 @@ def test_encoding_is_cached_on_disk(fixture_split, tokenizer, tmp_path, monkeypa
     raise AssertionError("tokenized again instead of reading the cache")
 
   with monkeypatch.context() as patch:
-    patch.setattr(squad, "_tokenize", no_tokenizing)
-    again = squad.encode_squad(fixture_split, tokenizer, 40, 8, cache_dir=tmp_path)
+    patch.setattr(squad_features, "_tokenize", no_tokenizing)
+    again = squad_features.encode_squad(fixture_split, tokenizer, 40, 8, cache_dir=tmp_path)
   for key in ("input_ids", "start_positions", "end_positions", "example_index", "offsets"):
     np.testing.assert_array_equal(getattr(first, key), getattr(again, key))
   # Every input of the features changes the key.
-  base = squad.squad_cache_key(fixture_split, tokenizer, max_length=40, doc_stride=8)
-  assert base == squad.squad_cache_key(fixture_split, tokenizer, max_length=40, doc_stride=8)
-  assert base != squad.squad_cache_key(fixture_split, tokenizer, max_length=40, doc_stride=9)
-  assert base != squad.squad_cache_key(
+  base = squad_features.squad_cache_key(fixture_split, tokenizer, max_length=40, doc_stride=8)
+  assert base == squad_features.squad_cache_key(
+      fixture_split, tokenizer, max_length=40, doc_stride=8
+  )
+  assert base != squad_features.squad_cache_key(
+      fixture_split, tokenizer, max_length=40, doc_stride=9
+  )
+  assert base != squad_features.squad_cache_key(
       fixture_split.select([1, 0, 2, 3]), tokenizer, max_length=40, doc_stride=8
   )
   moved = fixture_split.examples[1]
@@ -449,10 +457,10 @@ def test_encoding_is_cached_on_disk(fixture_split, tokenizer, tmp_path, monkeypa
   changed = dataclasses.replace(
       fixture_split, examples=(fixture_split.examples[0], moved) + fixture_split.examples[2:]
   )
-  assert base != squad.squad_cache_key(changed, tokenizer, max_length=40, doc_stride=8)
+  assert base != squad_features.squad_cache_key(changed, tokenizer, max_length=40, doc_stride=8)
   # A damaged file is recomputed and replaced.
   files[0].write_bytes(b"not an npz")
-  repaired = squad.encode_squad(fixture_split, tokenizer, 40, 8, cache_dir=tmp_path)
+  repaired = squad_features.encode_squad(fixture_split, tokenizer, 40, 8, cache_dir=tmp_path)
   np.testing.assert_array_equal(repaired.offsets, first.offsets)
 
 
@@ -463,7 +471,7 @@ def test_official_dev_gold_spans_decode_to_the_answers(tokenizer):
   subset = train.select([i for i, e in enumerate(train.examples) if e.title in titles])
   assert len(subset) > 1000
   # Short windows, so that many contexts need several (doc_stride = overlap).
-  features = squad.encode_squad(subset, tokenizer, 128, 32, use_cache=False)
+  features = squad_features.encode_squad(subset, tokenizer, 128, 32, use_cache=False)
   assert len(features) > 1.5 * len(subset)
   agree, total = _check_features(subset, features, tokenizer, 32)
   assert total > 0.9 * len(subset)
@@ -516,7 +524,7 @@ def test_best_spans_match_the_reference_loop(n_best):
 
 
 def test_postprocess_picks_the_best_span_across_windows(fixture_split, tokenizer):
-  features = squad.encode_squad(fixture_split, tokenizer, 40, 8, use_cache=False)
+  features = squad_features.encode_squad(fixture_split, tokenizer, 40, 8, use_cache=False)
   start = np.zeros(features.input_ids.shape, np.float32)
   end = np.zeros(features.input_ids.shape, np.float32)
   context_mask = features.context_mask()
@@ -571,7 +579,7 @@ def test_postprocess_predicts_no_answer_for_v2(tmp_path, tokenizer):
       {"id": "q-none", "question": "Who lost Super Bowl 49?", "answers": [], "is_impossible": True}
   )
   split = squad.read_squad_json(_write(tmp_path, document, "dev-v2.0.json"))
-  features = squad.encode_squad(split, tokenizer, 40, 8, use_cache=False)
+  features = squad_features.encode_squad(split, tokenizer, 40, 8, use_cache=False)
   rows = np.flatnonzero(features.example_index == 4)
   assert features.start_positions[rows].tolist() == [0] and features.end_positions[
       rows

@@ -204,7 +204,7 @@ def postprocess_predictions(
 
   Args:
     split: the :class:`~nearprox.text.data.squad.SquadSplit` the features were made from.
-    features: its :class:`~nearprox.text.data.squad.SquadFeatures` (``example_index``,
+    features: its :class:`~nearprox.text.data.squad_features.SquadFeatures` (``example_index``,
       ``offsets``; row f of the logits is feature f).
     start_logits, end_logits: [F, T] model outputs for every feature, in feature order.
     n_best_size, max_answer_length: span candidates (:func:`best_spans`).

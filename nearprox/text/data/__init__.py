@@ -19,7 +19,7 @@ Extractive QA (task "squad", ``Task.kind == "qa"``): :func:`load_squad` (or
 questions, :func:`encode_squad` cuts them into overlapping windows (:class:`SquadFeatures`,
 whose ``arrays()`` go through :func:`batches` like the classification arrays), and
 :mod:`nearprox.text.qa` turns window logits back into answer texts and scores them
-(:mod:`nearprox.text.data.squad`).
+(:mod:`nearprox.text.data.squad`, :mod:`nearprox.text.data.squad_features`).
 """
 
 from __future__ import annotations
@@ -53,13 +53,12 @@ from nearprox.text.data.metrics import (
 from nearprox.text.data.squad import (
     SQUAD_DIR_ENV,
     QAExample,
-    SquadFeatures,
     SquadSplit,
-    encode_squad,
     load_squad,
     read_squad_json,
     split_by_article,
 )
+from nearprox.text.data.squad_features import SquadFeatures, encode_squad
 from nearprox.text.data.tasks import (
     GLUE_TASKS,
     TASKS,
