@@ -171,7 +171,7 @@ def encode(
       return Encoded(**arrays, labels=split.labels)
   arrays = _tokenize(split, tokenizer, int(max_length), chunk_size)
   if path is not None:
-    _save(path, arrays)
+    write_cached_arrays(path, arrays)
   return Encoded(**arrays, labels=split.labels)
 
 
@@ -201,14 +201,21 @@ def _tokenize(split: Split, tokenizer, max_length: int, chunk_size: int):
   return out
 
 
-def _load(path: Path, num_examples: int, max_length: int):
-  """The cached arrays, or None if absent or unusable (then recomputed and rewritten)."""
+def read_cached_arrays(path: Path, keys) -> dict[str, np.ndarray] | None:
+  """The arrays ``keys`` of a cache file, or None if it is absent or unreadable."""
   if not path.is_file():
     return None
   try:
-    with np.load(path, allow_pickle=False) as data:
-      arrays = {key: data[key] for key in _TOKEN_KEYS}
+    with np.load(path, allow_pickle=False) as stored:
+      return {key: stored[key] for key in keys}
   except (OSError, KeyError, ValueError, EOFError):
+    return None
+
+
+def _load(path: Path, num_examples: int, max_length: int):
+  """The cached arrays, or None if absent or unusable (then recomputed and rewritten)."""
+  arrays = read_cached_arrays(path, _TOKEN_KEYS)
+  if arrays is None:
     return None
   for values in arrays.values():
     if values.shape != (num_examples, max_length) or values.dtype != np.int32:
@@ -216,7 +223,9 @@ def _load(path: Path, num_examples: int, max_length: int):
   return arrays
 
 
-def _save(path: Path, arrays: dict[str, np.ndarray]) -> None:
+def write_cached_arrays(path: Path, arrays: dict[str, np.ndarray]) -> None:
+  """Writes a cache file through a temporary file and a rename, so readers never see a
+  partial one; a failed write warns and leaves no file (the caller goes on without it)."""
   temporary = None
   try:
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -228,7 +237,7 @@ def _save(path: Path, arrays: dict[str, np.ndarray]) -> None:
     os.replace(temporary, path)  # atomic: readers see the old file or the whole new one
   except OSError as error:
     warnings.warn(
-        f"could not write tokenization cache {path}: {error}; continuing " f"without it",
+        f"could not write tokenization cache {path}: {error}; continuing without it",
         RuntimeWarning,
         stacklevel=3,
     )

@@ -28,14 +28,17 @@ import dataclasses
 import hashlib
 import json
 import os
-import tempfile
-import warnings
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from nearprox.text.data.encoding import default_cache_dir, tokenizer_fingerprint
+from nearprox.text.data.encoding import (
+    default_cache_dir,
+    read_cached_arrays,
+    tokenizer_fingerprint,
+    write_cached_arrays,
+)
 from nearprox.text.data.squad import SquadSplit
 from nearprox.text.data.tasks import DataError
 
@@ -130,7 +133,7 @@ def encode_squad(
       return features
   features = _tokenize(split, tokenizer, chunk_size=int(chunk_size), **params)
   if path is not None:
-    _save(path, dataclasses.asdict(features))
+    write_cached_arrays(path, dataclasses.asdict(features))
   return features
 
 
@@ -274,12 +277,8 @@ _FEATURE_KEYS = tuple(field.name for field in dataclasses.fields(SquadFeatures))
 
 def _load(path: Path, num_examples: int, max_length: int) -> SquadFeatures | None:
   """The cached features, or None if absent or unusable (then recomputed and rewritten)."""
-  if not path.is_file():
-    return None
-  try:
-    with np.load(path, allow_pickle=False) as stored:
-      arrays = {key: stored[key] for key in _FEATURE_KEYS}
-  except (OSError, KeyError, ValueError, EOFError):
+  arrays = read_cached_arrays(path, _FEATURE_KEYS)
+  if arrays is None:
     return None
   count = arrays["input_ids"].shape[0]
   shapes = {key: (count, max_length) for key in TOKEN_KEYS}
@@ -292,27 +291,6 @@ def _load(path: Path, num_examples: int, max_length: int) -> SquadFeatures | Non
   if count == 0 or index.min() < 0 or index.max() >= num_examples:
     return None
   return SquadFeatures(**arrays)
-
-
-def _save(path: Path, arrays: dict[str, np.ndarray]) -> None:
-  """Writes to a temporary file and renames it (readers never see a partial file)."""
-  temporary = None
-  try:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with tempfile.NamedTemporaryFile(
-        dir=path.parent, prefix=path.stem, suffix=".tmp", delete=False
-    ) as file:
-      temporary = Path(file.name)
-      np.savez_compressed(file, **arrays)
-    os.replace(temporary, path)
-  except OSError as error:
-    warnings.warn(
-        f"could not write tokenization cache {path}: {error}; continuing without it",
-        RuntimeWarning,
-        stacklevel=3,
-    )
-    if temporary is not None:
-      temporary.unlink(missing_ok=True)
 
 
 def feature_answer_texts(split: SquadSplit, features: SquadFeatures) -> list[str | None]:
