@@ -36,6 +36,20 @@ def _single_output(predictions: jax.Array) -> jax.Array:
   return predictions[:, 0].astype(jnp.float32)
 
 
+def _by_task(task: str, logits, batch: Batch, *, classification, regression, qa) -> jax.Array:
+  """The task's function of (logits, labels): ``classification`` and ``regression`` take
+  (logits, ``batch["labels"]``), ``qa`` takes (start logits, end logits, start and end
+  positions)."""
+  if task == "classification":
+    return classification(logits, batch["labels"])
+  if task == "regression":
+    return regression(logits, batch["labels"])
+  if task == "qa":
+    start_logits, end_logits = logits
+    return qa(start_logits, end_logits, batch["start_positions"], batch["end_positions"])
+  raise ValueError(f"task must be one of {TASKS}, got {task!r}")
+
+
 def cross_entropy_loss(logits: jax.Array, labels: jax.Array) -> jax.Array:
   """−log softmax(logits)[label] per example: logits [B, k], integer labels [B] → [B]."""
   return optax.softmax_cross_entropy_with_integer_labels(
@@ -76,16 +90,14 @@ def task_loss(task: str, logits, batch: Batch) -> jax.Array:
   classification: ``batch["labels"]`` int [B]; regression: ``batch["labels"]`` float [B];
   qa: ``batch["start_positions"]``, ``batch["end_positions"]`` int [B].
   """
-  if task == "classification":
-    return cross_entropy_loss(logits, batch["labels"])
-  if task == "regression":
-    return mse_loss(logits, batch["labels"])
-  if task == "qa":
-    start_logits, end_logits = logits
-    return span_cross_entropy_loss(
-        start_logits, end_logits, batch["start_positions"], batch["end_positions"]
-    )
-  raise ValueError(f"task must be one of {TASKS}, got {task!r}")
+  return _by_task(
+      task,
+      logits,
+      batch,
+      classification=cross_entropy_loss,
+      regression=mse_loss,
+      qa=span_cross_entropy_loss,
+  )
 
 
 # ----------------------------------------------------------------------------------------
@@ -129,16 +141,14 @@ def ief_weights(task: str, logits, batch: Batch) -> jax.Array:
   filter that is the damped iEF update. They are constants for the parameter gradient
   (wrap them in ``jax.lax.stop_gradient`` when computed inside a differentiated function).
   """
-  if task == "classification":
-    return cross_entropy_logit_grad_sq_norm(logits, batch["labels"])
-  if task == "regression":
-    return mse_grad_sq_norm(logits, batch["labels"])
-  if task == "qa":
-    start_logits, end_logits = logits
-    return span_cross_entropy_grad_sq_norm(
-        start_logits, end_logits, batch["start_positions"], batch["end_positions"]
-    )
-  raise ValueError(f"task must be one of {TASKS}, got {task!r}")
+  return _by_task(
+      task,
+      logits,
+      batch,
+      classification=cross_entropy_logit_grad_sq_norm,
+      regression=mse_grad_sq_norm,
+      qa=span_cross_entropy_grad_sq_norm,
+  )
 
 
 def smoothness_divergence(task: str, logits, perturbed_logits) -> jax.Array:
