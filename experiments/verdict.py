@@ -18,11 +18,16 @@ def _p(x) -> str:
   return f"{100 * x:.1f}%"
 
 
+def _points(difference: float) -> str:
+  """Two decimals: scores print with one, so a gap under 0.1 points still shows its sign."""
+  return f"{100 * difference:+.2f}"
+
+
 def _phrase(record: dict) -> str:
   """'ahead of NAME (b; +d points)' / 'behind …' / 'level with …'."""
   return (
       f"{WORDS[record['outcome']]} {record['baseline']} ({_p(record['baseline_mean'])}; "
-      f"{100 * record['difference']:+.1f} points)"
+      f"{_points(record['difference'])} points)"
   )
 
 
@@ -46,7 +51,7 @@ def optimizers(study) -> list[str]:
     for record in (r for r in mine if r.get("preselected", True)):
       text += "; it is " + _phrase(record)
     others = [
-        f"{r['subject']} {WORDS[r['outcome']].split()[0]} ({100 * r['difference']:+.1f})"
+        f"{r['subject']} {WORDS[r['outcome']].split()[0]} ({_points(r['difference'])})"
         for r in mine
         if not r.get("preselected", True) and r["baseline_optimizer"] == "adamw"
     ]

@@ -314,7 +314,7 @@ def _glue_study(adamw_f1: float) -> dict:
 
 def test_verdict_tallies_the_comparison_records_not_its_text():
   learned = verdict.verdict({"glue": _glue_study(adamw_f1=0.85)})
-  assert "behind AdamW (85.0%; -3.8 points)" in learned
+  assert "behind AdamW (85.0%; -3.80 points)" in learned
   assert "behind in 1 of the 1 comparisons" in learned
   # Both score exactly the majority class: no comparison is drawn or counted.
   trivial = verdict.verdict({"glue": _glue_study(adamw_f1=0.812)})
