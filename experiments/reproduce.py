@@ -11,8 +11,9 @@
 Modes are ``experiments/configs/{smoke,quick,full}.py`` (each derived from ``default.py``):
 ``get_config()`` is the training config every run starts from (``--config.<field>=value``
 overrides it) and ``get_plan()`` what each study runs (:mod:`experiments.studies`;
-``--plan.<field>=value``). Runs already stored under ``<out>/<mode>/runs/`` are reused, so an
-interrupted invocation resumes where it stopped. ``--stop_after=MIN`` starts no new run
+``--plan.<field>=value``). Runs already stored under ``<out>/<mode>/runs/`` are reused and a
+run stopped by SIGTERM resumes from its checkpoint, so an interrupted invocation resumes
+where it stopped. ``--stop_after=MIN`` starts no new run
 after MIN minutes and still writes the tables from whatever exists; studies with missing
 runs are marked incomplete / not run in the generated section. ``--mode=full`` is many hours
 on 2 CPU cores (experiments/configs/full.py); on a GPU/TPU it needs the JAX build for it
@@ -197,7 +198,7 @@ def render_readme(mode, plan, config, results, out, link_root, wall_seconds, com
   """The Results section (Markdown, no top-level heading: it is spliced under README.md's
   "## Results" by experiments/update_readme.py); image links relative to ``link_root``."""
   stored = [json.loads(p.read_text()) for p in sorted((out / "runs").glob("*.json"))]
-  commits = sorted({r.get("commit", "unknown") for r in stored})
+  commits = sorted({s.get("commit", "unknown") for r in stored for s in r.get("segments") or [r]})
   compute = sum(r["wall_seconds"] for r in stored)
   cpu = [r["cpu_seconds"] for r in stored if "cpu_seconds" in r]
   links = os.path.relpath(out, link_root)

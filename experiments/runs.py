@@ -13,12 +13,14 @@ Result file fields: ``key``, ``label``, ``config`` (the resolved config), ``devi
 dev/<metric> …; the report's ``predicted_classes`` counts, per evaluated split, the examples
 the final model assigns to each class: a single non-zero count is a collapsed run),
 ``attack`` (rows of :func:`nearprox.text.robustness.attack_accuracy` or None),
-``segments`` (one per process that trained the run: ``from_step``, ``to_step``,
-``wall_seconds`` including any time the process was paused, ``cpu_seconds`` = its user +
-system time over all threads, pauses excluded, ``machine``, ``commit``), ``wall_seconds`` and
-``cpu_seconds`` (the segments' sums; steps trained by a process that was killed without
-SIGTERM, or crashed, are retrained from the last checkpoint and their first try is not timed),
-``machine`` and ``commit`` (of the process that finished the run).
+``segments`` (one per process that trained the run and stopped or finished it: ``from_step``,
+``to_step``, ``train_step_seconds``, ``wall_seconds`` including any time the process was
+paused, ``cpu_seconds`` = its user + system time over all threads, pauses excluded,
+``machine``, ``commit``), ``wall_seconds`` and ``cpu_seconds`` (the segments' sums; a
+process killed without SIGTERM, or crashed, leaves no segment: a gap between one segment's
+``to_step`` and the next one's ``from_step`` shows untimed steps), ``machine`` (of the
+segment that trained the most steps, whose step time the report carries) and ``commit`` (of
+the process that finished the run).
 
 A run finished while another machine's process already stored the same key (claims are per
 machine) goes to ``<out>/duplicates/<key>.<device kind>.<pid>.json``: the stored result is
@@ -42,6 +44,7 @@ import json
 import os
 import platform
 import shutil
+import signal
 import socket
 import subprocess
 import sys
@@ -167,11 +170,20 @@ def machine() -> dict[str, Any]:
   }
 
 
+class RunPreempted(SystemExit):
+  """A run stopped by SIGTERM after saving a checkpoint (not a failure: rerun to resume)."""
+
+
+# A --run_spec subprocess stopped by SIGTERM exits with this status (EX_TEMPFAIL).
+PREEMPTED_EXIT_CODE = 75
+
+
 def _segment(report: dict, started: float, cpu_started: float) -> dict:
   """What one process of a run did: the steps it trained, its times, machine and commit."""
   return {
       "from_step": report["start_step"],
       "to_step": report["steps"],
+      "train_step_seconds": report["train_step_seconds"],
       "wall_seconds": time.time() - started,
       "cpu_seconds": cpu_seconds() - cpu_started,
       "machine": machine(),
@@ -213,10 +225,11 @@ def execute(
 ) -> dict:
   """Trains in this process (and attacks); returns the result dict.
 
-  ``workdir`` is named by the run's key, so checkpoints found there belong to this config: a
-  run stopped by SIGTERM resumes from its latest checkpoint. Each stopped process appends its
-  segment (steps, times, machine, commit) to ``workdir/segments.json``; the result lists all
-  segments and its ``wall_seconds`` / ``cpu_seconds`` add up the recorded ones.
+  ``workdir`` is named by the run's key, so checkpoints found there belong to this config
+  (whatever commit wrote them, as for a stored run): a run stopped by SIGTERM resumes from its
+  latest checkpoint. A stopped process appends its segment to ``workdir/segments.json`` and
+  raises :class:`RunPreempted`. The result's step time and machine are those of the segment
+  that trained the most steps; its wall and CPU times add up all segments.
   """
   import jax
 
@@ -231,12 +244,14 @@ def execute(
     earlier = []
   if report.get("preempted"):  # SIGTERM: store nothing partial; a rerun resumes here
     write_json(segments_path, earlier + [_segment(report, started, cpu_started)])
-    raise SystemExit(
+    raise RunPreempted(
         f"run {label} stopped by SIGTERM at step {report['steps']} (checkpoint in {workdir}); "
         "rerun python -m experiments.reproduce to resume"
     )
   rows = _attack(config, params, attack) if attack else None
   segments = earlier + [_segment(report, started, cpu_started)]
+  longest = max(reversed(segments), key=lambda s: s["to_step"] - s["from_step"])
+  report["train_step_seconds"] = longest["train_step_seconds"]
   result = {
       "key": key,
       "label": label,
@@ -248,7 +263,7 @@ def execute(
       "wall_seconds": sum(s["wall_seconds"] for s in segments),
       "cpu_seconds": sum(s["cpu_seconds"] for s in segments),
       "segments": segments,
-      "machine": machine(),
+      "machine": longest["machine"],
       "commit": git_commit(),
   }
   del params
@@ -346,9 +361,13 @@ def execute_spec_file(spec_path: str) -> None:
   spec = json.loads(Path(spec_path).read_text())
   config = ml_collections.ConfigDict(spec["config"])
   attack = Attack(**spec["attack"]) if spec["attack"] else None
-  result = execute(
-      config, Path(spec["workdir"]), attack, spec["label"], spec["key"], spec["devices"]
-  )
+  try:
+    result = execute(
+        config, Path(spec["workdir"]), attack, spec["label"], spec["key"], spec["devices"]
+    )
+  except RunPreempted as stopped:
+    print(stopped, file=sys.stderr)
+    raise SystemExit(PREEMPTED_EXIT_CODE) from None
   write_json(Path(spec["result"]), result)
 
 
@@ -475,9 +494,20 @@ class Executor:
     env["XLA_FLAGS"] = " ".join(flags + [f"--xla_force_host_platform_device_count={devices}"])
     env["JAX_PLATFORMS"] = "cpu"  # the study is about host (CPU) devices
     command = [sys.executable, "-m", "experiments.reproduce", f"--run_spec={spec_path}"]
-    completed = subprocess.run(command, env=env, cwd=REPO, capture_output=True, text=True)
-    if completed.returncode != 0 or not path.exists():
+    child = subprocess.Popen(
+        command, env=env, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+    )
+    # SIGTERM to this process reaches the run (it saves a checkpoint and stops), so no
+    # orphan keeps training into the workdir that a rerun resumes from.
+    forward = signal.signal(signal.SIGTERM, lambda *_: child.send_signal(signal.SIGTERM))
+    try:
+      _, stderr = child.communicate()
+    finally:
+      signal.signal(signal.SIGTERM, forward)
+    if child.returncode == PREEMPTED_EXIT_CODE:
+      raise RunPreempted((stderr.strip().splitlines() or [f"run {label} stopped"])[-1])
+    if child.returncode != 0 or not path.exists():
       raise RuntimeError(
           f"run {label} on {devices} host devices failed "
-          f"(exit {completed.returncode}):\n{completed.stderr[-3000:]}"
+          f"(exit {child.returncode}):\n{stderr[-3000:]}"
       )

@@ -439,9 +439,48 @@ def test_a_run_stopped_by_sigterm_resumes_from_its_checkpoint(tmp_path, monkeypa
   assert steps(result["history"]) == steps(straight["history"]) == [1, 2, 3, 4, 5, 6]
   segments = result["segments"]
   assert [(s["from_step"], s["to_step"]) for s in segments] == [(0, 3), (2, 6)]
+  # Step time and machine: those of the segment that trained the most steps (4 of them).
+  assert result["report"]["train_step_seconds"] == segments[1]["train_step_seconds"] > 0
+  assert result["machine"] == segments[1]["machine"]
   assert result["wall_seconds"] == pytest.approx(sum(s["wall_seconds"] for s in segments))
   assert result["cpu_seconds"] == pytest.approx(sum(s["cpu_seconds"] for s in segments))
   assert not workdir.exists()  # the stored run leaves no scratch behind
+
+
+def test_sigterm_reaches_a_multi_device_run_s_subprocess(tmp_path, monkeypatch):
+  """A multi-device run trains in a child process: SIGTERM to the parent is passed on to it,
+  and the child's "stopped, checkpoint saved" exit becomes RunPreempted, not a failure."""
+  import signal
+  import threading
+
+  from experiments.configs import full
+
+  started = tmp_path / "started"
+  child = tmp_path / "child.py"
+  child.write_text(
+      f"#!{sys.executable}\n"
+      "import pathlib, signal, sys, time\n"
+      "def stop(*_):\n"
+      "  print('run x stopped by SIGTERM at step 3', file=sys.stderr)\n"
+      f"  sys.exit({runs.PREEMPTED_EXIT_CODE})\n"
+      "signal.signal(signal.SIGTERM, stop)\n"
+      f"pathlib.Path({str(started)!r}).touch()\n"
+      "time.sleep(60)\n"
+  )
+  child.chmod(0o755)
+  monkeypatch.setattr(sys, "executable", str(child))  # the run_spec command's interpreter
+
+  def terminate_parent_once_the_child_runs():
+    while not started.exists():
+      threading.Event().wait(0.05)
+    os.kill(os.getpid(), signal.SIGTERM)
+
+  handler = signal.getsignal(signal.SIGTERM)
+  threading.Thread(target=terminate_parent_once_the_child_runs, daemon=True).start()
+  executor = runs.Executor(full.get_config(), tmp_path / "out", tmp_path / "work")
+  with pytest.raises(runs.RunPreempted, match="stopped by SIGTERM at step 3"):
+    executor.run("two devices", {}, devices=2)
+  assert signal.getsignal(signal.SIGTERM) is handler  # the parent's own handler is back
 
 
 def test_readme_compares_runs_trained_on_two_machines(tmp_path):

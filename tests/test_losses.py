@@ -1,4 +1,5 @@
-"""Tests of nearprox.text.objectives (per-example task/adversarial/L2 objective) and nearprox.text.robustness.
+"""Tests of nearprox.text.losses (per-example task losses, iEF weights), nearprox.text.objectives
+(the per-example task/adversarial objective) and nearprox.text.robustness.
 
 Most tests run on the tiny Flax BERT (hidden 32, 2 layers, T = 8). Tests of the
 perturbation geometry, dropout keys and the task variants also run on a stand-in with the

@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 
 from nearprox.text import data, models
-from nearprox.training import task_io, train
+from nearprox.training import metrics_writer, task_io, train
 from tests.tiny_sst2 import tiny_config, write_sst2
 
 REPO = Path(__file__).resolve().parents[1]
@@ -139,6 +139,10 @@ def test_corrupt_latest_checkpoint_falls_back_to_the_previous(
   # Resumed from step 2 and trained steps 3-6 again: the straight run's parameters.
   assert report["steps"] == 6
   np.testing.assert_array_equal(flat_params(report["params"]), flat_params(straight["params"]))
+  # The broken checkpoint was deleted, so step 4 was saved again (orbax skips a step at or
+  # below its newest one).
+  assert all(path.read_bytes() != b"garbage" for path in latest.rglob("*") if path.is_file())
+  assert sorted(int(p.name) for p in latest.parent.iterdir() if p.name.isdigit()) == [2, 4, 6]
 
 
 @pytest.mark.parametrize("gram", ["global", "local"])
@@ -309,3 +313,27 @@ def test_holdout_is_a_fixed_slice_of_train_and_hides_the_reported_splits(glue_di
 def test_bad_configs_are_clear_errors(glue_dir, tmp_path, override, match):
   with pytest.raises(ValueError, match=match):
     train.train_and_evaluate(tiny_config(glue_dir, **override), tmp_path / "run")
+
+
+def test_metric_log_resumes_at_the_checkpoint_step(tmp_path):
+  """A resumed writer keeps the rows up to its step, drops later ones and a partly written
+  last line, and appends after them; without ``from_step`` it only appends."""
+  path = tmp_path / "metrics.jsonl"
+  rows = [json.dumps({"step": s, "train/loss": 1.0 / s}) for s in (2, 4, 6)]
+  path.write_text("\n".join(rows) + '\n{"step": 8, "train/lo')
+  assert [r["step"] for r in metrics_writer.read_jsonl(path)] == [2, 4, 6]
+  writer = metrics_writer.MetricWriter(tmp_path, from_step=4)
+  writer.write_scalars(6, {"train/loss": 0.5})
+  writer.close()
+  assert [(r["step"], r["train/loss"]) for r in metrics_writer.read_jsonl(path)] == [
+      (2, 0.5),
+      (4, 0.25),
+      (6, 0.5),
+  ]
+  writer = metrics_writer.MetricWriter(tmp_path)
+  writer.write_scalars(8, {"train/loss": 0.1})
+  writer.close()
+  assert [r["step"] for r in metrics_writer.read_jsonl(path)] == [2, 4, 6, 8]
+  path.write_text(path.read_text() + "not json\n" + rows[0] + "\n")
+  with pytest.raises(json.JSONDecodeError):
+    metrics_writer.read_jsonl(path)  # a broken line before the last is an error

@@ -26,7 +26,7 @@ def get_config() -> ml_collections.ConfigDict:
   config.num_train_steps = 32
   config.log_every = 4
   config.eval_every = 16
-  config.checkpoint_every = 10**9  # no checkpoints: runs are short and restart from scratch
+  config.checkpoint_every = 10**9  # runs are short: no periodic checkpoints (SIGTERM still saves)
   config.export_hf = False
   config.progress = False
   config.parallel = "jit"

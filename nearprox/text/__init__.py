@@ -2,8 +2,8 @@
 
 * :mod:`nearprox.text.models`: a Flax BERT that loads and saves Hugging Face checkpoints, and
   ``bert_logits_fn``, the adapter the objectives call.
-* :mod:`nearprox.text.data`: GLUE TSVs, TFDS GLUE (optional), the offline tweets, SQuAD; tokenization
-  and fixed-shape batches.
+* :mod:`nearprox.text.data`: GLUE TSVs, TFDS GLUE (optional), the offline tweets, SQuAD;
+  tokenization and fixed-shape batches.
 * :mod:`nearprox.text.losses`: per-example task losses, their iEF weights, SMART's divergence.
 * :mod:`nearprox.text.objectives`: the per-example training loss with adversarial
   perturbations (FGM, PGD, SMART) of the word embeddings.

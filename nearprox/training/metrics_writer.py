@@ -20,22 +20,43 @@ class _NoProgress:
 
 
 def read_jsonl(path: str | Path) -> list[dict]:
-  """The records of a JSON-lines file such as ``workdir/metrics.jsonl`` ([] if it is absent)."""
+  """The records of a JSON-lines file such as ``workdir/metrics.jsonl`` ([] if it is absent).
+
+  A last line that does not parse (a process killed while writing it) is left out; a broken
+  line before the last is an error.
+  """
   path = Path(path)
   if not path.exists():
     return []
-  return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+  lines = [line for line in path.read_text().splitlines() if line.strip()]
+  records = [json.loads(line) for line in lines[:-1]]
+  try:
+    records += [json.loads(line) for line in lines[-1:]]
+  except json.JSONDecodeError:
+    pass
+  return records
+
+
+def _drop_rows_after(path: Path, step: int) -> None:
+  """Rewrites ``path`` (atomically) with its rows up to ``step``; also drops a partly written
+  last line, which the next appended row would otherwise continue."""
+  if not path.exists():
+    return
+  rows = [row for row in read_jsonl(path) if row["step"] <= step]
+  temporary = path.with_suffix(".jsonl.tmp")
+  temporary.write_text("".join(json.dumps(row) + "\n" for row in rows))
+  temporary.replace(path)
 
 
 class MetricWriter:
   """Writes scalars to ``workdir/tensorboard`` (tensorboardX) and ``workdir/metrics.jsonl``.
 
-  Only the main process writes (``enabled``); other processes get no-ops. A run resumed from
-  the checkpoint at ``from_step`` keeps the JSON-lines rows up to that step and drops later
-  ones: those steps are trained again and logged anew.
+  Only the main process writes (``enabled``); other processes get no-ops. Rows are appended to
+  an existing ``metrics.jsonl``; a run resumed from the checkpoint at ``from_step`` keeps the
+  rows up to that step and drops later ones: those steps are trained again and logged anew.
   """
 
-  def __init__(self, workdir: str | Path, enabled: bool = True, from_step: int = 0):
+  def __init__(self, workdir: str | Path, enabled: bool = True, from_step: int | None = None):
     self.enabled = enabled
     if not enabled:
       return
@@ -43,10 +64,8 @@ class MetricWriter:
 
     workdir = Path(workdir)
     workdir.mkdir(parents=True, exist_ok=True)
-    rows = read_jsonl(workdir / "metrics.jsonl")
-    if any(row["step"] > from_step for row in rows):
-      kept = "".join(json.dumps(row) + "\n" for row in rows if row["step"] <= from_step)
-      (workdir / "metrics.jsonl").write_text(kept)
+    if from_step is not None:
+      _drop_rows_after(workdir / "metrics.jsonl", from_step)
     self.tensorboard = SummaryWriter(str(workdir / "tensorboard"))
     self.jsonl = open(workdir / "metrics.jsonl", "a")
 

@@ -2,7 +2,9 @@
 
 A save is atomic (orbax writes a temporary directory and renames it), so an interrupted save
 leaves no checkpoint behind. A checkpoint that is there but cannot be read (a corrupted or
-truncated file) is skipped with a warning, and the previous one is restored instead.
+truncated file) is skipped with a warning, the previous one is restored instead, and the
+unreadable one is deleted: orbax saves no step at or below its newest one, so a kept broken
+checkpoint would block the saves of the steps trained again.
 """
 
 from __future__ import annotations
@@ -37,8 +39,10 @@ class Checkpoints:
     self.manager.wait_until_finished()
 
   def restore_latest(self, template):
-    """The newest readable checkpoint, shaped like ``template``; ``template`` if none."""
+    """The newest readable checkpoint, shaped like ``template``; ``template`` if none.
+    Unreadable checkpoints newer than the one restored are deleted."""
     abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(np.shape(x), x.dtype), template)
+    restored, unreadable = template, []
     for step in sorted(self.manager.all_steps(), reverse=True):
       try:
         restored = self.manager.restore(step, args=ocp.args.StandardRestore(abstract))
@@ -50,7 +54,10 @@ class Checkpoints:
             type(error).__name__,
             str(error)[:200],
         )
+        unreadable.append(step)
         continue
       logger.info("resumed from the checkpoint at step %d", step)
-      return restored
-    return template
+      break
+    for step in unreadable:
+      self.manager.delete(step)
+    return restored

@@ -27,9 +27,9 @@ import jax.numpy as jnp
 import numpy as np
 
 from nearprox.text import data, models, qa
+from nearprox.text.data.encoding import TOKEN_KEYS
 from nearprox.training import parallel
 
-TOKEN_KEYS = ("input_ids", "attention_mask", "token_type_ids")
 INPUT_KEYS = TOKEN_KEYS + ("labels",)  # classification
 QA_INPUT_KEYS = TOKEN_KEYS + ("start_positions", "end_positions")
 HOLDOUT_SEED = 20261129  # fixed: every tuning run holds out the same training examples

@@ -38,7 +38,7 @@ from nearprox.text.data.tasks import Split
 
 CACHE_DIR_ENV = "NEARPROX_CACHE_DIR"
 _CACHE_FORMAT = 1
-_TOKEN_KEYS = ("input_ids", "attention_mask", "token_type_ids")
+TOKEN_KEYS = ("input_ids", "attention_mask", "token_type_ids")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -177,7 +177,7 @@ def encode(
 
 def _tokenize(split: Split, tokenizer, max_length: int, chunk_size: int):
   n = len(split)
-  out = {key: np.zeros((n, max_length), np.int32) for key in _TOKEN_KEYS}
+  out = {key: np.zeros((n, max_length), np.int32) for key in TOKEN_KEYS}
   for start in range(0, n, chunk_size):
     stop = min(start + chunk_size, n)
     args = [split.text_a[start:stop]]
@@ -186,7 +186,7 @@ def _tokenize(split: Split, tokenizer, max_length: int, chunk_size: int):
     tokens = tokenizer(
         *args, padding="max_length", max_length=max_length, truncation=True, return_tensors="np"
     )
-    for key in _TOKEN_KEYS:
+    for key in TOKEN_KEYS:
       if key not in tokens:
         if key == "token_type_ids":  # tokenizers without segments (e.g. RoBERTa's)
           continue
@@ -214,7 +214,7 @@ def read_cached_arrays(path: Path, keys) -> dict[str, np.ndarray] | None:
 
 def _load(path: Path, num_examples: int, max_length: int):
   """The cached arrays, or None if absent or unusable (then recomputed and rewritten)."""
-  arrays = read_cached_arrays(path, _TOKEN_KEYS)
+  arrays = read_cached_arrays(path, TOKEN_KEYS)
   if arrays is None:
     return None
   for values in arrays.values():

@@ -34,6 +34,7 @@ from typing import Any
 import numpy as np
 
 from nearprox.text.data.encoding import (
+    TOKEN_KEYS,
     default_cache_dir,
     read_cached_arrays,
     tokenizer_fingerprint,
@@ -42,7 +43,6 @@ from nearprox.text.data.encoding import (
 from nearprox.text.data.squad import SquadSplit
 from nearprox.text.data.tasks import DataError
 
-TOKEN_KEYS = ("input_ids", "attention_mask", "token_type_ids")
 LABEL_KEYS = ("start_positions", "end_positions")
 _CACHE_FORMAT = 1
 

@@ -49,7 +49,7 @@ class Task:
     has_test: whether the task has a labelled test split (GLUE's test labels are hidden).
     kind: "classification" (a class per text or pair) or "qa" (extractive span QA, scored on
       the answer texts by :func:`nearprox.text.qa.evaluate_predictions`); also the ``task=``
-      of :mod:`nearprox.text.objectives`.
+      of :mod:`nearprox.text.losses` and :mod:`nearprox.text.objectives`.
   """
 
   name: str
