@@ -228,7 +228,9 @@ def render_readme(mode, plan, config, results, out, link_root, wall_seconds, com
       + f"; this invocation took {wall_seconds / 60:.1f} min.",
       "- Machine(s): "
       + describe_machines([r["machine"] for r in stored])
-      + ". Step times are compared only between runs of one kind of machine.",
+      + ". Step times are compared only between runs of one kind of machine; a row's step "
+      "time (s/step) is its fastest seed's median step time, since other work sharing the "
+      "cores (tests, a second worker) only slows a run down.",
       *duplicates_check(out, links),
       f"- Model `{config.model.name}`, batch {config.batch_size}, {config.max_length} "
       f"tokens, {config.num_train_steps} steps (warmup {config.optimizer.warmup_fraction:g}"

@@ -96,7 +96,8 @@ def optimizers(study) -> list[str]:
     out.append(
         "Cost: a step takes "
         + ", ".join(f"{sum(v) / len(v):.2f}× ({k})" for k, v in costs.items())
-        + " the plain SGD step (median step times, averaged over the tasks)."
+        + " the plain SGD step (each run's median step time, the fastest seed's, averaged over "
+        "the tasks)."
     )
   return out
 

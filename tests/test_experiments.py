@@ -604,7 +604,8 @@ def test_cpu_step_times_compare_only_at_equal_core_counts():
   assert tuning.machine_kind(result(16, 1.0, "gpu", "NVIDIA H200")) == "NVIDIA H200"
   group = lambda *results: tuning.Group("v", "v", {"optimizer.learning_rate": 0.1}, list(results))
   two_cores, one_core = group(result(2, 1.0), result(2, 3.0)), group(result(1, 4.0))
-  assert two_cores.step_seconds() == 2.0 and two_cores.step_ratio(group(result(2, 1.0))) == 2.0
+  # The fastest seed's step time: a slower seed shared the machine with other work.
+  assert two_cores.step_seconds() == 1.0 and two_cores.step_ratio(group(result(2, 0.5))) == 2.0
   assert math.isnan(two_cores.step_ratio(one_core))
   assert math.isnan(group(result(2, 1.0), result(1, 1.0)).step_seconds())
 
