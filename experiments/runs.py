@@ -264,7 +264,7 @@ def execute(
       "cpu_seconds": sum(s["cpu_seconds"] for s in segments),
       "segments": segments,
       "machine": longest["machine"],
-      "commit": git_commit(),
+      "commit": segments[-1]["commit"],
   }
   del params
   shutil.rmtree(workdir, ignore_errors=True)
