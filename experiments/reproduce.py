@@ -43,6 +43,7 @@ only.
 from __future__ import annotations
 
 import collections
+import copy
 import datetime
 import importlib
 import json
@@ -289,6 +290,24 @@ def render_readme(mode, plan, config, results, out, link_root, wall_seconds, com
   return "\n".join(lines)
 
 
+def train_first(plan, only: list[str], executor: runs.Executor) -> None:
+  """Trains the runs of ``plan.train_first`` before the rest: training order only, since every
+  table is then computed from the stored runs in README order. An entry is a study's name, or
+  ``optimizers:<task>`` for the optimizer study on one of its tasks."""
+  for entry in plan.train_first:
+    name, _, task = entry.partition(":")
+    if name not in only:
+      continue
+    part = copy.deepcopy(plan)
+    if task:
+      if name != "optimizers" or task not in plan.optimizer_tasks:
+        raise app.UsageError(f"plan.train_first: {entry!r} names no task of the optimizer study")
+      part.optimizer_tasks = (task,)
+    print(f"== training first: {entry}", flush=True)
+    studies.FUNCTIONS[name](tuning_lib.Context(part, executor))
+  executor.requested.clear()  # each study of the main pass counts the runs it asks for
+
+
 def main(argv) -> None:
   del argv
   if _RUN_SPEC.value:
@@ -332,6 +351,8 @@ def main(argv) -> None:
       log=lambda m: print(m, flush=True),
       claims=Path(_WORKDIR.value) / mode / "claims" if _CLAIM_RUNS.value else None,
   )
+  if executor.allow_new:
+    train_first(plan, only, executor)
   ctx = tuning_lib.Context(plan, executor)
   results = {}
   for name in plan.studies:

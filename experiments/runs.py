@@ -116,7 +116,7 @@ def run_key(config: ml_collections.ConfigDict, devices: int, attack: Attack | No
   from experiments.configs import default
 
   settings = _without_defaults(config.to_dict(), default.get_config().to_dict())
-  for where_not_what in ("data_dir", "progress"):  # machine-specific, not the numbers
+  for where_not_what in ("data_dir", "progress", "checkpoint_minutes"):  # not the numbers
     settings.pop(where_not_what, None)
   payload = {
       "config": settings,
@@ -242,13 +242,19 @@ def execute(
   earlier = json.loads(segments_path.read_text()) if segments_path.exists() else []
   if report["start_step"] == 0:  # no checkpoint was resumed: earlier segments did not count
     earlier = []
-  if report.get("preempted"):  # SIGTERM: store nothing partial; a rerun resumes here
+  rows = None
+  if attack and not report["preempted"]:
+    try:
+      with train.stop_on_sigterm():  # the final state is checkpointed: a rerun attacks it
+        rows = _attack(config, params, attack)
+    except train.Preempted:
+      report["preempted"] = True
+  if report["preempted"]:  # SIGTERM: store nothing partial; a rerun resumes here
     write_json(segments_path, earlier + [_segment(report, started, cpu_started)])
     raise RunPreempted(
         f"run {label} stopped by SIGTERM at step {report['steps']} (checkpoint in {workdir}); "
         "rerun python -m experiments.reproduce to resume"
     )
-  rows = _attack(config, params, attack) if attack else None
   segments = earlier + [_segment(report, started, cpu_started)]
   longest = max(reversed(segments), key=lambda s: s["to_step"] - s["from_step"])
   report["train_step_seconds"] = longest["train_step_seconds"]

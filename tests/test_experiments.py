@@ -347,6 +347,11 @@ def test_run_keys_survive_new_config_fields_but_not_new_values(monkeypatch):
   changed.optimizer.learning_rate = 0.5
   assert runs.run_key(changed, 1, None) != key
   assert runs.run_key(config, 8, None) != key
+  # Where the data is and how often to checkpoint do not decide the numbers.
+  elsewhere = runs.apply_overrides(
+      config, {"data_dir": "/elsewhere", "progress": False, "checkpoint_minutes": 1.0}
+  )
+  assert runs.run_key(elsewhere, 1, None) == key
 
 
 def test_workers_sharing_a_run_store_train_each_run_once(tmp_path, monkeypatch):
@@ -445,6 +450,36 @@ def test_a_run_stopped_by_sigterm_resumes_from_its_checkpoint(tmp_path, monkeypa
   assert result["wall_seconds"] == pytest.approx(sum(s["wall_seconds"] for s in segments))
   assert result["cpu_seconds"] == pytest.approx(sum(s["cpu_seconds"] for s in segments))
   assert not workdir.exists()  # the stored run leaves no scratch behind
+
+
+def test_sigterm_during_the_attack_resumes_at_the_last_step(tmp_path, monkeypatch):
+  """SIGTERM while the trained run is attacked stops it without a result; the rerun resumes
+  from the last step's checkpoint (nothing trained again) and attacks there."""
+  import signal
+
+  monkeypatch.setenv("NEARPROX_CACHE_DIR", str(tmp_path / "cache"))
+  config = tiny_config(
+      write_sst2(tmp_path / "glue", n_train=32, n_dev=16),
+      **{"num_train_steps": 4, "eval_every": 100, "checkpoint_every": 100, "parallel": "jit"},
+  )
+  attack = runs.Attack(epsilons=(0.0, 0.1), num_steps=1, examples=8)
+  attacked = []
+
+  def sigterm_then_attack(*args):
+    os.kill(os.getpid(), signal.SIGTERM)
+    return [{"epsilon": 0.0, "accuracy": 1.0}]
+
+  monkeypatch.setattr(runs, "_attack", sigterm_then_attack)
+  executor = runs.Executor(config, tmp_path / "out", tmp_path / "work")
+  with pytest.raises(SystemExit, match="stopped by SIGTERM at step 4"):
+    executor.run("attacked", {}, attack=attack)
+  monkeypatch.setattr(runs, "_attack", lambda *args: attacked.append(args) or [{"epsilon": 0.0}])
+  result = runs.Executor(config, tmp_path / "out", tmp_path / "work").run(
+      "attacked", {}, attack=attack
+  )
+  assert len(attacked) == 1 and result["attack"] == [{"epsilon": 0.0}]
+  assert [(s["from_step"], s["to_step"]) for s in result["segments"]] == [(0, 4), (4, 4)]
+  assert result["report"]["train_step_seconds"] == result["segments"][0]["train_step_seconds"]
 
 
 def test_sigterm_reaches_a_multi_device_run_s_subprocess(tmp_path, monkeypatch):
@@ -617,3 +652,36 @@ def test_worker_flags_drop_the_parents_own():
   assert reproduce.worker_flags(argv) == ["--mode=full", "--plan.seeds=0,1"]
   with pytest.raises(Exception, match="--stop_after=value"):
     reproduce.worker_flags(["--stop_after", "30"])
+
+
+def test_train_first_runs_parts_of_studies_before_the_rest(tmp_path, monkeypatch):
+  """``plan.train_first`` calls the named studies (the optimizer study on one task) in its
+  order, skips studies left out by --only, and leaves no request counted for the main pass."""
+  from absl import app
+
+  from experiments import reproduce
+  from experiments.configs import full
+
+  calls = []
+
+  def recorder(name):
+    def study(ctx):
+      ctx.ex.requested.append(f"{name}-run")
+      calls.append((name, tuple(ctx.plan.optimizer_tasks)))
+
+    return study
+
+  monkeypatch.setattr(studies, "FUNCTIONS", {n: recorder(n) for n in ("optimizers", "squad")})
+  plan = full.get_plan()
+  assert plan.train_first == ("optimizers:sst2", "squad")
+  executor = runs.Executor(full.get_config(), tmp_path / "out", tmp_path / "work")
+  reproduce.train_first(plan, ["optimizers", "squad"], executor)
+  tasks = tuple(plan.optimizer_tasks)
+  assert calls == [("optimizers", ("sst2",)), ("squad", tasks)] and executor.requested == []
+  assert plan.optimizer_tasks == tasks  # the plan itself is unchanged
+  calls.clear()
+  reproduce.train_first(plan, ["squad"], executor)
+  assert calls == [("squad", tasks)]
+  plan.train_first = ("squad:sst2",)
+  with pytest.raises(app.UsageError, match="names no task of the optimizer study"):
+    reproduce.train_first(plan, ["squad"], executor)

@@ -119,6 +119,58 @@ def test_preempted_run_saves_and_resumes_exactly(glue_dir, tmp_path, optimizer, 
   assert resumed["dev"] == straight["dev"]
 
 
+def test_sigterm_during_the_final_evaluation_resumes_at_the_last_step(
+    glue_dir, tmp_path, monkeypatch
+):
+  """The last step is checkpointed before the final evaluation; SIGTERM there reports the run
+  as preempted without scores, and the rerun evaluates the saved state (no step trained
+  again), logging each final score once."""
+  config = tiny_config(
+      glue_dir,
+      **{"num_train_steps": 5, "eval_every": 100, "checkpoint_every": 100, "parallel": "jit"},
+  )
+  straight = train.train_and_evaluate(config, tmp_path / "straight")
+  real_evaluate = train.evaluate
+
+  def preempting(*args):
+    os.kill(os.getpid(), signal.SIGTERM)
+    return real_evaluate(*args)
+
+  monkeypatch.setattr(train, "evaluate", preempting)
+  stopped = train.train_and_evaluate(config, tmp_path / "run")
+  assert stopped["preempted"] and stopped["steps"] == 5 and "dev" not in stopped
+  assert sorted(p.name for p in (tmp_path / "run" / "checkpoints").iterdir()) == ["5"]
+  monkeypatch.setattr(train, "evaluate", real_evaluate)
+  resumed = train.train_and_evaluate(config, tmp_path / "run")
+  assert (resumed["start_step"], resumed["steps"], resumed["preempted"]) == (5, 5, False)
+  assert resumed["dev"] == straight["dev"]
+  log = metrics_writer.read_jsonl(tmp_path / "run" / "metrics.jsonl")
+  assert [r["step"] for r in log if "dev/accuracy" in r] == [5]
+
+
+def test_checkpoints_by_time_as_well_as_by_step(tmp_path):
+  """With ``minutes``, a save is due at the first step that many minutes after the last one
+  (and at the first step of all), besides every ``every`` steps."""
+  import time
+
+  import jax.numpy as jnp
+
+  from nearprox.training.orbax_checkpoints import Checkpoints
+
+  state = {"w": jnp.ones(3)}
+  by_step = Checkpoints(tmp_path / "steps", every=4, keep=5)
+  assert [s for s in range(1, 10) if by_step.should_save(s)] == [4, 8]
+  by_time = Checkpoints(tmp_path / "time", every=10**9, keep=5, minutes=1 / 60)
+  assert by_time.should_save(1)
+  by_time.save(1, state)
+  by_time.wait()
+  assert not by_time.should_save(2)  # less than a second later
+  time.sleep(1.2)
+  assert by_time.should_save(3)
+  with pytest.raises(ValueError, match="checkpoint_minutes must be > 0"):
+    Checkpoints(tmp_path / "bad", every=4, keep=5, minutes=0)
+
+
 def test_corrupt_latest_checkpoint_falls_back_to_the_previous(
     glue_dir, tmp_path, caplog, monkeypatch
 ):
@@ -330,6 +382,10 @@ def test_metric_log_resumes_at_the_checkpoint_step(tmp_path):
       (4, 0.25),
       (6, 0.5),
   ]
+  # TensorBoard: the resumed writer's event file holds the event on which TensorBoard hides
+  # the earlier processes' events from step 5 on.
+  (events,) = (tmp_path / "tensorboard").iterdir()
+  assert read_session_starts(events) == [5]
   writer = metrics_writer.MetricWriter(tmp_path)
   writer.write_scalars(8, {"train/loss": 0.1})
   writer.close()
@@ -337,3 +393,20 @@ def test_metric_log_resumes_at_the_checkpoint_step(tmp_path):
   path.write_text(path.read_text() + "not json\n" + rows[0] + "\n")
   with pytest.raises(json.JSONDecodeError):
     metrics_writer.read_jsonl(path)  # a broken line before the last is an error
+
+
+def read_session_starts(event_file: Path) -> list[int]:
+  """The steps of the SessionLog.START events in a TensorBoard event file (TFRecords: length,
+  its CRC, the serialized Event, its CRC)."""
+  import struct
+
+  from tensorboardX.proto import event_pb2
+
+  raw, starts, offset = event_file.read_bytes(), [], 0
+  while offset < len(raw):
+    (length,) = struct.unpack_from("<Q", raw, offset)
+    event = event_pb2.Event.FromString(raw[offset + 12 : offset + 12 + length])
+    offset += 12 + length + 4
+    if event.HasField("session_log") and event.session_log.status == event.session_log.START:
+      starts.append(event.step)
+  return starts

@@ -72,6 +72,10 @@ def get_config() -> ml_collections.ConfigDict:
   config.eval_every = 60
   config.checkpoint_every = 60
   config.keep_checkpoints = 2
+  # Also save once this many minutes have passed since the last save (preemptible machines,
+  # long steps); None: by step count only. Where and how often to save, not what is trained:
+  # a run's key in the study's run store leaves it out.
+  config.checkpoint_minutes = placeholder(float)
   config.parallel = "shard_map"  # "shard_map" (jit + shard_map), "pmap", or "jit" (1 device)
   config.export_hf = True  # write the fine-tuned model as a Hugging Face directory
   config.progress = True

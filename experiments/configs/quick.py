@@ -26,7 +26,7 @@ def get_config() -> ml_collections.ConfigDict:
   config.num_train_steps = 32
   config.log_every = 4
   config.eval_every = 16
-  config.checkpoint_every = 10**9  # runs are short: no periodic checkpoints (SIGTERM still saves)
+  config.checkpoint_every = 10**9  # runs are short: SIGTERM and the last step save
   config.export_hf = False
   config.progress = False
   config.parallel = "jit"
@@ -40,6 +40,7 @@ def get_plan() -> ml_collections.ConfigDict:
   plan = ml_collections.ConfigDict()
   plan.mode = "quick"
   plan.studies = ("optimizers", "damping", "adversarial", "multidevice", "glue", "noise")
+  plan.train_first = ()  # parts of studies trained before the rest (reproduce.train_first)
   plan.seeds = (0,)
   # The tuning protocol of experiments/tuning.py at a tiny budget (one seed: a smoke run).
   plan.tuning = ml_collections.ConfigDict(

@@ -54,6 +54,8 @@ class MetricWriter:
   Only the main process writes (``enabled``); other processes get no-ops. Rows are appended to
   an existing ``metrics.jsonl``; a run resumed from the checkpoint at ``from_step`` keeps the
   rows up to that step and drops later ones: those steps are trained again and logged anew.
+  TensorBoard's event files are append-only; the new one tells TensorBoard to hide the old
+  events after ``from_step``.
   """
 
   def __init__(self, workdir: str | Path, enabled: bool = True, from_step: int | None = None):
@@ -66,7 +68,10 @@ class MetricWriter:
     workdir.mkdir(parents=True, exist_ok=True)
     if from_step is not None:
       _drop_rows_after(workdir / "metrics.jsonl", from_step)
-    self.tensorboard = SummaryWriter(str(workdir / "tensorboard"))
+    # purge_step: a SessionLog.START event at from_step + 1, on which TensorBoard hides the
+    # earlier processes' events from that step on, as the JSON-lines log drops them.
+    purge_step = None if from_step is None else from_step + 1
+    self.tensorboard = SummaryWriter(str(workdir / "tensorboard"), purge_step=purge_step)
     self.jsonl = open(workdir / "metrics.jsonl", "a")
 
   def write_config(self, config) -> None:

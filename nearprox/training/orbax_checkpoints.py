@@ -1,4 +1,4 @@
-"""Orbax checkpoints of the training state: every N steps, keep k, resume, fall back.
+"""Orbax checkpoints of the training state: every N steps (or minutes), keep k, resume, fall back.
 
 A save is atomic (orbax writes a temporary directory and renames it), so an interrupted save
 leaves no checkpoint behind. A checkpoint that is there but cannot be read (a corrupted or
@@ -20,20 +20,32 @@ logger = logging.getLogger(__name__)
 
 
 class Checkpoints:
-  """Saves the state every ``every`` steps into ``directory``, keeping the last ``keep``."""
+  """Saves the state into ``directory`` every ``every`` steps, and also at the first step
+  ``minutes`` after the previous save when ``minutes`` is given; keeps the last ``keep``."""
 
-  def __init__(self, directory: str | Path, every: int, keep: int):
+  def __init__(self, directory: str | Path, every: int, keep: int, minutes: float | None = None):
     if every < 1 or keep < 1:
       raise ValueError(f"checkpoint_every and keep_checkpoints must be >= 1, got {every}, {keep}")
-    self.every = every
-    options = ocp.CheckpointManagerOptions(save_interval_steps=every, max_to_keep=keep, create=True)
+    if minutes is not None and not minutes > 0:
+      raise ValueError(f"checkpoint_minutes must be > 0 or None, got {minutes}")
+    policies = ocp.checkpoint_managers
+    when = [policies.FixedIntervalPolicy(every)]
+    if minutes is not None:
+      # Orbax decides on the primary host and tells the others, so hosts save together.
+      when.append(policies.ContinuousCheckpointingPolicy(minimum_interval_secs=round(minutes * 60)))
+    options = ocp.CheckpointManagerOptions(
+        max_to_keep=keep, create=True, save_decision_policy=policies.AnySavePolicy(when)
+    )
     self.manager = ocp.CheckpointManager(Path(directory).absolute(), options=options)
 
   def should_save(self, step: int) -> bool:
-    return step % self.every == 0
+    return self.manager.should_save(step)
 
   def save(self, step: int, state, force: bool = False) -> None:
     self.manager.save(step, args=ocp.args.StandardSave(state), force=force)
+
+  def latest_step(self) -> int | None:
+    return self.manager.latest_step()
 
   def wait(self) -> None:
     self.manager.wait_until_finished()

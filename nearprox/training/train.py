@@ -14,9 +14,10 @@ same per-device function runs under ``jax.shard_map`` (default), ``jax.pmap`` or
 ``jax.jit`` (one device); every collective names the axis ``"batch"``.
 
 Around it (:func:`train_and_evaluate`): data from :mod:`nearprox.text.data` (the last partial
-batch padded and masked), orbax checkpoints (resume, keep k, save on SIGTERM, fall back to
-the previous checkpoint if the latest is unreadable), TensorBoard events and a JSON-lines
-log in ``workdir``, a progress bar, dev/test evaluation and the export of the fine-tuned
+batch padded and masked), orbax checkpoints (resume, keep k, save on SIGTERM and after the
+last step, fall back to the previous checkpoint if the latest is unreadable; SIGTERM during
+the final evaluation returns ``preempted`` and a rerun evaluates again), TensorBoard events
+and a JSON-lines log in ``workdir``, a progress bar, dev/test evaluation and the export of the fine-tuned
 model as a Hugging Face directory. Several hosts: :func:`nearprox.training.parallel.initialize`
 joins them (``jax.distributed``); each host reads its block of every global batch.
 
@@ -27,6 +28,7 @@ get ``task=task.kind``.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import json
 import logging
@@ -163,6 +165,26 @@ def train_batches(arrays, config, start_step: int):
     epoch, skip = epoch + 1, 0
 
 
+class Preempted(Exception):
+  """SIGTERM arrived inside :func:`stop_on_sigterm`."""
+
+
+@contextlib.contextmanager
+def stop_on_sigterm():
+  """Turns SIGTERM into :class:`Preempted` raised where the work is (outside the training
+  loop, which instead finishes its step and checkpoints it): for work after the final
+  checkpoint, which a rerun resumed from it redoes."""
+
+  def stop(*_):
+    raise Preempted("SIGTERM")
+
+  previous = signal.signal(signal.SIGTERM, stop)
+  try:
+    yield
+  finally:
+    signal.signal(signal.SIGTERM, previous)
+
+
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path) -> dict:
   """Trains for ``config.num_train_steps`` steps (resuming from ``workdir``), evaluates,
   exports, and returns the report (also written to ``workdir/report.json``)."""
@@ -209,7 +231,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path) -
 
   state = TrainState(jnp.zeros((), jnp.int32), params, tx.init(params))
   checkpoints = Checkpoints(
-      workdir / "checkpoints", config.checkpoint_every, config.keep_checkpoints
+      workdir / "checkpoints",
+      config.checkpoint_every,
+      config.keep_checkpoints,
+      config.checkpoint_minutes,
   )
   state = checkpoints.restore_latest(state)
   start_step = int(state.step)
@@ -255,34 +280,46 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path) -
         break
       if checkpoints.should_save(done):
         checkpoints.save(done, runner.get_state(device_state))
+    state = runner.get_state(device_state)
+    if not preempted and checkpoints.latest_step() != int(state.step):
+      # The final state too: a stop during the final evaluation, the export or a caller's
+      # attack (:func:`stop_on_sigterm`) then costs those only, not the training.
+      checkpoints.save(int(state.step), state, force=True)
   finally:
     signal.signal(signal.SIGTERM, previous_handler)
     progress.close()
     checkpoints.wait()
 
-  state = runner.get_state(device_state)
   report = {
       "task": task.name,
       "optimizer": config.optimizer.name,
       "objective": objective.kind,
       "start_step": start_step,
       "steps": int(state.step),
-      "preempted": bool(preempted),
       "workdir": str(workdir),
       "train_step_seconds": float(np.median(step_times[1:] or step_times or [0.0])),
   }
   if not preempted:
+    try:
+      with stop_on_sigterm():
+        scores = {
+            name: evaluate(runner, device_state, splits[name], task, config.eval_batch_size)
+            for name in splits
+            if name != "train"
+        }
+        if config.export_hf and parallel.is_main_process():
+          report["hf_model"] = str(
+              models.save_pretrained(model, state.params, tokenizer, workdir / "hf_model")
+          )
+    except Preempted:
+      logging.warning("SIGTERM after step %d, before the final evaluation ended", state.step)
+      preempted.append(True)
+  report["preempted"] = bool(preempted)
+  if not preempted:  # all splits' final scores or none: a rerun logs them once
     report["predicted_classes"] = {}
-    for name in splits:
-      if name != "train":
-        report[name], report["predicted_classes"][name] = evaluate(
-            runner, device_state, splits[name], task, config.eval_batch_size
-        )
-        writer.write_scalars(int(state.step), {f"{name}/{k}": v for k, v in report[name].items()})
-    if config.export_hf and parallel.is_main_process():
-      report["hf_model"] = str(
-          models.save_pretrained(model, state.params, tokenizer, workdir / "hf_model")
-      )
+    for name, (split_scores, predicted_classes) in scores.items():
+      report[name], report["predicted_classes"][name] = split_scores, predicted_classes
+      writer.write_scalars(int(state.step), {f"{name}/{k}": v for k, v in split_scores.items()})
   writer.close()
   if parallel.is_main_process():
     (workdir / "report.json").write_text(json.dumps(report, indent=2))
