@@ -17,9 +17,10 @@ Around it (:func:`train_and_evaluate`): data from :mod:`nearprox.text.data` (the
 batch padded and masked), orbax checkpoints (resume, keep k, save on SIGTERM and after the
 last step, fall back to the previous checkpoint if the latest is unreadable; SIGTERM during
 the final evaluation returns ``preempted`` and a rerun evaluates again), TensorBoard events
-and a JSON-lines log in ``workdir``, a progress bar, dev/test evaluation and the export of the fine-tuned
-model as a Hugging Face directory. Several hosts: :func:`nearprox.training.parallel.initialize`
-joins them (``jax.distributed``); each host reads its block of every global batch.
+and a JSON-lines log in ``workdir``, a progress bar, dev/test evaluation and the export of the
+fine-tuned model as a Hugging Face directory. Several hosts:
+:func:`nearprox.training.parallel.initialize` joins them (``jax.distributed``); each host
+reads its block of every global batch.
 
 What depends on the task's kind (classification or span QA: the model head, the label keys
 of a batch, the splits, the metrics) is in :mod:`nearprox.training.task_io`; the objectives
