@@ -292,10 +292,17 @@ def render_readme(mode, plan, config, results, out, link_root, wall_seconds, com
 
 def train_first(plan, only: list[str], executor: runs.Executor) -> None:
   """Trains the runs of ``plan.train_first`` before the rest: training order only, since every
-  table is then computed from the stored runs in README order. An entry is a study's name, or
-  ``optimizers:<task>`` for the optimizer study on one of its tasks."""
+  table is then computed from the stored runs in README order. An entry is a study's name,
+  ``optimizers:<task>`` for the optimizer study on one of its tasks, or ``tuning`` for every
+  tuning run of the plan (both stages: the choices every study waits for)."""
   for entry in plan.train_first:
     name, _, task = entry.partition(":")
+    if name == "tuning":
+      print("== training first: tuning", flush=True)
+      context = tuning_lib.Context(plan, executor)
+      for variant in plan.optimizer_variants:
+        context.best_trial(variant)  # requests (and trains) each of its trials
+      continue
     if name not in only:
       continue
     part = copy.deepcopy(plan)

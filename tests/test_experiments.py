@@ -655,8 +655,9 @@ def test_worker_flags_drop_the_parents_own():
 
 
 def test_train_first_runs_parts_of_studies_before_the_rest(tmp_path, monkeypatch):
-  """``plan.train_first`` calls the named studies (the optimizer study on one task) in its
-  order, skips studies left out by --only, and leaves no request counted for the main pass."""
+  """``plan.train_first`` trains every tuning trial, then calls the named studies (the
+  optimizer study on one task) in its order, skips studies left out by --only, and leaves no
+  request counted for the main pass."""
   from absl import app
 
   from experiments import reproduce
@@ -671,17 +672,24 @@ def test_train_first_runs_parts_of_studies_before_the_rest(tmp_path, monkeypatch
 
     return study
 
+  def tuned(ctx, variant):
+    ctx.ex.requested.append(f"tune-{variant}")
+    calls.append(("tuning", variant))
+
   monkeypatch.setattr(studies, "FUNCTIONS", {n: recorder(n) for n in ("optimizers", "squad")})
+  monkeypatch.setattr(tuning.Context, "best_trial", tuned)
   plan = full.get_plan()
-  assert plan.train_first == ("optimizers:sst2", "squad")
+  assert plan.train_first == ("tuning", "squad", "optimizers:sst2")
   executor = runs.Executor(full.get_config(), tmp_path / "out", tmp_path / "work")
   reproduce.train_first(plan, ["optimizers", "squad"], executor)
   tasks = tuple(plan.optimizer_tasks)
-  assert calls == [("optimizers", ("sst2",)), ("squad", tasks)] and executor.requested == []
+  every_tuning = [("tuning", v) for v in plan.optimizer_variants]
+  assert calls == [*every_tuning, ("squad", tasks), ("optimizers", ("sst2",))]
+  assert executor.requested == []
   assert plan.optimizer_tasks == tasks  # the plan itself is unchanged
   calls.clear()
-  reproduce.train_first(plan, ["squad"], executor)
-  assert calls == [("squad", tasks)]
+  reproduce.train_first(plan, ["squad"], executor)  # the tuning: whatever --only keeps
+  assert calls == [*every_tuning, ("squad", tasks)]
   plan.train_first = ("squad:sst2",)
   with pytest.raises(app.UsageError, match="names no task of the optimizer study"):
     reproduce.train_first(plan, ["squad"], executor)
