@@ -7,6 +7,7 @@ import signal
 import socket
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import jax
@@ -244,6 +245,41 @@ def _free_port() -> int:
     return s.getsockname()[1]
 
 
+def start_two_processes(command: list[str]) -> list[subprocess.Popen]:
+  """``command`` as processes 0 and 1 of one JAX job (4 CPU devices each, gloo)."""
+  port = _free_port()
+  return [
+      subprocess.Popen(
+          command,
+          stdout=subprocess.PIPE,
+          stderr=subprocess.PIPE,
+          text=True,
+          env={
+              **os.environ,
+              "JAX_PLATFORMS": "cpu",
+              "XLA_FLAGS": "--xla_force_host_platform_device_count=4",
+              "NEARPROX_COORDINATOR": f"127.0.0.1:{port}",
+              "NEARPROX_NUM_PROCESSES": "2",
+              "NEARPROX_PROCESS_ID": str(i),
+          },
+      )
+      for i in range(2)
+  ]
+
+
+def finish_two_processes(workers: list[subprocess.Popen], timeout: float = 600) -> list[dict]:
+  """Each process's report (the JSON the train CLI prints last), once both exited 0."""
+  try:
+    outputs = [w.communicate(timeout=timeout) for w in workers]
+  except subprocess.TimeoutExpired:
+    for worker in workers:
+      worker.kill()
+    pytest.fail(f"the two processes did not finish within {timeout} s (one waits for the other)")
+  for worker, (_, stderr) in zip(workers, outputs):
+    assert worker.returncode == 0, stderr[-3000:]
+  return [json.loads(stdout[stdout.rindex("\n{") + 1 :]) for stdout, _ in outputs]
+
+
 def test_two_processes_agree_with_one(glue_dir, tmp_path):
   """Two JAX processes (4 CPU devices each, gloo collectives) = one process with 8."""
   common = [
@@ -267,32 +303,52 @@ def test_two_processes_agree_with_one(glue_dir, tmp_path):
       env={**env, "XLA_FLAGS": "--xla_force_host_platform_device_count=8"},
   )
   assert single.returncode == 0, single.stderr[-3000:]
-  port = _free_port()
-  workers = [
-      subprocess.Popen(
-          common + [f"--workdir={tmp_path / 'two'}"],
-          stdout=subprocess.PIPE,
-          stderr=subprocess.PIPE,
-          text=True,
-          env={
-              **env,
-              "XLA_FLAGS": "--xla_force_host_platform_device_count=4",
-              "NEARPROX_COORDINATOR": f"127.0.0.1:{port}",
-              "NEARPROX_NUM_PROCESSES": "2",
-              "NEARPROX_PROCESS_ID": str(i),
-          },
-      )
-      for i in range(2)
-  ]
-  outputs = [w.communicate(timeout=600) for w in workers]
-  for worker, (_, stderr) in zip(workers, outputs):
-    assert worker.returncode == 0, stderr[-3000:]
+  finish_two_processes(start_two_processes(common + [f"--workdir={tmp_path / 'two'}"]))
   one = json.loads((tmp_path / "one" / "report.json").read_text())
   two = json.loads((tmp_path / "two" / "report.json").read_text())
   assert one["dev"] == two["dev"]
   _, params_one, _ = models.load_pretrained(one["hf_model"], num_labels=2)
   _, params_two, _ = models.load_pretrained(two["hf_model"], num_labels=2)
   np.testing.assert_allclose(flat_params(params_two), flat_params(params_one), rtol=1e-4, atol=1e-6)
+
+
+def test_sigterm_to_one_of_two_processes_stops_both_at_the_same_step(glue_dir, tmp_path):
+  """A preemption notice to process 1 alone: JAX's preemption service stops both processes
+  at the same step, both save that checkpoint (none waits at a collective), and a rerun of
+  both resumes there."""
+  workdir = tmp_path / "run"
+  command = [
+      sys.executable,
+      "-m",
+      "nearprox.training.train",
+      f"--config={TINY_CONFIG}",
+      f"--config.data_dir={glue_dir}",
+      "--config.task=sst2",
+      "--config.log_every=1",
+      "--config.eval_every=1000000",
+      "--config.checkpoint_every=1000000",
+      f"--workdir={workdir}",
+  ]
+  workers = start_two_processes(command + ["--config.num_train_steps=100000"])
+  deadline = time.time() + 300
+  while not any(row["step"] >= 5 for row in metrics_writer.read_jsonl(workdir / "metrics.jsonl")):
+    assert time.time() < deadline and all(w.poll() is None for w in workers), "no training"
+    time.sleep(0.2)
+  workers[1].send_signal(signal.SIGTERM)
+  reports = finish_two_processes(workers, timeout=180)
+  stopped = reports[0]["steps"]
+  assert [r["preempted"] for r in reports] == [True, True]
+  assert [r["steps"] for r in reports] == [stopped, stopped] and 5 < stopped < 100000
+  assert sorted(int(p.name) for p in (workdir / "checkpoints").iterdir()) == [stopped]
+  resumed = finish_two_processes(
+      start_two_processes(command + [f"--config.num_train_steps={stopped + 2}"])
+  )
+  for report in resumed:
+    assert (report["start_step"], report["steps"], report["preempted"]) == (
+        stopped,
+        stopped + 2,
+        False,
+    )
 
 
 def test_evaluation_masks_the_padded_last_batch(glue_dir):

@@ -16,9 +16,10 @@ same per-device function runs under ``jax.shard_map`` (default), ``jax.pmap`` or
 Around it (:func:`train_and_evaluate`): data from :mod:`nearprox.text.data` (the last partial
 batch padded and masked), orbax checkpoints (resume, keep k, save on SIGTERM and after the
 last step, fall back to the previous checkpoint if the latest is unreadable; SIGTERM during
-the final evaluation returns ``preempted`` and a rerun evaluates again), TensorBoard events
-and a JSON-lines log in ``workdir``, a progress bar, dev/test evaluation and the export of the
-fine-tuned model as a Hugging Face directory. Several hosts:
+the final evaluation returns ``preempted`` and a rerun evaluates again; several processes
+stop together, :func:`preemption_notice`), TensorBoard events and a JSON-lines log in
+``workdir``, a progress bar, dev/test evaluation and the export of the fine-tuned model as a
+Hugging Face directory. Several hosts:
 :func:`nearprox.training.parallel.initialize` joins them (``jax.distributed``); each host
 reads its block of every global batch.
 
@@ -43,6 +44,7 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 import optax
+from jax.experimental import multihost_utils
 
 import nearprox
 from nearprox.text import data, models, objectives
@@ -171,10 +173,42 @@ class Preempted(Exception):
 
 
 @contextlib.contextmanager
+def preemption_notice():
+  """Yields ``reached(step)``, to be called at every training step: True when the loop should
+  save a checkpoint at ``step`` and stop.
+
+  One process: True once SIGTERM has arrived (a handler records it). Several processes
+  (``jax.distributed``): JAX's preemption service owns SIGTERM; a notice to any process
+  reaches all of them, and ``reached`` turns True on all of them at the same step (one past
+  the largest any of them had reached), so their collectives and checkpoint saves match. A
+  handler of our own would stop each process at its own step and leave the others waiting
+  at a collective.
+  """
+  if jax.process_count() > 1:
+    yield multihost_utils.reached_preemption_sync_point
+    return
+  received = []
+  previous = signal.signal(signal.SIGTERM, lambda *_: received.append(True))
+  try:
+    yield lambda step: bool(received)
+  finally:
+    signal.signal(signal.SIGTERM, previous)
+
+
+@contextlib.contextmanager
 def stop_on_sigterm():
   """Turns SIGTERM into :class:`Preempted` raised where the work is (outside the training
   loop, which instead finishes its step and checkpoints it): for work after the final
-  checkpoint, which a rerun resumed from it redoes."""
+  checkpoint, which a rerun resumed from it redoes.
+
+  Several processes: does nothing. JAX's preemption service keeps SIGTERM
+  (:func:`preemption_notice`), and a process that stopped alone mid-evaluation would leave
+  the others waiting at a collective; they all finish the work unless killed, and a rerun
+  redoes it from the final checkpoint.
+  """
+  if jax.process_count() > 1:
+    yield
+    return
 
   def stop(*_):
     raise Preempted("SIGTERM")
@@ -252,42 +286,42 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path) -
       start_step,
   )
 
-  preempted = []
-  previous_handler = signal.signal(signal.SIGTERM, lambda *_: preempted.append(True))
+  preempted = False
   device_state = runner.put_state(state)
   progress = writer.progress(config.num_train_steps, start_step, config.progress)
   step_times = []
   try:
-    batches = train_batches(splits["train"], config, start_step)
-    for step in range(start_step, config.num_train_steps):
-      started = time.perf_counter()
-      device_state, metrics = runner.train(device_state, next(batches), rng)
-      metrics = jax.device_get(metrics)
-      step_times.append(time.perf_counter() - started)
-      done = step + 1
-      progress.update(1)
-      if done % config.log_every == 0 or done == config.num_train_steps:
-        metrics = {k: float(v) for k, v in metrics.items()}
-        metrics["step_time"] = float(np.median(step_times[-config.log_every :]))
-        writer.write_scalars(done, {f"train/{k}": v for k, v in metrics.items()})
-        progress.set_postfix(loss=f"{metrics['loss']:.4f}")
-      if done % config.eval_every == 0 and done < config.num_train_steps:
-        watched = "holdout" if "holdout" in splits else "dev"
-        scores, _ = evaluate(runner, device_state, splits[watched], task, config.eval_batch_size)
-        writer.write_scalars(done, {f"{watched}/{k}": v for k, v in scores.items()})
-      if preempted:
-        logging.warning("SIGTERM at step %d: saving a checkpoint and stopping", done)
-        checkpoints.save(done, runner.get_state(device_state), force=True)
-        break
-      if checkpoints.should_save(done):
-        checkpoints.save(done, runner.get_state(device_state))
-    state = runner.get_state(device_state)
-    if not preempted and checkpoints.latest_step() != int(state.step):
-      # The final state too: a stop during the final evaluation, the export or a caller's
-      # attack (:func:`stop_on_sigterm`) then costs those only, not the training.
-      checkpoints.save(int(state.step), state, force=True)
+    with preemption_notice() as reached_preemption:
+      batches = train_batches(splits["train"], config, start_step)
+      for step in range(start_step, config.num_train_steps):
+        started = time.perf_counter()
+        device_state, metrics = runner.train(device_state, next(batches), rng)
+        metrics = jax.device_get(metrics)
+        step_times.append(time.perf_counter() - started)
+        done = step + 1
+        progress.update(1)
+        if done % config.log_every == 0 or done == config.num_train_steps:
+          metrics = {k: float(v) for k, v in metrics.items()}
+          metrics["step_time"] = float(np.median(step_times[-config.log_every :]))
+          writer.write_scalars(done, {f"train/{k}": v for k, v in metrics.items()})
+          progress.set_postfix(loss=f"{metrics['loss']:.4f}")
+        if done % config.eval_every == 0 and done < config.num_train_steps:
+          watched = "holdout" if "holdout" in splits else "dev"
+          scores, _ = evaluate(runner, device_state, splits[watched], task, config.eval_batch_size)
+          writer.write_scalars(done, {f"{watched}/{k}": v for k, v in scores.items()})
+        if reached_preemption(done):
+          logging.warning("SIGTERM: saving a checkpoint at step %d and stopping", done)
+          checkpoints.save(done, runner.get_state(device_state), force=True)
+          preempted = True
+          break
+        if checkpoints.should_save(done):
+          checkpoints.save(done, runner.get_state(device_state))
+      state = runner.get_state(device_state)
+      if not preempted and checkpoints.latest_step() != int(state.step):
+        # The final state too: a stop during the final evaluation, the export or a caller's
+        # attack (:func:`stop_on_sigterm`) then costs those only, not the training.
+        checkpoints.save(int(state.step), state, force=True)
   finally:
-    signal.signal(signal.SIGTERM, previous_handler)
     progress.close()
     checkpoints.wait()
 
@@ -314,8 +348,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path) -
           )
     except Preempted:
       logging.warning("SIGTERM after step %d, before the final evaluation ended", state.step)
-      preempted.append(True)
-  report["preempted"] = bool(preempted)
+      preempted = True
+  report["preempted"] = preempted
   if not preempted:  # all splits' final scores or none: a rerun logs them once
     report["predicted_classes"] = {}
     for name, (split_scores, predicted_classes) in scores.items():
