@@ -150,10 +150,9 @@ def test_sigterm_during_the_final_evaluation_resumes_at_the_last_step(
 
 
 def test_checkpoints_by_time_as_well_as_by_step(tmp_path):
-  """With ``minutes``, a save is due at the first step that many minutes after the last one
-  (and at the first step of all), besides every ``every`` steps."""
-  import time
-
+  """With ``minutes``, a save is due at the first step that many minutes after the last save
+  or after the start (not at once: not at the first step, nor right after resuming from an
+  old checkpoint), besides every ``every`` steps."""
   import jax.numpy as jnp
 
   from nearprox.training.orbax_checkpoints import Checkpoints
@@ -162,12 +161,16 @@ def test_checkpoints_by_time_as_well_as_by_step(tmp_path):
   by_step = Checkpoints(tmp_path / "steps", every=4, keep=5)
   assert [s for s in range(1, 10) if by_step.should_save(s)] == [4, 8]
   by_time = Checkpoints(tmp_path / "time", every=10**9, keep=5, minutes=1 / 60)
-  assert by_time.should_save(1)
-  by_time.save(1, state)
-  by_time.wait()
-  assert not by_time.should_save(2)  # less than a second later
+  assert not by_time.should_save(1)  # less than a second after the start
   time.sleep(1.2)
-  assert by_time.should_save(3)
+  assert by_time.should_save(2)
+  by_time.save(2, state)
+  by_time.wait()
+  assert not by_time.should_save(3)  # less than a second after the save
+  time.sleep(1.2)
+  assert by_time.should_save(4)
+  resumed = Checkpoints(tmp_path / "time", every=10**9, keep=5, minutes=1 / 60)
+  assert resumed.latest_step() == 2 and not resumed.should_save(3)  # its save is old, its start not
   with pytest.raises(ValueError, match="checkpoint_minutes must be > 0"):
     Checkpoints(tmp_path / "bad", every=4, keep=5, minutes=0)
 

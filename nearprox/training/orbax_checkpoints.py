@@ -9,8 +9,11 @@ checkpoint would block the saves of the steps trained again.
 
 from __future__ import annotations
 
+import dataclasses
+import datetime
 import logging
 from pathlib import Path
+from typing import Any, NamedTuple
 
 import jax
 import numpy as np
@@ -19,9 +22,35 @@ import orbax.checkpoint as ocp
 logger = logging.getLogger(__name__)
 
 
+class _Clock(NamedTuple):  # orbax's PolicyCheckpointInfo, for a time without a checkpoint
+  step: int
+  metrics: Any
+  time: datetime.datetime
+
+
+def _now() -> datetime.datetime:
+  return datetime.datetime.now(datetime.UTC)
+
+
+@dataclasses.dataclass(kw_only=True)
+class MinutesSinceSaveOrStart(ocp.checkpoint_managers.ContinuousCheckpointingPolicy):
+  """orbax's time-based policy (decided on the primary host, told to the others), with the
+  clock also started when the policy is made: orbax alone saves at the first step when no
+  checkpoint exists, and at the first step after resuming from one older than the interval."""
+
+  started: datetime.datetime = dataclasses.field(default_factory=_now)
+
+  def should_save(self, step, previous_steps, *, context) -> bool:
+    previous = list(previous_steps)
+    if not previous or previous[-1].time < self.started:
+      previous.append(_Clock(step.step, None, self.started))
+    return super().should_save(step, previous, context=context)
+
+
 class Checkpoints:
   """Saves the state into ``directory`` every ``every`` steps, and also at the first step
-  ``minutes`` after the previous save when ``minutes`` is given; keeps the last ``keep``."""
+  ``minutes`` after the previous save (or after this object was made) when ``minutes`` is
+  given; keeps the last ``keep``."""
 
   def __init__(self, directory: str | Path, every: int, keep: int, minutes: float | None = None):
     if every < 1 or keep < 1:
@@ -31,8 +60,7 @@ class Checkpoints:
     policies = ocp.checkpoint_managers
     when = [policies.FixedIntervalPolicy(every)]
     if minutes is not None:
-      # Orbax decides on the primary host and tells the others, so hosts save together.
-      when.append(policies.ContinuousCheckpointingPolicy(minimum_interval_secs=round(minutes * 60)))
+      when.append(MinutesSinceSaveOrStart(minimum_interval_secs=round(minutes * 60)))
     options = ocp.CheckpointManagerOptions(
         max_to_keep=keep, create=True, save_decision_policy=policies.AnySavePolicy(when)
     )
