@@ -295,6 +295,9 @@ def train_first(plan, only: list[str], executor: runs.Executor) -> None:
   table is then computed from the stored runs in README order. An entry is a study's name,
   ``optimizers:<task>`` for the optimizer study on one of its tasks, or ``tuning`` for every
   tuning run of the plan (both stages: the choices every study waits for)."""
+  unknown = [e for e in plan.train_first if e.partition(":")[0] not in ("tuning", *studies.STUDIES)]
+  if unknown:
+    raise app.UsageError(f"plan.train_first: unknown {unknown}; known: tuning, {studies.STUDIES}")
   for entry in plan.train_first:
     name, _, task = entry.partition(":")
     if name == "tuning":

@@ -693,3 +693,6 @@ def test_train_first_runs_parts_of_studies_before_the_rest(tmp_path, monkeypatch
   plan.train_first = ("squad:sst2",)
   with pytest.raises(app.UsageError, match="names no task of the optimizer study"):
     reproduce.train_first(plan, ["squad"], executor)
+  plan.train_first = ("squad", "optimisers:sst2")  # a typo is an error, not a skipped entry
+  with pytest.raises(app.UsageError, match=r"unknown \['optimisers:sst2'\]"):
+    reproduce.train_first(plan, ["squad"], executor)
