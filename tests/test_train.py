@@ -36,14 +36,15 @@ def flat_params(params):
   return np.concatenate([np.ravel(np.asarray(x, np.float64)) for x in jax.tree.leaves(params)])
 
 
+def train_command(*flags: str) -> list[str]:
+  """The training CLI with the tiny config and ``flags``."""
+  return [sys.executable, "-m", "nearprox.training.train", f"--config={TINY_CONFIG}", *flags]
+
+
 def test_cli_trains_minilm_past_the_majority_class_and_exports(glue_dir, tmp_path):
   """`python -m nearprox.training.train` with proximal SGD on MiniLM: a real run, end to end."""
   workdir = tmp_path / "run"
-  command = [
-      sys.executable,
-      "-m",
-      "nearprox.training.train",
-      f"--config={TINY_CONFIG}",
+  command = train_command(
       f"--workdir={workdir}",
       "--config.model.name=minilm",
       "--config.task=sst2",
@@ -52,7 +53,7 @@ def test_cli_trains_minilm_past_the_majority_class_and_exports(glue_dir, tmp_pat
       "--config.optimizer.learning_rate=0.05",
       "--config.export_hf=True",
       "--config.parallel=jit",
-  ]
+  )
   # The platform as a user's shell leaves it (no JAX_PLATFORMS), so JAX probes its backends.
   env = {k: v for k, v in os.environ.items() if k != "JAX_PLATFORMS"} | {"XLA_FLAGS": ""}
   result = subprocess.run(command, capture_output=True, text=True, timeout=900, env=env)
@@ -285,18 +286,14 @@ def finish_two_processes(workers: list[subprocess.Popen], timeout: float = 600) 
 
 def test_two_processes_agree_with_one(glue_dir, tmp_path):
   """Two JAX processes (4 CPU devices each, gloo collectives) = one process with 8."""
-  common = [
-      sys.executable,
-      "-m",
-      "nearprox.training.train",
-      f"--config={TINY_CONFIG}",
+  common = train_command(
       f"--config.data_dir={glue_dir}",
       "--config.task=sst2",
       "--config.num_train_steps=3",
       "--config.checkpoint_every=100",
       "--config.optimizer.gram=global",
       "--config.export_hf=True",
-  ]
+  )
   env = {**os.environ, "JAX_PLATFORMS": "cpu"}
   single = subprocess.run(
       common + [f"--workdir={tmp_path / 'one'}"],
@@ -320,18 +317,14 @@ def test_sigterm_to_one_of_two_processes_stops_both_at_the_same_step(glue_dir, t
   at the same step, both save that checkpoint (none waits at a collective), and a rerun of
   both resumes there."""
   workdir = tmp_path / "run"
-  command = [
-      sys.executable,
-      "-m",
-      "nearprox.training.train",
-      f"--config={TINY_CONFIG}",
+  command = train_command(
       f"--config.data_dir={glue_dir}",
       "--config.task=sst2",
       "--config.log_every=1",
       "--config.eval_every=1000000",
       "--config.checkpoint_every=1000000",
       f"--workdir={workdir}",
-  ]
+  )
   workers = start_two_processes(command + ["--config.num_train_steps=100000"])
   deadline = time.time() + 300
   while not any(row["step"] >= 5 for row in metrics_writer.read_jsonl(workdir / "metrics.jsonl")):
