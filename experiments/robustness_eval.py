@@ -24,7 +24,7 @@ from pathlib import Path
 
 from absl import app, flags
 
-from nearprox.text import models, objectives, robustness
+from nearprox.text import models, perturbations, robustness
 
 
 def evaluate_and_write(
@@ -98,7 +98,7 @@ if __name__ == "__main__":  # flags only here: the module is also imported for i
   flags.DEFINE_list("epsilons", ["0", "0.25", "0.5", "1", "2"], "attack radii")
   flags.DEFINE_integer("num_steps", 10, "PGD steps K")
   flags.DEFINE_float("step_size", None, "PGD step (default 2.5·ε/K)")
-  flags.DEFINE_enum("norm", "l2", objectives.NORMS, "perturbation norm")
+  flags.DEFINE_enum("norm", "l2", perturbations.NORMS, "perturbation norm")
   flags.DEFINE_integer("max_length", 128, "tokens per example")
   flags.DEFINE_integer("batch_size", 32, "evaluation batch size")
   flags.DEFINE_integer("max_examples", 0, "seeded dev subset (0: the whole dev split)")

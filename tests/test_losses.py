@@ -19,7 +19,7 @@ import optax
 import pytest
 
 import nearprox
-from nearprox.text import losses, models, objectives, robustness
+from nearprox.text import losses, models, objectives, perturbations, robustness
 from nearprox.training import optimizers
 
 B, T, H = 4, 8, 32
@@ -221,7 +221,7 @@ def test_pgd_stays_in_the_ball_and_off_padding(stand_in, name):
   config = CONFIGS[name]
   delta = _jitted(model, name, "delta")(params, batch, keys)
   assert delta.shape == (B, T, H)
-  norms = np.asarray(objectives.per_example_norm(delta, config.norm))
+  norms = np.asarray(perturbations.per_example_norm(delta, config.norm))
   assert np.all(norms <= config.epsilon * (1 + 1e-5)), norms
   assert np.all(norms[:3] > 0.99 * config.epsilon), norms  # K·α > ε: it reaches the sphere.
   padding = np.asarray(batch["attention_mask"]) == 0
@@ -240,7 +240,7 @@ def test_fgm_is_epsilon_times_the_normalized_gradient(setup):
           )
       )
   )(jnp.zeros((B, T, H)))
-  grad = grad * objectives.token_mask(batch)
+  grad = grad * perturbations.token_mask(batch)
   norms = jnp.sqrt(jnp.sum(grad**2, axis=(1, 2)))
   np.testing.assert_allclose(
       delta[:3], 0.3 * grad[:3] / norms[:3, None, None], rtol=1e-4, atol=1e-7

@@ -30,7 +30,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from nearprox.text import losses, objectives
+from nearprox.text import losses, objectives, perturbations
 
 FIELDS = ("epsilon", "accuracy", "loss", "num_examples", "num_steps", "step_size", "norm")
 
@@ -62,13 +62,13 @@ def pgd_attack(
   Returns:
     (δ [B, T, hidden_size], misclassified [B] bool, cross-entropy at δ [B]).
   """
-  if norm not in objectives.NORMS:
-    raise ValueError(f"norm must be one of {objectives.NORMS}, got {norm!r}")
+  if norm not in perturbations.NORMS:
+    raise ValueError(f"norm must be one of {perturbations.NORMS}, got {norm!r}")
   labels = batch["labels"]
-  mask = objectives.token_mask(batch)
+  mask = perturbations.token_mask(batch)
   if start is None:
     start = jnp.zeros((*batch["input_ids"].shape, hidden_size), jnp.float32)
-  start = objectives.project_to_ball(start * mask, epsilon, norm)
+  start = perturbations.project_to_ball(start * mask, epsilon, norm)
 
   def evaluate(delta):
     logits = logits_fn(params, batch, delta, None)
@@ -87,8 +87,8 @@ def pgd_attack(
     loss, pullback, wrong = jax.vjp(evaluate, delta, has_aux=True)
     grad = pullback(jnp.ones_like(loss))[0] * mask
     best = keep_best(best, delta, loss, wrong)
-    moved = delta + step_size * objectives.steepest_ascent_direction(grad, norm)
-    return objectives.project_to_ball(moved, epsilon, norm) * mask, best
+    moved = delta + step_size * perturbations.steepest_ascent_direction(grad, norm)
+    return perturbations.project_to_ball(moved, epsilon, norm) * mask, best
 
   loss, wrong = evaluate(start)
   delta, best = jax.lax.fori_loop(0, num_steps, step, (start, (start, wrong, loss)))
@@ -150,8 +150,8 @@ def attack_accuracy(
     ``[{"epsilon", "accuracy", "loss", "num_examples", "num_steps", "step_size", "norm"}]``
     in the order of ``epsilons``; accuracy and loss over unmasked rows.
   """
-  if norm not in objectives.NORMS:
-    raise ValueError(f"norm must be one of {objectives.NORMS}, got {norm!r}")
+  if norm not in perturbations.NORMS:
+    raise ValueError(f"norm must be one of {perturbations.NORMS}, got {norm!r}")
   if isinstance(num_steps, bool) or not isinstance(num_steps, int) or num_steps < 1:
     raise ValueError(f"num_steps must be an int >= 1, got {num_steps!r}")
   if step_size is not None and not step_size >= 0:
