@@ -13,9 +13,11 @@ Modes are ``experiments/configs/{smoke,quick,full}.py`` (each derived from ``def
 overrides it) and ``get_plan()`` what each study runs (:mod:`experiments.studies`;
 ``--plan.<field>=value``). Runs already stored under ``<out>/<mode>/runs/`` are reused and a
 run stopped by SIGTERM resumes from its checkpoint, so an interrupted invocation resumes
-where it stopped. ``--stop_after=MIN`` starts no new run
-after MIN minutes and still writes the tables from whatever exists; studies with missing
-runs are marked incomplete / not run in the generated section. ``--mode=full`` is many hours
+where it stopped. ``--stop_after=MIN`` starts no run that would not end within MIN minutes
+(judged by the median wall time of the stored runs of its shape on this kind of machine:
+:meth:`experiments.runs.Executor.run`; a run of a shape never stored starts until then) and
+still writes the tables from whatever exists; studies with missing runs are marked
+incomplete / not run in the generated section. ``--mode=full`` is many hours
 on 2 CPU cores (experiments/configs/full.py); on a GPU/TPU it needs the JAX build for it
 (``pip install jax[cuda12]`` / ``jax[tpu]``) and nothing else, and step times and ``× SGD``
 ratios are then the accelerator's. ``--config.model.dtype=bfloat16`` is safe for the proximal
@@ -79,7 +81,12 @@ _DATA_DIR = flags.DEFINE_string("data_dir", None, "GLUE root (else $NEARPROX_GLU
 _SQUAD_DIR = flags.DEFINE_string(
     "squad_dir", None, "folder with SQuAD's dev-v1.1.json (else $NEARPROX_SQUAD_DIR)"
 )
-_STOP_AFTER = flags.DEFINE_float("stop_after", None, "start no new run after this many minutes")
+_STOP_AFTER = flags.DEFINE_float(
+    "stop_after",
+    None,
+    "end within this many minutes: start no run that the stored runs of its shape (median, "
+    "this kind of machine) say would end later; a run of a shape never stored starts until then",
+)
 _REPORT_ONLY = flags.DEFINE_bool("report_only", False, "never train: tables from stored runs")
 _CLAIM_RUNS = flags.DEFINE_bool(
     "claim_runs",

@@ -127,6 +127,33 @@ def run_key(config: ml_collections.ConfigDict, devices: int, attack: Attack | No
   return hashlib.sha1(json.dumps(payload, sort_keys=True, default=str).encode()).hexdigest()[:12]
 
 
+# Settings that change a run's numbers but not what a step computes: runs that differ only in
+# these have one shape, and their durations estimate each other's (:meth:`Executor.run`).
+_SAME_WORK = ("seed", "learning_rate", "damping", "label_noise")
+
+
+def run_shape(config: dict, devices: int, attacked: bool, machine: dict) -> str:
+  """What decides a run's duration: its config less :data:`_SAME_WORK`, the where-not-what
+  fields and (as in :func:`run_key`) the fields at their default, its devices, whether it is
+  attacked, and the machine's kind of device and cores."""
+  from experiments.configs import default
+
+  def strip(tree: dict) -> dict:
+    kept = {}
+    for name, value in tree.items():
+      if name in _SAME_WORK or name in ("data_dir", "progress", "checkpoint_minutes"):
+        continue
+      value = strip(value) if isinstance(value, dict) else value
+      if value != {}:
+        kept[name] = value
+    return kept
+
+  where = {k: machine.get(k) for k in ("device_kind", "cpus")}
+  settings = strip(_without_defaults(config, default.get_config().to_dict()))
+  payload = {"config": settings, "devices": devices, "attacked": attacked, "machine": where}
+  return json.dumps(payload, sort_keys=True, default=str)
+
+
 def _fields(attack: Attack | None) -> dict | None:
   return dataclasses.asdict(attack) if attack else None
 
@@ -386,7 +413,11 @@ class Executor:
     out: results directory of the mode; run files go to ``out/runs``.
     workdir: scratch directory for checkpoints/metrics while a run trains.
     allow_new: False (``--report_only``): only existing results are returned.
-    deadline: a ``time.time()`` after which no new run starts (results still load).
+    deadline: a ``time.time()`` by which every run this executor starts should end: a run
+      starts only if the stored runs of its shape (:func:`run_shape`) on this kind of machine
+      took, at the median, no longer than the time left; one of a shape never stored starts
+      until the deadline. A run stopped at a sitting's end loses what it trained unless its
+      workdir survives, so this keeps the last minutes for runs that can finish.
     log: a print-like function.
     claims: a directory shared by the processes training into ``out``: a run is trained by
       the process that creates its claim file (None: this process trains every run).
@@ -403,6 +434,7 @@ class Executor:
   claims: Path | None = None
   requested: list[str] = dataclasses.field(default_factory=list)
   missing: dict[str, str] = dataclasses.field(default_factory=dict)
+  durations: dict[str, tuple[str, float]] = dataclasses.field(default_factory=dict, repr=False)
 
   def run(
       self, label: str, overrides: dict[str, Any], devices: int = 1, attack: Attack | None = None
@@ -417,7 +449,7 @@ class Executor:
       return json.loads(path.read_text())
     if key in self.missing:  # failed or skipped earlier in this invocation
       return None
-    if not self.allow_new or (self.deadline is not None and time.time() > self.deadline):
+    if not self.allow_new or not self._ends_in_time(config, devices, attack):
       self.missing[key] = label
       return None
     if self.claims is not None:
@@ -455,6 +487,26 @@ class Executor:
         f"{time.time() - started:.0f}s"
     )
     return result
+
+  def expected_seconds(self, config, devices: int, attack: Attack | None) -> float | None:
+    """Median wall time of the stored runs of this run's shape on this kind of machine (None:
+    no such run)."""
+    for path in (self.out / "runs").glob("*.json"):
+      if path.name not in self.durations:
+        result = json.loads(path.read_text())
+        attacked = result["attack"] is not None  # its rows; the plan's attack is one
+        shape = run_shape(result["config"], result["devices"], attacked, result["machine"])
+        self.durations[path.name] = (shape, float(result["wall_seconds"]))
+    shape = run_shape(config.to_dict(), devices, attack is not None, machine())
+    same = sorted(seconds for s, seconds in self.durations.values() if s == shape)
+    return same[len(same) // 2] if same else None
+
+  def _ends_in_time(self, config, devices: int, attack: Attack | None) -> bool:
+    if self.deadline is None:
+      return True
+    left = self.deadline - time.time()
+    expected = self.expected_seconds(config, devices, attack) if left > 0 else None
+    return left > 0 and (expected is None or expected <= left)
 
   def _claim(self, key: str) -> bool:
     """Creates ``<claims>/<key>.claim`` (host and pid); False when another live process holds

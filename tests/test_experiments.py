@@ -354,6 +354,51 @@ def test_run_keys_survive_new_config_fields_but_not_new_values(monkeypatch):
   assert runs.run_key(elsewhere, 1, None) == key
 
 
+def test_a_run_starts_only_if_runs_of_its_shape_ended_in_the_time_left(tmp_path, monkeypatch):
+  """With a deadline, a run starts only if the stored runs of its shape (other seeds and rates,
+  this kind of machine) took, at the median, no longer than the time left; a run of a shape
+  never stored starts until the deadline, and none after it."""
+  import time
+
+  from experiments.configs import full
+
+  trained = []
+
+  def fake_execute(config, workdir, attack, label, key, devices):
+    trained.append(label)
+    result = {"config": config.to_dict(), "devices": devices, "attack": None, "wall_seconds": 1}
+    return result | {"key": key, "report": {"train_step_seconds": 0.5}, "machine": here}
+
+  monkeypatch.setattr(runs, "execute", fake_execute)
+  out = tmp_path / "out"
+  here = runs.machine()
+  elsewhere = {**here, "cpus": here["cpus"] + 7}
+  stored = [(0, 1e-4, 900, here), (1, 1e-4, 1000, here), (2, 3e-4, 5000, here)]
+  for seed, lr, wall, machine in stored + [(3, 1e-4, 10, elsewhere), (4, 1e-4, 10, here)]:
+    overrides = {"optimizer.name": "adamw", "optimizer.learning_rate": lr, "seed": seed}
+    if seed == 4:  # another shape: a longer run
+      overrides["num_train_steps"] = 10_000
+    config = runs.apply_overrides(full.get_config(), overrides)
+    result = {"config": config.to_dict(), "devices": 1, "attack": None, "wall_seconds": wall}
+    if seed == 1:  # stored before a field was added (at its default: the same shape)
+      del result["config"]["optimizer"]["sketch_dim"]
+    runs.write_json(
+        out / "runs" / f"{runs.run_key(config, 1, None)}.json", result | {"machine": machine}
+    )
+  executor = runs.Executor(full.get_config(), out, tmp_path / "work")
+  adamw = {"optimizer.name": "adamw", "optimizer.learning_rate": 2e-4, "seed": 9}
+  executor.deadline = time.time() + 600  # the median run of its shape took 1000 s
+  assert executor.run("adamw", adamw) is None and trained == []
+  assert "adamw" in executor.missing.values()
+  assert executor.run("sgd", {"optimizer.name": "sgd", "seed": 9}) is not None  # a new shape
+  executor.missing.clear()
+  executor.deadline = time.time() + 1200
+  assert executor.run("adamw", adamw) is not None and trained == ["sgd", "adamw"]
+  executor.deadline = time.time() - 1
+  assert executor.run("late", {"optimizer.name": "sgd", "seed": 10}) is None
+  assert trained == ["sgd", "adamw"]
+
+
 def test_workers_sharing_a_run_store_train_each_run_once(tmp_path, monkeypatch):
   """``--claim_runs``: a run claimed by a live process is left to it; a claim whose process
   died on this host is taken over; the claim goes once the run file exists."""
