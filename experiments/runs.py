@@ -415,8 +415,9 @@ class Executor:
     allow_new: False (``--report_only``): only existing results are returned.
     deadline: a ``time.time()`` by which every run this executor starts should end: a run
       starts only if the stored runs of its shape (:func:`run_shape`) on this kind of machine
-      took, at the median, no longer than the time left; one of a shape never stored starts
-      until the deadline. A run stopped at a sitting's end loses what it trained unless its
+      took, at the median, no longer than the time left (the part of it that its checkpoint
+      has not trained yet, when it resumes); one of a shape never stored starts until the
+      deadline. A run stopped at a sitting's end loses what it trained unless its
       workdir survives, so this keeps the last minutes for runs that can finish.
     log: a print-like function.
     claims: a directory shared by the processes training into ``out``: a run is trained by
@@ -449,7 +450,7 @@ class Executor:
       return json.loads(path.read_text())
     if key in self.missing:  # failed or skipped earlier in this invocation
       return None
-    if not self.allow_new or not self._ends_in_time(config, devices, attack):
+    if not self.allow_new or not self._ends_in_time(config, key, devices, attack):
       self.missing[key] = label
       return None
     if self.claims is not None:
@@ -501,11 +502,17 @@ class Executor:
     same = sorted(seconds for s, seconds in self.durations.values() if s == shape)
     return same[len(same) // 2] if same else None
 
-  def _ends_in_time(self, config, devices: int, attack: Attack | None) -> bool:
+  def _ends_in_time(self, config, key: str, devices: int, attack: Attack | None) -> bool:
+    """Whether the run would end before the deadline: the time left covers the expected
+    seconds for the steps its checkpoint (if any) has not trained yet."""
     if self.deadline is None:
       return True
     left = self.deadline - time.time()
     expected = self.expected_seconds(config, devices, attack) if left > 0 else None
+    if expected is not None:
+      saved = self.workdir / key / "checkpoints"
+      steps = [int(p.name) for p in saved.iterdir() if p.name.isdigit()] if saved.is_dir() else []
+      expected *= 1 - max(steps, default=0) / config.num_train_steps
     return left > 0 and (expected is None or expected <= left)
 
   def _claim(self, key: str) -> bool:

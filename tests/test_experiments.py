@@ -356,8 +356,9 @@ def test_run_keys_survive_new_config_fields_but_not_new_values(monkeypatch):
 
 def test_a_run_starts_only_if_runs_of_its_shape_ended_in_the_time_left(tmp_path, monkeypatch):
   """With a deadline, a run starts only if the stored runs of its shape (other seeds and rates,
-  this kind of machine) took, at the median, no longer than the time left; a run of a shape
-  never stored starts until the deadline, and none after it."""
+  this kind of machine) took, at the median, no longer than the time left (scaled to the steps
+  its checkpoint has not trained); a run of a shape never stored starts until the deadline,
+  and none after it."""
   import time
 
   from experiments.configs import full
@@ -392,11 +393,15 @@ def test_a_run_starts_only_if_runs_of_its_shape_ended_in_the_time_left(tmp_path,
   assert "adamw" in executor.missing.values()
   assert executor.run("sgd", {"optimizer.name": "sgd", "seed": 9}) is not None  # a new shape
   executor.missing.clear()
+  resumed = {**adamw, "seed": 10}  # 450 of its 600 steps are checkpointed: 250 s to go
+  key = runs.run_key(runs.apply_overrides(full.get_config(), resumed), 1, None)
+  (tmp_path / "work" / key / "checkpoints" / "450").mkdir(parents=True)
+  assert executor.run("resumed", resumed) is not None and trained == ["sgd", "resumed"]
   executor.deadline = time.time() + 1200
-  assert executor.run("adamw", adamw) is not None and trained == ["sgd", "adamw"]
+  assert executor.run("adamw", adamw) is not None and trained == ["sgd", "resumed", "adamw"]
   executor.deadline = time.time() - 1
-  assert executor.run("late", {"optimizer.name": "sgd", "seed": 10}) is None
-  assert trained == ["sgd", "adamw"]
+  assert executor.run("late", {"optimizer.name": "sgd", "seed": 11}) is None
+  assert trained == ["sgd", "resumed", "adamw"]
 
 
 def test_workers_sharing_a_run_store_train_each_run_once(tmp_path, monkeypatch):
