@@ -119,9 +119,11 @@ def run(job, workdir: Path, choices) -> tuple[dict[str, dict], dict[str, Path]]:
 
 
 def report_lines(reports: dict[str, dict], workdirs: dict[str, Path]) -> list[str]:
-  """The metrics of every evaluated split side by side, then where the outputs are."""
+  """The metrics of every evaluated split side by side (columns numbered, labels listed
+  first: they are longer than a column), then where the outputs are."""
   first = next(iter(reports.values()))
-  lines = ["=== report ===", f"{'':34s}" + "".join(f"{label:>16s}" for label in reports)]
+  lines = ["=== report ===", *(f"({i}) {label}" for i, label in enumerate(reports, 1)), ""]
+  lines.append(f"{'':34s}" + "".join(f"{f'({i})':>16s}" for i in range(1, len(reports) + 1)))
   evaluated = (n for n in first if isinstance(first[n], dict) and n != "predicted_classes")
   for split in evaluated:
     for metric in first[split]:

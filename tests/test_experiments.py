@@ -233,6 +233,20 @@ def test_default_job_trains_both_optimizers_and_reports(tmp_path):
   assert (tmp_path / "comparison.png").stat().st_size > 0
 
 
+def test_default_job_report_keeps_its_columns_aligned_with_long_labels(tmp_path):
+  """Labels longer than a column are listed above the table, which numbers its columns."""
+  labels = ["proximal SGD, iEF (natural, iEF weights) → AdamW (tuned)", "AdamW (tuned)", "SGD"]
+  reports = {
+      label: {"dev": {"accuracy": 0.5 + i / 10}, "train_step_seconds": 1.0, "hf_model": None}
+      for i, label in enumerate(labels)
+  }
+  lines = default_job.report_lines(reports, {label: tmp_path for label in labels})
+  assert lines[1:4] == [f"({i}) {label}" for i, label in enumerate(labels, 1)]
+  table = lines[5:8]
+  assert table[0].split() == ["(1)", "(2)", "(3)"] and len({len(row) for row in table}) == 1
+  assert table[1].split()[-3:] == ["0.5000", "0.6000", "0.7000"]
+
+
 def test_default_job_takes_every_optimizer_at_the_study_s_choice(monkeypatch):
   """Once the tuning has decided, all three runs (SGD+momentum included) use its trials."""
   from experiments import tuning
