@@ -89,6 +89,10 @@ def apply_overrides(config: ml_collections.ConfigDict, overrides: dict[str, Any]
 KEY_VERSION = 1
 
 
+# Config fields that say where or how visibly a run trains, not what it computes.
+_WHERE_NOT_WHAT = ("data_dir", "progress", "checkpoint_minutes")
+
+
 def _without_defaults(settings: dict, defaults: dict) -> dict:
   """``settings`` less every field equal to its default (recursively)."""
   kept = {}
@@ -116,7 +120,7 @@ def run_key(config: ml_collections.ConfigDict, devices: int, attack: Attack | No
   from experiments.configs import default
 
   settings = _without_defaults(config.to_dict(), default.get_config().to_dict())
-  for where_not_what in ("data_dir", "progress", "checkpoint_minutes"):  # not the numbers
+  for where_not_what in _WHERE_NOT_WHAT:
     settings.pop(where_not_what, None)
   payload = {
       "config": settings,
@@ -141,7 +145,7 @@ def run_shape(config: dict, devices: int, attacked: bool, machine: dict) -> str:
   def strip(tree: dict) -> dict:
     kept = {}
     for name, value in tree.items():
-      if name in _SAME_WORK or name in ("data_dir", "progress", "checkpoint_minutes"):
+      if name in _SAME_WORK or name in _WHERE_NOT_WHAT:
         continue
       value = strip(value) if isinstance(value, dict) else value
       if value != {}:
@@ -508,12 +512,14 @@ class Executor:
     if self.deadline is None:
       return True
     left = self.deadline - time.time()
-    expected = self.expected_seconds(config, devices, attack) if left > 0 else None
-    if expected is not None:
-      saved = self.workdir / key / "checkpoints"
-      steps = [int(p.name) for p in saved.iterdir() if p.name.isdigit()] if saved.is_dir() else []
-      expected *= 1 - max(steps, default=0) / config.num_train_steps
-    return left > 0 and (expected is None or expected <= left)
+    if left <= 0:
+      return False
+    expected = self.expected_seconds(config, devices, attack)
+    if expected is None:
+      return True
+    saved = self.workdir / key / "checkpoints"
+    steps = [int(p.name) for p in saved.iterdir() if p.name.isdigit()] if saved.is_dir() else []
+    return expected * (1 - max(steps, default=0) / config.num_train_steps) <= left
 
   def _claim(self, key: str) -> bool:
     """Creates ``<claims>/<key>.claim`` (host and pid); False when another live process holds

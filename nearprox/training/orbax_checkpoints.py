@@ -13,19 +13,12 @@ import dataclasses
 import datetime
 import logging
 from pathlib import Path
-from typing import Any, NamedTuple
 
 import jax
 import numpy as np
 import orbax.checkpoint as ocp
 
 logger = logging.getLogger(__name__)
-
-
-class _Clock(NamedTuple):  # orbax's PolicyCheckpointInfo, for a time without a checkpoint
-  step: int
-  metrics: Any
-  time: datetime.datetime
 
 
 def _now() -> datetime.datetime:
@@ -43,7 +36,8 @@ class MinutesSinceSaveOrStart(ocp.checkpoint_managers.ContinuousCheckpointingPol
   def should_save(self, step, previous_steps, *, context) -> bool:
     previous = list(previous_steps)
     if not previous or previous[-1].time < self.started:
-      previous.append(_Clock(step.step, None, self.started))
+      start = ocp.checkpoint_manager.CheckpointInfo(step=step.step, time=self.started, metrics=None)
+      previous.append(start)  # a save-time without a checkpoint: the clock's start
     return super().should_save(step, previous, context=context)
 
 
