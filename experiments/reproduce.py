@@ -285,7 +285,9 @@ def render_readme(mode, plan, config, results, out, link_root, wall_seconds, com
       "sittings), `--mode=quick` (a smoke run of every study at a tiny budget, ≤ 15 min on 2 "
       "idle CPU cores: a check of the pipeline, not evidence), `--mode=smoke` (a few minutes, "
       "random tiny model). Completed runs are reused, and a run stopped by SIGTERM resumes "
-      "from its checkpoint; `--report_only` rewrites this section "
+      "from its checkpoint; a run that one study asks for with a robustness evaluation and "
+      "another without (the adversarial study's clean runs are the optimizer study's SST-2 "
+      "runs) is trained once, with it; `--report_only` rewrites this section "
       "from stored runs. `--workers=N` trains N runs at a time (processes sharing the run "
       "store): on a GPU with room for several runs, or on a CPU with `--pin_workers` (each "
       "worker on its own share of the cores; the tables' machine column gives the cores a "
@@ -295,6 +297,19 @@ def render_readme(mode, plan, config, results, out, link_root, wall_seconds, com
       "",
   ]
   return "\n".join(lines)
+
+
+def plan_attacks(plan, executor: runs.Executor) -> None:
+  """Fills ``executor.planned_attacks`` from the requests of every study of the plan, by a
+  pass over them that trains nothing, so that a run one study asks for without a robustness
+  evaluation and a later one with it is trained once, with it."""
+  planning = runs.Executor(
+      executor.base_config, executor.out, executor.workdir, allow_new=False, log=lambda _: None
+  )
+  context = tuning_lib.Context(plan, planning)
+  for name in plan.studies:
+    studies.FUNCTIONS[name](context)
+  executor.planned_attacks.update(planning.planned_attacks)
 
 
 def train_first(plan, only: list[str], executor: runs.Executor) -> None:
@@ -369,6 +384,7 @@ def main(argv) -> None:
       claims=Path(_WORKDIR.value) / mode / "claims" if _CLAIM_RUNS.value else None,
   )
   if executor.allow_new:
+    plan_attacks(plan, executor)
     train_first(plan, only, executor)
   ctx = tuning_lib.Context(plan, executor)
   results = {}

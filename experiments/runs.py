@@ -22,6 +22,11 @@ process killed without SIGTERM, or crashed, leaves no segment: a gap between one
 segment that trained the most steps, whose step time the report carries) and ``commit`` (of
 the process that finished the run).
 
+A robustness evaluation only reads a run's final parameters, so a stored run with one also
+answers a request for the same run without it; and a run that some study will ask for with
+an evaluation (``Executor.planned_attacks``: the adversarial study's clean runs are the
+optimizer study's SST-2 runs of the same optimizers) is trained once, with it.
+
 A run finished while another machine's process already stored the same key (claims are per
 machine) goes to ``<out>/duplicates/<key>.<device kind>.<pid>.json``: the stored result is
 kept, and the README compares the two (the same config trained on two machines).
@@ -428,6 +433,11 @@ class Executor:
       the process that creates its claim file (None: this process trains every run).
     requested: run keys, in order of first request.
     missing: key -> label of the requested runs that do not exist.
+    planned_attacks: the key of a run without robustness evaluation -> the evaluation a
+      request for the same run with one asked for (filled by every request with an attack;
+      :func:`experiments.reproduce.main` fills it for all studies first, by a pass that
+      trains nothing): such a run, when it must be trained, is trained with the evaluation,
+      so the later request finds it stored.
   """
 
   base_config: ml_collections.ConfigDict
@@ -439,14 +449,33 @@ class Executor:
   claims: Path | None = None
   requested: list[str] = dataclasses.field(default_factory=list)
   missing: dict[str, str] = dataclasses.field(default_factory=dict)
+  planned_attacks: dict[str, Attack] = dataclasses.field(default_factory=dict)
+  # Run file name -> (shape, wall seconds), and run key without the attack -> the run file of
+  # an attacked run, read once per file (:meth:`_read_stored`).
   durations: dict[str, tuple[str, float]] = dataclasses.field(default_factory=dict, repr=False)
+  attacked_twins: dict[str, Path] = dataclasses.field(default_factory=dict, repr=False)
 
   def run(
       self, label: str, overrides: dict[str, Any], devices: int = 1, attack: Attack | None = None
   ) -> dict | None:
-    """The result of the run, training it first when needed and allowed; else None."""
+    """The result of the run, training it first when needed and allowed; else None.
+
+    Without ``attack``, a stored run of the same config with a robustness evaluation is the
+    result; a run to train that ``planned_attacks`` names is trained with its evaluation."""
     config = apply_overrides(self.base_config, overrides)
-    key = run_key(config, devices, attack)
+    key, asked = run_key(config, devices, attack), attack
+    if attack is not None:
+      self.planned_attacks[run_key(config, devices, None)] = attack
+    elif not (self.out / "runs" / f"{key}.json").exists():
+      self._read_stored()
+      twin = self.attacked_twins.get(key)
+      if twin is not None and twin.exists():
+        if twin.stem not in self.requested:
+          self.requested.append(twin.stem)
+        return json.loads(twin.read_text())
+      if key in self.planned_attacks:
+        attack = self.planned_attacks[key]
+        key = run_key(config, devices, attack)
     path = self.out / "runs" / f"{key}.json"
     if key not in self.requested:
       self.requested.append(key)
@@ -464,7 +493,10 @@ class Executor:
       if path.exists():  # finished by another process since the check above
         self._release(key)
         return json.loads(path.read_text())
-    self.log(f"[run] {label} ({key}) ...")
+    attached = (
+        " + the robustness evaluation a later request asks for" if attack and not asked else ""
+    )
+    self.log(f"[run] {label}{attached} ({key}) ...")
     started = time.time()
     try:
       if devices == 1:
@@ -496,15 +528,23 @@ class Executor:
   def expected_seconds(self, config, devices: int, attack: Attack | None) -> float | None:
     """Median wall time of the stored runs of this run's shape on this kind of machine (None:
     no such run)."""
+    self._read_stored()
+    shape = run_shape(config.to_dict(), devices, attack is not None, machine())
+    same = sorted(seconds for s, seconds in self.durations.values() if s == shape)
+    return same[len(same) // 2] if same else None
+
+  def _read_stored(self) -> None:
+    """Reads the run files stored since the last call into ``durations`` and
+    ``attacked_twins``."""
     for path in (self.out / "runs").glob("*.json"):
       if path.name not in self.durations:
         result = json.loads(path.read_text())
         attacked = result["attack"] is not None  # its rows; the plan's attack is one
         shape = run_shape(result["config"], result["devices"], attacked, result["machine"])
         self.durations[path.name] = (shape, float(result["wall_seconds"]))
-    shape = run_shape(config.to_dict(), devices, attack is not None, machine())
-    same = sorted(seconds for s, seconds in self.durations.values() if s == shape)
-    return same[len(same) // 2] if same else None
+        if attacked:
+          config = ml_collections.ConfigDict(result["config"])
+          self.attacked_twins[run_key(config, result["devices"], None)] = path
 
   def _ends_in_time(self, config, key: str, devices: int, attack: Attack | None) -> bool:
     """Whether the run would end before the deadline: the time left covers the expected

@@ -39,6 +39,14 @@ def run_module(module: str, *flags: str) -> str:
   return completed.stdout
 
 
+def fake_run(config, key, devices=1, attack=None, **fields):
+  """A run file with the fields the executor reads (``runs.execute`` writes more)."""
+  rows = [{"epsilon": e, "accuracy": 0.5} for e in attack.epsilons] if attack else None
+  result = {"key": key, "config": config.to_dict(), "devices": devices, "attack": rows}
+  result |= {"wall_seconds": 1, "report": {"train_step_seconds": 0.5}, "machine": runs.machine()}
+  return result | fields
+
+
 def reproduce(tmp_path, *extra, only="optimizers,damping,adversarial"):
   return run_module(
       "experiments.reproduce",
@@ -368,6 +376,69 @@ def test_run_keys_survive_new_config_fields_but_not_new_values(monkeypatch):
   assert runs.run_key(elsewhere, 1, None) == key
 
 
+def test_every_stored_run_is_named_by_the_key_of_its_stored_config():
+  """A request without robustness evaluation finds an attacked twin by the key of the twin's
+  stored config (:meth:`runs.Executor.run`): that key must be the one its request had."""
+  stored = sorted((REPO / "experiments" / "results").glob("*/runs/*.json"))
+  assert stored
+  for path in stored:
+    result = json.loads(path.read_text())
+    config = ml_collections.ConfigDict(result["config"])
+    if result["attack"] is None:
+      assert runs.run_key(config, result["devices"], None) == path.stem, path
+
+
+def test_a_run_asked_for_with_and_without_an_attack_is_trained_once(tmp_path, monkeypatch):
+  """The adversarial study's clean runs are the optimizer study's runs plus an evaluation of
+  the final parameters: the pass that trains nothing records the attack, the first request
+  (without it) trains the run with it, the second finds it; a later invocation that only asks
+  without the attack reads the attacked run; a run stored without the attack stays the
+  answer to requests without it."""
+  from experiments import reproduce
+  from experiments.configs import full
+
+  trained = []
+
+  def fake_execute(config, workdir, attack, label, key, devices):
+    trained.append((label, attack))
+    return fake_run(config, key, devices, attack)
+
+  monkeypatch.setattr(runs, "execute", fake_execute)
+  attack = runs.Attack((0.0, 0.1), 2, 8)
+  asked = {}
+
+  def optimizers(ctx):
+    asked["plain"] = [ctx.ex.run(f"opt{s}", {"seed": s}) for s in (0, 1)]
+
+  def adversarial(ctx):
+    asked["attacked"] = [ctx.ex.run(f"adv{s}", {"seed": s}, attack=attack) for s in (0, 1)]
+
+  monkeypatch.setattr(studies, "FUNCTIONS", {"optimizers": optimizers, "adversarial": adversarial})
+  plan = full.get_plan()
+  plan.studies = ("optimizers", "adversarial")
+  out = tmp_path / "out"
+  key = lambda seed, a: runs.run_key(runs.apply_overrides(full.get_config(), {"seed": seed}), 1, a)
+  runs.write_json(  # seed 1 was stored without the attack before
+      out / "runs" / f"{key(1, None)}.json",
+      fake_run(full.get_config(), key(1, None)) | {"config": {}},
+  )
+  executor = runs.Executor(full.get_config(), out, tmp_path / "work", log=lambda _: None)
+  reproduce.plan_attacks(plan, executor)
+  assert trained == [] and executor.planned_attacks == {key(s, None): attack for s in (0, 1)}
+  optimizers(tuning.Context(plan, executor))
+  adversarial(tuning.Context(plan, executor))
+  assert trained == [("opt0", attack), ("adv1", attack)]
+  assert asked["plain"][0] == asked["attacked"][0]  # one run answers both
+  assert asked["plain"][0]["key"] == key(0, attack) and asked["plain"][1]["config"] == {}
+  assert asked["attacked"][1]["key"] == key(1, attack)
+  stored = sorted(p.stem for p in (out / "runs").glob("*.json"))
+  assert stored == sorted([key(0, attack), key(1, None), key(1, attack)])
+  later = runs.Executor(full.get_config(), out, tmp_path / "work", allow_new=False)
+  assert later.run("opt0", {"seed": 0})["key"] == key(0, attack)
+  assert later.run("opt1", {"seed": 1})["config"] == {}
+  assert later.requested == [key(0, attack), key(1, None)] and later.missing == {}
+
+
 def test_a_run_starts_only_if_runs_of_its_shape_ended_in_the_time_left(tmp_path, monkeypatch):
   """With a deadline, a run starts only if the stored runs of its shape (other seeds and rates,
   this kind of machine) took, at the median, no longer than the time left (scaled to the steps
@@ -429,12 +500,13 @@ def test_workers_sharing_a_run_store_train_each_run_once(tmp_path, monkeypatch):
 
   def fake_execute(config, workdir, attack, label, key, devices):
     trained.append(label)
-    return {"key": key, "report": {"train_step_seconds": 0.5}}
+    return fake_run(config, key, devices)
 
   monkeypatch.setattr(runs, "execute", fake_execute)
   claims = tmp_path / "claims"
   executor = runs.Executor(full.get_config(), tmp_path / "out", tmp_path, claims=claims)
-  key = lambda seed: runs.run_key(runs.apply_overrides(full.get_config(), {"seed": seed}), 1, None)
+  config = lambda seed: runs.apply_overrides(full.get_config(), {"seed": seed})
+  key = lambda seed: runs.run_key(config(seed), 1, None)
   claims.mkdir()
   host = socket.gethostname()
   (claims / f"{key(0)}.claim").write_text(f"{host} {os.getppid()}")  # a live process
@@ -451,16 +523,16 @@ def test_workers_sharing_a_run_store_train_each_run_once(tmp_path, monkeypatch):
   assert trained == ["seed2", "seed3"]
   assert sorted(p.name for p in claims.iterdir()) == sorted([f"{key(0)}.claim", f"{key(1)}.claim"])
   # Once the other process has stored its run, every worker reads it instead of training.
-  runs.write_json(tmp_path / "out" / "runs" / f"{key(0)}.json", {"key": key(0)})
+  runs.write_json(tmp_path / "out" / "runs" / f"{key(0)}.json", fake_run(config(0), key(0)))
   fresh = runs.Executor(full.get_config(), tmp_path / "out", tmp_path, claims=claims)
-  assert fresh.run("seed0", {"seed": 0}) == {"key": key(0)}
+  assert fresh.run("seed0", {"seed": 0})["key"] == key(0)
   assert trained == ["seed2", "seed3"]
   # A run another machine stored while this one trained it: the first stays, ours is kept aside.
-  first = {"key": key(4), "report": {"train_step_seconds": 0.1}}
+  first = fake_run(config(4), key(4), report={"train_step_seconds": 0.1})
 
   def stored_meanwhile(config, workdir, attack, label, key, devices):
     runs.write_json(tmp_path / "out" / "runs" / f"{key}.json", first)
-    return {"key": key, "report": {"train_step_seconds": 0.5}, "machine": {"device_kind": "cpu"}}
+    return fake_run(config, key, devices, machine={**runs.machine(), "device_kind": "cpu"})
 
   monkeypatch.setattr(runs, "execute", stored_meanwhile)
   assert fresh.run("seed4", {"seed": 4}) == first
