@@ -9,7 +9,7 @@ process. Each probe (a fresh process) compiles the SGD step and the factored pro
 experiments/bench_step.py on one fixed batch of the study's shape (B=32, T=64), then times
 ``--steps`` steps of each. First one
 probe runs alone on every CPU this process may use; then N probes start together, probe i
-pinned to the i-th share of the CPUs (``taskset``, :func:`experiments.runs.cpu_shares`). The
+pinned to the i-th share of the CPUs (``taskset``, :func:`experiments.workers.cpu_shares`). The
 throughput ratio is N × (alone's time per step) / (the pinned probes' mean time per step):
 above 1, pinned workers finish more steps per second in total. Both phases run in the same
 invocation, so run it on an otherwise idle machine.
@@ -25,7 +25,7 @@ import time
 
 from absl import app, flags
 
-from experiments import bench_step, runs
+from experiments import bench_step, workers
 
 _WORKERS = flags.DEFINE_integer("workers", 2, "pinned probes run together (N)")
 _STEPS = flags.DEFINE_integer("steps", 6, "timed steps per step kind, after compilation")
@@ -75,8 +75,8 @@ def main(argv) -> None:
   if _PROBE.value:
     print(json.dumps(probe()), flush=True)
     return
-  shares = runs.cpu_shares(_WORKERS.value)  # fails early with too many workers
-  prefixes = runs.pinned_prefixes(_WORKERS.value)
+  shares = workers.cpu_shares(_WORKERS.value)  # fails early with too many workers
+  prefixes = workers.pinned_prefixes(_WORKERS.value)
   cpus = sorted(os.sched_getaffinity(0))
   print(f"alone: one probe on CPUs {cpus} ...", flush=True)
   alone = result(launch([]))

@@ -58,7 +58,7 @@ from absl import app, flags
 from absl import logging as absl_logging
 from ml_collections import config_flags
 
-from experiments import report, runs, studies, verdict
+from experiments import report, runs, studies, verdict, workers
 from experiments import tuning as tuning_lib
 from nearprox.text import data
 
@@ -367,7 +367,7 @@ def main(argv) -> None:
   if _WORKERS.value > 1 and not _REPORT_ONLY.value:
     command = [sys.executable, "-m", "experiments.reproduce", *worker_flags(sys.argv[1:])]
     command += ["--claim_runs", f"--readme={Path(_WORKDIR.value) / mode / 'worker_README.md'}"]
-    runs.run_workers(
+    workers.run_workers(
         command, _WORKERS.value, out / "runs", deadline, log=print, pin=_PIN_WORKERS.value
     )
   only = _ONLY.value or list(plan.studies)

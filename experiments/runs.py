@@ -33,8 +33,8 @@ kept, and the README compares the two (the same config trained on two machines).
 
 Several processes can share one run store (``Executor(claims=...)``, ``reproduce
 --claim_runs``): each takes a run by creating ``<claims>/<key>.claim`` first, so on a machine
-with room for several runs at once (a GPU) N workers train N different runs; a claim whose
-process died on this host is taken over.
+with room for several runs at once (a GPU) N workers (experiments/workers.py) train N
+different runs; a claim whose process died on this host is taken over.
 
 Multi-device runs execute in a subprocess (``XLA_FLAGS=--xla_force_host_platform_device_count``
 must be set before JAX is imported): ``python -m experiments.reproduce --run_spec=spec.json``.
@@ -323,72 +323,6 @@ def _alive(pid: int) -> bool:
   except PermissionError:  # exists, owned by another user
     return True
   return True
-
-
-def cpu_shares(workers: int) -> list[list[int]]:
-  """The CPUs this process may use, split into ``workers`` disjoint, nearly equal shares
-  (in order); more workers than CPUs is an error, since shares would overlap."""
-  cpus = sorted(os.sched_getaffinity(0))
-  if workers > len(cpus):
-    raise ValueError(f"cannot pin {workers} workers to {len(cpus)} CPUs (one CPU each at least)")
-  return [cpus[i * len(cpus) // workers : (i + 1) * len(cpus) // workers] for i in range(workers)]
-
-
-def pinned_prefixes(workers: int) -> list[list[str]]:
-  """``taskset`` command prefixes putting process i on the i-th of :func:`cpu_shares`."""
-  taskset = shutil.which("taskset")
-  if taskset is None:
-    raise RuntimeError("pinning processes needs `taskset` (util-linux), not found on PATH")
-  return [[taskset, "--cpu-list", ",".join(map(str, share))] for share in cpu_shares(workers)]
-
-
-def run_workers(
-    command: list[str],
-    workers: int,
-    runs_dir: Path,
-    deadline: float | None,
-    log: Callable[[str], None] = print,
-    poll_seconds: float = 5.0,
-    pin: bool = False,
-) -> None:
-  """Runs ``command`` (a ``reproduce --claim_runs`` invocation) in ``workers`` processes at
-  once until none has anything left to do.
-
-  ``pin``: worker i runs on the i-th share of this process's CPUs (:func:`cpu_shares`, through
-  ``taskset``), so XLA sizes its thread pool to that share instead of every worker using
-  every core. On a CPU several single-core workers do more steps per second in total than
-  one process using all cores; each run records the cores it had (its ``machine``).
-
-  A process that ends is started again unless no run landed in ``runs_dir`` during its pass
-  (it found nothing to train: the rest was claimed by others or waits for a choice); a run
-  landing later wakes such idle workers, since it may decide a stage (a tuning choice) that
-  opens new runs. No process starts after ``deadline`` (``time.time()``; None: none), and each
-  gets ``--stop_after`` for the time left.
-  """
-  count = lambda: sum(1 for _ in runs_dir.glob("*.json"))
-  prefix = pinned_prefixes(workers) if pin else [[] for _ in range(workers)]
-  running: dict[int, tuple[subprocess.Popen, int]] = {}
-  idle: set[int] = set()
-  while True:
-    for i in range(workers):
-      left = None if deadline is None else deadline - time.time()
-      if i in running or i in idle or (left is not None and left <= 0):
-        continue
-      stop = [] if left is None else [f"--stop_after={left / 60:.3f}"]
-      running[i] = (subprocess.Popen([*prefix[i], *command, *stop], cwd=REPO), count())
-    if not running:
-      return
-    time.sleep(poll_seconds)
-    for i, (process, stored_before) in list(running.items()):
-      if process.poll() is None:
-        continue
-      del running[i]
-      if process.returncode:
-        log(f"[worker {i}] exited with status {process.returncode}")
-      if count() == stored_before:
-        idle.add(i)
-      else:
-        idle.clear()
 
 
 def write_json(path: Path, value) -> None:

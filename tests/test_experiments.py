@@ -18,7 +18,7 @@ from pathlib import Path
 import ml_collections
 import pytest
 
-from experiments import default_job, runs, studies, tuning, verdict
+from experiments import default_job, runs, studies, tuning, verdict, workers
 from tests.squad_people import write_squad
 from tests.tiny_sst2 import tiny_config, write_sst2
 
@@ -721,7 +721,7 @@ def test_workers_are_restarted_while_runs_land_and_stop_when_idle(tmp_path):
   runs_dir = tmp_path / "runs"
   runs_dir.mkdir()
   command = [sys.executable, "-c", FAKE_WORKER, str(runs_dir)]
-  runs.run_workers(command, 3, runs_dir, time.time() + 120, poll_seconds=0.05)
+  workers.run_workers(command, 3, runs_dir, time.time() + 120, poll_seconds=0.05)
   assert sorted(p.name for p in runs_dir.glob("*.json")) == [f"{i}.json" for i in range(6)]
   invocations = (tmp_path / "invocations.log").read_text().splitlines()
   assert 6 <= len(invocations) <= 15  # the second stage needed restarts; idle ones stopped
@@ -729,7 +729,7 @@ def test_workers_are_restarted_while_runs_land_and_stop_when_idle(tmp_path):
 
   # After the deadline nothing starts.
   (tmp_path / "invocations.log").unlink()
-  runs.run_workers(command, 3, tmp_path / "other", time.time() - 1)
+  workers.run_workers(command, 3, tmp_path / "other", time.time() - 1)
   assert not (tmp_path / "invocations.log").exists()
 
 
@@ -742,18 +742,18 @@ out.write_text(",".join(map(str, sorted(os.sched_getaffinity(0)))))
 
 def test_cpu_shares_split_the_allowed_cpus_without_overlap(monkeypatch):
   monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {4, 5, 6, 7, 8})
-  assert runs.cpu_shares(1) == [[4, 5, 6, 7, 8]]
-  assert runs.cpu_shares(2) == [[4, 5], [6, 7, 8]]
-  assert runs.cpu_shares(5) == [[4], [5], [6], [7], [8]]
+  assert workers.cpu_shares(1) == [[4, 5, 6, 7, 8]]
+  assert workers.cpu_shares(2) == [[4, 5], [6, 7, 8]]
+  assert workers.cpu_shares(5) == [[4], [5], [6], [7], [8]]
   with pytest.raises(ValueError, match="6 workers to 5 CPUs"):
-    runs.cpu_shares(6)
+    workers.cpu_shares(6)
 
 
 @pytest.mark.skipif(len(os.sched_getaffinity(0)) < 2, reason="needs two CPUs to pin two workers")
 def test_pinned_workers_each_run_on_their_own_cpus(tmp_path):
   import time
 
-  runs.run_workers(
+  workers.run_workers(
       [sys.executable, "-c", PINNED_WORKER, str(tmp_path)],
       2,
       tmp_path / "runs",
@@ -762,7 +762,7 @@ def test_pinned_workers_each_run_on_their_own_cpus(tmp_path):
       pin=True,
   )
   seen = sorted(p.read_text() for p in tmp_path.glob("*.cpus"))
-  assert seen == sorted(",".join(map(str, share)) for share in runs.cpu_shares(2))
+  assert seen == sorted(",".join(map(str, share)) for share in workers.cpu_shares(2))
 
 
 def test_cpu_step_times_compare_only_at_equal_core_counts():
