@@ -397,7 +397,7 @@ class Executor:
     Without ``attack``, a stored run of the same config with a robustness evaluation is the
     result; a run to train that ``planned_attacks`` names is trained with its evaluation."""
     config = apply_overrides(self.base_config, overrides)
-    key, asked = run_key(config, devices, attack), attack
+    key, attached = run_key(config, devices, attack), ""
     if attack is not None:
       self.planned_attacks[run_key(config, devices, None)] = attack
     elif not (self.out / "runs" / f"{key}.json").exists():
@@ -410,6 +410,7 @@ class Executor:
       if key in self.planned_attacks:
         attack = self.planned_attacks[key]
         key = run_key(config, devices, attack)
+        attached = " + the robustness evaluation a later request asks for"
     path = self.out / "runs" / f"{key}.json"
     if key not in self.requested:
       self.requested.append(key)
@@ -427,9 +428,6 @@ class Executor:
       if path.exists():  # finished by another process since the check above
         self._release(key)
         return json.loads(path.read_text())
-    attached = (
-        " + the robustness evaluation a later request asks for" if attack and not asked else ""
-    )
     self.log(f"[run] {label}{attached} ({key}) ...")
     started = time.time()
     try:
