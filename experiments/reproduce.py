@@ -15,9 +15,10 @@ overrides it) and ``get_plan()`` what each study runs (:mod:`experiments.studies
 run stopped by SIGTERM resumes from its checkpoint, so an interrupted invocation resumes
 where it stopped. ``--stop_after=MIN`` starts no run that would not end within MIN minutes
 (judged by the median wall time of the stored runs of its shape on this kind of machine:
-:meth:`experiments.runs.Executor.run`; a run of a shape never stored starts until then) and
-still writes the tables from whatever exists; studies with missing runs are marked
-incomplete / not run in the generated section. ``--mode=full`` is many hours
+:meth:`experiments.runs.Executor.run`; a run of a shape never stored starts until then),
+stops the runs still training at MIN minutes (SIGTERM: each saves a checkpoint, and the next
+invocation resumes it), and still writes the tables from whatever exists; studies with
+missing runs are marked incomplete / not run in the generated section. ``--mode=full`` is many hours
 on 2 CPU cores (experiments/configs/full.py); on a GPU/TPU it needs the JAX build for it
 (``pip install jax[cuda12]`` / ``jax[tpu]``) and nothing else, and step times and ``× SGD``
 ratios are then the accelerator's. ``--config.model.dtype=bfloat16`` is safe for the proximal
@@ -85,7 +86,8 @@ _STOP_AFTER = flags.DEFINE_float(
     "stop_after",
     None,
     "end within this many minutes: start no run that the stored runs of its shape (median, "
-    "this kind of machine) say would end later; a run of a shape never stored starts until then",
+    "this kind of machine) say would end later (a run of a shape never stored starts until "
+    "then); runs still training then are stopped by SIGTERM and resume from their checkpoint",
 )
 _REPORT_ONLY = flags.DEFINE_bool("report_only", False, "never train: tables from stored runs")
 _CLAIM_RUNS = flags.DEFINE_bool(
@@ -285,7 +287,9 @@ def render_readme(mode, plan, config, results, out, link_root, wall_seconds, com
       "sittings), `--mode=quick` (a smoke run of every study at a tiny budget, ≤ 15 min on 2 "
       "idle CPU cores: a check of the pipeline, not evidence), `--mode=smoke` (a few minutes, "
       "random tiny model). Completed runs are reused, and a run stopped by SIGTERM resumes "
-      "from its checkpoint; a run that one study asks for with a robustness evaluation and "
+      "from its checkpoint; `--stop_after=MIN` ends a sitting within MIN minutes (it starts "
+      "only runs that the stored ones of their shape say end in time, and stops the rest "
+      "by SIGTERM at MIN); a run that one study asks for with a robustness evaluation and "
       "another without (the adversarial study's clean runs are the optimizer study's SST-2 "
       "runs) is trained once, with it; `--report_only` rewrites this section "
       "from stored runs. `--workers=N` trains N runs at a time (processes sharing the run "
@@ -364,21 +368,26 @@ def main(argv) -> None:
       os.environ[env] = folder
   out = Path(_OUT.value) / mode
   deadline = started + 60 * _STOP_AFTER.value if _STOP_AFTER.value else None
-  if _WORKERS.value > 1 and not _REPORT_ONLY.value:
+  only = _ONLY.value or list(plan.studies)
+  unknown = set(only) - set(studies.STUDIES)
+  if unknown:
+    raise app.UsageError(f"--only: unknown studies {sorted(unknown)}; known: {studies.STUDIES}")
+  # Worker processes train when several train at once, and under a deadline: at the deadline
+  # this process stops the runs still training (SIGTERM: they checkpoint), then reports.
+  in_workers = not _REPORT_ONLY.value and (
+      _WORKERS.value > 1 or (deadline is not None and not _CLAIM_RUNS.value)
+  )
+  if in_workers:
     command = [sys.executable, "-m", "experiments.reproduce", *worker_flags(sys.argv[1:])]
     command += ["--claim_runs", f"--readme={Path(_WORKDIR.value) / mode / 'worker_README.md'}"]
     workers.run_workers(
         command, _WORKERS.value, out / "runs", deadline, log=print, pin=_PIN_WORKERS.value
     )
-  only = _ONLY.value or list(plan.studies)
-  unknown = set(only) - set(studies.STUDIES)
-  if unknown:
-    raise app.UsageError(f"--only: unknown studies {sorted(unknown)}; known: {studies.STUDIES}")
   executor = runs.Executor(
       config,
       out,
       Path(_WORKDIR.value) / mode,
-      allow_new=not _REPORT_ONLY.value and _WORKERS.value <= 1,  # workers: they trained
+      allow_new=not _REPORT_ONLY.value and not in_workers,  # workers: they trained
       deadline=deadline,
       log=lambda m: print(m, flush=True),
       claims=Path(_WORKDIR.value) / mode / "claims" if _CLAIM_RUNS.value else None,

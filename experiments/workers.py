@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import signal
 import subprocess
 import time
 from collections.abc import Callable
@@ -55,13 +56,24 @@ def run_workers(
   (it found nothing to train: the rest was claimed by others or waits for a choice); a run
   landing later wakes such idle workers, since it may decide a stage (a tuning choice) that
   opens new runs. No process starts after ``deadline`` (``time.time()``; None: none), and each
-  gets ``--stop_after`` for the time left.
+  gets ``--stop_after`` for the time left. At the deadline the processes still running get
+  SIGTERM: a run in training saves a checkpoint at its current step and stops (a later
+  invocation resumes it there), so the deadline bounds the sitting, not only the starts.
   """
   count = lambda: sum(1 for _ in runs_dir.glob("*.json"))
   prefix = pinned_prefixes(workers) if pin else [[] for _ in range(workers)]
   running: dict[int, tuple[subprocess.Popen, int]] = {}
   idle: set[int] = set()
+  stopped = False
   while True:
+    if deadline is not None and time.time() >= deadline and running and not stopped:
+      log(
+          f"[workers] the deadline passed: SIGTERM to {len(running)} running worker(s); their "
+          "runs save a checkpoint and resume from it in the next invocation"
+      )
+      for process, _ in running.values():
+        process.send_signal(signal.SIGTERM)
+      stopped = True
     for i in range(workers):
       left = None if deadline is None else deadline - time.time()
       if i in running or i in idle or (left is not None and left <= 0):
@@ -75,7 +87,7 @@ def run_workers(
       if process.poll() is None:
         continue
       del running[i]
-      if process.returncode:
+      if process.returncode and not stopped:
         log(f"[worker {i}] exited with status {process.returncode}")
       if count() == stored_before:
         idle.add(i)

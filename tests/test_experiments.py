@@ -166,8 +166,10 @@ def test_sketch_and_squad_studies_compare_from_run_files(tmp_path):
   """Studies 7 and 8: the tuned proximal variant with the sketched and the exact Gram on
   SST-2, and SQuAD (a tiny corpus) with the plan's QA optimizers at their SST-2 settings."""
   squad_dir = write_squad(tmp_path / "squad")
-  log = reproduce(tmp_path, f"--squad_dir={squad_dir}", only="sketch,squad")
+  # With a deadline the runs train in a worker process, which the invocation would stop then.
+  log = reproduce(tmp_path, f"--squad_dir={squad_dir}", "--stop_after=60", only="sketch,squad")
   assert "[failed]" not in log
+  assert (tmp_path / "work" / "smoke" / "worker_README.md").exists()
   out = tmp_path / "results" / "smoke"
   stored = [json.loads(p.read_text()) for p in sorted((out / "runs").glob("*.json"))]
   # Two tuning runs (sgd, tikhonov), the exact and the sketched SST-2 run, the sketched
@@ -731,6 +733,29 @@ def test_workers_are_restarted_while_runs_land_and_stop_when_idle(tmp_path):
   (tmp_path / "invocations.log").unlink()
   workers.run_workers(command, 3, tmp_path / "other", time.time() - 1)
   assert not (tmp_path / "invocations.log").exists()
+
+
+TRAINING_WORKER = """
+import os, pathlib, signal, sys, time
+def stop(*_):  # what a run in training does: save a checkpoint, exit with EX_TEMPFAIL
+  (pathlib.Path(sys.argv[1]) / f"{os.getpid()}.checkpoint").write_text("saved")
+  sys.exit(75)
+signal.signal(signal.SIGTERM, stop)
+(pathlib.Path(sys.argv[1]) / f"{os.getpid()}.training").write_text("")
+time.sleep(120)
+"""
+
+
+def test_workers_still_training_at_the_deadline_are_stopped_by_sigterm(tmp_path):
+  import time
+
+  logs, started = [], time.time()
+  command = [sys.executable, "-c", TRAINING_WORKER, str(tmp_path)]
+  workers.run_workers(command, 2, tmp_path / "runs", started + 5, logs.append, poll_seconds=0.05)
+  assert time.time() - started < 60  # not the workers' 120 s
+  assert len(list(tmp_path.glob("*.training"))) == 2
+  assert len(list(tmp_path.glob("*.checkpoint"))) == 2
+  assert len(logs) == 1 and "SIGTERM to 2 running worker(s)" in logs[0]
 
 
 PINNED_WORKER = """
