@@ -12,8 +12,8 @@ Modes are ``experiments/configs/{smoke,quick,full}.py`` (each derived from ``def
 ``get_config()`` is the training config every run starts from (``--config.<field>=value``
 overrides it) and ``get_plan()`` what each study runs (:mod:`experiments.studies`;
 ``--plan.<field>=value``). Runs already stored under ``<out>/<mode>/runs/`` are reused and a
-run stopped by SIGTERM resumes from its checkpoint, so an interrupted invocation resumes
-where it stopped. ``--stop_after=MIN`` starts no run that would not end within MIN minutes
+run stopped by SIGTERM resumes from its checkpoint (before any new run starts), so an
+interrupted invocation resumes where it stopped. ``--stop_after=MIN`` starts no run that would not end within MIN minutes
 (judged by the median wall time of the stored runs of its shape on this kind of machine:
 :meth:`experiments.runs.Executor.run`; a run of a shape never stored starts until then),
 stops the runs still training at MIN minutes (SIGTERM: each saves a checkpoint, and the next
@@ -303,17 +303,42 @@ def render_readme(mode, plan, config, results, out, link_root, wall_seconds, com
   return "\n".join(lines)
 
 
-def plan_attacks(plan, executor: runs.Executor) -> None:
-  """Fills ``executor.planned_attacks`` from the requests of every study of the plan, by a
-  pass over them that trains nothing, so that a run one study asks for without a robustness
-  evaluation and a later one with it is trained once, with it."""
+def plan_runs(plan, executor: runs.Executor) -> dict[str, tuple[set[str], tuple]]:
+  """A pass over every study of the plan that trains nothing. Fills
+  ``executor.planned_attacks``, so that a run one study asks for without a robustness
+  evaluation and a later one with it is trained once, with it; returns, for each run not
+  stored, the studies that ask for it and its request (``Executor.unstored``)."""
   planning = runs.Executor(
       executor.base_config, executor.out, executor.workdir, allow_new=False, log=lambda _: None
   )
   context = tuning_lib.Context(plan, planning)
+  asked_by: dict[str, set[str]] = {}
   for name in plan.studies:
+    planning.requested.clear()
     studies.FUNCTIONS[name](context)
+    for key in planning.requested:
+      asked_by.setdefault(key, set()).add(name)
   executor.planned_attacks.update(planning.planned_attacks)
+  return {key: (asked_by[key], request) for key, request in planning.unstored.items()}
+
+
+def resume_stopped(
+    unstored: dict[str, tuple[set[str], tuple]], only: list[str], executor: runs.Executor
+) -> None:
+  """Trains first the runs of ``unstored`` (:func:`plan_runs`) that a study of ``only`` asks
+  for and that a SIGTERM stopped with a checkpoint, the furthest along first: their steps
+  count only once they end, and a checkpoint (a sitting's scratch space) may not outlive the
+  next sitting."""
+  progress = {}
+  for key, (asked_by, request) in unstored.items():
+    step = executor.saved_step(key)
+    if step and asked_by & set(only):
+      config = runs.apply_overrides(executor.base_config, request[1])
+      progress[key] = step / config.num_train_steps
+  for key in sorted(progress, key=progress.get, reverse=True):
+    label = unstored[key][1][0]
+    print(f"== resuming first: {label} (step {executor.saved_step(key)})", flush=True)
+    executor.run(*unstored[key][1])
 
 
 def train_first(plan, only: list[str], executor: runs.Executor) -> None:
@@ -393,7 +418,7 @@ def main(argv) -> None:
       claims=Path(_WORKDIR.value) / mode / "claims" if _CLAIM_RUNS.value else None,
   )
   if executor.allow_new:
-    plan_attacks(plan, executor)
+    resume_stopped(plan_runs(plan, executor), only, executor)
     train_first(plan, only, executor)
   ctx = tuning_lib.Context(plan, executor)
   results = {}

@@ -372,6 +372,9 @@ class Executor:
       :func:`experiments.reproduce.main` fills it for all studies first, by a pass that
       trains nothing): such a run, when it must be trained, is trained with the evaluation,
       so the later request finds it stored.
+    unstored: key -> the request (label, overrides, devices, attack) of each requested run
+      not stored when it was asked for, in request order: a pass that trains nothing lists
+      the runs a stopped one can be resumed among (:func:`experiments.reproduce.resume_stopped`).
   """
 
   base_config: ml_collections.ConfigDict
@@ -384,6 +387,7 @@ class Executor:
   requested: list[str] = dataclasses.field(default_factory=list)
   missing: dict[str, str] = dataclasses.field(default_factory=dict)
   planned_attacks: dict[str, Attack] = dataclasses.field(default_factory=dict)
+  unstored: dict[str, tuple] = dataclasses.field(default_factory=dict)
   # Run file name -> (shape, wall seconds), and run key without the attack -> the run file of
   # an attacked run, read once per file (:meth:`_read_stored`).
   durations: dict[str, tuple[str, float]] = dataclasses.field(default_factory=dict, repr=False)
@@ -396,6 +400,7 @@ class Executor:
 
     Without ``attack``, a stored run of the same config with a robustness evaluation is the
     result; a run to train that ``planned_attacks`` names is trained with its evaluation."""
+    request = (label, overrides, devices, attack)
     config = apply_overrides(self.base_config, overrides)
     key, attached = run_key(config, devices, attack), ""
     if attack is not None:
@@ -416,6 +421,7 @@ class Executor:
       self.requested.append(key)
     if path.exists():
       return json.loads(path.read_text())
+    self.unstored.setdefault(key, request)
     if key in self.missing:  # failed or skipped earlier in this invocation
       return None
     if not self.allow_new or not self._ends_in_time(config, key, devices, attack):
@@ -489,9 +495,14 @@ class Executor:
     expected = self.expected_seconds(config, devices, attack)
     if expected is None:
       return True
+    return expected * (1 - self.saved_step(key) / config.num_train_steps) <= left
+
+  def saved_step(self, key: str) -> int:
+    """The step of the latest checkpoint of run ``key`` in ``workdir`` (0: none): a run
+    stopped by SIGTERM resumes there."""
     saved = self.workdir / key / "checkpoints"
     steps = [int(p.name) for p in saved.iterdir() if p.name.isdigit()] if saved.is_dir() else []
-    return expected * (1 - max(steps, default=0) / config.num_train_steps) <= left
+    return max(steps, default=0)
 
   def _claim(self, key: str) -> bool:
     """Creates ``<claims>/<key>.claim`` (host and pid); False when another live process holds

@@ -425,8 +425,14 @@ def test_a_run_asked_for_with_and_without_an_attack_is_trained_once(tmp_path, mo
       fake_run(full.get_config(), key(1, None)) | {"config": {}},
   )
   executor = runs.Executor(full.get_config(), out, tmp_path / "work", log=lambda _: None)
-  reproduce.plan_attacks(plan, executor)
+  unstored = reproduce.plan_runs(plan, executor)
   assert trained == [] and executor.planned_attacks == {key(s, None): attack for s in (0, 1)}
+  assert {k: asked_by for k, (asked_by, _) in unstored.items()} == {
+      key(0, None): {"optimizers"},
+      key(0, attack): {"adversarial"},
+      key(1, attack): {"adversarial"},
+  }
+  assert unstored[key(1, attack)][1] == ("adv1", {"seed": 1}, 1, attack)
   optimizers(tuning.Context(plan, executor))
   adversarial(tuning.Context(plan, executor))
   assert trained == [("opt0", attack), ("adv1", attack)]
@@ -439,6 +445,44 @@ def test_a_run_asked_for_with_and_without_an_attack_is_trained_once(tmp_path, mo
   assert later.run("opt0", {"seed": 0})["key"] == key(0, attack)
   assert later.run("opt1", {"seed": 1})["config"] == {}
   assert later.requested == [key(0, attack), key(1, None)] and later.missing == {}
+
+
+def test_runs_stopped_with_a_checkpoint_resume_first_furthest_along_first(tmp_path, monkeypatch):
+  """Before anything new trains, the runs a SIGTERM stopped resume (those a study of --only
+  asks for), the one with the most of its steps trained first."""
+  from experiments import reproduce
+  from experiments.configs import full
+
+  trained = []
+
+  def fake_execute(config, workdir, attack, label, key, devices):
+    trained.append(label)
+    return fake_run(config, key, devices, attack)
+
+  monkeypatch.setattr(runs, "execute", fake_execute)
+
+  def optimizers(ctx):
+    for seed in range(4):
+      ctx.ex.run(f"opt{seed}", {"seed": seed, "num_train_steps": 100 * (seed + 1)})
+
+  def squad(ctx):
+    ctx.ex.run("qa", {"task": "squad"})
+
+  monkeypatch.setattr(studies, "FUNCTIONS", {"optimizers": optimizers, "squad": squad})
+  plan = full.get_plan()
+  plan.studies = ("optimizers", "squad")
+  work = tmp_path / "work"
+  executor = runs.Executor(full.get_config(), tmp_path / "out", work)
+  unstored = reproduce.plan_runs(plan, executor)
+  assert [request[0] for _, request in unstored.values()] == ["opt0", "opt1", "opt2", "opt3", "qa"]
+  key = {request[0]: k for k, (_, request) in unstored.items()}
+  for label, step in (("opt1", 100), ("opt2", 240), ("opt3", 10), ("qa", 5)):
+    (work / key[label] / "checkpoints" / str(step)).mkdir(parents=True)
+  (work / key["opt0"] / "checkpoints" / "tmp").mkdir(parents=True)  # not a step: no checkpoint
+  reproduce.resume_stopped(unstored, ["optimizers"], executor)
+  # 240 of 300 steps, 100 of 200, 10 of 400; qa's study is not in --only.
+  assert trained == ["opt2", "opt1", "opt3"]
+  assert executor.saved_step(key["qa"]) == 5 and executor.saved_step(key["opt0"]) == 0
 
 
 def test_a_run_starts_only_if_runs_of_its_shape_ended_in_the_time_left(tmp_path, monkeypatch):
