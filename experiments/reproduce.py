@@ -40,7 +40,9 @@ Outputs: ``<out>/<mode>/runs/<key>.json`` (one per training run), ``<out>/<mode>
 (tables and comparison records) and ``<study>_<table>.csv``, ``summary.json`` (one record per
 task and optimizer: :data:`experiments.studies.SUMMARY_FIELDS`), PNG plots, and the README
 section (``--readme``, default ``experiments/README_results.md``), generated from those files
-only.
+only. The log shows each run as it starts (``[run]``) and ends (``[done]``), and every 10
+minutes in between its step and training time left (``[progress]``:
+:mod:`experiments.progress`).
 """
 
 from __future__ import annotations
@@ -65,6 +67,7 @@ from nearprox.text import data
 
 HERE = Path(__file__).resolve().parent
 MODES = ("smoke", "quick", "full")
+PROGRESS_SECONDS = 600  # a run in training logs its step and time left this often
 
 _MODE = flags.DEFINE_enum("mode", "quick", MODES, "experiments/configs/<mode>.py to run")
 _ONLY = flags.DEFINE_list(
@@ -415,6 +418,7 @@ def main(argv) -> None:
       allow_new=not _REPORT_ONLY.value and not in_workers,  # workers: they trained
       deadline=deadline,
       log=lambda m: print(m, flush=True),
+      progress_seconds=PROGRESS_SECONDS,
       claims=Path(_WORKDIR.value) / mode / "claims" if _CLAIM_RUNS.value else None,
   )
   if executor.allow_new:

@@ -61,6 +61,8 @@ from typing import Any
 
 import ml_collections
 
+from experiments import progress
+
 REPO = Path(__file__).resolve().parents[1]
 
 
@@ -363,6 +365,8 @@ class Executor:
       deadline. A run stopped at a sitting's end loses what it trained unless its
       workdir survives, so this keeps the last minutes for runs that can finish.
     log: a print-like function.
+    progress_seconds: a run in training logs its step and time left this often
+      (:mod:`experiments.progress`; None: never).
     claims: a directory shared by the processes training into ``out``: a run is trained by
       the process that creates its claim file (None: this process trains every run).
     requested: run keys, in order of first request.
@@ -383,6 +387,7 @@ class Executor:
   allow_new: bool = True
   deadline: float | None = None
   log: Callable[[str], None] = print
+  progress_seconds: float | None = None
   claims: Path | None = None
   requested: list[str] = dataclasses.field(default_factory=list)
   missing: dict[str, str] = dataclasses.field(default_factory=dict)
@@ -436,17 +441,21 @@ class Executor:
         return json.loads(path.read_text())
     self.log(f"[run] {label}{attached} ({key}) ...")
     started = time.time()
+    metrics_path = self.workdir / key / "metrics.jsonl"
     try:
-      if devices == 1:
-        result = execute(config, self.workdir / key, attack, label, key, devices)
-        if path.exists():  # stored meanwhile by a process of another machine: the first stays
-          kind = result["machine"]["device_kind"].replace(" ", "_")
-          write_json(self.out / "duplicates" / f"{key}.{kind}.{os.getpid()}.json", result)
-          self.log(f"[duplicate] {label} ({key}): kept the stored run, this one in duplicates/")
+      with progress.logged_progress(
+          label, metrics_path, config.num_train_steps, self.log, self.progress_seconds
+      ):
+        if devices == 1:
+          result = execute(config, self.workdir / key, attack, label, key, devices)
+          if path.exists():  # stored meanwhile by a process of another machine: first stays
+            kind = result["machine"]["device_kind"].replace(" ", "_")
+            write_json(self.out / "duplicates" / f"{key}.{kind}.{os.getpid()}.json", result)
+            self.log(f"[duplicate] {label} ({key}): kept the stored run, this in duplicates/")
+          else:
+            write_json(path, result)
         else:
-          write_json(path, result)
-      else:
-        self._execute_subprocess(config, key, label, devices, attack, path)
+          self._execute_subprocess(config, key, label, devices, attack, path)
     except Exception:  # one broken run must not lose the others' tables
       self.log(f"[failed] {label} ({key}):\n{traceback.format_exc()}")
       self.missing[key] = label + " (failed)"

@@ -485,6 +485,41 @@ def test_runs_stopped_with_a_checkpoint_resume_first_furthest_along_first(tmp_pa
   assert executor.saved_step(key["qa"]) == 5 and executor.saved_step(key["opt0"]) == 0
 
 
+def test_a_run_in_training_logs_its_progress(tmp_path, monkeypatch):
+  """While a run trains, the log gets its latest step, step time and training time left at
+  most once per logged step; the trainer's rows are read as they land, a half-written line
+  is skipped, and nothing is logged after the run ends."""
+  import time
+
+  from experiments.configs import full
+
+  def fake_execute(config, workdir, attack, label, key, devices):
+    workdir.mkdir(parents=True)
+    with open(workdir / "metrics.jsonl", "a") as metrics:
+      for step in (20, 40):
+        time.sleep(0.5)
+        metrics.write(json.dumps({"step": step, "train/step_time": 3.0}) + "\n")
+        metrics.write(json.dumps({"step": step, "dev/accuracy": 0.5}) + "\n")
+        metrics.flush()
+      metrics.write('{"step": 60, "train/st')  # being written
+      metrics.flush()
+      time.sleep(0.5)
+    return fake_run(config, key, devices, attack)
+
+  monkeypatch.setattr(runs, "execute", fake_execute)
+  logs = []
+  executor = runs.Executor(
+      full.get_config(), tmp_path / "out", tmp_path / "work", log=logs.append, progress_seconds=0.1
+  )
+  executor.run("opt0", {"seed": 0})
+  progress = [line for line in logs if line.startswith("[progress]")]
+  assert progress == [
+      "[progress] opt0: step 20/600, 3.00 s/step, about 29 min of training left",
+      "[progress] opt0: step 40/600, 3.00 s/step, about 28 min of training left",
+  ]
+  assert logs[-1].startswith("[done] opt0")
+
+
 def test_a_run_starts_only_if_runs_of_its_shape_ended_in_the_time_left(tmp_path, monkeypatch):
   """With a deadline, a run starts only if the stored runs of its shape (other seeds and rates,
   this kind of machine) took, at the median, no longer than the time left (scaled to the steps
