@@ -124,11 +124,12 @@ def define_config_flags(argv: list[str]) -> None:
 
 
 def worker_flags(argv: list[str]) -> list[str]:
-  """This invocation's flags for one of its ``--workers``: all but those the parent sets."""
+  """This invocation's flags for one of its worker processes (``--workers``, or the one a
+  ``--stop_after`` deadline can stop): all but those the parent sets."""
   valued = ("--workers", "--stop_after", "--readme")
   for arg in argv:
     if arg in valued:
-      raise app.UsageError(f"with --workers, write {arg}=value (one argument)")
+      raise app.UsageError(f"with --workers or --stop_after, write {arg}=value (one argument)")
   return [a for a in argv if a.split("=")[0] not in (*valued, "--claim_runs")]
 
 
