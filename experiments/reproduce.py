@@ -13,15 +13,15 @@ Modes are ``experiments/configs/{smoke,quick,full}.py`` (each derived from ``def
 overrides it) and ``get_plan()`` what each study runs (:mod:`experiments.studies`;
 ``--plan.<field>=value``). Runs already stored under ``<out>/<mode>/runs/`` are reused and a
 run stopped by SIGTERM resumes from its checkpoint (before any new run starts), so an
-interrupted invocation resumes where it stopped. ``--stop_after=MIN`` starts no run that would not end within MIN minutes
-(judged by the median wall time of the stored runs of its shape on this kind of machine:
-:meth:`experiments.runs.Executor.run`; a run of a shape never stored starts until then),
-stops the runs still training at MIN minutes (SIGTERM: each saves a checkpoint, and the next
-invocation resumes it), and still writes the tables from whatever exists; studies with
-missing runs are marked incomplete / not run in the generated section. ``--mode=full`` is many hours
-on 2 CPU cores (experiments/configs/full.py); on a GPU/TPU it needs the JAX build for it
-(``pip install jax[cuda12]`` / ``jax[tpu]``) and nothing else, and step times and ``× SGD``
-ratios are then the accelerator's. ``--config.model.dtype=bfloat16`` is safe for the proximal
+interrupted invocation resumes where it stopped. ``--stop_after=MIN`` starts no run that
+would not end within MIN minutes (judged by the median wall time of the stored runs of its
+shape on this kind of machine: :meth:`experiments.runs.Executor.run`; a run of a shape never
+stored starts until then), stops the runs still training at MIN minutes (SIGTERM: each saves
+a checkpoint, and the next invocation resumes it), and still writes the tables from whatever
+exists; studies with missing runs are marked incomplete / not run in the generated section.
+``--mode=full`` is many hours on 2 CPU cores (experiments/configs/full.py); on a GPU/TPU it
+needs the JAX build for it (``pip install jax[cuda12]`` / ``jax[tpu]``) and nothing else, and
+step times and ``× SGD`` ratios are then the accelerator's. ``--config.model.dtype=bfloat16`` is safe for the proximal
 variants (the Gram solve is in float32). Results of other settings land in the same run store
 under new keys (a run's key hashes its config), but ``<out>/<mode>``'s tables are rewritten,
 so use another ``--out``. On a machine with room for several runs at once (a GPU),
