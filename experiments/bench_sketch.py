@@ -1,9 +1,11 @@
-"""The estimated Gram's measurements for experiments/bench_step.py (its sketch section).
+"""The estimated Gram's section of experiments/bench_step.py.
 
 :func:`sketch_accuracy` compares the filtered gradient of ``scale_by_proximal(sketch_dim=k)``
 with the exact one on one batch, and the sketched K̂ with K against the variance bound of
 docs/method.md §2.9; :func:`family_rows` times other sketch families at equal k on the same
-batch's dense kernels. Functions of a model, its params and a batch (ids, mask, labels).
+batch's dense kernels; :func:`sketch_section` times the sketched steps against SGD's and
+writes the table (:func:`sketch_target_lines`: issue 14's targets). Functions of a model, its
+params and a batch (ids, mask, labels).
 """
 
 from __future__ import annotations
@@ -14,21 +16,11 @@ import time
 import jax
 import jax.numpy as jnp
 import numpy as np
-import optax
 
 import nearprox
+from experiments.bench_harness import GB, bench, fmt_ratio, fmt_time, per_example_loss
 from nearprox import factored_grads, layer_factors, sketch, spectral_filter
 from nearprox.text import losses
-
-
-def per_example_loss(model):
-  """(params, ids, mask, labels) -> [B] softmax cross-entropy, dropout off."""
-
-  def loss(params, ids, mask, labels):
-    logits = model.apply({"params": params}, ids, attention_mask=mask, deterministic=True).logits
-    return optax.softmax_cross_entropy_with_integer_labels(logits, labels)
-
-  return loss
 
 
 def batch_factored_grads(model, params, data):
@@ -191,3 +183,73 @@ def family_rows(model, params, data, sketch_dims, repeats, seeds=5) -> list[str]
           f"{best[name] / base:.2f}× | {np.sqrt(np.mean(errors[name])):.3f} |"
       )
   return rows
+
+
+SKETCH_HEADER = [
+    "| k | leaves sketched | their share of trace(K) | features / example | time | × SGD "
+    "| FLOPs × SGD | peak memory | × SGD | cos tikhonov | cos natural | cos tikhonov, iEF "
+    "| cos natural, iEF | ‖K̂−K‖/‖K‖ | bound | sketched leaves' ‖K̂−K‖/‖K‖ |",
+    "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+]
+
+
+def sketch_rows(results, accuracy, sketch_dims) -> list[str]:
+  sgd, exact = results["sgd"], results["factored"]
+  rows = [
+      f"| exact | 0 | 0 | – | {fmt_time(exact)} | {fmt_ratio(exact, sgd)} | "
+      f"{exact[2] / sgd[2]:.2f}× | {exact[1] / GB:.2f} GB | {exact[1] / sgd[1]:.2f}× "
+      "| 1 | 1 | 1 | 1 | 0 | 0 | 0 |"
+  ]
+  for k in sketch_dims:
+    r, a = results[f"sketch{k}"], accuracy[k]
+    cos = " | ".join(f"{a['cos'][s]:.4f}" for s in a["cos"])
+    rows.append(
+        f"| {k} | {a['sketched']} | {a['sketched_share']:.1%} | {a['features']:,} | "
+        f"{fmt_time(r)} | {fmt_ratio(r, sgd)} | {r[2] / sgd[2]:.2f}× | {r[1] / GB:.2f} GB | "
+        f"{r[1] / sgd[1]:.2f}× | {cos} | {a['error']:.4f} | {a['bound']:.4f} | "
+        f"{a['sketched_error']:.3f} |"
+    )
+  return rows
+
+
+def sketch_target_lines(results, accuracy, sketch_dims) -> list[str]:
+  """Issue #14's targets (MiniLM, B=32, T=64, real text), checked at every k."""
+  sgd = results["sgd"]
+  verdict = lambda ok: "met" if ok else "**missed**"
+  lines = [
+      "Targets, per k: step ≤ 1.15× SGD's time, peak memory ≤ 1.2× SGD's, and cos(d̂, d) ≥ 0.99 "
+      "for both filters with uniform and iEF weights (the worst of the four):",
+      "",
+  ]
+  for k in sketch_dims:
+    time_ratio = results[f"sketch{k}"][0] / sgd[0]
+    memory = results[f"sketch{k}"][1] / sgd[1]
+    worst = min(accuracy[k]["cos"].values())
+    lines.append(
+        f"- k = {k}: time {time_ratio:.2f}× → {verdict(time_ratio <= 1.15)}; memory "
+        f"{memory:.2f}× → {verdict(memory <= 1.2)}; cos {worst:.4f} → {verdict(worst >= 0.99)}"
+        f" (‖K̂−K‖/‖K‖ = {accuracy[k]['error']:.4f})"
+    )
+  return lines
+
+
+def sketch_section(title, model, params, data, sketch_dims, repeats, max_gb, note) -> list[str]:
+  """The sketch table of one setting (and the targets for MiniLM)."""
+  names = ("sgd", "factored", *(f"sketch{k}" for k in sketch_dims))
+  batch, length = data[0].shape
+  results = bench(
+      model, params, batch, length, names, repeats, max_gb, None, data=data, sketch_dims=sketch_dims
+  )
+  skipped = [name for name in names if results[name][0] is None]
+  if skipped:
+    return [f"### {title}", "", f"not run: {'; '.join(results[n][3] for n in skipped)}", ""], None
+  accuracy = sketch_accuracy(model, params, data, sketch_dims)
+  return [
+      f"### {title}",
+      "",
+      f"- data: {note}.",
+      "",
+      *SKETCH_HEADER,
+      *sketch_rows(results, accuracy, sketch_dims),
+      "",
+  ], (results, accuracy)

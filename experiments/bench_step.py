@@ -21,7 +21,7 @@ so) and compares, per k, the step's time and memory with SGD's and the sketched 
 gradient d̂ with the exact d: cos(d̂, d) for both filters at relative damping 0.1, with uniform
 and with iEF weights (the minimum over three sketch seeds, i.e. step counts), and the relative
 Frobenius error ‖K̂ − K‖/‖K‖ (root-mean-square over ten seeds); experiments/bench_sketch.py
-holds these measurements.
+holds these measurements, experiments/bench_harness.py the steps and their timing.
 
 Times are the minimum over interleaved repeats after compilation (so a busy machine slows
 all of them alike); ratios are to the SGD step of the same run. FLOPs are XLA's
@@ -41,16 +41,23 @@ import time
 
 import jax
 import jax.numpy as jnp
-import numpy as np
-import optax
 from absl import app, flags
 
 import nearprox
 from experiments import bench_sketch
-from nearprox import factored_grads, layer_factors, sketch, spectral_filter
+from experiments.bench_harness import (
+    GB,
+    bench,
+    counted_gflops,
+    fmt_ratio,
+    fmt_time,
+    make_batch,
+    per_example_loss,
+    text_batch,
+    unblocked_gram,
+)
+from nearprox import sketch, spectral_filter
 from nearprox.text import models
-
-GB = 1024.0**3
 
 _QUICK = flags.DEFINE_bool("quick", False, "MiniLM B=32 T=64 only (no BERT-base, no scaling)")
 _REPEATS = flags.DEFINE_integer("repeats", None, "timed repeats per step (default 5, quick 3)")
@@ -79,143 +86,6 @@ _OUTPUT = flags.DEFINE_string(
 )
 
 
-def make_batch(vocab: int, batch: int, length: int, seed: int = 0):
-  rng = np.random.default_rng(seed)
-  ids = rng.integers(1000 if vocab > 2000 else 1, vocab, size=(batch, length)).astype(np.int32)
-  lengths = rng.integers(length // 2, length + 1, size=batch)
-  mask = (np.arange(length)[None] < lengths[:, None]).astype(np.int32)
-  labels = rng.integers(0, 2, size=batch).astype(np.int32)
-  return jnp.asarray(ids * mask), jnp.asarray(mask), jnp.asarray(labels)
-
-
-def text_batch(tokenizer, batch: int, length: int, data_dir=None):
-  """(ids, mask, labels, description): the first ``batch`` sentences of SST-2's dev split,
-  tokenized to ``length``, or random tokens (``make_batch``) when there is no GLUE data."""
-  from nearprox.text.data import DataError, load_task
-
-  try:
-    split = load_task("sst2", "dev", data_dir, source="tsv")
-  except DataError:
-    ids, mask, labels = make_batch(tokenizer.vocab_size, batch, length)
-    return ids, mask, labels, "random tokens (no GLUE SST-2 data found)"
-  encoded = tokenizer(
-      list(split.text_a[:batch]),
-      padding="max_length",
-      max_length=length,
-      truncation=True,
-      return_tensors="np",
-  )
-  mask = np.asarray(encoded["attention_mask"], np.int32)
-  description = (
-      f"SST-2 dev sentences 1–{batch}, {int(mask.sum())} real tokens of {batch * length} "
-      "(the rest padding)"
-  )
-  return (
-      jnp.asarray(encoded["input_ids"], jnp.int32),
-      jnp.asarray(mask),
-      jnp.asarray(np.asarray(split.labels[:batch]), jnp.int32),
-      description,
-  )
-
-
-@contextlib.contextmanager
-def unblocked_gram():
-  """Traces the exact Gram with the per-example kernel gradients formed whole (no blocking)."""
-  saved = layer_factors.GRAM_BLOCK_NUMBERS
-  layer_factors.GRAM_BLOCK_NUMBERS = 0
-  try:
-    yield
-  finally:
-    layer_factors.GRAM_BLOCK_NUMBERS = saved
-
-
-def make_steps(model, learning_rate=1e-3, damping=1e-3, sketch_dims=()):
-  per_example_loss = bench_sketch.per_example_loss(model)
-  sgd = optax.sgd(learning_rate)
-  prox = nearprox.proximal_sgd(learning_rate, damping, damping_mode="relative")
-
-  def sgd_step(params, state, ids, mask, labels):
-    loss, grads = jax.value_and_grad(lambda p: per_example_loss(p, ids, mask, labels).mean())(
-        params
-    )
-    updates, state = sgd.update(grads, state, params)
-    return optax.apply_updates(params, updates), state, loss
-
-  def proximal_step(method, opt=prox, **kwargs):
-    def step(params, state, ids, mask, labels):
-      if kwargs:
-        losses, grads = factored_grads.factored_value_and_grads(
-            per_example_loss, params, ids, mask, labels, **kwargs
-        )
-      else:
-        losses, grads = nearprox.per_example_value_and_grads(
-            per_example_loss, params, ids, mask, labels, method=method
-        )
-      updates, state = opt.update(grads, state, params)
-      return optax.apply_updates(params, updates), state, losses.mean()
-
-    return step
-
-  steps = {
-      "sgd": (sgd_step, sgd),
-      "factored": (proximal_step("factored"), prox),
-      "factored_unblocked": (proximal_step("factored"), prox),
-      "factored_kept": (proximal_step("factored", kernel_combine="materialized"), prox),
-      "vmap": (proximal_step("vmap"), prox),
-  }
-  for k in sketch_dims:
-    opt = nearprox.proximal_sgd(learning_rate, damping, damping_mode="relative", sketch_dim=k)
-    steps[f"sketch{k}"] = (proximal_step("factored", opt), opt)
-  return steps
-
-
-def gflops(compiled) -> float:
-  analysis = compiled.cost_analysis()
-  analysis = analysis[0] if isinstance(analysis, (list, tuple)) else analysis
-  return float(analysis.get("flops", float("nan"))) / 1e9
-
-
-def counted_gflops(compiled, fn, *call_args) -> float:
-  """XLA's FLOP count of ``compiled``; XLA counts a loop body once, so a step whose exact Gram
-  runs in blocks (a while loop) is counted on its unblocked twin (the same products)."""
-  if " while(" not in compiled.as_text():
-    return gflops(compiled)
-  with unblocked_gram():  # a new function object: jit's trace cache would return the blocks
-    return gflops(jax.jit(lambda *a: fn(*a)).lower(*call_args).compile())
-
-
-def peak_bytes(compiled) -> float:
-  stats = compiled.memory_analysis()
-  return float(stats.temp_size_in_bytes + stats.argument_size_in_bytes + stats.output_size_in_bytes)
-
-
-def bench(model, params, batch, length, names, repeats, max_gb, vocab, data=None, sketch_dims=()):
-  """{name: Result} for the steps in ``names``, timed interleaved on the same batch
-  (``data`` = (ids, mask, labels), default random tokens)."""
-  ids, mask, labels = make_batch(vocab, batch, length) if data is None else data
-  steps = make_steps(model, sketch_dims=sketch_dims)
-  compiled, results = {}, {}
-  for name in names:
-    step, opt = steps[name]
-    state = opt.init(params)
-    blocking = unblocked_gram() if name == "factored_unblocked" else contextlib.nullcontext()
-    with blocking:
-      exe = jax.jit(step).lower(params, state, ids, mask, labels).compile()
-    peak, flops = peak_bytes(exe), counted_gflops(exe, step, params, state, ids, mask, labels)
-    if peak > max_gb * GB:
-      results[name] = [None, peak, flops, f"not run: needs ~{peak / GB:.1f} GB > {max_gb:g} GB"]
-      continue
-    compiled[name] = (exe, (params, state, ids, mask, labels))
-    jax.block_until_ready(exe(*compiled[name][1]))  # warm-up
-    results[name] = [float("inf"), peak, flops, ""]
-  for _ in range(repeats):
-    for name, (exe, call_args) in compiled.items():
-      start = time.perf_counter()
-      jax.block_until_ready(exe(*call_args))
-      results[name][0] = min(results[name][0], time.perf_counter() - start)
-  return results
-
-
 def target_lines(results) -> list[str]:
   """Issue #4's targets on MiniLM B=32 T=64, checked against this run's numbers."""
   sgd, fac, vmap = results["sgd"], results["factored"], results.get("vmap")
@@ -242,13 +112,13 @@ def breakdown(model, params, batch, length, repeats, vocab, sketch_dim) -> list[
   """Rows timing the parts of the factored proximal step against SGD's gradient, with the
   FLOPs of each part (XLA's count) next to its time."""
   ids, mask, labels = make_batch(vocab, batch, length)
-  per_example_loss = make_steps(model)["per_example_loss"]
+  losses_of = per_example_loss(model)
   prox = nearprox.proximal_sgd(1e-3, 1e-3, damping_mode="relative")
   sketched = nearprox.proximal_sgd(1e-3, 1e-3, damping_mode="relative", sketch_dim=sketch_dim)
   state = prox.init(params)
   capture = jax.jit(
       lambda p: nearprox.per_example_value_and_grads(
-          per_example_loss, p, ids, mask, labels, method="factored"
+          losses_of, p, ids, mask, labels, method="factored"
       )
   )
   factors_ = capture(params)[1]
@@ -262,9 +132,9 @@ def breakdown(model, params, batch, length, repeats, vocab, sketch_dim) -> list[
     return spectral_filter.combine(sketch.sketch_per_example(f, count, sketch_dim).for_combine, c)
 
   parts = {
-      "forward (loss only)": (lambda p: per_example_loss(p, ids, mask, labels).mean(), (params,)),
+      "forward (loss only)": (lambda p: losses_of(p, ids, mask, labels).mean(), (params,)),
       "SGD: value_and_grad of the mean loss": (
-          jax.value_and_grad(lambda p: per_example_loss(p, ids, mask, labels).mean()),
+          jax.value_and_grad(lambda p: losses_of(p, ids, mask, labels).mean()),
           (params,),
       ),
       "factored: capture (forward + backward, factors)": (capture, (params,)),
@@ -307,87 +177,6 @@ def breakdown(model, params, batch, length, repeats, vocab, sketch_dim) -> list[
       f"{flops[name] / flops[base]:.2f}× |"
       for name, seconds in best.items()
   ]
-
-
-SKETCH_HEADER = [
-    "| k | leaves sketched | their share of trace(K) | features / example | time | × SGD "
-    "| FLOPs × SGD | peak memory | × SGD | cos tikhonov | cos natural | cos tikhonov, iEF "
-    "| cos natural, iEF | ‖K̂−K‖/‖K‖ | bound | sketched leaves' ‖K̂−K‖/‖K‖ |",
-    "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
-]
-
-
-def sketch_rows(results, accuracy, sketch_dims) -> list[str]:
-  sgd, exact = results["sgd"], results["factored"]
-  rows = [
-      f"| exact | 0 | 0 | – | {fmt_time(exact)} | {fmt_ratio(exact, sgd)} | "
-      f"{exact[2] / sgd[2]:.2f}× | {exact[1] / GB:.2f} GB | {exact[1] / sgd[1]:.2f}× "
-      "| 1 | 1 | 1 | 1 | 0 | 0 | 0 |"
-  ]
-  for k in sketch_dims:
-    r, a = results[f"sketch{k}"], accuracy[k]
-    cos = " | ".join(f"{a['cos'][s]:.4f}" for s in a["cos"])
-    rows.append(
-        f"| {k} | {a['sketched']} | {a['sketched_share']:.1%} | {a['features']:,} | "
-        f"{fmt_time(r)} | {fmt_ratio(r, sgd)} | {r[2] / sgd[2]:.2f}× | {r[1] / GB:.2f} GB | "
-        f"{r[1] / sgd[1]:.2f}× | {cos} | {a['error']:.4f} | {a['bound']:.4f} | "
-        f"{a['sketched_error']:.3f} |"
-    )
-  return rows
-
-
-def sketch_target_lines(results, accuracy, sketch_dims) -> list[str]:
-  """Issue #14's targets (MiniLM, B=32, T=64, real text), checked at every k."""
-  sgd = results["sgd"]
-  verdict = lambda ok: "met" if ok else "**missed**"
-  lines = [
-      "Targets, per k: step ≤ 1.15× SGD's time, peak memory ≤ 1.2× SGD's, and cos(d̂, d) ≥ 0.99 "
-      "for both filters with uniform and iEF weights (the worst of the four):",
-      "",
-  ]
-  for k in sketch_dims:
-    time_ratio = results[f"sketch{k}"][0] / sgd[0]
-    memory = results[f"sketch{k}"][1] / sgd[1]
-    worst = min(accuracy[k]["cos"].values())
-    lines.append(
-        f"- k = {k}: time {time_ratio:.2f}× → {verdict(time_ratio <= 1.15)}; memory "
-        f"{memory:.2f}× → {verdict(memory <= 1.2)}; cos {worst:.4f} → {verdict(worst >= 0.99)}"
-        f" (‖K̂−K‖/‖K‖ = {accuracy[k]['error']:.4f})"
-    )
-  return lines
-
-
-def sketch_section(title, model, params, data, sketch_dims, repeats, max_gb, note) -> list[str]:
-  """The sketch table of one setting (and the targets for MiniLM)."""
-  names = ("sgd", "factored", *(f"sketch{k}" for k in sketch_dims))
-  batch, length = data[0].shape
-  results = bench(
-      model, params, batch, length, names, repeats, max_gb, None, data=data, sketch_dims=sketch_dims
-  )
-  skipped = [name for name in names if results[name][0] is None]
-  if skipped:
-    return [f"### {title}", "", f"not run: {'; '.join(results[n][3] for n in skipped)}", ""], None
-  accuracy = bench_sketch.sketch_accuracy(model, params, data, sketch_dims)
-  return [
-      f"### {title}",
-      "",
-      f"- data: {note}.",
-      "",
-      *SKETCH_HEADER,
-      *sketch_rows(results, accuracy, sketch_dims),
-      "",
-  ], (results, accuracy)
-
-
-def fmt_time(result):
-  seconds = result[0]
-  return "–" if seconds is None else f"{seconds * 1e3:.0f} ms"
-
-
-def fmt_ratio(result, base):
-  if result[0] is None or base[0] is None:
-    return "–"
-  return f"{result[0] / base[0]:.2f}×"
 
 
 LABELS = (
@@ -513,7 +302,7 @@ def main(argv) -> None:
       "",
   ]
   data = text_batch(tokenizer, 32, 64, _DATA_DIR.value)
-  section, measured = sketch_section(
+  section, measured = bench_sketch.sketch_section(
       "MiniLM-L6, B=32, T=64",
       minilm,
       minilm_params,
@@ -525,7 +314,7 @@ def main(argv) -> None:
   )
   lines += section
   if measured is not None:
-    lines += [*sketch_target_lines(*measured, sketch_dims), ""]
+    lines += [*bench_sketch.sketch_target_lines(*measured, sketch_dims), ""]
   lines += [
       "#### Sketch families at equal k (the same batch's dense kernels)",
       "",
@@ -545,7 +334,7 @@ def main(argv) -> None:
   if base is not None:
     bert_dims = [int(k) for k in _BERT_SKETCH_DIMS.value]
     ids, mask, labels = make_batch(base.config.vocab_size, 32, 128)
-    section, _ = sketch_section(
+    section, _ = bench_sketch.sketch_section(
         "BERT-base shapes (random weights), B=32, T=128",
         base,
         base_params,

@@ -25,7 +25,11 @@ import time
 
 from absl import app, flags
 
-from experiments import bench_step, workers
+from experiments import (
+    bench_harness,
+    bench_step,  # noqa: F401  (defines --model, the model it times)
+    workers,
+)
 
 _WORKERS = flags.DEFINE_integer("workers", 2, "pinned probes run together (N)")
 _STEPS = flags.DEFINE_integer("steps", 6, "timed steps per step kind, after compilation")
@@ -41,8 +45,8 @@ def probe() -> dict[str, float]:
   from nearprox.text import models
 
   model, params, _ = models.load_pretrained(flags.FLAGS.model, num_labels=2)
-  steps = bench_step.make_steps(model)
-  batch = bench_step.make_batch(model.config.vocab_size, BATCH, LENGTH)
+  steps = bench_harness.make_steps(model)
+  batch = bench_harness.make_batch(model.config.vocab_size, BATCH, LENGTH)
   seconds = {}
   for name in STEPS:
     step, optimizer = steps[name]

@@ -1,5 +1,5 @@
-"""The benchmarks' own code on tiny models: experiments/bench_sketch.py (bench_step's sketch
-section) and experiments/bench_workers.py."""
+"""The benchmarks' own code on tiny models: experiments/bench_step.py end to end,
+experiments/bench_sketch.py (its sketch section) and experiments/bench_workers.py."""
 
 import os
 import subprocess
@@ -11,6 +11,54 @@ import pytest
 
 from experiments import bench_sketch
 from nearprox.text import models
+
+
+@pytest.fixture(scope="module")
+def tiny_saved_model(tmp_path_factory):
+  """A one-layer BERT saved like MiniLM (T = 64 fits), for the benchmarks' --model."""
+  config = models.tiny_config(num_hidden_layers=1, max_position_embeddings=64)
+  model = models.BertForSequenceClassification(config)
+  params = models.init_params(model, jax.random.key(0))
+  tokenizer = models.load_tokenizer(models.minilm_dir())
+  return models.save_pretrained(model, params, tokenizer, tmp_path_factory.mktemp("tiny"))
+
+
+def run_benchmark(module, *flags):
+  return subprocess.run(
+      [sys.executable, "-m", module, *flags],
+      capture_output=True,
+      text=True,
+      timeout=600,
+      env={**os.environ, "XLA_FLAGS": ""},  # one host device, as the benchmarks run
+  )
+
+
+def test_bench_step_writes_every_section_of_its_quick_run(tiny_saved_model, tmp_path):
+  output = tmp_path / "bench_step.md"
+  result = run_benchmark(
+      "experiments.bench_step",
+      f"--model={tiny_saved_model}",
+      "--quick",
+      "--repeats=1",
+      "--sketch_dims=16",
+      "--family_dims=16",
+      f"--output={output}",
+  )
+  assert result.returncode == 0, result.stderr[-3000:]
+  text = output.read_text()
+  for section in (
+      "## Step time and peak memory, relative to SGD",
+      "## Where the factored step's time goes (MiniLM, B=32, T=64)",
+      "## Estimated Gram: scale_by_proximal(sketch_dim=k)",
+      "#### Sketch families at equal k",
+  ):
+    assert section in text, section
+  rows = [line for line in text.splitlines() if line.startswith("| ")]
+  assert sum("(ii) proximal, factored (default)" in r for r in rows) == 1
+  assert sum(r.startswith("| factored: proximal update") for r in rows) == 1
+  # k = 16: a row of the sketch table and one per family in the families' table.
+  assert sum(r.startswith("| 16 |") for r in rows) == 1 + len(bench_sketch.SKETCH_FAMILIES)
+  assert "- k = 16: time" in text and "target factored step ≤ 1.3× the SGD step" in text
 
 
 @pytest.fixture(scope="module")
@@ -45,19 +93,8 @@ def test_family_rows_compare_every_family_with_the_library_s(tiny_batch):
 
 
 @pytest.mark.skipif(len(os.sched_getaffinity(0)) < 2, reason="needs two CPUs to pin two probes")
-def test_bench_workers_compares_one_process_with_pinned_ones(tmp_path):
-  config = models.tiny_config(num_hidden_layers=1, max_position_embeddings=64)  # T = 64
-  model = models.BertForSequenceClassification(config)
-  params = models.init_params(model, jax.random.key(0))
-  tokenizer = models.load_tokenizer(models.minilm_dir())
-  path = models.save_pretrained(model, params, tokenizer, tmp_path / "tiny")
-  result = subprocess.run(
-      [sys.executable, "-m", "experiments.bench_workers", f"--model={path}", "--steps=1"],
-      capture_output=True,
-      text=True,
-      timeout=600,
-      env={**os.environ, "XLA_FLAGS": ""},  # one host device per probe, as in a study
-  )
+def test_bench_workers_compares_one_process_with_pinned_ones(tiny_saved_model):
+  result = run_benchmark("experiments.bench_workers", f"--model={tiny_saved_model}", "--steps=1")
   assert result.returncode == 0, result.stderr[-3000:]
   rows = {r.split("|")[1].strip(): r for r in result.stdout.splitlines() if r.startswith("| ")}
   for step in ("sgd", "factored"):

@@ -1,0 +1,179 @@
+"""The jitted training steps the benchmarks time, and how they are timed and counted.
+
+:func:`make_steps` builds SGD's step and the proximal steps (factored, per-example kernel
+gradients formed whole, ``kernel_combine="materialized"``, vmap, sketched) of one model on one
+batch (sequence classification, softmax cross-entropy, dropout off); :func:`bench` compiles
+and times them interleaved, with XLA's FLOP count and memory estimate of each. Used by
+experiments/bench_step.py, bench_sketch.py and bench_workers.py.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+import nearprox
+from nearprox import factored_grads, layer_factors
+
+GB = 1024.0**3
+
+
+def per_example_loss(model):
+  """(params, ids, mask, labels) -> [B] softmax cross-entropy, dropout off."""
+
+  def loss(params, ids, mask, labels):
+    logits = model.apply({"params": params}, ids, attention_mask=mask, deterministic=True).logits
+    return optax.softmax_cross_entropy_with_integer_labels(logits, labels)
+
+  return loss
+
+
+def make_batch(vocab: int, batch: int, length: int, seed: int = 0):
+  rng = np.random.default_rng(seed)
+  ids = rng.integers(1000 if vocab > 2000 else 1, vocab, size=(batch, length)).astype(np.int32)
+  lengths = rng.integers(length // 2, length + 1, size=batch)
+  mask = (np.arange(length)[None] < lengths[:, None]).astype(np.int32)
+  labels = rng.integers(0, 2, size=batch).astype(np.int32)
+  return jnp.asarray(ids * mask), jnp.asarray(mask), jnp.asarray(labels)
+
+
+def text_batch(tokenizer, batch: int, length: int, data_dir=None):
+  """(ids, mask, labels, description): the first ``batch`` sentences of SST-2's dev split,
+  tokenized to ``length``, or random tokens (``make_batch``) when there is no GLUE data."""
+  from nearprox.text.data import DataError, load_task
+
+  try:
+    split = load_task("sst2", "dev", data_dir, source="tsv")
+  except DataError:
+    ids, mask, labels = make_batch(tokenizer.vocab_size, batch, length)
+    return ids, mask, labels, "random tokens (no GLUE SST-2 data found)"
+  encoded = tokenizer(
+      list(split.text_a[:batch]),
+      padding="max_length",
+      max_length=length,
+      truncation=True,
+      return_tensors="np",
+  )
+  mask = np.asarray(encoded["attention_mask"], np.int32)
+  description = (
+      f"SST-2 dev sentences 1–{batch}, {int(mask.sum())} real tokens of {batch * length} "
+      "(the rest padding)"
+  )
+  return (
+      jnp.asarray(encoded["input_ids"], jnp.int32),
+      jnp.asarray(mask),
+      jnp.asarray(np.asarray(split.labels[:batch]), jnp.int32),
+      description,
+  )
+
+
+@contextlib.contextmanager
+def unblocked_gram():
+  """Traces the exact Gram with the per-example kernel gradients formed whole (no blocking)."""
+  saved = layer_factors.GRAM_BLOCK_NUMBERS
+  layer_factors.GRAM_BLOCK_NUMBERS = 0
+  try:
+    yield
+  finally:
+    layer_factors.GRAM_BLOCK_NUMBERS = saved
+
+
+def make_steps(model, learning_rate=1e-3, damping=1e-3, sketch_dims=()):
+  losses_of = per_example_loss(model)
+  sgd = optax.sgd(learning_rate)
+  prox = nearprox.proximal_sgd(learning_rate, damping, damping_mode="relative")
+
+  def sgd_step(params, state, ids, mask, labels):
+    loss, grads = jax.value_and_grad(lambda p: losses_of(p, ids, mask, labels).mean())(params)
+    updates, state = sgd.update(grads, state, params)
+    return optax.apply_updates(params, updates), state, loss
+
+  def proximal_step(method, opt=prox, **kwargs):
+    def step(params, state, ids, mask, labels):
+      if kwargs:
+        losses, grads = factored_grads.factored_value_and_grads(
+            losses_of, params, ids, mask, labels, **kwargs
+        )
+      else:
+        losses, grads = nearprox.per_example_value_and_grads(
+            losses_of, params, ids, mask, labels, method=method
+        )
+      updates, state = opt.update(grads, state, params)
+      return optax.apply_updates(params, updates), state, losses.mean()
+
+    return step
+
+  steps = {
+      "sgd": (sgd_step, sgd),
+      "factored": (proximal_step("factored"), prox),
+      "factored_unblocked": (proximal_step("factored"), prox),
+      "factored_kept": (proximal_step("factored", kernel_combine="materialized"), prox),
+      "vmap": (proximal_step("vmap"), prox),
+  }
+  for k in sketch_dims:
+    opt = nearprox.proximal_sgd(learning_rate, damping, damping_mode="relative", sketch_dim=k)
+    steps[f"sketch{k}"] = (proximal_step("factored", opt), opt)
+  return steps
+
+
+def gflops(compiled) -> float:
+  analysis = compiled.cost_analysis()
+  analysis = analysis[0] if isinstance(analysis, (list, tuple)) else analysis
+  return float(analysis.get("flops", float("nan"))) / 1e9
+
+
+def counted_gflops(compiled, fn, *call_args) -> float:
+  """XLA's FLOP count of ``compiled``; XLA counts a loop body once, so a step whose exact Gram
+  runs in blocks (a while loop) is counted on its unblocked twin (the same products)."""
+  if " while(" not in compiled.as_text():
+    return gflops(compiled)
+  with unblocked_gram():  # a new function object: jit's trace cache would return the blocks
+    return gflops(jax.jit(lambda *a: fn(*a)).lower(*call_args).compile())
+
+
+def peak_bytes(compiled) -> float:
+  stats = compiled.memory_analysis()
+  return float(stats.temp_size_in_bytes + stats.argument_size_in_bytes + stats.output_size_in_bytes)
+
+
+def bench(model, params, batch, length, names, repeats, max_gb, vocab, data=None, sketch_dims=()):
+  """{name: Result} for the steps in ``names``, timed interleaved on the same batch
+  (``data`` = (ids, mask, labels), default random tokens)."""
+  ids, mask, labels = make_batch(vocab, batch, length) if data is None else data
+  steps = make_steps(model, sketch_dims=sketch_dims)
+  compiled, results = {}, {}
+  for name in names:
+    step, opt = steps[name]
+    state = opt.init(params)
+    blocking = unblocked_gram() if name == "factored_unblocked" else contextlib.nullcontext()
+    with blocking:
+      exe = jax.jit(step).lower(params, state, ids, mask, labels).compile()
+    peak, flops = peak_bytes(exe), counted_gflops(exe, step, params, state, ids, mask, labels)
+    if peak > max_gb * GB:
+      results[name] = [None, peak, flops, f"not run: needs ~{peak / GB:.1f} GB > {max_gb:g} GB"]
+      continue
+    compiled[name] = (exe, (params, state, ids, mask, labels))
+    jax.block_until_ready(exe(*compiled[name][1]))  # warm-up
+    results[name] = [float("inf"), peak, flops, ""]
+  for _ in range(repeats):
+    for name, (exe, call_args) in compiled.items():
+      start = time.perf_counter()
+      jax.block_until_ready(exe(*call_args))
+      results[name][0] = min(results[name][0], time.perf_counter() - start)
+  return results
+
+
+def fmt_time(result):
+  seconds = result[0]
+  return "–" if seconds is None else f"{seconds * 1e3:.0f} ms"
+
+
+def fmt_ratio(result, base):
+  if result[0] is None or base[0] is None:
+    return "–"
+  return f"{result[0] / base[0]:.2f}×"
