@@ -64,7 +64,10 @@ def objective_table(num_steps: int) -> dict[str, tuple[objectives.ObjectiveConfi
 def main(argv) -> None:
   del argv
   batch_size, seq_len, repeats = _BATCH_SIZE.value, _SEQ_LEN.value, _REPEATS.value
-  config = models.tiny_config() if _MODEL.value == "tiny" else models.BertConfig(**MINILM)
+  if _MODEL.value == "tiny":  # positions for --seq_len (tiny_config has 32)
+    config = models.tiny_config(max_position_embeddings=max(32, seq_len))
+  else:
+    config = models.BertConfig(**MINILM)
   model = models.BertForSequenceClassification(config)
   params = models.init_params(model, jax.random.key(0), batch_size, seq_len)
   shape = (batch_size, seq_len)

@@ -1,5 +1,6 @@
-"""The benchmarks' own code on tiny models: experiments/bench_step.py end to end,
-experiments/bench_sketch.py (its sketch section) and experiments/bench_workers.py."""
+"""The benchmarks' own code on tiny models: experiments/bench_step.py and
+bench_objectives.py end to end, experiments/bench_sketch.py (bench_step's sketch section)
+and experiments/bench_workers.py."""
 
 import os
 import subprocess
@@ -59,6 +60,14 @@ def test_bench_step_writes_every_section_of_its_quick_run(tiny_saved_model, tmp_
   # k = 16: a row of the sketch table and one per family in the families' table.
   assert sum(r.startswith("| 16 |") for r in rows) == 1 + len(bench_sketch.SKETCH_FAMILIES)
   assert "- k = 16: time" in text and "target factored step ≤ 1.3× the SGD step" in text
+
+
+def test_bench_objectives_times_every_objective_against_clean():
+  result = run_benchmark("experiments.bench_objectives", "--model=tiny", "--repeats=1")
+  assert result.returncode == 0, result.stderr[-3000:]
+  rows = {line[:24].strip(): line.split() for line in result.stdout.splitlines()[2:]}
+  assert set(rows) == {"clean", "fgm", "pgd K=3", "pgd K=3 random start", "smart K=1"}
+  assert rows["clean"][-1] == "1.00" and all(float(r[-1]) > 0 for r in rows.values())
 
 
 @pytest.fixture(scope="module")
