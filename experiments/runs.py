@@ -376,9 +376,9 @@ class Executor:
       :func:`experiments.reproduce.main` fills it for all studies first, by a pass that
       trains nothing): such a run, when it must be trained, is trained with the evaluation,
       so the later request finds it stored.
-    unstored: key -> the request (label, overrides, devices, attack) of each requested run
-      not stored when it was asked for, in request order: a pass that trains nothing lists
-      the runs a stopped one can be resumed among (:func:`experiments.reproduce.resume_stopped`).
+    unstored: key -> the request (label, overrides, devices, attack) of each run asked for
+      and not stored then, in request order; a pass that trains nothing collects them, and
+      the stopped ones among them resume first (:func:`experiments.reproduce.resume_stopped`).
   """
 
   base_config: ml_collections.ConfigDict
@@ -451,7 +451,7 @@ class Executor:
           if path.exists():  # stored meanwhile by a process of another machine: first stays
             kind = result["machine"]["device_kind"].replace(" ", "_")
             write_json(self.out / "duplicates" / f"{key}.{kind}.{os.getpid()}.json", result)
-            self.log(f"[duplicate] {label} ({key}): kept the stored run, this in duplicates/")
+            self.log(f"[duplicate] {label} ({key}): kept the stored run, this one in duplicates/")
           else:
             write_json(path, result)
         else:
