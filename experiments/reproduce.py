@@ -340,9 +340,7 @@ def resume_stopped(
       config = runs.apply_overrides(executor.base_config, request[1])
       progress[key] = step / config.num_train_steps
   for key in sorted(progress, key=progress.get, reverse=True):
-    label = unstored[key][1][0]
-    print(f"== resuming first: {label} (step {executor.saved_step(key)})", flush=True)
-    executor.run(*unstored[key][1])
+    executor.run(*unstored[key][1])  # its "[run]" line names the step it resumes at
 
 
 def train_first(plan, only: list[str], executor: runs.Executor) -> None:

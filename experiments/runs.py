@@ -439,7 +439,9 @@ class Executor:
       if path.exists():  # finished by another process since the check above
         self._release(key)
         return json.loads(path.read_text())
-    self.log(f"[run] {label}{attached} ({key}) ...")
+    saved = self.saved_step(key)
+    resumed = f", from its checkpoint at step {saved}" if saved else ""
+    self.log(f"[run] {label}{attached} ({key}{resumed}) ...")
     started = time.time()
     metrics_path = self.workdir / key / "metrics.jsonl"
     try:

@@ -471,8 +471,8 @@ def test_runs_stopped_with_a_checkpoint_resume_first_furthest_along_first(tmp_pa
   monkeypatch.setattr(studies, "FUNCTIONS", {"optimizers": optimizers, "squad": squad})
   plan = full.get_plan()
   plan.studies = ("optimizers", "squad")
-  work = tmp_path / "work"
-  executor = runs.Executor(full.get_config(), tmp_path / "out", work)
+  work, logs = tmp_path / "work", []
+  executor = runs.Executor(full.get_config(), tmp_path / "out", work, log=logs.append)
   unstored = reproduce.plan_runs(plan, executor)
   assert [request[0] for _, request in unstored.values()] == ["opt0", "opt1", "opt2", "opt3", "qa"]
   key = {request[0]: k for k, (_, request) in unstored.items()}
@@ -482,6 +482,11 @@ def test_runs_stopped_with_a_checkpoint_resume_first_furthest_along_first(tmp_pa
   reproduce.resume_stopped(unstored, ["optimizers"], executor)
   # 240 of 300 steps, 100 of 200, 10 of 400; qa's study is not in --only.
   assert trained == ["opt2", "opt1", "opt3"]
+  started = [line for line in logs if line.startswith("[run]")]
+  assert started == [
+      f"[run] {label} ({key[label]}, from its checkpoint at step {step}) ..."
+      for label, step in (("opt2", 240), ("opt1", 100), ("opt3", 10))
+  ]
   assert executor.saved_step(key["qa"]) == 5 and executor.saved_step(key["opt0"]) == 0
 
 
