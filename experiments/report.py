@@ -13,6 +13,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from experiments import tuning
 from nearprox.text import data
 
 # ------------------------------------------------------------------------------ files
@@ -247,6 +248,11 @@ def md_optimizers(study: dict) -> str:
         + table(rows, columns)
         + f"\n\n![{task}](PLOT:optimizers_{task}.png)"
     )
+  if study.get("step_cost"):
+    parts.append(
+        "Step time measured apart from the study's runs (which share the machine): "
+        + md_step_cost(study["step_cost"])
+    )
   if study["tables"].get("tuning"):
     columns = [
         OPTIMIZER,
@@ -265,6 +271,30 @@ def md_optimizers(study: dict) -> str:
         "final training loss):\n\n" + table(study["tables"]["tuning"], columns)
     )
   return "\n\n".join(parts)
+
+
+def md_step_cost(record: dict) -> str:
+  """experiments/bench_optimizers.py's record: what it timed, then one row per optimizer."""
+  machine, sgd = record["machine"], record["sgd_variant"]
+
+  def ratio(key):
+    return lambda row: "–" if row[key] is None else f"{row[key]:.2f}×"
+
+  columns = [
+      ("optimizer", _get("label", str)),
+      ("settings", _get("settings", str)),
+      ("step", lambda row: f"{1e3 * row['step_seconds']:.0f} ms"),
+      (f"× {tuning.DISPLAY.get(sgd, 'SGD')}", ratio("ratio_to_sgd")),
+      ("× AdamW", ratio("ratio_to_adamw")),
+  ]
+  return (
+      f"each optimizer's training step in one process ({record['model']}, {record['task']}, "
+      f"batch {record['batch_size']} × {record['max_length']} tokens), the minimum over "
+      f"{record['repeats']} interleaved rounds after compilation, on {machine['platform']} "
+      f"({machine['cpus']} CPU(s), JAX {machine['jax']} on {machine['backend']}, "
+      f"{machine['device_kind']}; load average {record['load_average_at_start']:.2f} at the "
+      f"start); `{record['command']}`.\n\n" + table(record["rows"], columns)
+  )
 
 
 def md_damping(study: dict) -> str:

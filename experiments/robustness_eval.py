@@ -23,6 +23,7 @@ from collections.abc import Iterable, Sequence
 from pathlib import Path
 
 from absl import app, flags
+from absl import logging as absl_logging
 
 from nearprox.text import models, perturbations, robustness
 
@@ -64,6 +65,7 @@ def evaluate_and_write(
 
 def main(argv) -> None:
   del argv
+  absl_logging.set_verbosity(absl_logging.WARNING)  # JAX's INFO line per backend not found
   from nearprox.text import data
 
   FLAGS = flags.FLAGS

@@ -16,7 +16,8 @@ which of these it runs (--mode=full: optimizers, sketch, adversarial, noise, squ
 1. ``optimizers``  ``plan.optimizer_variants`` (AdamW, SGD+momentum, the tikhonov, EF and iEF
    filters, the best filter with the grafted step size and in front of AdamW) at their tuned
    settings on ``plan.optimizer_tasks`` (SST-2 and MRPC dev, tweets test), ``plan.seeds``
-   seeds; the tuning table; steps to a target and the step time against SGD's.
+   seeds; the tuning table; steps to a target and the step time against SGD's, in the
+   runs and measured apart from them (``step_cost``: experiments/bench_optimizers.py).
 2. ``damping``     relative λ sweep for both filters: accuracy and the Gram spectrum
    (effective rank, kept fraction) across training.
 3. ``adversarial`` clean / FGM / PGD / SMART objectives with ``plan.objective_optimizers``
@@ -33,6 +34,9 @@ which of these it runs (--mode=full: optimizers, sketch, adversarial, noise, squ
 """
 
 from __future__ import annotations
+
+import json
+from pathlib import Path
 
 import numpy as np
 
@@ -59,6 +63,9 @@ SUMMARY_FIELDS = tuple(
     "task optimizer variant steps batch_size max_length seeds learning_rate damping metric mean"
     " std collapsed_seeds split".split()
 )
+# experiments/bench_optimizers.py's record in <out>/<mode>/: each optimizer's step time,
+# measured apart from the study's runs (which share the machine).
+STEP_COST_FILE = "bench_optimizers.json"
 # A difference is a win or a loss only above the noise floor: the two seed standard
 # deviations summed, and at least one accuracy point (all there is with one seed).
 MIN_GAP = 0.01
@@ -231,7 +238,9 @@ def optimizers(ctx: Context) -> dict:
         comparisons.append({**record, "metric": metric, "preselected": variant == best})
     summary += rows.values()
   tables = {"tuning": tuning_rows, "runs": run_rows, "summary": summary}
-  return {"tables": tables, "curves": curves, "comparisons": comparisons}
+  cost_path = Path(ctx.ex.out) / STEP_COST_FILE
+  cost = json.loads(cost_path.read_text()) if cost_path.exists() else None
+  return {"tables": tables, "curves": curves, "comparisons": comparisons, "step_cost": cost}
 
 
 # ---------------------------------------------------------------------------------- 2

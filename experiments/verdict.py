@@ -6,8 +6,6 @@ closing tally counts the records, not the text.
 
 from __future__ import annotations
 
-import math
-
 from experiments import studies
 from nearprox.text import data
 
@@ -88,18 +86,43 @@ def optimizers(study) -> list[str]:
         + ". Settings were chosen by the mean over the tuning seeds, so a spread this large "
         "means the chosen setting is unstable at the full budget for some seeds."
     )
-  costs = {}
-  for r in summary:
-    if _proximal(r) and not math.isnan(r["step_ratio_to_sgd"]):
-      costs.setdefault(r["variant"], []).append(r["step_ratio_to_sgd"])
-  if costs:
-    out.append(
-        "Cost: a step takes "
-        + ", ".join(f"{sum(v) / len(v):.2f}× ({k})" for k, v in costs.items())
-        + " the plain SGD step (each run's median step time, the fastest seed's, averaged over "
-        "the tasks)."
-    )
+  out.append(step_cost(study.get("step_cost")))
   return out
+
+
+def step_cost(record: dict | None) -> str:
+  """The cost sentence, from experiments/bench_optimizers.py's record: the study's runs
+  share the machine with each other and with tests, so their step times are not compared."""
+  if record is None:
+    return (
+        "Cost: not yet measured apart from the study (`python -m experiments.bench_optimizers`"
+        "); the s/step columns above come from runs that shared the machine."
+    )
+  rows = {r["variant"]: r for r in record["rows"]}
+  sgd = next((rows[v]["label"] for v in ("sgd", "sgd_momentum") if v in rows), None)
+  parts = []
+  if sgd:
+    steps = [f"{r['ratio_to_sgd']:.2f}× ({r['label']})" for r in rows.values() if _proximal(r)]
+    if "adamw" in rows:
+      steps.append(f"{rows['adamw']['ratio_to_sgd']:.2f}× (AdamW)")
+    parts.append(f"a step takes {', '.join(steps)} the {sgd} step")
+  chained = [r for r in rows.values() if r["optimizer"] == "proximal_adamw"]
+  if chained and "adamw" in rows:
+    parts.append(
+        "; ".join(f"{r['label']} {r['ratio_to_adamw']:.2f}× the AdamW step" for r in chained)
+    )
+  machine = record["machine"]
+  where = (
+      f"{machine['cpus']} CPU core(s)"
+      if machine["backend"] == "cpu"
+      else f"one {machine['device_kind']}"
+  )
+  return (
+      f"Cost: {'; '.join(parts) or 'no SGD or AdamW step was timed to compare with'} (each "
+      f"optimizer's training step timed in one process, interleaved, on {where}, "
+      f"{record['model']}, batch {record['batch_size']} × {record['max_length']} tokens: "
+      f"experiments/results/{record['mode']}/bench_optimizers.md)."
+  )
 
 
 def damping(study) -> list[str]:

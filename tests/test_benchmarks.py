@@ -109,3 +109,60 @@ def test_bench_workers_compares_one_process_with_pinned_ones(tiny_saved_model):
   for step in ("sgd", "factored"):
     cells = [c.strip() for c in rows[step].strip("|").split("|")]
     assert cells[3] == "2" and float(cells[4].rstrip("×")) > 0, rows[step]
+
+
+def test_bench_optimizers_times_the_study_s_steps_for_its_cost_sentence(tmp_path, monkeypatch):
+  """experiments/bench_optimizers.py builds each variant's study step (a derived one on the
+  filter the tuning chose, its first trial while the tuning has not chosen), times them
+  interleaved, and its record becomes the optimizer study's step_cost, table and verdict."""
+  from experiments import bench_optimizers, report, runs, studies, tuning, verdict
+  from experiments.configs import smoke
+  from tests.tiny_sst2 import write_sst2
+
+  monkeypatch.setenv("NEARPROX_GLUE_DIR", str(write_sst2(tmp_path / "glue")))
+  monkeypatch.setenv("NEARPROX_CACHE_DIR", str(tmp_path / "cache"))
+  plan, config = smoke.get_plan(), smoke.get_config()
+  plan.optimizer_variants = ("sgd_momentum", "adamw", "proximal_ief", "proximal_adamw")
+  plan.lr_grid = {"sgd_momentum": (0.01,), "adamw": (1e-4,), "proximal_ief": (0.1, 0.3)}
+  plan.lr_grid["proximal_adamw"] = (1e-4,)
+  plan.damping_trials = {"proximal_ief": (0.1,), "proximal_adamw": (1.0,)}
+  out = tmp_path / "results" / "smoke"
+  # No stored run: every trial is the first; the derived one needs the filter choice.
+  assert list(bench_optimizers.variant_configs(plan, config, out)) == list(
+      plan.optimizer_variants[:3]
+  )
+  resolve = tuning.Context.resolve
+  monkeypatch.setattr(
+      tuning.Context,
+      "resolve",
+      lambda self, name: "proximal_ief" if name == "best_filter" else resolve(self, name),
+  )
+  configs = bench_optimizers.variant_configs(plan, config, out)
+  label, chained, settings = configs["proximal_adamw"]
+  assert label == "proximal SGD, iEF (natural, iEF weights) → AdamW"
+  assert (chained.optimizer.name, chained.optimizer.weighting) == ("proximal_adamw", "ief")
+  assert settings == "learning_rate 0.0001, damping 1 (first trial: the tuning has not chosen yet)"
+  assert configs["proximal_ief"][1].optimizer.learning_rate == 0.1
+
+  seconds = bench_optimizers.measure(configs, repeats=2, log=lambda _: None)
+  assert set(seconds) == set(configs) and all(0 < s < 60 for s in seconds.values())
+  record = bench_optimizers.result(plan, configs, seconds, 2, load=0.5)
+  rows = {r["variant"]: r for r in record["rows"]}
+  assert record["sgd_variant"] == "sgd_momentum" and rows["sgd_momentum"]["ratio_to_sgd"] == 1
+  assert rows["proximal_adamw"]["ratio_to_adamw"] == pytest.approx(
+      seconds["proximal_adamw"] / seconds["adamw"]
+  )
+  runs.write_json(out / studies.STEP_COST_FILE, record)
+
+  executor = runs.Executor(config, out, tmp_path / "work", allow_new=False)
+  study = studies.FUNCTIONS["optimizers"](tuning.Context(plan, executor))
+  assert study["step_cost"] == record
+  sentence = verdict.step_cost(study["step_cost"])
+  ief = rows["proximal_ief"]["ratio_to_sgd"]
+  assert f"a step takes {ief:.2f}× (proximal SGD, iEF (natural, iEF weights))" in sentence
+  assert "the SGD+momentum step" in sentence and "CPU core(s), tiny, batch 8 × 16" in sentence
+  adamw = rows["proximal_adamw"]["ratio_to_adamw"]
+  assert f"iEF weights) → AdamW {adamw:.2f}× the AdamW step" in sentence
+  table = report.md_step_cost(record)
+  assert table.count("\n| ") == 1 + len(configs)  # the header row and one per variant
+  assert verdict.step_cost(None).startswith("Cost: not yet measured apart from the study")

@@ -144,6 +144,40 @@ def train_step(
   return TrainState(state.step + 1, params, opt_state), metrics
 
 
+def step_functions(config, task: data.Task, model, tx, per_example: bool, axis_name):
+  """(train_fn(state, batch, rng), eval_fn(params, batch)): :func:`train_step` with the
+  config's objective, optimizer ``tx`` (``optimizers.create_optimizer``) and example
+  weighting bound, and :func:`eval_step`; per-device functions for ``parallel.Runner``."""
+  objective = objective_config(config)
+  logits_fn = models.bert_logits_fn(model, deterministic=not config.model.dropout)
+  perturbation_fn = functools.partial(
+      objectives.adversarial_perturbation,
+      logits_fn,
+      objective,
+      task=task.kind,
+      hidden_size=model.config.hidden_size,
+  )
+  # iEF weights come from the clean logits of the loss's own forward pass.
+  ief = config.optimizer.get("weighting", "uniform") == "ief"
+  loss_fn = objectives.make_loss_at_perturbation(
+      logits_fn, objective, task=task.kind, with_ief_weights=ief
+  )
+  train_fn = functools.partial(
+      train_step,
+      perturbation_fn=perturbation_fn,
+      loss_fn=loss_fn,
+      tx=tx,
+      per_example=per_example,
+      per_example_method=config.optimizer.per_example,
+      axis_name=axis_name,
+      loss_returns_weights=ief,
+      input_keys=task_io.input_keys(task),
+      l2_weight=config.objective.l2_weight,
+  )
+  eval_fn = functools.partial(eval_step, logits_fn=models.bert_logits_fn(model, deterministic=True))
+  return train_fn, eval_fn
+
+
 def eval_step(params, batch, *, logits_fn):
   """Logits [B, C] (classification) or start and end logits stacked, [B, T, 2] (QA)."""
   logits = logits_fn(params, {k: batch[k] for k in task_io.TOKEN_KEYS})
@@ -235,34 +269,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path) -
   rng = jax.random.key(config.seed)
   model, params, tokenizer = create_model(config, task.num_labels, jax.random.fold_in(rng, 1))
   splits = load_splits(config, tokenizer)
-  logits_fn = models.bert_logits_fn(model, deterministic=not config.model.dropout)
-  perturbation_fn = functools.partial(
-      objectives.adversarial_perturbation,
-      logits_fn,
-      objective,
-      task=task.kind,
-      hidden_size=model.config.hidden_size,
-  )
-  # iEF weights come from the clean logits of the loss's own forward pass.
-  ief = config.optimizer.get("weighting", "uniform") == "ief"
-  loss_fn = objectives.make_loss_at_perturbation(
-      logits_fn, objective, task=task.kind, with_ief_weights=ief
-  )
-  runner.compile(
-      functools.partial(
-          train_step,
-          perturbation_fn=perturbation_fn,
-          loss_fn=loss_fn,
-          tx=tx,
-          per_example=per_example,
-          per_example_method=config.optimizer.per_example,
-          axis_name=runner.axis_name,
-          loss_returns_weights=ief,
-          input_keys=task_io.input_keys(task),
-          l2_weight=config.objective.l2_weight,
-      ),
-      functools.partial(eval_step, logits_fn=models.bert_logits_fn(model, deterministic=True)),
-  )
+  runner.compile(*step_functions(config, task, model, tx, per_example, runner.axis_name))
 
   state = TrainState(jnp.zeros((), jnp.int32), params, tx.init(params))
   checkpoints = Checkpoints(

@@ -1,0 +1,174 @@
+"""Step time of every optimizer of a study, measured apart from the study's runs.
+
+The study's own step times come from runs that shared the machine with other runs and with
+tests, so their ratios mix the optimizers' costs with the load of the moment. Here one
+process builds the training step each variant of ``plan.optimizer_variants`` runs in the
+study (:func:`nearprox.training.train.step_functions`, compiled by the same
+``parallel.Runner``, on one batch of the study's first task at its batch size and length),
+compiles them all, then runs ``--repeats`` rounds that take one step of each in turn: load
+that changes during the measurement hits every variant alike, and a step's time is its
+minimum over the rounds. A variant's settings are its chosen tuning trial where the stored
+runs have decided it, else its first trial (a step's cost does not depend on the rate); a
+derived variant (grafted, in front of AdamW) is built on the filter the tuning chose and is
+left out until that choice is made.
+
+    python -m experiments.bench_optimizers [--mode=full] [--repeats=5] [--data_dir=GLUE]
+
+Writes ``experiments/results/<mode>/bench_optimizers.{md,json}``; the optimizer study reads
+the JSON for the cost sentence of the verdict and its table (experiments/studies.py).
+"""
+
+from __future__ import annotations
+
+import importlib
+import os
+import sys
+import time
+from pathlib import Path
+
+from absl import app, flags
+from absl import logging as absl_logging
+
+from experiments import report, runs, studies, tuning
+from nearprox.text import data
+
+HERE = Path(__file__).resolve().parent
+
+_MODE = flags.DEFINE_enum("mode", "full", ("smoke", "quick", "full"), "the study's mode")
+_REPEATS = flags.DEFINE_integer("repeats", 5, "interleaved timed rounds (one step of each)")
+_OUT = flags.DEFINE_string("out", str(HERE / "results"), "results root (<out>/<mode>/...)")
+_DATA_DIR = flags.DEFINE_string("data_dir", None, "GLUE root (else $NEARPROX_GLUE_DIR)")
+
+
+def variant_configs(plan, base_config, out: Path) -> dict[str, tuple[str, object, str]]:
+  """{variant: (label, config, settings)} of the plan's optimizer variants on the plan's
+  first optimizer task, as the study builds them from the stored runs of ``out/runs``."""
+  executor = runs.Executor(base_config, out, out / "unused", allow_new=False, log=lambda _: None)
+  context = tuning.Context(plan, executor)
+  task = plan.optimizer_tasks[0]
+  found = {}
+  for name in plan.optimizer_variants:
+    variant = context.resolve(name)
+    overrides = context.overrides(variant) if variant else None
+    if overrides is None:  # a derived variant before the tuning chose its filter
+      continue
+    chosen = context.best_trial(variant)
+    trial = chosen["trial"] if chosen else context.trials(variant)[0]
+    settings = ", ".join(f"{k.split('.')[-1]} {v:g}" for k, v in trial.items())
+    settings += "" if chosen else " (first trial: the tuning has not chosen yet)"
+    config = runs.apply_overrides(base_config, {"task": task, **overrides, **trial})
+    found[variant] = (context.label(variant), config, settings)
+  return found
+
+
+def compiled_step(config, batch_cache: dict):
+  """(run one step, the step's batch): the study's training step of ``config``, compiled."""
+  import jax
+  import jax.numpy as jnp
+
+  from nearprox.training import optimizers, parallel, task_io, train
+
+  task = data.get_task(config.task)
+  runner = parallel.Runner(config.parallel)
+  tx, per_example = optimizers.create_optimizer(config, config.num_train_steps, runner.axis_name)
+  rng = jax.random.key(config.seed)
+  model, params, tokenizer = task_io.create_model(
+      config, task.num_labels, jax.random.fold_in(rng, 1)
+  )
+  shape = (config.task, config.max_length, config.batch_size)
+  if shape not in batch_cache:
+    splits = task_io.load_splits(config, tokenizer)
+    batch_cache[shape] = next(train.train_batches(splits["train"], config, 0))
+  batch = batch_cache[shape]
+  runner.compile(*train.step_functions(config, task, model, tx, per_example, runner.axis_name))
+  holder = [runner.put_state(train.TrainState(jnp.zeros((), jnp.int32), params, tx.init(params)))]
+
+  def step() -> float:
+    started = time.perf_counter()
+    holder[0], metrics = runner.train(holder[0], batch, rng)  # the state is donated
+    jax.device_get(metrics)  # as the training loop does every step
+    return time.perf_counter() - started
+
+  step()  # compiles
+  return step
+
+
+def measure(configs: dict, repeats: int, log=print) -> dict[str, float]:
+  """{variant: the minimum step time over ``repeats`` interleaved rounds}."""
+  steps, cache = {}, {}
+  for variant, (label, config, _) in configs.items():
+    started = time.time()
+    steps[variant] = compiled_step(config, cache)
+    log(f"[bench] compiled {label} in {time.time() - started:.0f} s")
+  best = dict.fromkeys(steps, float("inf"))
+  for round_index in range(repeats):
+    for variant, step in steps.items():
+      best[variant] = min(best[variant], step())
+    log(
+        f"[bench] round {round_index + 1}/{repeats}: "
+        + ", ".join(f"{v} {best[v]:.3f}s" for v in best)
+    )
+  return best
+
+
+def result(plan, configs: dict, seconds: dict[str, float], repeats: int, load: float) -> dict:
+  """The JSON record: machine, shape, one row per variant with its ratios to SGD (the
+  plan's SGD variant) and to AdamW."""
+  sgd = next((v for v in ("sgd", "sgd_momentum") if v in seconds), None)
+  some_config = next(iter(configs.values()))[1]
+  rows = []
+  for variant, (label, config, settings) in configs.items():
+    rows.append(
+        {
+            "variant": variant,
+            "label": label,
+            "optimizer": config.optimizer.name,
+            "settings": settings,
+            "step_seconds": seconds[variant],
+            "ratio_to_sgd": seconds[variant] / seconds[sgd] if sgd else None,
+            "ratio_to_adamw": seconds[variant] / seconds["adamw"] if "adamw" in seconds else None,
+        }
+    )
+  return {
+      "mode": plan.mode,
+      "task": some_config.task,
+      "model": some_config.model.name,
+      "batch_size": some_config.batch_size,
+      "max_length": some_config.max_length,
+      "repeats": repeats,
+      "sgd_variant": sgd,
+      "machine": runs.machine(),
+      "load_average_at_start": load,
+      "command": "python -m experiments.bench_optimizers " + " ".join(sys.argv[1:]),
+      "rows": rows,
+  }
+
+
+def markdown(record: dict) -> str:
+  return (
+      f"# Step time of every optimizer of the `{record['mode']}` study, measured apart from it"
+      f"\n\nexperiments/bench_optimizers.py times {report.md_step_cost(record)}\n"
+  )
+
+
+def main(argv) -> None:
+  del argv
+  if _DATA_DIR.value:
+    os.environ[data.GLUE_DIR_ENV] = _DATA_DIR.value
+  mode = importlib.import_module(f"experiments.configs.{_MODE.value}")
+  base_config, plan = mode.get_config(), mode.get_plan()
+  out = Path(_OUT.value) / plan.mode
+  configs = variant_configs(plan, base_config, out)
+  if not configs:
+    raise app.UsageError(f"the {plan.mode} plan has no optimizer variant to time")
+  absl_logging.set_verbosity(absl_logging.WARNING)
+  load = os.getloadavg()[0]
+  seconds = measure(configs, _REPEATS.value)
+  record = result(plan, configs, seconds, _REPEATS.value, load)
+  runs.write_json(out / studies.STEP_COST_FILE, record)
+  (out / studies.STEP_COST_FILE).with_suffix(".md").write_text(markdown(record))
+  print(markdown(record))
+
+
+if __name__ == "__main__":
+  app.run(main)
