@@ -119,8 +119,9 @@ def step_cost(record: dict | None) -> str:
   )
   return (
       f"Cost: {'; '.join(parts) or 'no SGD or AdamW step was timed to compare with'} (each "
-      f"optimizer's training step timed in one process, interleaved, on {where}, "
-      f"{record['model']}, batch {record['batch_size']} × {record['max_length']} tokens: "
+      f"optimizer's training step timed in one process, interleaved, on {where} at load "
+      f"average {record['load_average_at_start']:.1f}, {record['model']}, batch "
+      f"{record['batch_size']} × {record['max_length']} tokens: "
       f"experiments/results/{record['mode']}/bench_optimizers.md)."
   )
 
