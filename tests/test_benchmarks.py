@@ -160,7 +160,10 @@ def test_bench_optimizers_times_the_study_s_steps_for_its_cost_sentence(tmp_path
   sentence = verdict.step_cost(study["step_cost"])
   ief = rows["proximal_ief"]["ratio_to_sgd"]
   assert f"a step takes {ief:.2f}× (proximal SGD, iEF (natural, iEF weights))" in sentence
-  assert "the SGD+momentum step" in sentence and "CPU core(s), tiny, batch 8 × 16" in sentence
+  assert (
+      "the SGD+momentum step" in sentence
+      and "CPU core(s) at load average 0.5, tiny, batch 8 × 16" in sentence
+  )
   adamw = rows["proximal_adamw"]["ratio_to_adamw"]
   assert f"iEF weights) → AdamW {adamw:.2f}× the AdamW step" in sentence
   table = report.md_step_cost(record)
