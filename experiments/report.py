@@ -237,8 +237,8 @@ def md_optimizers(study: dict) -> str:
         ("one-class seeds", _get("collapsed_seeds", lambda n: "—" if n is None else n)),
         (f"steps to {pct(first['target'])}% dev", _steps_cell),
         RAN_ON,
-        ("s/step", _get("step_seconds")),
-        ("× SGD", _get("step_ratio_to_sgd")),
+        ("s/step (these runs)", _get("step_seconds")),
+        ("× SGD (these runs)", _get("step_ratio_to_sgd")),
     ]
     parts.append(
         f"**{data.get_task(task).display_name}** ({split} split; {first['steps']} steps; "
