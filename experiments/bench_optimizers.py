@@ -163,7 +163,10 @@ def main(argv) -> None:
     raise app.UsageError(f"the {plan.mode} plan has no optimizer variant to time")
   absl_logging.set_verbosity(absl_logging.WARNING)
   load = os.getloadavg()[0]
-  seconds = measure(configs, _REPEATS.value)
+  try:
+    seconds = measure(configs, _REPEATS.value)
+  except data.DataError as error:  # the first variant loads the batch, before any timing
+    raise app.UsageError(f"{error} (give --data_dir or ${data.GLUE_DIR_ENV})") from None
   record = result(plan, configs, seconds, _REPEATS.value, load)
   runs.write_json(out / studies.STEP_COST_FILE, record)
   (out / studies.STEP_COST_FILE).with_suffix(".md").write_text(markdown(record))

@@ -169,3 +169,16 @@ def test_bench_optimizers_times_the_study_s_steps_for_its_cost_sentence(tmp_path
   table = report.md_step_cost(record)
   assert table.count("\n| ") == 1 + len(configs)  # the header row and one per variant
   assert verdict.step_cost(None).startswith("Cost: not yet measured apart from the study")
+
+
+def test_bench_optimizers_without_data_says_where_it_looked(tmp_path):
+  result = run_benchmark(
+      "experiments.bench_optimizers",
+      "--mode=smoke",
+      f"--out={tmp_path}",
+      f"--data_dir={tmp_path / 'no_glue'}",
+  )
+  assert result.returncode == 1
+  assert f"{tmp_path / 'no_glue'}: no SST-2/train.tsv" in result.stderr
+  assert "(give --data_dir or $NEARPROX_GLUE_DIR)" in result.stderr
+  assert not (tmp_path / "smoke").exists()  # nothing written
