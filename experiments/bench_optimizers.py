@@ -43,6 +43,7 @@ _DATA_DIR = flags.DEFINE_string("data_dir", None, "GLUE root (else $NEARPROX_GLU
 def variant_configs(plan, base_config, out: Path) -> dict[str, tuple[str, object, str]]:
   """{variant: (label, config, settings)} of the plan's optimizer variants on the plan's
   first optimizer task, as the study builds them from the stored runs of ``out/runs``."""
+  # allow_new=False: it reads stored runs and trains nothing, so its workdir is never made.
   executor = runs.Executor(base_config, out, out / "unused", allow_new=False, log=lambda _: None)
   context = tuning.Context(plan, executor)
   task = plan.optimizer_tasks[0]
@@ -62,7 +63,9 @@ def variant_configs(plan, base_config, out: Path) -> dict[str, tuple[str, object
 
 
 def compiled_step(config, batch_cache: dict):
-  """(run one step, the step's batch): the study's training step of ``config``, compiled."""
+  """A function that runs the study's training step of ``config`` (compiled on its first
+  call, made here) on one batch and returns its wall time; ``batch_cache`` keeps the batch of
+  each (task, length, batch size) for the next variants."""
   import jax
   import jax.numpy as jnp
 
