@@ -19,6 +19,11 @@ shape on this kind of machine: :meth:`experiments.runs.Executor.run`; a run of a
 stored starts until then), stops the runs still training at MIN minutes (SIGTERM: each saves
 a checkpoint, and the next invocation resumes it), and still writes the tables from whatever
 exists; studies with missing runs are marked incomplete / not run in the generated section.
+To stop a sitting early, send the invocation SIGTERM, or press Ctrl-C when it runs with
+``--workers`` or ``--stop_after`` (it then trains in worker processes): the runs in training
+save a checkpoint and it exits with status 75 (EX_TEMPFAIL), after writing the tables when
+it trained in workers; the same command resumes. A worker sent SIGTERM alone stops the same
+way and is not started again.
 ``--mode=full`` is many hours on 2 CPU cores (experiments/configs/full.py); on a GPU/TPU it
 needs the JAX build for it (``pip install jax[cuda12]`` / ``jax[tpu]``) and nothing else, and
 step times and ``× SGD`` ratios are then the accelerator's. ``--config.model.dtype=bfloat16`` is safe for the proximal
@@ -294,7 +299,8 @@ def render_readme(mode, plan, config, results, out, link_root, wall_seconds, com
       "machine, before the report, for the optimizer study's cost table and the verdict's "
       "cost sentence (each optimizer's step timed apart from the study's runs). Completed "
       "runs are reused, and a run stopped by SIGTERM resumes "
-      "from its checkpoint; `--stop_after=MIN` ends a sitting within MIN minutes (it starts "
+      "from its checkpoint (SIGTERM or Ctrl-C to an invocation with `--workers` or "
+      "`--stop_after` stops every run it trains that way); `--stop_after=MIN` ends a sitting within MIN minutes (it starts "
       "only runs that the stored ones of their shape say end in time, and stops the rest "
       "by SIGTERM at MIN); a run that one study asks for with a robustness evaluation and "
       "another without (the adversarial study's clean runs are the optimizer study's SST-2 "
@@ -379,6 +385,23 @@ def main(argv) -> None:
   if _RUN_SPEC.value:
     runs.execute_spec_file(_RUN_SPEC.value)
     return
+  try:
+    signalled = reproduce()
+  except runs.RunPreempted as stopped:  # SIGTERM reached a run training in this process
+    print(stopped, file=sys.stderr)
+    raise SystemExit(runs.PREEMPTED_EXIT_CODE) from None
+  if signalled:
+    print(
+        "stopped by a signal (the runs in training saved checkpoints): the same command "
+        "resumes them",
+        file=sys.stderr,
+    )
+    raise SystemExit(runs.PREEMPTED_EXIT_CODE)
+
+
+def reproduce() -> bool:
+  """Trains what the flags ask for and writes the tables and README; True when a signal
+  stopped the workers (the report is still written from the runs that exist)."""
   started = time.time()
   absl_logging.set_verbosity(absl_logging.WARNING)  # orbax logs every checkpoint at INFO
   import jax
@@ -407,10 +430,11 @@ def main(argv) -> None:
   in_workers = not _REPORT_ONLY.value and (
       _WORKERS.value > 1 or (deadline is not None and not _CLAIM_RUNS.value)
   )
+  signalled = False
   if in_workers:
     command = [sys.executable, "-m", "experiments.reproduce", *worker_flags(sys.argv[1:])]
     command += ["--claim_runs", f"--readme={Path(_WORKDIR.value) / mode / 'worker_README.md'}"]
-    workers.run_workers(
+    signalled = workers.run_workers(
         command, _WORKERS.value, out / "runs", deadline, log=print, pin=_PIN_WORKERS.value
     )
   executor = runs.Executor(
@@ -453,6 +477,7 @@ def main(argv) -> None:
   readme.parent.mkdir(parents=True, exist_ok=True)
   readme.write_text(text)
   print(f"wrote {readme} ({time.time() - started:.0f}s)", flush=True)
+  return signalled
 
 
 if __name__ == "__main__":

@@ -15,7 +15,7 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
-from experiments.runs import REPO
+from experiments.runs import PREEMPTED_EXIT_CODE, REPO
 
 
 def cpu_shares(workers: int) -> list[list[int]]:
@@ -43,9 +43,9 @@ def run_workers(
     log: Callable[[str], None] = print,
     poll_seconds: float = 5.0,
     pin: bool = False,
-) -> None:
+) -> bool:
   """Runs ``command`` (a ``reproduce --claim_runs`` invocation) in ``workers`` processes at
-  once until none has anything left to do.
+  once until none has anything left to do; True when a signal stopped them (see below).
 
   ``pin``: worker i runs on the i-th share of this process's CPUs (:func:`cpu_shares`, through
   ``taskset``), so XLA sizes its thread pool to that share instead of every worker using
@@ -58,38 +58,69 @@ def run_workers(
   opens new runs. No process starts after ``deadline`` (``time.time()``; None: none), and each
   gets ``--stop_after`` for the time left. At the deadline the processes still running get
   SIGTERM: a run in training saves a checkpoint at its current step and stops (a later
-  invocation resumes it there), so the deadline bounds the sitting, not only the starts.
+  invocation resumes it), so the deadline bounds the sitting, not only the starts.
+
+  Stopping by hand: SIGTERM or SIGINT (Ctrl-C) to this process does the same as the
+  deadline at once: SIGTERM to every worker, none starts again, and this returns True once
+  they have saved their checkpoints. The workers run in their own sessions, so a Ctrl-C in
+  the terminal reaches only this process, which stops them with SIGTERM (a SIGINT would cut
+  a run short without its checkpoint). A worker that exits after a SIGTERM sent to it alone
+  (status ``PREEMPTED_EXIT_CODE``) is not started again in this invocation.
   """
   count = lambda: sum(1 for _ in runs_dir.glob("*.json"))
   prefix = pinned_prefixes(workers) if pin else [[] for _ in range(workers)]
   running: dict[int, tuple[subprocess.Popen, int]] = {}
-  idle: set[int] = set()
+  idle: set[int] = set()  # found nothing to train; started again when a run lands
+  halted: set[int] = set()  # stopped by a SIGTERM of their own; never started again
+  signalled: list[int] = []
+  previous = {
+      s: signal.signal(s, lambda received, _: signalled.append(received))
+      for s in (signal.SIGTERM, signal.SIGINT)
+  }
   stopped = False
-  while True:
-    if deadline is not None and time.time() >= deadline and running and not stopped:
-      log(
-          f"[workers] the deadline passed: SIGTERM to {len(running)} running worker(s); their "
-          "runs save a checkpoint and resume from it in the next invocation"
-      )
-      for process, _ in running.values():
-        process.send_signal(signal.SIGTERM)
-      stopped = True
-    for i in range(workers):
-      left = None if deadline is None else deadline - time.time()
-      if i in running or i in idle or (left is not None and left <= 0):
-        continue
-      stop = [] if left is None else [f"--stop_after={left / 60:.3f}"]
-      running[i] = (subprocess.Popen([*prefix[i], *command, *stop], cwd=REPO), count())
-    if not running:
-      return
-    time.sleep(poll_seconds)
-    for i, (process, stored_before) in list(running.items()):
-      if process.poll() is None:
-        continue
-      del running[i]
-      if process.returncode and not stopped:
-        log(f"[worker {i}] exited with status {process.returncode}")
-      if count() == stored_before:
-        idle.add(i)
-      else:
-        idle.clear()
+  try:
+    while True:
+      past_deadline = deadline is not None and time.time() >= deadline
+      if (signalled or past_deadline) and running and not stopped:
+        reason = (
+            f"{signal.Signals(signalled[0]).name} received" if signalled else "the deadline passed"
+        )
+        log(
+            f"[workers] {reason}: SIGTERM to {len(running)} running worker(s); their runs save "
+            "a checkpoint and resume from it in the next invocation"
+        )
+        for process, _ in running.values():
+          process.send_signal(signal.SIGTERM)
+        stopped = True
+      for i in range(workers):
+        left = None if deadline is None else deadline - time.time()
+        if i in running or i in idle or i in halted or signalled or stopped:
+          continue
+        if left is not None and left <= 0:
+          continue
+        stop = [] if left is None else [f"--stop_after={left / 60:.3f}"]
+        process = subprocess.Popen([*prefix[i], *command, *stop], cwd=REPO, start_new_session=True)
+        running[i] = (process, count())
+      if not running:
+        return bool(signalled)
+      time.sleep(poll_seconds)
+      for i, (process, stored_before) in list(running.items()):
+        if process.poll() is None:
+          continue
+        del running[i]
+        if process.returncode == PREEMPTED_EXIT_CODE and not stopped:
+          log(
+              f"[worker {i}] stopped by a SIGTERM sent to it (its run saved a checkpoint); "
+              "not started again in this invocation"
+          )
+          halted.add(i)
+          continue
+        if process.returncode and not stopped:
+          log(f"[worker {i}] exited with status {process.returncode}")
+        if count() == stored_before:
+          idle.add(i)
+        else:
+          idle.clear()
+  finally:
+    for s, handler in previous.items():
+      signal.signal(s, handler)

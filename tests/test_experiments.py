@@ -11,6 +11,7 @@ import csv
 import json
 import math
 import os
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -840,6 +841,69 @@ def test_workers_still_training_at_the_deadline_are_stopped_by_sigterm(tmp_path)
   assert len(list(tmp_path.glob("*.training"))) == 2
   assert len(list(tmp_path.glob("*.checkpoint"))) == 2
   assert len(logs) == 1 and "SIGTERM to 2 running worker(s)" in logs[0]
+
+
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT])
+def test_a_signal_to_the_invocation_stops_its_workers_with_sigterm(tmp_path, signum):
+  """SIGTERM, or Ctrl-C's SIGINT, to the process running the workers: each worker gets
+  SIGTERM (its run checkpoints), none starts again, and run_workers says it was signalled."""
+  import threading
+  import time
+
+  logs, started = [], time.time()
+  command = [sys.executable, "-c", TRAINING_WORKER, str(tmp_path)]
+
+  def signal_once_both_train():
+    end = time.time() + 60
+    while time.time() < end:
+      if len(list(tmp_path.glob("*.training"))) == 2:
+        os.kill(os.getpid(), signum)
+        return
+      time.sleep(0.02)
+
+  threading.Thread(target=signal_once_both_train, daemon=True).start()
+  handler_before = signal.getsignal(signum)
+  assert workers.run_workers(command, 2, tmp_path / "runs", None, logs.append, poll_seconds=0.05)
+  assert time.time() - started < 60  # not the workers' 120 s
+  assert len(list(tmp_path.glob("*.training"))) == 2  # nobody started again
+  assert len(list(tmp_path.glob("*.checkpoint"))) == 2
+  assert logs == [
+      f"[workers] {signal.Signals(signum).name} received: SIGTERM to 2 running worker(s); their "
+      "runs save a checkpoint and resume from it in the next invocation"
+  ]
+  assert signal.getsignal(signum) == handler_before
+
+
+PREEMPTED_ONCE_WORKER = """
+import os, pathlib, sys
+runs = pathlib.Path(sys.argv[1])
+with open(runs.parent / "invocations.log", "a") as log:
+  log.write(f"{os.getpid()}\n")
+try:  # the first worker to start is sent SIGTERM alone: it checkpoints and exits with 75
+  os.close(os.open(runs.parent / "preempted", os.O_CREAT | os.O_EXCL | os.O_WRONLY))
+  sys.exit(75)
+except FileExistsError:
+  pass
+runs.mkdir(exist_ok=True)
+for name in ("0", "1"):
+  path = runs / f"{name}.json"
+  if not path.exists():
+    path.write_text("{}")
+    break
+"""
+
+
+def test_a_worker_stopped_by_its_own_sigterm_is_not_started_again(tmp_path):
+  """The other worker's runs landing would wake an idle worker, but not a halted one."""
+  runs_dir = tmp_path / "runs"
+  runs_dir.mkdir()
+  logs = []
+  command = [sys.executable, "-c", PREEMPTED_ONCE_WORKER, str(runs_dir)]
+  assert not workers.run_workers(command, 2, runs_dir, None, logs.append, poll_seconds=0.05)
+  assert sorted(p.name for p in runs_dir.glob("*.json")) == ["0.json", "1.json"]
+  # One halted pass, then the other worker's: 0.json, 1.json, nothing left (idle).
+  assert len((tmp_path / "invocations.log").read_text().splitlines()) == 4
+  assert len(logs) == 1 and "stopped by a SIGTERM sent to it" in logs[0]
 
 
 PINNED_WORKER = """
