@@ -10,7 +10,9 @@ that changes during the measurement hits every variant alike, and a step's time 
 minimum over the rounds. A variant's settings are its chosen tuning trial where the stored
 runs have decided it, else its first trial (a step's cost does not depend on the rate); a
 derived variant (grafted, in front of AdamW) is built on the filter the tuning chose and is
-left out until that choice is made.
+left out until that choice is made. When the plan has the sketch study, the variants it
+sketches (``plan.sketch_check_variant``, and ``best_proximal`` once chosen) are timed again
+with ``optimizer.sketch_dim = plan.sketch_dim``, for the sketch's cost against the exact Gram.
 
     python -m experiments.bench_optimizers [--mode=full] [--repeats=5] [--data_dir=GLUE]
 
@@ -59,6 +61,16 @@ def variant_configs(plan, base_config, out: Path) -> dict[str, tuple[str, object
     settings += "" if chosen else " (first trial: the tuning has not chosen yet)"
     config = runs.apply_overrides(base_config, {"task": task, **overrides, **trial})
     found[variant] = (context.label(variant), config, settings)
+  # The sketch study's variants again with the sketched Gram, for its cost against the exact.
+  dim = plan.get("sketch_dim") if "sketch" in plan.studies else None
+  for variant in dict.fromkeys(
+      v for v in (plan.get("sketch_check_variant"), context.resolve("best_proximal")) if v
+  ):
+    if dim and variant in found:
+      label, config, settings = found[variant]
+      sketched = runs.apply_overrides(config, {"optimizer.sketch_dim": dim})
+      label = f"{label}, sketched Gram (k = {dim})"
+      found[f"{variant}{studies.SKETCHED}"] = (label, sketched, settings)
   return found
 
 
@@ -127,6 +139,7 @@ def result(plan, configs: dict, seconds: dict[str, float], repeats: int, load: f
             "label": label,
             "optimizer": config.optimizer.name,
             "settings": settings,
+            "sketch_dim": config.optimizer.get("sketch_dim") or None,
             "step_seconds": seconds[variant],
             "ratio_to_sgd": seconds[variant] / seconds[sgd] if sgd else None,
             "ratio_to_adamw": seconds[variant] / seconds["adamw"] if "adamw" in seconds else None,

@@ -407,12 +407,13 @@ def md_sketch(study: dict) -> str:
       lambda r: "exact" if r["sketch_dim"] is None else f"sketched, k = {r['sketch_dim']}",
   )
   one_class = ("one-class seeds", _get("collapsed_seeds", lambda n: "—" if n is None else n))
-  step = ("s/step", _get("step_seconds"))
+  timed = lambda r: f"{r['timed_step_ratio']:.2f}×" if r.get("timed_step_ratio") else "—"
+  step = [("s/step (these runs)", _get("step_seconds")), ("× exact step (timed apart)", timed)]
   parts = []
   if study["tables"]["sketch"]:
     columns = [OPTIMIZER, LR, DAMPING, gram, SEEDS]
     columns += [("SST-2 dev acc (%)", _spread("dev_accuracy", "dev_accuracy_std"))]
-    parts.append(table(study["tables"]["sketch"], columns + [one_class, RAN_ON, step]))
+    parts.append(table(study["tables"]["sketch"], columns + [one_class, RAN_ON, *step]))
   check = study["tables"].get("sketch_tuning_budget") or []
   if check:
     columns = [OPTIMIZER, LR, DAMPING, gram, SEEDS]
@@ -423,12 +424,15 @@ def md_sketch(study: dict) -> str:
         f"At the tuning budget ({check[0]['steps']} steps, scored on the tuning's held-out "
         "training examples; the exact runs of the tuning seeds are the tuning runs), "
         "one proximal variant at the trial its tuning chose, before the study's own choice "
-        "exists:\n\n" + table(check, columns + [one_class, RAN_ON, step])
+        "exists:\n\n" + table(check, columns + [one_class, RAN_ON, *step])
     )
   parts.append(
       "The same settings and seeds; only the coefficients c come from the estimated Gram "
-      "(docs/method.md §2.9). Step times are those of the study's machine while it ran; "
-      "`experiments/results/bench_step.md` measures them on an idle one."
+      "(docs/method.md §2.9). s/step is the study's runs' own, which shared the machine; "
+      "× exact step is the sketched step's time over the exact one's, both timed in one "
+      "process, interleaved, by `python -m experiments.bench_optimizers` "
+      "(`bench_optimizers.md`; — before it has timed them); "
+      "`experiments/results/bench_step.md` times the sketch against the exact Gram's parts."
   )
   return "\n\n".join(parts)
 

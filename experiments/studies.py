@@ -28,7 +28,8 @@ which of these it runs (--mode=full: optimizers, sketch, adversarial, noise, squ
 6. ``noise``       20% / 40% flipped SST-2 training labels; tweets low-confidence test.
 7. ``sketch``      the tuned proximal variant with the exact and with the sketched Gram
    (``optimizer.sketch_dim``), same settings and seeds, on SST-2 (issue 14); and, before
-   that choice exists, ``plan.sketch_check_variant`` at its tuned trial and the tuning budget.
+   that choice exists, ``plan.sketch_check_variant`` at its tuned trial and the tuning budget;
+   the sketched/exact step time ratio timed apart from the runs (bench_optimizers.py).
 8. ``squad``       extractive QA on SQuAD's held-out articles: AdamW, the tuned proximal
    variant and SGD+momentum at their SST-2 settings (issue 15).
 """
@@ -66,6 +67,8 @@ SUMMARY_FIELDS = tuple(
 # experiments/bench_optimizers.py's record in <out>/<mode>/: each optimizer's step time,
 # measured apart from the study's runs (which share the machine).
 STEP_COST_FILE = "bench_optimizers.json"
+# A variant's key in that record when it is timed with the sketch study's sketched Gram.
+SKETCHED = ":sketched"
 # A difference is a win or a loss only above the noise floor: the two seed standard
 # deviations summed, and at least one accuracy point (all there is with one seed).
 MIN_GAP = 0.01
@@ -238,9 +241,18 @@ def optimizers(ctx: Context) -> dict:
         comparisons.append({**record, "metric": metric, "preselected": variant == best})
     summary += rows.values()
   tables = {"tuning": tuning_rows, "runs": run_rows, "summary": summary}
-  cost_path = Path(ctx.ex.out) / STEP_COST_FILE
-  cost = json.loads(cost_path.read_text()) if cost_path.exists() else None
-  return {"tables": tables, "curves": curves, "comparisons": comparisons, "step_cost": cost}
+  return {
+      "tables": tables,
+      "curves": curves,
+      "comparisons": comparisons,
+      "step_cost": step_cost(ctx),
+  }
+
+
+def step_cost(ctx: Context) -> dict | None:
+  """experiments/bench_optimizers.py's record in the study's results folder (None: not run)."""
+  path = Path(ctx.ex.out) / STEP_COST_FILE
+  return json.loads(path.read_text()) if path.exists() else None
 
 
 # ---------------------------------------------------------------------------------- 2
@@ -513,6 +525,15 @@ def sketch(ctx: Context) -> dict:
           "collapsed_seeds": group.collapsed_seeds(),
           "step_seconds": group.step_seconds(),
       }
+  # The step time ratio measured apart from the runs, which shared the machine.
+  cost = step_cost(ctx)
+  timed = {r["variant"]: r["step_seconds"] for r in cost["rows"]} if cost else {}
+  for variant, pair in (
+      (ctx.resolve("best_proximal"), rows),
+      (plan.get("sketch_check_variant"), check),
+  ):
+    if "sketched" in pair and {variant, f"{variant}{SKETCHED}"} <= timed.keys():
+      pair["sketched"]["timed_step_ratio"] = timed[f"{variant}{SKETCHED}"] / timed[variant]
   comparisons = []
   if len(rows) == 2:
     subject = {**rows["sketched"], "variant": f"the sketched Gram (k = {plan.sketch_dim})"}

@@ -255,8 +255,16 @@ def sketch(study) -> list[str]:
   for record in study["comparisons"]:
     rows = tables[record.get("budget")]
     sketched, exact = rows["sketched"], rows["exact"]
-    if sketched.get("machine") == exact.get("machine"):
-      cost = f"at {sketched['step_seconds'] / exact['step_seconds']:.2f}× its step time"
+    if sketched.get("timed_step_ratio"):
+      cost = (
+          f"at {sketched['timed_step_ratio']:.2f}× its step time (both steps timed in one "
+          "process by experiments/bench_optimizers.py)"
+      )
+    elif sketched.get("machine") == exact.get("machine"):
+      cost = (
+          f"at {sketched['step_seconds'] / exact['step_seconds']:.2f}× its step time in these "
+          "runs, which shared the machine"
+      )
     else:  # step times of different machines are not comparable
       cost = f"its runs on {sketched['machine']}, the exact Gram's on {exact['machine']}"
     where = (

@@ -126,11 +126,15 @@ def test_bench_optimizers_times_the_study_s_steps_for_its_cost_sentence(tmp_path
   plan.lr_grid = {"sgd_momentum": (0.01,), "adamw": (1e-4,), "proximal_ief": (0.1, 0.3)}
   plan.lr_grid["proximal_adamw"] = (1e-4,)
   plan.damping_trials = {"proximal_ief": (0.1,), "proximal_adamw": (1.0,)}
+  plan.sketch_check_variant = "proximal_ief"
   out = tmp_path / "results" / "smoke"
-  # No stored run: every trial is the first; the derived one needs the filter choice.
-  assert list(bench_optimizers.variant_configs(plan, config, out)) == list(
-      plan.optimizer_variants[:3]
-  )
+  # No stored run: every trial is the first; the derived one needs the filter choice; the
+  # sketch study's variant is timed again with its sketched Gram.
+  sketched = f"proximal_ief{studies.SKETCHED}"
+  assert list(bench_optimizers.variant_configs(plan, config, out)) == [
+      *plan.optimizer_variants[:3],
+      sketched,
+  ]
   resolve = tuning.Context.resolve
   monkeypatch.setattr(
       tuning.Context,
@@ -143,6 +147,10 @@ def test_bench_optimizers_times_the_study_s_steps_for_its_cost_sentence(tmp_path
   assert (chained.optimizer.name, chained.optimizer.weighting) == ("proximal_adamw", "ief")
   assert settings == "learning_rate 0.0001, damping 1 (first trial: the tuning has not chosen yet)"
   assert configs["proximal_ief"][1].optimizer.learning_rate == 0.1
+  label, sketch_config, _ = configs[sketched]
+  assert label == f"{configs['proximal_ief'][0]}, sketched Gram (k = {plan.sketch_dim})"
+  assert sketch_config.optimizer.sketch_dim == plan.sketch_dim
+  assert sketch_config.optimizer.learning_rate == 0.1
 
   seconds = bench_optimizers.measure(configs, repeats=2, log=lambda _: None)
   assert set(seconds) == set(configs) and all(0 < s < 60 for s in seconds.values())
@@ -151,6 +159,9 @@ def test_bench_optimizers_times_the_study_s_steps_for_its_cost_sentence(tmp_path
   assert record["sgd_variant"] == "sgd_momentum" and rows["sgd_momentum"]["ratio_to_sgd"] == 1
   assert rows["proximal_adamw"]["ratio_to_adamw"] == pytest.approx(
       seconds["proximal_adamw"] / seconds["adamw"]
+  )
+  assert (
+      rows[sketched]["sketch_dim"] == plan.sketch_dim and rows["proximal_ief"]["sketch_dim"] is None
   )
   runs.write_json(out / studies.STEP_COST_FILE, record)
 

@@ -217,6 +217,25 @@ def test_sketch_and_squad_studies_compare_from_run_files(tmp_path):
   f1 = 100 * by_optimizer["sgd"]["f1"]
   assert f"| SGD | 0.01 | — | 1 | {f1:.1f} |" in readme
   assert "On SQuAD's held-out articles, proximal SGD, tikhonov reaches held-out F1" in readme
+  assert "× exact step (timed apart)" in readme and "in these runs, which shared" in readme
+
+  # With bench_optimizers' record, the sketch's cost is its sketched/exact step time ratio.
+  from experiments.configs import smoke
+
+  timed = {"proximal_tikhonov": 2.0, f"proximal_tikhonov{studies.SKETCHED}": 0.5}
+  record = {"rows": [{"variant": v, "step_seconds": s} for v, s in timed.items()]}
+  runs.write_json(out / studies.STEP_COST_FILE, record)
+  config = smoke.get_config()
+  config.eval_batch_size = 16  # as reproduce() ran it: the runs' keys hash their config
+  executor = runs.Executor(config, out, tmp_path / "work" / "smoke", allow_new=False)
+  sketch = studies.FUNCTIONS["sketch"](tuning.Context(smoke.get_plan(), executor))
+  assert not sketch["missing"]
+  for name in ("sketch", "sketch_tuning_budget"):
+    rows = {r["gram"]: r for r in sketch["tables"][name]}
+    assert rows["sketched"]["timed_step_ratio"] == 0.25 and "timed_step_ratio" not in rows["exact"]
+  sentences = verdict.sketch(sketch)
+  assert len(sentences) == 2
+  assert all("at 0.25× its step time (both steps timed in one process" in s for s in sentences)
 
 
 def test_default_job_trains_both_optimizers_and_reports(tmp_path):
