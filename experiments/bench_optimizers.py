@@ -36,10 +36,14 @@ from nearprox.text import data
 
 HERE = Path(__file__).resolve().parent
 
-_MODE = flags.DEFINE_enum("mode", "full", ("smoke", "quick", "full"), "the study's mode")
-_REPEATS = flags.DEFINE_integer("repeats", 5, "interleaved timed rounds (one step of each)")
-_OUT = flags.DEFINE_string("out", str(HERE / "results"), "results root (<out>/<mode>/...)")
-_DATA_DIR = flags.DEFINE_string("data_dir", None, "GLUE root (else $NEARPROX_GLUE_DIR)")
+
+def define_flags() -> None:
+  """The command line's flags, defined only when this runs as a program: tests import this
+  module beside experiments.reproduce, whose flags have the same names."""
+  flags.DEFINE_enum("mode", "full", ("smoke", "quick", "full"), "the study's mode")
+  flags.DEFINE_integer("repeats", 5, "interleaved timed rounds (one step of each)")
+  flags.DEFINE_string("out", str(HERE / "results"), "results root (<out>/<mode>/...)")
+  flags.DEFINE_string("data_dir", None, "GLUE root (else $NEARPROX_GLUE_DIR)")
 
 
 def variant_configs(plan, base_config, out: Path) -> dict[str, tuple[str, object, str]]:
@@ -52,14 +56,13 @@ def variant_configs(plan, base_config, out: Path) -> dict[str, tuple[str, object
   found = {}
   for name in plan.optimizer_variants:
     variant = context.resolve(name)
-    overrides = context.overrides(variant) if variant else None
-    if overrides is None:  # a derived variant before the tuning chose its filter
-      continue
+    if variant is None or context.overrides(variant) is None:
+      continue  # a derived variant before the tuning chose its filter
     chosen = context.best_trial(variant)
     trial = chosen["trial"] if chosen else context.trials(variant)[0]
     settings = ", ".join(f"{k.split('.')[-1]} {v:g}" for k, v in trial.items())
     settings += "" if chosen else " (first trial: the tuning has not chosen yet)"
-    config = runs.apply_overrides(base_config, {"task": task, **overrides, **trial})
+    config = runs.apply_overrides(base_config, context.reported_settings(variant, task, trial))
     found[variant] = (context.label(variant), config, settings)
   # The sketch study's variants again with the sketched Gram, for its cost against the exact.
   dim = plan.get("sketch_dim") if "sketch" in plan.studies else None
@@ -169,25 +172,27 @@ def markdown(record: dict) -> str:
 
 def main(argv) -> None:
   del argv
-  if _DATA_DIR.value:
-    os.environ[data.GLUE_DIR_ENV] = _DATA_DIR.value
-  mode = importlib.import_module(f"experiments.configs.{_MODE.value}")
+  args = flags.FLAGS
+  if args.data_dir:
+    os.environ[data.GLUE_DIR_ENV] = args.data_dir
+  mode = importlib.import_module(f"experiments.configs.{args.mode}")
   base_config, plan = mode.get_config(), mode.get_plan()
-  out = Path(_OUT.value) / plan.mode
+  out = Path(args.out) / plan.mode
   configs = variant_configs(plan, base_config, out)
   if not configs:
     raise app.UsageError(f"the {plan.mode} plan has no optimizer variant to time")
   absl_logging.set_verbosity(absl_logging.WARNING)
   load = os.getloadavg()[0]
   try:
-    seconds = measure(configs, _REPEATS.value)
+    seconds = measure(configs, args.repeats)
   except data.DataError as error:  # the first variant loads the batch, before any timing
     raise app.UsageError(f"{error} (give --data_dir or ${data.GLUE_DIR_ENV})") from None
-  record = result(plan, configs, seconds, _REPEATS.value, load)
+  record = result(plan, configs, seconds, args.repeats, load)
   runs.write_json(out / studies.STEP_COST_FILE, record)
   (out / studies.STEP_COST_FILE).with_suffix(".md").write_text(markdown(record))
   print(markdown(record))
 
 
 if __name__ == "__main__":
+  define_flags()
   app.run(main)

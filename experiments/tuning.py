@@ -282,6 +282,11 @@ class Context:
 
   # ------------------------------------------------------------------------ reported runs
 
+  def reported_settings(self, variant: str, task: str, trial: dict, extra=None) -> dict:
+    """The overrides of a reported run of ``variant`` on ``task`` (without its seed): the
+    mode's full budget, the variant's overrides, the trial's settings, then ``extra``."""
+    return {"task": task, **self.overrides(variant), **trial, **(extra or {})}
+
   def group(self, label, task, name, seeds=None, extra=None, devices=1, attack=None):
     """The :class:`Group` of ``name`` (a variant or an alias) on ``task`` at its chosen trial
     and the mode's full budget, one run per seed (default ``plan.seeds``); None when the
@@ -292,7 +297,7 @@ class Context:
     chosen = self.best_trial(variant)
     if chosen is None:
       return None
-    overrides = {"task": task, **self.overrides(variant), **chosen["trial"], **(extra or {})}
+    overrides = self.reported_settings(variant, task, chosen["trial"], extra)
     found = []
     for seed in self.plan.seeds if seeds is None else seeds:
       run_name = f"{label}:{task}:{variant}:seed={seed}"
