@@ -17,7 +17,7 @@ with ``optimizer.sketch_dim = plan.sketch_dim``, for the sketch's cost against t
     python -m experiments.bench_optimizers [--mode=full] [--repeats=5] [--data_dir=GLUE]
 
 Writes ``experiments/results/<mode>/bench_optimizers.{md,json}``; the optimizer study reads
-the JSON for the cost sentence of the verdict and its table (experiments/studies.py).
+the JSON for the cost sentence of the verdict and its table (experiments/studies/).
 """
 
 from __future__ import annotations

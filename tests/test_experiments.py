@@ -318,14 +318,14 @@ def test_majority_class_row_scores_the_constant_prediction(tmp_path, monkeypatch
   monkeypatch.setenv("NEARPROX_GLUE_DIR", str(GLUE))
   config = ml_collections.ConfigDict({"data_dir": None, "source": None, "max_eval_examples": 0})
   plan = ml_collections.ConfigDict({"seeds": (0, 1)})
-  ctx = studies.Context(plan, runs.Executor(config, tmp_path, tmp_path, allow_new=False))
+  ctx = tuning.Context(plan, runs.Executor(config, tmp_path, tmp_path, allow_new=False))
   row = studies.majority_class_row(ctx, "mrpc", 64)
   # MRPC dev: 279 of 408 pairs are paraphrases, the training majority class too, so the
   # constant prediction has accuracy p = 279/408 and F1 2p/(1+p) on every seed.
   p = 279 / 408
   assert row["accuracy"] == pytest.approx(p) and row["accuracy_std"] == 0.0
   assert row["f1"] == pytest.approx(2 * p / (1 + p))
-  assert row["variant"] == studies.DISPLAY["majority"] and row["seeds"] == 2
+  assert row["variant"] == tuning.DISPLAY["majority"] and row["seeds"] == 2
   config.max_eval_examples = 100  # each seed's subset, as the runs evaluate it
   subset = studies.majority_class_row(ctx, "mrpc", 64)
   assert subset["accuracy"] != pytest.approx(p) and subset["accuracy_std"] > 0
@@ -347,7 +347,7 @@ def _glue_study(adamw_f1: float) -> dict:
         "same_as_majority": not learned,
     }
 
-  majority = {**row(None, studies.DISPLAY["majority"], 0.812), "same_as_majority": False}
+  majority = {**row(None, tuning.DISPLAY["majority"], 0.812), "same_as_majority": False}
   prox = row("proximal_sgd", "proximal SGD, tikhonov", 0.812, learned=False)
   adamw = row("adamw", "AdamW", adamw_f1, learned=adamw_f1 != 0.812)
   counted = adamw_f1 != 0.812
@@ -897,7 +897,7 @@ PREEMPTED_ONCE_WORKER = """
 import os, pathlib, sys
 runs = pathlib.Path(sys.argv[1])
 with open(runs.parent / "invocations.log", "a") as log:
-  log.write(f"{os.getpid()}\n")
+  log.write(f"{os.getpid()}\\n")
 try:  # the first worker to start is sent SIGTERM alone: it checkpoints and exits with 75
   os.close(os.open(runs.parent / "preempted", os.O_CREAT | os.O_EXCL | os.O_WRONLY))
   sys.exit(75)

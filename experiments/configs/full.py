@@ -24,7 +24,7 @@ The tuning protocol (experiments/tuning.py), fixed here before any run:
   the tuning ranked first (``best_proximal``), three seeds each.
 
 Added on 2026-11-29, after 5 tuning runs and before any proximal run, without changing the
-above (studies 7 and 8 of experiments/studies.py):
+above (studies 7 and 8 of experiments/studies/):
 
 * ``sketch``: ``best_proximal`` on SST-2 with ``optimizer.sketch_dim = plan.sketch_dim`` (the
   smallest k of experiments/results/bench_step.md whose cos(d̂, d) ≥ 0.99 for both filters and

@@ -36,7 +36,7 @@ def get_config() -> ml_collections.ConfigDict:
 
 
 def get_plan() -> ml_collections.ConfigDict:
-  """What each study runs in this mode (see experiments/studies.py); ``--plan.*`` overrides it."""
+  """What each study runs in this mode (see experiments/studies/); ``--plan.*`` overrides it."""
   plan = ml_collections.ConfigDict()
   plan.mode = "quick"
   plan.studies = ("optimizers", "damping", "adversarial", "multidevice", "glue", "noise")

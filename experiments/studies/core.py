@@ -1,0 +1,107 @@
+"""What every study shares: constants, the comparison record, dev curves, and the
+:func:`study` wrapper that turns a function of a :class:`Context` into a study dict."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+
+from experiments.tuning import Context, final, history_curve
+
+BASELINES = ("adamw", "sgd_momentum", "sgd")  # what the best proximal variant is compared with
+STUDY_TASK = "sst2"  # where the damping, adversarial, multidevice and noise studies train
+LOW_CONFIDENCE_TASK = "tweets"  # the task whose test split has low-confidence labels
+# The optimizer summary records (experiments/results/<mode>/summary.json), in this order.
+SUMMARY_FIELDS = tuple(
+    "task optimizer variant steps batch_size max_length seeds learning_rate damping metric mean"
+    " std collapsed_seeds split".split()
+)
+# experiments/bench_optimizers.py's record in <out>/<mode>/: each optimizer's step time,
+# measured apart from the study's runs (which share the machine).
+STEP_COST_FILE = "bench_optimizers.json"
+# A variant's key in that record when it is timed with the sketch study's sketched Gram.
+SKETCHED = ":sketched"
+# A difference is a win or a loss only above the noise floor: the two seed standard
+# deviations summed, and at least one accuracy point (all there is with one seed).
+MIN_GAP = 0.01
+
+
+def dev_curve(result: dict, metric: str) -> list[tuple[int, float]]:
+  """(step, dev metric) at every evaluation during training and at the end."""
+  points = history_curve(result, f"dev/{metric}")
+  points.append((result["report"]["steps"], final(result, "dev", metric)))
+  return sorted(dict(points).items())
+
+
+def steps_to_target(result: dict, metric: str, target: float) -> int | None:
+  """The first evaluated step whose dev metric reaches ``target`` (None: never)."""
+  return next((int(s) for s, value in dev_curve(result, metric) if value >= target), None)
+
+
+def mean_curve(curves: list[list[tuple[int, float]]]) -> list[tuple[int, float]]:
+  """Pointwise mean over seeds at the steps all curves share."""
+  if not curves:
+    return []
+  steps = sorted(set.intersection(*[{s for s, _ in c} for c in curves]))
+  tables = [dict(c) for c in curves]
+  return [(s, float(np.mean([t[s] for t in tables]))) for s in steps]
+
+
+def comparison(subject: dict, baseline: dict, key: str, std_key=None, **context) -> dict:
+  """The record "subject vs baseline on ``key``" (seed spread ``std_key``, default
+  ``<key>_std``): ``outcome`` is "ahead", "behind" or "level" (within ``MIN_GAP``)."""
+  a, b, std_key = subject[key], baseline[key], std_key or f"{key}_std"
+  floor = max(MIN_GAP, (subject[std_key] or 0.0) + (baseline[std_key] or 0.0))
+  outcome = "ahead" if a - b > floor else "behind" if a - b < -floor else "level"
+  return {
+      **context,
+      "subject": subject["variant"],
+      "baseline": baseline["variant"],
+      "baseline_optimizer": baseline["optimizer"],
+      "subject_mean": a,
+      "subject_std": subject[std_key],
+      "baseline_mean": b,
+      "baseline_std": baseline[std_key],
+      "difference": a - b,
+      "outcome": outcome,
+  }
+
+
+def study(title: str):
+  """Makes a study of a function: the function returns its ``tables`` and optionally ``curves``,
+  ``comparisons``, ``notes`` and a ``title`` of its own; the study dict adds the tuning
+  choices it waits for (``waiting``), the runs it asked for first (``requested``; runs shared with an earlier study, e.g. the
+  learning-rate sweep, belong to that one) and those of them that do not exist."""
+
+  def register(fn):
+    def run(ctx: Context) -> dict:
+      start, waits_before = len(ctx.ex.requested), len(ctx.waiting)
+      found = fn(ctx)
+      keys = ctx.ex.requested[start:]
+      return {
+          "name": fn.__name__,
+          "title": title,
+          "curves": {},
+          "comparisons": [],
+          "notes": [],
+          **found,
+          "requested": len(keys),
+          "missing": [ctx.ex.missing[k] for k in keys if k in ctx.ex.missing],
+          # Choices it needs that the tuning has not made: runs it will ask for later.
+          "waiting": sorted(set(ctx.waiting[waits_before:])),
+          "plan": ctx.plan.mode,
+      }
+
+    run.__name__ = fn.__name__
+    run.__doc__ = fn.__doc__
+    return run
+
+  return register
+
+
+def step_cost(ctx: Context) -> dict | None:
+  """experiments/bench_optimizers.py's record in the study's results folder (None: not run)."""
+  path = Path(ctx.ex.out) / STEP_COST_FILE
+  return json.loads(path.read_text()) if path.exists() else None

@@ -1,0 +1,122 @@
+"""Study 1: every optimizer variant at its tuned settings on the plan's tasks, and the cost
+of a step (from experiments/bench_optimizers.py's record)."""
+
+from __future__ import annotations
+
+from experiments.studies.core import (
+    BASELINES,
+    comparison,
+    dev_curve,
+    mean_curve,
+    step_cost,
+    steps_to_target,
+    study,
+)
+from experiments.tuning import (
+    ALIASES,
+    DERIVED,
+    PROXIMAL,
+    Context,
+    collapsed,
+    final,
+    history_curve,
+    mean_std,
+)
+from nearprox.text import data
+
+
+@study("Optimizer comparison")
+def optimizers(ctx: Context) -> dict:
+  plan = ctx.plan
+  tuning_rows, run_rows, summary, curves, comparisons = [], [], [], {}, []
+  # Training order only (the tables below read the same runs): every variant that waits for
+  # no other choice trains its runs on the first task before the derived variants' tuning
+  # starts, so a partial study shows the full-budget comparison there early.
+  for variant in plan.optimizer_variants:
+    if variant not in DERIVED and variant not in ALIASES:
+      ctx.group("optimizers", plan.optimizer_tasks[0], variant)
+  for variant in plan.optimizer_variants:
+    variant = ctx.resolve(variant)
+    rows, _ = ctx.tuning(variant) if variant else ([], False)
+    chosen = ctx.best_trial(variant) if rows else None
+    for row in rows:  # trials done so far, also while the tuning is incomplete
+      is_chosen = chosen is not None and row["trial"] == chosen["trial"]
+      tuning_rows.append({k: v for k, v in row.items() if k != "trial"} | {"chosen": is_chosen})
+  best = ctx.resolve("best_proximal")  # chosen on held-out training data, not on any task
+  for task in plan.optimizer_tasks:
+    info = data.get_task(task)
+    metric, split = info.primary_metric, info.reported_split
+    groups = {}
+    for variant in plan.optimizer_variants:
+      group = ctx.group("optimizers", task, variant)
+      if group is not None:
+        groups[group.variant] = group
+    if not groups:
+      continue
+    target = plan.target_fraction * max(g.stat("dev", metric)[0] for g in groups.values())
+    # The SGD step time (momentum costs nothing measurable) is the unit of the cost column.
+    sgd = next((groups[v] for v in ("sgd", "sgd_momentum") if v in groups), None)
+    rows, curves[task] = {}, {}
+    for variant, group in groups.items():
+      found = group.results
+      reached = [steps_to_target(r, metric, target) for r in found]
+      for r, steps in zip(found, reached):
+        run_rows.append(
+            {
+                "task": task,
+                **group.describe(),
+                "seed": r["config"]["seed"],
+                f"{split}_{metric}": final(r, split, metric),
+                f"dev_{metric}": final(r, "dev", metric),
+                "steps_to_target": steps,
+                "collapsed": collapsed(r),
+                "step_seconds": r["report"]["train_step_seconds"],
+                "wall_seconds": r["wall_seconds"],
+            }
+        )
+      config = found[0]["config"]
+      mean, std = group.stat(split, metric)
+      rows[variant] = {
+          "task": task,
+          **group.describe(),
+          "steps": found[0]["report"]["steps"],
+          "batch_size": config["batch_size"],
+          "max_length": config["max_length"],
+          "seeds": len(found),
+          "metric": metric,
+          "mean": mean,
+          "std": std,
+          "collapsed_seeds": group.collapsed_seeds(),
+          "split": split,
+          "dev_mean": group.stat("dev", metric)[0],
+          "target": target,
+          "reached": sum(s is not None for s in reached),
+          "steps_to_target": mean_std([s for s in reached if s is not None])[0],
+          "step_seconds": group.step_seconds(),
+          "step_ratio_to_sgd": group.step_ratio(sgd),  # NaN across machines
+      }
+      for other in info.metric_names[1:]:
+        rows[variant][f"{split}_{other}"] = group.stat(split, other)[0]
+      if "test_low_confidence" in found[0]["report"]:
+        rows[variant].update(
+            group.stats("low_confidence_accuracy", "test_low_confidence", "accuracy")
+        )
+      curves[task][group.label] = {
+          "dev": mean_curve([dev_curve(r, metric) for r in found]),
+          "loss": mean_curve([history_curve(r, "train/loss") for r in found]),
+      }
+    # Every proximal variant against every baseline, as data; the verdict leads with the
+    # variant the tuning chose (best_proximal), so no choice is made on the reported split.
+    for variant in (v for v in PROXIMAL if v in rows):
+      rows[variant]["best_proximal"] = variant == best
+      for base in (b for b in BASELINES if b in rows):
+        record = comparison(rows[variant], rows[base], "mean", "std", study="optimizers", task=task)
+        comparisons.append({**record, "metric": metric, "preselected": variant == best})
+    summary += rows.values()
+  tables = {"tuning": tuning_rows, "runs": run_rows, "summary": summary}
+  return {
+      "tables": tables,
+      "curves": curves,
+      "comparisons": comparisons,
+      "step_cost": step_cost(ctx),
+  }
