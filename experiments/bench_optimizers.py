@@ -66,10 +66,9 @@ def variant_configs(plan, base_config, out: Path) -> dict[str, tuple[str, object
     found[variant] = (context.label(variant), config, settings)
   # The sketch study's variants again with the sketched Gram, for its cost against the exact.
   dim = plan.get("sketch_dim") if "sketch" in plan.studies else None
-  for variant in dict.fromkeys(
-      v for v in (plan.get("sketch_check_variant"), context.resolve("best_proximal")) if v
-  ):
-    if dim and variant in found:
+  sketched_variants = (plan.get("sketch_check_variant"), context.resolve("best_proximal"))
+  for variant in dict.fromkeys(sketched_variants if dim else ()):
+    if variant in found:
       label, config, settings = found[variant]
       sketched = runs.apply_overrides(config, {"optimizer.sketch_dim": dim})
       label = f"{label}, sketched Gram (k = {dim})"

@@ -89,11 +89,12 @@ def sketch(ctx: Context) -> dict:
   plan = ctx.plan
   # First: it needs one variant's tuning, best_proximal (below) trains every missing one.
   check = sketch_at_tuning_budget(ctx)
+  best = ctx.resolve("best_proximal")
   rows = {}
   settings = (("exact", "optimizers", None), ("sketched", "sketch", plan.sketch_dim))
   for gram, label, dim in settings:
     extra = None if dim is None else {"optimizer.sketch_dim": dim}
-    group = ctx.group(label, STUDY_TASK, "best_proximal", extra=extra)  # exact: study 1's runs
+    group = ctx.group(label, STUDY_TASK, best, extra=extra)  # exact: study 1's runs
     if group is not None:
       rows[gram] = {
           **group.describe(),
@@ -108,7 +109,7 @@ def sketch(ctx: Context) -> dict:
   cost = step_cost(ctx)
   timed = {r["variant"]: r["step_seconds"] for r in cost["rows"]} if cost else {}
   for variant, pair in (
-      (ctx.resolve("best_proximal"), rows),
+      (best, rows),
       (plan.get("sketch_check_variant"), check),
   ):
     if "sketched" in pair and {variant, f"{variant}{SKETCHED}"} <= timed.keys():
