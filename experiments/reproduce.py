@@ -356,27 +356,41 @@ def resume_stopped(
 def train_first(plan, only: list[str], executor: runs.Executor) -> None:
   """Trains the runs of ``plan.train_first`` before the rest: training order only, since every
   table is then computed from the stored runs in README order. An entry is a study's name,
-  ``optimizers:<task>`` for the optimizer study on one of its tasks, or ``tuning`` for every
-  tuning run of the plan (both stages: the choices every study waits for)."""
+  ``optimizers:<task>`` for the optimizer study on one of its tasks,
+  ``optimizers:<task>:<variant>`` for one variant's runs there (a variant of the plan or
+  ``best_proximal``: nothing until the tuning has chosen it), or ``tuning`` for every tuning
+  run of the plan (both stages: the choices every study waits for)."""
   unknown = [e for e in plan.train_first if e.partition(":")[0] not in ("tuning", *studies.STUDIES)]
   if unknown:
     raise app.UsageError(f"plan.train_first: unknown {unknown}; known: tuning, {studies.STUDIES}")
   for entry in plan.train_first:
-    name, _, task = entry.partition(":")
+    name, _, part_name = entry.partition(":")
+    task, _, variant = part_name.partition(":")
+    if task and (name != "optimizers" or task not in plan.optimizer_tasks):
+      raise app.UsageError(f"plan.train_first: {entry!r} names no task of the optimizer study")
+    if variant and variant not in (*plan.optimizer_variants, "best_proximal"):
+      raise app.UsageError(
+          f"plan.train_first: {entry!r} names no variant of the plan "
+          f"({', '.join(plan.optimizer_variants)}, best_proximal)"
+      )
+  for entry in plan.train_first:
+    name, _, part_name = entry.partition(":")
+    task, _, variant = part_name.partition(":")
     if name == "tuning":
       print("== training first: tuning", flush=True)
       context = tuning_lib.Context(plan, executor)
-      for variant in plan.optimizer_variants:
-        context.best_trial(variant)  # requests (and trains) each of its trials
+      for tuned in plan.optimizer_variants:
+        context.best_trial(tuned)  # requests (and trains) each of its trials
       continue
     if name not in only:
       continue
-    part = copy.deepcopy(plan)
-    if task:
-      if name != "optimizers" or task not in plan.optimizer_tasks:
-        raise app.UsageError(f"plan.train_first: {entry!r} names no task of the optimizer study")
-      part.optimizer_tasks = (task,)
     print(f"== training first: {entry}", flush=True)
+    part = copy.deepcopy(plan)
+    if variant:
+      tuning_lib.Context(part, executor).group(name, task, variant)
+      continue
+    if task:
+      part.optimizer_tasks = (task,)
     studies.FUNCTIONS[name](tuning_lib.Context(part, executor))
   executor.requested.clear()  # each study of the main pass counts the runs it asks for
 

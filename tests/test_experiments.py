@@ -984,8 +984,9 @@ def test_worker_flags_drop_the_parents_own():
 
 def test_train_first_runs_parts_of_studies_before_the_rest(tmp_path, monkeypatch):
   """``plan.train_first`` trains every tuning trial, then calls the named studies (the
-  optimizer study on one task) in its order, skips studies left out by --only, and leaves no
-  request counted for the main pass."""
+  optimizer study on one task, or one variant's runs there) in its order, skips studies left
+  out by --only, and leaves no request counted for the main pass; a wrong entry is an error
+  before anything trains."""
   from absl import app
 
   from experiments import reproduce
@@ -1004,23 +1005,39 @@ def test_train_first_runs_parts_of_studies_before_the_rest(tmp_path, monkeypatch
     ctx.ex.requested.append(f"tune-{variant}")
     calls.append(("tuning", variant))
 
+  def group(ctx, label, task, name):
+    ctx.ex.requested.append(f"{label}-{task}-{name}")
+    calls.append((label, task, name))
+
   monkeypatch.setattr(studies, "FUNCTIONS", {n: recorder(n) for n in ("optimizers", "squad")})
   monkeypatch.setattr(tuning.Context, "best_trial", tuned)
+  monkeypatch.setattr(tuning.Context, "group", group)
   plan = full.get_plan()
-  assert plan.train_first == ("tuning", "squad", "optimizers:sst2")
+  headline = [("optimizers", t, v) for t in ("tweets", "mrpc") for v in ("adamw", "best_proximal")]
+  assert plan.train_first == (
+      "tuning",
+      "squad",
+      "optimizers:sst2",
+      *(":".join(entry) for entry in headline),
+  )
   executor = runs.Executor(full.get_config(), tmp_path / "out", tmp_path / "work")
   reproduce.train_first(plan, ["optimizers", "squad"], executor)
   tasks = tuple(plan.optimizer_tasks)
   every_tuning = [("tuning", v) for v in plan.optimizer_variants]
-  assert calls == [*every_tuning, ("squad", tasks), ("optimizers", ("sst2",))]
+  assert calls == [*every_tuning, ("squad", tasks), ("optimizers", ("sst2",)), *headline]
   assert executor.requested == []
   assert plan.optimizer_tasks == tasks  # the plan itself is unchanged
   calls.clear()
   reproduce.train_first(plan, ["squad"], executor)  # the tuning: whatever --only keeps
   assert calls == [*every_tuning, ("squad", tasks)]
-  plan.train_first = ("squad:sst2",)
-  with pytest.raises(app.UsageError, match="names no task of the optimizer study"):
-    reproduce.train_first(plan, ["squad"], executor)
-  plan.train_first = ("squad", "optimisers:sst2")  # a typo is an error, not a skipped entry
-  with pytest.raises(app.UsageError, match=r"unknown \['optimisers:sst2'\]"):
-    reproduce.train_first(plan, ["squad"], executor)
+  for entry, error in (
+      ("squad:sst2", "names no task of the optimizer study"),
+      ("optimizers:cola:adamw", "names no task of the optimizer study"),
+      ("optimizers:mrpc:lamb", "names no variant of the plan"),
+      ("optimisers:sst2", r"unknown \['optimisers:sst2'\]"),  # a typo is an error, not a skip
+  ):
+    plan.train_first = ("tuning", entry)
+    calls.clear()
+    with pytest.raises(app.UsageError, match=error):
+      reproduce.train_first(plan, ["squad"], executor)
+    assert calls == []  # checked before the first entry trains

@@ -49,6 +49,11 @@ before ``squad`` until 10 tuning trials were left). The runs of every part are f
 this only decides which parts a partial study holds first: SQuAD needs 9 runs after the
 tuning, the other tasks and robustness studies about 80.
 
+Added on 2026-12-01, training order only, with SST-2 and SQuAD complete and tweets at three
+seeds for AdamW, SGD+momentum and tikhonov: AdamW and ``best_proximal`` train their tweets
+and MRPC runs next, before the other variants there, so a partial study holds the verdict's
+comparison (the tuning's choice against AdamW) on every task first.
+
 Compute: every run file records its wall time; on 2 CPU cores the study spans many hours, the
 run store resumes anywhere, and the README marks a partial study as partial.
 
@@ -85,7 +90,12 @@ def get_plan() -> ml_collections.ConfigDict:
   plan = quick.get_plan()
   plan.mode = "full"
   plan.studies = ("optimizers", "sketch", "adversarial", "noise", "squad")
-  plan.train_first = ("tuning", "squad", "optimizers:sst2")
+  plan.train_first = (
+      "tuning",
+      "squad",
+      "optimizers:sst2",
+      *(f"optimizers:{t}:{v}" for t in ("tweets", "mrpc") for v in ("adamw", "best_proximal")),
+  )
   plan.seeds = (0, 1, 2)
   plan.tuning = ml_collections.ConfigDict(
       {"task": "sst2", "steps": 200, "holdout_examples": 1000, "seeds": (0, 1)}
