@@ -357,25 +357,26 @@ def train_first(plan, only: list[str], executor: runs.Executor) -> None:
   """Trains the runs of ``plan.train_first`` before the rest: training order only, since every
   table is then computed from the stored runs in README order. An entry is a study's name,
   ``optimizers:<task>`` for the optimizer study on one of its tasks,
-  ``optimizers:<task>:<variant>`` for one variant's runs there (a variant of the plan or
-  ``best_proximal``: nothing until the tuning has chosen it), or ``tuning`` for every tuning
-  run of the plan (both stages: the choices every study waits for)."""
+  ``optimizers:<task>:<variant>`` for one variant's runs there (a variant of the plan or an
+  alias such as ``best_proximal``: nothing until the tuning has chosen it), or ``tuning`` for
+  every tuning run of the plan (both stages: the choices every study waits for). Every entry
+  is checked before the first one trains."""
   unknown = [e for e in plan.train_first if e.partition(":")[0] not in ("tuning", *studies.STUDIES)]
   if unknown:
     raise app.UsageError(f"plan.train_first: unknown {unknown}; known: tuning, {studies.STUDIES}")
+  known = (*plan.optimizer_variants, *tuning_lib.ALIASES)
+  entries = []
   for entry in plan.train_first:
-    name, _, part_name = entry.partition(":")
-    task, _, variant = part_name.partition(":")
+    name, _, part = entry.partition(":")
+    task, _, variant = part.partition(":")
     if task and (name != "optimizers" or task not in plan.optimizer_tasks):
       raise app.UsageError(f"plan.train_first: {entry!r} names no task of the optimizer study")
-    if variant and variant not in (*plan.optimizer_variants, "best_proximal"):
+    if variant and variant not in known:
       raise app.UsageError(
-          f"plan.train_first: {entry!r} names no variant of the plan "
-          f"({', '.join(plan.optimizer_variants)}, best_proximal)"
+          f"plan.train_first: {entry!r} names no variant of the plan ({', '.join(known)})"
       )
-  for entry in plan.train_first:
-    name, _, part_name = entry.partition(":")
-    task, _, variant = part_name.partition(":")
+    entries.append((entry, name, task, variant))
+  for entry, name, task, variant in entries:
     if name == "tuning":
       print("== training first: tuning", flush=True)
       context = tuning_lib.Context(plan, executor)
@@ -385,10 +386,10 @@ def train_first(plan, only: list[str], executor: runs.Executor) -> None:
     if name not in only:
       continue
     print(f"== training first: {entry}", flush=True)
-    part = copy.deepcopy(plan)
     if variant:
-      tuning_lib.Context(part, executor).group(name, task, variant)
+      tuning_lib.Context(plan, executor).group(name, task, variant)
       continue
+    part = copy.deepcopy(plan)
     if task:
       part.optimizer_tasks = (task,)
     studies.FUNCTIONS[name](tuning_lib.Context(part, executor))
