@@ -186,7 +186,7 @@ OPTIMIZER = ("optimizer", _get("variant", str))
 LR = ("lr", _get("learning_rate"))
 SEEDS = ("seeds", _get("seeds", str))
 DAMPING = ("λ (relative)", _get("damping", lambda d: "—" if d is None else f"{d:g}"))
-RAN_ON = ("ran on", lambda row: row.get("machine", "—"))  # step times compare within one
+RAN_ON = ("ran on", lambda row: row.get("machine") or "—")  # step times compare within one
 
 
 def status(study: dict) -> str:
@@ -205,6 +205,8 @@ def status(study: dict) -> str:
 
 
 def _steps_cell(row) -> str:
+  if row["reached"] is None:  # the majority-class row trains nothing
+    return "—"
   if row["reached"] == 0:
     return f"not reached ({row['steps']})"
   text = f"{row['steps_to_target']:.0f}"
@@ -235,17 +237,21 @@ def md_optimizers(study: dict) -> str:
       )
     columns += [
         ("one-class seeds", _get("collapsed_seeds", lambda n: "—" if n is None else n)),
+        ("seeds ≤ majority", _get("not_above_majority_seeds", lambda n: "—" if n is None else n)),
         (f"steps to {pct(first['target'])}% dev", _steps_cell),
         RAN_ON,
         ("s/step (these runs)", _get("step_seconds")),
         ("× SGD (these runs)", _get("step_ratio_to_sgd")),
     ]
+    majority = next(r for r in study["tables"]["majority"] if r["task"] == task)
     parts.append(
         f"**{data.get_task(task).display_name}** ({split} split; {first['steps']} steps; "
         f"target = {pct(first['target'])}% dev {metric}, i.e. the plan's fraction of the best "
         f"optimizer's mean final dev score; one-class seeds: runs whose final model puts every "
-        f"{split} example in the same class)\n\n"
-        + table(rows, columns)
+        f"{split} example in the same class; the last row always predicts the training "
+        f"split's most frequent class on the same examples, and seeds ≤ majority counts the "
+        f"runs whose {split} {metric} is no higher)\n\n"
+        + table([*rows, dict.fromkeys(first) | majority], columns)
         + f"\n\n![{task}](PLOT:optimizers_{task}.png)"
     )
   if study.get("step_cost"):

@@ -68,6 +68,17 @@ def optimizers(study) -> list[str]:
           f" The {_p(best['target'])} dev target was reached by {best['reached']}/"
           f"{best['seeds']} proximal and {adamw['reached']}/{adamw['seeds']} AdamW seeds."
       )
+    floor = [r for r in rows if r["not_above_majority_seeds"]]
+    if floor:
+      majority = next(r for r in study["tables"]["majority"] if r["task"] == task)
+      text += (
+          f" Seeds whose {best['metric']} is no higher than always predicting the majority "
+          f"class ({_p(majority['mean'])}): "
+          + ", ".join(
+              f"{r['not_above_majority_seeds']} of {r['seeds']} {r['variant']} seeds" for r in floor
+          )
+          + "."
+      )
     out.append(text)
   unstable = [r for r in summary if r["seeds"] > 1 and r["std"] >= 0.05]
   if unstable:

@@ -17,9 +17,11 @@ import sys
 from pathlib import Path
 
 import ml_collections
+import numpy as np
 import pytest
 
-from experiments import default_job, runs, studies, tuning, verdict, workers
+from experiments import default_job, report, runs, studies, tuning, verdict, workers
+from nearprox.text import data
 from tests.squad_people import write_squad
 from tests.tiny_sst2 import tiny_config, write_sst2
 
@@ -123,6 +125,20 @@ def test_smoke_pipeline_produces_tables_from_run_files(tmp_path):
     assert record["learning_rate"] == result["config"]["optimizer"]["learning_rate"]
     one_class = sum(c > 0 for c in result["report"]["predicted_classes"]["dev"]) == 1
     assert record["collapsed_seeds"] == int(one_class)
+  # The majority-class reference: SST-2's most frequent training label on the dev examples
+  # seed 0's runs are scored on, and per row the seeds that score no higher.
+  train_labels = data.load_task("sst2", "train", GLUE).labels
+  dev_labels = data.load_task("sst2", "dev", GLUE).labels
+  config = runs_by_name["sgd"]["config"]
+  keep = data.eval_subset(len(dev_labels), config["max_eval_examples"], config["seed"])
+  majority = np.mean(dev_labels[keep] == np.argmax(np.bincount(train_labels)))
+  optimizers_study = json.loads((out / "optimizers.json").read_text())
+  [floor] = optimizers_study["tables"]["majority"]
+  assert (floor["task"], floor["split"], floor["seeds"]) == ("sst2", "dev", 1)
+  assert floor["mean"] == pytest.approx(majority)
+  for row in optimizers_study["tables"]["summary"]:
+    scored = runs_by_name[row["optimizer"]]["report"]["dev"]["accuracy"]
+    assert row["not_above_majority_seeds"] == int(scored <= majority + 1e-9)
   with open(out / "damping_damping.csv") as f:
     damping = {float(r["damping"]): r for r in csv.DictReader(f)}
   assert set(damping) == {1.0}  # --plan.damping_grid
@@ -138,14 +154,15 @@ def test_smoke_pipeline_produces_tables_from_run_files(tmp_path):
   assert [(c["subject"], c["baseline"]) for c in comparisons] == [("proximal SGD, tikhonov", "SGD")]
 
   readme = (tmp_path / "README_results.md").read_text()
+  assert f"| {tuning.DISPLAY['majority']} | — | — | 1 | {100 * majority:.1f} |" in readme
   assert "(mode **smoke**" in readme and "python -m experiments.reproduce --mode=smoke" in readme
   assert readme.count("**not run**") == 5  # multidevice, glue, noise, sketch, squad
   cpu_minutes = sum(r["cpu_seconds"] for r in stored) / 60
   assert f"the 7 runs that record their CPU time used {cpu_minutes:.1f} CPU-min" in readme
   accuracy = 100 * sgd["mean"]
   assert f"| SGD | 0.01 | — | 1 | {accuracy:.1f} |" in readme
-  tuning = list(csv.DictReader(open(out / "optimizers_tuning.csv")))
-  assert [(r["variant"], r["chosen"]) for r in tuning] == [
+  tuning_rows = list(csv.DictReader(open(out / "optimizers_tuning.csv")))
+  assert [(r["variant"], r["chosen"]) for r in tuning_rows] == [
       ("SGD", "True"),
       ("proximal SGD, tikhonov", "True"),
   ]
@@ -365,6 +382,58 @@ def test_verdict_tallies_the_comparison_records_not_its_text():
   assert "AdamW and proximal SGD, tikhonov score exactly what" in trivial
   assert "so it is not compared with AdamW" in trivial
   assert "In short" not in trivial
+
+
+def _mrpc_optimizer_study(adamw_seeds_at_majority: int) -> dict:
+  """An optimizers study dict as :func:`studies.optimizers` builds it, for MRPC alone."""
+
+  def row(optimizer, label, mean, at_majority, best_proximal=False):
+    return {
+        **dict.fromkeys(studies.SUMMARY_FIELDS),
+        "task": "mrpc",
+        "optimizer": optimizer,
+        "variant": label,
+        "steps": 600,
+        "seeds": 3,
+        "learning_rate": 1e-4,
+        "metric": "f1",
+        "split": "dev",
+        "mean": mean,
+        "std": 0.02,
+        "collapsed_seeds": 0,
+        "not_above_majority_seeds": at_majority,
+        "dev_accuracy": mean - 0.05,
+        "target": 0.8,
+        "reached": 3,
+        "steps_to_target": 120.0,
+        "best_proximal": best_proximal,
+        "step_seconds": None,
+        "step_ratio_to_sgd": None,
+    }
+
+  adamw = row("adamw", "AdamW", 0.837, adamw_seeds_at_majority)
+  prox = row("proximal_adamw", "iEF → AdamW", 0.856, 0, best_proximal=True)
+  floor = {"task": "mrpc", "optimizer": None, "variant": tuning.DISPLAY["majority"]}
+  floor |= {"seeds": 3, "split": "dev", "metric": "f1", "mean": 0.812, "std": 0.0}
+  floor["dev_accuracy"] = 0.684
+  record = studies.comparison(prox, adamw, "mean", "std", study="optimizers", task="mrpc")
+  tables = {"summary": [adamw, prox], "majority": [floor]}
+  return {"name": "optimizers", "tables": tables, "comparisons": [{**record, "preselected": True}]}
+
+
+def test_optimizer_table_and_verdict_show_the_majority_class_floor():
+  study = _mrpc_optimizer_study(adamw_seeds_at_majority=1)
+  markdown = report.md_optimizers(study)
+  floor_row = f"| {tuning.DISPLAY['majority']} | — | — | 3 | 81.2 ± 0.0 | 68.4 | — | — | — |"
+  assert floor_row in markdown
+  assert "| AdamW | 0.0001 | — | 3 | 83.7 ± 2.0 | 78.7 | 0 | 1 | 120 |" in markdown
+  [text, _] = verdict.optimizers(study)
+  assert (
+      "Seeds whose f1 is no higher than always predicting the majority class (81.2%): "
+      "1 of 3 AdamW seeds." in text
+  )
+  [text, _] = verdict.optimizers(_mrpc_optimizer_study(adamw_seeds_at_majority=0))
+  assert "majority class" not in text
 
 
 def test_run_keys_survive_new_config_fields_but_not_new_values(monkeypatch):

@@ -12,9 +12,11 @@ from experiments.studies.core import (
     steps_to_target,
     study,
 )
+from experiments.studies.tasks import majority_class_scores
 from experiments.tuning import (
     ALIASES,
     DERIVED,
+    DISPLAY,
     PROXIMAL,
     Context,
     collapsed,
@@ -28,7 +30,7 @@ from nearprox.text import data
 @study("Optimizer comparison")
 def optimizers(ctx: Context) -> dict:
   plan = ctx.plan
-  tuning_rows, run_rows, summary, curves, comparisons = [], [], [], {}, []
+  tuning_rows, run_rows, summary, majority_rows, curves, comparisons = [], [], [], [], {}, []
   # Training order only (the tables below read the same runs): every variant that waits for
   # no other choice trains its runs on the first task before the derived variants' tuning
   # starts, so a partial study shows the full-budget comparison there early.
@@ -56,11 +58,19 @@ def optimizers(ctx: Context) -> dict:
     target = plan.target_fraction * max(g.stat("dev", metric)[0] for g in groups.values())
     # The SGD step time (momentum costs nothing measurable) is the unit of the cost column.
     sgd = next((groups[v] for v in ("sgd", "sgd_momentum") if v in groups), None)
+    # The floor a model that learned nothing reaches (MRPC's F1 of always saying "paraphrase"
+    # is high), on the examples each seed's runs are scored on.
+    seeds = sorted({r["config"]["seed"] for g in groups.values() for r in g.results})
+    majority = majority_class_scores(ctx, task, split, seeds)
+    majority_rows.append(_majority_row(task, split, info.metric_names, majority))
     rows, curves[task] = {}, {}
     for variant, group in groups.items():
       found = group.results
       reached = [steps_to_target(r, metric, target) for r in found]
-      for r, steps in zip(found, reached):
+      not_above = [
+          final(r, split, metric) <= majority[r["config"]["seed"]][metric] + 1e-9 for r in found
+      ]
+      for r, steps, floor in zip(found, reached, not_above):
         run_rows.append(
             {
                 "task": task,
@@ -70,6 +80,7 @@ def optimizers(ctx: Context) -> dict:
                 f"dev_{metric}": final(r, "dev", metric),
                 "steps_to_target": steps,
                 "collapsed": collapsed(r),
+                "not_above_majority": floor,
                 "step_seconds": r["report"]["train_step_seconds"],
                 "wall_seconds": r["wall_seconds"],
             }
@@ -87,6 +98,7 @@ def optimizers(ctx: Context) -> dict:
           "mean": mean,
           "std": std,
           "collapsed_seeds": group.collapsed_seeds(),
+          "not_above_majority_seeds": sum(not_above),
           "split": split,
           "dev_mean": group.stat("dev", metric)[0],
           "target": target,
@@ -113,10 +125,20 @@ def optimizers(ctx: Context) -> dict:
         record = comparison(rows[variant], rows[base], "mean", "std", study="optimizers", task=task)
         comparisons.append({**record, "metric": metric, "preselected": variant == best})
     summary += rows.values()
-  tables = {"tuning": tuning_rows, "runs": run_rows, "summary": summary}
+  tables = {"tuning": tuning_rows, "runs": run_rows, "summary": summary, "majority": majority_rows}
   return {
       "tables": tables,
       "curves": curves,
       "comparisons": comparisons,
       "step_cost": step_cost(ctx),
   }
+
+
+def _majority_row(task: str, split: str, metrics, by_seed: dict) -> dict:
+  """A reference row in the summary's columns: always predicting the majority class."""
+  row = {"task": task, "optimizer": None, "variant": DISPLAY["majority"], "seeds": len(by_seed)}
+  row |= {"split": split, "metric": metrics[0]}
+  row["mean"], row["std"] = mean_std([s[metrics[0]] for s in by_seed.values()])
+  for other in metrics[1:]:
+    row[f"{split}_{other}"] = mean_std([s[other] for s in by_seed.values()])[0]
+  return row

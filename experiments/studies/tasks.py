@@ -49,31 +49,41 @@ def glue(ctx: Context) -> dict:
   }
 
 
-def majority_class_row(ctx: Context, task_name: str, max_length: int) -> dict:
-  """The scores of always predicting the most frequent training label, per seed's subset."""
+def majority_class_scores(
+    ctx: Context, task_name: str, split: str, seeds
+) -> dict[int, dict[str, float]]:
+  """Per seed, the scores of always predicting the most frequent training label on the
+  ``split`` examples that seed's runs evaluate (the tweets' splits and the evaluation
+  subsets of ``max_eval_examples`` depend on the seed)."""
   config = ctx.ex.base_config
   task = data.get_task(task_name)
-  load = lambda split: data.load_task(
-      task_name, split, config.data_dir, source=config.source, seed=0
-  ).labels
-  train_labels, dev_labels = load("train"), load("dev")
-  majority = int(np.argmax(np.bincount(train_labels, minlength=task.num_labels)))
-  scores = {m: [] for m in task.metric_names}
-  for seed in ctx.plan.seeds:
-    keep = data.eval_subset(len(dev_labels), config.max_eval_examples, seed)
-    labels = dev_labels if keep is None else dev_labels[keep]
-    for metric, value in task.metrics(labels, np.full_like(labels, majority)).items():
-      scores[metric].append(value)
+  scores = {}
+  for seed in seeds:
+    load = lambda name: data.load_task(
+        task_name, name, config.data_dir, source=config.source, seed=seed
+    ).labels
+    train_labels, labels = load("train"), load(split)
+    majority = int(np.argmax(np.bincount(train_labels, minlength=task.num_labels)))
+    keep = data.eval_subset(len(labels), config.max_eval_examples, seed)
+    labels = labels if keep is None else labels[keep]
+    scores[seed] = task.metrics(labels, np.full_like(labels, majority))
+  return scores
+
+
+def majority_class_row(ctx: Context, task_name: str, max_length: int, split: str = "dev") -> dict:
+  """The scores of always predicting the most frequent training label, mean over the plan's
+  seeds (each on its own evaluated examples)."""
+  by_seed = majority_class_scores(ctx, task_name, split, ctx.plan.seeds)
   row = {
       "task": task_name,
       "optimizer": None,
       "variant": DISPLAY["majority"],
       "learning_rate": None,
-      "seeds": len(ctx.plan.seeds),
+      "seeds": len(by_seed),
       "max_length": max_length,
   }
-  for metric, values in scores.items():
-    row[metric], row[f"{metric}_std"] = mean_std(values)
+  for metric in data.get_task(task_name).metric_names:
+    row[metric], row[f"{metric}_std"] = mean_std([s[metric] for s in by_seed.values()])
   return row
 
 
