@@ -70,10 +70,10 @@ def majority_class_scores(
   return scores
 
 
-def majority_class_row(ctx: Context, task_name: str, max_length: int, split: str = "dev") -> dict:
-  """The scores of always predicting the most frequent training label, mean over the plan's
-  seeds (each on its own evaluated examples)."""
-  by_seed = majority_class_scores(ctx, task_name, split, ctx.plan.seeds)
+def majority_class_row(ctx: Context, task_name: str, max_length: int) -> dict:
+  """The dev scores of always predicting the most frequent training label, mean over the
+  plan's seeds (each on its own evaluated examples)."""
+  by_seed = majority_class_scores(ctx, task_name, "dev", ctx.plan.seeds)
   row = {
       "task": task_name,
       "optimizer": None,
