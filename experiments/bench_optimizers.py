@@ -31,7 +31,7 @@ from pathlib import Path
 from absl import app, flags
 from absl import logging as absl_logging
 
-from experiments import report, runs, studies, tuning
+from experiments import report, run_process, runs, studies, tuning
 from nearprox.text import data
 
 HERE = Path(__file__).resolve().parent
@@ -155,7 +155,7 @@ def result(plan, configs: dict, seconds: dict[str, float], repeats: int, load: f
       "max_length": some_config.max_length,
       "repeats": repeats,
       "sgd_variant": sgd,
-      "machine": runs.machine(),
+      "machine": run_process.machine(),
       "load_average_at_start": load,
       "command": "python -m experiments.bench_optimizers " + " ".join(sys.argv[1:]),
       "rows": rows,
@@ -187,7 +187,7 @@ def main(argv) -> None:
   except data.DataError as error:  # the first variant loads the batch, before any timing
     raise app.UsageError(f"{error} (give --data_dir or ${data.GLUE_DIR_ENV})") from None
   record = result(plan, configs, seconds, args.repeats, load)
-  runs.write_json(out / studies.STEP_COST_FILE, record)
+  run_process.write_json(out / studies.STEP_COST_FILE, record)
   (out / studies.STEP_COST_FILE).with_suffix(".md").write_text(markdown(record))
   print(markdown(record))
 

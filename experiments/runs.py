@@ -1,26 +1,11 @@
-"""One training run of the reproduce pipeline: resolve, execute (or reuse), store.
+"""The run store of the reproduce pipeline: resolve a run, reuse it or have it trained, store it.
 
 A run is a training config (a mode's base config from ``experiments/configs/<mode>.py`` plus
 a study's overrides), the number of host devices it needs, and optionally a robustness
-evaluation of its final parameters. Its result file ``<out>/runs/<key>.json`` is named by a
-hash of exactly these, so two studies asking for the same config share one run, and a
-rerun of ``experiments.reproduce`` skips every run whose file exists and resumes a run stopped
-by SIGTERM from its checkpoint (see :func:`execute`).
-
-Result file fields: ``key``, ``label``, ``config`` (the resolved config), ``devices``,
-``report`` (``nearprox.training.train.train_and_evaluate``'s report without the params),
-``history`` (the rows of ``metrics.jsonl``: train/loss, train/step_time, train/gram/*,
-dev/<metric> …; the report's ``predicted_classes`` counts, per evaluated split, the examples
-the final model assigns to each class: a single non-zero count is a collapsed run),
-``attack`` (rows of :func:`nearprox.text.robustness.attack_accuracy` or None),
-``segments`` (one per process that trained the run and stopped or finished it: ``from_step``,
-``to_step``, ``train_step_seconds``, ``wall_seconds`` including any time the process was
-paused, ``cpu_seconds`` = its user + system time over all threads, pauses excluded,
-``machine``, ``commit``), ``wall_seconds`` and ``cpu_seconds`` (the segments' sums; a
-process killed without SIGTERM, or crashed, leaves no segment: a gap between one segment's
-``to_step`` and the next one's ``from_step`` shows untimed steps), ``machine`` (of the
-segment that trained the most steps, whose step time the report carries) and ``commit`` (of
-the process that finished the run).
+evaluation of its final parameters. Its result file ``<out>/runs/<key>.json`` (fields:
+:mod:`experiments.run_process`, which trains it) is named by a hash of exactly these, so two
+studies asking for the same config share one run, and a rerun of ``experiments.reproduce``
+skips every run whose file exists and resumes a run stopped by SIGTERM from its checkpoint.
 
 A robustness evaluation only reads a run's final parameters, so a stored run with one also
 answers a request for the same run without it; and a run that some study will ask for with
@@ -36,19 +21,17 @@ Several processes can share one run store (``Executor(claims=...)``, ``reproduce
 with room for several runs at once (a GPU) N workers (experiments/workers.py) train N
 different runs; a claim whose process died on this host is taken over.
 
-Multi-device runs execute in a subprocess (``XLA_FLAGS=--xla_force_host_platform_device_count``
-must be set before JAX is imported): ``python -m experiments.reproduce --run_spec=spec.json``.
+Multi-device runs train in a subprocess (``python -m experiments.reproduce --run_spec=...``,
+:func:`experiments.run_process.execute_spec_file`), because
+``XLA_FLAGS=--xla_force_host_platform_device_count`` must be set before JAX is imported.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import gc
 import hashlib
 import json
 import os
-import platform
-import shutil
 import signal
 import socket
 import subprocess
@@ -61,18 +44,7 @@ from typing import Any
 
 import ml_collections
 
-from experiments import progress
-
-REPO = Path(__file__).resolve().parents[1]
-
-
-@dataclasses.dataclass(frozen=True)
-class Attack:
-  """Embedding-space PGD evaluation of the final params on ``examples`` dev examples."""
-
-  epsilons: tuple[float, ...]
-  num_steps: int
-  examples: int
+from experiments import progress, run_process
 
 
 def apply_overrides(config: ml_collections.ConfigDict, overrides: dict[str, Any]):
@@ -117,7 +89,9 @@ def _without_defaults(settings: dict, defaults: dict) -> dict:
 _NO_DEFAULT = object()
 
 
-def run_key(config: ml_collections.ConfigDict, devices: int, attack: Attack | None) -> str:
+def run_key(
+    config: ml_collections.ConfigDict, devices: int, attack: run_process.Attack | None
+) -> str:
   """Hash of everything that decides a run's numbers (not its label).
 
   Fields at the value of ``experiments/configs/default.py`` are left out, so adding a config
@@ -165,156 +139,8 @@ def run_shape(config: dict, devices: int, attacked: bool, machine: dict) -> str:
   return json.dumps(payload, sort_keys=True, default=str)
 
 
-def _fields(attack: Attack | None) -> dict | None:
+def _fields(attack: run_process.Attack | None) -> dict | None:
   return dataclasses.asdict(attack) if attack else None
-
-
-def _git(*args: str) -> str:
-  command = ["git", "-C", str(REPO), *args]
-  return subprocess.run(command, capture_output=True, text=True, check=True).stdout.strip()
-
-
-COMMIT_ENV = "NEARPROX_GIT_COMMIT"
-
-
-def git_commit() -> str:
-  """``$NEARPROX_GIT_COMMIT`` when set (a copy of the tree on another machine, whose ``.git``
-  may be absent or stale), else HEAD's hash with ``+dirty`` when tracked files differ from
-  it, else ``unknown``."""
-  if os.environ.get(COMMIT_ENV):
-    return os.environ[COMMIT_ENV]
-  try:
-    dirty = _git("status", "--porcelain", "--untracked-files=no")
-    return _git("rev-parse", "--short=12", "HEAD") + ("+dirty" if dirty else "")
-  except (OSError, subprocess.CalledProcessError):
-    return "unknown"
-
-
-def machine() -> dict[str, Any]:
-  """Platform, CPU count, JAX devices and float32 matmul precision of this process."""
-  import jax
-
-  cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
-  return {
-      "platform": platform.platform(),
-      "processor": platform.processor() or platform.machine(),
-      "cpus": cpus,
-      "jax": jax.__version__,
-      "backend": jax.default_backend(),
-      "devices": len(jax.devices()),
-      "device_kind": jax.devices()[0].device_kind,
-      # GPUs may run float32 matmuls in TF32 unless this says "highest".
-      "matmul_precision": str(jax.config.jax_default_matmul_precision or "default"),
-  }
-
-
-class RunPreempted(SystemExit):
-  """A run stopped by SIGTERM after saving a checkpoint (not a failure: rerun to resume)."""
-
-
-# A --run_spec subprocess stopped by SIGTERM exits with this status (EX_TEMPFAIL).
-PREEMPTED_EXIT_CODE = 75
-
-
-def _segment(report: dict, started: float, cpu_started: float) -> dict:
-  """What one process of a run did: the steps it trained, its times, machine and commit."""
-  return {
-      "from_step": report["start_step"],
-      "to_step": report["steps"],
-      "train_step_seconds": report["train_step_seconds"],
-      "wall_seconds": time.time() - started,
-      "cpu_seconds": cpu_seconds() - cpu_started,
-      "machine": machine(),
-      "commit": git_commit(),
-  }
-
-
-def cpu_seconds() -> float:
-  """User + system CPU time of this process, all threads (it does not advance while the
-  process is stopped, unlike the wall clock)."""
-  times = os.times()
-  return times.user + times.system
-
-
-def _attack(config, params, attack: Attack) -> list[dict]:
-  """Accuracy of the final params under the embedding-space PGD attack, on
-  ``attack.examples`` dev examples."""
-  import jax
-
-  from nearprox.text import data, models, robustness
-  from nearprox.training import train
-
-  task = data.get_task(config.task)
-  model, _, tokenizer = train.create_model(config, task.num_labels, jax.random.key(0))
-  eval_config = apply_overrides(config, {"max_eval_examples": attack.examples})
-  dev = train.load_splits(eval_config, tokenizer)["dev"]
-  return robustness.attack_accuracy(
-      models.bert_logits_fn(model),
-      params,
-      list(data.batches(dev, config.eval_batch_size, shuffle=False)),
-      attack.epsilons,
-      hidden_size=model.config.hidden_size,
-      num_steps=attack.num_steps,
-  )
-
-
-def execute(
-    config, workdir: Path, attack: Attack | None, label: str, key: str, devices: int
-) -> dict:
-  """Trains in this process (and attacks); returns the result dict.
-
-  ``workdir`` is named by the run's key, so checkpoints found there belong to this config
-  (whatever commit wrote them, as for a stored run): a run stopped by SIGTERM resumes from its
-  latest checkpoint. A stopped process appends its segment to ``workdir/segments.json`` and
-  raises :class:`RunPreempted`. The result's step time and machine are those of the segment
-  that trained the most steps; its wall and CPU times add up all segments.
-  """
-  import jax
-
-  from nearprox.training import metrics_writer, train
-
-  started, cpu_started = time.time(), cpu_seconds()
-  report = train.train_and_evaluate(config, workdir)
-  params = report.pop("params")
-  segments_path = workdir / "segments.json"
-  earlier = json.loads(segments_path.read_text()) if segments_path.exists() else []
-  if report["start_step"] == 0:  # no checkpoint was resumed: earlier segments did not count
-    earlier = []
-  rows = None
-  if attack and not report["preempted"]:
-    try:
-      with train.stop_on_sigterm():  # the final state is checkpointed: a rerun attacks it
-        rows = _attack(config, params, attack)
-    except train.Preempted:
-      report["preempted"] = True
-  if report["preempted"]:  # SIGTERM: store nothing partial; a rerun resumes here
-    write_json(segments_path, earlier + [_segment(report, started, cpu_started)])
-    raise RunPreempted(
-        f"run {label} stopped by SIGTERM at step {report['steps']} (checkpoint in {workdir}); "
-        "rerun python -m experiments.reproduce to resume"
-    )
-  segments = earlier + [_segment(report, started, cpu_started)]
-  longest = max(reversed(segments), key=lambda s: s["to_step"] - s["from_step"])
-  report["train_step_seconds"] = longest["train_step_seconds"]
-  result = {
-      "key": key,
-      "label": label,
-      "config": config.to_dict(),
-      "devices": devices,
-      "report": report,
-      "history": metrics_writer.read_jsonl(workdir / "metrics.jsonl"),
-      "attack": rows,
-      "wall_seconds": sum(s["wall_seconds"] for s in segments),
-      "cpu_seconds": sum(s["cpu_seconds"] for s in segments),
-      "segments": segments,
-      "machine": longest["machine"],
-      "commit": segments[-1]["commit"],
-  }
-  del params
-  shutil.rmtree(workdir, ignore_errors=True)
-  jax.clear_caches()
-  gc.collect()
-  return result
 
 
 def _alive(pid: int) -> bool:
@@ -325,28 +151,6 @@ def _alive(pid: int) -> bool:
   except PermissionError:  # exists, owned by another user
     return True
   return True
-
-
-def write_json(path: Path, value) -> None:
-  path.parent.mkdir(parents=True, exist_ok=True)
-  tmp = path.with_suffix(f".{os.getpid()}.tmp")  # workers sharing a store never collide
-  tmp.write_text(json.dumps(value, indent=1, default=float))
-  tmp.replace(path)  # atomic: an interrupted write never leaves a half file to "resume"
-
-
-def execute_spec_file(spec_path: str) -> None:
-  """The ``--run_spec`` entry point (a fresh process whose XLA_FLAGS are already set)."""
-  spec = json.loads(Path(spec_path).read_text())
-  config = ml_collections.ConfigDict(spec["config"])
-  attack = Attack(**spec["attack"]) if spec["attack"] else None
-  try:
-    result = execute(
-        config, Path(spec["workdir"]), attack, spec["label"], spec["key"], spec["devices"]
-    )
-  except RunPreempted as stopped:
-    print(stopped, file=sys.stderr)
-    raise SystemExit(PREEMPTED_EXIT_CODE) from None
-  write_json(Path(spec["result"]), result)
 
 
 @dataclasses.dataclass
@@ -391,7 +195,7 @@ class Executor:
   claims: Path | None = None
   requested: list[str] = dataclasses.field(default_factory=list)
   missing: dict[str, str] = dataclasses.field(default_factory=dict)
-  planned_attacks: dict[str, Attack] = dataclasses.field(default_factory=dict)
+  planned_attacks: dict[str, run_process.Attack] = dataclasses.field(default_factory=dict)
   unstored: dict[str, tuple] = dataclasses.field(default_factory=dict)
   # Run file name -> (shape, wall seconds), and run key without the attack -> the run file of
   # an attacked run, read once per file (:meth:`_read_stored`).
@@ -399,7 +203,11 @@ class Executor:
   attacked_twins: dict[str, Path] = dataclasses.field(default_factory=dict, repr=False)
 
   def run(
-      self, label: str, overrides: dict[str, Any], devices: int = 1, attack: Attack | None = None
+      self,
+      label: str,
+      overrides: dict[str, Any],
+      devices: int = 1,
+      attack: run_process.Attack | None = None,
   ) -> dict | None:
     """The result of the run, training it first when needed and allowed; else None.
 
@@ -449,13 +257,15 @@ class Executor:
           label, metrics_path, config.num_train_steps, self.log, self.progress_seconds
       ):
         if devices == 1:
-          result = execute(config, self.workdir / key, attack, label, key, devices)
+          result = run_process.execute(config, self.workdir / key, attack, label, key, devices)
           if path.exists():  # stored meanwhile by a process of another machine: first stays
             kind = result["machine"]["device_kind"].replace(" ", "_")
-            write_json(self.out / "duplicates" / f"{key}.{kind}.{os.getpid()}.json", result)
+            run_process.write_json(
+                self.out / "duplicates" / f"{key}.{kind}.{os.getpid()}.json", result
+            )
             self.log(f"[duplicate] {label} ({key}): kept the stored run, this one in duplicates/")
           else:
-            write_json(path, result)
+            run_process.write_json(path, result)
         else:
           self._execute_subprocess(config, key, label, devices, attack, path)
     except Exception:  # one broken run must not lose the others' tables
@@ -474,11 +284,13 @@ class Executor:
     )
     return result
 
-  def expected_seconds(self, config, devices: int, attack: Attack | None) -> float | None:
+  def expected_seconds(
+      self, config, devices: int, attack: run_process.Attack | None
+  ) -> float | None:
     """Median wall time of the stored runs of this run's shape on this kind of machine (None:
     no such run)."""
     self._read_stored()
-    shape = run_shape(config.to_dict(), devices, attack is not None, machine())
+    shape = run_shape(config.to_dict(), devices, attack is not None, run_process.machine())
     same = sorted(seconds for s, seconds in self.durations.values() if s == shape)
     return same[len(same) // 2] if same else None
 
@@ -495,7 +307,9 @@ class Executor:
           config = ml_collections.ConfigDict(result["config"])
           self.attacked_twins[run_key(config, result["devices"], None)] = path
 
-  def _ends_in_time(self, config, key: str, devices: int, attack: Attack | None) -> bool:
+  def _ends_in_time(
+      self, config, key: str, devices: int, attack: run_process.Attack | None
+  ) -> bool:
     """Whether the run would end before the deadline: the time left covers the expected
     seconds for the steps its checkpoint (if any) has not trained yet."""
     if self.deadline is None:
@@ -549,7 +363,7 @@ class Executor:
         "result": str(path),
     }
     spec_path = self.workdir / f"{key}.spec.json"
-    write_json(spec_path, spec)
+    run_process.write_json(spec_path, spec)
     env = dict(os.environ)
     flags = [
         f
@@ -560,7 +374,12 @@ class Executor:
     env["JAX_PLATFORMS"] = "cpu"  # the study is about host (CPU) devices
     command = [sys.executable, "-m", "experiments.reproduce", f"--run_spec={spec_path}"]
     child = subprocess.Popen(
-        command, env=env, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+        command,
+        env=env,
+        cwd=run_process.REPO,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
     )
     # SIGTERM to this process reaches the run (it saves a checkpoint and stops), so no
     # orphan keeps training into the workdir that a rerun resumes from.
@@ -569,8 +388,8 @@ class Executor:
       _, stderr = child.communicate()
     finally:
       signal.signal(signal.SIGTERM, forward)
-    if child.returncode == PREEMPTED_EXIT_CODE:
-      raise RunPreempted((stderr.strip().splitlines() or [f"run {label} stopped"])[-1])
+    if child.returncode == run_process.PREEMPTED_EXIT_CODE:
+      raise run_process.RunPreempted((stderr.strip().splitlines() or [f"run {label} stopped"])[-1])
     if child.returncode != 0 or not path.exists():
       raise RuntimeError(
           f"run {label} on {devices} host devices failed "

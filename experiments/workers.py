@@ -15,7 +15,7 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
-from experiments.runs import PREEMPTED_EXIT_CODE, REPO
+from experiments.run_process import PREEMPTED_EXIT_CODE, REPO
 
 
 def cpu_shares(workers: int) -> list[list[int]]:

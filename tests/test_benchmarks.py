@@ -115,7 +115,7 @@ def test_bench_optimizers_times_the_study_s_steps_for_its_cost_sentence(tmp_path
   """experiments/bench_optimizers.py builds each variant's study step (a derived one on the
   filter the tuning chose, its first trial while the tuning has not chosen), times them
   interleaved, and its record becomes the optimizer study's step_cost, table and verdict."""
-  from experiments import bench_optimizers, report, runs, studies, tuning, verdict
+  from experiments import bench_optimizers, report, run_process, runs, studies, tuning, verdict
   from experiments.configs import smoke
   from tests.tiny_sst2 import write_sst2
 
@@ -163,7 +163,7 @@ def test_bench_optimizers_times_the_study_s_steps_for_its_cost_sentence(tmp_path
   assert (
       rows[sketched]["sketch_dim"] == plan.sketch_dim and rows["proximal_ief"]["sketch_dim"] is None
   )
-  runs.write_json(out / studies.STEP_COST_FILE, record)
+  run_process.write_json(out / studies.STEP_COST_FILE, record)
 
   executor = runs.Executor(config, out, tmp_path / "work", allow_new=False)
   study = studies.FUNCTIONS["optimizers"](tuning.Context(plan, executor))

@@ -20,7 +20,7 @@ import ml_collections
 import numpy as np
 import pytest
 
-from experiments import default_job, report, runs, studies, tuning, verdict, workers
+from experiments import default_job, report, run_process, runs, studies, tuning, verdict, workers
 from nearprox.text import data
 from tests.squad_people import write_squad
 from tests.tiny_sst2 import tiny_config, write_sst2
@@ -43,10 +43,14 @@ def run_module(module: str, *flags: str) -> str:
 
 
 def fake_run(config, key, devices=1, attack=None, **fields):
-  """A run file with the fields the executor reads (``runs.execute`` writes more)."""
+  """A run file with the fields the executor reads (``run_process.execute`` writes more)."""
   rows = [{"epsilon": e, "accuracy": 0.5} for e in attack.epsilons] if attack else None
   result = {"key": key, "config": config.to_dict(), "devices": devices, "attack": rows}
-  result |= {"wall_seconds": 1, "report": {"train_step_seconds": 0.5}, "machine": runs.machine()}
+  result |= {
+      "wall_seconds": 1,
+      "report": {"train_step_seconds": 0.5},
+      "machine": run_process.machine(),
+  }
   return result | fields
 
 
@@ -241,7 +245,7 @@ def test_sketch_and_squad_studies_compare_from_run_files(tmp_path):
 
   timed = {"proximal_tikhonov": 2.0, f"proximal_tikhonov{studies.SKETCHED}": 0.5}
   record = {"rows": [{"variant": v, "step_seconds": s} for v, s in timed.items()]}
-  runs.write_json(out / studies.STEP_COST_FILE, record)
+  run_process.write_json(out / studies.STEP_COST_FILE, record)
   config = smoke.get_config()
   config.eval_batch_size = 16  # as reproduce() ran it: the runs' keys hash their config
   executor = runs.Executor(config, out, tmp_path / "work" / "smoke", allow_new=False)
@@ -494,8 +498,8 @@ def test_a_run_asked_for_with_and_without_an_attack_is_trained_once(tmp_path, mo
     trained.append((label, attack))
     return fake_run(config, key, devices, attack)
 
-  monkeypatch.setattr(runs, "execute", fake_execute)
-  attack = runs.Attack((0.0, 0.1), 2, 8)
+  monkeypatch.setattr(run_process, "execute", fake_execute)
+  attack = run_process.Attack((0.0, 0.1), 2, 8)
   asked = {}
 
   def optimizers(ctx):
@@ -509,7 +513,7 @@ def test_a_run_asked_for_with_and_without_an_attack_is_trained_once(tmp_path, mo
   plan.studies = ("optimizers", "adversarial")
   out = tmp_path / "out"
   key = lambda seed, a: runs.run_key(runs.apply_overrides(full.get_config(), {"seed": seed}), 1, a)
-  runs.write_json(  # seed 1 was stored without the attack before
+  run_process.write_json(  # seed 1 was stored without the attack before
       out / "runs" / f"{key(1, None)}.json",
       fake_run(full.get_config(), key(1, None)) | {"config": {}},
   )
@@ -548,7 +552,7 @@ def test_runs_stopped_with_a_checkpoint_resume_first_furthest_along_first(tmp_pa
     trained.append(label)
     return fake_run(config, key, devices, attack)
 
-  monkeypatch.setattr(runs, "execute", fake_execute)
+  monkeypatch.setattr(run_process, "execute", fake_execute)
 
   def optimizers(ctx):
     for seed in range(4):
@@ -600,7 +604,7 @@ def test_a_run_in_training_logs_its_progress(tmp_path, monkeypatch):
       time.sleep(0.5)
     return fake_run(config, key, devices, attack)
 
-  monkeypatch.setattr(runs, "execute", fake_execute)
+  monkeypatch.setattr(run_process, "execute", fake_execute)
   logs = []
   executor = runs.Executor(
       full.get_config(), tmp_path / "out", tmp_path / "work", log=logs.append, progress_seconds=0.1
@@ -630,9 +634,9 @@ def test_a_run_starts_only_if_runs_of_its_shape_ended_in_the_time_left(tmp_path,
     result = {"config": config.to_dict(), "devices": devices, "attack": None, "wall_seconds": 1}
     return result | {"key": key, "report": {"train_step_seconds": 0.5}, "machine": here}
 
-  monkeypatch.setattr(runs, "execute", fake_execute)
+  monkeypatch.setattr(run_process, "execute", fake_execute)
   out = tmp_path / "out"
-  here = runs.machine()
+  here = run_process.machine()
   elsewhere = {**here, "cpus": here["cpus"] + 7}
   stored = [(0, 1e-4, 900, here), (1, 1e-4, 1000, here), (2, 3e-4, 5000, here)]
   for seed, lr, wall, machine in stored + [(3, 1e-4, 10, elsewhere), (4, 1e-4, 10, here)]:
@@ -643,7 +647,7 @@ def test_a_run_starts_only_if_runs_of_its_shape_ended_in_the_time_left(tmp_path,
     result = {"config": config.to_dict(), "devices": 1, "attack": None, "wall_seconds": wall}
     if seed == 1:  # stored before a field was added (at its default: the same shape)
       del result["config"]["optimizer"]["sketch_dim"]
-    runs.write_json(
+    run_process.write_json(
         out / "runs" / f"{runs.run_key(config, 1, None)}.json", result | {"machine": machine}
     )
   executor = runs.Executor(full.get_config(), out, tmp_path / "work")
@@ -677,7 +681,7 @@ def test_workers_sharing_a_run_store_train_each_run_once(tmp_path, monkeypatch):
     trained.append(label)
     return fake_run(config, key, devices)
 
-  monkeypatch.setattr(runs, "execute", fake_execute)
+  monkeypatch.setattr(run_process, "execute", fake_execute)
   claims = tmp_path / "claims"
   executor = runs.Executor(full.get_config(), tmp_path / "out", tmp_path, claims=claims)
   config = lambda seed: runs.apply_overrides(full.get_config(), {"seed": seed})
@@ -698,7 +702,7 @@ def test_workers_sharing_a_run_store_train_each_run_once(tmp_path, monkeypatch):
   assert trained == ["seed2", "seed3"]
   assert sorted(p.name for p in claims.iterdir()) == sorted([f"{key(0)}.claim", f"{key(1)}.claim"])
   # Once the other process has stored its run, every worker reads it instead of training.
-  runs.write_json(tmp_path / "out" / "runs" / f"{key(0)}.json", fake_run(config(0), key(0)))
+  run_process.write_json(tmp_path / "out" / "runs" / f"{key(0)}.json", fake_run(config(0), key(0)))
   fresh = runs.Executor(full.get_config(), tmp_path / "out", tmp_path, claims=claims)
   assert fresh.run("seed0", {"seed": 0})["key"] == key(0)
   assert trained == ["seed2", "seed3"]
@@ -706,10 +710,10 @@ def test_workers_sharing_a_run_store_train_each_run_once(tmp_path, monkeypatch):
   first = fake_run(config(4), key(4), report={"train_step_seconds": 0.1})
 
   def stored_meanwhile(config, workdir, attack, label, key, devices):
-    runs.write_json(tmp_path / "out" / "runs" / f"{key}.json", first)
-    return fake_run(config, key, devices, machine={**runs.machine(), "device_kind": "cpu"})
+    run_process.write_json(tmp_path / "out" / "runs" / f"{key}.json", first)
+    return fake_run(config, key, devices, machine={**run_process.machine(), "device_kind": "cpu"})
 
-  monkeypatch.setattr(runs, "execute", stored_meanwhile)
+  monkeypatch.setattr(run_process, "execute", stored_meanwhile)
   assert fresh.run("seed4", {"seed": 4}) == first
   (twin,) = (tmp_path / "out" / "duplicates").glob(f"{key(4)}.cpu.*.json")
   assert json.loads(twin.read_text())["report"]["train_step_seconds"] == 0.5
@@ -730,7 +734,7 @@ def test_a_run_stopped_by_sigterm_resumes_from_its_checkpoint(tmp_path, monkeypa
       **{"num_train_steps": 6, "log_every": 1, "eval_every": 100, "checkpoint_every": 2},
   )
   config.parallel = "jit"
-  straight = runs.execute(config, tmp_path / "straight", None, "straight", "k0", 1)
+  straight = run_process.execute(config, tmp_path / "straight", None, "straight", "k0", 1)
   executor = runs.Executor(config, tmp_path / "out", tmp_path / "work")
   real_batches = train.train_batches
 
@@ -773,18 +777,20 @@ def test_sigterm_during_the_attack_resumes_at_the_last_step(tmp_path, monkeypatc
       write_sst2(tmp_path / "glue", n_train=32, n_dev=16),
       **{"num_train_steps": 4, "eval_every": 100, "checkpoint_every": 100, "parallel": "jit"},
   )
-  attack = runs.Attack(epsilons=(0.0, 0.1), num_steps=1, examples=8)
+  attack = run_process.Attack(epsilons=(0.0, 0.1), num_steps=1, examples=8)
   attacked = []
 
   def sigterm_then_attack(*args):
     os.kill(os.getpid(), signal.SIGTERM)
     return [{"epsilon": 0.0, "accuracy": 1.0}]
 
-  monkeypatch.setattr(runs, "_attack", sigterm_then_attack)
+  monkeypatch.setattr(run_process, "_attack", sigterm_then_attack)
   executor = runs.Executor(config, tmp_path / "out", tmp_path / "work")
   with pytest.raises(SystemExit, match="stopped by SIGTERM at step 4"):
     executor.run("attacked", {}, attack=attack)
-  monkeypatch.setattr(runs, "_attack", lambda *args: attacked.append(args) or [{"epsilon": 0.0}])
+  monkeypatch.setattr(
+      run_process, "_attack", lambda *args: attacked.append(args) or [{"epsilon": 0.0}]
+  )
   result = runs.Executor(config, tmp_path / "out", tmp_path / "work").run(
       "attacked", {}, attack=attack
   )
@@ -808,7 +814,7 @@ def test_sigterm_reaches_a_multi_device_run_s_subprocess(tmp_path, monkeypatch):
       "import pathlib, signal, sys, time\n"
       "def stop(*_):\n"
       "  print('run x stopped by SIGTERM at step 3', file=sys.stderr)\n"
-      f"  sys.exit({runs.PREEMPTED_EXIT_CODE})\n"
+      f"  sys.exit({run_process.PREEMPTED_EXIT_CODE})\n"
       "signal.signal(signal.SIGTERM, stop)\n"
       f"pathlib.Path({str(started)!r}).touch()\n"
       "time.sleep(60)\n"
@@ -824,7 +830,7 @@ def test_sigterm_reaches_a_multi_device_run_s_subprocess(tmp_path, monkeypatch):
   handler = signal.getsignal(signal.SIGTERM)
   threading.Thread(target=terminate_parent_once_the_child_runs, daemon=True).start()
   executor = runs.Executor(full.get_config(), tmp_path / "out", tmp_path / "work")
-  with pytest.raises(runs.RunPreempted, match="stopped by SIGTERM at step 3"):
+  with pytest.raises(run_process.RunPreempted, match="stopped by SIGTERM at step 3"):
     executor.run("two devices", {}, devices=2)
   assert signal.getsignal(signal.SIGTERM) is handler  # the parent's own handler is back
 
@@ -842,8 +848,8 @@ def test_readme_compares_runs_trained_on_two_machines(tmp_path):
     }
 
   assert reproduce.duplicates_check(tmp_path, "r") == []
-  runs.write_json(tmp_path / "runs" / "k.json", result("NVIDIA H200", 0.875, 0.5))
-  runs.write_json(tmp_path / "duplicates" / "k.cpu.1.json", result("cpu", 0.870, 0.5005))
+  run_process.write_json(tmp_path / "runs" / "k.json", result("NVIDIA H200", 0.875, 0.5))
+  run_process.write_json(tmp_path / "duplicates" / "k.cpu.1.json", result("cpu", 0.870, 0.5005))
   (line,) = reproduce.duplicates_check(tmp_path, "r")
   assert "(NVIDIA H200 / cpu): 1 run(s)" in line
   assert "0.50 points" in line and "1.0e-03 relative" in line

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from experiments import runs
+from experiments import run_process
 from experiments.studies.core import LOW_CONFIDENCE_TASK, STUDY_TASK, comparison, study
 from experiments.tuning import PROXIMAL, Context, mean_std
 from nearprox.text import objectives
@@ -11,7 +11,7 @@ from nearprox.text import objectives
 @study("Adversarial objectives and robustness")
 def adversarial(ctx: Context) -> dict:
   plan = ctx.plan
-  attack = runs.Attack(
+  attack = run_process.Attack(
       tuple(float(e) for e in plan.attack_epsilons), plan.attack_steps, plan.attack_examples
   )
   rows, curves = [], {}
