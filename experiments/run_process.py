@@ -55,6 +55,7 @@ class Attack:
 
 
 def write_json(path: Path, value) -> None:
+  """``value`` as indented JSON at ``path``, written to a temporary file and renamed."""
   path.parent.mkdir(parents=True, exist_ok=True)
   tmp = path.with_suffix(f".{os.getpid()}.tmp")  # workers sharing a store never collide
   tmp.write_text(json.dumps(value, indent=1, default=float))
