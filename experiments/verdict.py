@@ -48,15 +48,24 @@ def optimizers(study) -> list[str]:
     mine = [r for r in study["comparisons"] if r["task"] == task]
     for record in (r for r in mine if r.get("preselected", True)):
       text += "; it is " + _phrase(record)
+    seeds = {r["variant"]: r["seeds"] for r in rows}
+    most = max(seeds.values())
+
+    def so_far(variant: str) -> str:
+      """Names a variant whose seeds have not all landed yet (a partial study)."""
+      n = seeds.get(variant, most)
+      return f", {n} of {most} seeds so far" if n < most else ""
+
     others = [
-        f"{r['subject']} {WORDS[r['outcome']].split()[0]} ({_points(r['difference'])})"
+        f"{r['subject']} {WORDS[r['outcome']].split()[0]} "
+        f"({_points(r['difference'])}{so_far(r['subject'])})"
         for r in mine
         if not r.get("preselected", True) and r["baseline_optimizer"] == "adamw"
     ]
     if others:
       text += ". The other proximal variants against AdamW: " + ", ".join(others)
     top = max(rows, key=lambda r: r["mean"])
-    text += f". Best overall: {top['variant']} ({_p(top['mean'])})."
+    text += f". Best overall: {top['variant']} ({_p(top['mean'])}{so_far(top['variant'])})."
     adamw = next((r for r in rows if r["optimizer"] == "adamw"), None)
     if adamw and best["reached"] and adamw["reached"]:
       text += (

@@ -388,17 +388,17 @@ def test_verdict_tallies_the_comparison_records_not_its_text():
   assert "In short" not in trivial
 
 
-def _mrpc_optimizer_study(adamw_seeds_at_majority: int) -> dict:
+def _mrpc_optimizer_study(adamw_seeds_at_majority: int, tikhonov_seeds: int = 3) -> dict:
   """An optimizers study dict as :func:`studies.optimizers` builds it, for MRPC alone."""
 
-  def row(optimizer, label, mean, at_majority, best_proximal=False):
+  def row(optimizer, label, mean, at_majority, best_proximal=False, seeds=3):
     return {
         **dict.fromkeys(studies.SUMMARY_FIELDS),
         "task": "mrpc",
         "optimizer": optimizer,
         "variant": label,
         "steps": 600,
-        "seeds": 3,
+        "seeds": seeds,
         "learning_rate": 1e-4,
         "metric": "f1",
         "split": "dev",
@@ -417,12 +417,16 @@ def _mrpc_optimizer_study(adamw_seeds_at_majority: int) -> dict:
 
   adamw = row("adamw", "AdamW", 0.837, adamw_seeds_at_majority)
   prox = row("proximal_adamw", "iEF → AdamW", 0.856, 0, best_proximal=True)
+  tikhonov = row("proximal_tikhonov", "tikhonov", 0.861, 0, seeds=tikhonov_seeds)
   floor = {"task": "mrpc", "optimizer": None, "variant": tuning.DISPLAY["majority"]}
   floor |= {"seeds": 3, "split": "dev", "metric": "f1", "mean": 0.812, "std": 0.0}
   floor["dev_accuracy"] = 0.684
-  record = studies.comparison(prox, adamw, "mean", "std", study="optimizers", task="mrpc")
-  tables = {"summary": [adamw, prox], "majority": [floor]}
-  return {"name": "optimizers", "tables": tables, "comparisons": [{**record, "preselected": True}]}
+  context = {"study": "optimizers", "task": "mrpc"}
+  chosen = studies.comparison(prox, adamw, "mean", "std", **context)
+  other = studies.comparison(tikhonov, adamw, "mean", "std", **context)
+  tables = {"summary": [adamw, prox, tikhonov], "majority": [floor]}
+  comparisons = [{**chosen, "preselected": True}, {**other, "preselected": False}]
+  return {"name": "optimizers", "tables": tables, "comparisons": comparisons}
 
 
 def test_optimizer_table_and_verdict_show_the_majority_class_floor():
@@ -436,8 +440,16 @@ def test_optimizer_table_and_verdict_show_the_majority_class_floor():
       "Seeds whose f1 is no higher than always predicting the majority class (81.2%): "
       "1 of 3 AdamW seeds." in text
   )
+  assert "The other proximal variants against AdamW: tikhonov level (+2.40)." in text
+  assert "Best overall: tikhonov (86.1%)." in text
   [text, _] = verdict.optimizers(_mrpc_optimizer_study(adamw_seeds_at_majority=0))
   assert "majority class" not in text
+
+
+def test_the_verdict_names_variants_whose_seeds_have_not_all_landed():
+  [text, _] = verdict.optimizers(_mrpc_optimizer_study(0, tikhonov_seeds=2))
+  assert "against AdamW: tikhonov level (+2.40, 2 of 3 seeds so far)." in text
+  assert "Best overall: tikhonov (86.1%, 2 of 3 seeds so far)." in text
 
 
 def test_run_keys_survive_new_config_fields_but_not_new_values(monkeypatch):
