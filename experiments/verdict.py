@@ -49,13 +49,7 @@ def optimizers(study) -> list[str]:
     for record in (r for r in mine if r.get("preselected", True)):
       text += "; it is " + _phrase(record)
     seeds = {r["variant"]: r["seeds"] for r in rows}
-    most = max(seeds.values())
-
-    def so_far(variant: str) -> str:
-      """Names a variant whose seeds have not all landed yet (a partial study)."""
-      n = seeds.get(variant, most)
-      return f", {n} of {most} seeds so far" if n < most else ""
-
+    so_far = lambda variant: _seeds_so_far(seeds.get(variant, 0), max(seeds.values()))
     others = [
         f"{r['subject']} {WORDS[r['outcome']].split()[0]} "
         f"({_points(r['difference'])}{so_far(r['subject'])})"
@@ -169,8 +163,14 @@ def damping(study) -> list[str]:
   return out
 
 
+def _seeds_so_far(seeds: int, most: int) -> str:
+  """Names a row whose seeds have not all landed yet (a partial study): ", 2 of 3 seeds so far"."""
+  return f", {seeds} of {most} seeds so far" if 0 < seeds < most else ""
+
+
 def adversarial(study) -> list[str]:
   rows, out = study["tables"]["adversarial"], []
+  most = max((r["seeds"] for r in rows), default=0)  # what every row will have
   for variant in dict.fromkeys(r["variant"] for r in rows):
     mine = {r["objective"]: r for r in rows if r["variant"] == variant}
     if "clean" not in mine or len(mine) < 2:
@@ -183,7 +183,8 @@ def adversarial(study) -> list[str]:
     key = f"acc_eps_{eps:g}"
     parts = [
         f"{objective} {_p(row[key])} at ε={eps:g} (clean dev {_p(row['dev_accuracy'])}, "
-        f"{row['step_ratio_to_clean']:.2f}× the clean step time)"
+        f"{row['step_ratio_to_clean']:.2f}× the clean step time"
+        f"{_seeds_so_far(row['seeds'], most)})"
         for objective, row in mine.items()
         if objective != "clean" and not row["flat_under_attack"]
     ]
@@ -191,7 +192,9 @@ def adversarial(study) -> list[str]:
     text = (
         f"Adversarial training ({variant}, SST-2 dev): the clean-trained model keeps "
         f"{_p(clean[key])} under the ε={eps:g} PGD attack (clean dev "
-        f"{_p(clean['dev_accuracy'])})" + "".join("; " + part for part in parts) + "."
+        f"{_p(clean['dev_accuracy'])}{_seeds_so_far(clean['seeds'], most)})"
+        + "".join("; " + part for part in parts)
+        + "."
     )
     if flat:
       text += (

@@ -438,6 +438,41 @@ def test_the_verdict_names_variants_whose_seeds_have_not_all_landed():
   assert "Best overall: tikhonov (86.1%, 2 of 3 seeds so far)." in text
 
 
+def test_the_adversarial_verdict_names_objectives_whose_seeds_have_not_all_landed():
+  def row(variant, objective, seeds, robust, flat=False):
+    accuracies = {
+        "acc_eps_0": 0.88,
+        "acc_eps_0.05": 0.8,
+        "acc_eps_0.1": robust,
+        "acc_eps_0.5": 0.01,
+    }
+    return {
+        "variant": variant,
+        "objective": objective,
+        "seeds": seeds,
+        "dev_accuracy": 0.88,
+        "step_ratio_to_clean": 2.0,
+        "flat_under_attack": flat,
+        **accuracies,
+    }
+
+  rows = [
+      row("AdamW", "clean", 3, 0.6),
+      row("AdamW", "fgm", 2, 0.7),
+      row("AdamW", "pgd", 1, 0.5, flat=True),
+      row("iEF → AdamW", "clean", 3, 0.6),
+      row("iEF → AdamW", "fgm", 3, 0.75),
+  ]
+  adamw, ief = verdict.adversarial({"tables": {"adversarial": rows}})
+  assert adamw == (
+      "Adversarial training (AdamW, SST-2 dev): the clean-trained model keeps 60.0% under the "
+      "ε=0.1 PGD attack (clean dev 88.0%); fgm 70.0% at ε=0.1 (clean dev 88.0%, 2.00× the "
+      "clean step time, 2 of 3 seeds so far). Trained with pgd the model predicts (almost) one "
+      "class at every ε: training collapsed at this learning rate, which is not robustness."
+  )
+  assert "seeds so far" not in ief
+
+
 def test_readme_compares_runs_trained_on_two_machines(tmp_path):
   from experiments import reproduce
 
