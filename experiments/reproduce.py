@@ -94,8 +94,9 @@ _STOP_AFTER = flags.DEFINE_float(
     "stop_after",
     None,
     "end within this many minutes: start no run that the stored runs of its shape (median, "
-    "this kind of machine) say would end later (a run of a shape never stored starts until "
-    "then); runs still training then are stopped by SIGTERM and resume from their checkpoint",
+    "this kind of machine, this host's runs if any) say would end later (a run of a shape "
+    "never stored starts until then); runs still training then are stopped by SIGTERM and "
+    "resume from their checkpoint",
 )
 _REPORT_ONLY = flags.DEFINE_bool("report_only", False, "never train: tables from stored runs")
 _CLAIM_RUNS = flags.DEFINE_bool(
@@ -247,9 +248,12 @@ def render_readme(mode, plan, config, results, out, link_root, wall_seconds, com
       + f"; this invocation took {wall_seconds / 60:.1f} min.",
       "- Machine(s): "
       + describe_machines([r["machine"] for r in stored])
-      + ". Step times are compared only between runs of one kind of machine; a row's step "
-      "time (s/step) is its fastest seed's median step time, since other work sharing the "
-      "cores (tests, a second worker) only slows a run down.",
+      + ". Step times are compared only between runs of one kind of machine (one accelerator "
+      "kind; on CPUs, one host platform and core count, since such hosts differ in speed): a "
+      "row's step time (s/step) is its fastest seed's median step time, since other work "
+      "sharing the cores (tests, a second worker) only slows a run down, and is left out when "
+      "its seeds ran on different kinds; a ratio of two rows compares their runs on one kind "
+      "both trained on.",
       *duplicates_check(out, links),
       f"- Model `{config.model.name}`, batch {config.batch_size}, {config.max_length} "
       f"tokens, {config.num_train_steps} steps (warmup {config.optimizer.warmup_fraction:g}"

@@ -101,6 +101,14 @@ def machine() -> dict[str, Any]:
   }
 
 
+def host(machine: dict) -> str | None:
+  """The host platform a run's machine record names (kernel build and architecture, without
+  the C library suffix; None if unrecorded): CPU hosts with equal core counts still differ in
+  speed, and this is the finest name of a host that every run file records."""
+  platform = machine.get("platform")
+  return platform.split("-with-")[0] if platform else None
+
+
 class RunPreempted(SystemExit):
   """A run stopped by SIGTERM after saving a checkpoint (not a failure: rerun to resume)."""
 

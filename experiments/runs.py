@@ -197,9 +197,11 @@ class Executor:
   missing: dict[str, str] = dataclasses.field(default_factory=dict)
   planned_attacks: dict[str, run_process.Attack] = dataclasses.field(default_factory=dict)
   unstored: dict[str, tuple] = dataclasses.field(default_factory=dict)
-  # Run file name -> (shape, wall seconds), and run key without the attack -> the run file of
-  # an attacked run, read once per file (:meth:`_read_stored`).
-  durations: dict[str, tuple[str, float]] = dataclasses.field(default_factory=dict, repr=False)
+  # Run file name -> (shape, host, wall seconds), and run key without the attack -> the run
+  # file of an attacked run, read once per file (:meth:`_read_stored`).
+  durations: dict[str, tuple[str, str | None, float]] = dataclasses.field(
+      default_factory=dict, repr=False
+  )
   attacked_twins: dict[str, Path] = dataclasses.field(default_factory=dict, repr=False)
 
   def run(
@@ -287,12 +289,16 @@ class Executor:
   def expected_seconds(
       self, config, devices: int, attack: run_process.Attack | None
   ) -> float | None:
-    """Median wall time of the stored runs of this run's shape on this kind of machine (None:
-    no such run)."""
+    """Median wall time of the stored runs of this run's shape on this kind of machine, from
+    those that trained on this host (:func:`experiments.run_process.host`) if any, since hosts
+    of one kind differ in speed (None: no such run)."""
     self._read_stored()
-    shape = run_shape(config.to_dict(), devices, attack is not None, run_process.machine())
-    same = sorted(seconds for s, seconds in self.durations.values() if s == shape)
-    return same[len(same) // 2] if same else None
+    here = run_process.machine()
+    shape = run_shape(config.to_dict(), devices, attack is not None, here)
+    same = [(host, seconds) for s, host, seconds in self.durations.values() if s == shape]
+    on_this_host = [seconds for host, seconds in same if host == run_process.host(here)]
+    chosen = sorted(on_this_host or [seconds for _, seconds in same])
+    return chosen[len(chosen) // 2] if chosen else None
 
   def _read_stored(self) -> None:
     """Reads the run files stored since the last call into ``durations`` and
@@ -302,7 +308,8 @@ class Executor:
         result = json.loads(path.read_text())
         attacked = result["attack"] is not None  # its rows; the plan's attack is one
         shape = run_shape(result["config"], result["devices"], attacked, result["machine"])
-        self.durations[path.name] = (shape, float(result["wall_seconds"]))
+        host = run_process.host(result["machine"])
+        self.durations[path.name] = (shape, host, float(result["wall_seconds"]))
         if attacked:
           config = ml_collections.ConfigDict(result["config"])
           self.attacked_twins[run_key(config, result["devices"], None)] = path

@@ -25,13 +25,14 @@ The protocol (issue 13; fixed before the runs, the same for every optimizer):
 
 from __future__ import annotations
 
+import collections
 import itertools
 import math
 from typing import Any, NamedTuple
 
 import numpy as np
 
-from experiments import runs
+from experiments import run_process, runs
 from nearprox.text import data
 
 VARIANTS: dict[str, dict[str, Any]] = {
@@ -102,13 +103,15 @@ def collapsed(result: dict, split: str | None = None) -> bool | None:
 
 def machine_kind(result: dict) -> str:
   """The accelerator a run trained on (``NVIDIA H200``…; ``unknown`` if unrecorded); on a CPU
-  backend with the cores the run could use (``cpu, 2 cores``), since its step time depends on
-  them (``reproduce --workers=N --pin_workers`` gives each run a share of the cores)."""
+  backend with the cores the run could use and its host (``cpu, 2 cores, Linux-6.18-x86_64``),
+  since its step time depends on both (``reproduce --workers=N --pin_workers`` gives each run a
+  share of the cores)."""
   machine = result.get("machine", {})
   kind = machine.get("device_kind", "unknown")
   cpus = machine.get("cpus")
   if machine.get("backend") == "cpu" and cpus:
-    return f"{kind}, {cpus} core{'' if cpus == 1 else 's'}"
+    where = run_process.host(machine)
+    return f"{kind}, {cpus} core{'' if cpus == 1 else 's'}" + (f", {where}" if where else "")
   return kind
 
 
@@ -152,26 +155,38 @@ class Group(NamedTuple):
 
   @property
   def machine(self) -> str:
-    """The accelerator its runs trained on (``cpu``, ``NVIDIA H200``…), or ``mixed``."""
+    """The machine kind its runs trained on (:func:`machine_kind`), or ``mixed``."""
     kinds = {machine_kind(r) for r in self.results}
     return kinds.pop() if len(kinds) == 1 else "mixed"
 
-  def step_seconds(self) -> float:
-    """The fastest seed's step time; NaN when the seeds ran on different machines.
+  def step_seconds(self, kind: str | None = None) -> float:
+    """The fastest seed's step time, among the seeds that ran on machine ``kind`` if given;
+    NaN when no seed did, or (no ``kind``) when the seeds ran on different machines.
 
     The seeds do the same work on the same kind of machine, so what differs between them is
     other processes sharing the cores (tests, a second worker), which only slow a run down:
     the minimum is the least disturbed measurement.
     """
-    if self.machine == "mixed":
+    if kind is None and self.machine == "mixed":
       return float("nan")
-    return min(r["report"]["train_step_seconds"] for r in self.results)
+    seconds = [
+        r["report"]["train_step_seconds"]
+        for r in self.results
+        if kind is None or machine_kind(r) == kind
+    ]
+    return min(seconds, default=float("nan"))
 
   def step_ratio(self, other: Group | None) -> float:
-    """Its step time over ``other``'s; NaN unless both ran on one kind of machine."""
-    if other is None or self.machine != other.machine:
+    """Its step time over ``other``'s, both measured on one machine kind that runs of both
+    trained on (the one with the most of their runs); NaN when they share none."""
+    if other is None:
       return float("nan")
-    return self.step_seconds() / other.step_seconds()
+    counts = collections.Counter(machine_kind(r) for r in self.results + other.results)
+    shared = {machine_kind(r) for r in self.results} & {machine_kind(r) for r in other.results}
+    if not shared:
+      return float("nan")
+    kind = max(sorted(shared), key=lambda k: counts[k])
+    return self.step_seconds(kind) / other.step_seconds(kind)
 
   def collapsed_seeds(self) -> int | None:
     one_class = [collapsed(r) for r in self.results]

@@ -6,6 +6,8 @@ closing tally counts the records, not the text.
 
 from __future__ import annotations
 
+import math
+
 from experiments import studies
 from nearprox.text import data
 
@@ -163,6 +165,13 @@ def damping(study) -> list[str]:
   return out
 
 
+def _times(ratio: float, what: str) -> str:
+  """``2.45× <what>``; for a NaN ratio (no runs of both on one kind of machine), says so."""
+  if math.isnan(ratio):
+    return "step times not compared: no runs of both on one kind of machine"
+  return f"{ratio:.2f}× {what}"
+
+
 def _seeds_so_far(seeds: int, most: int) -> str:
   """Names a row whose seeds have not all landed yet (a partial study): ", 2 of 3 seeds so far"."""
   return f", {seeds} of {most} seeds so far" if 0 < seeds < most else ""
@@ -183,7 +192,7 @@ def adversarial(study) -> list[str]:
     key = f"acc_eps_{eps:g}"
     parts = [
         f"{objective} {_p(row[key])} at ε={eps:g} (clean dev {_p(row['dev_accuracy'])}, "
-        f"{row['step_ratio_to_clean']:.2f}× the clean step time"
+        f"{_times(row['step_ratio_to_clean'], 'the clean step time')}"
         f"{_seeds_so_far(row['seeds'], most)})"
         for objective, row in mine.items()
         if objective != "clean" and not row["flat_under_attack"]
@@ -210,10 +219,11 @@ def multidevice(study) -> list[str]:
   if not study["comparisons"]:
     return []
   record = study["comparisons"][0]
+  ratio = rows["global"]["step_seconds"] / rows["local"]["step_seconds"]
   return [
       f"On {rows['global']['devices']} host devices the exact global Gram "
-      f"({_p(record['subject_mean'])} SST-2 dev) is {_phrase(record)}, at "
-      f"{rows['global']['step_seconds'] / rows['local']['step_seconds']:.2f}× its step time."
+      f"({_p(record['subject_mean'])} SST-2 dev) is {_phrase(record)}, "
+      f"{'at ' if math.isfinite(ratio) else ''}{_times(ratio, 'its step time')}."
   ]
 
 

@@ -439,7 +439,7 @@ def test_the_verdict_names_variants_whose_seeds_have_not_all_landed():
 
 
 def test_the_adversarial_verdict_names_objectives_whose_seeds_have_not_all_landed():
-  def row(variant, objective, seeds, robust, flat=False):
+  def row(variant, objective, seeds, robust, flat=False, step_ratio=2.0):
     accuracies = {
         "acc_eps_0": 0.88,
         "acc_eps_0.05": 0.8,
@@ -451,7 +451,7 @@ def test_the_adversarial_verdict_names_objectives_whose_seeds_have_not_all_lande
         "objective": objective,
         "seeds": seeds,
         "dev_accuracy": 0.88,
-        "step_ratio_to_clean": 2.0,
+        "step_ratio_to_clean": step_ratio,
         "flat_under_attack": flat,
         **accuracies,
     }
@@ -461,7 +461,7 @@ def test_the_adversarial_verdict_names_objectives_whose_seeds_have_not_all_lande
       row("AdamW", "fgm", 2, 0.7),
       row("AdamW", "pgd", 1, 0.5, flat=True),
       row("iEF → AdamW", "clean", 3, 0.6),
-      row("iEF → AdamW", "fgm", 3, 0.75),
+      row("iEF → AdamW", "fgm", 3, 0.75, step_ratio=math.nan),  # trained on another host
   ]
   adamw, ief = verdict.adversarial({"tables": {"adversarial": rows}})
   assert adamw == (
@@ -471,6 +471,7 @@ def test_the_adversarial_verdict_names_objectives_whose_seeds_have_not_all_lande
       "class at every ε: training collapsed at this learning rate, which is not robustness."
   )
   assert "seeds so far" not in ief
+  assert "(clean dev 88.0%, step times not compared: no runs of both on one kind" in ief
 
 
 def test_readme_compares_runs_trained_on_two_machines(tmp_path):
@@ -516,13 +517,14 @@ def test_readme_lists_each_machine_once_with_its_runs_precisions():
   assert "NVIDIA H200; float32 matmul precision highest: 1): 1 run" in text
 
 
-def test_cpu_step_times_compare_only_at_equal_core_counts():
-  def result(cpus, seconds, backend="cpu", kind="cpu"):
-    machine = {"backend": backend, "device_kind": kind, "cpus": cpus}
+def test_cpu_step_times_compare_only_on_one_host_and_core_count():
+  def result(cpus, seconds, backend="cpu", kind="cpu", platform="Linux-a-x86_64-with-glibc2"):
+    machine = {"backend": backend, "device_kind": kind, "cpus": cpus, "platform": platform}
     return {"machine": machine, "report": {"train_step_seconds": seconds}}
 
-  assert tuning.machine_kind(result(2, 1.0)) == "cpu, 2 cores"
-  assert tuning.machine_kind(result(1, 1.0)) == "cpu, 1 core"
+  assert tuning.machine_kind(result(2, 1.0)) == "cpu, 2 cores, Linux-a-x86_64"
+  assert tuning.machine_kind(result(1, 1.0)) == "cpu, 1 core, Linux-a-x86_64"
+  assert tuning.machine_kind(result(1, 1.0, platform=None)) == "cpu, 1 core"
   assert tuning.machine_kind(result(16, 1.0, "gpu", "NVIDIA H200")) == "NVIDIA H200"
   group = lambda *results: tuning.Group("v", "v", {"optimizer.learning_rate": 0.1}, list(results))
   two_cores, one_core = group(result(2, 1.0), result(2, 3.0)), group(result(1, 4.0))
@@ -530,6 +532,16 @@ def test_cpu_step_times_compare_only_at_equal_core_counts():
   assert two_cores.step_seconds() == 1.0 and two_cores.step_ratio(group(result(2, 0.5))) == 2.0
   assert math.isnan(two_cores.step_ratio(one_core))
   assert math.isnan(group(result(2, 1.0), result(1, 1.0)).step_seconds())
+  # A faster host with the same core count is another kind of machine: a group whose seeds
+  # ran on both has no one step time, and its ratio to another group is taken on the host
+  # they share (here the fast one, where most of their runs trained), never across hosts.
+  fast = lambda seconds: result(1, seconds, platform="Linux-b-x86_64-with-glibc2")
+  mixed = group(result(1, 8.0), fast(5.0), fast(6.0))
+  assert mixed.machine == "mixed" and math.isnan(mixed.step_seconds())
+  assert mixed.step_seconds("cpu, 1 core, Linux-b-x86_64") == 5.0
+  assert mixed.step_ratio(group(result(1, 2.0), fast(1.0), fast(1.5))) == 5.0
+  assert mixed.step_ratio(group(result(1, 2.0))) == 4.0
+  assert math.isnan(group(fast(5.0)).step_ratio(group(result(1, 2.0))))
 
 
 def test_train_first_runs_parts_of_studies_before_the_rest(tmp_path, monkeypatch):

@@ -211,9 +211,9 @@ def test_a_run_in_training_logs_its_progress(tmp_path, monkeypatch):
 
 def test_a_run_starts_only_if_runs_of_its_shape_ended_in_the_time_left(tmp_path, monkeypatch):
   """With a deadline, a run starts only if the stored runs of its shape (other seeds and rates,
-  this kind of machine) took, at the median, no longer than the time left (scaled to the steps
-  its checkpoint has not trained); a run of a shape never stored starts until the deadline,
-  and none after it."""
+  this kind of machine, this host's runs when it has some) took, at the median, no longer than
+  the time left (scaled to the steps its checkpoint has not trained); a run of a shape never
+  stored starts until the deadline, and none after it."""
   import time
 
   from experiments.configs import full
@@ -229,11 +229,16 @@ def test_a_run_starts_only_if_runs_of_its_shape_ended_in_the_time_left(tmp_path,
   out = tmp_path / "out"
   here = run_process.machine()
   elsewhere = {**here, "cpus": here["cpus"] + 7}
+  faster_host = {**here, "platform": "Linux-faster-x86_64"}  # the same kind of machine
   stored = [(0, 1e-4, 900, here), (1, 1e-4, 1000, here), (2, 3e-4, 5000, here)]
+  stored += [(seed, 1e-4, 10, faster_host) for seed in (5, 6, 7, 8, 12)]  # this host's count
   for seed, lr, wall, machine in stored + [(3, 1e-4, 10, elsewhere), (4, 1e-4, 10, here)]:
     overrides = {"optimizer.name": "adamw", "optimizer.learning_rate": lr, "seed": seed}
     if seed == 4:  # another shape: a longer run
       overrides["num_train_steps"] = 10_000
+    if seed == 12:  # a shape stored on another host only: its time there is the estimate
+      overrides |= {"optimizer.name": "sgd", "num_train_steps": 20_000}
+      wall = 5000
     config = runs.apply_overrides(full.get_config(), overrides)
     result = {"config": config.to_dict(), "devices": 1, "attack": None, "wall_seconds": wall}
     if seed == 1:  # stored before a field was added (at its default: the same shape)
@@ -246,6 +251,8 @@ def test_a_run_starts_only_if_runs_of_its_shape_ended_in_the_time_left(tmp_path,
   executor.deadline = time.time() + 600  # the median run of its shape took 1000 s
   assert executor.run("adamw", adamw) is None and trained == []
   assert "adamw" in executor.missing.values()
+  long_sgd = {"optimizer.name": "sgd", "num_train_steps": 20_000, "seed": 9}
+  assert executor.run("long sgd", long_sgd) is None and trained == []
   assert executor.run("sgd", {"optimizer.name": "sgd", "seed": 9}) is not None  # a new shape
   executor.missing.clear()
   resumed = {**adamw, "seed": 10}  # 450 of its 600 steps are checkpointed: 250 s to go
