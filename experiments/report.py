@@ -338,15 +338,19 @@ def md_adversarial(study: dict) -> str:
       SEEDS,
       ("clean dev acc (%)", _spread("dev_accuracy", "dev_accuracy_std")),
       ("one-class seeds", _get("collapsed_seeds", lambda n: "—" if n is None else n)),
-      *[(f"ε={k[8:]} (%)", _get(k, pct)) for k in rows[0] if k.startswith("acc_eps_")],
+      *[
+          (f"ε={k[8:]} (%)", _spread(k, f"acc_std_eps_{k[8:]}"))
+          for k in rows[0]
+          if k.startswith("acc_eps_")
+      ],
       ("step × clean", _get("step_ratio_to_clean")),
   ]
   return (
       table(rows, columns)
       + f"\n\nAttack: ℓ2 PGD on the word embeddings, {rows[0]['attack_steps']} steps, step "
       f"2.5ε/K, no random start, on {rows[0]['attack_examples']} SST-2 dev examples "
-      "(ε=0: clean accuracy on that subset); accuracies under attack are means over the "
-      "seeds.\n\n![robustness](PLOT:robustness.png)"
+      "(ε=0: clean accuracy on that subset); accuracies under attack are means ± standard "
+      "deviations over the seeds.\n\n![robustness](PLOT:robustness.png)"
   )
 
 

@@ -23,10 +23,20 @@ def _points(difference: float) -> str:
   return f"{100 * difference:+.2f}"
 
 
+def _spread(mean: float, std: float | None, seeds: int | None) -> str:
+  """'88.1 ± 0.2%': mean ± seed standard deviation (no ± for one seed or an unknown count)."""
+  return f"{100 * mean:.1f}" + (f" ± {100 * std:.1f}" if (seeds or 0) > 1 else "") + "%"
+
+
+def _side(record: dict, side: str) -> str:
+  """A comparison record's subject or baseline score with its seed spread."""
+  return _spread(record[f"{side}_mean"], record[f"{side}_std"], record.get(f"{side}_seeds"))
+
+
 def _phrase(record: dict) -> str:
-  """'ahead of NAME (b; +d points)' / 'behind …' / 'level with …'."""
+  """'ahead of NAME (b ± s; +d points)' / 'behind …' / 'level with …'."""
   return (
-      f"{WORDS[record['outcome']]} {record['baseline']} ({_p(record['baseline_mean'])}; "
+      f"{WORDS[record['outcome']]} {record['baseline']} ({_side(record, 'baseline')}; "
       f"{_points(record['difference'])} points)"
   )
 
@@ -45,7 +55,8 @@ def optimizers(study) -> list[str]:
     text = (
         f"On {data.get_task(task).display_name} ({best['split']} {best['metric']}, "
         f"{best['steps']} steps, {best['seeds']} seed(s)) the proximal variant chosen by the "
-        f"tuning on held-out training data, {best['variant']}, scores {_p(best['mean'])}"
+        f"tuning on held-out training data, {best['variant']}, scores "
+        f"{_spread(best['mean'], best['std'], best['seeds'])}"
     )
     mine = [r for r in study["comparisons"] if r["task"] == task]
     for record in (r for r in mine if r.get("preselected", True)):
@@ -73,6 +84,7 @@ def optimizers(study) -> list[str]:
           f" The {_p(best['target'])} dev target was reached by {best['reached']}/"
           f"{best['seeds']} proximal and {adamw['reached']}/{adamw['seeds']} AdamW seeds."
       )
+    text += _one_class(rows, best["split"])
     floor = [r for r in rows if r["not_above_majority_seeds"]]
     if floor:
       majority = next(r for r in study["tables"]["majority"] if r["task"] == task)
@@ -104,6 +116,22 @@ def optimizers(study) -> list[str]:
     )
   out.append(step_cost(study.get("step_cost")))
   return out
+
+
+def _one_class(rows: list[dict], split: str) -> str:
+  """The collapse count of a task's optimizer rows: which seeds predict a single class."""
+  counted = [r for r in rows if r["collapsed_seeds"] is not None]
+  collapsed = [r for r in counted if r["collapsed_seeds"]]
+  if not counted:
+    return ""
+  if not collapsed:
+    runs = sum(r["seeds"] for r in counted)
+    return f" None of the {runs} runs predicts a single class on the {split} split."
+  return (
+      f" Seeds predicting a single class on the {split} split: "
+      + ", ".join(f"{r['collapsed_seeds']} of {r['seeds']} {r['variant']} seeds" for r in collapsed)
+      + "."
+  )
 
 
 def step_cost(record: dict | None) -> str:
@@ -185,10 +213,7 @@ def adversarial(study) -> list[str]:
     if "clean" not in mine or len(mine) < 2:
       continue
     clean = mine["clean"]
-    radii = sorted(float(k[8:]) for k in clean if k.startswith("acc_eps_"))
-    positive = [e for e in radii if e > 0]
-    # The middle of the attack grid: where clean training is hurt but not yet at zero.
-    eps = positive[len(positive) // 2] if positive else radii[-1]
+    eps = studies.reported_epsilon(float(k[8:]) for k in clean if k.startswith("acc_eps_"))
     key = f"acc_eps_{eps:g}"
     parts = [
         f"{objective} {_p(row[key])} at ε={eps:g} (clean dev {_p(row['dev_accuracy'])}, "
@@ -211,7 +236,28 @@ def adversarial(study) -> list[str]:
           "every ε: training collapsed at this learning rate, which is not robustness."
       )
     out.append(text)
+  records = study.get("comparisons") or []
+  if records:
+    out.append(
+        f"Under the ε={records[0]['epsilon']:g} PGD attack (accuracy, mean ± seed standard "
+        f"deviation), {records[0]['subject']} against {records[0]['baseline']}: "
+        + "; ".join(_robustness(record, most) for record in records)
+        + "."
+    )
   return out
+
+
+def _robustness(record: dict, most: int) -> str:
+  """'trained with fgm, 51.4 ± 2.0% vs 56.2 ± 1.1%: behind (-4.80 points)'."""
+  objective = record["objective"]
+  text = (
+      f"{'trained clean' if objective == 'clean' else 'trained with ' + objective}, "
+      f"{_side(record, 'subject')} vs {_side(record, 'baseline')}: "
+  )
+  if not record["counted"]:
+    return text + "not compared (a model collapsed to one class)"
+  so_far = _seeds_so_far(min(record["subject_seeds"], record["baseline_seeds"]), most)
+  return text + f"{record['outcome']} ({_points(record['difference'])} points{so_far})"
 
 
 def multidevice(study) -> list[str]:
@@ -222,7 +268,7 @@ def multidevice(study) -> list[str]:
   ratio = rows["global"]["step_seconds"] / rows["local"]["step_seconds"]
   return [
       f"On {rows['global']['devices']} host devices the exact global Gram "
-      f"({_p(record['subject_mean'])} SST-2 dev) is {_phrase(record)}, "
+      f"({_side(record, 'subject')} SST-2 dev) is {_phrase(record)}, "
       f"{'at ' if math.isfinite(ratio) else ''}{_times(ratio, 'its step time')}."
   ]
 
@@ -261,13 +307,13 @@ def noise(study) -> list[str]:
     if "label_noise" not in record:
       out.append(
           f"On low-confidence tweets (test) the best proximal variant, {record['subject']}, "
-          f"scores {_p(record['subject_mean'])}: {_phrase(record)}."
+          f"scores {_side(record, 'subject')}: {_phrase(record)}."
       )
       continue
     subject, baseline = record["subject"], record["baseline"]
     text = (
         f"With {_p(record['label_noise'])} flipped SST-2 training labels, {subject} reaches "
-        f"{_p(record['subject_mean'])} dev accuracy, {_phrase(record)}"
+        f"{_side(record, 'subject')} dev accuracy, {_phrase(record)}"
     )
     if (subject, 0.0) in rows:
       drop = rows[subject, 0.0]["dev_accuracy"] - record["subject_mean"]
@@ -308,7 +354,7 @@ def sketch(study) -> list[str]:
     out.append(
         f"With {record['subject']}, {sketched['variant']} at learning rate "
         f"{sketched['learning_rate']:g}, λ {sketched['damping']:g} reaches "
-        f"{_p(record['subject_mean'])} {where} over {sketched['seeds']} seeds: "
+        f"{_side(record, 'subject')} {where} over {sketched['seeds']} seeds: "
         f"{_phrase(record)}, {cost}."
     )
   return out
@@ -320,7 +366,7 @@ def squad(study) -> list[str]:
   first = study["comparisons"][0]
   text = (
       f"On SQuAD's held-out articles, {first['subject']} reaches held-out F1 "
-      f"{_p(first['subject_mean'])}"
+      f"{_side(first, 'subject')}"
   )
   return [text + "".join("; " + _phrase(record) for record in study["comparisons"]) + "."]
 

@@ -365,7 +365,7 @@ def _glue_study(adamw_f1: float) -> dict:
 
 def test_verdict_tallies_the_comparison_records_not_its_text():
   learned = verdict.verdict({"glue": _glue_study(adamw_f1=0.85)})
-  assert "behind AdamW (85.0%; -3.80 points)" in learned
+  assert "behind AdamW (85.0 ± 0.0%; -3.80 points)" in learned
   assert "behind in 1 of the 1 comparisons" in learned
   # Both score exactly the majority class: no comparison is drawn or counted.
   trivial = verdict.verdict({"glue": _glue_study(adamw_f1=0.812)})
@@ -428,6 +428,11 @@ def test_optimizer_table_and_verdict_show_the_majority_class_floor():
   )
   assert "The other proximal variants against AdamW: tikhonov level (+2.40)." in text
   assert "Best overall: tikhonov (86.1%)." in text
+  assert "scores 85.6 ± 2.0%; it is level with AdamW (83.7 ± 2.0%; +1.90 points)" in text
+  assert "None of the 9 runs predicts a single class on the dev split." in text
+  study["tables"]["summary"][2]["collapsed_seeds"] = 2
+  [text, _] = verdict.optimizers(study)
+  assert "Seeds predicting a single class on the dev split: 2 of 3 tikhonov seeds." in text
   [text, _] = verdict.optimizers(_mrpc_optimizer_study(adamw_seeds_at_majority=0))
   assert "majority class" not in text
 
@@ -472,6 +477,79 @@ def test_the_adversarial_verdict_names_objectives_whose_seeds_have_not_all_lande
   )
   assert "seeds so far" not in ief
   assert "(clean dev 88.0%, step times not compared: no runs of both on one kind" in ief
+
+
+def test_adversarial_study_compares_the_tuned_proximal_variant_with_adamw_under_attack():
+  """Per objective, the accuracy under the PGD attack at the middle radius (0.2 of the full
+  plan's grid), mean ± seed spread over the run files; a model that predicts one class at
+  every radius is shown but not counted; the tally counts the rest."""
+  from experiments.configs import full
+
+  plan = full.get_plan()
+  plan.objectives = ("clean", "fgm", "pgd")
+  robust = {  # accuracy under attack at ε = 0.2, one per seed
+      ("adamw", "clean"): (0.33, 0.31, 0.35),
+      ("adamw", "fgm"): (0.56, 0.58, 0.54),
+      ("adamw", "pgd"): (0.55, 0.55, 0.55),
+      ("proximal_adamw", "clean"): (0.30, 0.28, 0.32),
+      ("proximal_adamw", "fgm"): (0.51, 0.50, 0.52),
+      ("proximal_adamw", "pgd"): (0.5,),  # one class: 0.5 at every radius; one seed so far
+  }
+
+  def result(variant, accuracy_at):
+    attack = [
+        {"epsilon": e, "accuracy": accuracy_at(e), "num_examples": 256, "num_steps": 5}
+        for e in plan.attack_epsilons
+    ]
+    return {
+        "config": {"task": "sst2", "optimizer": {"name": variant, "damping": 1.0}},
+        "report": {
+            "dev": {"accuracy": 0.88},
+            "predicted_classes": {"dev": [400, 472]},
+            "train_step_seconds": 1.0,
+        },
+        "attack": attack,
+        "machine": {"device_kind": "cpu"},
+    }
+
+  class Stored(tuning.Context):
+
+    def resolve(self, name):
+      return "proximal_adamw" if name == "best_proximal" else name
+
+    def group(self, label, task, name, extra=None, attack=None):
+      variant, objective = self.resolve(name), extra["objective.kind"]
+      flat = (variant, objective) == ("proximal_adamw", "pgd")
+      found = [
+          result(variant, lambda e, a=a: 0.5 if flat else a if e == 0.2 else 0.9 - e)
+          for a in robust[variant, objective]
+      ]
+      labels = {"adamw": "AdamW", "proximal_adamw": "iEF → AdamW"}
+      return tuning.Group(variant, labels[variant], {"optimizer.learning_rate": 1e-4}, found)
+
+  executor = type("Executor", (), {"requested": [], "missing": {}})()
+  study = studies.adversarial(Stored(plan, executor))
+  rows = {(r["optimizer"], r["objective"]): r for r in study["tables"]["adversarial"]}
+  assert rows["adamw", "fgm"]["acc_eps_0.2"] == pytest.approx(0.56)
+  assert rows["adamw", "fgm"]["acc_std_eps_0.2"] == pytest.approx(0.02)
+  assert "| 56.0 ± 2.0 |" in report.md_adversarial(study)
+  by_objective = {r["objective"]: r for r in study["comparisons"]}
+  assert {o: (r["outcome"], r["counted"]) for o, r in by_objective.items()} == {
+      "clean": ("level", True),  # -3 points within the summed spread of 4
+      "fgm": ("behind", True),  # -5 points beyond 2 + 1
+      "pgd": ("behind", False),
+  }
+  assert by_objective["fgm"]["epsilon"] == 0.2
+  [*_, sentence] = verdict.adversarial(study)
+  assert sentence == (
+      "Under the ε=0.2 PGD attack (accuracy, mean ± seed standard deviation), "
+      "iEF → AdamW against AdamW: trained clean, 30.0 ± 2.0% vs "
+      "33.0 ± 2.0%: level (-3.00 points); trained with fgm, 51.0 ± 1.0% vs 56.0 ± 2.0%: "
+      "behind (-5.00 points); trained with pgd, 50.0% vs 55.0 ± 0.0%: not compared (a "
+      "model collapsed to one class)."
+  )
+  summary = verdict.verdict({"adversarial": study})
+  assert "ahead in 0, level in 1 and behind in 1 of the 2 comparisons" in summary
 
 
 def test_readme_compares_runs_trained_on_two_machines(tmp_path):

@@ -26,7 +26,8 @@ Module of each: ``optimizers`` (1), ``gram`` (2, 4, 7: how the Gram is formed),
    (effective rank, kept fraction) across training.
 3. ``adversarial`` clean / FGM / PGD / SMART objectives with ``plan.objective_optimizers``
    (AdamW and the best proximal variant): clean accuracy and accuracy under embedding-space
-   PGD vs ε.
+   PGD vs ε; per objective, the best proximal variant against AdamW under attack at the
+   middle radius (``reported_epsilon``).
 4. ``multidevice`` local vs global Gram on 8 host devices (subprocess), step time.
 5. ``glue``        one more GLUE task (MRPC: F1) with the SST-2 settings.
 6. ``noise``       20% / 40% flipped SST-2 training labels; tweets low-confidence test.
@@ -41,7 +42,7 @@ Module of each: ``optimizers`` (1), ``gram`` (2, 4, 7: how the Gram is formed),
 from experiments.studies.core import MIN_GAP, SKETCHED, STEP_COST_FILE, SUMMARY_FIELDS, comparison
 from experiments.studies.gram import damping, multidevice, sketch
 from experiments.studies.optimizers import optimizers
-from experiments.studies.robustness import adversarial, noise
+from experiments.studies.robustness import adversarial, noise, reported_epsilon
 from experiments.studies.tasks import glue, majority_class_row, squad
 
 # Study name -> function of a Context, in the order of the README.
@@ -60,4 +61,5 @@ __all__ = [
     "SUMMARY_FIELDS",
     "comparison",
     "majority_class_row",
+    "reported_epsilon",
 ]

@@ -51,7 +51,8 @@ def mean_curve(curves: list[list[tuple[int, float]]]) -> list[tuple[int, float]]
 
 def comparison(subject: dict, baseline: dict, key: str, std_key=None, **context) -> dict:
   """The record "subject vs baseline on ``key``" (seed spread ``std_key``, default
-  ``<key>_std``): ``outcome`` is "ahead", "behind" or "level" (within ``MIN_GAP``)."""
+  ``<key>_std``; the rows' ``seeds`` counts when they have them): ``outcome`` is "ahead",
+  "behind" or "level" (within ``MIN_GAP``)."""
   a, b, std_key = subject[key], baseline[key], std_key or f"{key}_std"
   floor = max(MIN_GAP, (subject[std_key] or 0.0) + (baseline[std_key] or 0.0))
   outcome = "ahead" if a - b > floor else "behind" if a - b < -floor else "level"
@@ -64,6 +65,8 @@ def comparison(subject: dict, baseline: dict, key: str, std_key=None, **context)
       "subject_std": subject[std_key],
       "baseline_mean": b,
       "baseline_std": baseline[std_key],
+      "subject_seeds": subject.get("seeds"),
+      "baseline_seeds": baseline.get("seeds"),
       "difference": a - b,
       "outcome": outcome,
   }

@@ -8,13 +8,21 @@ from experiments.tuning import PROXIMAL, Context, mean_std
 from nearprox.text import objectives
 
 
+def reported_epsilon(epsilons) -> float:
+  """The attack radius the comparisons are made at: the middle of the positive radii of the
+  grid, where clean training is hurt but not yet at zero (the largest radius without any)."""
+  radii = sorted(float(e) for e in epsilons)
+  positive = [e for e in radii if e > 0]
+  return positive[len(positive) // 2] if positive else radii[-1]
+
+
 @study("Adversarial objectives and robustness")
 def adversarial(ctx: Context) -> dict:
   plan = ctx.plan
   attack = run_process.Attack(
       tuple(float(e) for e in plan.attack_epsilons), plan.attack_steps, plan.attack_examples
   )
-  rows, curves = [], {}
+  rows, curves, by_variant = [], {}, {}
   for name in plan.objective_optimizers:
     clean = None
     for objective in plan.objectives:
@@ -27,32 +35,53 @@ def adversarial(ctx: Context) -> dict:
         continue
       found = group.results
       clean = group if objective == "clean" else clean
-      # Mean over seeds of the accuracy under attack at each radius (same ε grid every run).
-      mean_attack = [
-          {**rows_at[0], "accuracy": mean_std([r["accuracy"] for r in rows_at])[0]}
-          for rows_at in zip(*(r["attack"] for r in found))
-      ]
+      # Mean and seed spread of the accuracy under attack at each radius (one ε grid).
+      mean_attack = []
+      for rows_at in zip(*(r["attack"] for r in found)):
+        mean, std = mean_std([r["accuracy"] for r in rows_at])
+        mean_attack.append({**rows_at[0], "accuracy": mean, "accuracy_std": std})
       accuracy = {f"acc_eps_{a['epsilon']:g}": a["accuracy"] for a in mean_attack}
-      rows.append(
-          {
-              **group.describe(),
-              "objective": objective,
-              "train_epsilon": resolved.epsilon,
-              "train_steps": resolved.num_steps if objective != "clean" else 0,
-              "seeds": len(found),
-              **group.stats("dev_accuracy", "dev", "accuracy"),
-              "collapsed_seeds": group.collapsed_seeds(),
-              "step_seconds": group.step_seconds(),
-              "step_ratio_to_clean": group.step_ratio(clean),  # NaN across machines
-              "attack_examples": found[0]["attack"][0]["num_examples"],
-              "attack_steps": found[0]["attack"][0]["num_steps"],
-              **accuracy,
-              # The same accuracy at every radius: a model predicting (almost) one class.
-              "flat_under_attack": max(accuracy.values()) - min(accuracy.values()) < 0.005,
-          }
-      )
+      spread = {f"acc_std_eps_{a['epsilon']:g}": a["accuracy_std"] for a in mean_attack}
+      row = {
+          **group.describe(),
+          "objective": objective,
+          "train_epsilon": resolved.epsilon,
+          "train_steps": resolved.num_steps if objective != "clean" else 0,
+          "seeds": len(found),
+          **group.stats("dev_accuracy", "dev", "accuracy"),
+          "collapsed_seeds": group.collapsed_seeds(),
+          "step_seconds": group.step_seconds(),
+          "step_ratio_to_clean": group.step_ratio(clean),  # NaN across machines
+          "attack_examples": found[0]["attack"][0]["num_examples"],
+          "attack_steps": found[0]["attack"][0]["num_steps"],
+          **accuracy,
+          **spread,
+          # The same accuracy at every radius: a model predicting (almost) one class.
+          "flat_under_attack": max(accuracy.values()) - min(accuracy.values()) < 0.005,
+      }
+      rows.append(row)
+      by_variant[group.variant, objective] = row
       curves[f"{group.label}, {objective}"] = mean_attack
-  return {"tables": {"adversarial": rows}, "curves": curves}
+  # The tuned proximal variant against AdamW, objective by objective, on the accuracy under
+  # attack at one radius; a model that collapsed to one class is not counted as robust.
+  eps, best, comparisons = reported_epsilon(attack.epsilons), ctx.resolve("best_proximal"), []
+  for objective in plan.objectives:
+    subject, baseline = by_variant.get((best, objective)), by_variant.get(("adamw", objective))
+    if subject is None or baseline is None:
+      continue
+    record = comparison(
+        subject,
+        baseline,
+        f"acc_eps_{eps:g}",
+        f"acc_std_eps_{eps:g}",
+        study="adversarial",
+        task=STUDY_TASK,
+        objective=objective,
+        epsilon=eps,
+    )
+    counted = not (subject["flat_under_attack"] or baseline["flat_under_attack"])
+    comparisons.append({**record, "counted": counted})
+  return {"tables": {"adversarial": rows}, "curves": curves, "comparisons": comparisons}
 
 
 @study("Noisy labels")
