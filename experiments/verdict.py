@@ -118,8 +118,9 @@ def optimizers(study) -> list[str]:
   return out
 
 
-def _one_class(rows: list[dict], split: str) -> str:
-  """The collapse count of a task's optimizer rows: which seeds predict a single class."""
+def _one_class(rows: list[dict], split: str, name=lambda row: row["variant"]) -> str:
+  """The collapse count of table rows (one per variant, ``name`` says which): the seeds whose
+  final model predicts a single class on ``split``."""
   counted = [r for r in rows if r["collapsed_seeds"] is not None]
   collapsed = [r for r in counted if r["collapsed_seeds"]]
   if not counted:
@@ -129,7 +130,7 @@ def _one_class(rows: list[dict], split: str) -> str:
     return f" None of the {runs} runs predicts a single class on the {split} split."
   return (
       f" Seeds predicting a single class on the {split} split: "
-      + ", ".join(f"{r['collapsed_seeds']} of {r['seeds']} {r['variant']} seeds" for r in collapsed)
+      + ", ".join(f"{r['collapsed_seeds']} of {r['seeds']} {name(r)} seeds" for r in collapsed)
       + "."
   )
 
@@ -243,6 +244,7 @@ def adversarial(study) -> list[str]:
         f"deviation), {records[0]['subject']} against {records[0]['baseline']}: "
         + "; ".join(_robustness(record, most) for record in records)
         + "."
+        + _one_class(rows, "dev", lambda row: f"{row['variant']}, {row['objective']}")
     )
   return out
 

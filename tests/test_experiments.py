@@ -546,7 +546,8 @@ def test_adversarial_study_compares_the_tuned_proximal_variant_with_adamw_under_
       "iEF → AdamW against AdamW: trained clean, 30.0 ± 2.0% vs "
       "33.0 ± 2.0%: level (-3.00 points); trained with fgm, 51.0 ± 1.0% vs 56.0 ± 2.0%: "
       "behind (-5.00 points); trained with pgd, 50.0% vs 55.0 ± 0.0%: not compared (a "
-      "model collapsed to one class)."
+      "model collapsed to one class). None of the 16 runs predicts a single class on the dev "
+      "split."
   )
   summary = verdict.verdict({"adversarial": study})
   assert "ahead in 0, level in 1 and behind in 1 of the 2 comparisons" in summary
