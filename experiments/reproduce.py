@@ -205,7 +205,8 @@ def partial_notice(plan, results) -> list[str]:
   if not missing and not absent:
     return []
   text = (
-      f"**Partial study**: {missing} runs the studies asked for so far do not exist yet "
+      f"**Partial study**: {missing} run{'' if missing == 1 else 's'} the studies asked for so "
+      f"far {'does' if missing == 1 else 'do'} not exist yet "
       "(stages that depend on them, such as the reported runs after the tuning, ask for more)"
       + (f", and {', '.join(absent)} did not run" if absent else "")
       + ". Every number below comes from the runs that exist; a comparison that needs missing "

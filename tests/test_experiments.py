@@ -682,3 +682,16 @@ def test_train_first_runs_parts_of_studies_before_the_rest(tmp_path, monkeypatch
     with pytest.raises(app.UsageError, match=error):
       reproduce.train_first(plan, ["squad"], executor)
     assert calls == []  # checked before the first entry trains
+
+
+def test_the_partial_study_notice_counts_the_missing_runs():
+  from experiments import reproduce
+
+  plan = ml_collections.ConfigDict({"studies": ("optimizers", "adversarial")})
+  results = {"optimizers": {"missing": []}, "adversarial": {"missing": ["k1"]}}
+  [text, _] = reproduce.partial_notice(plan, results)
+  assert text.startswith("**Partial study**: 1 run the studies asked for so far does not exist")
+  results["optimizers"]["missing"] = ["k2"]
+  [text, _] = reproduce.partial_notice(plan, results)
+  assert text.startswith("**Partial study**: 2 runs the studies asked for so far do not exist")
+  assert reproduce.partial_notice(plan, {n: {"missing": []} for n in plan.studies}) == []
