@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import math
 
-from experiments import studies
+from experiments import report, studies
 from nearprox.text import data
 
 WORDS = {"ahead": "ahead of", "level": "level with", "behind": "behind"}
@@ -24,8 +24,9 @@ def _points(difference: float) -> str:
 
 
 def _spread(mean: float, std: float | None, seeds: int | None) -> str:
-  """'88.1 ± 0.2%': mean ± seed standard deviation (no ± for one seed or an unknown count)."""
-  return f"{100 * mean:.1f}" + (f" ± {100 * std:.1f}" if (seeds or 0) > 1 else "") + "%"
+  """'88.1 ± 0.2%': mean ± seed standard deviation, as the tables print it (no ± for one seed
+  or an unknown count)."""
+  return report.pct(mean, std, seeds) + "%"
 
 
 def _side(record: dict, side: str) -> str:
