@@ -17,7 +17,7 @@ with ``optimizer.sketch_dim = plan.sketch_dim``, for the sketch's cost against t
     python -m experiments.bench_optimizers [--mode=full] [--repeats=5] [--data_dir=GLUE]
 
 Writes ``experiments/results/<mode>/bench_optimizers.{md,json}``; the optimizer study reads
-the JSON for the cost sentence of the verdict and its table (experiments/studies/).
+the JSON for the optimizer study's cost table (experiments/studies/optimizers.py).
 """
 
 from __future__ import annotations
@@ -49,9 +49,7 @@ def define_flags() -> None:
 def variant_configs(plan, base_config, out: Path) -> dict[str, tuple[str, object, str]]:
   """{variant: (label, config, settings)} of the plan's optimizer variants on the plan's
   first optimizer task, as the study builds them from the stored runs of ``out/runs``."""
-  # allow_new=False: it reads stored runs and trains nothing, so its workdir is never made.
-  executor = runs.Executor(base_config, out, out / "unused", allow_new=False, log=lambda _: None)
-  context = tuning.Context(plan, executor)
+  context = tuning.Context(plan, runs.RunStore(base_config, out))  # reads; trains nothing
   task = plan.optimizer_tasks[0]
   found = {}
   for name in plan.optimizer_variants:

@@ -2,7 +2,7 @@
 
 :func:`execute` trains a resolved config in this process with
 ``nearprox.training.train.train_and_evaluate`` and returns the run's result, which
-``experiments.runs.Executor`` stores as ``<out>/runs/<key>.json``. Its fields: ``key``,
+``experiments.runs.RunStore`` stores as ``<out>/runs/<key>.json``. Its fields: ``key``,
 ``label``, ``config`` (the resolved config), ``devices``, ``report``
 (``train_and_evaluate``'s report without the params), ``history`` (the rows of
 ``metrics.jsonl``: train/loss, train/step_time, train/gram/*, dev/<metric> …; the report's
@@ -20,10 +20,8 @@ finished the run).
 
 A run stopped by SIGTERM saves a checkpoint, records its segment and raises
 :class:`RunPreempted`; the next :func:`execute` of the same key resumes there.
-
-Multi-device runs execute in a subprocess (``XLA_FLAGS=--xla_force_host_platform_device_count``
-must be set before JAX is imported): ``python -m experiments.reproduce --run_spec=spec.json``
-(:func:`execute_spec_file`), which exits with :data:`PREEMPTED_EXIT_CODE` when stopped.
+:mod:`experiments.ray_runner` calls :func:`execute` in a Ray task, whose process gets a
+multi-device run's ``XLA_FLAGS`` from Ray's runtime environment before JAX is imported.
 """
 
 from __future__ import annotations
@@ -35,7 +33,6 @@ import os
 import platform
 import shutil
 import subprocess
-import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -109,12 +106,8 @@ def host(machine: dict) -> str | None:
   return platform.split("-with-")[0] if platform else None
 
 
-class RunPreempted(SystemExit):
+class RunPreempted(Exception):
   """A run stopped by SIGTERM after saving a checkpoint (not a failure: rerun to resume)."""
-
-
-# A --run_spec subprocess stopped by SIGTERM exits with this status (EX_TEMPFAIL).
-PREEMPTED_EXIT_CODE = 75
 
 
 def _segment(report: dict, started: float, cpu_started: float) -> dict:
@@ -217,18 +210,3 @@ def execute(
   jax.clear_caches()
   gc.collect()
   return result
-
-
-def execute_spec_file(spec_path: str) -> None:
-  """The ``--run_spec`` entry point (a fresh process whose XLA_FLAGS are already set)."""
-  spec = json.loads(Path(spec_path).read_text())
-  config = ml_collections.ConfigDict(spec["config"])
-  attack = Attack(**spec["attack"]) if spec["attack"] else None
-  try:
-    result = execute(
-        config, Path(spec["workdir"]), attack, spec["label"], spec["key"], spec["devices"]
-    )
-  except RunPreempted as stopped:
-    print(stopped, file=sys.stderr)
-    raise SystemExit(PREEMPTED_EXIT_CODE) from None
-  write_json(Path(spec["result"]), result)

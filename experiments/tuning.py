@@ -104,8 +104,7 @@ def collapsed(result: dict, split: str | None = None) -> bool | None:
 def machine_kind(result: dict) -> str:
   """The accelerator a run trained on (``NVIDIA H200``…; ``unknown`` if unrecorded); on a CPU
   backend with the cores the run could use and its host (``cpu, 2 cores, Linux-6.18-x86_64``),
-  since its step time depends on both (``reproduce --workers=N --pin_workers`` gives each run a
-  share of the cores)."""
+  since its step time depends on both."""
   machine = result.get("machine", {})
   kind = machine.get("device_kind", "unknown")
   cpus = machine.get("cpus")
@@ -194,11 +193,11 @@ class Group(NamedTuple):
 
 
 class Context:
-  """The plan of the mode, the executor, and the tuning every study shares."""
+  """The plan of the mode, the run store, and the tuning every study shares."""
 
-  def __init__(self, plan, executor: runs.Executor):
+  def __init__(self, plan, store: runs.RunStore):
     self.plan = plan
-    self.ex = executor
+    self.store = store
     self.waiting: list[str] = []  # aliases asked for before their tuning was complete
 
   # ------------------------------------------------------------------------ variants
@@ -253,7 +252,7 @@ class Context:
     for trial in self.trials(variant):
       settings = self.tuning_settings(base, trial)
       name = f"tune:{variant}:" + ",".join(f"{k.split('.')[-1]}={v:g}" for k, v in trial.items())
-      found = [self.ex.run(f"{name}:seed={s}", {**settings, "seed": s}) for s in tuning.seeds]
+      found = [self.store.run(f"{name}:seed={s}", {**settings, "seed": s}) for s in tuning.seeds]
       found = [r for r in found if r is not None]
       complete &= len(found) == len(tuning.seeds)
       if not found:
@@ -295,6 +294,28 @@ class Context:
     rows, complete = self.tuning(variant)
     return max(rows, key=_rank) if complete else None
 
+  def chosen(self) -> dict:
+    """The tuning stage's decisions, as ``experiments/results/<mode>/chosen.json`` stores
+    them: ``{"mode", "tuning", "aliases": {alias: variant or None}, "variants": {variant:
+    {"label", "overrides", "metric", "score", "score_std", "seeds"}}}``. ``overrides`` are the
+    config overrides of the variant at its chosen trial; a variant whose tuning is not
+    complete is absent, and an alias it decides is None."""
+    variants = {}
+    for variant in self.plan.optimizer_variants:
+      row = self.best_trial(variant)
+      if row is not None:
+        variants[variant] = {
+            "label": self.label(variant),
+            "overrides": {**self.overrides(variant), **row["trial"]},
+            **{k: row[k] for k in ("metric", "score", "score_std", "seeds")},
+        }
+    return {
+        "mode": self.plan.mode,
+        "tuning": self.plan.tuning.to_dict(),
+        "aliases": {alias: self.resolve(alias) for alias in ALIASES},
+        "variants": variants,
+    }
+
   # ------------------------------------------------------------------------ reported runs
 
   def reported_settings(self, variant: str, task: str, trial: dict, extra=None) -> dict:
@@ -317,6 +338,6 @@ class Context:
     for seed in self.plan.seeds if seeds is None else seeds:
       run_name = f"{label}:{task}:{variant}:seed={seed}"
       run_name += "".join(f":{k.split('.')[-1]}={v}" for k, v in (extra or {}).items())
-      found.append(self.ex.run(run_name, {**overrides, "seed": seed}, devices, attack))
+      found.append(self.store.run(run_name, {**overrides, "seed": seed}, devices, attack))
     found = [r for r in found if r is not None]
     return Group(variant, self.label(variant), chosen["trial"], found) if found else None

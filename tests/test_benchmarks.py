@@ -1,6 +1,6 @@
 """The benchmarks' own code on tiny models: experiments/bench_step.py and
 bench_objectives.py end to end, experiments/bench_sketch.py (bench_step's sketch section)
-and experiments/bench_workers.py."""
+and experiments/bench_optimizers.py."""
 
 import os
 import subprocess
@@ -101,22 +101,15 @@ def test_family_rows_compare_every_family_with_the_library_s(tiny_batch):
   assert all(np.isfinite(float(c[5])) and float(c[5]) > 0 for c in cells)
 
 
-@pytest.mark.skipif(len(os.sched_getaffinity(0)) < 2, reason="needs two CPUs to pin two probes")
-def test_bench_workers_compares_one_process_with_pinned_ones(tiny_saved_model):
-  result = run_benchmark("experiments.bench_workers", f"--model={tiny_saved_model}", "--steps=1")
-  assert result.returncode == 0, result.stderr[-3000:]
-  rows = {r.split("|")[1].strip(): r for r in result.stdout.splitlines() if r.startswith("| ")}
-  for step in ("sgd", "factored"):
-    cells = [c.strip() for c in rows[step].strip("|").split("|")]
-    assert cells[3] == "2" and float(cells[4].rstrip("×")) > 0, rows[step]
-
-
 def test_bench_optimizers_times_the_study_s_steps_for_its_cost_sentence(tmp_path, monkeypatch):
   """experiments/bench_optimizers.py builds each variant's study step (a derived one on the
   filter the tuning chose, its first trial while the tuning has not chosen), times them
-  interleaved, and its record becomes the optimizer study's step_cost, table and verdict."""
-  from experiments import bench_optimizers, report, run_process, runs, studies, tuning, verdict
+  interleaved, and its record becomes the optimizer study's step_cost, its cost table and
+  README's cost line."""
+  from experiments import bench_optimizers, report, run_process, runs, studies, tuning
   from experiments.configs import smoke
+  from experiments.studies import optimizers
+  from experiments.studies.core import run_study
   from tests.tiny_sst2 import write_sst2
 
   monkeypatch.setenv("NEARPROX_GLUE_DIR", str(write_sst2(tmp_path / "glue")))
@@ -165,21 +158,17 @@ def test_bench_optimizers_times_the_study_s_steps_for_its_cost_sentence(tmp_path
   )
   run_process.write_json(out / studies.STEP_COST_FILE, record)
 
-  executor = runs.Executor(config, out, tmp_path / "work", allow_new=False)
-  study = studies.FUNCTIONS["optimizers"](tuning.Context(plan, executor))
+  study = run_study("optimizers", optimizers, tuning.Context(plan, runs.RunStore(config, out)))
   assert study["step_cost"] == record
-  sentence = verdict.step_cost(study["step_cost"])
-  ief = rows["proximal_ief"]["ratio_to_sgd"]
-  assert f"a step takes {ief:.2f}× (proximal SGD, iEF (natural, iEF weights))" in sentence
-  assert (
-      "the SGD+momentum step" in sentence
-      and "CPU core(s) at load average 0.5, tiny, batch 8 × 16" in sentence
-  )
-  adamw = rows["proximal_adamw"]["ratio_to_adamw"]
-  assert f"iEF weights) → AdamW {adamw:.2f}× the AdamW step" in sentence
-  table = report.md_step_cost(record)
+  table = optimizers.markdown_step_cost(record)
   assert table.count("\n| ") == 1 + len(configs)  # the header row and one per variant
-  assert verdict.step_cost(None).startswith("Cost: not yet measured apart from the study")
+  ief = rows["proximal_ief"]["ratio_to_sgd"]
+  assert f"| {ief:.2f}× |" in table
+  # The README's cost line: the chosen variant's steps against AdamW's.
+  line = report.step_cost_line(record, "proximal_adamw")
+  adamw = rows["proximal_adamw"]["ratio_to_adamw"]
+  assert f"{adamw:.2f}× (proximal SGD, iEF (natural, iEF weights) → AdamW)" in line
+  assert report.step_cost_line(None, "proximal_adamw") == ""
 
 
 def test_bench_optimizers_without_data_says_where_it_looked(tmp_path):

@@ -6,7 +6,7 @@ import pytest
 from experiments import tuning
 
 
-class FakeExecutor:
+class FakeStore:
   """Answers ``run`` with a result whose held-out/dev score is ``score(overrides)``."""
 
   def __init__(self, score, collapse=lambda overrides: False, missing=lambda overrides: False):
@@ -47,18 +47,18 @@ def test_the_choice_is_the_best_mean_over_seeds_not_seed_0():
   # lr 0.1 wins on seed 0 by a little and loses on seed 1 by a lot.
   table = {(0.1, 0): 0.80, (0.1, 1): 0.60, (0.01, 0): 0.79, (0.01, 1): 0.78}
   score = lambda o: table[o["optimizer.learning_rate"], o["seed"]]
-  ctx = tuning.Context(plan(adamw=(0.01, 0.1)), FakeExecutor(score))
+  ctx = tuning.Context(plan(adamw=(0.01, 0.1)), FakeStore(score))
   rows, complete = ctx.tuning("adamw")
   assert complete and [r["score"] for r in rows] == pytest.approx([0.785, 0.70])
   assert ctx.best_trial("adamw")["trial"] == {"optimizer.learning_rate": 0.01}
   # Tuning runs are scored on held-out training examples at the tuning budget.
-  assert all(c["holdout_examples"] == 100 and c["num_train_steps"] == 5 for c in ctx.ex.calls)
+  assert all(c["holdout_examples"] == 100 and c["num_train_steps"] == 5 for c in ctx.store.calls)
 
 
 def test_a_collapsed_seed_ranks_a_trial_last_and_ties_go_to_the_lower_loss():
   score = lambda o: 0.9 if o["optimizer.learning_rate"] == 1.0 else 0.7
   collapse = lambda o: o["optimizer.learning_rate"] == 1.0 and o["seed"] == 1
-  ctx = tuning.Context(plan(sgd=(0.1, 1.0)), FakeExecutor(score, collapse))
+  ctx = tuning.Context(plan(sgd=(0.1, 1.0)), FakeStore(score, collapse))
   assert ctx.best_trial("sgd")["trial"] == {"optimizer.learning_rate": 0.1}
   rows, _ = ctx.tuning("sgd")
   assert [r["collapsed_seeds"] for r in rows] == [0, 1]
@@ -88,11 +88,11 @@ def test_derived_variants_wait_for_the_first_stage_and_build_on_the_best_filter(
   grid = {"proximal_tikhonov": (0.01,), "proximal_ief": (0.1, 0.3), "proximal_graft": (0.01,)}
   # While one iEF trial is missing, nothing downstream is decided.
   missing = lambda o: o.get("optimizer.weighting") == "ief" and o["optimizer.learning_rate"] == 0.3
-  ctx = tuning.Context(plan(**grid), FakeExecutor(score, missing=missing))
+  ctx = tuning.Context(plan(**grid), FakeStore(score, missing=missing))
   assert ctx.resolve("best_filter") is None and ctx.tuning("proximal_graft") == ([], False)
   assert ctx.group("optimizers", "sst2", "proximal_graft") is None
 
-  ctx = tuning.Context(plan(**grid), FakeExecutor(score))
+  ctx = tuning.Context(plan(**grid), FakeStore(score))
   assert ctx.resolve("best_filter") == "proximal_ief"
   assert ctx.overrides("proximal_graft") == {
       **tuning.VARIANTS["proximal_ief"],
@@ -105,7 +105,7 @@ def test_derived_variants_wait_for_the_first_stage_and_build_on_the_best_filter(
   # Reported runs: the chosen trial at the full budget, one per seed, no held-out split.
   group = ctx.group("optimizers", "tweets", "best_proximal")
   assert group.variant == "proximal_graft" and len(group.results) == 3
-  final_calls = [c for c in ctx.ex.calls if c["task"] == "tweets"]
+  final_calls = [c for c in ctx.store.calls if c["task"] == "tweets"]
   assert [c["seed"] for c in final_calls] == [0, 1, 2]
   assert all(
       "holdout_examples" not in c and c["optimizer.step_size"] == "graft" for c in final_calls
@@ -118,7 +118,7 @@ def test_tuned_variants_train_their_first_task_before_the_second_stage_is_tuned(
   class SecondStageStarted(Exception):
     pass
 
-  class Executor(FakeExecutor):
+  class Store(FakeStore):
     requested, missing = [], {}
 
     def run(self, label, overrides, devices=1, attack=None):
@@ -130,12 +130,12 @@ def test_tuned_variants_train_their_first_task_before_the_second_stage_is_tuned(
   study_plan = plan(**grid)
   study_plan.optimizer_variants = tuple(grid)
   study_plan.optimizer_tasks = ("sst2", "tweets")
-  executor = Executor(lambda overrides: 0.8)
+  store = Store(lambda overrides: 0.8)
   with pytest.raises(SecondStageStarted):
-    studies.FUNCTIONS["optimizers"](tuning.Context(study_plan, executor))
+    studies.REGISTRY["optimizers"].run(tuning.Context(study_plan, store))
   reported = [
       (c["optimizer.name"], c["seed"])
-      for c in executor.calls
+      for c in store.calls
       if "holdout_examples" not in c and c["task"] == "sst2"
   ]
   assert reported == [(name, s) for name in ("adamw", "proximal_sgd") for s in (0, 1, 2)]

@@ -54,10 +54,14 @@ seeds for AdamW, SGD+momentum and tikhonov: AdamW and ``best_proximal`` train th
 and MRPC runs next, before the other variants there, so a partial study holds the verdict's
 comparison (the tuning's choice against AdamW) on every task first.
 
+The two "training order only" entries above were ``plan.train_first``, which the Ray runner
+(2026-12-06, issue 38) dropped with the rest of the home-made scheduler: every run of a pass
+now trains in parallel. The study was complete by then, so no record depends on the order.
+
 Compute: every run file records its wall time; on 2 CPU cores the study spans many hours, the
 run store resumes anywhere, and the README marks a partial study as partial.
 
-    python -m experiments.reproduce --mode=full [--stop_after=MIN]
+    python -m experiments.reproduce --mode=full [--stop_after=MIN] [--report_only]
 """
 
 import ml_collections
@@ -90,12 +94,6 @@ def get_plan() -> ml_collections.ConfigDict:
   plan = quick.get_plan()
   plan.mode = "full"
   plan.studies = ("optimizers", "sketch", "adversarial", "noise", "squad")
-  plan.train_first = (
-      "tuning",
-      "squad",
-      "optimizers:sst2",
-      *(f"optimizers:{t}:{v}" for t in ("tweets", "mrpc") for v in ("adamw", "best_proximal")),
-  )
   plan.seeds = (0, 1, 2)
   plan.tuning = ml_collections.ConfigDict(
       {"task": "sst2", "steps": 200, "holdout_examples": 1000, "seeds": (0, 1)}

@@ -40,7 +40,6 @@ def get_plan() -> ml_collections.ConfigDict:
   plan = ml_collections.ConfigDict()
   plan.mode = "quick"
   plan.studies = ("optimizers", "damping", "adversarial", "multidevice", "glue", "noise")
-  plan.train_first = ()  # parts of studies trained before the rest (reproduce.train_first)
   plan.seeds = (0,)
   # The tuning protocol of experiments/tuning.py at a tiny budget (one seed: a smoke run).
   plan.tuning = ml_collections.ConfigDict(

@@ -1,5 +1,5 @@
-"""What every study shares: constants, the comparison record, dev curves, and the
-:func:`study` wrapper that turns a function of a :class:`Context` into a study dict."""
+"""What every study shares: constants, the comparison record, dev curves, the majority-class
+floor, and :func:`run_study`, which turns a study module's ``run`` into a study dict."""
 
 from __future__ import annotations
 
@@ -8,7 +8,8 @@ from pathlib import Path
 
 import numpy as np
 
-from experiments.tuning import Context, final, history_curve
+from experiments.tuning import DISPLAY, Context, final, history_curve, mean_std
+from nearprox.text import data
 
 BASELINES = ("adamw", "sgd_momentum", "sgd")  # what the best proximal variant is compared with
 STUDY_TASK = "sst2"  # where the damping, adversarial, multidevice and noise studies train
@@ -72,39 +73,69 @@ def comparison(subject: dict, baseline: dict, key: str, std_key=None, **context)
   }
 
 
-def study(title: str):
-  """Makes a study of a function: the function returns its ``tables`` and optionally ``curves``,
-  ``comparisons``, ``notes`` and a ``title`` of its own; the study dict adds the tuning
-  choices it waits for (``waiting``), the runs it asked for first (``requested``; runs shared with an earlier study, e.g. the
-  learning-rate sweep, belong to that one) and those of them that do not exist."""
+def run_study(name: str, module, ctx: Context) -> dict:
+  """The study dict of study ``module`` (an :mod:`experiments.studies` module): what its
+  ``run(ctx)`` returns (``tables`` and optionally ``curves``, ``comparisons``, ``notes``, a
+  ``title`` of its own), its name and title, the runs it asked for first (``requested``; runs
+  shared with an earlier study belong to that one), those of them not stored (``missing``)
+  and the tuning choices it waits for (``waiting``)."""
+  start, waits_before = len(ctx.store.requested), len(ctx.waiting)
+  found = module.run(ctx)
+  keys = ctx.store.requested[start:]
+  return {
+      "name": name,
+      "title": module.TITLE,
+      "curves": {},
+      "comparisons": [],
+      "notes": [],
+      **found,
+      "requested": len(keys),
+      "missing": [ctx.store.missing[k] for k in keys if k in ctx.store.missing],
+      # Choices it needs that the tuning has not made: runs it will ask for later.
+      "waiting": sorted(set(ctx.waiting[waits_before:])),
+      "plan": ctx.plan.mode,
+  }
 
-  def register(fn):
-    def run(ctx: Context) -> dict:
-      start, waits_before = len(ctx.ex.requested), len(ctx.waiting)
-      found = fn(ctx)
-      keys = ctx.ex.requested[start:]
-      return {
-          "name": fn.__name__,
-          "title": title,
-          "curves": {},
-          "comparisons": [],
-          "notes": [],
-          **found,
-          "requested": len(keys),
-          "missing": [ctx.ex.missing[k] for k in keys if k in ctx.ex.missing],
-          # Choices it needs that the tuning has not made: runs it will ask for later.
-          "waiting": sorted(set(ctx.waiting[waits_before:])),
-          "plan": ctx.plan.mode,
-      }
 
-    run.__name__ = fn.__name__
-    run.__doc__ = fn.__doc__
-    return run
+def majority_class_scores(
+    ctx: Context, task_name: str, split: str, seeds
+) -> dict[int, dict[str, float]]:
+  """Per seed, the scores of always predicting the most frequent training label on the
+  ``split`` examples that seed's runs evaluate (the tweets' splits and the evaluation
+  subsets of ``max_eval_examples`` depend on the seed)."""
+  config = ctx.store.base_config
+  task = data.get_task(task_name)
+  scores = {}
+  for seed in seeds:
+    load = lambda name: data.load_task(
+        task_name, name, config.data_dir, source=config.source, seed=seed
+    ).labels
+    train_labels, labels = load("train"), load(split)
+    majority = int(np.argmax(np.bincount(train_labels, minlength=task.num_labels)))
+    keep = data.eval_subset(len(labels), config.max_eval_examples, seed)
+    labels = labels if keep is None else labels[keep]
+    scores[seed] = task.metrics(labels, np.full_like(labels, majority))
+  return scores
 
-  return register
+
+def majority_class_row(ctx: Context, task_name: str, max_length: int) -> dict:
+  """The dev scores of always predicting the most frequent training label, mean over the
+  plan's seeds (each on its own evaluated examples)."""
+  by_seed = majority_class_scores(ctx, task_name, "dev", ctx.plan.seeds)
+  row = {
+      "task": task_name,
+      "optimizer": None,
+      "variant": DISPLAY["majority"],
+      "learning_rate": None,
+      "seeds": len(by_seed),
+      "max_length": max_length,
+  }
+  for metric in data.get_task(task_name).metric_names:
+    row[metric], row[f"{metric}_std"] = mean_std([s[metric] for s in by_seed.values()])
+  return row
 
 
 def step_cost(ctx: Context) -> dict | None:
   """experiments/bench_optimizers.py's record in the study's results folder (None: not run)."""
-  path = Path(ctx.ex.out) / STEP_COST_FILE
+  path = Path(ctx.store.out) / STEP_COST_FILE
   return json.loads(path.read_text()) if path.exists() else None

@@ -1,18 +1,33 @@
-"""Study 1: every optimizer variant at its tuned settings on the plan's tasks, and the cost
-of a step (from experiments/bench_optimizers.py's record)."""
+"""Study 1: every optimizer variant at its tuned settings on the plan's tasks, the tuning
+table, and the cost of a step (from experiments/bench_optimizers.py's record)."""
 
 from __future__ import annotations
 
+from pathlib import Path
+
+from experiments import tuning
+from experiments.report import (
+    DAMPING,
+    LR,
+    OPTIMIZER,
+    RAN_ON,
+    SEEDS,
+    get,
+    pct,
+    pyplot,
+    save_figure,
+    spread,
+    table,
+)
 from experiments.studies.core import (
     BASELINES,
     comparison,
     dev_curve,
+    majority_class_scores,
     mean_curve,
     step_cost,
     steps_to_target,
-    study,
 )
-from experiments.studies.tasks import majority_class_scores
 from experiments.tuning import (
     ALIASES,
     DERIVED,
@@ -26,9 +41,10 @@ from experiments.tuning import (
 )
 from nearprox.text import data
 
+TITLE = "Optimizer comparison"
 
-@study("Optimizer comparison")
-def optimizers(ctx: Context) -> dict:
+
+def run(ctx: Context) -> dict:
   plan = ctx.plan
   tuning_rows, run_rows, summary, majority_rows, curves, comparisons = [], [], [], [], {}, []
   # Training order only (the tables below read the same runs): every variant that waits for
@@ -122,7 +138,15 @@ def optimizers(ctx: Context) -> dict:
     for variant in (v for v in PROXIMAL if v in rows):
       rows[variant]["best_proximal"] = variant == best
       for base in (b for b in BASELINES if b in rows):
-        record = comparison(rows[variant], rows[base], "mean", "std", study="optimizers", task=task)
+        record = comparison(
+            rows[variant],
+            rows[base],
+            "mean",
+            "std",
+            study="optimizers",
+            task=task,
+            condition=f"{info.display_name} {split} {metric}",
+        )
         comparisons.append({**record, "metric": metric, "preselected": variant == best})
     summary += rows.values()
   tables = {"tuning": tuning_rows, "runs": run_rows, "summary": summary, "majority": majority_rows}
@@ -142,3 +166,126 @@ def _majority_row(task: str, split: str, metrics, by_seed: dict) -> dict:
   for other in metrics[1:]:
     row[f"{split}_{other}"] = mean_std([s[other] for s in by_seed.values()])[0]
   return row
+
+
+def markdown(study: dict) -> str:
+  parts, summary = [], study["tables"]["summary"]
+  for task in dict.fromkeys(r["task"] for r in summary):
+    rows = [r for r in summary if r["task"] == task]
+    first = rows[0]
+    split, metric = first["split"], first["metric"]
+    others = data.get_task(task).metric_names[1:]
+    columns = [
+        OPTIMIZER,
+        LR,
+        DAMPING,
+        SEEDS,
+        (f"{split} {metric} (%)", spread("mean", "std")),
+        *[(f"{split} {m} (%)", get(f"{split}_{m}", pct)) for m in others],
+    ]
+    if "low_confidence_accuracy" in first:
+      columns.append(
+          (
+              "low-confidence test acc (%)",
+              spread("low_confidence_accuracy", "low_confidence_accuracy_std"),
+          )
+      )
+    columns += [
+        ("one-class seeds", get("collapsed_seeds", lambda n: "—" if n is None else n)),
+        ("seeds ≤ majority", get("not_above_majority_seeds", lambda n: "—" if n is None else n)),
+        (f"steps to {pct(first['target'])}% dev", _steps_cell),
+        RAN_ON,
+        ("s/step (these runs)", get("step_seconds")),
+        ("× SGD (these runs)", get("step_ratio_to_sgd")),
+    ]
+    majority = next(r for r in study["tables"]["majority"] if r["task"] == task)
+    parts.append(
+        f"**{data.get_task(task).display_name}** ({split} split; {first['steps']} steps; "
+        f"target = {pct(first['target'])}% dev {metric}, i.e. the plan's fraction of the best "
+        f"optimizer's mean final dev score; one-class seeds: runs whose final model puts every "
+        f"{split} example in the same class; the last row always predicts the training "
+        f"split's most frequent class on the same examples, and seeds ≤ majority counts the "
+        f"runs whose {split} {metric} is no higher)\n\n"
+        + table([*rows, dict.fromkeys(first) | majority], columns)
+        + f"\n\n![{task}](PLOT:optimizers_{task}.png)"
+    )
+  if study.get("step_cost"):
+    parts.append(
+        "Step time measured apart from the study's runs (which share the machine): "
+        + markdown_step_cost(study["step_cost"])
+    )
+  if study["tables"].get("tuning"):
+    columns = [
+        OPTIMIZER,
+        LR,
+        DAMPING,
+        SEEDS,
+        ("held-out score (%)", spread("score", "score_std")),
+        ("one-class seeds", get("collapsed_seeds")),
+        ("final train loss", get("train_loss_end")),
+        RAN_ON,
+        ("chosen", lambda r: "✓" if r["chosen"] else ""),
+    ]
+    parts.append(
+        "Tuning (held-out training examples, never the reported split; ✓ = chosen: best mean "
+        "over the tuning seeds, trials with a one-class seed last, ties broken by the lower "
+        "final training loss):\n\n" + table(study["tables"]["tuning"], columns)
+    )
+  return "\n\n".join(parts)
+
+
+def markdown_step_cost(record: dict) -> str:
+  """experiments/bench_optimizers.py's record: what it timed, then one row per optimizer."""
+  machine, sgd = record["machine"], record["sgd_variant"]
+
+  def ratio(key):
+    return lambda row: "–" if row[key] is None else f"{row[key]:.2f}×"
+
+  columns = [
+      ("optimizer", get("label", str)),
+      ("settings", get("settings", str)),
+      ("step", lambda row: f"{1e3 * row['step_seconds']:.0f} ms"),
+      (f"× {tuning.DISPLAY.get(sgd, 'SGD')}", ratio("ratio_to_sgd")),
+      ("× AdamW", ratio("ratio_to_adamw")),
+  ]
+  return (
+      f"each optimizer's training step in one process ({record['model']}, {record['task']}, "
+      f"batch {record['batch_size']} × {record['max_length']} tokens), the minimum over "
+      f"{record['repeats']} interleaved rounds after compilation, on {machine['platform']} "
+      f"({machine['cpus']} CPU(s), JAX {machine['jax']} on {machine['backend']}, "
+      f"{machine['device_kind']}; load average {record['load_average_at_start']:.2f} at the "
+      f"start); `{record['command']}`.\n\n" + table(record["rows"], columns)
+  )
+
+
+def _steps_cell(row) -> str:
+  if row["reached"] is None:  # the majority-class row trains nothing
+    return "—"
+  if row["reached"] == 0:
+    return f"not reached ({row['steps']})"
+  text = f"{row['steps_to_target']:.0f}"
+  return text if row["reached"] == row["seeds"] else f"{text} ({row['reached']}/{row['seeds']})"
+
+
+def plots(study: dict, out: Path) -> list[Path]:
+  """Per task: dev metric and train loss vs step, one line per optimizer (seed mean)."""
+  paths = []
+  for task, variants in study["curves"].items():
+    fig, (ax_dev, ax_loss) = pyplot().subplots(1, 2, figsize=(10, 3.8))
+    for variant, curve in variants.items():
+      if curve["dev"]:
+        ax_dev.plot(*zip(*curve["dev"]), marker="o", label=variant)
+      if curve["loss"]:
+        ax_loss.plot(*zip(*curve["loss"]), label=variant)
+    info = data.get_task(task)
+    ax_dev.set(
+        xlabel="step",
+        ylabel=f"dev {info.primary_metric}",
+        title=f"{info.display_name}: dev metric",
+    )
+    ax_loss.set(xlabel="step", ylabel="train loss", title=f"{info.display_name}: train loss")
+    for ax in (ax_dev, ax_loss):
+      ax.grid(alpha=0.3)
+    ax_loss.legend(fontsize=7)
+    paths += save_figure(fig, out / f"optimizers_{task}.png")
+  return paths

@@ -1,23 +1,33 @@
-"""Studies of robustness: adversarial objectives and attacks (3), noisy labels (6)."""
+"""Study 3: clean / FGM / PGD / SMART objectives with ``plan.objective_optimizers``: clean
+accuracy and accuracy under embedding-space PGD vs ε; per objective, the tuned proximal
+variant against AdamW under attack at the middle radius (:func:`reported_epsilon`)."""
 
 from __future__ import annotations
 
+from pathlib import Path
+
 from experiments import run_process
-from experiments.studies.core import LOW_CONFIDENCE_TASK, STUDY_TASK, comparison, study
-from experiments.tuning import PROXIMAL, Context, mean_std
+from experiments.report import (
+    OPTIMIZER,
+    SEEDS,
+    get,
+    spread,
+    table,
+)
+from experiments.studies.core import (
+    STUDY_TASK,
+    comparison,
+)
+from experiments.tuning import (
+    Context,
+    mean_std,
+)
 from nearprox.text import objectives
 
-
-def reported_epsilon(epsilons) -> float:
-  """The attack radius the comparisons are made at: the middle of the positive radii of the
-  grid, where clean training is hurt but not yet at zero (the largest radius without any)."""
-  radii = sorted(float(e) for e in epsilons)
-  positive = [e for e in radii if e > 0]
-  return positive[len(positive) // 2] if positive else radii[-1]
+TITLE = "Adversarial objectives and robustness"
 
 
-@study("Adversarial objectives and robustness")
-def adversarial(ctx: Context) -> dict:
+def run(ctx: Context) -> dict:
   plan = ctx.plan
   attack = run_process.Attack(
       tuple(float(e) for e in plan.attack_epsilons), plan.attack_steps, plan.attack_examples
@@ -78,48 +88,58 @@ def adversarial(ctx: Context) -> dict:
         task=STUDY_TASK,
         objective=objective,
         epsilon=eps,
+        condition=f"SST-2 dev acc. under PGD ε={eps:g}, {objective} training",
     )
     counted = not (subject["flat_under_attack"] or baseline["flat_under_attack"])
     comparisons.append({**record, "counted": counted})
   return {"tables": {"adversarial": rows}, "curves": curves, "comparisons": comparisons}
 
 
-@study("Noisy labels")
-def noise(ctx: Context) -> dict:
-  plan = ctx.plan
-  rows, comparisons = {}, []
-  for name in plan.noise_optimizers:
-    for level in (0.0, *plan.noise_levels):
-      label = "optimizers" if level == 0.0 else "noise"
-      group = ctx.group(label, STUDY_TASK, name, extra={"label_noise": level})
-      if group is not None:
-        rows[group.variant, level] = {
-            **group.describe(),
-            "label_noise": level,
-            "seeds": len(group.results),
-            **group.stats("dev_accuracy", "dev", "accuracy"),
-        }
-  top = max((level for _, level in rows), default=0.0)
-  for variant in PROXIMAL:
-    if top > 0.0 and (variant, top) in rows and ("adamw", top) in rows:
-      record = comparison(rows[variant, top], rows["adamw", top], "dev_accuracy", study="noise")
-      comparisons.append({**record, "label_noise": top})
-  low = {}
-  if LOW_CONFIDENCE_TASK in plan.optimizer_tasks:
-    for variant in plan.optimizer_variants:
-      group = ctx.group("optimizers", LOW_CONFIDENCE_TASK, variant)
-      if group is not None:
-        low[group.variant] = {
-            **group.describe(),
-            "seeds": len(group.results),
-            **group.stats("test_accuracy", "test", "accuracy"),
-            **group.stats("low_confidence_accuracy", "test_low_confidence", "accuracy"),
-        }
-  best = ctx.resolve("best_proximal")  # chosen by the tuning, not on the test split
-  if best in low and "adamw" in low:
-    key = "low_confidence_accuracy"
-    comparisons.append(
-        comparison(low[best], low["adamw"], key, study="noise", task=LOW_CONFIDENCE_TASK)
-    )
-  tables = {"noise": list(rows.values()), "low_confidence": list(low.values())}
-  return {"tables": tables, "comparisons": comparisons}
+def reported_epsilon(epsilons) -> float:
+  """The attack radius the comparisons are made at: the middle of the positive radii of the
+  grid, where clean training is hurt but not yet at zero (the largest radius without any)."""
+  radii = sorted(float(e) for e in epsilons)
+  positive = [e for e in radii if e > 0]
+  return positive[len(positive) // 2] if positive else radii[-1]
+
+
+def markdown(study: dict) -> str:
+  rows = study["tables"]["adversarial"]
+  columns = [
+      OPTIMIZER,
+      ("objective", get("objective", str)),
+      ("training δ", _training_attack),
+      SEEDS,
+      ("clean dev acc (%)", spread("dev_accuracy", "dev_accuracy_std")),
+      ("one-class seeds", get("collapsed_seeds", lambda n: "—" if n is None else n)),
+      *[
+          (f"ε={k[8:]} (%)", spread(k, f"acc_std_eps_{k[8:]}"))
+          for k in rows[0]
+          if k.startswith("acc_eps_")
+      ],
+      ("step × clean", get("step_ratio_to_clean")),
+  ]
+  return (
+      table(rows, columns)
+      + f"\n\nAttack: ℓ2 PGD on the word embeddings, {rows[0]['attack_steps']} steps, step "
+      f"2.5ε/K, no random start, on {rows[0]['attack_examples']} SST-2 dev examples "
+      "(ε=0: clean accuracy on that subset); accuracies under attack are means ± standard "
+      "deviations over the seeds.\n\n![robustness](PLOT:robustness.png)"
+  )
+
+
+def _training_attack(row: dict) -> str:
+  """The training perturbation's radius and ascent steps."""
+  if row["objective"] == "clean":
+    return "–"
+  return f"ε={row['train_epsilon']:g}, {row['train_steps']} step(s)"
+
+
+def plots(study: dict, out: Path) -> list[Path]:
+  if not study["curves"]:
+    return []
+  from nearprox.text import robustness
+
+  path = out / "robustness.png"
+  robustness.plot_accuracy(study["curves"], path, title="SST-2 dev under embedding PGD")
+  return [path]

@@ -1,11 +1,13 @@
-"""Splices generated Markdown files into README.md between marker comments.
+"""Splices generated Markdown files into README.md and docs/benchmarks.md between markers.
 
     <!-- BEGIN GENERATED: experiments/results/bench_step.md -->
     ... replaced by that file's content ...
     <!-- END GENERATED: experiments/results/bench_step.md -->
 
-Run ``python -m experiments.update_readme`` after ``python -m experiments.bench_step`` or
-``python -m experiments.reproduce``; the README's tables are never edited by hand.
+Run ``python -m experiments.update_docs`` after ``python -m experiments.reproduce`` (README's
+results table: ``experiments/results/full/verdict.md``) or a benchmark
+(``experiments.bench_step``, ``experiments.bench_optimizers``); generated tables are never
+edited by hand. docs/results.md is written by ``reproduce`` itself.
 """
 
 from __future__ import annotations
@@ -33,12 +35,16 @@ def splice(readme: str, root: Path = ROOT) -> str:
   return PATTERN.sub(replace, readme)
 
 
+DOCS = ("README.md", "docs/benchmarks.md")
+
+
 def main() -> int:
-  path = ROOT / "README.md"
-  old = path.read_text()
-  new = splice(old)
-  path.write_text(new)
-  print("README.md updated" if new != old else "README.md already up to date")
+  for name in DOCS:
+    path = ROOT / name
+    old = path.read_text()
+    new = splice(old)
+    path.write_text(new)
+    print(f"{name} updated" if new != old else f"{name} already up to date")
   return 0
 
 
