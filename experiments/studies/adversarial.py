@@ -7,21 +7,9 @@ from __future__ import annotations
 from pathlib import Path
 
 from experiments import run_process
-from experiments.report import (
-    OPTIMIZER,
-    SEEDS,
-    get,
-    spread,
-    table,
-)
-from experiments.studies.core import (
-    STUDY_TASK,
-    comparison,
-)
-from experiments.tuning import (
-    Context,
-    mean_std,
-)
+from experiments.report import OPTIMIZER, SEEDS, get, spread, table
+from experiments.studies.core import STUDY_TASK, comparison
+from experiments.tuning import Context, mean_std
 from nearprox.text import objectives
 
 TITLE = "Adversarial objectives and robustness"

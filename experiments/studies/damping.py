@@ -5,24 +5,9 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from experiments.report import (
-    LR,
-    get,
-    pct,
-    pyplot,
-    save_figure,
-    table,
-)
-from experiments.studies.core import (
-    STUDY_TASK,
-    dev_curve,
-)
-from experiments.tuning import (
-    Context,
-    final,
-    history_curve,
-    mean_std,
-)
+from experiments.report import LR, get, pct, pyplot, save_figure, table
+from experiments.studies.core import STUDY_TASK, dev_curve
+from experiments.tuning import Context, final, history_curve, mean_std
 
 TITLE = "Damping sweep (relative λ)"
 

@@ -2,20 +2,9 @@
 
 from __future__ import annotations
 
-from experiments.report import (
-    LR,
-    OPTIMIZER,
-    SEEDS,
-    spread,
-    table,
-)
-from experiments.studies.core import (
-    comparison,
-    majority_class_row,
-)
-from experiments.tuning import (
-    Context,
-)
+from experiments.report import LR, OPTIMIZER, SEEDS, spread, table
+from experiments.studies.core import comparison, majority_class_row
+from experiments.tuning import Context
 from nearprox.text import data
 
 TITLE = "GLUE (dev)"

@@ -3,21 +3,9 @@ host devices), accuracy and step time."""
 
 from __future__ import annotations
 
-from experiments.report import (
-    OPTIMIZER,
-    RAN_ON,
-    SEEDS,
-    get,
-    spread,
-    table,
-)
-from experiments.studies.core import (
-    STUDY_TASK,
-    comparison,
-)
-from experiments.tuning import (
-    Context,
-)
+from experiments.report import OPTIMIZER, RAN_ON, SEEDS, get, spread, table
+from experiments.studies.core import STUDY_TASK, comparison
+from experiments.tuning import Context
 
 TITLE = "Local vs global Gram on host devices"
 

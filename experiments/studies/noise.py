@@ -5,25 +5,9 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from experiments.report import (
-    OPTIMIZER,
-    SEEDS,
-    get,
-    pct,
-    pyplot,
-    save_figure,
-    spread,
-    table,
-)
-from experiments.studies.core import (
-    LOW_CONFIDENCE_TASK,
-    STUDY_TASK,
-    comparison,
-)
-from experiments.tuning import (
-    PROXIMAL,
-    Context,
-)
+from experiments.report import OPTIMIZER, SEEDS, get, pct, pyplot, save_figure, spread, table
+from experiments.studies.core import LOW_CONFIDENCE_TASK, STUDY_TASK, comparison
+from experiments.tuning import PROXIMAL, Context
 
 TITLE = "Noisy labels"
 

@@ -4,27 +4,9 @@ budget before the study's choice exists."""
 
 from __future__ import annotations
 
-from experiments.report import (
-    DAMPING,
-    LR,
-    OPTIMIZER,
-    RAN_ON,
-    SEEDS,
-    get,
-    spread,
-    table,
-)
-from experiments.studies.core import (
-    SKETCHED,
-    STUDY_TASK,
-    comparison,
-    step_cost,
-)
-from experiments.tuning import (
-    Context,
-    Group,
-    collapsed,
-)
+from experiments.report import DAMPING, LR, OPTIMIZER, RAN_ON, SEEDS, get, spread, table
+from experiments.studies.core import SKETCHED, STUDY_TASK, comparison, step_cost
+from experiments.tuning import Context, Group, collapsed
 from nearprox.text import data
 
 TITLE = "Sketched vs exact Gram"

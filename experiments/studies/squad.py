@@ -3,23 +3,9 @@ settings."""
 
 from __future__ import annotations
 
-from experiments.report import (
-    DAMPING,
-    LR,
-    OPTIMIZER,
-    RAN_ON,
-    SEEDS,
-    get,
-    spread,
-    table,
-)
-from experiments.studies.core import (
-    BASELINES,
-    comparison,
-)
-from experiments.tuning import (
-    Context,
-)
+from experiments.report import DAMPING, LR, OPTIMIZER, RAN_ON, SEEDS, get, spread, table
+from experiments.studies.core import BASELINES, comparison
+from experiments.tuning import Context
 from nearprox.text import data
 
 TITLE = "Question answering (SQuAD v1.1, held-out articles)"
