@@ -9,7 +9,7 @@ experiments/bench_step.py, bench_sketch.py and bench_workers.py.
 
 from __future__ import annotations
 
-import contextlib
+import dataclasses
 import time
 
 import jax
@@ -18,9 +18,11 @@ import numpy as np
 import optax
 
 import nearprox
-from nearprox import factored_grads, layer_factors
+from nearprox import layer_factors
 
 GB = 1024.0**3
+# The exact Gram with the per-example kernel gradients formed whole, never in blocks.
+UNBLOCKED = layer_factors.GramBlocking(block_numbers=0)
 
 
 def per_example_loss(model):
@@ -72,37 +74,37 @@ def text_batch(tokenizer, batch: int, length: int, data_dir=None):
   )
 
 
-@contextlib.contextmanager
-def unblocked_gram():
-  """Traces the exact Gram with the per-example kernel gradients formed whole (no blocking)."""
-  saved = layer_factors.GRAM_BLOCK_NUMBERS
-  layer_factors.GRAM_BLOCK_NUMBERS = 0
-  try:
-    yield
-  finally:
-    layer_factors.GRAM_BLOCK_NUMBERS = saved
+def unblocked(tree):
+  """``tree`` with every dense kernel factor's Gram formed whole (:data:`UNBLOCKED`)."""
+  return jax.tree.map(
+      lambda x: (
+          dataclasses.replace(x, gram_blocking=UNBLOCKED)
+          if isinstance(x, layer_factors.DenseFactor)
+          else x
+      ),
+      tree,
+      is_leaf=lambda x: isinstance(x, layer_factors.DenseFactor),
+  )
 
 
-def make_steps(model, learning_rate=1e-3, damping=1e-3, sketch_dims=()):
+def make_steps(model, learning_rate=1e-3, damping=1e-3, sketch_dims=(), gram_blocking=None):
+  """{name: (step, optimizer)}; ``gram_blocking`` (a ``layer_factors.GramBlocking``, None for
+  the default) applies to every factored step but "factored_unblocked", which forms G whole."""
   losses_of = per_example_loss(model)
   sgd = optax.sgd(learning_rate)
   prox = nearprox.proximal_sgd(learning_rate, damping, damping_mode="relative")
+  blocking = {} if gram_blocking is None else {"gram_blocking": gram_blocking}
 
   def sgd_step(params, state, ids, mask, labels):
     loss, grads = jax.value_and_grad(lambda p: losses_of(p, ids, mask, labels).mean())(params)
     updates, state = sgd.update(grads, state, params)
     return optax.apply_updates(params, updates), state, loss
 
-  def proximal_step(method, opt=prox, **kwargs):
+  def proximal_step(method, opt=prox, **factored_options):
     def step(params, state, ids, mask, labels):
-      if kwargs:
-        losses, grads = factored_grads.factored_value_and_grads(
-            losses_of, params, ids, mask, labels, **kwargs
-        )
-      else:
-        losses, grads = nearprox.per_example_value_and_grads(
-            losses_of, params, ids, mask, labels, method=method
-        )
+      losses, grads = nearprox.per_example_value_and_grads(
+          losses_of, params, ids, mask, labels, method=method, **factored_options
+      )
       updates, state = opt.update(grads, state, params)
       return optax.apply_updates(params, updates), state, losses.mean()
 
@@ -110,14 +112,17 @@ def make_steps(model, learning_rate=1e-3, damping=1e-3, sketch_dims=()):
 
   steps = {
       "sgd": (sgd_step, sgd),
-      "factored": (proximal_step("factored"), prox),
-      "factored_unblocked": (proximal_step("factored"), prox),
-      "factored_kept": (proximal_step("factored", kernel_combine="materialized"), prox),
+      "factored": (proximal_step("factored", **blocking), prox),
+      "factored_unblocked": (proximal_step("factored", gram_blocking=UNBLOCKED), prox),
+      "factored_kept": (
+          proximal_step("factored", kernel_combine="materialized", **blocking),
+          prox,
+      ),
       "vmap": (proximal_step("vmap"), prox),
   }
   for k in sketch_dims:
     opt = nearprox.proximal_sgd(learning_rate, damping, damping_mode="relative", sketch_dim=k)
-    steps[f"sketch{k}"] = (proximal_step("factored", opt), opt)
+    steps[f"sketch{k}"] = (proximal_step("factored", opt, **blocking), opt)
   return steps
 
 
@@ -127,13 +132,14 @@ def gflops(compiled) -> float:
   return float(analysis.get("flops", float("nan"))) / 1e9
 
 
-def counted_gflops(compiled, fn, *call_args) -> float:
-  """XLA's FLOP count of ``compiled``; XLA counts a loop body once, so a step whose exact Gram
-  runs in blocks (a while loop) is counted on its unblocked twin (the same products)."""
+def counted_gflops(compiled, unblocked_fn, *call_args) -> float:
+  """XLA's FLOP count of ``compiled``. XLA counts a loop body once, so a step whose exact Gram
+  runs in blocks (a while loop) is counted on ``unblocked_fn``, the same computation with G
+  formed whole (the same products), called on ``call_args``; e.g. ``lambda *a: fn(*unblocked(a))``
+  for a function of the factors, or the step of ``make_steps(..., gram_blocking=UNBLOCKED)``."""
   if " while(" not in compiled.as_text():
     return gflops(compiled)
-  with unblocked_gram():  # a new function object: jit's trace cache would return the blocks
-    return gflops(jax.jit(lambda *a: fn(*a)).lower(*call_args).compile())
+  return gflops(jax.jit(unblocked_fn).lower(*call_args).compile())
 
 
 def peak_bytes(compiled) -> float:
@@ -146,14 +152,14 @@ def bench(model, params, batch, length, names, repeats, max_gb, vocab, data=None
   (``data`` = (ids, mask, labels), default random tokens)."""
   ids, mask, labels = make_batch(vocab, batch, length) if data is None else data
   steps = make_steps(model, sketch_dims=sketch_dims)
+  unblocked_steps = make_steps(model, sketch_dims=sketch_dims, gram_blocking=UNBLOCKED)
   compiled, results = {}, {}
   for name in names:
     step, opt = steps[name]
     state = opt.init(params)
-    blocking = unblocked_gram() if name == "factored_unblocked" else contextlib.nullcontext()
-    with blocking:
-      exe = jax.jit(step).lower(params, state, ids, mask, labels).compile()
-    peak, flops = peak_bytes(exe), counted_gflops(exe, step, params, state, ids, mask, labels)
+    exe = jax.jit(step).lower(params, state, ids, mask, labels).compile()
+    call_args = (params, state, ids, mask, labels)
+    peak, flops = peak_bytes(exe), counted_gflops(exe, unblocked_steps[name][0], *call_args)
     if peak > max_gb * GB:
       results[name] = [None, peak, flops, f"not run: needs ~{peak / GB:.1f} GB > {max_gb:g} GB"]
       continue

@@ -14,14 +14,9 @@ optax.adamw(...))`` puts the filter in front of any optax optimizer.
 costly leaves (``nearprox.sketch``; docs/method.md §2.9) instead of computing it exactly.
 """
 
+from nearprox.base import PerExampleFactor
 from nearprox.per_example import per_example_grads, per_example_value_and_grads
-from nearprox.spectral_filter import (
-    FilterStats,
-    PerExampleFactor,
-    filter_coefficients,
-    gram_matrix,
-    step_scale,
-)
+from nearprox.spectral_filter import FilterStats, filter_coefficients, gram_matrix, step_scale
 from nearprox.transform import (
     ScaleByProximalState,
     proximal_sgd,

@@ -58,13 +58,14 @@ Cost: for the dense kernels the step does between (3T + B)/(3T) and (4T + B)/(3T
 multiply-adds of an SGD step (``kernel_combine="materialized"`` and ``"factored"``;
 docs/method.md §2.7). Communication of ``gram="global"``: every device all-gathers the
 factored pytree (with ``sketch_dim``, the sketched kernels' features in place of their
-factors); :func:`encoder_gathered_numbers` is the formula for a BERT classifier and
-:func:`gathered_bytes_per_device` measures any model from shapes (docs/method.md §2.8, §2.9).
+factors); :func:`gathered_bytes_per_device` measures it for any model from shapes
+(docs/method.md §2.8, §2.9).
+
+The discovery trace (which call reads which leaf) is :mod:`nearprox.layer_calls`.
 """
 
 from __future__ import annotations
 
-import dataclasses
 from collections.abc import Callable
 from typing import Any
 
@@ -72,194 +73,12 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
-from flax.core import meta, tracers
-from jax.extend import core as jex_core
 
-from nearprox import layer_factors, per_example, sketch
-from nearprox.spectral_filter import compute_dtype
-
-_DENSE_TYPES = (nn.Dense, nn.DenseGeneral)
-_EMBED_TYPES = (nn.Embed,)
-_LOCAL_TYPES = (nn.LayerNorm, nn.RMSNorm)
-_INTERCEPTED = _DENSE_TYPES + _EMBED_TYPES + _LOCAL_TYPES
+from nearprox import layer_calls, layer_factors, sketch
+from nearprox.base import check_aux, compute_dtype
 
 
-@dataclasses.dataclass
-class _Call:
-  """One intercepted layer call, as seen by the discovery trace."""
-
-  kind: str | None  # "dense", "embed", "local", or None when not factorable
-  reason: str  # why not factorable (for debugging), "" otherwise
-  module_type: type
-  input_shape: tuple
-  module: nn.Module | None = None  # unbound clone, for the local per-example vjp
-  leaves: dict[str, int] = dataclasses.field(default_factory=dict)  # param name -> leaf
-  contract_axes: tuple[int, ...] = ()  # dense: input axes contracted with the kernel
-  output_shape: tuple = ()
-  output_dtype: Any = None
-  probed: bool = False
-
-
-@dataclasses.dataclass
-class _Plan:
-  calls: list[_Call]
-  leaf_kinds: list[str]  # per params leaf: "kernel", "bias", "embed", "local",
-  # "fallback" or "unused"
-
-
-def _normalize(axes, ndim: int) -> tuple[int, ...]:
-  axes = axes if isinstance(axes, (tuple, list)) else (axes,)
-  return tuple(sorted(a % ndim for a in axes))
-
-
-def _layer_check(module: nn.Module, x, args, kwargs) -> tuple[str | None, str, tuple]:
-  """(kind or None, reason, contract_axes) from the module's config and its input."""
-  if len(args) != 1 or any(v is not None for v in kwargs.values()):
-    return None, "called with extra arguments", ()
-  if isinstance(module, _DENSE_TYPES):
-    if module.dot_general is not None or module.dot_general_cls is not None:
-      return None, "custom dot_general", ()
-    if x.ndim < 2:
-      return None, "the input has no axis besides the batch axis", ()
-    if isinstance(module, nn.DenseGeneral):
-      if module.batch_dims:
-        return None, "DenseGeneral with batch_dims", ()
-      axes = _normalize(module.axis, x.ndim)
-    else:
-      axes = (x.ndim - 1,)
-    if 0 in axes:
-      return None, "the layer contracts the batch axis", ()
-    return "dense", "", axes
-  if isinstance(module, _EMBED_TYPES):
-    if not jnp.issubdtype(x.dtype, jnp.integer):
-      return None, "non-integer ids", ()
-    return "embed", "", ()
-  if getattr(module, "axis_name", None) is not None:
-    return None, "normalization across devices (axis_name)", ()
-  if x.ndim < 2:
-    return None, "the input has no axis besides the batch axis", ()
-  for name in ("reduction_axes", "feature_axes"):
-    if 0 in _normalize(getattr(module, name), x.ndim):
-      return None, f"{name} includes the batch axis", ()
-  return "local", "", ()
-
-
-def _intercepts(context, busy: bool) -> bool:
-  return not busy and context.method_name == "__call__" and type(context.module) in _INTERCEPTED
-
-
-def _discover(loss_fn: Callable, treedef, leaves: list, args: tuple, batch: int) -> _Plan:
-  """Abstract trace: which call reads which leaf, and which leaves are used elsewhere.
-
-  Inside factorable calls the layer runs on constant zero parameters (a clone applied with
-  explicit variables), so any remaining use of a leaf in the traced program is a use the
-  factored path cannot see; such leaves take the exact fallback.
-  """
-  calls: list[_Call] = []
-
-  def traced(leaf_values, args):
-    leaf_of = {id(v): i for i, v in enumerate(leaf_values)}
-    outer = tracers.current_trace()
-    busy = [False]
-
-    def interceptor(next_fun, call_args, call_kwargs, context):
-      if not _intercepts(context, busy[0]):
-        return next_fun(*call_args, **call_kwargs)
-      module = context.module
-      x = call_args[0] if call_args else None
-      call = _Call(None, "", type(module), tuple(getattr(x, "shape", ())))
-      calls.append(call)
-      params = {name: meta.unbox(v) for name, v in module.variables.get("params", {}).items()}
-      if tracers.current_trace() != outer:
-        call.reason = "inside a nested transform (scan, remat, vmap ...)"
-      elif not hasattr(x, "shape") or x.ndim == 0 or x.shape[0] != batch:
-        call.reason = f"the input's leading axis is not the batch axis of size {batch}"
-      elif not params or any(id(v) not in leaf_of for v in params.values()):
-        call.reason = "its parameters are not leaves of params passed through unchanged"
-      else:
-        call.kind, call.reason, call.contract_axes = _layer_check(module, x, call_args, call_kwargs)
-      if call.kind is None:
-        return next_fun(*call_args, **call_kwargs)
-      call.leaves = {name: leaf_of[id(v)] for name, v in params.items()}
-      call.module = module.clone(parent=None)
-      zeros = {name: jnp.zeros(v.shape, v.dtype) for name, v in params.items()}
-      busy[0] = True
-      try:
-        out = call.module.apply({"params": zeros}, x)
-      finally:
-        busy[0] = False
-      call.output_shape, call.output_dtype = tuple(out.shape), out.dtype
-      return out
-
-    with nn.intercept_methods(interceptor):
-      return loss_fn(jax.tree.unflatten(treedef, leaf_values), *args)
-
-  closed = jax.make_jaxpr(traced)(leaves, args)
-  num_leaves = len(leaves)
-  leaf_vars = closed.jaxpr.invars[:num_leaves]
-  used = set()
-  for eqn in closed.jaxpr.eqns:
-    used.update(v for v in eqn.invars if not isinstance(v, jex_core.Literal))
-  used.update(v for v in closed.jaxpr.outvars if not isinstance(v, jex_core.Literal))
-  used_elsewhere = [v in used for v in leaf_vars]
-  out_shape = closed.out_avals[0].shape if closed.out_avals else None
-  if len(closed.out_avals) != 1 or out_shape != (batch,):
-    raise ValueError(
-        "loss_fn must return the vector of per-example losses, shape "
-        f"({batch},); got {[a.shape for a in closed.out_avals]}"
-    )
-  return _Plan(calls, _leaf_kinds(calls, used_elsewhere))
-
-
-def _leaf_kinds(calls: list[_Call], used_elsewhere: list[bool]) -> list[str]:
-  """Assigns each leaf its path; a leaf read by calls of different kinds falls back."""
-  readers: dict[int, set] = {}
-  for call in calls:
-    for name, leaf in call.leaves.items():
-      if call.kind == "dense":
-        role = (
-            "kernel" if name == "kernel" else "bias" if name == "bias" else None,
-            call.module_type,
-            len(call.contract_axes),
-        )
-      elif call.kind == "embed":
-        role = ("embed" if name == "embedding" else None,)
-      else:
-        role = ("local", call.module_type, name)
-      readers.setdefault(leaf, set()).add(role)
-  kinds = []
-  for leaf, elsewhere in enumerate(used_elsewhere):
-    roles = readers.get(leaf)
-    if elsewhere:
-      kinds.append("fallback")
-    elif not roles:
-      kinds.append("unused")
-    elif len(roles) == 1 and next(iter(roles))[0] is not None:
-      kinds.append(next(iter(roles))[0])
-    else:
-      kinds.append("fallback")
-  # A module's call is probed when any of its leaves is taken from the captured cotangents.
-  for call in calls:
-    call.probed = call.kind is not None and any(
-        kinds[leaf] not in ("fallback", "unused") for leaf in call.leaves.values()
-    )
-  return kinds
-
-
-def _batch_size(loss_fn: Callable, params, args: tuple) -> int:
-  for leaf in jax.tree.leaves(args):
-    if getattr(leaf, "ndim", 0) > 0:
-      return int(leaf.shape[0])
-  out = jax.eval_shape(loss_fn, params, *args)
-  if getattr(out, "ndim", 0) != 1:
-    raise ValueError(
-        "loss_fn must return the vector of per-example losses, shape [B]; got "
-        f"{getattr(out, 'shape', type(out))}"
-    )
-  return int(out.shape[0])
-
-
-def _dense_factor_parts(call: _Call, x: jax.Array, delta: jax.Array, batch: int):
+def _dense_factor_parts(call: layer_calls.LayerCall, x: jax.Array, delta: jax.Array, batch: int):
   """(a [B, T', d_in], δ [B, T', d_out]) of one dense call."""
   keep = [ax for ax in range(x.ndim) if ax not in call.contract_axes]
   d_in = int(np.prod([x.shape[ax] for ax in call.contract_axes]))
@@ -268,7 +87,9 @@ def _dense_factor_parts(call: _Call, x: jax.Array, delta: jax.Array, batch: int)
   return inputs, delta.reshape(batch, inputs.shape[1], int(np.prod(out_features)))
 
 
-def _local_per_example(call: _Call, leaves: list, x: jax.Array, delta: jax.Array) -> dict:
+def _local_per_example(
+    call: layer_calls.LayerCall, leaves: list, x: jax.Array, delta: jax.Array
+) -> dict:
   """Per-example gradients of a norm layer's params: vmap of that layer's own vjp."""
   params = {name: leaves[leaf] for name, leaf in call.leaves.items()}
 
@@ -280,7 +101,12 @@ def _local_per_example(call: _Call, leaves: list, x: jax.Array, delta: jax.Array
 
 
 def factored_value_and_grads(
-    loss_fn: Callable, params, *args, kernel_combine: str = "auto", has_aux: bool = False
+    loss_fn: Callable,
+    params,
+    *args,
+    kernel_combine: str = "auto",
+    gram_blocking: layer_factors.GramBlocking | None = None,
+    has_aux: bool = False,
 ):
   """(losses [B], per-example gradients in factored form) of ``loss_fn(params, *args)``.
 
@@ -296,14 +122,18 @@ def factored_value_and_grads(
       "auto": "materialized" for the smallest layers, as long as the per-example gradients
       kept take no more memory in total than the kernel factors (see
       :func:`_kernel_combine_methods`).
+    gram_blocking: when a dense kernel's materializing Gram forms its per-example gradients
+      in blocks (:class:`~nearprox.layer_factors.GramBlocking`; None: ``GramBlocking()``,
+      which blocks large ones on CPUs; ``GramBlocking(block_numbers=0)`` never does).
     has_aux: ``loss_fn`` returns ``(losses, aux)``, aux arrays with the batch axis first;
       they come from the same forward pass (:func:`nearprox.per_example_value_and_grads`).
 
   Returns:
     ``(losses, grads)`` (``((losses, aux), grads)`` with ``has_aux``) where ``grads`` has
     the structure of ``params`` and each leaf is a
-    :class:`~nearprox.layer_factors.DenseFactor`, an :class:`~nearprox.layer_factors.EmbedFactor` or a
-    dense [B, *leaf.shape] array; feed it to :func:`nearprox.scale_by_proximal`.
+    :class:`~nearprox.layer_factors.DenseFactor`, an
+    :class:`~nearprox.layer_factors.EmbedFactor` or a dense [B, *leaf.shape] array; feed it
+    to :func:`nearprox.scale_by_proximal`.
   """
   if kernel_combine not in ("auto",) + layer_factors.COMBINE_METHODS:
     raise ValueError(
@@ -312,8 +142,8 @@ def factored_value_and_grads(
     )
   leaves, treedef = jax.tree.flatten(params)
   losses_fn = (lambda *a: loss_fn(*a)[0]) if has_aux else loss_fn
-  batch = _batch_size(losses_fn, params, args)
-  plan = _discover(losses_fn, treedef, leaves, args, batch)
+  batch = layer_calls.loss_batch_size(losses_fn, params, args)
+  plan = layer_calls.discover(losses_fn, treedef, leaves, args, batch)
   calls, kinds = plan.calls, plan.leaf_kinds
   fallback = [i for i, kind in enumerate(kinds) if kind == "fallback"]
   probed = [k for k, call in enumerate(calls) if call.probed]
@@ -328,7 +158,7 @@ def factored_value_and_grads(
     count = [0]
 
     def interceptor(next_fun, call_args, call_kwargs, context):
-      if not _intercepts(context, False):
+      if not layer_calls.intercepts(context, False):
         return next_fun(*call_args, **call_kwargs)
       k = count[0]
       count[0] += 1
@@ -373,6 +203,7 @@ def factored_value_and_grads(
       batch,
       grads,
       kernel_combine,
+      layer_factors.GramBlocking() if gram_blocking is None else gram_blocking,
   )
   for i, kind in enumerate(kinds):
     if kind == "unused":
@@ -380,7 +211,7 @@ def factored_value_and_grads(
   grads = jax.tree.unflatten(treedef, grads)
   if not has_aux:
     return losses, grads
-  per_example.check_aux(aux, batch)
+  check_aux(aux, batch)
   return (losses, aux), grads
 
 
@@ -406,7 +237,9 @@ def _kernel_combine_methods(choice: str, shapes: list[tuple[int, int, int, int]]
   return methods
 
 
-def _assemble(calls, kinds, leaves, inputs, deltas, batch, grads, kernel_combine) -> None:
+def _assemble(
+    calls, kinds, leaves, inputs, deltas, batch, grads, kernel_combine, gram_blocking
+) -> None:
   """Fills ``grads`` for the factored and materialized-small leaves from the captures."""
   parts: dict[int, list] = {}
   sums: dict[int, jax.Array] = {}
@@ -460,7 +293,12 @@ def _assemble(calls, kinds, leaves, inputs, deltas, batch, grads, kernel_combine
     param = leaves[leaf]
     if kinds[leaf] == "kernel":
       grads[leaf] = layer_factors.DenseFactor(
-          first, second, tuple(param.shape), np.dtype(param.dtype), combine_method=method_of[leaf]
+          first,
+          second,
+          tuple(param.shape),
+          np.dtype(param.dtype),
+          combine_method=method_of[leaf],
+          gram_blocking=gram_blocking,
       )
     else:
       grads[leaf] = layer_factors.EmbedFactor(
@@ -473,38 +311,11 @@ def leaf_kinds(loss_fn: Callable, params, *args) -> dict[str, str]:
   "kernel" / "embed" (factored), "bias" / "local" (materialized from the captures),
   "fallback" (exact per-example Jacobian rows) or "unused". Traces only, computes nothing."""
   leaves, treedef = jax.tree.flatten(params)
-  plan = _discover(loss_fn, treedef, leaves, args, _batch_size(loss_fn, params, args))
+  batch = layer_calls.loss_batch_size(loss_fn, params, args)
+  plan = layer_calls.discover(loss_fn, treedef, leaves, args, batch)
   with_path = jax.tree_util.tree_flatten_with_path(params)[0]
   paths = [jax.tree_util.keystr(path) for path, _ in with_path]
   return dict(zip(paths, plan.leaf_kinds))
-
-
-def encoder_gathered_numbers(
-    num_layers: int,
-    hidden: int,
-    ffn: int,
-    length: int,
-    num_labels: int,
-    sketch_features: int | None = None,
-) -> int:
-  """Numbers per example that ``gram="global"`` gathers for a BERT sequence classifier
-  (the formula of docs/method.md §2.8).
-
-  ``sketch_features``: with ``scale_by_proximal(sketch_dim=k)``, the k₁·k₂ features of each
-  attention and FFN kernel (``nearprox.sketch.side_dims``; 4096 for k = 4096 at BERT's
-  shapes), gathered instead of those kernels' factors, when all of them are sketched
-  (docs/method.md §2.9).
-  """
-  h, f, t = hidden, ffn, length
-  kernels = t * (4 * 2 * h + 2 * (h + f)) if sketch_features is None else 6 * sketch_features
-  return (
-      num_layers * kernels
-      + t * 3 * (h + 1)
-      + num_layers * (5 * h + f + 4 * h)
-      + 3 * h
-      + (h + 2 * num_labels)
-      + 2 * h
-  )
 
 
 def gathered_bytes_per_device(
@@ -520,7 +331,7 @@ def gathered_bytes_per_device(
     grads = factored_value_and_grads(loss_fn, p, *a)[1]
     if sketch_dim is None:
       return grads
-    batch = _batch_size(loss_fn, p, a) * num_devices
+    batch = layer_calls.loss_batch_size(loss_fn, p, a) * num_devices
     parts = sketch.sketch_per_example(grads, jnp.zeros((), jnp.int32), sketch_dim, batch)
     return parts.features, parts.exact
 

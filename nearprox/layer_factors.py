@@ -5,18 +5,20 @@ The mathematics and the cost trade-offs are in docs/method.md §2.1–§2.4.
 A dense layer applied to a sequence of T positions, with inputs a_i (T × d_in) and output
 cotangents δ_i (T × d_out) for example i, has the per-example kernel gradient g_i = a_iᵀ δ_i.
 :class:`DenseFactor` keeps (a, δ) instead of the B × d_in × d_out gradients and implements
-the two operations of :class:`nearprox.spectral_filter.PerExampleFactor`:
+the operations of :class:`nearprox.base.PerExampleFactor`:
 
 * Gram: ⟨g_i, g'_j⟩ = Σ_{t,s} (a_it·a'_js)(δ_it·δ'_js) = sum((A_i A'_jᵀ) ∘ (Δ_i Δ'_jᵀ)), the
   "ghost" formula, ~B·B'·T·T'·(d_in+d_out) multiply-adds; or materialize each side's g_i
   (B·T·d_in·d_out) and take G G'ᵀ (B·B'·d_in·d_out). :func:`dense_gram_method` picks the
   cheaper from the static shapes; both are float32 at HIGHEST precision. A large G is formed
-  in cache-sized blocks of columns (``GRAM_BLOCK_NUMBERS``), each multiplied into K at once.
+  in cache-sized blocks of columns (:class:`GramBlocking`), each multiplied into K at once.
 * Sketch (``scale_by_proximal(sketch_dim=k)``): the Kronecker sketch (A_iS₁)ᵀ(Δ_iS₂) of
   :mod:`nearprox.sketch`, when it costs less than the exact Gram (:meth:`DenseFactor.sketch`).
 * combine: Σ_i c_i g_i = Aᵀ(c ∘ Δ), one contraction over all B·T positions
   (B·T·d_in·d_out); or, with ``combine_method="materialized"``, cᵀG from the G that the
   materializing Gram computed (B·d_in·d_out, but G stays alive until the combine).
+* rescale: a and δ times powers of two whose product is the requested one, a's largest
+  entries brought to about 1 (the scale-free Gram of docs/method.md §1.7).
 
 An embedding table looked up at tokens tok_it has the sparse per-example gradient
 g_i = Σ_t e_{tok_it} δ_itᵀ. :class:`EmbedFactor` keeps (tok, δ):
@@ -39,14 +41,20 @@ slicing and ``lax.all_gather`` act on them example-wise.
 from __future__ import annotations
 
 import dataclasses
-from typing import Any
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
 from nearprox import sketch as sketch_lib
-from nearprox.spectral_filter import PerExampleFactor, compute_dtype
+from nearprox.base import (
+    PerExampleFactor,
+    compute_dtype,
+    exponent_range,
+    log2_max_abs,
+    times_power_of_two,
+)
 
 _HIGHEST = jax.lax.Precision.HIGHEST
 
@@ -104,26 +112,32 @@ def embed_gram_method(
   return "ghost" if ghost <= materialize else "materialize"
 
 
-# The materializing Gram forms the per-example kernel gradients G (B·d_in·d_out numbers) in
-# blocks of columns of its longer side, of about GRAM_BLOCK_NUMBERS numbers each, when G has
-# more than GRAM_BLOCKED_ABOVE numbers: a block is multiplied into K while it is still in cache
-# instead of G going to memory and back (docs/method.md §2.7). GRAM_BLOCK_NUMBERS = 0 turns
-# the blocking off. Only on the backends in GRAM_BLOCKED_BACKENDS: on a GPU the loop over
-# blocks made the step slower than forming G whole (experiments/results/bench_step_h200.md).
-GRAM_BLOCK_NUMBERS = 1 << 22
-GRAM_BLOCKED_ABOVE = 1 << 23
-GRAM_BLOCKED_BACKENDS = ("cpu",)
+class GramBlocking(NamedTuple):
+  """When the materializing Gram forms the per-example kernel gradients G (B·d_in·d_out
+  numbers) in blocks of columns of its longer side, each multiplied into K while it is still in
+  cache instead of G going to memory and back (docs/method.md §2.7).
+
+  Attributes:
+    block_numbers: about how many numbers one block holds; 0 turns the blocking off.
+    blocked_above: G is blocked only when it has more than this many numbers.
+    backends: the ``jax.default_backend()`` values it is done on (on a GPU the loop over
+      blocks made the step slower than forming G whole).
+  """
+
+  block_numbers: int = 1 << 22
+  blocked_above: int = 1 << 23
+  backends: tuple[str, ...] = ("cpu",)
 
 
-def _gram_blocks(batch: int, d_in: int, d_out: int) -> int:
+def _gram_blocks(batch: int, d_in: int, d_out: int, blocking: GramBlocking) -> int:
   """Number of blocks of the materializing Gram along max(d_in, d_out) (1: not blocked)."""
   if (
-      GRAM_BLOCK_NUMBERS <= 0
-      or batch * d_in * d_out <= GRAM_BLOCKED_ABOVE
-      or jax.default_backend() not in GRAM_BLOCKED_BACKENDS
+      blocking.block_numbers <= 0
+      or batch * d_in * d_out <= blocking.blocked_above
+      or jax.default_backend() not in blocking.backends
   ):
     return 1
-  width = max(1, GRAM_BLOCK_NUMBERS // (batch * min(d_in, d_out)))
+  width = max(1, blocking.block_numbers // (batch * min(d_in, d_out)))
   return -(-max(d_in, d_out) // width)
 
 
@@ -187,6 +201,7 @@ class DenseFactor(PerExampleFactor):
       materializing Gram computes anyway (XLA's common-subexpression elimination shares
       them), B·d_in·d_out multiply-adds, but G (B·d_in·d_out numbers) then stays alive from
       the Gram to the combine. Used only when the Gram materializes.
+    gram_blocking: when a materializing Gram forms G in blocks (:class:`GramBlocking`).
   """
 
   inputs: jax.Array
@@ -195,6 +210,7 @@ class DenseFactor(PerExampleFactor):
   kernel_dtype: Any
   gram_method: str = "auto"
   combine_method: str = "factored"
+  gram_blocking: GramBlocking = GramBlocking()
 
   def __post_init__(self):
     if self.gram_method not in ("auto",) + GRAM_METHODS:
@@ -228,7 +244,9 @@ class DenseFactor(PerExampleFactor):
     dtype = compute_dtype(self.cotangents.dtype)
     if self._method(other) == "materialize":
       batch = max(self.inputs.shape[0], other.inputs.shape[0])
-      blocks = _gram_blocks(batch, self.inputs.shape[-1], self.cotangents.shape[-1])
+      blocks = _gram_blocks(
+          batch, self.inputs.shape[-1], self.cotangents.shape[-1], self.gram_blocking
+      )
       if self.combine_method == "factored" and blocks > 1:
         return _blocked_materialized_gram(self, None if other is self else other, blocks)
       mine = self._per_example()
@@ -275,6 +293,22 @@ class DenseFactor(PerExampleFactor):
 
   def for_sketched_combine(self) -> DenseFactor:
     return dataclasses.replace(self, combine_method="factored")
+
+  def log2_scale(self) -> jax.Array:
+    """|g_i| ≤ T·max|a|·max|δ| entrywise: the sum of the two factors' exponents."""
+    return log2_max_abs(self.inputs) + log2_max_abs(self.cotangents)
+
+  def rescale(self, exponent: jax.Array) -> DenseFactor:
+    """a times 2^−e_a (its own largest entries to about 1) and δ times 2^(exponent + e_a)."""
+    lo, hi = exponent_range(self.inputs.dtype)
+    inputs_exponent = jnp.clip(log2_max_abs(self.inputs), lo, hi)
+    return dataclasses.replace(
+        self,
+        inputs=times_power_of_two(self.inputs, -inputs_exponent).astype(self.inputs.dtype),
+        cotangents=times_power_of_two(self.cotangents, exponent + inputs_exponent).astype(
+            self.cotangents.dtype
+        ),
+    )
 
   def combine(self, coeffs: jax.Array) -> jax.Array:
     dtype = compute_dtype(self.cotangents.dtype)
@@ -351,6 +385,13 @@ class EmbedFactor(PerExampleFactor):
         precision=_HIGHEST,
     )
     return jnp.sum(jnp.where(same_row, inner_d, 0.0), axis=(1, 3))
+
+  def log2_scale(self) -> jax.Array:
+    return log2_max_abs(self.cotangents)
+
+  def rescale(self, exponent: jax.Array) -> EmbedFactor:
+    cotangents = times_power_of_two(self.cotangents, exponent).astype(self.cotangents.dtype)
+    return dataclasses.replace(self, cotangents=cotangents)
 
   def combine(self, coeffs: jax.Array) -> jax.Array:
     dtype = compute_dtype(self.cotangents.dtype)

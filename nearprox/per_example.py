@@ -25,6 +25,9 @@ from collections.abc import Callable
 
 import jax
 
+from nearprox import factored_grads
+from nearprox.base import check_aux
+
 METHODS = ("vmap", "factored")
 
 
@@ -45,18 +48,6 @@ def _vmap_value_and_grads(loss_fn: Callable, params, *args, has_aux: bool = Fals
 
   value_and_grad = jax.value_and_grad(one_example_loss, has_aux=has_aux)
   return jax.vmap(value_and_grad, in_axes=(None,) + (0,) * len(args))(params, *args)
-
-
-def check_aux(aux, batch: int) -> None:
-  """Every leaf of ``loss_fn``'s aux output must have the batch axis (size ``batch``) first."""
-  for path, leaf in jax.tree_util.tree_flatten_with_path(aux)[0]:
-    shape = getattr(leaf, "shape", ())
-    if len(shape) == 0 or shape[0] != batch:
-      raise ValueError(
-          f"aux output {jax.tree_util.keystr(path) or '(root)'} of loss_fn has shape "
-          f"{tuple(shape)}; with has_aux=True every aux array needs the batch axis "
-          f"(size {batch}) first"
-      )
 
 
 def _check_args(args) -> None:
@@ -87,7 +78,8 @@ def per_example_value_and_grads(
   The gradients are the params pytree with a leading batch axis ("vmap") or the factored
   form ("factored"); both are accepted by :func:`nearprox.scale_by_proximal`.
   ``factored_options`` go to :func:`nearprox.factored_grads.factored_value_and_grads`
-  (``kernel_combine="auto" | "factored" | "materialized"``: time against memory).
+  (``kernel_combine="auto" | "factored" | "materialized"``: time against memory;
+  ``gram_blocking``: when a dense kernel's exact Gram is formed in blocks).
   """
   if method not in METHODS:
     raise ValueError(f"method must be one of {METHODS}, got {method!r}")
@@ -96,8 +88,6 @@ def per_example_value_and_grads(
     if factored_options:
       raise ValueError(f"options {sorted(factored_options)} apply to method='factored' only")
     return _vmap_value_and_grads(loss_fn, params, *args, has_aux=has_aux)
-  from nearprox import factored_grads  # The fast path needs Flax's interception machinery.
-
   return factored_grads.factored_value_and_grads(
       loss_fn, params, *args, has_aux=has_aux, **factored_options
   )

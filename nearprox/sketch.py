@@ -23,8 +23,8 @@ Which leaves: a leaf is sketched only when its sketch costs fewer multiply-adds 
 Gram (for a dense kernel, counting the combine of either path too; :func:`dense_sketch_cost`,
 :func:`array_sketch_cost`), a static choice like the ghost/materialize switch. Biases, norms
 and embedding tables always keep their exact Gram, and so do small layers (a pooler or
-classifier applied once per example) unless k is small. Only the coefficients c are estimated: the filtered gradient is still formed from
-the exact factors (Aᵀ(c∘Δ)).
+classifier applied once per example) unless k is small. Only the coefficients c are
+estimated: the filtered gradient is still formed from the exact factors (Aᵀ(c∘Δ)).
 
 Seeds: the matrices of leaf number ``index`` (in the pytree's flattening order) at step
 ``count`` come from ``fold_in(fold_in(key(SKETCH_SEED), count), index)``: fresh every step,
@@ -41,7 +41,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from nearprox import spectral_filter
+from nearprox import base, spectral_filter
 
 SKETCH_SEED = 0x5EED
 
@@ -103,7 +103,7 @@ def kronecker_features(
 
   ``inputs`` [B, T, d_in], ``cotangents`` [B, T, d_out]; computed in float32 or wider.
   """
-  dtype = spectral_filter.compute_dtype(cotangents.dtype)
+  dtype = base.compute_dtype(cotangents.dtype)
   left = projection(jax.random.fold_in(key, 0), inputs.shape[-1], k1, dtype)
   right = projection(jax.random.fold_in(key, 1), cotangents.shape[-1], k2, dtype)
   x = _project(inputs.astype(dtype), left)
@@ -123,7 +123,7 @@ def matrix_view(shape: tuple[int, ...]) -> tuple[int, int]:
 def array_features(x: jax.Array, key: jax.Array, k1: int, k2: int) -> jax.Array:
   """Φ [B, k₁·k₂]: S₁ᵀ X_i S₂ of a dense per-example leaf x [B, *shape] (matrix view)."""
   rows, cols = matrix_view(x.shape[1:])
-  dtype = spectral_filter.compute_dtype(x.dtype)
+  dtype = base.compute_dtype(x.dtype)
   left = projection(jax.random.fold_in(key, 0), rows, k1, dtype)
   right = projection(jax.random.fold_in(key, 1), cols, k2, dtype)
   mat = x.astype(dtype).reshape(x.shape[0], rows, cols)
@@ -175,9 +175,12 @@ class Sketched(NamedTuple):
   """A per-example pytree split for the estimated Gram.
 
   Attributes:
-    features: Φ [B, F], the sketches of the sketched leaves side by side (None if no leaf is
-      sketched), so that their part of K is Φ Φᵀ.
+    features: Φ [B, F], the sketches of the sketched leaves side by side, in the units 2^-e
+      (None if no leaf is sketched), so that their part of 4^-e K is Φ Φᵀ.
     exact: the leaves whose Gram stays exact (a list; factors or dense arrays).
+    exact_exponents: their exponents e_l (:class:`nearprox.spectral_filter.Rescaled`; 0 for
+      a plain pytree).
+    exponent: e, the largest exponent of all leaves (0 for a plain pytree).
     for_combine: the per-example pytree to combine with c: the input, except that sketched
       dense kernels use the factored combine Aᵀ(c∘Δ) (their per-example gradients, which a
       "materialized" combine would reuse, are not formed).
@@ -186,6 +189,8 @@ class Sketched(NamedTuple):
 
   features: jax.Array | None
   exact: list
+  exact_exponents: list
+  exponent: jax.Array
   for_combine: object
   sketched: tuple[bool, ...]
 
@@ -196,7 +201,9 @@ def sketch_per_example(
   """Splits ``per_example_grads`` into sketched features and exactly handled leaves.
 
   Args:
-    per_example_grads: a per-example pytree (dense leaves and/or factors).
+    per_example_grads: a per-example pytree (dense leaves and/or factors), or a
+      :class:`nearprox.spectral_filter.Rescaled` one: then each sketched leaf's features are
+      brought to the common units 2^-e and the exact leaves keep their own exponents.
     count: the step count; the sketch matrices are drawn from :func:`step_key` (count) and
       each leaf's index, the same on every device.
     sketch_dim: k, the number of features per sketched leaf (k₁k₂ ≥ k, :func:`side_dims`).
@@ -207,37 +214,50 @@ def sketch_per_example(
   Returns:
     :class:`Sketched`.
   """
-  leaves, treedef = jax.tree.flatten(per_example_grads, is_leaf=spectral_filter.is_factor)
-  batch = spectral_filter.batch_size(per_example_grads) if batch is None else batch
+  rescaled = per_example_grads
+  if not isinstance(rescaled, spectral_filter.Rescaled):
+    leaves, treedef = jax.tree.flatten(per_example_grads, is_leaf=base.is_factor)
+    rescaled = spectral_filter.Rescaled(leaves, [jnp.zeros((), jnp.int32)] * len(leaves), treedef)
+  batch = spectral_filter.batch_size(rescaled.leaves) if batch is None else batch
   key = step_key(count)
-  features, exact, combined, flags = [], [], [], []
-  for index, leaf in enumerate(leaves):
+  features, exact, exact_exponents, combined, flags = [], [], [], [], []
+  for index, (leaf, exponent) in enumerate(zip(rescaled.leaves, rescaled.exponents)):
     leaf_key = jax.random.fold_in(key, index)
-    if spectral_filter.is_factor(leaf):
+    if base.is_factor(leaf):
       phi = leaf.sketch(leaf_key, sketch_dim, batch)
     else:
       phi = array_features_or_none(leaf, leaf_key, sketch_dim, batch)
     flags.append(phi is not None)
     if phi is None:
       exact.append(leaf)
+      exact_exponents.append(exponent)
       combined.append(leaf)
     else:
-      features.append(phi)
-      combined.append(leaf.for_sketched_combine() if spectral_filter.is_factor(leaf) else leaf)
+      features.append(base.times_power_of_two(phi, exponent - rescaled.exponent))
+      combined.append(leaf.for_sketched_combine() if base.is_factor(leaf) else leaf)
   phi = None
   if features:
     dtype = jnp.result_type(*features)
     phi = jnp.concatenate([f.astype(dtype) for f in features], axis=1)
-  return Sketched(phi, exact, jax.tree.unflatten(treedef, combined), tuple(flags))
+  return Sketched(
+      phi,
+      exact,
+      exact_exponents,
+      rescaled.exponent,
+      jax.tree.unflatten(rescaled.treedef, combined),
+      tuple(flags),
+  )
 
 
 def estimated_gram(sketched: Sketched, other: Sketched | None = None) -> jax.Array:
-  """K̂ = (exact Gram of the exact leaves) + Φ Φ'ᵀ, between ``sketched`` and ``other``'s
-  examples (default: the same)."""
+  """4^-e K̂ = (exact Gram of the exact leaves) + Φ Φ'ᵀ, between ``sketched`` and ``other``'s
+  examples (default: the same; in the same units)."""
   other = sketched if other is None else other
   total = None
   if sketched.exact:
-    total = spectral_filter.gram_matrix(sketched.exact, other.exact)
+    total = spectral_filter.rescaled_gram(
+        sketched.exact, sketched.exact_exponents, other.exact, sketched.exponent
+    )
   if sketched.features is not None:
     part = jnp.matmul(sketched.features, other.features.T, precision=_HIGHEST)
     total = part if total is None else total + part.astype(total.dtype)
@@ -270,8 +290,6 @@ def variance_factors(per_example_grads, sketch_dim: int, batch: int | None = Non
     if not sketched:
       factors.append(None)
       continue
-    rows, cols = (
-        leaf.matrix_shape if spectral_filter.is_factor(leaf) else matrix_view(leaf.shape[1:])
-    )
+    rows, cols = leaf.matrix_shape if base.is_factor(leaf) else matrix_view(leaf.shape[1:])
     factors.append(variance_factor(rows, cols, *side_dims(rows, cols, sketch_dim)))
   return factors

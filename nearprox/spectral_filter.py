@@ -5,14 +5,16 @@ leaf by leaf of the parameter pytree:
 
 * **dense**: an array with a leading batch axis, ``[B, *param_shape]`` (what
   ``jax.vmap(jax.grad(...))`` returns);
-* **factored**: a :class:`PerExampleFactor`, which knows how to take inner products between
-  its per-example gradients and how to sum them with coefficients, without materializing
-  them (e.g. a dense layer's inputs a_i and output cotangents δ_i, g_i = a_iᵀ δ_i).
+* **factored**: a :class:`nearprox.base.PerExampleFactor`, which knows how to take inner
+  products between its per-example gradients and how to sum them with coefficients, without
+  materializing them (e.g. a dense layer's inputs a_i and output cotangents δ_i,
+  g_i = a_iᵀ δ_i).
 
 Every array inside either form has the batch axis first, so masking, slicing and
 ``all_gather`` act on examples uniformly. A factor may also offer random features whose Gram
-estimates its own (:meth:`PerExampleFactor.sketch`, used by ``scale_by_proximal(sketch_dim=k)``
-through :mod:`nearprox.sketch`).
+estimates its own (:meth:`~nearprox.base.PerExampleFactor.sketch`, used by
+``scale_by_proximal(sketch_dim=k)`` through :mod:`nearprox.sketch`). :func:`rescale_leaves`
+divides every leaf by a power of two so that K can be formed at any scale of the loss.
 
 With the Gram matrix K = G Gᵀ (the empirical NTK of the per-example loss), mask m, optional
 example weights s ≥ 0, right-hand side w = m∘s / Σ m∘s (w = m / Σm without weights) and
@@ -32,54 +34,20 @@ empirical Fisher F = GᵀG / B_eff (B_eff unmasked examples), dᵀFd = cᵀK²c 
 
 from __future__ import annotations
 
-import abc
 import functools
 from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
 
+from nearprox import base
+from nearprox.base import compute_dtype, is_factor
+
 FILTERS = ("tikhonov", "natural")
 DAMPING_MODES = ("absolute", "relative")
 STEP_SIZES = ("none", "graft", "quadratic")
 
 _HIGHEST = jax.lax.Precision.HIGHEST
-
-
-class PerExampleFactor(abc.ABC):
-  """A per-example gradient leaf in factored form: stands where one params leaf stands.
-
-  Subclasses are registered pytrees whose array children all have the batch axis first.
-  They implement the two operations the filter needs, both in float32 or wider.
-  """
-
-  @abc.abstractmethod
-  def gram(self, other: PerExampleFactor) -> jax.Array:
-    """Inner products ⟨g_i, g'_j⟩ between self's and other's examples: [B_self, B_other]."""
-
-  @abc.abstractmethod
-  def combine(self, coeffs: jax.Array) -> jax.Array:
-    """Σ_i coeffs_i g_i, with the shape and dtype of the parameter leaf."""
-
-  def sketch(self, key: jax.Array, sketch_dim: int, batch: int) -> jax.Array | None:
-    """Random features Φ [B, k'] with E[Φ Φᵀ] = this leaf's Gram, or None to keep the exact
-    Gram (the default; :mod:`nearprox.sketch`). ``batch`` is the batch size the cost
-    comparison is made for."""
-    del key, sketch_dim, batch
-    return None
-
-  def for_sketched_combine(self) -> PerExampleFactor:
-    """This leaf as it should combine once its Gram was sketched (default: unchanged)."""
-    return self
-
-
-def is_factor(x: Any) -> bool:
-  return isinstance(x, PerExampleFactor)
-
-
-def compute_dtype(dtype) -> jnp.dtype:
-  """float32, or wider when the gradients already are (float64 under jax_enable_x64)."""
-  return jnp.promote_types(dtype, jnp.float32)
 
 
 def per_example_leaves(per_example_grads) -> list[tuple[str, Any]]:
@@ -115,6 +83,76 @@ def zero_masked_examples(per_example_grads, mask: jax.Array):
     return jnp.where(keep, x, jnp.zeros((), x.dtype))
 
   return jax.tree.map(zero, per_example_grads)
+
+
+class Rescaled(NamedTuple):
+  """Per-example gradients with every leaf l divided by 2^{e_l}, a power of two near its own
+  largest entry, so that no product of two of them overflows or underflows float32 whatever
+  the scale of the loss (docs/method.md §1.7). Exact: only exponents change.
+
+  Attributes:
+    leaves: 2^-e_l · g_i for every leaf (the flattening order; arrays or factors).
+    exponents: e_l, int32 scalars, one per leaf.
+    treedef: the per-example pytree's structure.
+  """
+
+  leaves: list
+  exponents: list
+  treedef: Any
+
+  @property
+  def exponent(self) -> jax.Array:
+    """e = max_l e_l: the units of :func:`rescaled_gram`, K = 4^e K̃."""
+    return jnp.max(jnp.stack(self.exponents))
+
+
+def rescale_leaves(per_example_grads, axis_name: str | None = None) -> Rescaled:
+  """:class:`Rescaled` per-example gradients. e_l is the leaf's
+  :func:`~nearprox.base.log2_max_abs` (a factor's
+  :meth:`~nearprox.base.PerExampleFactor.log2_scale`), clipped so that 2^±e_l is a normal
+  number, and the largest over ``axis_name``'s devices when it is given (so that every
+  device's leaves are in the same units). Each leaf depends on its own exponent only, which
+  lets XLA scale it where it is formed."""
+  leaves, treedef = jax.tree.flatten(per_example_grads, is_leaf=is_factor)
+  lo, hi = base.exponent_range(jnp.result_type(*jax.tree.leaves(per_example_grads)))
+  scaled, exponents = [], []
+  for leaf in leaves:
+    exponent = leaf.log2_scale() if is_factor(leaf) else base.log2_max_abs(leaf)
+    exponent = jnp.clip(exponent, lo, hi)
+    if axis_name is not None:
+      exponent = jax.lax.pmax(exponent, axis_name)
+    if is_factor(leaf):
+      scaled.append(leaf.rescale(-exponent))
+    else:
+      scaled.append(base.times_power_of_two(leaf, -exponent).astype(leaf.dtype))
+    exponents.append(exponent)
+  return Rescaled(scaled, exponents, treedef)
+
+
+def rescaled_gram(
+    leaves: list, exponents: list, other: list | None = None, exponent: jax.Array | None = None
+) -> jax.Array:
+  """K̃ = 4^-e K between rescaled ``leaves`` (with ``exponents``) and ``other`` (default: the
+  same; in the same units), e = ``exponent`` (default: the largest e_l). Each leaf's part is
+  formed from its rescaled gradients and brought to 4^-e by a power of two; a leaf 2^64 times
+  smaller than the largest underflows there, below float32's precision of K anyway."""
+  other = leaves if other is None else other
+  exponent = jnp.max(jnp.stack(exponents)) if exponent is None else exponent
+  total = None
+  for x, y, leaf_exponent in zip(leaves, other, exponents):
+    k = base.times_power_of_two(gram_matrix([x], [y]), 2 * (leaf_exponent - exponent))
+    total = k if total is None else total + k.astype(jnp.promote_types(total.dtype, k.dtype))
+  return total
+
+
+def rescaled_combine(rescaled: Rescaled, coeffs: jax.Array, exponent: jax.Array):
+  """Σ_i coeffs_i · 2^exponent · g_i for every leaf (the parameters' shapes), from the
+  rescaled leaves: leaf l takes the coefficients 2^(exponent + e_l) · coeffs."""
+  out = []
+  for leaf, leaf_exponent in zip(rescaled.leaves, rescaled.exponents):
+    leaf_coeffs = base.times_power_of_two(coeffs, exponent + leaf_exponent)
+    out.append(leaf.combine(leaf_coeffs) if is_factor(leaf) else _dense_combine(leaf, leaf_coeffs))
+  return jax.tree.unflatten(rescaled.treedef, out)
 
 
 def _dense_gram(x: jax.Array, y: jax.Array) -> jax.Array:
@@ -181,7 +219,9 @@ def normalized_weights(mask: jax.Array, weights: jax.Array | None = None, dtype=
   """(w, mass): w = m∘s / Σ m∘s and mass = Σ m∘s, with m = [mask > 0] and s = ``weights``.
 
   Without weights s = 1, so w = m / Σm and the mass is the number of unmasked examples.
-  Masked entries of s are ignored (NaN included); a zero mass gives w = 0, not NaN.
+  Masked entries of s are ignored (NaN included); a zero mass gives w = 0, not NaN. An
+  unmasked weight that is negative or not finite makes w and the mass NaN, so that the
+  update is non-finite (as with a non-finite gradient) rather than silently zero.
   """
   keep = (mask > 0).astype(dtype)
   if weights is None:
@@ -192,9 +232,12 @@ def normalized_weights(mask: jax.Array, weights: jax.Array | None = None, dtype=
       raise ValueError(
           f"example weights must have shape {mask.shape} (one per example), got {weights.shape}"
       )
-    scaled = jnp.where(keep > 0, weights.astype(dtype), 0.0)
+    weights = weights.astype(dtype)
+    valid = jnp.all((keep == 0) | (jnp.isfinite(weights) & (weights >= 0)))
+    scaled = jnp.where(keep > 0, jnp.where(valid, weights, jnp.nan), 0.0)
   mass = jnp.sum(scaled)
-  return jnp.where(mass > 0, scaled / jnp.where(mass > 0, mass, 1.0), 0.0), mass
+  normalized = jnp.where(mass > 0, scaled / jnp.where(mass > 0, mass, 1.0), 0.0)
+  return jnp.where(jnp.isnan(mass), jnp.nan, normalized), mass
 
 
 def filter_coefficients(
@@ -214,8 +257,8 @@ def filter_coefficients(
     filter: "tikhonov" (K(K+λI)⁻¹) or "natural" (λ(K+λI)⁻¹).
     damping_mode: "absolute" or "relative".
     weights: optional example weights s ≥ 0, [B]: the right-hand side becomes
-      w = m∘s / Σ m∘s instead of m / Σm (all-zero weights give c = 0). They change w
-      only, not K or λ.
+      w = m∘s / Σ m∘s instead of m / Σm (all-zero weights give c = 0; a negative or
+      non-finite unmasked weight gives c = NaN). They change w only, not K or λ.
 
   K is symmetrized and eigendecomposed (never inverted): c = U h(σ) Uᵀ w with
   h = σ/(σ+λ) or λ/(σ+λ); tiny negative eigenvalues from rounding are clipped to 0.
@@ -228,8 +271,9 @@ def filter_coefficients(
   trace = jnp.trace(gram)
   if damping_mode == "relative":
     damping = damping * trace / jnp.maximum(num_kept, 1.0)
-  # λ = 0 only when every gradient is 0 (relative mode); then d = 0 whatever c is.
-  damping = jnp.maximum(jnp.asarray(damping, dtype), jnp.finfo(dtype).tiny)
+  # λ = 0 only when every gradient is 0 (relative mode); then d = 0 whatever c is. An
+  # infinite λ (an absolute λ far above K's scale) acts as the largest finite one: no inf/inf.
+  damping = jnp.clip(jnp.asarray(damping, dtype), jnp.finfo(dtype).tiny, jnp.finfo(dtype).max)
   # Masked rows (zeroed above) become decoupled directions of scale trace(K)/B_eff, the
   # kept examples' mean, so eigh sees no degenerate zero block (w_i = 0 there, so c_i = 0).
   pad_scale = jnp.where(trace > 0, trace / jnp.maximum(num_kept, 1.0), 1.0)

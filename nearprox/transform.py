@@ -31,19 +31,26 @@ Several devices (``axis_name`` set, inside ``jax.pmap`` or ``jax.shard_map``):
   computes the same global α; its share of d is all-reduced (P numbers). The result equals
   the single-device result on the concatenated global batch. With ``sketch_dim``, the
   sketched leaves' features (B·k' numbers per leaf) are gathered in place of their factors
-  (see ``sketch_dim`` below); the result equals the single-device sketched result on the
+  (docs/method.md §2.9); the result equals the single-device sketched result on the
   concatenated batch (the sketch matrices are the same on every device).
 
-Non-finite gradients: a NaN or Inf in an unmasked example's gradient reaches K and therefore
-every coefficient, so the whole update becomes non-finite. To skip such steps, wrap what
-follows the aggregation: ``optax.chain(scale_by_proximal(λ), optax.apply_if_finite(
-optax.sgd(lr), max_consecutive_errors=k))`` (wrapping ``scale_by_proximal`` itself cannot work:
-a skipped step would return zeros of the per-example shapes). Rows of masked examples are
-zeroed before use, so anything in them (NaN included) has no effect; so are their weights.
+Scale: each leaf's part of K is formed from its per-example gradients divided by a power of
+two near their largest entry, and λ, ρ and M are converted exactly, so K neither overflows nor
+underflows in float32 whatever the scale of the loss, and the update is the same as without
+the division (docs/method.md §1.7).
+
+Non-finite inputs: a NaN or Inf in an unmasked example's gradient reaches K and therefore
+every coefficient, so the whole update becomes non-finite; so does an unmasked example weight
+that is negative or not finite. To skip such steps, wrap what follows the aggregation:
+``optax.chain(scale_by_proximal(λ), optax.apply_if_finite(optax.sgd(lr),
+max_consecutive_errors=k))`` (wrapping ``scale_by_proximal`` itself cannot work: a skipped
+step would return zeros of the per-example shapes). Rows of masked examples are zeroed before
+use, so anything in them (NaN included) has no effect; so are their weights.
 """
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Callable
 from typing import NamedTuple
@@ -52,7 +59,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from nearprox import sketch, spectral_filter
+from nearprox import base, sketch, spectral_filter
 
 GRAM_MODES = ("local", "global")
 
@@ -60,7 +67,8 @@ Damping = float | Callable[[jax.Array], jax.Array]
 
 
 class ScaleByProximalState(NamedTuple):
-  """Step count and what the last filtered step did (see :class:`nearprox.spectral_filter.FilterStats`)."""
+  """The step count and what the last filtered step did (a
+  :class:`~nearprox.spectral_filter.FilterStats`)."""
 
   count: jax.Array
   stats: spectral_filter.FilterStats
@@ -122,8 +130,121 @@ def _check_optional_positive(value, name: str, allow_zero: bool) -> None:
     raise ValueError(f"{name} must be None or {bound}, got {value!r}")
 
 
+# An absolute λ̃ is solved within [2^-48·τ, 2^24·trace(K̃)] (τ = trace(K̃)/B_eff) and ρ̃ within
+# [0, 2^24·τ]: beyond, the response (and α) is flat or proportional to λ^±1 (ρ⁻¹) to float32
+# precision on every direction float32 resolves (σ ≥ 2^-24·σ_max), and c stays representable.
+_DAMPING_BELOW_MEAN = -48
+_DAMPING_ABOVE_TRACE = 24
+
+
+def _clipped(value, exponent: jax.Array, lo: jax.Array, hi: jax.Array):
+  """(true, used, mantissa, power): true = value·2^exponent (0 or inf beyond float range),
+  used = true clipped to [lo, hi] (unless hi = 0: K̃ = 0, nothing to compare with) and
+  true / used = mantissa · 2^power exactly."""
+  value = jnp.asarray(value, lo.dtype)
+  true = base.times_power_of_two(value, exponent)
+  used = jnp.where(hi > 0, jnp.clip(true, lo, hi), true)
+  value_mantissa, value_exponent = jnp.frexp(value)
+  clipped = true != used
+  return (
+      true,
+      used,
+      jnp.where(clipped, value_mantissa / used, 1.0),
+      jnp.where(clipped, value_exponent + exponent, 0),
+  )
+
+
+def _solve_rescaled(
+    gram: jax.Array,
+    mask: jax.Array,
+    weights: jax.Array | None,
+    *,
+    exponent: jax.Array,
+    damping,
+    filter: str,
+    damping_mode: str,
+    step_size: str,
+    step_size_damping: float | None,
+    max_update_norm: float | None,
+) -> tuple[jax.Array, jax.Array, spectral_filter.FilterStats]:
+  """(c', s, stats) with 2^s·Gᵀc' = α·Gᵀf(K)w, from the Gram K̃ = 4^-e K of G̃ = 2^-e G.
+
+  f(K) = f(K̃) with λ̃ = 4^-e λ; ρ (units of K) and M (units of d) convert likewise. With c
+  from K̃ the update is α·Gᵀc = Φ·G̃ᵀc, Φ = 2^e·α = 2^e·α̃ for "none" and "graft" and 2^-e·α̃
+  for "quadratic" (α ∝ 1/K), α̃ being the step-size factor computed on K̃. An absolute λ̃ or a
+  ρ̃ beyond the intervals above (even 0 or inf in float32) is solved at the nearest end: where
+  c ∝ λ̃ (natural, small λ̃), c ∝ 1/λ̃ (tikhonov, large λ̃) or α ∝ 1/ρ̃ (large ρ̃), Φ takes the
+  ratio, as a mantissa and a power of two since the ratio itself may not be representable
+  (the graft and quadratic α̃ are invariant to the scale of c). Every conversion is an exact
+  multiplication by a power of two.
+  """
+  dtype = gram.dtype
+  keep = (mask > 0).astype(dtype)
+  num_kept = jnp.maximum(jnp.sum(keep), 1.0)
+  trace = jnp.sum(jnp.diagonal(gram) * keep)
+  mean = trace / num_kept
+  to_gram_units = -2 * exponent
+  zero = jnp.zeros((), jnp.int32)
+  # c_true = c · ratio · 2^ratio_power: the filter's linear regimes beyond the clip.
+  solve_damping, ratio, ratio_power = damping, jnp.ones((), dtype), zero
+  if damping_mode == "absolute":
+    true, solve_damping, mantissa, power = _clipped(
+        damping,
+        to_gram_units,
+        base.times_power_of_two(mean, _DAMPING_BELOW_MEAN),
+        base.times_power_of_two(trace, _DAMPING_ABOVE_TRACE),
+    )
+    linear = true < solve_damping if filter == "natural" else true > solve_damping
+    sign = 1 if filter == "natural" else -1
+    ratio = jnp.where(linear, mantissa**sign, 1.0)
+    ratio_power = jnp.where(linear, sign * power, 0)
+  coeffs, stats = spectral_filter.filter_coefficients(
+      gram, mask, solve_damping, filter, damping_mode, weights=weights
+  )
+  # Φ = α̃ · scale · 2^shift.
+  if step_size == "none":
+    scale, shift, rho = ratio, exponent + ratio_power, None
+  elif step_size == "graft":
+    scale, shift, rho = jnp.ones((), dtype), exponent, None
+  else:
+    if step_size_damping is not None:
+      rho, rho_exponent = step_size_damping, to_gram_units
+    elif damping_mode == "absolute":
+      rho, rho_exponent = jnp.asarray(damping, dtype) / num_kept, to_gram_units
+    else:
+      rho, rho_exponent = stats.damping / num_kept, zero
+    _, rho, mantissa, power = _clipped(
+        rho, rho_exponent, jnp.zeros((), dtype), base.times_power_of_two(mean, _DAMPING_ABOVE_TRACE)
+    )
+    scale, shift = 1.0 / mantissa, -exponent - power  # α ∝ 1/ρ̃ where ρ̃ was clipped
+  alpha = spectral_filter.step_scale(
+      gram,
+      mask,
+      coeffs,
+      stats.damping,
+      step_size,
+      rho,
+      None if max_update_norm is None else base.times_power_of_two(max_update_norm / scale, -shift),
+  )
+  coeffs = coeffs * (alpha * scale).astype(coeffs.dtype)
+  # α = Φ / (2^e · ratio · 2^ratio_power) in the gradients' units.
+  step_scale = base.times_power_of_two(alpha * scale / ratio, shift - exponent - ratio_power)
+  stats = stats._replace(
+      damping=(
+          jnp.asarray(damping, dtype)
+          if damping_mode == "absolute"
+          else base.times_power_of_two(stats.damping, 2 * exponent)
+      ),
+      gram_trace=base.times_power_of_two(stats.gram_trace, 2 * exponent),
+      kept_fraction=base.times_power_of_two(stats.kept_fraction * ratio**2, 2 * ratio_power),
+      step_scale=step_scale,
+  )
+  return coeffs, shift - exponent, stats
+
+
 def scale_by_proximal(
     damping: Damping,
+    *,
     filter: str = "tikhonov",
     damping_mode: str = "absolute",
     axis_name: str | None = None,
@@ -135,64 +256,41 @@ def scale_by_proximal(
 ) -> optax.GradientTransformationExtraArgs:
   """Filters per-example gradients through K(K+λI)⁻¹ (or λ(K+λI)⁻¹) and aggregates them.
 
-  The update is d = α·Gᵀc with c = f(K) w, w = m∘s / Σ m∘s (module docstring).
-
-  Example weights. ``update(..., example_weights=s)`` replaces the uniform right-hand side
-  m / Σm by m∘s / Σ m∘s; K and λ are unchanged. With the natural filter and
-  s_n = ‖∇_{z_n} ℓ_n‖² (the squared norm of example n's loss gradient with respect to its
-  logits z_n, :func:`nearprox.text.losses.ief_weights`), d is the damped improved
-  empirical Fisher (iEF) direction Gᵀ(K+λI)⁻¹s of Wu et al. (2024), scaled by λ / Σ m∘s:
-  undamped, Gᵀ K⁻¹ v changes example n's loss by v_n to first order, so the empirical
-  Fisher (v = 1) asks every example for the same decrease however well it is already fit,
-  while v = s asks for decreases proportional to ‖∇_{z_n} ℓ_n‖².
-
-  Step size. α is computed from K and c only (no extra pass over the model), with g the
-  plain masked mean gradient (what SGD would step) and F = GᵀG / B_eff the empirical Fisher:
-  ``"none"`` (α = 1), ``"graft"`` (α = ‖g‖/‖d‖, d takes the mean gradient's norm, as
-  grafting takes another optimizer's step norm) or ``"quadratic"`` (α = max(gᵀd, 0) /
-  (dᵀFd + ρ‖d‖²), the minimizer along d of the damped quadratic model, as K-FAC chooses its
-  step; ρ = λ / B_eff by default). ``max_update_norm`` M then shrinks α so that ‖αd‖ ≤ M.
-  See :func:`nearprox.spectral_filter.step_scale` for the formulas. The learning rate of
-  whatever follows in the chain still multiplies αd; an optimizer that normalizes its input
-  (Adam) undoes most of a global scale α, so these rules matter most before SGD.
+  The update is d = α · Gᵀ f(K) w: G holds the per-example gradients as rows, K = G Gᵀ,
+  w = m∘s / Σ m∘s (mask m, example weights s, uniform by default) and α a step-size factor.
+  docs/method.md has the mathematics: the filters (§1.2), example weights (§1.4), damping
+  (§1.6), masks and numerics (§1.7), step sizes (§1.8), several devices (§1.9) and the
+  sketched Gram (§2.9).
 
   Args:
-    damping: λ > 0, or a schedule ``count -> λ``. With ``damping_mode="relative"`` it is the
-      factor in λ = damping · trace(K) / B_eff (invariant to rescaling the loss).
-    filter: "tikhonov" keeps directions many examples agree on (σ/(σ+λ)); "natural" is the
-      damped natural gradient (λ/(σ+λ)). The two filtered gradients sum to the (weighted)
-      mean gradient.
-    damping_mode: "absolute" or "relative".
-    axis_name: the mapped axis (pmap / shard_map) over which the batch is split, or None.
-    gram: "local" (per-device Gram, results combined by weight mass) or "global" (exact Gram
-      of the global batch); see the module docstring for their communication.
-    step_size: "none", "graft" or "quadratic" (above).
+    damping: λ > 0, or a schedule ``count -> λ``.
+    filter: "tikhonov" (σ/(σ+λ) per eigen-direction of K: keeps the directions many examples
+      agree on) or "natural" (λ/(σ+λ): the damped empirical-Fisher natural gradient). The
+      two filtered gradients sum to the weighted mean gradient.
+    damping_mode: "absolute" (λ in the units of K) or "relative" (λ = damping · trace(K) /
+      B_eff over the B_eff unmasked examples: invariant to rescaling the loss).
+    axis_name: the mapped axis (pmap / shard_map) the batch is split over, or None.
+    gram: with ``axis_name``, "local" (each device filters its own examples; the results are
+      combined in proportion to their weight mass) or "global" (the exact Gram of the global
+      batch); the module docstring gives their communication.
+    step_size: "none" (α = 1), "graft" (α = ‖g‖/‖d‖, g the plain mean gradient) or
+      "quadratic" (α minimizes the damped quadratic model along d);
+      :func:`nearprox.spectral_filter.step_scale` has the formulas.
     step_size_damping: ρ ≥ 0 of the "quadratic" rule in place of λ / B_eff.
-    max_update_norm: M > 0 bounding ‖αd‖, or None.
-    sketch_dim: None or 0 (default): the exact Gram. k ≥ 1: an estimated Gram K̂, in which
-      every leaf whose exact Gram costs more than a sketch (large dense kernels, factored or
-      dense) contributes Φ Φᵀ, Φ ∈ ℝ^{B×k'} its Kronecker sketch with k' ≈ k features
-      (unbiased, with a variance bound; docs/method.md §2.9, :mod:`nearprox.sketch`); the
-      rest stay exact. The sketch matrices are drawn from the step count, the same on every
-      device. λ (relative mode), c, α and the statistics then come from K̂; the filtered
-      gradient is still Gᵀc with the exact per-example gradients (factors). With
-      ``gram="global"`` each device all-gathers its sketched features (B·k' numbers per
-      sketched leaf) and the exact leaves' factors instead of all factors. For BERT-base
-      (12 layers, hidden 768, FFN 3072, 2 labels) at B = 32, T = 128 and k = 4096, where the
-      72 attention and FFN kernels are sketched (k' = 64·64 each), that is 32 · 714,628
-      numbers = 91.5 MB sent per device per step (the embedding tables' factors are 41% of
-      it), instead of the factors' 2.77 GB (32 · 21,653,380 numbers;
-      :func:`nearprox.factored_grads.encoder_gathered_numbers`), plus n·B² numbers of K̂'s
-      rows and the all-reduce of P numbers, as without a sketch.
+    max_update_norm: M > 0: α is reduced so that ‖αd‖ ≤ M. None: no bound.
+    sketch_dim: None or 0: the exact K. k ≥ 1: the share of K of every leaf whose exact
+      Gram costs more than a sketch is estimated from about k seeded random features
+      (:mod:`nearprox.sketch`); d is still formed from the exact per-example gradients.
 
   Returns:
     A transformation whose ``update(per_example_grads, state, params=None, *, mask=None,
     example_weights=None)`` takes the params pytree with a leading batch axis B on every leaf
-    (or the factored form from ``nearprox.per_example_grads(..., method="factored")``), an
-    optional 0/1 ``mask`` of shape [B] for padded examples and optional example weights
-    s ≥ 0 of shape [B] (all zero: a zero update), and returns the filtered gradient (params'
-    shapes). Its state's ``stats`` (:class:`nearprox.spectral_filter.FilterStats`) record
-    λ, the spectrum's trace and effective rank, the kept fraction and α.
+    (or the factored form of :func:`nearprox.per_example_grads`), an optional 0/1 ``mask``
+    [B] for padded examples and optional example weights s ≥ 0 [B], and returns d with the
+    params' shapes. All-zero weights give d = 0; a negative or non-finite unmasked weight
+    gives a non-finite d, as a non-finite gradient does. The state's ``stats``
+    (:class:`nearprox.spectral_filter.FilterStats`) record λ, trace(K), the effective rank,
+    the kept fraction and α.
 
   References:
     Wu, Yu, Zhang & Woodland, `An Improved Empirical Fisher Approximation for Natural
@@ -202,11 +300,8 @@ def scale_by_proximal(
     Curvature <https://arxiv.org/abs/1503.05671>`_, ICML 2015 (the quadratic-model
     step size).
 
-    Gupta, Koren & Singer, `Shampoo: Preconditioned Stochastic Tensor Optimization
-    <https://arxiv.org/abs/1802.09568>`_, ICML 2018, and Agarwal, Anil, Hazan, Koren &
-    Zhang, `Disentangling Adaptive Gradient Methods from Learning Rates
-    <https://arxiv.org/abs/2002.11803>`_, 2020 (grafting: one update's direction with
-    another's norm).
+    Agarwal, Anil, Hazan, Koren & Zhang, `Disentangling Adaptive Gradient Methods from
+    Learning Rates <https://arxiv.org/abs/2002.11803>`_, 2020 (grafting).
 
     Das, `Natural GaLore: Accelerating GaLore for memory-efficient LLM Training and
     Fine-tuning <https://arxiv.org/abs/2410.16029>`_, 2024 (a Woodbury natural-gradient
@@ -241,39 +336,51 @@ def scale_by_proximal(
     mask = _mask_for(mask, batch)
     weights = _weights_for(example_weights, batch)
     updates = spectral_filter.zero_masked_examples(updates, mask)
+    # Every leaf divided by a power of two near its largest entry (the same on every device
+    # for the global Gram): K̃ = 4^-e K neither overflows nor underflows.
+    rescaled = spectral_filter.rescale_leaves(updates, axis_name if gram == "global" else None)
     damping_now = damping(state.count) if callable(damping) else damping
     if sketch_dim is None:
-      parts, to_combine, gram_of = updates, updates, spectral_filter.gram_matrix
+      parts, to_combine = rescaled, rescaled
+      gram_of = lambda mine, other=None: spectral_filter.rescaled_gram(
+          mine.leaves, mine.exponents, None if other is None else other.leaves
+      )
     else:
       # The global Gram is that of the concatenated batch: its size decides what is sketched.
       gram_batch = batch * jax.lax.axis_size(axis_name) if gram == "global" else batch
-      parts = sketch.sketch_per_example(updates, state.count, sketch_dim, gram_batch)
-      to_combine, gram_of = parts.for_combine, sketch.estimated_gram
+      parts = sketch.sketch_per_example(rescaled, state.count, sketch_dim, gram_batch)
+      to_combine = rescaled._replace(
+          leaves=jax.tree.leaves(parts.for_combine, is_leaf=base.is_factor)
+      )
+      gram_of = sketch.estimated_gram
 
-    def solve(k, m, s):
-      """c and its statistics, with the step-size factor α folded into c."""
-      coeffs, stats = spectral_filter.filter_coefficients(
-          k, m, damping_now, filter, damping_mode, weights=s
-      )
-      alpha = spectral_filter.step_scale(
-          k, m, coeffs, stats.damping, step_size, step_size_damping, max_update_norm
-      )
-      return coeffs * alpha.astype(coeffs.dtype), stats._replace(step_scale=alpha)
+    solve = functools.partial(
+        _solve_rescaled,
+        exponent=rescaled.exponent,
+        damping=damping_now,
+        filter=filter,
+        damping_mode=damping_mode,
+        step_size=step_size,
+        step_size_damping=step_size_damping,
+        max_update_norm=max_update_norm,
+    )
 
     if axis_name is None:
-      coeffs, stats = solve(gram_of(parts), mask, weights)
-      filtered = spectral_filter.combine(to_combine, coeffs)
+      coeffs, shift, stats = solve(gram_of(parts), mask, weights)
+      filtered = spectral_filter.rescaled_combine(to_combine, coeffs, shift)
     elif gram == "local":
-      coeffs, stats = solve(gram_of(parts), mask, weights)
+      coeffs, shift, stats = solve(gram_of(parts), mask, weights)
       _, mass = spectral_filter.normalized_weights(mask, weights, coeffs.dtype)
       total = jax.lax.psum(mass, axis_name)
       share = jnp.where(total > 0, mass / jnp.where(total > 0, total, 1.0), 0.0)
-      filtered = jax.lax.psum(spectral_filter.combine(to_combine, coeffs * share), axis_name)
+      filtered = spectral_filter.rescaled_combine(to_combine, coeffs * share, shift)
+      filtered = jax.lax.psum(filtered, axis_name)
       # Devices' statistics differ; their mean keeps the state the same on every device.
       stats = jax.lax.pmean(stats, axis_name)
     else:
       if sketch_dim is None:
-        everyone = jax.lax.all_gather(updates, axis_name, tiled=True)
+        gathered = jax.lax.all_gather(rescaled.leaves, axis_name, tiled=True)
+        everyone = rescaled._replace(leaves=gathered)
       else:  # the sketched features and the exact leaves, not the factors of sketched ones
         gathered = jax.lax.all_gather((parts.features, parts.exact), axis_name, tiled=True)
         everyone = parts._replace(features=gathered[0], exact=gathered[1], for_combine=None)
@@ -283,10 +390,11 @@ def scale_by_proximal(
       global_weights = (
           None if weights is None else jax.lax.all_gather(weights, axis_name, tiled=True)
       )
-      global_coeffs, stats = solve(global_gram, global_mask, global_weights)
+      global_coeffs, shift, stats = solve(global_gram, global_mask, global_weights)
       start = jax.lax.axis_index(axis_name) * batch
       coeffs = jax.lax.dynamic_slice_in_dim(global_coeffs, start, batch)
-      filtered = jax.lax.psum(spectral_filter.combine(to_combine, coeffs), axis_name)
+      filtered = spectral_filter.rescaled_combine(to_combine, coeffs, shift)
+      filtered = jax.lax.psum(filtered, axis_name)
 
     stats = spectral_filter.FilterStats(*(jnp.asarray(s, jnp.float32) for s in stats))
     return filtered, ScaleByProximalState(optax.safe_increment(state.count), stats)
@@ -297,6 +405,7 @@ def scale_by_proximal(
 def proximal_sgd(
     learning_rate: optax.ScalarOrSchedule,
     damping: Damping,
+    *,
     filter: str = "tikhonov",
     momentum: float | None = None,
     nesterov: bool = False,
@@ -321,7 +430,8 @@ def scale_by_proximal_norm(damping: float) -> optax.GradientTransformation:
 
   This is the B = 1 case of the tikhonov filter, applied to the batch gradient itself when
   per-example gradients are not available; it composes anywhere in an optax chain. ‖g‖ is
-  the global norm over the whole pytree, computed in float32 or wider.
+  the global norm over the whole pytree, computed in float32 or wider relative to a power of
+  two near the largest entry (so ‖g‖² cannot overflow).
   """
   if callable(damping):
     raise ValueError(f"scale_by_proximal_norm takes a constant damping, got {damping!r}")
@@ -330,9 +440,17 @@ def scale_by_proximal_norm(damping: float) -> optax.GradientTransformation:
   def update_fn(updates, state, params=None):
     del params
     leaves = jax.tree.leaves(updates)
-    dtype = spectral_filter.compute_dtype(jnp.result_type(*leaves)) if leaves else jnp.float32
-    sq_norm = sum(jnp.sum(jnp.square(x.astype(dtype))) for x in leaves)
-    scale = sq_norm / (sq_norm + damping)
+    if not leaves:
+      return updates, state
+    dtype = base.compute_dtype(jnp.result_type(*leaves))
+    # ‖g‖² and λ in units of 4^e (exact powers of two), so that ‖g‖² cannot overflow.
+    rescaled = spectral_filter.rescale_leaves(leaves)
+    exponent = rescaled.exponent
+    sq_norm = sum(
+        base.times_power_of_two(jnp.sum(jnp.square(x.astype(dtype))), 2 * (e - exponent))
+        for x, e in zip(rescaled.leaves, rescaled.exponents)
+    )
+    scale = sq_norm / (sq_norm + base.times_power_of_two(damping, -2 * exponent).astype(dtype))
     return jax.tree.map(lambda x: (x.astype(dtype) * scale).astype(x.dtype), updates), state
 
   return optax.GradientTransformation(lambda params: optax.EmptyState(), update_fn)

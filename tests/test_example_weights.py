@@ -97,6 +97,8 @@ def test_filter_coefficients_with_weights():
   np.testing.assert_allclose(coeffs, want, rtol=1e-4, atol=1e-7)
   with pytest.raises(ValueError, match=r"example weights must have shape \(8,\)"):
     nearprox.filter_coefficients(K, jnp.asarray(MASK), 0.5, weights=jnp.ones(7))
+  negative, _ = nearprox.filter_coefficients(K, jnp.asarray(MASK), 0.5, weights=-WEIGHTS)
+  assert np.isnan(negative).all()
 
 
 @pytest.mark.parametrize("filter", ["tikhonov", "natural"])
@@ -121,6 +123,37 @@ def test_all_zero_weights_give_a_zero_update(step_size, weights):
   d, state = filtered(g, 0.1, jnp.asarray(MASK), jnp.asarray(weights), step_size=step_size)
   assert np.all(flat(d) == 0)
   assert all(np.isfinite(np.asarray(s)) for s in state.stats)
+
+
+@pytest.mark.parametrize("step_size", ["none", "graft", "quadratic"])
+@pytest.mark.parametrize("bad", [-1.0, -1e-30, np.nan, np.inf, -np.inf])
+def test_negative_or_nonfinite_weights_give_a_nonfinite_update(step_size, bad):
+  """A lost step must not pass for a zero update: an unmasked weight that is negative or not
+  finite makes every entry NaN, as a non-finite gradient does (optax.apply_if_finite after
+  the filter skips it); on a masked example it is ignored."""
+  g = random_per_example(8, seed=13)
+  mask = jnp.asarray(MASK)
+  d, state = filtered(g, 0.1, mask, jnp.asarray(WEIGHTS).at[1].set(bad), step_size=step_size)
+  assert np.isnan(flat(d)).all()
+  assert np.isnan(state.stats.kept_fraction)
+  d, _ = filtered(g, 0.1, mask, jnp.asarray(WEIGHTS).at[2].set(bad), step_size=step_size)
+  assert np.isfinite(flat(d)).all() and np.abs(flat(d)).max() > 0
+  # Weights whose sum is 0 only through a negative one are not "all zero".
+  d, _ = filtered(g, 0.1, example_weights=jnp.zeros(8).at[0].set(1.0).at[5].set(-1.0))
+  assert np.isnan(flat(d)).all()
+
+
+@pytest.mark.parametrize("gram", ["local", "global"])
+def test_a_bad_weight_on_one_device_makes_every_device_update_nonfinite(gram):
+  n = jax.device_count()
+  g = random_per_example(2 * n, seed=14)
+  weights = jnp.ones(2 * n).at[5].set(-1.0)  # device 2
+  tx = nearprox.scale_by_proximal(0.1, axis_name="batch", gram=gram)
+  split = lambda x: x.reshape((n, 2) + x.shape[1:])
+  d = jax.pmap(lambda g, s: tx.update(g, tx.init(None), example_weights=s)[0], axis_name="batch")(
+      jax.tree.map(split, g), split(weights)
+  )
+  assert np.isnan(flat(d)).all()
 
 
 def test_bad_example_weights_name_the_argument():

@@ -11,8 +11,9 @@ import optax
 import pytest
 
 import nearprox
-from nearprox import factored_grads, layer_factors, spectral_filter
+from nearprox import base, factored_grads, layer_factors, spectral_filter
 from nearprox.text import models
+from tests.encoder_numbers import encoder_gathered_numbers
 
 DAMPING = 1e-2
 
@@ -63,7 +64,7 @@ def filtered_jit(per_example, params, mask=None, filter="tikhonov"):
 
 def leaf_types(per_example):
   return jax.tree.leaves(
-      jax.tree.map(lambda x: type(x).__name__, per_example, is_leaf=spectral_filter.is_factor)
+      jax.tree.map(lambda x: type(x).__name__, per_example, is_leaf=base.is_factor)
   )
 
 
@@ -186,6 +187,18 @@ def test_masked_rows_with_nan_do_not_leak(token_case):
   )
   mask = jnp.array([1, 0, 1, 1, 1, 1])
   assert_trees_close(filtered_jit(poisoned, params, mask), filtered_jit(grads_v, params, mask))
+
+
+@pytest.mark.parametrize("filter", ["tikhonov", "natural"])
+def test_update_is_invariant_to_the_scale_of_the_loss(filter):
+  """A loss scaled by s scales every cotangent (and so the factors' δ and the materialized
+  leaves) by s; with relative damping d/s is unchanged, far beyond float32's range for K."""
+  loss_fn, params, args = token_problem(TokenModel())
+  want = filtered_jit(value_and_grads(loss_fn, params, args)[1], params, filter=filter)
+  for scale in (1e-30, 1e30):
+    scaled_loss = lambda p, *a: scale * loss_fn(p, *a)
+    got = filtered_jit(value_and_grads(scaled_loss, params, args)[1], params, filter=filter)
+    assert_trees_close(jax.tree.map(lambda x: np.asarray(x, np.float64) / scale, got), want)
 
 
 def test_dropout_matches_full_batch_jacobian():
@@ -377,11 +390,12 @@ def test_global_bytes_formula_matches_shapes():
     return model.apply({"params": p}, ids).logits[:, 0]
 
   measured = factored_grads.gathered_bytes_per_device(loss_fn, params, ids)
-  numbers = factored_grads.encoder_gathered_numbers(
+  numbers = encoder_gathered_numbers(
       config.num_hidden_layers, config.hidden_size, config.intermediate_size, 8, 2
   )
   assert measured == 4 * 4 * numbers
-  assert factored_grads.encoder_gathered_numbers(12, 768, 3072, 128, 2) * 4 * 32 == 2_771_632_640
+  # docs/method.md §2.8's figure: BERT-base, B = 32, T = 128.
+  assert encoder_gathered_numbers(12, 768, 3072, 128, 2) * 4 * 32 == 2_771_632_640
 
 
 def test_bad_inputs_raise():

@@ -3,6 +3,7 @@
 import json
 import logging
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -370,6 +371,26 @@ def test_non_bert_or_incomplete_directories_are_rejected(tiny_hf, tmp_path):
     models.load_pretrained("nearprox-test/not-cached", cache_dir=tmp_path / "cache")
   with pytest.raises(ValueError, match="num_labels"):
     models.load_pretrained(src, num_labels=0)
+
+
+@pytest.mark.parametrize(
+    "content", [b'{"model_type": "bert",', b"[1, 2]", b"\xff\xfe not utf-8", b""]
+)
+def test_corrupt_json_files_name_their_path(tmp_path, content):
+  config_file = tmp_path / "config.json"
+  config_file.write_bytes(content)
+  for load in (models.load_pretrained, models.load_config):
+    with pytest.raises(ValueError, match=re.escape(str(config_file))):
+      load(tmp_path)
+  with pytest.raises(ValueError, match=re.escape(str(config_file))):
+    models.BertConfig.from_json_file(config_file)
+  index = tmp_path / "model.safetensors.index.json"
+  index.write_bytes(content)
+  with pytest.raises(ValueError, match=re.escape(str(index))):
+    models.read_state_dict(tmp_path)
+  index.write_text(json.dumps({"metadata": {}}))
+  with pytest.raises(ValueError, match="weight_map"):
+    models.read_state_dict(tmp_path)
 
 
 def test_missing_mismatched_and_unexpected_weights_are_reported(tiny_hf, tmp_path, caplog):

@@ -13,6 +13,7 @@ import pytest
 import nearprox
 from nearprox import factored_grads, layer_factors, sketch
 from nearprox.text import models
+from tests.encoder_numbers import encoder_gathered_numbers
 
 DAMPING = 0.1
 
@@ -405,6 +406,25 @@ def test_local_sketched_gram_under_pmap_runs_and_matches_per_device_filters():
   assert_same_update(flat(jax.tree.map(lambda x: x[0], combined)), want)
 
 
+@pytest.mark.parametrize("filter", ["tikhonov", "natural"])
+def test_sketched_update_is_invariant_to_the_scale_of_the_loss(filter):
+  """A loss scaled by s scales the factors' cotangents, hence the sketched features and the
+  exact leaves, by s; with relative damping d/s is unchanged, far beyond float32's range for
+  K̂."""
+  loss_fn, params, args = wide_problem()
+  count = jnp.asarray(3, jnp.int32)
+  grads = factored(params, *args)
+  assert sketch.sketched_leaves(grads, 16)["['Dense_1']['kernel']"]
+  want = flat(filtered(grads, count, sketch_dim=16, filter=filter)[0])
+  for scale in (1e-30, 1e30):
+    scaled_loss = lambda p, *a: scale * loss_fn(p, *a)
+    scaled = jax.jit(lambda p, *a: factored_grads.factored_value_and_grads(scaled_loss, p, *a)[1])(
+        params, *args
+    )
+    got = flat(filtered(scaled, count, sketch_dim=16, filter=filter)[0])
+    assert_same_update(got / scale, want)
+
+
 # ----------------------------------------------------------------------------- communication, exact path
 
 
@@ -423,41 +443,58 @@ def test_global_sketch_communication_formula_matches_shapes():
   )
   features = sketch.side_dims(64, 64, sketch_dim)
   assert sketch.side_dims(64, 128, sketch_dim) == features == (16, 16)
-  numbers = factored_grads.encoder_gathered_numbers(
+  numbers = encoder_gathered_numbers(
       config.num_hidden_layers, 64, 128, 16, 2, sketch_features=features[0] * features[1]
   )
   assert measured == 4 * 4 * numbers
   assert measured < factored_grads.gathered_bytes_per_device(loss_fn, params, ids)
-  # The figure in scale_by_proximal's docstring: BERT-base, B = 32, T = 128, k = 4096.
-  bert_base = factored_grads.encoder_gathered_numbers(12, 768, 3072, 128, 2, sketch_features=4096)
+  # docs/method.md §2.9's figure: BERT-base, B = 32, T = 128, k = 4096.
+  bert_base = encoder_gathered_numbers(12, 768, 3072, 128, 2, sketch_features=4096)
   assert bert_base == 714_628 and 4 * 32 * bert_base == 91_472_384
   assert sketch.side_dims(768, 768, 4096) == sketch.side_dims(768, 3072, 4096) == (64, 64)
 
 
 @pytest.mark.parametrize("d_in,d_out", [(12, 10), (10, 12)])  # a long input side swaps roles
-def test_blocked_materializing_gram_equals_the_plain_one(monkeypatch, d_in, d_out):
+def test_blocked_materializing_gram_equals_the_plain_one(d_in, d_out):
   leaf = random_factor(batch=5, length=7, d_in=d_in, d_out=d_out)
   other = random_factor(batch=3, length=7, d_in=d_in, d_out=d_out, seed=4)
   leaf = dataclasses.replace(leaf, gram_method="materialize")
   plain_self, plain_cross = leaf.gram(leaf), leaf.gram(other)
   tol = 1e-6 * float(jnp.abs(plain_self).max())  # float32 sums in another order
-  monkeypatch.setattr(layer_factors, "GRAM_BLOCK_NUMBERS", 5 * 10 * 3)
-  monkeypatch.setattr(layer_factors, "GRAM_BLOCKED_ABOVE", 0)
   # Blocks of 150 // (5 · 10) = 3 of the 12 columns of the long side: 4 blocks.
-  assert layer_factors._gram_blocks(5, d_in, d_out) == 4
-  with monkeypatch.context() as gpu:  # other backends form G whole
-    gpu.setattr(jax, "default_backend", lambda: "gpu")
-    assert layer_factors._gram_blocks(5, d_in, d_out) == 1
-  np.testing.assert_allclose(leaf.gram(leaf), plain_self, rtol=1e-5, atol=tol)
-  np.testing.assert_allclose(leaf.gram(other), plain_cross, rtol=1e-5, atol=tol)
-  monkeypatch.setattr(layer_factors, "GRAM_BLOCK_NUMBERS", 5 * 10 * 5)  # 3 blocks, 3 padded
-  assert layer_factors._gram_blocks(5, d_in, d_out) == 3
-  np.testing.assert_allclose(leaf.gram(leaf), plain_self, rtol=1e-5, atol=tol)
-  np.testing.assert_allclose(leaf.gram(other), plain_cross, rtol=1e-5, atol=tol)
-  assert "scan" in str(jax.make_jaxpr(lambda f: f.gram(f))(leaf))
+  blocking = layer_factors.GramBlocking(block_numbers=5 * 10 * 3, blocked_above=0)
+  assert layer_factors._gram_blocks(5, d_in, d_out, blocking) == 4
+  # Only on the listed backends; and never below blocked_above numbers or without blocks.
+  assert layer_factors._gram_blocks(5, d_in, d_out, blocking._replace(backends=())) == 1
+  assert layer_factors._gram_blocks(5, d_in, d_out, blocking._replace(blocked_above=600)) == 1
+  assert layer_factors._gram_blocks(5, d_in, d_out, blocking._replace(block_numbers=0)) == 1
+  blocked = dataclasses.replace(leaf, gram_blocking=blocking)
+  np.testing.assert_allclose(blocked.gram(blocked), plain_self, rtol=1e-5, atol=tol)
+  np.testing.assert_allclose(blocked.gram(other), plain_cross, rtol=1e-5, atol=tol)
+  blocking = blocking._replace(block_numbers=5 * 10 * 5)  # 3 blocks, 3 padded columns
+  assert layer_factors._gram_blocks(5, d_in, d_out, blocking) == 3
+  blocked = dataclasses.replace(leaf, gram_blocking=blocking)
+  np.testing.assert_allclose(blocked.gram(blocked), plain_self, rtol=1e-5, atol=tol)
+  np.testing.assert_allclose(blocked.gram(other), plain_cross, rtol=1e-5, atol=tol)
+  assert "scan" in str(jax.make_jaxpr(lambda f: f.gram(f))(blocked))
+  assert "scan" not in str(jax.make_jaxpr(lambda f: f.gram(f))(leaf))  # default: 600 ≤ 2²³
   # The kept-G combine shares the unblocked G with the Gram, so it is not blocked.
-  kept = dataclasses.replace(leaf, combine_method="materialized")
+  kept = dataclasses.replace(blocked, combine_method="materialized")
   assert "scan" not in str(jax.make_jaxpr(lambda f: f.gram(f))(kept))
+
+
+def test_gram_blocking_reaches_every_dense_factor():
+  loss_fn, params, args = wide_problem(batch=4)
+  whole = layer_factors.GramBlocking(block_numbers=0)
+  grads = nearprox.per_example_grads(loss_fn, params, *args, gram_blocking=whole)
+  kernels = [
+      leaf
+      for leaf in jax.tree.leaves(grads, is_leaf=nearprox.base.is_factor)
+      if isinstance(leaf, layer_factors.DenseFactor)
+  ]
+  assert len(kernels) == 3 and all(leaf.gram_blocking == whole for leaf in kernels)
+  default = factored_grads.factored_value_and_grads(loss_fn, params, *args)[1]
+  assert default["Dense_0"]["kernel"].gram_blocking == layer_factors.GramBlocking()
 
 
 def test_training_config_reaches_the_transform():

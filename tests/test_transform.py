@@ -231,6 +231,83 @@ def test_nonfinite_gradient_is_skipped_by_apply_if_finite():
   assert np.isfinite(flat(updates)).all() and np.abs(flat(updates)).max() > 0
 
 
+# ---------------------------------------------------------------- scale of the gradients
+
+SCALES = [1e-30, 1e-20, 1e-10, 1e10, 1e20, 1e30]  # K = G Gᵀ spans 1e-60 … 1e60
+
+
+def eigen_reference(per_example, damping, filter, damping_mode, step_size="none"):
+  """α·Gᵀf(K)w in float64 through K's eigendecomposition (no cancellation at any scale)."""
+  G = flat_rows(per_example)
+  n = G.shape[0]
+  K = G @ G.T
+  w = np.full(n, 1.0 / n)
+  lam = damping * np.trace(K) / n if damping_mode == "relative" else damping
+  sigma, U = np.linalg.eigh(K)
+  sigma = np.maximum(sigma, 0.0)
+  response = sigma / (sigma + lam) if filter == "tikhonov" else lam / (sigma + lam)
+  d = G.T @ (U @ (response * (U.T @ w)))
+  g = G.T @ w
+  if step_size == "graft":
+    return d * np.linalg.norm(g) / np.linalg.norm(d)
+  if step_size == "quadratic":
+    return d * max(g @ d, 0.0) / ((G @ d) @ (G @ d) / n + lam / n * (d @ d))
+  return d
+
+
+@pytest.mark.parametrize("step_size", ["none", "graft", "quadratic"])
+@pytest.mark.parametrize("filter", ["tikhonov", "natural"])
+def test_relative_damping_update_is_invariant_to_the_scale_of_the_gradients(filter, step_size):
+  """d(s·G) = s^p·d(G), p = −1 for the quadratic step (α ∝ 1/K) and 1 otherwise, far beyond
+  the float32 range of K: it is formed from G divided by a power of two."""
+  g = random_per_example(8, seed=21)
+  tx = nearprox.scale_by_proximal(0.1, filter=filter, damping_mode="relative", step_size=step_size)
+  update = jax.jit(lambda g: tx.update(g, tx.init(None)))
+  want, state = update(g)
+  power = -1 if step_size == "quadratic" else 1
+  for scale in SCALES:
+    d, scaled_state = update(jax.tree.map(lambda x: x * scale, g))
+    np.testing.assert_allclose(
+        flat(d) / scale**power, flat(want), rtol=1e-5, atol=1e-5 * np.abs(flat(want)).max()
+    )
+    np.testing.assert_allclose(scaled_state.stats.kept_fraction, state.stats.kept_fraction, 1e-5)
+  # A power of two changes only exponents: the same bits.
+  d, _ = update(jax.tree.map(lambda x: x * 2.0**90, g))
+  np.testing.assert_array_equal(flat(d), flat(want) * 2.0 ** (90 * power))
+
+
+@pytest.mark.parametrize("step_size", ["none", "graft", "quadratic"])
+@pytest.mark.parametrize("filter", ["tikhonov", "natural"])
+def test_absolute_damping_follows_the_float64_reference_at_every_scale(filter, step_size):
+  """An absolute λ is in the units of K, so scaling G by s is scaling λ by 1/s² (not
+  invariant): at large s the filter approaches its λ → 0 limit, at small s its λ → ∞ limit.
+  The update stays what float32 can hold of the exact one: never NaN, and 0 only where the
+  exact update is below float32's range (tikhonov, d ∝ s³/λ at s ≤ 1e-20)."""
+  g = random_per_example(8, seed=22)
+  tx = nearprox.scale_by_proximal(1.0, filter=filter, step_size=step_size)
+  update = jax.jit(lambda g: tx.update(g, tx.init(None))[0])
+  for scale in SCALES:
+    scaled = jax.tree.map(lambda x: x * scale, g)
+    d = flat(update(scaled))
+    want = eigen_reference(scaled, 1.0, filter, "absolute", step_size)
+    assert np.isfinite(d).all(), scale
+    tiny = float(jnp.finfo(jnp.float32).tiny)
+    np.testing.assert_allclose(d, want, rtol=1e-4, atol=1e-4 * np.abs(want).max() + tiny)
+    assert np.abs(d).max() > 0 or np.abs(want).max() < tiny, scale
+
+
+def test_scale_by_proximal_norm_does_not_overflow():
+  g = {"a": jnp.asarray(np.random.default_rng(23).normal(size=(3, 4)), jnp.float32)}
+  tx = nearprox.scale_by_proximal_norm(1.0)
+  for scale in SCALES:
+    gs = jax.tree.map(lambda x: x * scale, g)
+    updates, _ = tx.update(gs, tx.init(gs))
+    x = flat(gs)
+    want = x * (x @ x) / (x @ x + 1.0)
+    tiny = float(jnp.finfo(jnp.float32).tiny)
+    np.testing.assert_allclose(flat(updates), want, rtol=1e-5, atol=tiny)
+
+
 # ---------------------------------------------------------------- several devices
 
 
@@ -289,6 +366,19 @@ def test_pmap_and_shard_map(gram, filter):
   np.testing.assert_allclose(flat(d_shard), want, rtol=1e-4, atol=1e-6)
 
 
+def test_global_gram_rescales_every_device_by_the_same_power_of_two():
+  n = jax.device_count()
+  g = random_per_example(2 * n, seed=24)
+  g = jax.tree.map(lambda x: x.at[6:8].multiply(2.0**60), g)  # device 3's examples
+  tx = nearprox.scale_by_proximal(0.2, damping_mode="relative", axis_name="batch", gram="global")
+  d = jax.pmap(lambda g: tx.update(g, tx.init(None))[0], axis_name="batch")(_device_split(g, n))
+  want = flat(filtered(g, 0.2, damping_mode="relative")[0])
+  for i in range(n):
+    np.testing.assert_allclose(
+        flat(jax.tree.map(lambda x: x[i], d)), want, rtol=1e-4, atol=1e-6 * np.abs(want).max()
+    )
+
+
 # ---------------------------------------------------------------- bad input
 
 
@@ -309,6 +399,14 @@ def test_pmap_and_shard_map(gram, filter):
 def test_bad_construction_arguments(kwargs, match):
   with pytest.raises(ValueError, match=match):
     nearprox.scale_by_proximal(**kwargs)
+
+
+def test_options_are_keyword_only():
+  with pytest.raises(TypeError):
+    nearprox.scale_by_proximal(1.0, "natural")
+  with pytest.raises(TypeError):
+    nearprox.proximal_sgd(0.1, 1.0, "natural")
+  nearprox.proximal_sgd(0.1, 1.0, filter="natural", momentum=0.9)
 
 
 def test_bad_construction_arguments_of_the_other_transforms():

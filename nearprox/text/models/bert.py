@@ -112,12 +112,23 @@ class BertConfig:
 
   @classmethod
   def from_json_file(cls, path) -> BertConfig:
-    with open(path, encoding="utf-8") as f:
-      return cls.from_dict(json.load(f))
+    return cls.from_dict(read_json_object(path))
 
   def to_dict(self) -> dict[str, Any]:
     """The HF ``config.json`` fields (``model_type="bert"`` included)."""
     return {"model_type": "bert", **dataclasses.asdict(self)}
+
+
+def read_json_object(path) -> dict[str, Any]:
+  """The JSON object in the file ``path``; ValueError naming the file when it holds none."""
+  try:
+    with open(path, encoding="utf-8") as f:
+      value = json.load(f)
+  except (json.JSONDecodeError, UnicodeDecodeError) as error:
+    raise ValueError(f"{path} is not valid JSON: {error}") from error
+  if not isinstance(value, dict):
+    raise ValueError(f"{path} must hold a JSON object, got a {type(value).__name__}")
+  return value
 
 
 @flax.struct.dataclass

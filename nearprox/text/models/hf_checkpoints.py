@@ -44,6 +44,7 @@ from nearprox.text.models.bert import (
     BertForSequenceClassification,
     BertModel,
     init_params,
+    read_json_object,
 )
 
 logger = logging.getLogger(__name__)
@@ -224,12 +225,12 @@ def resolve_checkpoint_dir(
 
 
 def load_config(ckpt_dir: str | os.PathLike) -> BertConfig:
-  """Reads ``config.json``; ValueError unless it describes a BERT model."""
+  """Reads ``config.json``; ValueError naming the file unless it is a JSON object describing
+  a BERT model."""
   config_file = Path(ckpt_dir) / CONFIG_FILE
   if not config_file.is_file():
     raise FileNotFoundError(f"{ckpt_dir} is not a Hugging Face checkpoint: no {CONFIG_FILE}")
-  with open(config_file, encoding="utf-8") as f:
-    raw = json.load(f)
+  raw = read_json_object(config_file)
   model_type = raw.get("model_type")
   if model_type not in BERT_MODEL_TYPES:
     raise ValueError(
@@ -282,8 +283,10 @@ def read_state_dict(ckpt_dir: str | os.PathLike) -> dict[str, np.ndarray]:
   if (ckpt_dir / SAFETENSORS_FILE).is_file():
     return _read_safetensors(ckpt_dir / SAFETENSORS_FILE)
   if (ckpt_dir / SAFETENSORS_INDEX_FILE).is_file():
-    with open(ckpt_dir / SAFETENSORS_INDEX_FILE, encoding="utf-8") as f:
-      shards = sorted(set(json.load(f)["weight_map"].values()))
+    index = read_json_object(ckpt_dir / SAFETENSORS_INDEX_FILE)
+    if not isinstance(index.get("weight_map"), Mapping):
+      raise ValueError(f"{ckpt_dir / SAFETENSORS_INDEX_FILE} has no weight_map object")
+    shards = sorted(set(index["weight_map"].values()))
     return {k: v for shard in shards for k, v in _read_safetensors(ckpt_dir / shard).items()}
   if (ckpt_dir / PYTORCH_FILE).is_file():
     return _read_pytorch_bin(ckpt_dir / PYTORCH_FILE)
