@@ -108,14 +108,16 @@ def runtime_env(devices: int) -> dict:
       p for p in (str(run_process.REPO), os.environ.get("PYTHONPATH")) if p
   )
   env[run_process.COMMIT_ENV] = run_process.git_commit()
+  # The run's own host device count, whatever the driver's environment forces.
+  flags = [
+      f
+      for f in os.environ.get("XLA_FLAGS", "").split()
+      if not f.startswith("--xla_force_host_platform_device_count")
+  ]
   if devices > 1:
-    flags = [
-        f
-        for f in os.environ.get("XLA_FLAGS", "").split()
-        if not f.startswith("--xla_force_host_platform_device_count")
-    ]
-    env["XLA_FLAGS"] = " ".join([*flags, f"--xla_force_host_platform_device_count={devices}"])
+    flags.append(f"--xla_force_host_platform_device_count={devices}")
     env["JAX_PLATFORMS"] = "cpu"  # the multi-device study is about host devices
+  env["XLA_FLAGS"] = " ".join(flags)
   return {"env_vars": env}
 
 

@@ -47,6 +47,21 @@ VARIANTS: dict[str, dict[str, Any]] = {
         "optimizer.weighting": "ief",
     },
     "proximal_norm": {"optimizer.name": "proximal_norm_sgd"},
+    # Wu et al.'s eq. 8 / Algorithm 1 step Gᵀ(K+λI)⁻¹s (docs/method.md §1.4): a variant of its
+    # own, outside the pools the aliases choose from, so no earlier choice changes.
+    "proximal_ief_eq8": {
+        "optimizer.name": "proximal_sgd",
+        "optimizer.filter": "natural",
+        "optimizer.weighting": "ief",
+        "optimizer.weight_normalization": "damping",
+    },
+    # The peers (nearprox.training.optimizers.PEERS), tuned like AdamW on their own grids.
+    "muon": {"optimizer.name": "muon"},
+    "schedule_free_adamw": {"optimizer.name": "schedule_free_adamw"},
+    # Lion's rates sit ~5× below AdamW's; its decoupled decay 5× above keeps lr·λ (Chen et al.
+    # 2023: λ 3-10× AdamW's).
+    "lion": {"optimizer.name": "lion", "optimizer.weight_decay": 0.05},
+    "psgd_kron": {"optimizer.name": "psgd_kron"},
 }
 FILTERS = ("proximal_tikhonov", "proximal_ef", "proximal_ief")  # candidates for best_filter
 # Second stage: the best filter with these overrides on top.
@@ -63,6 +78,11 @@ DISPLAY = {
     "proximal_ef": "proximal SGD, EF (natural, uniform weights)",
     "proximal_ief": "proximal SGD, iEF (natural, iEF weights)",
     "proximal_norm": "rank-one proximal (‖g‖²/(‖g‖²+λ))",
+    "proximal_ief_eq8": "proximal SGD, iEF, Wu et al.'s scale (eq. 8)",
+    "muon": "Muon (Adam on embeddings, head, biases, LayerNorm)",
+    "schedule_free_adamw": "schedule-free AdamW",
+    "lion": "Lion",
+    "psgd_kron": "PSGD Kron",
     "proximal_graft": "{base}, grafted step size",
     "proximal_adamw": "{base} → AdamW",
     "majority": "majority class (no training)",
@@ -135,7 +155,7 @@ class Group(NamedTuple):
   def describe(self) -> dict:
     """The columns naming the group in a table row."""
     optimizer = self.results[0]["config"]["optimizer"]
-    damping = optimizer["damping"] if self.variant in PROXIMAL else None
+    damping = optimizer["damping"] if self.variant.startswith("proximal") else None
     return {
         "optimizer": optimizer["name"],
         "variant": self.label,

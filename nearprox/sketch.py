@@ -24,7 +24,10 @@ Gram (for a dense kernel, counting the combine of either path too; :func:`dense_
 :func:`array_sketch_cost`), a static choice like the ghost/materialize switch. Biases, norms
 and embedding tables always keep their exact Gram, and so do small layers (a pooler or
 classifier applied once per example) unless k is small. Only the coefficients c are
-estimated: the filtered gradient is still formed from the exact factors (Aᵀ(c∘Δ)).
+estimated: the filtered gradient is still formed from the exact factors (Aᵀ(c∘Δ)). K̂ is
+unbiased, but ĉ = f(K̂)w and d̂ = Gᵀĉ are not (f is nonlinear); ‖d̂‖ is estimated as
+√(ĉᵀK̂ĉ), so ``max_update_norm`` bounds an estimate, and the step-size rules and the logged
+statistics are computed from K̂ too (docs/method.md §2.9).
 
 Seeds: the matrices of leaf number ``index`` (in the pytree's flattening order) at step
 ``count`` come from ``fold_in(fold_in(key(SKETCH_SEED), count), index)``: fresh every step,

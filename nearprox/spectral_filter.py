@@ -27,6 +27,12 @@ and the filtered gradient is d = Gᵀ c. ``c_tikhonov + c_natural = w``, so the 
 gradients add up to the weighted mean gradient Gᵀ w (the plain mean g = Gᵀ u, u = m / Σm,
 without weights).
 
+That normalization of the right-hand side is ``weight_normalization="sum"``. The natural
+filter also takes ``"damping"``, w = m∘s / λ, for which c = (K + λI)⁻¹ (m∘s): the unnormalized
+step of Wu et al. (2024, eq. 8 and Algorithm 1; eq. 5, the EF step, without weights). The
+two differ by the scalar λ / Σ m∘s (:attr:`FilterStats.normalization_ratio`):
+c_sum = (λ / Σ m∘s) · c_damping (docs/method.md §1.4).
+
 Everything a step-size rule needs is a quadratic form in K (:func:`step_scale`), so no
 extra pass over the model is needed: ‖g‖² = uᵀKu, ‖d‖² = cᵀKc, gᵀd = uᵀKc and, with the
 empirical Fisher F = GᵀG / B_eff (B_eff unmasked examples), dᵀFd = cᵀK²c / B_eff.
@@ -46,6 +52,9 @@ from nearprox.base import compute_dtype, is_factor
 FILTERS = ("tikhonov", "natural")
 DAMPING_MODES = ("absolute", "relative")
 STEP_SIZES = ("none", "graft", "quadratic")
+# How the right-hand side m∘s is normalized: by its sum (a weighted mean) or by the damping λ
+# (Wu et al.'s eq. 8 step; natural filter only).
+WEIGHT_NORMALIZATIONS = ("sum", "damping")
 
 _HIGHEST = jax.lax.Precision.HIGHEST
 
@@ -197,9 +206,17 @@ class FilterStats(NamedTuple):
     effective_rank: participation ratio (Σσ)²/Σσ² of K's spectrum, in [1, B_eff].
     kept_fraction: ‖d‖² / ‖g‖² = cᵀKc / uᵀKu before any step-size scaling, with g = Gᵀu the
       plain masked mean gradient: how much of the mean gradient's squared norm the filter
-      kept. In [0, 1] without example weights; weights can make it larger.
+      kept. In [0, 1] without example weights and with the "sum" normalization;
+      weights, or the "damping" normalization, can make it larger.
     step_scale: the factor α that the step-size rule and the norm clip applied to d (see
       :func:`step_scale`); 1 when neither is set.
+    normalization_ratio: λ / Σ m∘s (λ after the relative scaling; Σ m∘s = B_eff without
+      weights): the scalar between the two weight normalizations, c_sum = ratio · c_damping.
+      For the natural filter, the ``"sum"`` step is this ratio times Wu et al.'s eq. 8 step
+      Gᵀ(K+λI)⁻¹(m∘s). With relative damping it is damping · trace(K) / (B_eff · Σ m∘s), a
+      per-batch ratio of the mean squared gradient norm to the mean weight. NaN for an
+      unmasked weight that is negative or not finite; 0 for all-zero weights (both steps
+      are 0).
   """
 
   damping: jax.Array
@@ -207,6 +224,7 @@ class FilterStats(NamedTuple):
   effective_rank: jax.Array
   kept_fraction: jax.Array
   step_scale: jax.Array
+  normalization_ratio: jax.Array
 
 
 def _masked_gram(gram: jax.Array, keep: jax.Array) -> jax.Array:
@@ -215,29 +233,58 @@ def _masked_gram(gram: jax.Array, keep: jax.Array) -> jax.Array:
   return jnp.where(pair_kept, 0.5 * (gram + gram.T), 0.0)
 
 
-def normalized_weights(mask: jax.Array, weights: jax.Array | None = None, dtype=jnp.float32):
-  """(w, mass): w = m∘s / Σ m∘s and mass = Σ m∘s, with m = [mask > 0] and s = ``weights``.
+def masked_weights(mask: jax.Array, weights: jax.Array | None = None, dtype=jnp.float32):
+  """m∘s with m = [mask > 0] and s = ``weights`` (s = 1 without weights).
 
-  Without weights s = 1, so w = m / Σm and the mass is the number of unmasked examples.
-  Masked entries of s are ignored (NaN included); a zero mass gives w = 0, not NaN. An
-  unmasked weight that is negative or not finite makes w and the mass NaN, so that the
-  update is non-finite (as with a non-finite gradient) rather than silently zero.
+  Masked entries of s are ignored (NaN included). An unmasked weight that is negative or not
+  finite makes every entry NaN, so that the update is non-finite (as with a non-finite
+  gradient) rather than silently wrong.
   """
   keep = (mask > 0).astype(dtype)
   if weights is None:
-    scaled = keep
-  else:
-    weights = jnp.asarray(weights)
-    if weights.shape != mask.shape:
-      raise ValueError(
-          f"example weights must have shape {mask.shape} (one per example), got {weights.shape}"
-      )
-    weights = weights.astype(dtype)
-    valid = jnp.all((keep == 0) | (jnp.isfinite(weights) & (weights >= 0)))
-    scaled = jnp.where(keep > 0, jnp.where(valid, weights, jnp.nan), 0.0)
+    return keep
+  weights = jnp.asarray(weights)
+  if weights.shape != mask.shape:
+    raise ValueError(
+        f"example weights must have shape {mask.shape} (one per example), got {weights.shape}"
+    )
+  weights = weights.astype(dtype)
+  valid = jnp.all((keep == 0) | (jnp.isfinite(weights) & (weights >= 0)))
+  return jnp.where(keep > 0, jnp.where(valid, weights, jnp.nan), 0.0)
+
+
+def normalized_weights(mask: jax.Array, weights: jax.Array | None = None, dtype=jnp.float32):
+  """(w, mass): w = m∘s / Σ m∘s and mass = Σ m∘s, with m∘s from :func:`masked_weights`.
+
+  Without weights s = 1, so w = m / Σm and the mass is the number of unmasked examples.
+  A zero mass gives w = 0, not NaN; an invalid weight makes w and the mass NaN.
+  """
+  scaled = masked_weights(mask, weights, dtype)
   mass = jnp.sum(scaled)
   normalized = jnp.where(mass > 0, scaled / jnp.where(mass > 0, mass, 1.0), 0.0)
   return jnp.where(jnp.isnan(mass), jnp.nan, normalized), mass
+
+
+def normalization_ratio(damping: jax.Array, mass: jax.Array) -> jax.Array:
+  """λ / Σ m∘s (:attr:`FilterStats.normalization_ratio`): 0 for a zero mass, NaN for a NaN one."""
+  ratio = jnp.where(mass > 0, damping / jnp.where(mass > 0, mass, 1.0), 0.0)
+  return jnp.where(jnp.isnan(mass), jnp.nan, ratio)
+
+
+def check_weight_normalization(weight_normalization: str, filter: str) -> None:
+  """ValueError unless ``weight_normalization`` is one of :data:`WEIGHT_NORMALIZATIONS` and,
+  for ``"damping"``, the filter is ``"natural"``."""
+  if weight_normalization not in WEIGHT_NORMALIZATIONS:
+    raise ValueError(
+        f"weight_normalization must be one of {WEIGHT_NORMALIZATIONS}, got "
+        f"{weight_normalization!r}"
+    )
+  if weight_normalization == "damping" and filter != "natural":
+    raise ValueError(
+        'weight_normalization="damping" (the unnormalized step Gᵀ(K+λI)⁻¹(m∘s) of Wu et al., '
+        f'eq. 8) needs filter="natural", got filter={filter!r}: K(K+λI)⁻¹/λ has no limit as '
+        "λ → 0"
+    )
 
 
 def filter_coefficients(
@@ -247,6 +294,7 @@ def filter_coefficients(
     filter: str = "tikhonov",
     damping_mode: str = "absolute",
     weights: jax.Array | None = None,
+    weight_normalization: str = "sum",
 ) -> tuple[jax.Array, FilterStats]:
   """The coefficients c = f(K) w of ``docs/method.md``, and statistics of the solve.
 
@@ -259,14 +307,20 @@ def filter_coefficients(
     weights: optional example weights s ≥ 0, [B]: the right-hand side becomes
       w = m∘s / Σ m∘s instead of m / Σm (all-zero weights give c = 0; a negative or
       non-finite unmasked weight gives c = NaN). They change w only, not K or λ.
+    weight_normalization: "sum" (w = m∘s / Σ m∘s, above) or "damping" (w = m∘s / λ, natural
+      filter only: c = (K+λI)⁻¹(m∘s), Wu et al.'s eq. 8).
 
   K is symmetrized and eigendecomposed (never inverted): c = U h(σ) Uᵀ w with
-  h = σ/(σ+λ) or λ/(σ+λ); tiny negative eigenvalues from rounding are clipped to 0.
+  h = σ/(σ+λ) or λ/(σ+λ) (for "damping", c = U (1/(σ+λ)) Uᵀ (m∘s)); tiny negative
+  eigenvalues from rounding are clipped to 0.
   """
+  check_weight_normalization(weight_normalization, filter)
   dtype = compute_dtype(gram.dtype)
   keep = (mask > 0).astype(dtype)
   num_kept = jnp.sum(keep)
-  rhs, _ = normalized_weights(mask, weights, dtype)
+  rhs, mass = normalized_weights(mask, weights, dtype)
+  if weight_normalization == "damping":
+    rhs = masked_weights(mask, weights, dtype)
   gram = _masked_gram(gram.astype(dtype), keep)
   trace = jnp.trace(gram)
   if damping_mode == "relative":
@@ -282,6 +336,8 @@ def filter_coefficients(
   sigma = jnp.maximum(sigma, 0.0)
   if filter == "tikhonov":
     response = sigma / (sigma + damping)
+  elif filter == "natural" and weight_normalization == "damping":
+    response = 1.0 / (sigma + damping)  # λ(K+λI)⁻¹ applied to m∘s/λ
   elif filter == "natural":
     response = damping / (sigma + damping)
   else:
@@ -299,6 +355,7 @@ def filter_coefficients(
       effective_rank=jnp.where(frob_sq > 0, trace**2 / frob_sq, 0.0),
       kept_fraction=jnp.where(mean_sq_norm > 0, kept_sq_norm / mean_sq_norm, 0.0),
       step_scale=jnp.ones((), dtype),
+      normalization_ratio=normalization_ratio(damping, mass),
   )
   return coeffs, stats
 
@@ -328,9 +385,13 @@ def step_scale(
   * ``"graft"``: α = ‖g‖ / ‖d‖: d keeps its direction and takes the mean gradient's norm,
     as grafting takes another optimizer's step norm (Agarwal et al. 2020).
   * ``"quadratic"``: α = max(gᵀd, 0) / (dᵀFd + ρ‖d‖²), the minimizer of the damped
-    quadratic model L − α gᵀd + ½α² dᵀ(F + ρI)d along d (Martens & Grosse 2015).
-    ρ = λ / B_eff by default: the filter's damping in Fisher units, for which the natural
-    filter's d = ρ(F+ρI)⁻¹g gets α = 1/ρ, i.e. the damped Newton step (F+ρI)⁻¹g.
+    quadratic model L − α gᵀd + ½α² dᵀ(F + ρI)d along d (K-FAC's rule, Martens & Grosse
+    2015). ρ = λ / B_eff by default: the filter's damping in Fisher units, for which the
+    natural filter's d = ρ(F+ρI)⁻¹g gets α = 1/ρ, i.e. the damped Newton step (F+ρI)⁻¹g.
+    The curvature is the empirical Fisher, the only one K provides; it is not a model of
+    the loss (Kunstner et al. 2019, "Limitations of the Empirical Fisher Approximation"),
+    whereas K-FAC's rule uses the true Fisher (sampled labels) or Gauss–Newton matrix. So α
+    minimizes this quadratic, not the loss, along d (docs/method.md §1.8).
 
   Then, with ``max_update_norm`` M, α is reduced so that ‖α d‖ ≤ M. A zero denominator
   (d = 0, or all examples masked) gives α = 0, never NaN.

@@ -4,12 +4,16 @@
 
     d = α · Gᵀ f(K) w,     K = G Gᵀ,   w = m∘s / Σ m∘s,
 
-with f(K) = K(K+λI)⁻¹ ("tikhonov", the proximal gradient scaling ⟨∇L,∇L⟩/(⟨∇L,∇L⟩+λI)) or
-f(K) = λ(K+λI)⁻¹ ("natural": the damped natural gradient ρ(F+ρI)⁻¹g with empirical Fisher
-F = GᵀG/B and ρ = λ/B, by the Woodbury identity), mask m, optional example weights s ≥ 0
+with f(K) = K(K+λI)⁻¹ ("tikhonov": the library's source formula, the "proximal gradient
+scaling" ⟨∇L,∇L⟩(⟨∇L,∇L⟩+λI)⁻¹, a Tikhonov spectral filter) or f(K) = λ(K+λI)⁻¹ ("natural":
+ρ(F+ρI)⁻¹g_w with the empirical Fisher F = GᵀG/B_eff and ρ = λ/B_eff, B_eff the number of
+unmasked examples, by the Woodbury identity; λ times the Levenberg–Marquardt step, the
+proximal-point step, docs/method.md §1.2 and §1.5), mask m, optional example weights s ≥ 0
 (s = 1 by default, so w = m / Σm) and a step-size factor α (1 by default; see
-:func:`nearprox.spectral_filter.step_scale`). See ``docs/method.md`` and
-:mod:`nearprox.spectral_filter`.
+:func:`nearprox.spectral_filter.step_scale`). ``weight_normalization="damping"`` (natural
+filter only) takes w = m∘s / λ instead, so d = α·Gᵀ(K+λI)⁻¹(m∘s): Wu et al.'s (2024) eq. 8
+step, which the default "sum" normalization multiplies by λ / Σ m∘s (docs/method.md §1.4).
+See ``docs/method.md`` and :mod:`nearprox.spectral_filter`.
 
 Like ``optax.contrib.differentially_private_aggregate``, it must come first in a chain: its
 input is per-example, its output is an ordinary aggregated gradient, which any optax
@@ -22,8 +26,13 @@ Several devices (``axis_name`` set, inside ``jax.pmap`` or ``jax.shard_map``):
   are summed with shares proportional to each device's weight mass Σ m∘s (its number of
   unmasked examples without weights: a plain mean when no example is masked). So the
   identity filter would give exactly the global weighted mean, and a norm clip M also
-  bounds the combined update (a convex combination of vectors of norm ≤ M). Communication:
-  one all-reduce of P numbers, the same as data-parallel SGD.
+  bounds the combined update (a convex combination of vectors of norm ≤ M). With
+  ``weight_normalization="damping"`` a device's c = (K_aa+λI)⁻¹(m∘s)_a is already its block of
+  the global right-hand side, so without a step-size rule the devices' steps add up (the
+  step of the block-diagonal Gram); the rule and the clip see each step divided by its share,
+  as under "sum", so "graft" and "quadratic" give the same update with either normalization
+  and the clip still bounds the combination. Communication: one all-reduce of P numbers, the
+  same as data-parallel SGD.
 * ``gram="global"``: exact. Each device all-gathers every device's per-example gradients
   (dense: (n−1)·B·P numbers received per device; factored: the factors, see
   :mod:`nearprox.factored_grads`), computes its rows of the global K and all-gathers those rows
@@ -166,17 +175,24 @@ def _solve_rescaled(
     step_size: str,
     step_size_damping: float | None,
     max_update_norm: float | None,
+    weight_normalization: str = "sum",
+    rhs_scale: jax.Array | None = None,
 ) -> tuple[jax.Array, jax.Array, spectral_filter.FilterStats]:
   """(c', s, stats) with 2^s·Gᵀc' = α·Gᵀf(K)w, from the Gram K̃ = 4^-e K of G̃ = 2^-e G.
 
   f(K) = f(K̃) with λ̃ = 4^-e λ; ρ (units of K) and M (units of d) convert likewise. With c
   from K̃ the update is α·Gᵀc = Φ·G̃ᵀc, Φ = 2^e·α = 2^e·α̃ for "none" and "graft" and 2^-e·α̃
-  for "quadratic" (α ∝ 1/K), α̃ being the step-size factor computed on K̃. An absolute λ̃ or a
-  ρ̃ beyond the intervals above (even 0 or inf in float32) is solved at the nearest end: where
-  c ∝ λ̃ (natural, small λ̃), c ∝ 1/λ̃ (tikhonov, large λ̃) or α ∝ 1/ρ̃ (large ρ̃), Φ takes the
-  ratio, as a mantissa and a power of two since the ratio itself may not be representable
-  (the graft and quadratic α̃ are invariant to the scale of c). Every conversion is an exact
-  multiplication by a power of two.
+  for "quadratic" (α ∝ 1/K), α̃ being the step-size factor computed on K̃. With
+  ``weight_normalization="damping"`` c = (K+λI)⁻¹(m∘s) has the units of 1/K: c = 4^-e·c̃, one
+  more factor 2^-2e in Φ for "none". An absolute λ̃ or a ρ̃ beyond the intervals above (even 0
+  or inf in float32) is solved at the nearest end: where c ∝ λ̃ (natural with "sum", small
+  λ̃), c ∝ 1/λ̃ (tikhonov, or natural with "damping", large λ̃) or α ∝ 1/ρ̃ (large ρ̃), Φ takes
+  the ratio, as a mantissa and a power of two since the ratio itself may not be
+  representable (the graft and quadratic α̃ are invariant to the scale of c). Every
+  conversion is an exact multiplication by a power of two. ``rhs_scale`` (local Gram with
+  "damping": the device's global share undone, see ``scale_by_proximal``) multiplies c before
+  the step-size rule and the clip; the rules are invariant to it, and α (``step_scale``) and
+  the kept fraction leave it out.
   """
   dtype = gram.dtype
   keep = (mask > 0).astype(dtype)
@@ -185,7 +201,9 @@ def _solve_rescaled(
   mean = trace / num_kept
   to_gram_units = -2 * exponent
   zero = jnp.zeros((), jnp.int32)
-  # c_true = c · ratio · 2^ratio_power: the filter's linear regimes beyond the clip.
+  # c_true = c · ratio · 2^(ratio_power + units): the filter's linear regimes beyond the clip,
+  # and the units of c (1 for "sum", 1/K for "damping").
+  units = to_gram_units if weight_normalization == "damping" else zero
   solve_damping, ratio, ratio_power = damping, jnp.ones((), dtype), zero
   if damping_mode == "absolute":
     true, solve_damping, mantissa, power = _clipped(
@@ -194,16 +212,26 @@ def _solve_rescaled(
         base.times_power_of_two(mean, _DAMPING_BELOW_MEAN),
         base.times_power_of_two(trace, _DAMPING_ABOVE_TRACE),
     )
-    linear = true < solve_damping if filter == "natural" else true > solve_damping
-    sign = 1 if filter == "natural" else -1
+    # λ(K+λI)⁻¹w is ∝ λ at small λ; K(K+λI)⁻¹w and (K+λI)⁻¹(m∘s) are ∝ 1/λ at large λ.
+    grows = filter == "natural" and weight_normalization == "sum"
+    linear = true < solve_damping if grows else true > solve_damping
+    sign = 1 if grows else -1
     ratio = jnp.where(linear, mantissa**sign, 1.0)
     ratio_power = jnp.where(linear, sign * power, 0)
   coeffs, stats = spectral_filter.filter_coefficients(
-      gram, mask, solve_damping, filter, damping_mode, weights=weights
+      gram,
+      mask,
+      solve_damping,
+      filter,
+      damping_mode,
+      weights=weights,
+      weight_normalization=weight_normalization,
   )
+  if rhs_scale is not None:
+    coeffs = coeffs * rhs_scale.astype(coeffs.dtype)
   # Φ = α̃ · scale · 2^shift.
   if step_size == "none":
-    scale, shift, rho = ratio, exponent + ratio_power, None
+    scale, shift, rho = ratio, exponent + ratio_power + units, None
   elif step_size == "graft":
     scale, shift, rho = jnp.ones((), dtype), exponent, None
   else:
@@ -227,17 +255,25 @@ def _solve_rescaled(
       None if max_update_norm is None else base.times_power_of_two(max_update_norm / scale, -shift),
   )
   coeffs = coeffs * (alpha * scale).astype(coeffs.dtype)
-  # α = Φ / (2^e · ratio · 2^ratio_power) in the gradients' units.
-  step_scale = base.times_power_of_two(alpha * scale / ratio, shift - exponent - ratio_power)
+  # α = Φ / (2^e · ratio · 2^(ratio_power + units)) in the gradients' units.
+  step_scale = base.times_power_of_two(
+      alpha * scale / ratio, shift - exponent - ratio_power - units
+  )
+  true_damping = (
+      jnp.asarray(damping, dtype)
+      if damping_mode == "absolute"
+      else base.times_power_of_two(stats.damping, 2 * exponent)
+  )
+  _, mass = spectral_filter.normalized_weights(mask, weights, dtype)
   stats = stats._replace(
-      damping=(
-          jnp.asarray(damping, dtype)
-          if damping_mode == "absolute"
-          else base.times_power_of_two(stats.damping, 2 * exponent)
-      ),
+      damping=true_damping,
       gram_trace=base.times_power_of_two(stats.gram_trace, 2 * exponent),
-      kept_fraction=base.times_power_of_two(stats.kept_fraction * ratio**2, 2 * ratio_power),
+      kept_fraction=base.times_power_of_two(
+          stats.kept_fraction * ratio**2, 2 * (ratio_power + units)
+      ),
       step_scale=step_scale,
+      # λ in K's units, not the solve's λ̃.
+      normalization_ratio=spectral_filter.normalization_ratio(true_damping, mass),
   )
   return coeffs, shift - exponent, stats
 
@@ -253,11 +289,13 @@ def scale_by_proximal(
     step_size_damping: float | None = None,
     max_update_norm: float | None = None,
     sketch_dim: int | None = None,
+    weight_normalization: str = "sum",
 ) -> optax.GradientTransformationExtraArgs:
   """Filters per-example gradients through K(K+λI)⁻¹ (or λ(K+λI)⁻¹) and aggregates them.
 
   The update is d = α · Gᵀ f(K) w: G holds the per-example gradients as rows, K = G Gᵀ,
-  w = m∘s / Σ m∘s (mask m, example weights s, uniform by default) and α a step-size factor.
+  w = m∘s / Σ m∘s (mask m, example weights s, uniform by default; m∘s / λ with
+  ``weight_normalization="damping"``) and α a step-size factor.
   docs/method.md has the mathematics: the filters (§1.2), example weights (§1.4), damping
   (§1.6), masks and numerics (§1.7), step sizes (§1.8), several devices (§1.9) and the
   sketched Gram (§2.9).
@@ -265,8 +303,8 @@ def scale_by_proximal(
   Args:
     damping: λ > 0, or a schedule ``count -> λ``.
     filter: "tikhonov" (σ/(σ+λ) per eigen-direction of K: keeps the directions many examples
-      agree on) or "natural" (λ/(σ+λ): the damped empirical-Fisher natural gradient). The
-      two filtered gradients sum to the weighted mean gradient.
+      agree on) or "natural" (λ/(σ+λ): ρ times the damped empirical-Fisher natural gradient,
+      the proximal step). The two filtered gradients sum to the weighted mean gradient.
     damping_mode: "absolute" (λ in the units of K) or "relative" (λ = damping · trace(K) /
       B_eff over the B_eff unmasked examples: invariant to rescaling the loss).
     axis_name: the mapped axis (pmap / shard_map) the batch is split over, or None.
@@ -274,13 +312,24 @@ def scale_by_proximal(
       combined in proportion to their weight mass) or "global" (the exact Gram of the global
       batch); the module docstring gives their communication.
     step_size: "none" (α = 1), "graft" (α = ‖g‖/‖d‖, g the plain mean gradient) or
-      "quadratic" (α minimizes the damped quadratic model along d);
-      :func:`nearprox.spectral_filter.step_scale` has the formulas.
+      "quadratic" (α minimizes the damped quadratic model along d whose curvature is the
+      empirical Fisher, not a model of the loss); :func:`nearprox.spectral_filter.step_scale`
+      has the formulas.
     step_size_damping: ρ ≥ 0 of the "quadratic" rule in place of λ / B_eff.
-    max_update_norm: M > 0: α is reduced so that ‖αd‖ ≤ M. None: no bound.
+    max_update_norm: M > 0: α is reduced so that ‖αd‖ ≤ M, ‖d‖ computed as √(cᵀKc) (under
+      ``sketch_dim``, √(ĉᵀK̂ĉ): an estimate, so the bound is approximate there). None: no
+      bound.
     sketch_dim: None or 0: the exact K. k ≥ 1: the share of K of every leaf whose exact
       Gram costs more than a sketch is estimated from about k seeded random features
       (:mod:`nearprox.sketch`); d is still formed from the exact per-example gradients.
+      Only K̂ is unbiased: ĉ = f(K̂)w and d̂ = Gᵀĉ are not (docs/method.md §2.9), and the
+      step-size rules, the clip and the statistics use K̂.
+    weight_normalization: "sum" (default): w = m∘s / Σ m∘s, a weighted mean. "damping"
+      (``filter="natural"`` only): w = m∘s / λ, so d = Gᵀ(K+λI)⁻¹(m∘s), the unnormalized
+      step of Wu et al. (eq. 8; with ``proximal_sgd`` their Algorithm 1; without weights
+      their EF step, eq. 5). The "sum" step is λ / Σ m∘s times it (``stats.
+      normalization_ratio``), a per-batch scalar that "graft" and "quadratic" absorb exactly
+      and a fixed learning rate does not.
 
   Returns:
     A transformation whose ``update(per_example_grads, state, params=None, *, mask=None,
@@ -290,11 +339,12 @@ def scale_by_proximal(
     params' shapes. All-zero weights give d = 0; a negative or non-finite unmasked weight
     gives a non-finite d, as a non-finite gradient does. The state's ``stats``
     (:class:`nearprox.spectral_filter.FilterStats`) record λ, trace(K), the effective rank,
-    the kept fraction and α.
+    the kept fraction, α and λ / Σ m∘s.
 
   References:
     Wu, Yu, Zhang & Woodland, `An Improved Empirical Fisher Approximation for Natural
-    Gradient Descent <https://arxiv.org/abs/2406.06420>`_, NeurIPS 2024 (iEF weights).
+    Gradient Descent <https://arxiv.org/abs/2406.06420>`_, NeurIPS 2024 (iEF weights; eq. 8
+    and Algorithm 1 for ``weight_normalization="damping"``).
 
     Martens & Grosse, `Optimizing Neural Networks with Kronecker-factored Approximate
     Curvature <https://arxiv.org/abs/1503.05671>`_, ICML 2015 (the quadratic-model
@@ -312,6 +362,7 @@ def scale_by_proximal(
   _check_choice(damping_mode, spectral_filter.DAMPING_MODES, "damping_mode")
   _check_choice(gram, GRAM_MODES, "gram")
   _check_choice(step_size, spectral_filter.STEP_SIZES, "step_size")
+  spectral_filter.check_weight_normalization(weight_normalization, filter)
   _check_optional_positive(step_size_damping, "step_size_damping", allow_zero=True)
   _check_optional_positive(max_update_norm, "max_update_norm", allow_zero=False)
   if step_size_damping is not None and step_size != "quadratic":
@@ -327,7 +378,7 @@ def scale_by_proximal(
     zero = jnp.zeros((), jnp.float32)
     return ScaleByProximalState(
         jnp.zeros((), jnp.int32),
-        spectral_filter.FilterStats(zero, zero, zero, zero, jnp.ones((), jnp.float32)),
+        spectral_filter.FilterStats(zero, zero, zero, zero, jnp.ones((), jnp.float32), zero),
     )
 
   def update_fn(updates, state, params=None, *, mask=None, example_weights=None, **extra_args):
@@ -363,16 +414,26 @@ def scale_by_proximal(
         step_size=step_size,
         step_size_damping=step_size_damping,
         max_update_norm=max_update_norm,
+        weight_normalization=weight_normalization,
     )
 
     if axis_name is None:
       coeffs, shift, stats = solve(gram_of(parts), mask, weights)
       filtered = spectral_filter.rescaled_combine(to_combine, coeffs, shift)
     elif gram == "local":
-      coeffs, shift, stats = solve(gram_of(parts), mask, weights)
-      _, mass = spectral_filter.normalized_weights(mask, weights, coeffs.dtype)
+      local_gram = gram_of(parts)
+      _, mass = spectral_filter.normalized_weights(
+          mask, weights, base.compute_dtype(local_gram.dtype)
+      )
       total = jax.lax.psum(mass, axis_name)
       share = jnp.where(total > 0, mass / jnp.where(total > 0, total, 1.0), 0.0)
+      # "damping": the device's c = (K_aa+λI)⁻¹(m∘s)_a is already its block of the global
+      # right-hand side; 1/share puts it in the units the step-size rule and the clip see
+      # under "sum", so the shares below give back the sum of the devices' steps.
+      rhs_scale = None
+      if weight_normalization == "damping":
+        rhs_scale = jnp.where(share > 0, 1.0 / jnp.where(share > 0, share, 1.0), 0.0)
+      coeffs, shift, stats = solve(local_gram, mask, weights, rhs_scale=rhs_scale)
       filtered = spectral_filter.rescaled_combine(to_combine, coeffs * share, shift)
       filtered = jax.lax.psum(filtered, axis_name)
       # Devices' statistics differ; their mean keeps the state the same on every device.
@@ -415,7 +476,9 @@ def proximal_sgd(
 
   The update is −learning_rate · d (with optional heavy-ball or Nesterov momentum on d).
   ``proximal_kwargs`` go to :func:`scale_by_proximal` (damping_mode, axis_name, gram,
-  step_size, step_size_damping, max_update_norm, sketch_dim).
+  step_size, step_size_damping, max_update_norm, sketch_dim, weight_normalization). With
+  ``filter="natural"``, ``weight_normalization="damping"`` and iEF ``example_weights`` it is
+  Wu et al.'s Algorithm 1 (with momentum=None).
   Feed it per-example gradients: ``opt.update(per_example_grads, state, params, mask=mask)``
   (and ``example_weights=s`` for weighted examples).
   """

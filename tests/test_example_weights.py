@@ -490,7 +490,8 @@ def test_proximal_adamw_is_adamw_on_the_filtered_gradient():
         (dict(step_size="newton"), r"step_size must be one of \('none', 'graft', 'quadratic'\)"),
         (dict(name="sgd", weighting="ief"), "weighting='ief' .* needs one of"),
         (dict(name="adamw", weighting="ief"), "weighting='ief' .* needs one of"),
-        (dict(name="adamw", step_size="graft"), "step_size and max_update_norm"),
+        (dict(name="adamw", step_size="graft"), "step_size, max_update_norm"),
+        (dict(name="adamw", weight_normalization="damping"), "weight_normalization configure"),
         (dict(max_update_norm=-1.0), "max_update_norm must be >= 0"),
     ],
 )
@@ -592,3 +593,6 @@ def test_training_with_ief_weighting_runs(tmp_path, monkeypatch):
   ]
   scales = [r["train/gram/step_scale"] for r in records if "train/gram/step_scale" in r]
   assert len(scales) == 2 and all(np.isfinite(scales)) and all(s > 0 for s in scales)
+  # λ / Σ m∘s, the scalar between the "sum" step and Wu et al.'s eq. 8 step, is logged too.
+  ratios = [r["train/gram/normalization_ratio"] for r in records if "train/gram/step_scale" in r]
+  assert len(ratios) == 2 and all(np.isfinite(ratios)) and all(r > 0 for r in ratios)

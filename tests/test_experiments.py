@@ -385,8 +385,8 @@ def test_the_results_document_lists_each_machine_once_with_its_run_count():
   lines = report.describe_machines([cpu, cpu, gpu, {**cpu, "cpus": 1}])
   assert lines == [
       "Linux, 1 CPU(s), JAX 0.10 on cpu (1 device(s), cpu): 1 run(s)",
-      "Linux, 16 CPU(s), JAX 0.10 on gpu (1 device(s), NVIDIA H200): 1 run(s)",
       "Linux, 2 CPU(s), JAX 0.10 on cpu (1 device(s), cpu): 2 run(s)",
+      "Linux, 16 CPU(s), JAX 0.10 on gpu (1 device(s), NVIDIA H200): 1 run(s)",
   ]
 
 

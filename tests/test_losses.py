@@ -608,3 +608,149 @@ def test_loss_at_precomputed_perturbation_is_factored_and_equals_the_objective(k
   np.testing.assert_allclose(values, at_delta(params, batch, keys, delta), rtol=1e-5)
   clean_weights = losses.ief_weights("classification", logits_fn(params, batch), batch)
   np.testing.assert_allclose(weights, clean_weights, rtol=1e-5, atol=1e-7)
+
+
+# ---------------------------------------------------------------------------------------
+# iEF weights of adversarial objectives: the clean task term (default) or the whole loss.
+
+
+def _softmax(z):
+  z = np.asarray(z, np.float64)
+  e = np.exp(z - z.max(-1, keepdims=True))
+  return e / e.sum(-1, keepdims=True)
+
+
+def _whole_loss_reference(task, config, batch, clean, perturbed):
+  """s_i = ‖∂ℓ_i/∂z_i‖² + ‖∂ℓ_i/∂z̃_i‖², in closed form (NumPy, float64)."""
+  a = config.adv_weight
+  smart, adv_only = config.kind == "smart", config.combine == "adv_only"
+
+  def softmax_parts(z, z_tilde, labels, half):
+    """(clean, perturbed) logit gradients of one softmax cross-entropy head (times ``half``)."""
+    p, q = _softmax(z), _softmax(z_tilde)
+    y = np.eye(p.shape[-1])[np.asarray(labels)]
+    task_clean = 0.0 if adv_only else half * (p - y)
+    if smart:  # KL(sg(q)‖p) + KL(sg(p)‖q): ∂/∂z = p − q, ∂/∂z̃ = q − p
+      return task_clean + a * half * (p - q), a * half * (q - p)
+    return task_clean, (1.0 if adv_only else a) * half * (q - y)
+
+  if task == "classification":
+    parts = [softmax_parts(clean, perturbed, batch["labels"], 1.0)]
+  elif task == "qa":
+    parts = [
+        softmax_parts(clean[0], perturbed[0], batch["start_positions"], 0.5),
+        softmax_parts(clean[1], perturbed[1], batch["end_positions"], 0.5),
+    ]
+  else:  # regression: (p − y)² + a·(p̃ − y)² (FGM/PGD) or + a·(p̃ − p)² (SMART, no sg)
+    p, q = np.asarray(clean, np.float64)[:, 0], np.asarray(perturbed, np.float64)[:, 0]
+    y = np.asarray(batch["labels"], np.float64)
+    if smart:
+      parts = [(2 * (p - y) - 2 * a * (q - p), 2 * a * (q - p))]
+    else:
+      parts = [(2 * (p - y), 2 * a * (q - y))]
+  total = 0.0
+  for clean_grad, perturbed_grad in parts:
+    for grad in (clean_grad, perturbed_grad):
+      grad = np.broadcast_to(np.asarray(grad, np.float64), np.shape(perturbed_grad))
+      total = total + np.sum(grad.reshape(grad.shape[0], -1) ** 2, axis=1)
+  return total
+
+
+WEIGHT_CASES = [
+    ("classification", "fgm"),
+    ("classification", "pgd"),
+    ("classification", "pgd_random_linf"),
+    ("classification", "smart"),
+    ("classification", "fgm_adv_only"),
+    ("qa", "fgm"),
+    ("qa", "pgd"),
+    ("qa", "smart"),
+    ("regression", "fgm"),
+    ("regression", "smart"),
+]
+
+
+@pytest.mark.parametrize("task,name", WEIGHT_CASES)
+def test_whole_loss_ief_weights_are_the_logit_gradient_of_the_whole_loss(stand_in, task, name):
+  _, _, batch, keys = stand_in
+  if name == "fgm_adv_only":
+    config = dataclasses.replace(CONFIGS["fgm"], combine="adv_only")
+  else:
+    config = CONFIGS[name]
+  model = StandIn(
+      num_labels=1 if task == "regression" else 2,
+      question_answering=task == "qa",
+      dropout_rate=0.0,
+  )
+  params = _init(model, jax.random.key(9))
+  batch = dict(
+      batch,
+      start_positions=jnp.array([1, 2, 0, 0]),
+      end_positions=jnp.array([3, 2, 7, 0]),
+      **({"labels": jnp.array([0.5, -1.0, 2.0, 0.0])} if task == "regression" else {}),
+  )
+  logits_fn = models.bert_logits_fn(model)
+  delta = objectives.adversarial_perturbation(
+      logits_fn, config, params, batch, keys, task=task, hidden_size=H
+  )
+  clean = logits_fn(params, batch)
+  perturbed = logits_fn(params, batch, delta)
+  whole = dataclasses.replace(config, ief_weights="whole_loss")
+  plain = objectives.make_loss_at_perturbation(logits_fn, config, task=task)
+  for cfg, want in (
+      (config, losses.ief_weights(task, clean, batch)),  # the default: the clean task term
+      (whole, _whole_loss_reference(task, config, batch, clean, perturbed)),
+  ):
+    loss_fn = objectives.make_loss_at_perturbation(logits_fn, cfg, task=task, with_ief_weights=True)
+    values, weights = jax.jit(loss_fn)(params, batch, keys, delta)
+    np.testing.assert_allclose(values, plain(params, batch, keys, delta), rtol=1e-6)
+    np.testing.assert_allclose(weights, want, rtol=1e-5, atol=1e-7)
+  if name != "smart" or task != "regression":  # the two choices really differ
+    assert np.abs(np.asarray(weights) - losses.ief_weights(task, clean, batch)).max() > 1e-3
+
+
+def test_whole_loss_ief_weights_reach_the_filter_through_the_factored_path():
+  """``per_example_value_and_grads(..., has_aux=True)`` returns the weights beside the losses,
+  unchanged, with every leaf factored; and the training config passes the choice through."""
+  from nearprox import factored_grads
+  from nearprox.training import train
+
+  config = models.tiny_config()
+  model = models.BertForSequenceClassification(config)
+  params = models.init_params(model, jax.random.key(0), 2, 16)
+  batch, keys = _batch_and_keys()
+  batch = {k: v for k, v in batch.items() if k != "mask"}
+  objective = objectives.ObjectiveConfig(kind="fgm", ief_weights="whole_loss")
+  logits_fn = models.bert_logits_fn(model)
+  delta = objectives.adversarial_perturbation(
+      logits_fn, objective, params, batch, keys, hidden_size=config.hidden_size
+  )
+  loss_fn = objectives.make_loss_at_perturbation(logits_fn, objective, with_ief_weights=True)
+  (values, weights), grads = nearprox.per_example_value_and_grads(
+      loss_fn, params, batch, keys, delta, method="factored", has_aux=True
+  )
+  assert (
+      "fallback"
+      not in factored_grads.leaf_kinds(
+          lambda *a: loss_fn(*a)[0], params, batch, keys, delta
+      ).values()
+  )
+  np.testing.assert_allclose(weights, jax.jit(loss_fn)(params, batch, keys, delta)[1], rtol=1e-5)
+  want = _whole_loss_reference(
+      "classification", objective, batch, logits_fn(params, batch), logits_fn(params, batch, delta)
+  )
+  np.testing.assert_allclose(weights, want, rtol=1e-5, atol=1e-7)
+  assert jax.tree.leaves(grads)
+  # The training config: objective.ief_weights reaches ObjectiveConfig (default: clean_term).
+  from experiments.configs import default
+
+  training = default.get_config()
+  assert train.objective_config(training).ief_weights == "clean_term"
+  training.objective.ief_weights = "whole_loss"
+  assert train.objective_config(training) == dataclasses.replace(
+      train.objective_config(default.get_config()), ief_weights="whole_loss"
+  )
+  with pytest.raises(
+      ValueError, match=r"ief_weights must be one of \('clean_term', 'whole_loss'\)"
+  ):
+    objectives.ObjectiveConfig(kind="fgm", ief_weights="both")

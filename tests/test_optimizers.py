@@ -76,3 +76,11 @@ def test_baselines_are_optax_sgd_and_adamw(name):
     states = state, reference_state
     for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(want)):
       np.testing.assert_array_equal(a, b)
+
+
+@pytest.mark.parametrize("learning_rate", [-1.0, 0.0, float("nan"), float("inf")])
+def test_bad_learning_rates_are_rejected(learning_rate):
+  config = default.get_config()
+  config.optimizer.learning_rate = learning_rate
+  with pytest.raises(ValueError, match="config.optimizer.learning_rate"):
+    optimizers.create_optimizer(config, num_steps=20, axis_name=None)

@@ -321,7 +321,7 @@ def test_evaluation_of_padded_batches_equals_postprocessing_of_the_full_logits(
   assert num_windows > len(split.questions) and num_windows % batch_size
   runner = parallel.Runner("jit")
   logits_fn = models.bert_logits_fn(model)
-  runner.compile(lambda *a: None, functools.partial(train.eval_step, logits_fn=logits_fn))
+  runner.compile(lambda *a: None, lambda s, b: train.eval_step(s.params, b, logits_fn=logits_fn))
   state = train.TrainState(0, params, None)
   start, end = full_logits(model, params, split.arrays())
   rows = task_io.predict(runner, state, split.arrays(), batch_size)

@@ -355,7 +355,7 @@ def test_evaluation_masks_the_padded_last_batch(glue_dir):
   arrays = data.encode(data.load_task("sst2", "dev", glue_dir), tokenizer, 16).arrays()
   runner = train.parallel.Runner("jit")
   logits_fn = models.bert_logits_fn(model)
-  runner.compile(lambda *a: None, lambda p, b: train.eval_step(p, b, logits_fn=logits_fn))
+  runner.compile(lambda *a: None, lambda s, b: train.eval_step(s.params, b, logits_fn=logits_fn))
   state = train.TrainState(0, params, None)
   got, counts = task_io.evaluate(runner, state, arrays, task, batch_size=16)
   logits = model.apply(
@@ -404,7 +404,7 @@ def test_holdout_is_a_fixed_slice_of_train_and_hides_the_reported_splits(glue_di
 @pytest.mark.parametrize(
     "override,match",
     [
-        ({"optimizer.name": "lion"}, "optimizer.name"),
+        ({"optimizer.name": "adafactor"}, "optimizer.name"),
         ({"parallel": "threads"}, "parallel"),
         ({"label_noise": 1.5}, "label_noise"),
         ({"task": "imdb"}, "unknown task"),

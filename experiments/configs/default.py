@@ -50,6 +50,10 @@ def get_config() -> ml_collections.ConfigDict:
   config.optimizer.per_example = "factored"  # "factored" (fast) or "vmap" (reference)
   # Per-example optimizers only: "uniform" or "ief" (example weights ‖∇_logits ℓ_n‖²).
   config.optimizer.weighting = "uniform"
+  # Proximal: how the right-hand side m∘s is normalized (docs/method.md §1.4). "sum": by Σ m∘s
+  # (a weighted mean; the natural step is λ/Σ m∘s times Wu et al.'s); "damping": by λ, the
+  # natural filter only: Wu et al.'s eq. 8 / Algorithm 1 step Gᵀ(K+λI)⁻¹(m∘s).
+  config.optimizer.weight_normalization = "sum"
   config.optimizer.step_size = "none"  # proximal: "none", "graft" or "quadratic"
   config.optimizer.max_update_norm = 0.0  # proximal: bound on ‖α·d‖ (before the lr); 0 disables
   # Proximal: k features per sketched leaf for an estimated Gram (docs/method.md §2.9); 0 = exact.
@@ -65,6 +69,9 @@ def get_config() -> ml_collections.ConfigDict:
   config.objective.step_size = placeholder(float)
   config.objective.norm = placeholder(str)
   config.objective.l2_weight = 1e-4
+  # weighting="ief" with an adversarial kind: "clean_term" (s from the clean task term's logits)
+  # or "whole_loss" (s from the whole per-example loss, clean and perturbed logits).
+  config.objective.ief_weights = "clean_term"
 
   # Loop.
   config.num_train_steps = 120

@@ -54,6 +54,28 @@ seeds for AdamW, SGD+momentum and tikhonov: AdamW and ``best_proximal`` train th
 and MRPC runs next, before the other variants there, so a partial study holds the verdict's
 comparison (the tuning's choice against AdamW) on every task first.
 
+Added on 2026-12-06, before any of their runs (issue 40, part 1: every peer a user would
+pick instead of AdamW), without changing the above: ``muon`` (optax.contrib.muon's update on
+the hidden 2-D kernels, Adam on the embeddings, head, biases and LayerNorm),
+``schedule_free_adamw`` (evaluated at its averaged iterate), ``lion`` (decoupled weight
+decay 0.05, 5× AdamW's, as its paper advises for a rate 3-10× lower) and ``psgd_kron``
+(psgdax's Kronecker-factored PSGD) join ``plan.optimizer_variants`` with six learning rates
+each, the same number of trials as AdamW, on AdamW's budget and protocol: Muon at AdamW's
+grid (its update is scaled to AdamW's RMS), schedule-free at twice AdamW's (its rate never
+decays), Lion at a fifth, PSGD Kron at half. They are tuned, reported on the three tasks
+with three seeds, and compared with the tuned proximal variant like AdamW; none of them is
+a proximal variant, so no earlier choice changes.
+
+Added on 2026-12-06, before any of its runs (issue 42): ``proximal_ief_eq8``, the iEF
+variant at Wu et al.'s scale (``optimizer.weight_normalization = "damping"``: the step
+Gᵀ(K+λI)⁻¹s of their eq. 8 / Algorithm 1, where ``proximal_ief`` takes (λ/Σs) times it).
+Six trials like every optimizer: learning rate {0.003, 0.03} × relative λ {1e-3, 0.1, 1}
+(1e-3: the paper reports iEF working near zero damping). The rates: the iEF tuning chose
+0.1 at λ = 0.1 for the normalised step, and λ/Σs measured 0.3-11 (median 0.9) over 60
+steps of an SST-2 run at λ = 1 (docs/method.md §1.4), so about 0.01 at λ = 0.1, bracketed
+by the two rates. It is reported on the three tasks beside ``proximal_ief``; it is outside
+the pools of ``best_filter`` and ``best_proximal``, so no earlier choice changes.
+
 The two "training order only" entries above were ``plan.train_first``, which the Ray runner
 (2026-12-06, issue 38) dropped with the rest of the home-made scheduler: every run of a pass
 now trains in parallel. The study was complete by then, so no record depends on the order.
@@ -68,6 +90,7 @@ import ml_collections
 
 from experiments.configs import quick, squad
 
+PEERS = ("muon", "schedule_free_adamw", "lion", "psgd_kron")
 PROXIMAL_VARIANTS = (
     "proximal_tikhonov",
     "proximal_ef",
@@ -98,7 +121,8 @@ def get_plan() -> ml_collections.ConfigDict:
   plan.tuning = ml_collections.ConfigDict(
       {"task": "sst2", "steps": 200, "holdout_examples": 1000, "seeds": (0, 1)}
   )
-  plan.optimizer_variants = ("adamw", "sgd_momentum", *PROXIMAL_VARIANTS)
+  plan.optimizer_variants = ("adamw", "sgd_momentum", *PROXIMAL_VARIANTS, *PEERS)
+  plan.optimizer_variants += ("proximal_ief_eq8",)
   plan.lr_grid = {
       "adamw": (1e-5, 2e-5, 5e-5, 1e-4, 2e-4, 5e-4),
       "sgd_momentum": (2e-3, 5e-3, 1e-2, 2e-2, 5e-2, 1e-1),
@@ -110,8 +134,15 @@ def get_plan() -> ml_collections.ConfigDict:
       "proximal_ief": (0.03, 0.1, 0.3),
       "proximal_graft": (3e-3, 1e-2, 3e-2),
       "proximal_adamw": (3e-5, 1e-4, 3e-4),
+      # Added on 2026-12-06 (docstring): the peers, six rates each.
+      "muon": (1e-5, 2e-5, 5e-5, 1e-4, 2e-4, 5e-4),
+      "schedule_free_adamw": (2e-5, 5e-5, 1e-4, 2e-4, 5e-4, 1e-3),
+      "lion": (2e-6, 5e-6, 1e-5, 2e-5, 5e-5, 1e-4),
+      "psgd_kron": (5e-6, 1e-5, 2e-5, 5e-5, 1e-4, 2e-4),
+      "proximal_ief_eq8": (0.003, 0.03),  # added on 2026-12-06 (docstring)
   }
   plan.damping_trials = {v: (0.1, 1.0) for v in PROXIMAL_VARIANTS}
+  plan.damping_trials["proximal_ief_eq8"] = (1e-3, 0.1, 1.0)
   plan.optimizer_tasks = ("sst2", "tweets", "mrpc")
   plan.objectives = ("clean", "fgm", "pgd", "smart")
   plan.objective_optimizers = ("adamw", "best_proximal")

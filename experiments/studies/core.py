@@ -11,7 +11,9 @@ import numpy as np
 from experiments.tuning import DISPLAY, Context, final, history_curve, mean_std
 from nearprox.text import data
 
-BASELINES = ("adamw", "sgd_momentum", "sgd")  # what the best proximal variant is compared with
+# What the best proximal variant is compared with: AdamW, its peers
+# (nearprox.training.optimizers.PEERS), SGD.
+BASELINES = ("adamw", "muon", "schedule_free_adamw", "lion", "psgd_kron", "sgd_momentum", "sgd")
 STUDY_TASK = "sst2"  # where the damping, adversarial, multidevice and noise studies train
 LOW_CONFIDENCE_TASK = "tweets"  # the task whose test split has low-confidence labels
 # The optimizer summary records (experiments/results/<mode>/summary.json), in this order.

@@ -32,7 +32,6 @@ from experiments.tuning import (
     ALIASES,
     DERIVED,
     DISPLAY,
-    PROXIMAL,
     Context,
     collapsed,
     final,
@@ -135,7 +134,7 @@ def run(ctx: Context) -> dict:
       }
     # Every proximal variant against every baseline, as data; the verdict leads with the
     # variant the tuning chose (best_proximal), so no choice is made on the reported split.
-    for variant in (v for v in PROXIMAL if v in rows):
+    for variant in (v for v in rows if v.startswith("proximal")):
       rows[variant]["best_proximal"] = variant == best
       for base in (b for b in BASELINES if b in rows):
         record = comparison(

@@ -137,9 +137,15 @@ def span_cross_entropy_grad_sq_norm(start_logits, end_logits, start_positions, e
 def ief_weights(task: str, logits, batch: Batch) -> jax.Array:
   """s_n = ‖∇_{z_n} task_loss_n‖² [B] for ``task_loss(task, logits, batch)``, same inputs.
 
-  Pass them as ``example_weights`` to :func:`nearprox.scale_by_proximal`: with the natural
-  filter that is the damped iEF update. They are constants for the parameter gradient
-  (wrap them in ``jax.lax.stop_gradient`` when computed inside a differentiated function).
+  Pass them as ``example_weights`` to :func:`nearprox.scale_by_proximal`. With the natural
+  filter and ``weight_normalization="damping"`` the update is Wu et al.'s damped iEF step
+  Gᵀ(K+λI)⁻¹s (eq. 8: λI on the unnormalized Gram, not the damped iEF matrix); with the
+  default ``"sum"`` it is that step times λ / Σ s, a per-batch scalar that a fixed learning
+  rate does not absorb (the "graft" and "quadratic" step sizes do; docs/method.md §1.4).
+  They are constants for the parameter gradient (wrap them in ``jax.lax.stop_gradient``
+  when computed inside a differentiated function). For an adversarial objective these are
+  the clean task term's weights; :func:`nearprox.text.objectives.ief_weights` also offers
+  the whole loss's.
   """
   return _by_task(
       task,

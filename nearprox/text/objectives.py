@@ -61,6 +61,12 @@ Randomness (dropout, PGD random start, SMART noise) comes from PER-EXAMPLE keys 
 noise. All forward passes of one loss evaluation use the same dropout key, so the
 perturbation is the only difference between the clean and perturbed predictions.
 
+iEF weights (``make_loss_at_perturbation(..., with_ief_weights=True)``, :func:`ief_weights`):
+by default (``ObjectiveConfig.ief_weights="clean_term"``) s_i = ‖∇_z task_i‖² of the clean
+task term at the clean logits, whatever the adversarial term; ``"whole_loss"`` takes the
+squared logit gradient of the whole ℓ_i over the clean and the perturbed logits, which is
+what iEF asks for (docs/method.md §3).
+
 L2 regularization λ·½‖θ_S‖² is NOT part of the per-example loss: it would add the same
 vector λθ to every g_i, i.e. a rank-one term to the Gram matrix that the spectral filter would
 then damp (docs/method.md §3). :mod:`nearprox.training.optimizers` adds its gradient after
@@ -98,6 +104,8 @@ LogitsFn = Callable[[Params, Batch, Any, Any], Any]
 
 KINDS = ("clean", "fgm", "pgd", "smart")
 COMBINES = ("sum", "adv_only")
+# Where the iEF weights s_i of make_loss_at_perturbation(..., with_ief_weights=True) come from.
+IEF_WEIGHTS = ("clean_term", "whole_loss")
 
 # Per-kind defaults, from the anchors' public code (see ObjectiveConfig).
 _DEFAULTS = {
@@ -166,6 +174,14 @@ class ObjectiveConfig:
       no label signal).
     l2_weight: λ_reg of λ_reg·½‖θ_S‖². Not used by :func:`make_per_example_loss`;
       :func:`nearprox.training.optimizers.l2_regularization` adds it after the filter.
+    ief_weights: the iEF weights s_i that ``make_loss_at_perturbation(...,
+      with_ief_weights=True)`` returns. "clean_term" (default; what every stored run used):
+      ‖∇_z task_i‖² of the clean task term at the clean logits z alone, although ℓ_i and
+      its gradient (hence K) also hold the adversarial term. "whole_loss": the squared
+      gradient of the whole per-example loss ℓ_i with respect to the logits of both forward
+      passes, s_i = ‖∂ℓ_i/∂z_i‖² + ‖∂ℓ_i/∂z̃_i‖² (z clean, z̃ perturbed), which is what iEF
+      asks for (Wu et al. 2024, eq. 7: ∇_z of the loss whose per-example gradients form K).
+      The two coincide for kind="clean".
 
   ``dataclasses.replace`` keeps resolved values: replace(fgm_cfg, kind="pgd") keeps ε=1.
   """
@@ -180,10 +196,15 @@ class ObjectiveConfig:
   adv_weight: float | None = None
   combine: str = "sum"
   l2_weight: float = 0.0
+  ief_weights: str = "clean_term"
 
   def __post_init__(self):
     if self.kind not in KINDS:
       raise ValueError(f"ObjectiveConfig.kind must be one of {KINDS}, got {self.kind!r}")
+    if self.ief_weights not in IEF_WEIGHTS:
+      raise ValueError(
+          f"ObjectiveConfig.ief_weights must be one of {IEF_WEIGHTS}, got {self.ief_weights!r}"
+      )
     for name, value in _DEFAULTS[self.kind].items():
       if getattr(self, name) is None:
         object.__setattr__(self, name, value)
@@ -416,17 +437,20 @@ def make_loss_at_perturbation(
   layers' calls, which sends every leaf to the exact (slow) fallback. It costs one more
   forward pass than sharing the clean forward with the ascent.
 
-  ``with_ief_weights``: ``loss_fn`` returns ``(losses, s)`` with s =
-  :func:`nearprox.text.losses.ief_weights` at the clean logits of the same forward pass
-  (constants: ``stop_gradient``), for
-  ``per_example_value_and_grads(..., has_aux=True)``. For adversarial objectives the weights
-  come from the clean task term only.
+  ``with_ief_weights``: ``loss_fn`` returns ``(losses, s)`` with the iEF weights s of the
+  same forward passes (constants: ``stop_gradient``), for
+  ``per_example_value_and_grads(..., has_aux=True)``. Which weights is
+  ``config.ief_weights`` (:func:`ief_weights`): "clean_term" (default),
+  :func:`nearprox.text.losses.ief_weights` at the clean logits, i.e. from the clean task term
+  only; "whole_loss", the squared logit gradient of the whole per-example loss over the clean
+  and the perturbed logits.
   """
   _check(config, task, 1)
 
   def loss_fn(params, batch, rng, delta):
     dropout_keys, _ = _split_keys(rng, batch["input_ids"].shape[0])
     clean_logits = logits_fn(params, batch, None, dropout_keys)
+    perturbed_logits = None
     if config.kind == "clean":
       values = losses.task_loss(task, clean_logits, batch)
     else:
@@ -434,6 +458,34 @@ def make_loss_at_perturbation(
       values = _combine(config, task, batch, clean_logits, perturbed_logits)
     if not with_ief_weights:
       return values
-    return values, losses.ief_weights(task, jax.lax.stop_gradient(clean_logits), batch)
+    return values, ief_weights(config, task, batch, clean_logits, perturbed_logits)
 
   return loss_fn
+
+
+def ief_weights(config: ObjectiveConfig, task: str, batch: Batch, clean_logits, perturbed_logits):
+  """The iEF weights s [B] of the objective's per-example loss ℓ at the given logits
+  (constants: computed from ``stop_gradient`` of the logits).
+
+  ``config.ief_weights == "clean_term"`` (and every kind="clean" objective):
+  s_i = ‖∇_z task_i‖² at the clean logits z (:func:`nearprox.text.losses.ief_weights`),
+  whatever the adversarial term. ``"whole_loss"``: s_i = ‖∂ℓ_i/∂z_i‖² + ‖∂ℓ_i/∂z̃_i‖² for
+  ℓ_i = :func:`_combine`'s task + adv_weight·adv (or adv alone), z the clean and z̃ the
+  perturbed logits (``perturbed_logits``; a tuple of start and end logits for "qa"), with
+  the objective's own stop-gradients (SMART's KL directions), i.e. exactly the logit
+  gradient that the parameter gradient g_i = J_zᵀ∂ℓ_i/∂z + J_z̃ᵀ∂ℓ_i/∂z̃ is made of. One
+  gradient of Σ_i ℓ_i at the logits, whose row i is example i's (ℓ_i depends on row i only).
+  For example, FGM/PGD classification with combine="sum":
+  s_i = ‖softmax(z_i) − y_i‖² + adv_weight²·‖softmax(z̃_i) − y_i‖²; SMART:
+  ‖softmax(z_i) − y_i + a(p_i − p̃_i)‖² + a²‖p̃_i − p_i‖².
+  """
+  clean_logits = jax.lax.stop_gradient(clean_logits)
+  if config.kind == "clean" or config.ief_weights == "clean_term":
+    return losses.ief_weights(task, clean_logits, batch)
+  perturbed_logits = jax.lax.stop_gradient(perturbed_logits)
+  total = lambda clean, perturbed: jnp.sum(_combine(config, task, batch, clean, perturbed))
+  grads = jax.grad(total, argnums=(0, 1))(clean_logits, perturbed_logits)
+  return sum(
+      jnp.sum(jnp.square(g.astype(jnp.float32)).reshape(g.shape[0], -1), axis=1)
+      for g in jax.tree.leaves(grads)
+  )

@@ -12,11 +12,20 @@ The per-example optimizers put :func:`nearprox.scale_by_proximal` first: "proxim
 Adam as in Natural GaLore). ``config.optimizer.weighting`` ("uniform" or "ief") and
 ``step_size`` / ``max_update_norm`` (0 disables the clip) configure the filter; the
 weighting needs a per-example optimizer.
+
+The peers (:data:`PEERS`, what a JAX user would pick instead of AdamW) keep their library's
+direction and defaults inside AdamW's chain: the L2 gradient first, then the direction, the
+decoupled weight decay on kernels, the learning rate. "muon" (``optax.contrib`` Muon on the
+hidden layers' matrices, :func:`muon_mask`; its Adam elsewhere), "lion" (``optax.lion``),
+"psgd_kron" (``psgdax``, imported only when asked for), "schedule_free_adamw"
+(``optax.contrib.schedule_free_adamw``: warmup, then a constant rate; evaluate and export
+:func:`evaluation_params`).
 """
 
 from __future__ import annotations
 
 import inspect
+import math
 from typing import Any
 
 import jax
@@ -27,7 +36,8 @@ import nearprox
 from nearprox import spectral_filter
 
 Params = Any
-OPTIMIZERS = ("proximal_sgd", "proximal_adamw", "proximal_norm_sgd", "sgd", "adamw")
+PEERS = ("muon", "schedule_free_adamw", "lion", "psgd_kron")
+OPTIMIZERS = ("proximal_sgd", "proximal_adamw", "proximal_norm_sgd", "sgd", "adamw", *PEERS)
 PER_EXAMPLE_OPTIMIZERS = ("proximal_sgd", "proximal_adamw")
 WEIGHTINGS = ("uniform", "ief")
 
@@ -64,6 +74,95 @@ _scale_by_proximal = optax.inject_hyperparams(
 _scale_by_proximal_norm = optax.inject_hyperparams(nearprox.scale_by_proximal_norm)
 
 
+# ------------------------------------------------------------------------------ the peers
+
+# The task heads of nearprox.text.models: the output layer, which Muon leaves to Adam.
+OUTPUT_HEADS = ("classifier", "qa_outputs")
+# Muon's update scaled to AdamW's RMS, 0.2·√max(fan_in, fan_out) (Liu et al. 2025, "Muon is
+# Scalable for LLM Training"), so one learning rate and weight decay serve both of its parts
+# and AdamW's grid transfers; without it (optax's default width scaling) Muon's matrices want
+# a rate 10-100× Adam's, a second rate to tune.
+MUON_CONSISTENT_RMS = 0.2
+
+
+def muon_mask(params: Params) -> Params:
+  """True on the leaves Muon orthogonalizes: the 2-D ``kernel`` of every hidden dense layer
+  (attention, feed-forward, pooler). False on the leaves its Adam trains: biases, LayerNorm,
+  the ``embedding`` tables (the input layer) and the task head (:data:`OUTPUT_HEADS`, the
+  output layer), as Muon's authors prescribe (Jordan et al. 2024: "the input embedding,
+  final output layer, and any internal gains or biases should be optimized using a standard
+  method such as AdamW"; Liu et al. 2025 keep embeddings and head on AdamW too)."""
+
+  def hidden_matrix(path, x) -> bool:
+    top = getattr(path[0], "key", None) if path else None
+    return _leaf_name(path) == "kernel" and jnp.ndim(x) == 2 and top not in OUTPUT_HEADS
+
+  return jax.tree_util.tree_map_with_path(hidden_matrix, params)
+
+
+def scale_by_muon_and_adam() -> optax.GradientTransformation:
+  """``optax.contrib.muon``'s directions with its defaults, before weight decay and learning
+  rate: Muon (Nesterov momentum β = 0.95, 5 Newton–Schulz steps, scaled to AdamW's RMS by
+  :data:`MUON_CONSISTENT_RMS`) on the :func:`muon_mask` leaves, and Muon's inner Adam (b1 0.9,
+  b2 0.999, eps 1e-8, Nesterov, as ``muon`` builds it) on the others."""
+  matrices = lambda updates: jax.tree.map(lambda _: optax.contrib.MuonDimensionNumbers(), updates)
+  # optax.contrib.muon's scale_by_shape(consistent_rms=...) for 2-D (reduction, output) leaves.
+  rms_like_adamw = optax.stateless_with_tree_map(
+      lambda u, _: u * (MUON_CONSISTENT_RMS * math.sqrt(max(u.shape)))
+  )
+  return optax.partition(
+      {
+          "muon": optax.chain(
+              optax.contrib.scale_by_muon(weight_dimension_numbers=matrices), rms_like_adamw
+          ),
+          "adam": optax.scale_by_adam(nesterov=True),
+      },
+      lambda params: jax.tree.map(lambda m: "muon" if m else "adam", muon_mask(params)),
+  )
+
+
+def scale_by_psgd_kron(seed: int = 0) -> optax.GradientTransformationExtraArgs:
+  """``psgdax.kron``'s direction with its defaults (Kronecker-factored preconditioners,
+  momentum 0.9, preconditioner scale from the first gradients, updates clipped to RMS 1),
+  its random preconditioner updates seeded by ``seed``. psgdax is optional (the ``train``
+  extra): imported here, when asked for."""
+  try:
+    import psgdax
+  except ImportError as error:
+    raise ImportError(
+        "config.optimizer.name='psgd_kron' needs psgdax: pip install psgdax (or nearprox[train])"
+    ) from error
+  return psgdax.scale_by_kron(preconditioner_init_scale=None, key=jax.random.PRNGKey(seed))
+
+
+def _schedule_free_adamw(peak_learning_rate, warmup_steps: int, weight_decay):
+  """``optax.contrib.schedule_free_adamw`` (b1 0.9, b2 0.999, eps 1e-8, weight_lr_power 2)
+  with its weight decay on kernels only (:func:`kernel_mask`, as AdamW's). Its learning rate
+  warms up linearly and then stays constant: schedule-free forbids a decay, the averaging of
+  the iterates does its work (Defazio et al. 2024)."""
+  schedule = optax.warmup_constant_schedule(0.0, peak_learning_rate, max(warmup_steps, 1))
+  adamw_without_momentum = optax.chain(
+      optax.scale_by_rms(decay=0.999, eps=1e-8, eps_in_sqrt=False, bias_correction=True),
+      optax.add_decayed_weights(weight_decay, kernel_mask),
+      optax.scale_by_learning_rate(schedule),
+  )
+  return optax.contrib.schedule_free(adamw_without_momentum, schedule, b1=0.9)
+
+
+_schedule_free = optax.inject_hyperparams(_schedule_free_adamw, static_args=("warmup_steps",))
+
+
+def evaluation_params(opt_state, params: Params) -> Params:
+  """The parameters to evaluate and export. "schedule_free_adamw" (the only optimizer whose
+  state holds a ``ScheduleFreeState``): its averaged iterate x,
+  ``optax.contrib.schedule_free_eval_params``, not the interpolated point y that its
+  gradients are taken at and ``params`` hold. Every other optimizer: ``params``."""
+  schedule_free = optax.tree_utils.tree_get(opt_state, "ScheduleFreeState")
+  if schedule_free is None:
+    return params
+  return optax.contrib.schedule_free_eval_params(schedule_free, params)
+
+
 def _check_choice(value, choices, name: str) -> None:
   if value not in choices:
     raise ValueError(f"config.optimizer.{name} must be one of {choices}, got {value!r}")
@@ -86,14 +185,22 @@ def create_optimizer(config, num_steps: int, axis_name: str | None):
         f"config.optimizer.weighting={weighting!r} weights per-example gradients: it needs one "
         f"of {PER_EXAMPLE_OPTIMIZERS}, got name={opt.name!r}"
     )
-  if not per_example and (step_size != "none" or max_update_norm):
+  normalization = opt.get("weight_normalization", "sum")
+  if not per_example and (step_size != "none" or max_update_norm or normalization != "sum"):
     raise ValueError(
-        "config.optimizer.step_size and max_update_norm configure the proximal filter: they "
+        "config.optimizer.step_size, max_update_norm and weight_normalization configure the "
+        "proximal filter: they "
         f"need one of {PER_EXAMPLE_OPTIMIZERS}, got name={opt.name!r}"
     )
   if not max_update_norm >= 0:
     raise ValueError(
         f"config.optimizer.max_update_norm must be >= 0 (0 disables), got {max_update_norm!r}"
+    )
+  # A negative peak learning rate ascends the loss, 0 trains nothing, NaN or inf destroy
+  # the parameters at the first step.
+  if not (math.isfinite(opt.learning_rate) and opt.learning_rate > 0):
+    raise ValueError(
+        f"config.optimizer.learning_rate must be finite and > 0, got {opt.learning_rate!r}"
     )
   warmup_steps = int(round(opt.warmup_fraction * num_steps))
   learning_rate = _scale_by_learning_rate(opt.learning_rate, warmup_steps, num_steps)
@@ -116,6 +223,7 @@ def create_optimizer(config, num_steps: int, axis_name: str | None):
         step_size=step_size,
         max_update_norm=max_update_norm or None,
         sketch_dim=sketch_dim,
+        weight_normalization=normalization,
     )
     nearprox.scale_by_proximal(opt.damping, **settings)  # its argument errors now, not at init
     proximal = _scale_by_proximal(opt.damping, **settings)
@@ -125,6 +233,16 @@ def create_optimizer(config, num_steps: int, axis_name: str | None):
     return optax.chain(_scale_by_proximal_norm(opt.damping), l2, sgd), False
   if opt.name == "sgd":
     return optax.chain(l2, sgd), False
+  # The peers: their library's direction in AdamW's place, the same decay and learning rate.
+  decay = optax.add_decayed_weights(opt.weight_decay, kernel_mask)
+  if opt.name == "muon":
+    return optax.chain(l2, scale_by_muon_and_adam(), decay, learning_rate), False
+  if opt.name == "lion":
+    return optax.chain(l2, optax.scale_by_lion(), decay, learning_rate), False
+  if opt.name == "psgd_kron":
+    return optax.chain(l2, scale_by_psgd_kron(config.seed), decay, learning_rate), False
+  if opt.name == "schedule_free_adamw":  # its own schedule: warmup, then constant
+    return optax.chain(l2, _schedule_free(opt.learning_rate, warmup_steps, opt.weight_decay)), False
   return optax.chain(l2, adamw), False
 
 

@@ -108,7 +108,8 @@ class Runner:
       self.sharded = NamedSharding(self.mesh, P(AXIS))
 
   def compile(self, train_fn, eval_fn) -> None:
-    """train_fn(state, batch, rng) -> (state, metrics); eval_fn(params, batch) -> logits."""
+    """train_fn(state, batch, rng) -> (state, metrics); eval_fn(state, batch) -> logits (it
+    picks the params it evaluates from the state)."""
     if self.mode == "jit":
       self._train = jax.jit(train_fn, donate_argnums=0)
       self._eval = jax.jit(eval_fn)
@@ -176,7 +177,7 @@ class Runner:
 
   def eval(self, device_state, batch) -> np.ndarray:
     """Logits of this host's rows of ``batch``."""
-    logits = self._eval(device_state.params, self._put_batch(batch))
+    logits = self._eval(device_state, self._put_batch(batch))
     if self.mode == "pmap":
       return np.asarray(logits).reshape((-1,) + logits.shape[2:])
     if self.mode == "shard_map":

@@ -19,7 +19,8 @@ last step, fall back to the previous checkpoint if the latest is unreadable; SIG
 the final evaluation returns ``preempted`` and a rerun evaluates again; several processes
 stop together, :func:`preemption_notice`), TensorBoard events and a JSON-lines log in
 ``workdir``, a progress bar, dev/test evaluation and the export of the fine-tuned model as a
-Hugging Face directory. Several hosts:
+Hugging Face directory (both at ``optimizers.evaluation_params``: for schedule-free AdamW
+its averaged iterate, for the others the trained params). Several hosts:
 :func:`nearprox.training.parallel.initialize` joins them (``jax.distributed``); each host
 reads its block of every global batch.
 
@@ -145,9 +146,10 @@ def train_step(
 
 
 def step_functions(config, task: data.Task, model, tx, per_example: bool, axis_name):
-  """(train_fn(state, batch, rng), eval_fn(params, batch)): :func:`train_step` with the
+  """(train_fn(state, batch, rng), eval_fn(state, batch)): :func:`train_step` with the
   config's objective, optimizer ``tx`` (``optimizers.create_optimizer``) and example
-  weighting bound, and :func:`eval_step`; per-device functions for ``parallel.Runner``."""
+  weighting bound, and :func:`eval_step` at the state's ``optimizers.evaluation_params``;
+  per-device functions for ``parallel.Runner``."""
   objective = objective_config(config)
   logits_fn = models.bert_logits_fn(model, deterministic=not config.model.dropout)
   perturbation_fn = functools.partial(
@@ -157,7 +159,8 @@ def step_functions(config, task: data.Task, model, tx, per_example: bool, axis_n
       task=task.kind,
       hidden_size=model.config.hidden_size,
   )
-  # iEF weights come from the clean logits of the loss's own forward pass.
+  # iEF weights from the loss's own forward passes: the clean task term's by default, the
+  # whole loss's with config.objective.ief_weights="whole_loss".
   ief = config.optimizer.get("weighting", "uniform") == "ief"
   loss_fn = objectives.make_loss_at_perturbation(
       logits_fn, objective, task=task.kind, with_ief_weights=ief
@@ -174,7 +177,13 @@ def step_functions(config, task: data.Task, model, tx, per_example: bool, axis_n
       input_keys=task_io.input_keys(task),
       l2_weight=config.objective.l2_weight,
   )
-  eval_fn = functools.partial(eval_step, logits_fn=models.bert_logits_fn(model, deterministic=True))
+  eval_logits_fn = models.bert_logits_fn(model, deterministic=True)
+
+  def eval_fn(state: TrainState, batch):
+    # The evaluated params: schedule-free AdamW's averaged iterate, the others' params.
+    params = optimizers.evaluation_params(state.opt_state, state.params)
+    return eval_step(params, batch, logits_fn=eval_logits_fn)
+
   return train_fn, eval_fn
 
 
@@ -332,6 +341,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path) -
     progress.close()
     checkpoints.wait()
 
+  # The model that was evaluated is the one exported and returned: for schedule-free AdamW
+  # its averaged iterate, not the point its last gradient was taken at.
+  evaluated_params = optimizers.evaluation_params(state.opt_state, state.params)
   report = {
       "task": task.name,
       "optimizer": config.optimizer.name,
@@ -351,7 +363,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path) -
         }
         if config.export_hf and parallel.is_main_process():
           report["hf_model"] = str(
-              models.save_pretrained(model, state.params, tokenizer, workdir / "hf_model")
+              models.save_pretrained(model, evaluated_params, tokenizer, workdir / "hf_model")
           )
     except Preempted:
       logging.warning("SIGTERM after step %d, before the final evaluation ended", state.step)
@@ -365,7 +377,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path) -
   writer.close()
   if parallel.is_main_process():
     (workdir / "report.json").write_text(json.dumps(report, indent=2))
-  report["params"] = state.params
+  report["params"] = evaluated_params
   return report
 
 
