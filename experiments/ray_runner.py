@@ -114,8 +114,8 @@ def runtime_env(devices: int) -> dict:
       for f in os.environ.get("XLA_FLAGS", "").split()
       if not f.startswith("--xla_force_host_platform_device_count")
   ]
+  flags.append(f"--xla_force_host_platform_device_count={devices}")
   if devices > 1:
-    flags.append(f"--xla_force_host_platform_device_count={devices}")
     env["JAX_PLATFORMS"] = "cpu"  # the multi-device study is about host devices
   env["XLA_FLAGS"] = " ".join(flags)
   return {"env_vars": env}

@@ -217,7 +217,9 @@ def test_ray_trains_the_pending_runs_and_stores_each(tmp_path, local_ray, monkey
   one = later.run("one device", {"parallel": "jit"})
   two = later.run("two devices", {"parallel": "shard_map", "optimizer.gram": "global"}, devices=2)
   assert (one["machine"]["devices"], two["machine"]["devices"]) == (1, 2)
-  assert two["report"]["steps"] == 2 and later.to_train()[0].label == "broken"
+  assert two["report"]["steps"] == 2
+  assert later.run("broken", {"data_dir": str(tmp_path / "nowhere"), "seed": 1}) is None
+  assert [r.label for r in later.to_train()] == ["broken"]  # asked for again by a new pass
 
 
 def test_a_run_stopped_by_sigterm_resumes_from_its_checkpoint(tmp_path, monkeypatch):
