@@ -28,7 +28,7 @@ import os
 import signal
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import ray
@@ -91,13 +91,16 @@ def saved_step(workdir: Path, key: str) -> int:
   return max(steps, default=0)
 
 
-def in_order(requests: list[runs.Request], workdir: Path) -> list[tuple[runs.Request, int]]:
+def in_order(
+    requests: list[runs.Request], workdir: Path, first: Sequence[str] = ()
+) -> list[tuple[runs.Request, int]]:
   """(request, step of its checkpoint or 0): the runs stopped with a checkpoint first, the
-  furthest along first (their steps count only once they end), then the rest in request
-  order."""
+  furthest along first (their steps count only once they end), then those whose label
+  contains one of ``first``, then the rest in request order."""
   steps = {r.key: saved_step(workdir, r.key) for r in requests}
   done = lambda r: steps[r.key] / r.config.num_train_steps
-  return [(r, steps[r.key]) for r in sorted(requests, key=lambda r: -done(r))]
+  later = lambda r: not any(part in r.label for part in first)
+  return [(r, steps[r.key]) for r in sorted(requests, key=lambda r: (-done(r), later(r)))]
 
 
 def runtime_env(devices: int) -> dict:
@@ -149,12 +152,14 @@ def train(
     max_retries: int = 2,
     deadline: float | None = None,
     progress_seconds: float = 600.0,
+    first: Sequence[str] = (),
     log: Callable[[str], None] = print,
 ) -> Outcome:
   """Trains ``requests`` in parallel on Ray (``ray.init()`` first if Ray is not running) and
   saves each record to ``store`` as its task returns.
 
-  Runs stopped earlier with a checkpoint go first (:func:`in_order`). At ``deadline`` (a ``time.time()``)
+  Runs stopped earlier with a checkpoint go first, then those labelled with one of ``first``
+  (:func:`in_order`). At ``deadline`` (a ``time.time()``)
   or on Ctrl-C / SIGTERM the running tasks checkpoint and stop (module docstring).
   """
   workdir.mkdir(parents=True, exist_ok=True)
@@ -162,7 +167,7 @@ def train(
   if not ray.is_initialized():
     ray.init(include_dashboard=False, log_to_driver=True)
   pending = {}
-  for request, step in in_order(requests, workdir):
+  for request, step in in_order(requests, workdir, first):
     resumed = f", from its checkpoint at step {step}" if step else ""
     log(f"[run] {request.label} ({request.key}{resumed})")
     task = _train_task.options(

@@ -78,6 +78,9 @@ _RAY_ADDRESS = flags.DEFINE_string("ray_address", None, "a Ray cluster (default:
 _CPUS_PER_RUN = flags.DEFINE_float("cpus_per_run", 1.0, "Ray CPUs each run asks for")
 _GPUS_PER_RUN = flags.DEFINE_float("gpus_per_run", 0.0, "Ray GPUs (or a fraction) per run")
 _MAX_RETRIES = flags.DEFINE_integer("max_retries", 2, "restarts of a run whose worker died")
+_FIRST = flags.DEFINE_list(
+    "first", [], "train the runs whose label contains one of these first (e.g. proximal_ief_eq8)"
+)
 PROGRESS_SECONDS = 600  # a run in training logs its step and time left this often
 
 
@@ -138,6 +141,7 @@ def train_missing(plan, config, out: Path, only, deadline, log=print) -> str | N
         max_retries=_MAX_RETRIES.value,
         deadline=deadline,
         progress_seconds=PROGRESS_SECONDS,
+        first=_FIRST.value,
         log=log,
     )
     failed.update(outcome.failed)

@@ -126,6 +126,9 @@ def test_stopped_runs_go_first_furthest_along_first(tmp_path):
   ordered = [(r.label, step) for r, step in ray_runner.in_order(store.to_train(), work)]
   # 240 of 300 steps, 100 of 200, 10 of 400.
   assert ordered == [("opt2", 240), ("opt1", 100), ("opt3", 10), ("opt0", 0), ("qa", 0)]
+  # --first: after the checkpointed runs, the labels asked for come first.
+  ordered = [r.label for r, _ in ray_runner.in_order(store.to_train(), work, first=["qa"])]
+  assert ordered == ["opt2", "opt1", "opt3", "qa", "opt0"]
 
 
 def test_progress_lines_read_the_latest_training_row(tmp_path):
