@@ -18,7 +18,8 @@ which sets it before the task's process imports JAX; every task runs in a fresh 
 
 Stopping: Ctrl-C, SIGTERM or ``deadline`` writes ``workdir/STOP``; each running task then
 sends itself SIGTERM, so the training loop saves a checkpoint at its current step and stops
-(the run is resumed by the next invocation), and queued tasks return without training.
+(the run is resumed by the next invocation); queued tasks are cancelled (those of runs
+with a folder in ``workdir`` return without training).
 """
 
 from __future__ import annotations
@@ -64,6 +65,7 @@ def _train_task(request: runs.Request, workdir: str) -> dict:
   stop_file = Path(workdir) / STOP_FILE
   if stop_file.exists():
     return {"status": "not started"}
+  (Path(workdir) / request.key).mkdir(parents=True, exist_ok=True)  # started (see train)
   config = runs.apply_overrides(request.config, {"progress": False})  # the driver reports it
   finished = threading.Event()
   threading.Thread(target=_sigterm_on, args=(stop_file, finished), daemon=True).start()
@@ -182,6 +184,8 @@ def train(
   stop = _Stopper(workdir, log)
   try:
     while pending:
+      if stop.why:
+        _drop_unstarted(pending, workdir)
       timeout = progress_seconds
       if deadline is not None:
         timeout = max(0.0, min(timeout, deadline - time.time()))
@@ -201,6 +205,15 @@ def train(
     stop.restore()
   outcome.interrupted = stop.why
   return outcome
+
+
+def _drop_unstarted(pending: dict, workdir: Path) -> None:
+  """Cancels the queued tasks of runs that never started (no run folder in ``workdir``), so
+  a stop does not wait for a fresh worker per queued run to see the STOP file."""
+  for ref, (request, _) in list(pending.items()):
+    if not (workdir / request.key).exists():
+      ray.cancel(ref)
+      del pending[ref]
 
 
 def _collect(ref, request: runs.Request, started: float, store, outcome: Outcome, log) -> None:

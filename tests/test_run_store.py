@@ -8,6 +8,7 @@ parallel, multi-device through the runtime environment, a failing run logged and
 import json
 import os
 import signal
+import time
 from pathlib import Path
 
 import ml_collections
@@ -223,6 +224,27 @@ def test_ray_trains_the_pending_runs_and_stores_each(tmp_path, local_ray, monkey
   assert two["report"]["steps"] == 2
   assert later.run("broken", {"data_dir": str(tmp_path / "nowhere"), "seed": 1}) is None
   assert [r.label for r in later.to_train()] == ["broken"]  # asked for again by a new pass
+
+
+def test_a_stop_cancels_the_tasks_of_runs_that_never_started(tmp_path, local_ray):
+  """A run without a folder in the workdir never started: its queued task is cancelled, not
+  left to start a worker only to find the STOP file; a started run's task is kept."""
+  import types
+
+  import ray
+
+  sleeper = ray.remote(num_cpus=0)(lambda: time.sleep(60))
+  (tmp_path / "started").mkdir()
+  started, unstarted = sleeper.remote(), sleeper.remote()
+  pending = {
+      started: (types.SimpleNamespace(key="started"), 0.0),
+      unstarted: (types.SimpleNamespace(key="unstarted"), 0.0),
+  }
+  ray_runner._drop_unstarted(pending, tmp_path)
+  assert list(pending) == [started]
+  with pytest.raises(ray.exceptions.TaskCancelledError):
+    ray.get(unstarted, timeout=30)
+  ray.cancel(started, force=True)
 
 
 def test_a_run_stopped_by_sigterm_resumes_from_its_checkpoint(tmp_path, monkeypatch):
