@@ -7,4 +7,4 @@ bash scripts/setup_env.sh test
 .venv/bin/pyink --check --quiet .
 .venv/bin/ruff check --quiet .
 export HF_HUB_OFFLINE=1
-exec .venv/bin/python -m pytest tests -n 2 "$@"
+exec .venv/bin/python -m pytest tests -n 2 --durations=20 "$@"
