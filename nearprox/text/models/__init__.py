@@ -30,6 +30,8 @@ hold it to 1e-4 absolute).
   tolerance on MiniLM); softmax and LayerNorm statistics stay float32.
 * ``tiny_config(**overrides)`` and ``init_params(model, rng, batch_size=2, seq_len=8)`` for
   tests; ``BertConfig`` (HF field names, ``from_dict``/``from_json_file``/``to_dict``).
+* ``Seq2SeqConfig``, ``Seq2SeqTransformer``, ``init_seq2seq``, ``seq2seq_logits_fn``: the
+  encoder–decoder Transformer for translation (``seq2seq.py``), tied output projection.
 * Parameters live only in ``nn.Dense``, ``nn.Embed`` and ``nn.LayerNorm`` layers, named as in
   HF (``bert/encoder/layer_0/attention/self/query/kernel``); ``flax_path_to_hf_key`` is the
   conversion table.
@@ -61,6 +63,12 @@ from nearprox.text.models.hf_checkpoints import (
     save_pretrained,
     state_dict_to_params,
 )
+from nearprox.text.models.seq2seq import (
+    Seq2SeqConfig,
+    Seq2SeqTransformer,
+    init_seq2seq,
+    seq2seq_logits_fn,
+)
 
 __all__ = [
     "ACTIVATIONS",
@@ -71,9 +79,12 @@ __all__ = [
     "BertOutput",
     "LoadReport",
     "QuestionAnsweringOutput",
+    "Seq2SeqConfig",
+    "Seq2SeqTransformer",
     "SequenceClassifierOutput",
     "bert_logits_fn",
     "flax_path_to_hf_key",
+    "init_seq2seq",
     "init_params",
     "load_config",
     "load_pretrained",
@@ -83,6 +94,7 @@ __all__ = [
     "read_state_dict",
     "resolve_checkpoint_dir",
     "save_pretrained",
+    "seq2seq_logits_fn",
     "state_dict_to_params",
     "tiny_config",
 ]
