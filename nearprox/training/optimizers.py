@@ -11,7 +11,10 @@ The per-example optimizers put :func:`nearprox.scale_by_proximal` first: "proxim
 (SGD on the filtered gradient) and "proximal_adamw" (AdamW on it, the filter in front of
 Adam as in Natural GaLore). ``config.optimizer.weighting`` ("uniform" or "ief") and
 ``step_size`` / ``max_update_norm`` (0 disables the clip) configure the filter; the
-weighting needs a per-example optimizer.
+weighting needs a per-example optimizer. "weighted_mean_adamw" is the ablation of
+"proximal_adamw" without the filter: AdamW on the example-weighted mean of the per-example
+gradients (:func:`weighted_mean_aggregate`), the same weights and chain, no Gram.
+
 
 The peers (:data:`PEERS`, what a JAX user would pick instead of AdamW) keep their library's
 direction and defaults inside AdamW's chain: the L2 gradient first, then the direction, the
@@ -38,7 +41,8 @@ from nearprox import spectral_filter
 Params = Any
 PEERS = ("muon", "schedule_free_adamw", "lion", "psgd_kron")
 OPTIMIZERS = ("proximal_sgd", "proximal_adamw", "proximal_norm_sgd", "sgd", "adamw", *PEERS)
-PER_EXAMPLE_OPTIMIZERS = ("proximal_sgd", "proximal_adamw")
+OPTIMIZERS += ("weighted_mean_adamw",)
+PER_EXAMPLE_OPTIMIZERS = ("proximal_sgd", "proximal_adamw", "weighted_mean_adamw")
 WEIGHTINGS = ("uniform", "ief")
 
 
@@ -152,6 +156,52 @@ def _schedule_free_adamw(peak_learning_rate, warmup_steps: int, weight_decay):
 _schedule_free = optax.inject_hyperparams(_schedule_free_adamw, static_args=("warmup_steps",))
 
 
+def weighted_mean_aggregate(axis_name: str | None = None) -> optax.GradientTransformationExtraArgs:
+  """Aggregates per-example gradients into their example-weighted mean, with no filter:
+
+      d = Σ_i w_i g_i,     w = m∘s / Σ m∘s,
+
+  mask m and example weights s ≥ 0 (s = 1 by default: the plain masked mean), the right-hand
+  side of :func:`nearprox.scale_by_proximal` without K: it is that transformation with the
+  identity in place of f(K). Like it, it comes first in a chain and takes the params pytree
+  with a leading batch axis on every leaf, or the factored form of
+  :func:`nearprox.per_example_grads`; ``update(..., mask=None, example_weights=None)``.
+  With ``axis_name`` (pmap / shard_map) the normalization Σ m∘s is over the global batch, so
+  every split of the batch gives the same d. Masked rows are zeroed first (NaN included);
+  an all-zero mass gives d = 0.
+
+  With the iEF weights s_i = ‖∇_z ℓ_i‖² in front of AdamW, it separates the iEF weights'
+  share of "iEF → AdamW" from the Gram filter's (issue 40, part 2).
+
+  References:
+    Wu, Yu, Zhang & Woodland, `An Improved Empirical Fisher Approximation for Natural
+    Gradient Descent <https://arxiv.org/abs/2406.06420>`_, NeurIPS 2024 (the iEF weights).
+  """
+
+  def init_fn(params):
+    del params
+    return optax.EmptyState()
+
+  def update_fn(updates, state, params=None, *, mask=None, example_weights=None, **extra_args):
+    del params, extra_args
+    batch = spectral_filter.batch_size(updates)
+    mask = jnp.ones((batch,), jnp.float32) if mask is None else jnp.asarray(mask, jnp.float32)
+    if mask.shape != (batch,):
+      raise ValueError(f"mask must have shape ({batch},), got {mask.shape}")
+    scaled = spectral_filter.masked_weights(mask, example_weights)  # m∘s
+    mass = jnp.sum(scaled)
+    if axis_name is not None:
+      mass = jax.lax.psum(mass, axis_name)
+    weights = jnp.where(mass > 0, scaled / jnp.where(mass > 0, mass, 1.0), 0.0)
+    updates = spectral_filter.zero_masked_examples(updates, mask)
+    aggregated = spectral_filter.combine(updates, weights)
+    if axis_name is not None:
+      aggregated = jax.lax.psum(aggregated, axis_name)
+    return aggregated, state
+
+  return optax.GradientTransformationExtraArgs(init_fn, update_fn)
+
+
 def evaluation_params(opt_state, params: Params) -> Params:
   """The parameters to evaluate and export. "schedule_free_adamw" (the only optimizer whose
   state holds a ``ScheduleFreeState``): its averaged iterate x,
@@ -192,6 +242,13 @@ def create_optimizer(config, num_steps: int, axis_name: str | None):
         "proximal filter: they "
         f"need one of {PER_EXAMPLE_OPTIMIZERS}, got name={opt.name!r}"
     )
+  if opt.name == "weighted_mean_adamw" and (
+      step_size != "none" or max_update_norm or normalization != "sum" or sketch_dim
+  ):
+    raise ValueError(
+        "config.optimizer.step_size, max_update_norm, weight_normalization and sketch_dim "
+        "configure the proximal filter, which name='weighted_mean_adamw' does not apply"
+    )
   if not max_update_norm >= 0:
     raise ValueError(
         f"config.optimizer.max_update_norm must be >= 0 (0 disables), got {max_update_norm!r}"
@@ -214,6 +271,8 @@ def create_optimizer(config, num_steps: int, axis_name: str | None):
       optax.trace(decay=opt.momentum, nesterov=opt.nesterov) if opt.momentum else optax.identity()
   )
   sgd = optax.chain(momentum, learning_rate)
+  if opt.name == "weighted_mean_adamw":  # the filter's ablation: the weights alone
+    return optax.chain(weighted_mean_aggregate(axis_name), l2, adamw), True
   if per_example:
     settings = dict(
         filter=opt.filter,
