@@ -3,8 +3,10 @@ smoothness divergence: logits in, one number per example [B] out.
 
 ``task`` is one of :data:`TASKS`: ``"classification"`` (logits [B, k], integer
 ``batch["labels"]``), ``"regression"`` (predictions [B] or [B, 1], float ``batch["labels"]``)
-or ``"qa"`` (a pair of start and end logits [B, T], ``batch["start_positions"]`` and
-``batch["end_positions"]``).
+``"qa"`` (a pair of start and end logits [B, T], ``batch["start_positions"]`` and
+``batch["end_positions"]``) or ``"translation"`` (logits [B, T, V] of every target position,
+integer ``batch["target_output_ids"]`` [B, T], padding id :data:`PAD_ID` = 0: one sentence
+pair is one example, its loss the mean over its target tokens).
 
 References:
   Wu, Yu, Zhang & Woodland, "An Improved Empirical Fisher Approximation for Natural Gradient
@@ -22,7 +24,8 @@ import jax.numpy as jnp
 import optax
 
 Batch = Mapping[str, jax.Array]
-TASKS = ("classification", "regression", "qa")
+TASKS = ("classification", "regression", "qa", "translation")
+PAD_ID = 0  # translation targets: the padding id (nearprox.text.data.subwords.PAD_ID)
 
 
 def _single_output(predictions: jax.Array) -> jax.Array:
@@ -36,10 +39,14 @@ def _single_output(predictions: jax.Array) -> jax.Array:
   return predictions[:, 0].astype(jnp.float32)
 
 
-def _by_task(task: str, logits, batch: Batch, *, classification, regression, qa) -> jax.Array:
+def _by_task(
+    task: str, logits, batch: Batch, *, classification, regression, qa, translation
+) -> jax.Array:
   """The task's function of (logits, labels): ``classification`` and ``regression`` take
   (logits, ``batch["labels"]``), ``qa`` takes (start logits, end logits, start and end
-  positions)."""
+  positions), ``translation`` (logits, ``batch["target_output_ids"]``)."""
+  if task == "translation":
+    return translation(logits, batch["target_output_ids"])
   if task == "classification":
     return classification(logits, batch["labels"])
   if task == "regression":
@@ -84,12 +91,47 @@ def symmetric_kl(logits: jax.Array, perturbed_logits: jax.Array) -> jax.Array:
   return kl_q_p + kl_p_q
 
 
-def task_loss(task: str, logits, batch: Batch) -> jax.Array:
+def _target_mask(targets: jax.Array) -> tuple[jax.Array, jax.Array]:
+  """(1 on real target tokens [B, T], their count n_i ≥ 1 [B])."""
+  mask = (targets != PAD_ID).astype(jnp.float32)
+  return mask, jnp.maximum(jnp.sum(mask, axis=-1), 1.0)
+
+
+def _smoothed_targets(targets: jax.Array, vocab_size: int, label_smoothing: float) -> jax.Array:
+  """ỹ_t = (1 − ε)·onehot(y_t) + ε/V, [B, T, V]."""
+  one_hot = jax.nn.one_hot(targets.astype(jnp.int32), vocab_size, dtype=jnp.float32)
+  return optax.smooth_labels(one_hot, label_smoothing)
+
+
+def translation_loss(logits: jax.Array, targets: jax.Array, label_smoothing: float = 0.0):
+  """ℓ_i = (1/n_i) Σ_t m_it CE(ỹ_it, softmax(z_it)) per sentence pair: logits [B, T, V],
+  target ids [B, T] (0 = padding, m = 0), n_i = Σ_t m_it real target tokens → [B].
+
+  ỹ is the one-hot target smoothed towards uniform by ``label_smoothing`` ε (Szegedy et
+  al. 2016, "Rethinking the Inception Architecture for Computer Vision"; 0.1 in Vaswani et
+  al. 2017).
+  """
+  mask, count = _target_mask(targets)
+  soft = _smoothed_targets(targets, logits.shape[-1], label_smoothing)
+  token_losses = optax.softmax_cross_entropy(logits.astype(jnp.float32), soft)
+  return jnp.sum(token_losses * mask, axis=-1) / count
+
+
+def _check_smoothing(task: str, label_smoothing: float) -> None:
+  if label_smoothing and task != "translation":
+    raise ValueError(
+        f"label_smoothing is for task 'translation', got {label_smoothing} for {task!r}"
+    )
+
+
+def task_loss(task: str, logits, batch: Batch, *, label_smoothing: float = 0.0) -> jax.Array:
   """The task's per-example loss [B] from ``logits_fn``'s output and the batch's labels.
 
   classification: ``batch["labels"]`` int [B]; regression: ``batch["labels"]`` float [B];
-  qa: ``batch["start_positions"]``, ``batch["end_positions"]`` int [B].
+  qa: ``batch["start_positions"]``, ``batch["end_positions"]`` int [B]; translation:
+  ``batch["target_output_ids"]`` int [B, T] (``label_smoothing`` ε: translation only).
   """
+  _check_smoothing(task, label_smoothing)
   return _by_task(
       task,
       logits,
@@ -97,6 +139,7 @@ def task_loss(task: str, logits, batch: Batch) -> jax.Array:
       classification=cross_entropy_loss,
       regression=mse_loss,
       qa=span_cross_entropy_loss,
+      translation=lambda z, y: translation_loss(z, y, label_smoothing),
   )
 
 
@@ -134,7 +177,17 @@ def span_cross_entropy_grad_sq_norm(start_logits, end_logits, start_positions, e
   )
 
 
-def ief_weights(task: str, logits, batch: Batch) -> jax.Array:
+def translation_grad_sq_norm(logits: jax.Array, targets: jax.Array, label_smoothing: float = 0.0):
+  """‖∇_z translation_loss‖² = (1/n_i²) Σ_t m_it ‖softmax(z_it) − ỹ_it‖² per pair, [B]
+  (docs/method.md: each token's cross-entropy gradient is p_t − ỹ_t, scaled by the 1/n_i of
+  the mean; padded positions have no gradient)."""
+  mask, count = _target_mask(targets)
+  soft = _smoothed_targets(targets, logits.shape[-1], label_smoothing)
+  residual = jax.nn.softmax(logits.astype(jnp.float32), axis=-1) - soft
+  return jnp.sum(jnp.sum(jnp.square(residual), axis=-1) * mask, axis=-1) / jnp.square(count)
+
+
+def ief_weights(task: str, logits, batch: Batch, *, label_smoothing: float = 0.0) -> jax.Array:
   """s_n = ‖∇_{z_n} task_loss_n‖² [B] for ``task_loss(task, logits, batch)``, same inputs.
 
   Pass them as ``example_weights`` to :func:`nearprox.scale_by_proximal`. With the natural
@@ -147,6 +200,7 @@ def ief_weights(task: str, logits, batch: Batch) -> jax.Array:
   the clean task term's weights; :func:`nearprox.text.objectives.ief_weights` also offers
   the whole loss's.
   """
+  _check_smoothing(task, label_smoothing)
   return _by_task(
       task,
       logits,
@@ -154,12 +208,20 @@ def ief_weights(task: str, logits, batch: Batch) -> jax.Array:
       classification=cross_entropy_logit_grad_sq_norm,
       regression=mse_grad_sq_norm,
       qa=span_cross_entropy_grad_sq_norm,
+      translation=lambda z, y: translation_grad_sq_norm(z, y, label_smoothing),
   )
 
 
-def smoothness_divergence(task: str, logits, perturbed_logits) -> jax.Array:
+def smoothness_divergence(task: str, logits, perturbed_logits, batch: Batch | None = None):
   """SMART's label-free ℓ_s per example [B]: symmetric KL (classification; mean over start
-  and end for qa) or squared difference of the outputs (regression, as mt-dnn)."""
+  and end for qa; for translation per target token, averaged over the pair's real target
+  tokens, which ``batch["target_output_ids"]`` marks) or squared difference of the outputs
+  (regression, as mt-dnn)."""
+  if task == "translation":
+    if batch is None:
+      raise ValueError("smoothness_divergence('translation', ...) needs the batch (target mask)")
+    mask, count = _target_mask(batch["target_output_ids"])
+    return jnp.sum(symmetric_kl(logits, perturbed_logits) * mask, axis=-1) / count
   if task == "classification":
     return symmetric_kl(logits, perturbed_logits)
   if task == "regression":

@@ -7,7 +7,7 @@ The proximal transform (:func:`nearprox.scale_by_proximal`) needs the per-exampl
     ℓ_i(θ) =                               adv_i(θ; sg(δ_i))       (combine="adv_only")
 
 δ_i ∈ R^{T×H} is added to example i's word-embedding lookup (before positions, token types
-and LayerNorm), is zero on padding tokens (attention_mask == 0), is found by gradient ascent
+and LayerNorm; for task "translation" to the source sentence's token embeddings), is zero on padding tokens (attention_mask == 0), is found by gradient ascent
 on example i's own loss and is a constant for the parameter gradient (``stop_gradient``).
 Every normalization and projection is per example (over that example's T×H entries),
 never across the batch, so ℓ_i depends on example i only: evaluated on a batch of one it
@@ -182,6 +182,8 @@ class ObjectiveConfig:
       passes, s_i = ‖∂ℓ_i/∂z_i‖² + ‖∂ℓ_i/∂z̃_i‖² (z clean, z̃ perturbed), which is what iEF
       asks for (Wu et al. 2024, eq. 7: ∇_z of the loss whose per-example gradients form K).
       The two coincide for kind="clean".
+    label_smoothing: ε of the smoothed targets of task "translation" (0.1 in Vaswani et al.
+      2017); must be 0 for the other tasks.
 
   ``dataclasses.replace`` keeps resolved values: replace(fgm_cfg, kind="pgd") keeps ε=1.
   """
@@ -197,6 +199,7 @@ class ObjectiveConfig:
   combine: str = "sum"
   l2_weight: float = 0.0
   ief_weights: str = "clean_term"
+  label_smoothing: float = 0.0
 
   def __post_init__(self):
     if self.kind not in KINDS:
@@ -212,6 +215,10 @@ class ObjectiveConfig:
       raise ValueError(f"ObjectiveConfig.norm must be one of {NORMS}, got {self.norm!r}")
     if self.combine not in COMBINES:
       raise ValueError(f"ObjectiveConfig.combine must be one of {COMBINES}, got {self.combine!r}")
+    if not _is_number(self.label_smoothing, numbers.Real) or not 0 <= self.label_smoothing < 1:
+      raise ValueError(
+          f"ObjectiveConfig.label_smoothing must lie in [0, 1), got {self.label_smoothing!r}"
+      )
     for name in ("epsilon", "step_size", "noise_std", "adv_weight", "l2_weight"):
       value = getattr(self, name)
       if not _is_number(value, numbers.Real) or not value >= 0:  # also rejects NaN
@@ -255,6 +262,22 @@ def _split_keys(rng, batch_size):
   return keys[:, 0], keys[:, 1]
 
 
+def _perturbed_ids(task: str, batch: Batch) -> jax.Array:
+  """The token ids [B, T] whose embeddings δ perturbs: the source sentence for translation."""
+  return batch["source_ids"] if task == "translation" else batch["input_ids"]
+
+
+def _perturbed_mask(task: str, batch: Batch) -> jax.Array:
+  """[B, T, 1]: 1 on the perturbed real tokens, 0 on padding."""
+  if task == "translation":
+    return (batch["source_ids"] != losses.PAD_ID).astype(jnp.float32)[..., None]
+  return token_mask(batch)
+
+
+def _task_loss(config: ObjectiveConfig, task: str, logits, batch: Batch) -> jax.Array:
+  return losses.task_loss(task, logits, batch, label_smoothing=config.label_smoothing)
+
+
 def _needs_noise(config: ObjectiveConfig) -> bool:
   return (config.kind == "pgd" and config.random_start) or (
       config.kind == "smart" and config.noise_std > 0
@@ -264,9 +287,9 @@ def _needs_noise(config: ObjectiveConfig) -> bool:
 def _perturb(logits_fn, config, task, hidden_size, params, batch, rng):
   """(clean logits, sg(δ) [B,T,H], dropout keys) for an adversarial ``config``; the clean
   logits keep their dependence on ``params`` so the clean forward can be shared."""
-  input_ids = batch["input_ids"]
+  input_ids = _perturbed_ids(task, batch)
   shape = (*input_ids.shape, hidden_size)
-  mask = token_mask(batch)
+  mask = _perturbed_mask(task, batch)
   dropout_keys, noise_keys = _split_keys(rng, input_ids.shape[0])
   if noise_keys is None and _needs_noise(config):
     raise ValueError(
@@ -280,12 +303,12 @@ def _perturb(logits_fn, config, task, hidden_size, params, batch, rng):
 
   def task_at(delta):
     logits = logits_at(delta)
-    return losses.task_loss(task, logits, batch), logits
+    return _task_loss(config, task, logits, batch), logits
 
   if config.kind == "smart":
     clean_logits = logits_at(zeros)
     target = jax.lax.stop_gradient(clean_logits)
-    divergence = lambda d: losses.smoothness_divergence(task, target, logits_at(d))
+    divergence = lambda d: losses.smoothness_divergence(task, target, logits_at(d), batch)
     grad_fn = sum_grad(divergence)
 
     def step(_, delta):
@@ -347,7 +370,7 @@ def adversarial_perturbation(
   """
   _check(config, task, hidden_size)
   if config.kind == "clean":
-    return jnp.zeros((*batch["input_ids"].shape, hidden_size), jnp.float32)
+    return jnp.zeros((*_perturbed_ids(task, batch).shape, hidden_size), jnp.float32)
   return _perturb(logits_fn, config, task, hidden_size, params, batch, rng)[1]
 
 
@@ -356,6 +379,11 @@ def _check(config, task, hidden_size):
     raise ValueError(f"config must be an ObjectiveConfig, got {type(config).__name__}")
   if task not in TASKS:
     raise ValueError(f"task must be one of {TASKS}, got {task!r}")
+  if config.label_smoothing and task != "translation":
+    raise ValueError(
+        f"ObjectiveConfig.label_smoothing is for task 'translation'; task {task!r} needs 0, "
+        f"got {config.label_smoothing}"
+    )
   if config.kind != "clean" and (not isinstance(hidden_size, int) or hidden_size < 1):
     raise ValueError(
         f"hidden_size must be a positive int (the word-embedding width), got " f"{hidden_size!r}"
@@ -365,12 +393,12 @@ def _check(config, task, hidden_size):
 def _combine(config, task, batch, clean_logits, perturbed_logits) -> jax.Array:
   """ℓ_i = task_i + adv_weight·adv_i ("sum") or adv_i ("adv_only"), per example."""
   if config.kind == "smart":
-    adv = losses.smoothness_divergence(task, clean_logits, perturbed_logits)
+    adv = losses.smoothness_divergence(task, clean_logits, perturbed_logits, batch)
   else:
-    adv = losses.task_loss(task, perturbed_logits, batch)
+    adv = _task_loss(config, task, perturbed_logits, batch)
   if config.combine == "adv_only":
     return adv
-  return losses.task_loss(task, clean_logits, batch) + config.adv_weight * adv
+  return _task_loss(config, task, clean_logits, batch) + config.adv_weight * adv
 
 
 def make_per_example_loss(
@@ -405,8 +433,8 @@ def make_per_example_loss(
 
   def loss_fn(params, batch, rng=None):
     if config.kind == "clean":
-      dropout_keys, _ = _split_keys(rng, batch["input_ids"].shape[0])
-      return losses.task_loss(task, logits_fn(params, batch, None, dropout_keys), batch)
+      dropout_keys, _ = _split_keys(rng, _perturbed_ids(task, batch).shape[0])
+      return _task_loss(config, task, logits_fn(params, batch, None, dropout_keys), batch)
     clean_logits, delta, dropout_keys = _perturb(
         logits_fn, config, task, hidden_size, params, batch, rng
     )
@@ -448,11 +476,11 @@ def make_loss_at_perturbation(
   _check(config, task, 1)
 
   def loss_fn(params, batch, rng, delta):
-    dropout_keys, _ = _split_keys(rng, batch["input_ids"].shape[0])
+    dropout_keys, _ = _split_keys(rng, _perturbed_ids(task, batch).shape[0])
     clean_logits = logits_fn(params, batch, None, dropout_keys)
     perturbed_logits = None
     if config.kind == "clean":
-      values = losses.task_loss(task, clean_logits, batch)
+      values = _task_loss(config, task, clean_logits, batch)
     else:
       perturbed_logits = logits_fn(params, batch, jax.lax.stop_gradient(delta), dropout_keys)
       values = _combine(config, task, batch, clean_logits, perturbed_logits)
@@ -481,7 +509,7 @@ def ief_weights(config: ObjectiveConfig, task: str, batch: Batch, clean_logits, 
   """
   clean_logits = jax.lax.stop_gradient(clean_logits)
   if config.kind == "clean" or config.ief_weights == "clean_term":
-    return losses.ief_weights(task, clean_logits, batch)
+    return losses.ief_weights(task, clean_logits, batch, label_smoothing=config.label_smoothing)
   perturbed_logits = jax.lax.stop_gradient(perturbed_logits)
   total = lambda clean, perturbed: jnp.sum(_combine(config, task, batch, clean, perturbed))
   grads = jax.grad(total, argnums=(0, 1))(clean_logits, perturbed_logits)

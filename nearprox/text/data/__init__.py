@@ -20,6 +20,13 @@ questions, :func:`encode_squad` cuts them into overlapping windows (:class:`Squa
 whose ``arrays()`` go through :func:`batches` like the classification arrays), and
 :mod:`nearprox.text.qa` turns window logits back into answer texts and scores them
 (:mod:`nearprox.text.data.squad`, :mod:`nearprox.text.data.squad_features`).
+
+Translation (task "multi30k", ``Task.kind == "translation"``): :func:`load_translation`
+reads a folder of ``{split}.{lang}[.gz]`` files into a :class:`ParallelSplit`,
+:func:`subword_tokenizer` trains (or loads from the cache) the joint subword vocabulary,
+:func:`encode_pairs` makes the id arrays, :func:`translation_scores` gives BLEU and chrF
+(:mod:`nearprox.text.data.translation`, :mod:`nearprox.text.data.subwords`,
+:mod:`nearprox.text.data.bleu`).
 """
 
 from __future__ import annotations
@@ -35,6 +42,7 @@ from nearprox.text.data.batching import (
     num_batches,
     shard_batch,
 )
+from nearprox.text.data.bleu import TRANSLATION_METRICS, translation_scores
 from nearprox.text.data.encoding import (
     Encoded,
     cache_key,
@@ -59,6 +67,14 @@ from nearprox.text.data.squad import (
     split_by_article,
 )
 from nearprox.text.data.squad_features import SquadFeatures, encode_squad
+from nearprox.text.data.subwords import (
+    decode_ids,
+    encode_pairs,
+    encode_sources,
+    load_tokenizer,
+    save_tokenizer,
+    subword_tokenizer,
+)
 from nearprox.text.data.tasks import (
     GLUE_TASKS,
     TASKS,
@@ -69,6 +85,12 @@ from nearprox.text.data.tasks import (
     get_task,
 )
 from nearprox.text.data.tfds import load_glue_tfds
+from nearprox.text.data.translation import (
+    MULTI30K_DIR_ENV,
+    ParallelSplit,
+    load_translation,
+    read_parallel,
+)
 from nearprox.text.data.tweets import (
     TWEETS_FILENAME,
     TweetsCorpus,
@@ -78,7 +100,7 @@ from nearprox.text.data.tweets import (
     tweets_csv_path,
 )
 
-SOURCES = ("tsv", "tfds", "csv", "json")
+SOURCES = ("tsv", "tfds", "csv", "json", "text")
 
 
 def load_task(
@@ -89,7 +111,8 @@ def load_task(
     source: str | None = None,
     seed: int = 0,
     download: bool = True,
-) -> Split | SquadSplit:
+    direction: str = "en-de",
+) -> Split | SquadSplit | ParallelSplit:
   """One split of a task, from the task's source.
 
   Args:
@@ -108,6 +131,11 @@ def load_task(
       "squad" always "json".
     seed: the seed of the tweets' train/dev/test split (GLUE and SQuAD splits are fixed).
     download: let TFDS download and prepare missing data.
+    direction: "multi30k": "en-de" or "de-en" (which language is the source).
+
+  "multi30k": a folder of ``{train,val,test_2016_flickr}.{en,de}[.gz]`` files, default
+  ``$NEARPROX_MULTI30K_DIR`` (:func:`load_translation`; source "text"); a
+  :class:`ParallelSplit`.
   """
   get_task(name)  # DataError listing the known tasks for a wrong name
   if source is not None and source not in SOURCES:
@@ -121,11 +149,15 @@ def load_task(
       if path.is_dir():
         path = path / TWEETS_FILENAME
     return load_tweets(split, seed=seed, path=path)
+  if name == "multi30k":
+    if source not in (None, "text"):
+      raise DataError(f"task 'multi30k' is read from text files, not source {source!r}")
+    return load_translation(split, data_dir, direction)
   if name == "squad":
     if source not in (None, "json"):
       raise DataError(f"task 'squad' is read from its JSON files, not source {source!r}")
     return load_squad(split, data_dir)
-  if source in ("csv", "json"):
+  if source in ("csv", "json", "text"):
     raise DataError(f"GLUE task {name!r} has sources 'tsv' and 'tfds', not {source!r}")
   if source is None:
     source = "tsv" if glue_dir(data_dir) is not None else "tfds"
@@ -135,6 +167,18 @@ def load_task(
 
 
 __all__ = [
+    "MULTI30K_DIR_ENV",
+    "TRANSLATION_METRICS",
+    "ParallelSplit",
+    "decode_ids",
+    "encode_pairs",
+    "encode_sources",
+    "load_tokenizer",
+    "load_translation",
+    "read_parallel",
+    "save_tokenizer",
+    "subword_tokenizer",
+    "translation_scores",
     "GLUE_DIR_ENV",
     "GLUE_TASKS",
     "SOURCES",

@@ -32,7 +32,7 @@ def located(path, line: int | None, message: str) -> DataError:
   return DataError(f"{where}: {message}")
 
 
-KINDS = ("classification", "qa")
+KINDS = ("classification", "qa", "translation")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -48,7 +48,9 @@ class Task:
     display_name: the name tables and reports print ("SST-2").
     has_test: whether the task has a labelled test split (GLUE's test labels are hidden).
     kind: "classification" (a class per text or pair) or "qa" (extractive span QA, scored on
-      the answer texts by :func:`nearprox.text.qa.evaluate_predictions`); also the ``task=``
+      the answer texts by :func:`nearprox.text.qa.evaluate_predictions`) or "translation"
+      (sentence pairs, scored by BLEU/chrF of decoded output,
+      :func:`nearprox.text.data.translation_scores`); also the ``task=``
       of :mod:`nearprox.text.losses` and :mod:`nearprox.text.objectives`.
   """
 
@@ -82,6 +84,11 @@ class Task:
 
   def metrics(self, labels, predictions, mask=None) -> dict[str, float]:
     """All of the task's metrics over unmasked rows (predictions may be logits [N, C])."""
+    if self.kind == "translation":
+      raise ValueError(
+          f"task {self.name!r} is translation, scored on decoded sentences: use "
+          "nearprox.text.data.translation_scores"
+      )
     if self.kind == "qa":
       raise ValueError(
           f"task {self.name!r} is extractive QA, scored on answer texts, not on labels: use "
@@ -149,6 +156,16 @@ TASKS: Mapping[str, Task] = {
             "SQuAD v1.1 extractive QA (official files, or the dev file split by article)",
             display_name="SQuAD",
             kind="qa",
+        ),
+        Task(
+            "multi30k",
+            (),
+            True,
+            ("bleu", "chrf"),
+            "Multi30k task 1 English-German caption translation (WMT16 multimodal)",
+            display_name="Multi30k",
+            has_test=True,
+            kind="translation",
         ),
     )
 }
