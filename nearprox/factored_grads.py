@@ -162,7 +162,11 @@ def factored_value_and_grads(
         return next_fun(*call_args, **call_kwargs)
       k = count[0]
       count[0] += 1
-      if k >= len(calls) or type(context.module) is not calls[k].module_type:
+      if (
+          k >= len(calls)
+          or type(context.module) is not calls[k].module_type
+          or context.method_name != calls[k].method
+      ):
         raise ValueError(
             "loss_fn called its layers differently in two traces; the factored "
             "path needs a deterministic sequence of layer calls"
@@ -242,6 +246,7 @@ def _assemble(
 ) -> None:
   """Fills ``grads`` for the factored and materialized-small leaves from the captures."""
   parts: dict[int, list] = {}
+  projections: dict[int, list] = {}  # tied tables: (logits cotangents, queries) of attend calls
   sums: dict[int, jax.Array] = {}
 
   def accumulate(leaf, value):
@@ -272,6 +277,11 @@ def _assemble(
       parts.setdefault(leaf, []).append(
           (ids.reshape(batch, -1), delta.reshape(batch, -1, delta.shape[-1]))
       )
+    elif call.kind == "attend":
+      leaf = call.leaves["embedding"]
+      projections.setdefault(leaf, []).append(
+          (delta.reshape(batch, -1, delta.shape[-1]), x.reshape(batch, -1, x.shape[-1]))
+      )
     else:
       local = _local_per_example(call, leaves, x, delta)
       for name, leaf in call.leaves.items():
@@ -280,10 +290,12 @@ def _assemble(
 
   for leaf, value in sums.items():
     grads[leaf] = value.astype(leaves[leaf].dtype)
-  joined = {
-      leaf: tuple(jnp.concatenate(p, axis=1) if len(p) > 1 else p[0] for p in zip(*pieces))
-      for leaf, pieces in parts.items()
-  }
+  join = lambda pieces: tuple(
+      jnp.concatenate(p, axis=1) if len(p) > 1 else p[0] for p in zip(*pieces)
+  )
+  joined = {leaf: join(pieces) for leaf, pieces in parts.items()}
+  for leaf, pieces in projections.items():
+    grads[leaf] = _tied_embed_factor(leaves[leaf], joined.pop(leaf, None), join(pieces), batch)
   kernels = [leaf for leaf in joined if kinds[leaf] == "kernel"]
   methods = _kernel_combine_methods(
       kernel_combine, [joined[leaf][0].shape + joined[leaf][1].shape[-1:] for leaf in kernels]
@@ -304,6 +316,20 @@ def _assemble(
       grads[leaf] = layer_factors.EmbedFactor(
           first, second, int(param.shape[0]), np.dtype(param.dtype)
       )
+
+
+def _tied_embed_factor(table, lookups, projection, batch) -> layer_factors.TiedEmbedFactor:
+  """The :class:`~nearprox.layer_factors.TiedEmbedFactor` of a table from its lookups' (ids,
+  cotangents) (None: never looked up) and its ``attend`` calls' (logits cotangents, queries)."""
+  num, features = (int(n) for n in table.shape)
+  dtype = np.dtype(table.dtype)
+  if lookups is None:
+    cotangents = projection[1]
+    lookups = (jnp.zeros((batch, 0), jnp.int32), jnp.zeros((batch, 0, features), cotangents.dtype))
+  return layer_factors.TiedEmbedFactor(
+      layer_factors.EmbedFactor(*lookups, num, dtype),
+      layer_factors.DenseFactor(*projection, (num, features), dtype),
+  )
 
 
 def leaf_kinds(loss_fn: Callable, params, *args) -> dict[str, str]:

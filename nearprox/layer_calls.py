@@ -2,9 +2,10 @@
 
 :func:`discover` runs ``loss_fn`` abstractly (``jax.make_jaxpr``, no FLOPs) with
 ``flax.linen.intercept_methods`` around ``__call__`` of Dense, DenseGeneral, Embed, LayerNorm
-and RMSNorm, and returns a :class:`Plan`: each intercepted call (:class:`LayerCall`) and each
-leaf's path through :func:`nearprox.factored_grads.factored_value_and_grads` ("kernel",
-"bias", "embed", "local", "fallback" or "unused"). The rules are in that module's docstring.
+and RMSNorm and around ``Embed.attend`` (the tied output projection), and returns a
+:class:`Plan`: each intercepted call (:class:`LayerCall`) and each leaf's path through
+:func:`nearprox.factored_grads.factored_value_and_grads` ("kernel", "bias", "embed",
+"tied_embed", "local", "fallback" or "unused"). The rules are in that module's docstring.
 """
 
 from __future__ import annotations
@@ -29,7 +30,7 @@ INTERCEPTED = DENSE_TYPES + EMBED_TYPES + LOCAL_TYPES
 class LayerCall:
   """One intercepted layer call, as seen by the discovery trace."""
 
-  kind: str | None  # "dense", "embed", "local", or None when not factorable
+  kind: str | None  # "dense", "embed", "attend", "local", or None when not factorable
   reason: str  # why not factorable (for debugging), "" otherwise
   module_type: type
   input_shape: tuple
@@ -39,12 +40,13 @@ class LayerCall:
   output_shape: tuple = ()
   output_dtype: Any = None
   probed: bool = False
+  method: str = "__call__"  # the intercepted method: "__call__", or "attend" of an Embed
 
 
 @dataclasses.dataclass
 class Plan:
   calls: list[LayerCall]
-  leaf_kinds: list[str]  # per params leaf: "kernel", "bias", "embed", "local",
+  leaf_kinds: list[str]  # per params leaf: "kernel", "bias", "embed", "tied_embed", "local",
   # "fallback" or "unused"
 
 
@@ -53,10 +55,16 @@ def _normalize(axes, ndim: int) -> tuple[int, ...]:
   return tuple(sorted(a % ndim for a in axes))
 
 
-def _layer_check(module: nn.Module, x, args, kwargs) -> tuple[str | None, str, tuple]:
+def _layer_check(module: nn.Module, method: str, x, args, kwargs) -> tuple[str | None, str, tuple]:
   """(kind or None, reason, contract_axes) from the module's config and its input."""
   if len(args) != 1 or any(v is not None for v in kwargs.values()):
     return None, "called with extra arguments", ()
+  if method == "attend":
+    if not jnp.issubdtype(x.dtype, jnp.inexact):
+      return None, "attend on a non-floating query", ()
+    if x.ndim < 2:
+      return None, "the input has no axis besides the batch axis", ()
+    return "attend", "", ()
   if isinstance(module, DENSE_TYPES):
     if module.dot_general is not None or module.dot_general_cls is not None:
       return None, "custom dot_general", ()
@@ -86,7 +94,11 @@ def _layer_check(module: nn.Module, x, args, kwargs) -> tuple[str | None, str, t
 
 
 def intercepts(context, busy: bool) -> bool:
-  return not busy and context.method_name == "__call__" and type(context.module) in INTERCEPTED
+  if busy:
+    return False
+  if context.method_name == "attend":
+    return type(context.module) in EMBED_TYPES
+  return context.method_name == "__call__" and type(context.module) in INTERCEPTED
 
 
 def discover(loss_fn: Callable, treedef, leaves: list, args: tuple, batch: int) -> Plan:
@@ -108,7 +120,9 @@ def discover(loss_fn: Callable, treedef, leaves: list, args: tuple, batch: int) 
         return next_fun(*call_args, **call_kwargs)
       module = context.module
       x = call_args[0] if call_args else None
-      call = LayerCall(None, "", type(module), tuple(getattr(x, "shape", ())))
+      call = LayerCall(
+          None, "", type(module), tuple(getattr(x, "shape", ())), method=context.method_name
+      )
       calls.append(call)
       params = {name: meta.unbox(v) for name, v in module.variables.get("params", {}).items()}
       if tracers.current_trace() != outer:
@@ -118,7 +132,9 @@ def discover(loss_fn: Callable, treedef, leaves: list, args: tuple, batch: int) 
       elif not params or any(id(v) not in leaf_of for v in params.values()):
         call.reason = "its parameters are not leaves of params passed through unchanged"
       else:
-        call.kind, call.reason, call.contract_axes = _layer_check(module, x, call_args, call_kwargs)
+        call.kind, call.reason, call.contract_axes = _layer_check(
+            module, call.method, x, call_args, call_kwargs
+        )
       if call.kind is None:
         return next_fun(*call_args, **call_kwargs)
       call.leaves = {name: leaf_of[id(v)] for name, v in params.items()}
@@ -126,7 +142,7 @@ def discover(loss_fn: Callable, treedef, leaves: list, args: tuple, batch: int) 
       zeros = {name: jnp.zeros(v.shape, v.dtype) for name, v in params.items()}
       busy[0] = True
       try:
-        out = call.module.apply({"params": zeros}, x)
+        out = call.module.apply({"params": zeros}, x, method=call.method)
       finally:
         busy[0] = False
       call.output_shape, call.output_dtype = tuple(out.shape), out.dtype
@@ -153,7 +169,8 @@ def discover(loss_fn: Callable, treedef, leaves: list, args: tuple, batch: int) 
 
 
 def _leaf_kinds(calls: list[LayerCall], used_elsewhere: list[bool]) -> list[str]:
-  """Assigns each leaf its path; a leaf read by calls of different kinds falls back."""
+  """Assigns each leaf its path; a leaf read by calls of different kinds falls back, except a
+  table read by lookups and ``attend`` calls (weight tying): "tied_embed"."""
   readers: dict[int, set] = {}
   for call in calls:
     for name, leaf in call.leaves.items():
@@ -165,6 +182,8 @@ def _leaf_kinds(calls: list[LayerCall], used_elsewhere: list[bool]) -> list[str]
         )
       elif call.kind == "embed":
         role = ("embed" if name == "embedding" else None,)
+      elif call.kind == "attend":
+        role = ("tied_embed" if name == "embedding" else None,)
       else:
         role = ("local", call.module_type, name)
       readers.setdefault(leaf, set()).add(role)
@@ -177,6 +196,8 @@ def _leaf_kinds(calls: list[LayerCall], used_elsewhere: list[bool]) -> list[str]
       kinds.append("unused")
     elif len(roles) == 1 and next(iter(roles))[0] is not None:
       kinds.append(next(iter(roles))[0])
+    elif roles == {("embed",), ("tied_embed",)}:
+      kinds.append("tied_embed")
     else:
       kinds.append("fallback")
   # A module's call is probed when any of its leaves is taken from the captured cotangents.

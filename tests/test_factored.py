@@ -86,7 +86,8 @@ class TokenModel(nn.Module):
 
 
 class UnsupportedModel(nn.Module):
-  """A conv, a custom self.param and a tied embedding (Embed.attend): the exact fallback."""
+  """A conv, a custom self.param and a table also read outside its layer's calls: the exact
+  fallback."""
 
   @nn.compact
   def __call__(self, ids):
@@ -94,7 +95,7 @@ class UnsupportedModel(nn.Module):
     x = nn.Conv(6, kernel_size=(3,))(embed(ids))
     scale = self.param("scale", nn.initializers.ones, (6,))
     x = nn.Dense(6)(x * scale)
-    return embed.attend(x.mean(axis=1))
+    return x.mean(axis=1) @ embed.embedding.T  # the table read directly, not via attend
 
 
 def token_problem(model, batch=6, length=5, vocab=40, seed=0):
