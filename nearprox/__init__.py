@@ -12,9 +12,12 @@ from its own forward pass: ``per_example_value_and_grads(..., has_aux=True)``);
 optax.adamw(...))`` puts the filter in front of any optax optimizer.
 ``scale_by_proximal(..., sketch_dim=k)`` estimates the Gram from random features of the
 costly leaves (``nearprox.sketch``; docs/method.md §2.9) instead of computing it exactly.
+``optax.chain(opt, nearprox.soft_threshold_l1(lr, l1_weight, mask))`` ends any chain with the
+L1 prox (soft-thresholding: exact zeros).
 """
 
 from nearprox.base import PerExampleFactor
+from nearprox.l1_prox import SoftThresholdL1State, soft_threshold_l1
 from nearprox.per_example import per_example_grads, per_example_value_and_grads
 from nearprox.spectral_filter import FilterStats, filter_coefficients, gram_matrix, step_scale
 from nearprox.transform import (
@@ -30,6 +33,7 @@ __all__ = [
     "FilterStats",
     "PerExampleFactor",
     "ScaleByProximalState",
+    "SoftThresholdL1State",
     "filter_coefficients",
     "gram_matrix",
     "per_example_grads",
@@ -37,5 +41,6 @@ __all__ = [
     "proximal_sgd",
     "scale_by_proximal",
     "scale_by_proximal_norm",
+    "soft_threshold_l1",
     "step_scale",
 ]

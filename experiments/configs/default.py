@@ -58,6 +58,9 @@ def get_config() -> ml_collections.ConfigDict:
   config.optimizer.max_update_norm = 0.0  # proximal: bound on ‖α·d‖ (before the lr); 0 disables
   # Proximal: k features per sketched leaf for an estimated Gram (docs/method.md §2.9); 0 = exact.
   config.optimizer.sketch_dim = 0
+  # λ₁ of the L1 prox on kernels (soft-thresholding at lr_t·λ₁ after every optimizer's update,
+  # nearprox.soft_threshold_l1; exact zeros, logged as train/zeros/*); 0 disables.
+  config.optimizer.l1_weight = 0.0
 
   # Objective (nearprox.text.objectives.ObjectiveConfig): None fields take the kind's defaults.
   config.objective = ml_collections.ConfigDict()

@@ -76,6 +76,21 @@ steps of an SST-2 run at λ = 1 (docs/method.md §1.4), so about 0.01 at λ = 0.
 by the two rates. It is reported on the three tasks beside ``proximal_ief``; it is outside
 the pools of ``best_filter`` and ``best_proximal``, so no earlier choice changes.
 
+Added on 2026-12-06, before any of its runs (issue 41): ``l1``, L1 as its proximal step
+(``optimizer.l1_weight`` = λ₁: after every update the kernels are soft-thresholded at η_t·λ₁
+with the optimizer's own schedule, ``nearprox.soft_threshold_l1``), λ₁ ∈ {0.1, 0.3, 1, 3}
+(``plan.l1_weights``) for AdamW and ``best_proximal`` (the tuning's choice, iEF → AdamW), each
+at its tuned settings, seeds 0, 1, 2, on SST-2; λ₁ = 0 is the optimizer study's runs. The
+grid from a quick calculation: the warmup + linear decay over 600 steps sums to
+Σ_t η_t = 300·η (0.06 at AdamW's chosen 2e-4, 0.03 at iEF → AdamW's 1e-4), and λ₁·Σ_t η_t is
+the most the prox can move a weight towards 0: for AdamW 0.006, 0.018, 0.06, 0.18, about
+0.2, 0.5, 2 and 5 times the median |θ| of MiniLM's kernels (0.034; 10%, 29%, 73% and 99% of
+them lie below those, an upper bound on the zero fraction that the gradient lowers; for
+iEF → AdamW 5%, 15%, 45%, 87%). After Adam's normalization a weight stays at 0 while
+|m̂|/(√v̂+ε) ≤ λ₁, a step at most about 1: λ₁ = 1 and 3 sit at and beyond it, 0.1 and 0.3
+below. The study reports the trade-off and chooses nothing: no earlier choice, run or
+comparison changes.
+
 The two "training order only" entries above were ``plan.train_first``, which the Ray runner
 (2026-12-06, issue 38) dropped with the rest of the home-made scheduler: every run of a pass
 now trains in parallel. The study was complete by then, so no record depends on the order.
@@ -151,6 +166,10 @@ def get_plan() -> ml_collections.ConfigDict:
   plan.attack_examples = 256
   plan.noise_levels = (0.2, 0.4)
   plan.noise_optimizers = ("adamw", "best_proximal")
+  # Added on 2026-12-06 (docstring): issue 41's L1 study.
+  plan.studies += ("l1",)
+  plan.l1_weights = (0.1, 0.3, 1.0, 3.0)
+  plan.l1_optimizers = ("adamw", "best_proximal")
   plan.sketch_dim = 1024
   plan.sketch_check_variant = "proximal_tikhonov"
   plan.qa_optimizers = ("adamw", "best_proximal", "sgd_momentum")

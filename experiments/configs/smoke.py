@@ -42,6 +42,9 @@ def get_plan() -> ml_collections.ConfigDict:
   plan.glue_optimizers = ("best_proximal",)
   plan.noise_levels = (0.4,)
   plan.noise_optimizers = ("best_proximal",)
+  plan.studies += ("l1",)
+  plan.l1_weights = (1.0,)
+  plan.l1_optimizers = ("best_proximal",)
   plan.sketch_dim = 64
   plan.sketch_check_variant = "proximal_tikhonov"
   plan.qa_optimizers = ("sgd", "best_proximal")

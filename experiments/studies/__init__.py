@@ -18,6 +18,7 @@ from experiments.studies import (
     adversarial,
     damping,
     glue,
+    l1,
     multidevice,
     noise,
     optimizers,
@@ -36,6 +37,7 @@ REGISTRY = {
     "noise": noise,
     "sketch": sketch,
     "squad": squad,
+    "l1": l1,
 }
 STUDIES = tuple(REGISTRY)
 

@@ -6,6 +6,8 @@ The peak learning rate and the proximal filter's damping are optimizer state
 (``optax.inject_hyperparams``), so runs that differ only in them share one compiled step.
 The L2 gradient λθ (on dense kernels, :func:`kernel_mask`) is added after any proximal filter:
 it is the same for every example, so it stays out of the per-example Gram matrix.
+``config.optimizer.l1_weight`` > 0 ends every chain with the L1 prox on kernels
+(:func:`nearprox.soft_threshold_l1`, soft-thresholding at η_t·λ₁ with the same schedule).
 
 The per-example optimizers put :func:`nearprox.scale_by_proximal` first: "proximal_sgd"
 (SGD on the filtered gradient) and "proximal_adamw" (AdamW on it, the filter in front of
@@ -218,8 +220,52 @@ def _check_choice(value, choices, name: str) -> None:
     raise ValueError(f"config.optimizer.{name} must be one of {choices}, got {value!r}")
 
 
+def _soft_threshold_l1_with_warmup_linear_decay(
+    peak_learning_rate, l1_weight, warmup_steps: int, num_steps: int
+):
+  schedule = warmup_linear_decay(peak_learning_rate, warmup_steps, num_steps)
+  return nearprox.soft_threshold_l1(schedule, l1_weight, kernel_mask)
+
+
+# Peak learning rate and λ₁ in the state, like the optimizer's own learning rate.
+_soft_threshold_l1 = optax.inject_hyperparams(
+    _soft_threshold_l1_with_warmup_linear_decay, static_args=("warmup_steps", "num_steps")
+)
+
+
 def create_optimizer(config, num_steps: int, axis_name: str | None):
-  """(optax transformation, whether it takes per-example gradients)."""
+  """(optax transformation, whether it takes per-example gradients).
+
+  ``config.optimizer.l1_weight`` λ₁ > 0 appends :func:`nearprox.soft_threshold_l1` (the L1
+  prox, exact zeros) on kernels (:func:`kernel_mask`) after the whole chain, with the
+  optimizer's warmup + linear-decay learning rate; λ₁ = 0 builds the chain without it."""
+  l1_weight = config.optimizer.get("l1_weight", 0.0)
+  if isinstance(l1_weight, bool) or not (
+      isinstance(l1_weight, (int, float)) and math.isfinite(l1_weight) and l1_weight >= 0
+  ):
+    raise ValueError(f"config.optimizer.l1_weight must be finite and >= 0, got {l1_weight!r}")
+  if l1_weight and config.optimizer.name == "schedule_free_adamw":
+    # Its params are the interpolation y of the iterates z and x; thresholding y leaves the
+    # evaluated x = (y − (1−β)z)/β without zeros.
+    raise ValueError(
+        "config.optimizer.l1_weight > 0 cannot work with name='schedule_free_adamw': its "
+        "evaluated (averaged) iterate is not the thresholded point"
+    )
+  tx, per_example = _optimizer_without_l1(config, num_steps, axis_name)
+  if not l1_weight:
+    return tx, per_example  # the chain, and state, of the runs before the field existed
+  warmup_steps = int(round(config.optimizer.warmup_fraction * num_steps))
+  prox = _soft_threshold_l1(config.optimizer.learning_rate, l1_weight, warmup_steps, num_steps)
+  return optax.chain(tx, prox), per_example
+
+
+def kernel_zero_fractions(params: Params) -> dict[str, jax.Array]:
+  """The fraction of exactly zero kernel weights (:func:`kernel_mask`) per layer and "all":
+  :func:`nearprox.l1_prox.zero_fractions`; what the L1 prox is for."""
+  return nearprox.l1_prox.zero_fractions(params, kernel_mask)
+
+
+def _optimizer_without_l1(config, num_steps: int, axis_name: str | None):
   opt = config.optimizer
   # Configs written before these fields existed keep today's behaviour.
   weighting = opt.get("weighting", "uniform")

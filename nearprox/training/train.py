@@ -83,6 +83,7 @@ def train_step(
     loss_returns_weights: bool = False,
     input_keys: tuple[str, ...] = INPUT_KEYS,
     l2_weight: float = 0.0,
+    zero_fractions: bool = False,
 ):
   """One optimizer step on this device's block of the global batch.
 
@@ -91,6 +92,8 @@ def train_step(
   with_ief_weights=True)``); False: uniform weights. ``input_keys``: the batch entries the
   loss reads (:func:`nearprox.training.task_io.input_keys`). ``l2_weight``: the optimizer's L2
   weight, so the step logs the penalty it adds (``l2_penalty``; the chain applies its gradient).
+  ``zero_fractions``: log the fraction of exactly zero kernel weights per layer after the step
+  (``zeros/<layer>``, ``zeros/all``), what the L1 prox (``config.optimizer.l1_weight``) makes.
   """
 
   def global_sum(x):
@@ -138,6 +141,9 @@ def train_step(
   }
   if l2_weight:
     metrics["l2_penalty"] = optimizers.l2_penalty(state.params, l2_weight)
+  if zero_fractions:
+    zeros = optimizers.kernel_zero_fractions(params)
+    metrics.update({f"zeros/{layer}": fraction for layer, fraction in zeros.items()})
   # Found by type wherever the chain holds it, so reordering the chain keeps the logging.
   proximal = optax.tree_utils.tree_get(opt_state, "ScaleByProximalState")
   if proximal is not None:
@@ -176,6 +182,7 @@ def step_functions(config, task: data.Task, model, tx, per_example: bool, axis_n
       loss_returns_weights=ief,
       input_keys=task_io.input_keys(task),
       l2_weight=config.objective.l2_weight,
+      zero_fractions=config.optimizer.get("l1_weight", 0.0) > 0,
   )
   eval_logits_fn = models.bert_logits_fn(model, deterministic=True)
 
