@@ -109,12 +109,13 @@ class _Block(nn.Module):
   def _layer_norm(self, name: str) -> nn.LayerNorm:
     return nn.LayerNorm(dtype=self.dtype, param_dtype=self.param_dtype, name=name)
 
-  def _attention(self, name: str) -> nn.MultiHeadDotProductAttention:
+  def _attention(self, name: str, decode: bool = False) -> nn.MultiHeadDotProductAttention:
     return nn.MultiHeadDotProductAttention(
         num_heads=self.config.num_heads,
         dropout_rate=self.config.dropout_rate,
         dtype=self.dtype,
         param_dtype=self.param_dtype,
+        decode=decode,
         name=name,
     )
 
@@ -144,10 +145,13 @@ class EncoderLayer(_Block):
 class DecoderLayer(_Block):
   """Causal self-attention, cross-attention to the memory, feed-forward; each pre-LN."""
 
+  decode: bool = False
+
   @nn.compact
   def __call__(self, x, memory, self_mask, cross_mask, *, deterministic: bool):
     h = self._layer_norm("self_attention_norm")(x)
-    h = self._attention("self_attention")(h, h, mask=self_mask, deterministic=deterministic)
+    attention = self._attention("self_attention", decode=self.decode)
+    h = attention(h, h, mask=self_mask, deterministic=deterministic)
     x = x + self._dropout(h, deterministic)
     h = self._layer_norm("cross_attention_norm")(x)
     h = self._attention("cross_attention")(h, memory, mask=cross_mask, deterministic=deterministic)
@@ -157,9 +161,12 @@ class DecoderLayer(_Block):
 
 
 class Encoder(_Block):
+  """Positions and dropout on the scaled token vectors x, the layers, a final LayerNorm."""
 
   @nn.compact
   def __call__(self, x, key_mask, *, deterministic: bool):
+    x = x + jnp.asarray(sinusoidal_positions(x.shape[1], self.config.hidden_size), x.dtype)
+    x = self._dropout(x, deterministic)
     for i in range(self.config.num_encoder_layers):
       x = EncoderLayer(self.config, self.dtype, self.param_dtype, name=f"layer_{i}")(
           x, key_mask, deterministic=deterministic
@@ -168,13 +175,31 @@ class Encoder(_Block):
 
 
 class Decoder(_Block):
+  """Like :class:`Encoder`, with cross-attention to ``memory``.
+
+  ``decode=True``: incremental decoding, one position per call, with the keys and values of
+  earlier positions (and the position counter) in the ``"cache"`` collection; the first call,
+  with the full-length input, only creates that cache.
+  """
+
+  decode: bool = False
 
   @nn.compact
   def __call__(self, x, memory, self_mask, cross_mask, *, deterministic: bool):
+    table = sinusoidal_positions(self.config.max_length, self.config.hidden_size)
+    positions = jnp.asarray(table[: x.shape[1]])
+    if self.decode:
+      initialized = self.has_variable("cache", "position")
+      position = self.variable("cache", "position", lambda: jnp.zeros((), jnp.int32))
+      if initialized:
+        positions = jax.lax.dynamic_slice_in_dim(jnp.asarray(table), position.value, 1)
+        position.value = position.value + 1
+      self_mask = None  # the cached attention masks the positions not yet decoded
+    x = self._dropout(x + positions.astype(x.dtype), deterministic)
     for i in range(self.config.num_decoder_layers):
-      x = DecoderLayer(self.config, self.dtype, self.param_dtype, name=f"layer_{i}")(
-          x, memory, self_mask, cross_mask, deterministic=deterministic
-      )
+      x = DecoderLayer(
+          self.config, self.dtype, self.param_dtype, decode=self.decode, name=f"layer_{i}"
+      )(x, memory, self_mask, cross_mask, deterministic=deterministic)
     return self._layer_norm("final_norm")(x)
 
 
@@ -198,12 +223,15 @@ class Seq2SeqTransformer(nn.Module):
   ``encode`` -> memory [B, S, H]; ``decode(memory, source_ids, target_input_ids)`` -> logits.
   ``source_embedding_delta`` [B, S, H] is added to the looked-up source vectors before the √H
   scaling (adversarial training perturbs them). Dropout (``deterministic=False``) draws from
-  the ``"dropout"`` rng.
+  the ``"dropout"`` rng. ``incremental=True`` (``model.clone(incremental=True)``, used by
+  :mod:`nearprox.text.decoding`): ``decode`` takes one target position per call and keeps the
+  decoder's keys and values in the ``"cache"`` collection (see :class:`Decoder`).
   """
 
   config: Seq2SeqConfig
   dtype: Dtype = jnp.float32
   param_dtype: Dtype = jnp.float32
+  incremental: bool = False
 
   def setup(self):
     cfg = self.config
@@ -216,11 +244,10 @@ class Seq2SeqTransformer(nn.Module):
         param_dtype=self.param_dtype,
     )
     self.encoder = Encoder(**kw)
-    self.decoder = Decoder(**kw)
-    self.embed_dropout = nn.Dropout(cfg.dropout_rate)
+    self.decoder = Decoder(**kw, decode=self.incremental)
 
-  def _embed(self, ids, delta, deterministic: bool):
-    """(E[ids] (+ delta)) · √H + PE[0..L-1], then dropout."""
+  def _embed(self, ids, delta):
+    """(E[ids] (+ delta)) · √H; the stacks add the positions."""
     vectors = self.token_embed(ids)
     if delta is not None:
       if delta.shape != vectors.shape:
@@ -229,14 +256,12 @@ class Seq2SeqTransformer(nn.Module):
             "(batch, source length, hidden_size)"
         )
       vectors = vectors + delta.astype(vectors.dtype)
-    positions = sinusoidal_positions(ids.shape[1], self.config.hidden_size)
-    x = vectors * math.sqrt(self.config.hidden_size) + jnp.asarray(positions, vectors.dtype)
-    return self.embed_dropout(x, deterministic=deterministic)
+    return vectors * jnp.asarray(math.sqrt(self.config.hidden_size), vectors.dtype)
 
   def encode(self, source_ids, *, source_embedding_delta=None, deterministic: bool = True):
     _check_ids("source_ids", source_ids, self.config)
     key_mask = (source_ids != self.config.pad_id)[:, None, None, :]
-    x = self._embed(source_ids, source_embedding_delta, deterministic)
+    x = self._embed(source_ids, source_embedding_delta)
     return self.encoder(x, key_mask, deterministic=deterministic)
 
   def decode(self, memory, source_ids, target_input_ids, *, deterministic: bool = True):
@@ -246,7 +271,7 @@ class Seq2SeqTransformer(nn.Module):
     causal = jnp.tril(jnp.ones((length, length), bool))
     self_mask = causal[None, None] & (target_input_ids != self.config.pad_id)[:, None, None, :]
     cross_mask = (source_ids != self.config.pad_id)[:, None, None, :]
-    x = self._embed(target_input_ids, None, deterministic)
+    x = self._embed(target_input_ids, None)
     h = self.decoder(x, memory, self_mask, cross_mask, deterministic=deterministic)
     return self.token_embed.attend(h)
 
