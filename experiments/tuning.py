@@ -19,6 +19,7 @@ The protocol (issue 13; fixed before the runs, the same for every optimizer):
   size, and the same filter in front of AdamW) are tuned after it, on their own grids.
   ``best_proximal`` is the best of every proximal variant, derived ones included, by the same
   rule on the same held-out examples: what the robustness studies compare with AdamW.
+  ``best_peer`` is the best of the peers (:data:`PEERS`) by the same rule.
 * **Reported runs** use the chosen trial at the mode's full budget, ``plan.seeds`` seeds, on
   every task (tasks other than the tuning task reuse its settings, for every optimizer alike).
 """
@@ -87,7 +88,11 @@ DISPLAY = {
     "proximal_adamw": "{base} → AdamW",
     "majority": "majority class (no training)",
 }
-ALIASES = ("best_filter", "best_proximal")
+# What a JAX user would pick instead of AdamW (nearprox.training.optimizers.PEERS).
+PEERS = ("muon", "schedule_free_adamw", "lion", "psgd_kron")
+# Alias -> the variants it chooses from, by the tuning's rule (:func:`_rank`).
+ALIAS_POOLS = {"best_filter": FILTERS, "best_proximal": PROXIMAL, "best_peer": PEERS}
+ALIASES = tuple(ALIAS_POOLS)
 
 
 def final(result: dict, split: str, metric: str) -> float:
@@ -138,6 +143,11 @@ def _rank(row: dict) -> tuple:
   """Sort key of a tuning row, larger is better: no collapsed seed, mean score, low loss."""
   nan_low = lambda x: -math.inf if math.isnan(x) else x
   return (row["collapsed_seeds"] == 0, nan_low(row["score"]), nan_low(-row["train_loss_end"]))
+
+
+def choose(rows: list[dict]) -> dict:
+  """The chosen tuning row: the protocol's rule (:func:`_rank`) over complete trials."""
+  return max(rows, key=_rank)
 
 
 class Group(NamedTuple):
@@ -223,11 +233,11 @@ class Context:
   # ------------------------------------------------------------------------ variants
 
   def resolve(self, name: str) -> str | None:
-    """A variant name; ``best_filter`` / ``best_proximal`` become the variant they choose
-    (None until the tuning runs that decide it all exist)."""
+    """A variant name; an alias (``best_filter``, ``best_proximal``, ``best_peer``) becomes
+    the variant it chooses (None until the tuning runs that decide it all exist)."""
     if name not in ALIASES:
       return name
-    pool = FILTERS if name == "best_filter" else PROXIMAL
+    pool = ALIAS_POOLS[name]
     rows = {}
     for variant in (v for v in pool if v in self.plan.lr_grid):
       row = self.best_trial(variant)
@@ -263,15 +273,22 @@ class Context:
     """(one row per trial of ``variant`` that has runs: mean held-out score over the tuning
     seeds, collapsed seeds, end loss; whether every tuning run exists). A derived variant
     has no rows before the first stage is complete."""
+    return self.tune(variant, self.trials(variant))
+
+  def tune(self, variant: str, trials: list[dict], extra: dict | None = None):
+    """:meth:`tuning`'s rows and completeness for ``trials`` of ``variant`` (settings that
+    override its own), with ``extra`` overrides on every tuning run (a batch size and its
+    budget, say): the same runs, scores and choice rule for any grid a study declares."""
     base = self.overrides(variant)
     if base is None:
       return [], False
     tuning = self.plan.tuning
     metric = data.get_task(tuning.task).primary_metric
     rows, complete = [], True
-    for trial in self.trials(variant):
-      settings = self.tuning_settings(base, trial)
-      name = f"tune:{variant}:" + ",".join(f"{k.split('.')[-1]}={v:g}" for k, v in trial.items())
+    for trial in trials:
+      settings = {**self.tuning_settings(base, trial), **(extra or {})}
+      named = {**(extra or {}), **trial}
+      name = f"tune:{variant}:" + ",".join(f"{k.split('.')[-1]}={v:g}" for k, v in named.items())
       found = [self.store.run(f"{name}:seed={s}", {**settings, "seed": s}) for s in tuning.seeds]
       found = [r for r in found if r is not None]
       complete &= len(found) == len(tuning.seeds)
@@ -312,7 +329,7 @@ class Context:
   def best_trial(self, variant: str) -> dict | None:
     """The chosen tuning row of ``variant`` (None: not decided until every trial exists)."""
     rows, complete = self.tuning(variant)
-    return max(rows, key=_rank) if complete else None
+    return choose(rows) if complete else None
 
   def chosen(self) -> dict:
     """The tuning stage's decisions, as ``experiments/results/<mode>/chosen.json`` stores

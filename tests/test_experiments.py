@@ -153,7 +153,10 @@ def test_smoke_pipeline_produces_tables_from_run_files(tmp_path):
   readme = (tmp_path / "results.md").read_text()
   assert f"| {tuning.DISPLAY['majority']} | — | — | 1 | {100 * majority:.1f} |" in readme
   assert "# Results (mode `smoke`)" in readme and "python -m experiments.reproduce" in readme
-  assert readme.count("**not run**") == 5  # multidevice, glue, noise, sketch, squad
+  # Every study of the smoke plan but the three selected (multidevice, glue, noise, …).
+  from experiments.configs import smoke
+
+  assert readme.count("**not run**") == len(smoke.get_plan().studies) - 3
   assert "from 6 run records" in readme
   accuracy = 100 * sgd["mean"]
   assert f"| SGD | 0.01 | — | 1 | {accuracy:.1f} |" in readme
@@ -291,6 +294,7 @@ def test_adversarial_study_compares_the_tuned_proximal_variant_with_adamw_under_
 
   plan = full.get_plan()
   plan.objectives = ("clean", "fgm", "pgd")
+  plan.robust_eval_objectives = ()  # the whole-split rows: their own test below
   robust = {  # accuracy under attack at ε = 0.2, one per seed
       ("adamw", "clean"): (0.33, 0.31, 0.35),
       ("adamw", "fgm"): (0.56, 0.58, 0.54),
@@ -399,3 +403,201 @@ def test_the_partial_study_notice_counts_the_missing_runs():
   [text, _] = report.partial_notice(plan, results)
   assert text.startswith("**Partial study**: 2 runs the studies asked for so far are not stored")
   assert report.partial_notice(plan, {n: {"missing": []} for n in plan.studies}) == []
+
+
+# ------------------------------------------------------------------------------ issue 40
+
+
+class SyntheticStore:
+  """A run store that answers every request at once with a record whose final scores are
+  ``score(overrides)`` (dev, test and held-out alike), a dev curve rising linearly to it by
+  step ``reach(overrides)``, and, with an attack, ``score - ε`` at every radius."""
+
+  def __init__(self, out, score, reach=lambda overrides: 1):
+    from experiments.configs import full
+
+    self.base_config, self.out = full.get_config(), out
+    self.score, self.reach = score, reach
+    self.requested, self.missing, self.calls = [], {}, []
+
+  def run(self, label, overrides, devices=1, attack=None):
+    self.calls.append((label, dict(overrides), attack))
+    self.requested.append(len(self.requested))
+    config = runs.apply_overrides(self.base_config, overrides).to_dict()
+    final = self.score(overrides)
+    steps, every = config["num_train_steps"], config["eval_every"]
+    curve = [(s, final * min(1.0, s / self.reach(overrides))) for s in range(every, steps, every)]
+    examples = (attack.examples or 872) if attack else None
+    return {
+        "config": config,
+        "report": {
+            **{split: {"accuracy": final} for split in ("dev", "test", "holdout")},
+            "predicted_classes": {split: [5, 5] for split in ("dev", "test", "holdout")},
+            "steps": steps,
+            "train_step_seconds": 1.0,
+        },
+        "history": [{"step": s, "dev/accuracy": v} for s, v in curve]
+        + [{"step": steps, "train/loss": 1.0 - final}],
+        "attack": None
+        if attack is None
+        else [
+            {"epsilon": e, "accuracy": final - e, "num_examples": examples, "num_steps": 5}
+            for e in attack.epsilons
+        ],
+        "machine": {"device_kind": "cpu"},
+    }
+
+
+def full_plan_context(out, score, reach=lambda overrides: 1):
+  from experiments.configs import full
+  from experiments.reproduce import plan_with_defaults
+
+  return tuning.Context(plan_with_defaults(full.get_plan()), SyntheticStore(out, score, reach))
+
+
+def ablation_score(overrides) -> float:
+  """iEF → AdamW 0.88, its weights alone 0.875 (level), uniform weights 0.85 (behind), the
+  sketched Gram 0.879; AdamW 0.87; a seed moves a score by 0.002."""
+  name, seed = overrides["optimizer.name"], overrides["seed"]
+  if name == "proximal_adamw":
+    if overrides.get("optimizer.weighting") != "ief":
+      base = 0.85
+    else:
+      base = 0.879 if overrides.get("optimizer.sketch_dim") else 0.88
+  else:
+    base = {"weighted_mean_adamw": 0.875, "adamw": 0.87}.get(name, 0.8)
+  if overrides.get("holdout_examples"):  # the tuning: iEF first, then iEF → AdamW
+    weighting = overrides.get("optimizer.weighting") == "ief"
+    base = 0.9 if weighting and name == "proximal_adamw" else 0.89 if weighting else base
+  return base + 0.002 * seed
+
+
+def test_ablation_study_takes_the_weights_and_the_gram_away_in_turn(tmp_path):
+  ctx = full_plan_context(tmp_path, ablation_score)
+  study = core.run_study("ablation", studies.REGISTRY["ablation"], ctx)
+  rows = study["tables"]["ablation"]
+  assert [(r["task"], r["part"]) for r in rows] == [
+      (task, part)
+      for task in ("sst2", "tweets")
+      for part in ("AdamW", "tuned", "weights only", "uniform weights", "sketched Gram")
+  ]
+  weights_only = [c for _, c, _ in ctx.store.calls if c["optimizer.name"] == "weighted_mean_adamw"]
+  assert len(weights_only) == 6  # two tasks, three seeds
+  # The tuned variant's settings, only the aggregation changed: same rate, same weights.
+  chosen = ctx.best_trial("proximal_adamw")["trial"]
+  assert all(
+      c["optimizer.weighting"] == "ief"
+      and c["optimizer.learning_rate"] == chosen["optimizer.learning_rate"]
+      for c in weights_only
+  )
+  sst2 = {r["part"]: r for r in rows if r["task"] == "sst2"}
+  assert sst2["tuned"]["mean"] == pytest.approx(0.882) and sst2["tuned"]["std"] == pytest.approx(
+      0.002
+  )
+  assert sst2["weights only"]["damping"] is None
+  outcomes = {
+      (c["task"], c["subject_part"], c["baseline_part"]): c["outcome"] for c in study["comparisons"]
+  }
+  assert outcomes == {
+      (task, subject, baseline): outcome
+      for task in ("sst2", "tweets")
+      for subject, baseline, outcome in (
+          ("weights only", "tuned", "level"),
+          ("uniform weights", "tuned", "behind"),
+          ("sketched Gram", "tuned", "level"),
+          ("weights only", "sketched Gram", "level"),
+      )
+  }
+  text = studies.REGISTRY["ablation"].markdown(study)
+  assert "(a) AdamW on the iEF-weighted mean gradient, no Gram" in text
+  assert "(a) matches the tuned variant on: SST-2, tweets; not on: none." in text
+  assert "| 88.2 ± 0.2 |" in text
+
+
+def test_time_to_accuracy_uses_the_timed_step_and_marks_a_missing_one(tmp_path):
+  # Dev curves reach their final score at step 300 (AdamW), 100 (the proximal variant).
+  reach = lambda o: 300 if o["optimizer.name"] == "adamw" else 100
+  ctx = full_plan_context(tmp_path, ablation_score, reach)
+  timed = {"adamw": 0.8, "proximal_adamw": 1.4, f"proximal_adamw{studies.SKETCHED}": 1.0}
+  record = {"task": "sst2", "batch_size": 32, "max_length": 64}
+  record["rows"] = [{"variant": v, "step_seconds": s} for v, s in timed.items()]
+  run_process.write_json(tmp_path / studies.STEP_COST_FILE, record)
+  study = core.run_study("time_to_accuracy", studies.REGISTRY["time_to_accuracy"], ctx)
+  assert all(c["eval_every"] == 20 for _, c, _ in ctx.store.calls if "holdout_examples" not in c)
+  rows = {(r["optimizer"], r["gram"]): r for r in study["tables"]["time_to_accuracy"]}
+  adamw = rows["adamw", "exact"]
+  assert adamw["target_1"] == pytest.approx(0.872)  # AdamW's final mean dev accuracy
+  assert adamw["steps_1"] == 300 and adamw["seconds_1"] == pytest.approx(240.0)
+  assert adamw["steps_0.97"] == 300 * 0.97 // 20 * 20 + 20  # first evaluation above 97%
+  sketched = rows["proximal_adamw", "sketched, k = 1024"]
+  assert sketched["steps_1"] == 100  # 0.879 · step/100 passes 0.872 only at step 100
+  assert sketched["time_ratio_1"] == pytest.approx(100 * 1.0 / 240)
+  peer = next(r for (name, _), r in rows.items() if name not in ("adamw", "proximal_adamw"))
+  assert peer["timed_step_seconds"] is None and peer["seconds_1"] is None
+  text = studies.REGISTRY["time_to_accuracy"].markdown(study)
+  assert "| missing |" in text and "(target ≤ 0.7×: met)" in text
+  assert studies.REGISTRY["time_to_accuracy"].plots(study, tmp_path)
+
+
+def test_batch_size_study_scales_the_learning_rate_by_the_declared_rule(tmp_path):
+  from experiments.studies import batch_size
+
+  assert batch_size.steps_for(600 * 32, 512) == 38 and batch_size.steps_for(19200, 128) == 150
+  assert batch_size.scaled_learning_rate(1e-4, 128, 32) == pytest.approx(2e-4)
+  assert batch_size.learning_rate_trials(1e-4, 512, 32, (0.5, 1.0, 2.0)) == [
+      {"optimizer.learning_rate": pytest.approx(lr)} for lr in (2e-4, 4e-4, 8e-4)
+  ]
+
+  def score(overrides):  # at B = 32 AdamW tunes to 2e-4, at B > 32 the largest trial wins
+    if not overrides.get("holdout_examples"):
+      return ablation_score(overrides)
+    learning_rate = overrides["optimizer.learning_rate"]
+    if overrides.get("batch_size", 32) > 32:
+      return 0.8 + learning_rate
+    off = abs(math.log10(learning_rate / 2e-4)) if overrides["optimizer.name"] == "adamw" else 0
+    return ablation_score(overrides) - 0.001 * off
+
+  ctx = full_plan_context(tmp_path, score)
+  study = core.run_study("batch_size", batch_size, ctx)
+  rows = {(r["optimizer"], r["batch_size"]): r for r in study["tables"]["batch_size"]}
+  assert set(rows) == {(o, b) for o in ("adamw", "proximal_adamw") for b in (32, 128, 512)}
+  assert [rows["adamw", b]["steps"] for b in (32, 128, 512)] == [600, 150, 38]
+  assert rows["adamw", 32]["learning_rate"] == 2e-4  # the tuning's choice at B = 32
+  assert rows["adamw", 512]["learning_rate"] == pytest.approx(2e-4 * 4 * 2)
+  proximal_lr = ctx.best_trial("proximal_adamw")["learning_rate"]
+  assert rows["proximal_adamw", 128]["learning_rate"] == pytest.approx(proximal_lr * 2 * 2)
+  tuned = [c for _, c, _ in ctx.store.calls if c.get("holdout_examples") and "batch_size" in c]
+  assert {(c["batch_size"], c["num_train_steps"]) for c in tuned} == {(128, 50), (512, 13)}
+  damping = ctx.best_trial("proximal_adamw")["damping"]  # carried to every batch size
+  assert {c["optimizer.damping"] for c in tuned if "optimizer.damping" in c} == {damping}
+  assert [c["condition"] for c in study["comparisons"]] == [
+      "SST-2 dev acc., batch 128 (150 steps)",
+      "SST-2 dev acc., batch 512 (38 steps)",
+  ]
+  text = batch_size.markdown(study)
+  assert "f ∈ {0.5, 1, 2}" in text and "| η₀ (tuned) |" in text
+  assert batch_size.plots(study, tmp_path)
+
+
+def test_noise_seeds_and_whole_split_robust_accuracy(tmp_path):
+  ctx = full_plan_context(tmp_path, ablation_score)
+  noise = core.run_study("noise", studies.REGISTRY["noise"], ctx)
+  seeds = {(r["label_noise"], r["optimizer"]): r["seeds"] for r in noise["tables"]["noise"]}
+  assert seeds == {
+      (level, name): 3 if level == 0.0 else 5
+      for level in (0.0, 0.2, 0.4)
+      for name in ("adamw", "proximal_adamw")
+  }
+  study = core.run_study("adversarial", adversarial, ctx)
+  whole = study["tables"]["adversarial_whole_split"]
+  assert [(r["optimizer"], r["objective"]) for r in whole] == [
+      (name, objective) for name in ("adamw", "proximal_adamw") for objective in ("clean", "pgd")
+  ]
+  assert {r["attack_examples"] for r in whole} == {872}
+  assert {r["attack_examples"] for r in study["tables"]["adversarial"]} == {256}
+  conditions = [c["condition"] for c in study["comparisons"]]
+  assert conditions[-2:] == [
+      "SST-2 dev acc. under PGD ε=0.2, clean training, the whole dev split",
+      "SST-2 dev acc. under PGD ε=0.2, pgd training, the whole dev split",
+  ]
+  assert "The same attack on the whole dev split (872 examples)" in adversarial.markdown(study)

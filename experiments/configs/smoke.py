@@ -24,7 +24,7 @@ def get_config() -> ml_collections.ConfigDict:
 def get_plan() -> ml_collections.ConfigDict:
   plan = quick.get_plan()
   plan.mode = "smoke"
-  plan.studies = (*plan.studies, "sketch", "squad")
+  plan.studies = (*plan.studies, "sketch", "squad", "ablation", "time_to_accuracy", "batch_size")
   plan.tuning.steps = 3
   plan.tuning.holdout_examples = 16
   plan.optimizer_variants = ("sgd", "proximal_tikhonov")
@@ -56,4 +56,15 @@ def get_plan() -> ml_collections.ConfigDict:
       "eval_batch_size": 16,
       "eval_every": 2,
   }
+  # Issue 40, parts 2-4: the tuned (tikhonov, uniform weights) variant's sketched-Gram part
+  # only, SGD as the time-to-accuracy baseline, two batch sizes at three steps' examples.
+  plan.ablation_variant = "best_proximal"
+  plan.ablation_tasks = ("sst2",)
+  plan.tta_variants = ("sgd", "best_proximal")
+  plan.tta_baseline = "sgd"
+  plan.tta_eval_every = 1
+  plan.batch_sizes = (8, 16)
+  plan.batch_example_budget = 24
+  plan.batch_variants = ("sgd", "best_proximal")
+  plan.batch_lr_factors = (1.0,)
   return plan

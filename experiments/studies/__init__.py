@@ -15,7 +15,9 @@ which of these it runs.
 """
 
 from experiments.studies import (
+    ablation,
     adversarial,
+    batch_size,
     damping,
     glue,
     l1,
@@ -24,6 +26,7 @@ from experiments.studies import (
     optimizers,
     sketch,
     squad,
+    time_to_accuracy,
 )
 from experiments.studies.core import MIN_GAP, SKETCHED, STEP_COST_FILE, SUMMARY_FIELDS, comparison
 
@@ -38,6 +41,10 @@ REGISTRY = {
     "sketch": sketch,
     "squad": squad,
     "l1": l1,
+    # Issue 40, parts 2-4.
+    "ablation": ablation,
+    "time_to_accuracy": time_to_accuracy,
+    "batch_size": batch_size,
 }
 STUDIES = tuple(REGISTRY)
 

@@ -15,20 +15,43 @@ from nearprox.text import objectives
 TITLE = "Adversarial objectives and robustness"
 
 
+PLAN = {
+    # Issue 40, part 5: these objectives' runs again with the attack on this many dev
+    # examples (0: the whole split), beside the rows of plan.attack_examples.
+    "robust_eval_objectives": (),
+    "robust_eval_examples": 0,
+}
+
+
 def run(ctx: Context) -> dict:
   plan = ctx.plan
-  attack = run_process.Attack(
-      tuple(float(e) for e in plan.attack_epsilons), plan.attack_steps, plan.attack_examples
-  )
+  epsilons = tuple(float(e) for e in plan.attack_epsilons)
+  attack = run_process.Attack(epsilons, plan.attack_steps, plan.attack_examples)
+  rows, curves, comparisons = evaluate(ctx, attack, plan.objectives, "adversarial")
+  tables = {"adversarial": rows}
+  whole = tuple(plan.get("robust_eval_objectives") or ())
+  if whole:
+    attack = run_process.Attack(epsilons, plan.attack_steps, plan.robust_eval_examples)
+    rows, _, more = evaluate(ctx, attack, whole, "adversarial_whole_split")
+    tables["adversarial_whole_split"] = rows
+    comparisons += more
+  found = {"tables": tables, "curves": curves, "comparisons": comparisons}
+  return found | {"robust_eval_examples": plan.get("robust_eval_examples")}
+
+
+def evaluate(ctx: Context, attack, objective_kinds, label: str):
+  """(rows, curves, comparisons) of ``plan.objective_optimizers`` trained with each of
+  ``objective_kinds`` and attacked by ``attack``, runs labelled ``label``."""
+  plan = ctx.plan
   rows, curves, by_variant = [], {}, {}
   for name in plan.objective_optimizers:
     clean = None
-    for objective in plan.objectives:
+    for objective in objective_kinds:
       settings = (plan.get("objective_settings") or {}).get(objective) or {}
       settings = settings.to_dict() if hasattr(settings, "to_dict") else dict(settings)
       resolved = objectives.ObjectiveConfig(kind=objective, **settings)
       extra = {"objective.kind": objective, **{f"objective.{k}": v for k, v in settings.items()}}
-      group = ctx.group("adversarial", STUDY_TASK, name, extra=extra, attack=attack)
+      group = ctx.group(label, STUDY_TASK, name, extra=extra, attack=attack)
       if group is None:
         continue
       found = group.results
@@ -63,7 +86,8 @@ def run(ctx: Context) -> dict:
   # The tuned proximal variant against AdamW, objective by objective, on the accuracy under
   # attack at one radius; a model that collapsed to one class is not counted as robust.
   eps, best, comparisons = reported_epsilon(attack.epsilons), ctx.resolve("best_proximal"), []
-  for objective in plan.objectives:
+  on = "" if label == "adversarial" else ", " + _examples(attack.examples)
+  for objective in objective_kinds:
     subject, baseline = by_variant.get((best, objective)), by_variant.get(("adamw", objective))
     if subject is None or baseline is None:
       continue
@@ -76,11 +100,16 @@ def run(ctx: Context) -> dict:
         task=STUDY_TASK,
         objective=objective,
         epsilon=eps,
-        condition=f"SST-2 dev acc. under PGD ε={eps:g}, {objective} training",
+        attack_examples=subject["attack_examples"],
+        condition=f"SST-2 dev acc. under PGD ε={eps:g}, {objective} training{on}",
     )
     counted = not (subject["flat_under_attack"] or baseline["flat_under_attack"])
     comparisons.append({**record, "counted": counted})
-  return {"tables": {"adversarial": rows}, "curves": curves, "comparisons": comparisons}
+  return rows, curves, comparisons
+
+
+def _examples(count: int) -> str:
+  return "the whole dev split" if not count else f"{count} dev examples"
 
 
 def reported_epsilon(epsilons) -> float:
@@ -92,7 +121,27 @@ def reported_epsilon(epsilons) -> float:
 
 
 def markdown(study: dict) -> str:
+  parts = []
   rows = study["tables"]["adversarial"]
+  if rows:
+    parts.append(
+        _table(rows)
+        + f"\n\nAttack: ℓ2 PGD on the word embeddings, {rows[0]['attack_steps']} steps, step "
+        f"2.5ε/K, no random start, on {rows[0]['attack_examples']} SST-2 dev examples "
+        "(ε=0: clean accuracy on that subset); accuracies under attack are means ± standard "
+        "deviations over the seeds.\n\n![robustness](PLOT:robustness.png)"
+    )
+  whole = study["tables"].get("adversarial_whole_split") or []
+  if whole:
+    parts.append(
+        f"The same attack on {_examples(study.get('robust_eval_examples'))} "
+        f"({whole[0]['attack_examples']} examples): runs of their own, with the same training "
+        "settings and seeds as the rows above:\n\n" + _table(whole)
+    )
+  return "\n\n".join(parts)
+
+
+def _table(rows: list[dict]) -> str:
   columns = [
       OPTIMIZER,
       ("objective", get("objective", str)),
@@ -107,13 +156,7 @@ def markdown(study: dict) -> str:
       ],
       ("step × clean", get("step_ratio_to_clean")),
   ]
-  return (
-      table(rows, columns)
-      + f"\n\nAttack: ℓ2 PGD on the word embeddings, {rows[0]['attack_steps']} steps, step "
-      f"2.5ε/K, no random start, on {rows[0]['attack_examples']} SST-2 dev examples "
-      "(ε=0: clean accuracy on that subset); accuracies under attack are means ± standard "
-      "deviations over the seeds.\n\n![robustness](PLOT:robustness.png)"
-  )
+  return table(rows, columns)
 
 
 def _training_attack(row: dict) -> str:

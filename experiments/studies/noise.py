@@ -1,5 +1,9 @@
 """Study 6: 20% / 40% flipped SST-2 training labels, and the tweets' low-confidence test
-examples."""
+examples.
+
+The noisy levels train ``plan.noise_seeds`` seeds (issue 40, part 5: five; empty: the plan's
+seeds), the clean level is the optimizer study's runs; at the highest level the tuned
+proximal variants are compared with AdamW."""
 
 from __future__ import annotations
 
@@ -10,15 +14,18 @@ from experiments.studies.core import LOW_CONFIDENCE_TASK, STUDY_TASK, comparison
 from experiments.tuning import PROXIMAL, Context
 
 TITLE = "Noisy labels"
+PLAN = {"noise_seeds": ()}  # empty: plan.seeds
 
 
 def run(ctx: Context) -> dict:
   plan = ctx.plan
   rows, comparisons = {}, []
+  noisy_seeds = tuple(plan.get("noise_seeds") or ()) or None  # None: plan.seeds
   for name in plan.noise_optimizers:
     for level in (0.0, *plan.noise_levels):
       label = "optimizers" if level == 0.0 else "noise"
-      group = ctx.group(label, STUDY_TASK, name, extra={"label_noise": level})
+      seeds = None if level == 0.0 else noisy_seeds
+      group = ctx.group(label, STUDY_TASK, name, seeds=seeds, extra={"label_noise": level})
       if group is not None:
         rows[group.variant, level] = {
             **group.describe(),
