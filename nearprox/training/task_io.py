@@ -14,6 +14,10 @@
 | ``label_noise`` | flips labels | rejected (no classes) |
 | metrics | ``task.metrics`` of the logits | SQuAD F1 / exact match of the answer texts |
 
+Translation (task kind "translation": Multi30k): :mod:`nearprox.training.translation_io`
+(an encoder–decoder trained from scratch, sentence pairs as rows, BLEU/chrF of decoded
+output).
+
 Evaluation puts every row's logits back at its row (``batch["index"]``), so the padded rows
 of the last batch and the split of a batch over devices and hosts never change the scores.
 """
@@ -28,7 +32,7 @@ import numpy as np
 
 from nearprox.text import data, models, qa
 from nearprox.text.data.encoding import TOKEN_KEYS
-from nearprox.training import parallel
+from nearprox.training import parallel, translation_io
 
 INPUT_KEYS = TOKEN_KEYS + ("labels",)  # classification
 QA_INPUT_KEYS = TOKEN_KEYS + ("start_positions", "end_positions")
@@ -53,19 +57,30 @@ class QAEvalSplit:
 
 def input_keys(task: data.Task) -> tuple[str, ...]:
   """The batch entries the loss reads: tokens and the task's labels."""
+  if task.kind == "translation":
+    return translation_io.INPUT_KEYS
   return QA_INPUT_KEYS if task.kind == "qa" else INPUT_KEYS
 
 
+def logits_fn(task: data.Task, model, deterministic: bool):
+  """The model's ``logits_fn(params, batch, delta, rng)`` (:mod:`nearprox.text.objectives`)."""
+  if task.kind == "translation":
+    return translation_io.logits_fn(model, deterministic)
+  return models.bert_logits_fn(model, deterministic=deterministic)
+
+
 def num_rows(arrays: Mapping[str, np.ndarray]) -> int:
-  """Rows of a split's arrays (examples; windows for QA)."""
-  return len(arrays["input_ids"])
+  """Rows of a split's arrays (examples; windows for QA; sentence pairs)."""
+  return len(next(iter(arrays.values())))
 
 
 def check_config(config, task: data.Task) -> None:
   """ValueError for settings the task cannot use (cheap: before any model or data loading)."""
   if not 0.0 <= config.label_noise <= 1.0:
     raise ValueError(f"config.label_noise must lie in [0, 1], got {config.label_noise}")
-  if task.kind == "qa" and config.label_noise:
+  if task.kind == "translation":
+    translation_io.check_config(config)
+  if task.kind in ("qa", "translation") and config.label_noise:
     raise ValueError(
         f"config.label_noise flips class labels; task {task.name!r} is extractive QA (answer "
         f"spans, no classes): set it to 0, got {config.label_noise}"
@@ -82,7 +97,10 @@ def create_model(config, num_labels: int, rng):
   ``config.model.name == "tiny"``: a random 2-layer BERT with MiniLM's tokenizer; otherwise
   :func:`nearprox.text.models.load_pretrained` (a new head is initialized from ``rng``).
   """
-  is_qa = data.get_task(config.task).kind == "qa"
+  kind = data.get_task(config.task).kind
+  if kind == "translation":
+    return translation_io.create_model(config, rng)
+  is_qa = kind == "qa"
   dtype = jnp.dtype(config.model.dtype)
   if config.model.name == "tiny":
     tokenizer = models.load_tokenizer(models.minilm_dir())
@@ -126,6 +144,8 @@ def load_splits(config, tokenizer) -> dict[str, Mapping[str, np.ndarray] | QAEva
   check_config(config, task)
   if task.kind == "qa":
     return _qa_splits(config, tokenizer)
+  if task.kind == "translation":
+    return translation_io.load_splits(config, tokenizer, holdout_indices)
   names = ("train", "dev", "test") if task.has_test else ("train", "dev")
   if config.holdout_examples:
     names = ("train",)
@@ -236,10 +256,15 @@ def predict(runner, device_state, arrays: Mapping[str, np.ndarray], batch_size: 
 def evaluate(runner, device_state, split, task: data.Task, batch_size: int):
   """(the task's metrics, the number of rows predicted as each class) on one split.
 
+  Translation: BLEU and chrF of the decoded sentences (``translation_io.scores``); no counts.
+
   A single non-zero count is a classifier that collapsed to one class. QA (``split`` a
   :class:`QAEvalSplit`): the best span over each question's windows, scored against its
   gold answers (:mod:`nearprox.text.qa`: ``f1`` and ``exact_match`` in [0, 1]); no counts.
   """
+  if task.kind == "translation":  # split: a TranslationEvalSplit; the eval step decodes
+    ids = predict(runner, device_state, split.arrays(), batch_size)
+    return translation_io.scores(split, ids), []
   if task.kind == "qa":
     logits = predict(runner, device_state, split.arrays(), batch_size)  # [F, T, 2]
     predictions = qa.postprocess_predictions(

@@ -49,7 +49,7 @@ from jax.experimental import multihost_utils
 
 import nearprox
 from nearprox.text import data, models, objectives
-from nearprox.training import optimizers, parallel, task_io
+from nearprox.training import optimizers, parallel, task_io, translation_io
 from nearprox.training.metrics_writer import MetricWriter
 from nearprox.training.orbax_checkpoints import Checkpoints
 from nearprox.training.task_io import INPUT_KEYS, create_model, evaluate, load_splits
@@ -151,13 +151,16 @@ def train_step(
   return TrainState(state.step + 1, params, opt_state), metrics
 
 
-def step_functions(config, task: data.Task, model, tx, per_example: bool, axis_name):
+def step_functions(
+    config, task: data.Task, model, tx, per_example: bool, axis_name, beam_size: int | None = None
+):
   """(train_fn(state, batch, rng), eval_fn(state, batch)): :func:`train_step` with the
   config's objective, optimizer ``tx`` (``optimizers.create_optimizer``) and example
   weighting bound, and :func:`eval_step` at the state's ``optimizers.evaluation_params``;
-  per-device functions for ``parallel.Runner``."""
+  per-device functions for ``parallel.Runner``. Translation: eval_fn decodes with
+  ``beam_size`` beams (default ``config.dev_beam_size``; 1 is greedy)."""
   objective = objective_config(config)
-  logits_fn = models.bert_logits_fn(model, deterministic=not config.model.dropout)
+  logits_fn = task_io.logits_fn(task, model, deterministic=not config.model.dropout)
   perturbation_fn = functools.partial(
       objectives.adversarial_perturbation,
       logits_fn,
@@ -184,12 +187,16 @@ def step_functions(config, task: data.Task, model, tx, per_example: bool, axis_n
       l2_weight=config.objective.l2_weight,
       zero_fractions=config.optimizer.get("l1_weight", 0.0) > 0,
   )
-  eval_logits_fn = models.bert_logits_fn(model, deterministic=True)
+  if task.kind == "translation":
+    evaluate_at = translation_io.decode_fn(model, config, beam_size or config.dev_beam_size)
+  else:
+    eval_logits_fn = models.bert_logits_fn(model, deterministic=True)
+    evaluate_at = functools.partial(eval_step, logits_fn=eval_logits_fn)
 
   def eval_fn(state: TrainState, batch):
     # The evaluated params: schedule-free AdamW's averaged iterate, the others' params.
     params = optimizers.evaluation_params(state.opt_state, state.params)
-    return eval_step(params, batch, logits_fn=eval_logits_fn)
+    return evaluate_at(params, batch)
 
   return train_fn, eval_fn
 
@@ -361,6 +368,13 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path) -
       "train_step_seconds": float(np.median(step_times[1:] or step_times or [0.0])),
   }
   if not preempted:
+    if task.kind == "translation" and config.beam_size != config.dev_beam_size:
+      # The final scores decode with config.beam_size beams (training is over: the train
+      # step's compilation is not needed again).
+      functions = step_functions(
+          config, task, model, tx, per_example, runner.axis_name, beam_size=config.beam_size
+      )
+      runner.compile(*functions)
     try:
       with stop_on_sigterm():
         scores = {
@@ -368,7 +382,14 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path) -
             for name in splits
             if name != "train"
         }
-        if config.export_hf and parallel.is_main_process():
+        if task.kind == "translation" and parallel.is_main_process():
+          # What the translate command reads: params, model config and tokenizer.
+          report["translation_model"] = str(
+              translation_io.export_model(
+                  model, evaluated_params, tokenizer, workdir / translation_io.MODEL_DIRNAME
+              )
+          )
+        elif config.export_hf and parallel.is_main_process():
           report["hf_model"] = str(
               models.save_pretrained(model, evaluated_params, tokenizer, workdir / "hf_model")
           )

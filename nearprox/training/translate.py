@@ -1,0 +1,111 @@
+"""Translates a text file with a model trained by ``nearprox.training.train`` (task multi30k).
+
+    python -m nearprox.training.translate --workdir runs/mt --input test.en --output hyp.de \
+        [--beam_size 4] [--length_penalty 0.6] [--batch_size 64] [--reference test.de]
+
+One sentence a line in, one translation a line out (an empty input line gives an empty output
+line). The model, its config and the subword tokenizer come from
+``workdir/translation_model`` (written at the end of training), so nothing else is needed.
+``--reference``: also print corpus BLEU and chrF (sacrebleu's defaults) against that file,
+which is how to score the model on another test set. Input is cut to the model's
+``max_length`` subwords; beam 1 is greedy decoding.
+"""
+
+from __future__ import annotations
+
+import argparse
+import functools
+import json
+import logging
+import sys
+from pathlib import Path
+
+import jax
+import numpy as np
+
+from nearprox.text import data
+from nearprox.text.data import subwords
+from nearprox.training import translation_io
+
+
+def translate(
+    model,
+    params,
+    tokenizer,
+    sentences: list[str],
+    *,
+    beam_size: int = 4,
+    length_penalty: float = 0.6,
+    batch_size: int = 64,
+) -> list[str]:
+  """Detokenized translations of ``sentences`` (empty or whitespace-only: "")."""
+  from nearprox.text import decoding
+
+  if beam_size < 1 or batch_size < 1:
+    raise ValueError(f"beam_size and batch_size must be >= 1, got {beam_size}, {batch_size}")
+  max_length = model.config.max_length
+  if beam_size == 1:
+    decode = functools.partial(decoding.greedy_decode, model, max_length=max_length)
+  else:
+    decode = functools.partial(
+        decoding.beam_search,
+        model,
+        beam_size=beam_size,
+        length_penalty=length_penalty,
+        max_length=max_length,
+    )
+  decode = jax.jit(decode)
+  rows = [i for i, s in enumerate(sentences) if s.strip()]
+  out = [""] * len(sentences)
+  if not rows:
+    return out
+  source_ids = data.encode_sources(tokenizer, [sentences[i].strip() for i in rows], max_length)
+  for start in range(0, len(rows), batch_size):
+    block = source_ids[start : start + batch_size]
+    real = len(block)
+    if real < batch_size:  # one shape for jit: fill with copies of the first row
+      block = np.concatenate([block, np.repeat(block[:1], batch_size - real, axis=0)])
+    ids = np.asarray(decode(params, block))[:real]
+    for i, text in zip(rows[start : start + real], subwords.decode_ids(tokenizer, ids)):
+      out[i] = text
+  return out
+
+
+def main(argv=None) -> dict:
+  parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+  parser.add_argument("--workdir", required=True, help="training workdir (or its model folder)")
+  parser.add_argument("--input", required=True, help="UTF-8 text (or .gz), one sentence a line")
+  parser.add_argument("--output", required=True, help="where to write one translation a line")
+  parser.add_argument("--beam_size", type=int, default=4)
+  parser.add_argument("--length_penalty", type=float, default=0.6)
+  parser.add_argument("--batch_size", type=int, default=64)
+  parser.add_argument("--reference", help="optional reference translations: print BLEU/chrF")
+  args = parser.parse_args(argv)
+
+  model, params, tokenizer = translation_io.load_model(args.workdir)
+  sentences = data.translation.read_lines(args.input)
+  hypotheses = translate(
+      model,
+      params,
+      tokenizer,
+      sentences,
+      beam_size=args.beam_size,
+      length_penalty=args.length_penalty,
+      batch_size=args.batch_size,
+  )
+  Path(args.output).write_text("".join(h + "\n" for h in hypotheses), encoding="utf-8")
+  result = {"sentences": len(sentences), "output": args.output}
+  if args.reference:
+    references = data.translation.read_lines(args.reference)
+    if len(references) != len(sentences):
+      raise SystemExit(
+          f"{args.reference} has {len(references)} lines, {args.input} has {len(sentences)}"
+      )
+    result.update(data.translation_scores(hypotheses, references))
+  print(json.dumps(result), flush=True)
+  return result
+
+
+if __name__ == "__main__":
+  logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+  main(sys.argv[1:])

@@ -1,0 +1,149 @@
+"""End to end on a tiny parallel corpus: ``train_and_evaluate`` with task multi30k (a tiny
+encoder–decoder, a few steps) for AdamW and for proximal SGD with factored per-example
+gradients, the global Gram and iEF weights under shard_map, then the translate command on the exported
+model. Also: the multi30k config resolves and its data folder has the expected files."""
+
+import json
+
+import pytest
+
+from experiments.configs import multi30k
+from nearprox.text import data
+from nearprox.training import task_io, train, translate, translation_io
+from tests.test_translation import DE, EN, _corpus
+
+
+def _config(tmp_path, **optimizer):
+  config = multi30k.get_config()
+  config.data_dir = str(_corpus(tmp_path / "mt", EN * 4, DE * 4))
+  config.vocab_size = 280
+  config.max_length = 12
+  config.batch_size = 8
+  config.eval_batch_size = 8
+  config.beam_size = 2
+  config.model.num_encoder_layers = 1
+  config.model.num_decoder_layers = 1
+  config.model.hidden_size = 16
+  config.model.num_heads = 2
+  config.model.intermediate_size = 32
+  config.num_train_steps = 3
+  config.log_every = 1
+  config.eval_every = 2
+  config.checkpoint_every = 100
+  config.progress = False
+  config.optimizer.warmup_fraction = 0.0
+  for key, value in optimizer.items():
+    config.optimizer[key] = value
+  return config
+
+
+@pytest.fixture(scope="module")
+def adamw_run(tmp_path_factory):
+  tmp_path = tmp_path_factory.mktemp("adamw")
+  with pytest.MonkeyPatch.context() as patch:
+    patch.setenv("NEARPROX_CACHE_DIR", str(tmp_path / "cache"))
+    config = _config(tmp_path, name="adamw", learning_rate=1e-2)
+    config.parallel = "jit"
+    report = train.train_and_evaluate(config, tmp_path / "work")
+  return tmp_path / "work", report
+
+
+def test_adamw_trains_evaluates_bleu_and_exports(adamw_run):
+  workdir, report = adamw_run
+  assert report["steps"] == 3 and not report["preempted"]
+  for split in ("dev", "test"):
+    assert set(report[split]) == {"bleu", "chrf"}
+    assert 0 <= report[split]["bleu"] <= 100
+  assert json.loads((workdir / "report.json").read_text())["test"] == report["test"]
+  logged = [json.loads(line) for line in (workdir / "metrics.jsonl").read_text().splitlines()]
+  assert any("dev/bleu" in row for row in logged if row.get("step") == 2)
+  model, params, tokenizer = translation_io.load_model(workdir)
+  assert model.config.hidden_size == 16 and tokenizer.get_vocab_size() <= 280
+
+
+def test_translate_command_writes_one_line_per_input(adamw_run, tmp_path, capsys):
+  workdir, _ = adamw_run
+  source = tmp_path / "in.en"
+  source.write_text("A man rides a bike.\n\nTwo dogs play.\n", encoding="utf-8")
+  result = translate.main(
+      [
+          "--workdir",
+          str(workdir),
+          "--input",
+          str(source),
+          "--output",
+          str(tmp_path / "out.de"),
+          "--beam_size",
+          "2",
+          "--batch_size",
+          "2",
+          "--reference",
+          str(source),
+      ]
+  )
+  lines = (tmp_path / "out.de").read_text(encoding="utf-8").split("\n")
+  assert len(lines) == 4 and lines[1] == "" and lines[3] == ""
+  assert set(result) == {"sentences", "output", "bleu", "chrf"} and result["sentences"] == 3
+  assert json.loads(capsys.readouterr().out.strip().splitlines()[-1]) == result
+  with pytest.raises(FileNotFoundError, match="no trained translation model"):
+    translation_io.load_model(tmp_path)
+
+
+def test_proximal_factored_ief_under_shard_map(tmp_path, monkeypatch):
+  monkeypatch.setenv("NEARPROX_CACHE_DIR", str(tmp_path / "cache"))
+  config = _config(
+      tmp_path,
+      name="proximal_sgd",
+      learning_rate=0.1,
+      per_example="factored",
+      weighting="ief",
+      gram="global",
+  )
+  config.parallel = "shard_map"  # over the 8 host devices of tests/conftest.py
+  config.dev_beam_size = 2  # = beam_size: one decoder for every evaluation
+  report = train.train_and_evaluate(config, tmp_path / "work")
+  assert report["steps"] == 3 and set(report["test"]) == {"bleu", "chrf"}
+  logged = [json.loads(line) for line in (tmp_path / "work" / "metrics.jsonl").open()]
+  losses = [row["train/loss"] for row in logged if "train/loss" in row]
+  assert len(losses) == 3 and all(loss > 0 for loss in losses)
+  assert any("train/gram/gram_trace" in row for row in logged)
+
+
+def test_multi30k_config_points_at_the_corpus(monkeypatch, tmp_path):
+  monkeypatch.setenv(data.MULTI30K_DIR_ENV, str(tmp_path))
+  config = multi30k.get_config()
+  assert config.task == "multi30k" and config.data_dir == str(tmp_path)
+  assert data.get_task(config.task).kind == "translation"
+
+
+@pytest.mark.parametrize(
+    "field, value, error, message",
+    [
+        ("direction", "en", data.DataError, "direction must be"),
+        ("beam_size", 0, ValueError, "config.beam_size must be a positive integer"),
+        ("model.name", "minilm", ValueError, "'seq2seq' from scratch"),
+        ("label_noise", 0.1, ValueError, "label_noise"),
+    ],
+)
+def test_bad_translation_settings_fail_before_loading(tmp_path, field, value, error, message):
+  config = _config(tmp_path, name="adamw")
+  config.data_dir = str(tmp_path / "absent")  # never read: the check comes first
+  section, _, name = field.rpartition(".")
+  (config[section] if section else config)[name] = value
+  with pytest.raises(error, match=message):
+    train.train_and_evaluate(config, tmp_path / "work")
+
+
+def test_tuning_holds_out_training_pairs_and_loads_no_reported_split(tmp_path):
+  config = _config(tmp_path, name="adamw")
+  config.holdout_examples = 5
+  config.max_length = 40  # nothing cut: the held-out targets decode to the references
+  train_split = data.load_translation("train", config.data_dir)
+  tokenizer = data.subword_tokenizer(train_split, config.vocab_size, use_cache=False)
+  splits = task_io.load_splits(config, tokenizer)
+  assert set(splits) == {"train", "holdout"}
+  rest, held = task_io.holdout_indices(len(train_split), 5)
+  assert task_io.num_rows(splits["train"]) == len(rest) == len(train_split) - 5
+  assert splits["holdout"].references == [train_split.targets[i] for i in held]
+  decoded = data.decode_ids(tokenizer, splits["holdout"].arrays()["target_output_ids"])
+  assert decoded == splits["holdout"].references
