@@ -9,6 +9,9 @@ leaves are (docs/method.md §2):
   cotangents, g_i = a_iᵀ δ_i;
 * ``nn.Embed`` tables (looked up with ``__call__``): :class:`nearprox.layer_factors.EmbedFactor`
   (token ids, cotangents of the looked-up vectors);
+* ``nn.Embed`` tables also used as the output projection (weight tying, ``Embed.attend``):
+  :class:`nearprox.layer_factors.TiedEmbedFactor`, the lookups' EmbedFactor plus a
+  DenseFactor (a = the logits' cotangents [T, V], δ = the queries [T, D]) for the projection;
 * everything else, materialized as [B, *param_shape] arrays: Dense/DenseGeneral biases
   (Σ_t δ_it), ``nn.LayerNorm`` / ``nn.RMSNorm`` parameters (a per-example vjp of that one
   layer on its captured input and output cotangent), and the **exact fallback** below.
@@ -31,8 +34,8 @@ leaf needs; :func:`leaf_kinds` tells which path each leaf takes). That happens f
 
 * parameters of other layer types (``nn.Conv``, attention modules' own params, a custom
   ``self.param`` used directly in a module's code);
-* a table or kernel also used outside its layer's ``__call__`` (weight tying via
-  ``Embed.attend``, a kernel read through ``self.variables``), and leaves that ``loss_fn``
+* a table or kernel also used outside its layer's ``__call__`` (and, for a table,
+  ``attend``), e.g. a kernel read through ``self.variables``, and leaves that ``loss_fn``
   transforms before ``apply`` (e.g. casts to bfloat16);
 * calls whose input does not have the batch axis first (size B), Dense layers contracting
   the batch axis, ``DenseGeneral(batch_dims=...)``, custom ``dot_general``, norms reducing
@@ -334,7 +337,7 @@ def _tied_embed_factor(table, lookups, projection, batch) -> layer_factors.TiedE
 
 def leaf_kinds(loss_fn: Callable, params, *args) -> dict[str, str]:
   """How :func:`factored_value_and_grads` treats each leaf of ``params``, by path:
-  "kernel" / "embed" (factored), "bias" / "local" (materialized from the captures),
+  "kernel" / "embed" / "tied_embed" (factored), "bias" / "local" (materialized from the captures),
   "fallback" (exact per-example Jacobian rows) or "unused". Traces only, computes nothing."""
   leaves, treedef = jax.tree.flatten(params)
   batch = layer_calls.loss_batch_size(loss_fn, params, args)

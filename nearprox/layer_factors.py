@@ -29,6 +29,11 @@ g_i = Σ_t e_{tok_it} δ_itᵀ. :class:`EmbedFactor` keeps (tok, δ):
 * combine: a scatter-add of c_i δ_it into rows tok_it.
 * no sketch: a table keeps its exact Gram under ``sketch_dim`` (docs/method.md §2.9).
 
+A table that is also the output projection (``Embed.attend``, weight tying) has
+g_i = Σ_t e_{tok_it} δ_itᵀ + Σ_s ε_isᵀ q_is (ε the logits' cotangents, q the queries):
+:class:`TiedEmbedFactor` holds the two parts, an EmbedFactor and a DenseFactor, and adds
+their cross terms to the Gram.
+
 A layer called several times (a shared module) contributes Σ_calls a_callᵀ δ_call, which is
 again of the form Aᵀ Δ with the calls' positions concatenated along the T axis, so one factor
 holds all its calls.

@@ -11,7 +11,7 @@ import optax
 import pytest
 
 import nearprox
-from nearprox import base, factored_grads, layer_factors, spectral_filter
+from nearprox import base, factored_grads, layer_factors, sketch, spectral_filter
 from nearprox.text import models
 from tests.encoder_numbers import encoder_gathered_numbers
 
@@ -96,6 +96,16 @@ class UnsupportedModel(nn.Module):
     scale = self.param("scale", nn.initializers.ones, (6,))
     x = nn.Dense(6)(x * scale)
     return x.mean(axis=1) @ embed.embedding.T  # the table read directly, not via attend
+
+
+class TiedModel(nn.Module):
+  """A table looked up and reused as the output projection (``Embed.attend``)."""
+
+  @nn.compact
+  def __call__(self, ids):
+    embed = nn.Embed(40, 8)
+    x = nn.Dense(8)(embed(ids))
+    return embed.attend(jnp.tanh(x.mean(axis=1)))[:, :3]
 
 
 def token_problem(model, batch=6, length=5, vocab=40, seed=0):
@@ -342,10 +352,11 @@ def test_factor_leaves_are_pytrees_with_batch_first():
 # ----------------------------------------------------------------------------- devices, jit, errors
 
 
-def test_global_gram_under_pmap_equals_single_device():
+@pytest.mark.parametrize("model", [TokenModel, TiedModel])
+def test_global_gram_under_pmap_equals_single_device(model):
   devices = jax.local_device_count()
   assert devices == 8, "tests/conftest.py sets 8 host devices"
-  loss_fn, params, args = token_problem(TokenModel(), batch=16)
+  loss_fn, params, args = token_problem(model(), batch=16)
   mask = jnp.ones((16,)).at[jnp.array([3, 10, 11])].set(0)
 
   def device_update(params, ids, labels, mask):
@@ -405,3 +416,110 @@ def test_bad_inputs_raise():
     factored_grads.factored_value_and_grads(lambda p, *a: loss_fn(p, *a).mean(), params, *args)
   with pytest.raises(ValueError, match="kernel_combine"):
     factored_grads.factored_value_and_grads(loss_fn, params, *args, kernel_combine="fast")
+
+
+# ----------------------------------------------------------------------------- tied embeddings
+
+
+def tiny_seq2seq():
+  """A 1 + 1 layer encoder–decoder, padding in sources and targets; loss = mean token CE."""
+  config = models.Seq2SeqConfig(
+      vocab_size=50,
+      num_encoder_layers=1,
+      num_decoder_layers=1,
+      hidden_size=16,
+      num_heads=2,
+      intermediate_size=32,
+      max_length=8,
+  )
+  model = models.Seq2SeqTransformer(config)
+  params = models.init_seq2seq(config, jax.random.key(0))
+  source = jnp.array([[5, 6, 7, 2, 0], [8, 9, 2, 0, 0], [11, 12, 13, 14, 2], [6, 5, 2, 0, 0]])
+  target_out = jnp.array([[4, 5, 6, 2], [7, 8, 2, 0], [20, 21, 5, 2], [2, 0, 0, 0]])
+  target_in = jnp.concatenate([jnp.ones((4, 1), jnp.int32), target_out[:, :-1]], axis=1)
+  target_in = jnp.where(target_out == 0, 0, target_in)
+
+  def loss_fn(p, source, target_in, target_out):
+    logits = model.apply({"params": p}, source, target_in)
+    tokens = optax.softmax_cross_entropy_with_integer_labels(logits, target_out)
+    real = (target_out != 0).astype(tokens.dtype)
+    return jnp.sum(tokens * real, axis=1) / jnp.sum(real, axis=1)
+
+  return loss_fn, params, (source, target_in, target_out)
+
+
+@pytest.fixture(scope="module")
+def seq2seq_case():
+  loss_fn, params, args = tiny_seq2seq()
+  return (
+      loss_fn,
+      params,
+      args,
+      value_and_grads(loss_fn, params, args, "vmap"),
+      value_and_grads(loss_fn, params, args),
+  )
+
+
+def test_seq2seq_factored_equals_vmap(seq2seq_case):
+  loss_fn, params, args, (losses_v, grads_v), (losses_f, grads_f) = seq2seq_case
+  kinds = factored_grads.leaf_kinds(loss_fn, params, *args)
+  assert "fallback" not in kinds.values() and "unused" not in kinds.values()
+  assert kinds["['token_embed']['embedding']"] == "tied_embed"
+  for part in ("query", "key", "value", "out"):  # cross-attention: decoder queries, memory keys
+    assert kinds[f"['decoder']['layer_0']['cross_attention']['{part}']['kernel']"] == "kernel"
+  tied = grads_f["token_embed"]["embedding"]
+  assert isinstance(tied, layer_factors.TiedEmbedFactor)
+  assert tied.lookup.ids.shape == (4, 5 + 4)  # source and target lookups, concatenated
+  assert tied.projection.inputs.shape == (4, 4, 50)  # the logits' cotangents
+  np.testing.assert_allclose(losses_f, losses_v, rtol=1e-5)
+  np.testing.assert_allclose(
+      jax.jit(lambda t: t._per_example())(tied).reshape(4, 50, 16),
+      grads_v["token_embed"]["embedding"],
+      rtol=1e-4,
+      atol=1e-6,
+  )
+  np.testing.assert_allclose(gram_of(grads_f), gram_of(grads_v), rtol=1e-4, atol=1e-7)
+  combine = jax.jit(spectral_filter.combine)
+  assert_trees_close(combine(grads_f, jnp.arange(4.0)), combine(grads_v, jnp.arange(4.0)))
+  mask = jnp.array([1, 1, 0, 1])
+  assert_trees_close(all_filtered(grads_f, params, mask), all_filtered(grads_v, params, mask))
+
+
+@pytest.mark.parametrize("method", layer_factors.GRAM_METHODS)
+def test_tied_gram_rescale_and_sketch_match_the_dense_gradients(seq2seq_case, method):
+  *_, (_, grads_v), (_, grads_f) = seq2seq_case
+  tied = dataclasses.replace(grads_f["token_embed"]["embedding"], gram_method=method)
+  dense = np.asarray(grads_v["token_embed"]["embedding"], np.float64)  # [B, V, D]
+  flat = dense.reshape(4, -1)
+  # Against other examples too (the gram="global" case): rows 1..3 as the "other" side.
+  other = jax.tree.map(lambda x: x[1:], tied)
+
+  @jax.jit
+  def numbers(tied, other):
+    scaled = tied.rescale(jnp.int32(-5))
+    return tied.gram(tied), tied.gram(other), scaled.gram(scaled), scaled.combine(jnp.ones(4))
+
+  gram, cross, scaled_gram, scaled_sum = numbers(tied, other)
+  np.testing.assert_allclose(gram, flat @ flat.T, rtol=1e-4, atol=1e-8)
+  np.testing.assert_allclose(cross, flat @ flat[1:].T, rtol=1e-4, atol=1e-8)
+  np.testing.assert_allclose(scaled_gram, flat @ flat.T / 4**5, rtol=1e-4, atol=1e-10)
+  np.testing.assert_allclose(scaled_sum, dense.sum(0) / 2**5, rtol=1e-4, atol=1e-8)
+  # |g| ≤ Σ_parts T·max|a|·max|δ| ≤ (T_l + T_p)·2^e
+  assert 2.0 ** int(tied.log2_scale()) >= np.abs(dense).max() / (9 + 4)
+  # Sketch: S₁ᵀ g_i S₂ with nearprox.sketch's matrices; sketched when it is the cheaper Gram.
+  key = jax.random.key(7)
+  features = tied.sketch(key, 16, 10_000)
+  k1, k2 = sketch.side_dims(50, 16, 16)
+  want = sketch.array_features(jnp.asarray(dense, jnp.float32), key, k1, k2)
+  np.testing.assert_allclose(features, want, rtol=1e-4, atol=1e-6)
+
+
+def test_seq2seq_sketched_filter_runs_on_the_factored_path(seq2seq_case):
+  """With a sketch, every factored leaf (tied table included) feeds the same transformation."""
+  *_, (_, grads_f) = seq2seq_case
+  params = seq2seq_case[1]
+  exact = filtered_jit(grads_f, params)
+  sketched = jax.jit(lambda g: filtered(g, params, sketch_dim=1 << 20))(grads_f)
+  assert_trees_close(sketched, exact)  # k beyond every leaf's size: nothing is sketched
+  small = jax.jit(lambda g: filtered(g, params, sketch_dim=4))(grads_f)
+  assert all(np.isfinite(np.asarray(x)).all() for x in jax.tree.leaves(small))
