@@ -1,7 +1,9 @@
 """Text models and objectives for the proximal step (the ``models`` extra).
 
 * :mod:`nearprox.text.models`: a Flax BERT that loads and saves Hugging Face checkpoints, and
-  ``bert_logits_fn``, the adapter the objectives call.
+  ``bert_logits_fn``, the adapter the objectives call; the encoder–decoder Transformer for
+  translation (``Seq2SeqTransformer``, ``seq2seq_logits_fn``).
+* :mod:`nearprox.text.decoding`: greedy decoding and beam search under ``jit``.
 * :mod:`nearprox.text.data`: GLUE TSVs, TFDS GLUE (optional), the offline tweets, SQuAD;
   tokenization and fixed-shape batches.
 * :mod:`nearprox.text.losses`: per-example task losses, their iEF weights, SMART's divergence.
