@@ -95,6 +95,43 @@ The two "training order only" entries above were ``plan.train_first``, which the
 (2026-12-06, issue 38) dropped with the rest of the home-made scheduler: every run of a pass
 now trains in parallel. The study was complete by then, so no record depends on the order.
 
+Added on 2026-12-06, before any of its runs (issue 40 parts 2–5), without changing the
+above (no earlier choice, run or comparison changes; every run below is new or is one of the
+runs above, found by its key):
+
+* ``ablation``: ``proximal_adamw`` (iEF → AdamW: the best filter, iEF, in front of AdamW) at
+  its tuned settings, seeds 0, 1, 2, on SST-2 and tweets, with (a) its iEF-weighted mean
+  gradient and no Gram (``optimizer.name = "weighted_mean_adamw"``, the same weights,
+  learning rate and AdamW chain), (b) uniform weights (EF → AdamW), (c) the sketched Gram
+  (``plan.sketch_dim``); each compared with iEF → AdamW by the fixed rule, and (a) with (c).
+* ``time_to_accuracy``: AdamW, ``best_proximal`` (exact and sketched Gram) and
+  ``best_peer`` (the peer whose tuning ranks first by the protocol's rule, on held-out
+  training data), seeds 0, 1, 2, on SST-2 with the dev split evaluated every 20 steps
+  (``plan.tta_eval_every``); steps and wall-clock to AdamW's final mean dev accuracy and to
+  97% of it, the seconds per step from ``bench_optimizers`` (one process, interleaved),
+  missing where it has not timed a step; the issue's target: the sketched variant at ≤ 0.7×
+  AdamW's wall-clock.
+* ``batch_size``: AdamW and ``best_proximal`` (exact Gram) on SST-2 with 19,200 training
+  examples each (600 × 32): B ∈ {32, 128, 256} with ⌈19,200 / B⌉ = 600, 150, 75 steps,
+  seeds 0, 1, 2. The learning-rate rule, the same for both: at B = 32 the tuning's choice
+  η₀; at another B the best of the three trials η₀·√(B/32)·{0.5, 1, 2} by the tuning
+  protocol (seeds 0 and 1, the 1,000 held-out training examples, the tuning's 6,400
+  examples: ⌈6,400 / B⌉ steps), the damping at its B = 32 choice. √B is the square-root
+  scaling rule for Adam-type updates (Malladi et al., NeurIPS 2022, arXiv 2205.10287), and
+  both optimizers end in Adam's update. B = 256 stands for the issue's 512: the compiled
+  training step of iEF → AdamW with the exact Gram at 512 × 64 tokens needs 17.0 GiB of XLA
+  temporaries
+  (``jit(...).lower(...).compile().memory_analysis()``; the word-embedding table's ghost
+  Gram alone forms a [B·T, B·T] product, 4 GiB), on a 23 GiB machine whose runner trains
+  two runs at once, and the training loop has no gradient accumulation; B = 256 (75 steps)
+  keeps the factor of 8 over 32 in two steps of 4 and 2.
+* ``noise``: the 20% and 40% levels train seeds 0-4 (``plan.noise_seeds``; the stored seeds
+  0-2 are among them); the clean level stays the optimizer study's three seeds.
+* ``adversarial``: the clean and PGD runs of AdamW and ``best_proximal`` again, seeds 0, 1,
+  2, with the same attack on the whole SST-2 dev split (``plan.robust_eval_examples = 0``),
+  as runs of their own beside the 256-example rows (a run's key includes its attack, so the
+  stored records keep their meaning); compared like the 256-example rows.
+
 Compute: every run file records its wall time; on 2 CPU cores the study spans many hours, the
 run store resumes anywhere, and the README marks a partial study as partial.
 
@@ -173,6 +210,25 @@ def get_plan() -> ml_collections.ConfigDict:
   plan.sketch_dim = 1024
   plan.sketch_check_variant = "proximal_tikhonov"
   plan.qa_optimizers = ("adamw", "best_proximal", "sgd_momentum")
+  # Added on 2026-12-06 (docstring): issue 40, parts 2-5.
+  plan.studies += ("ablation", "time_to_accuracy", "batch_size")
+  plan.ablation_variant = "proximal_adamw"
+  plan.ablation_tasks = ("sst2", "tweets")
+  plan.tta_task = "sst2"
+  plan.tta_baseline = "adamw"
+  plan.tta_eval_every = 20
+  plan.tta_variants = ("adamw", "best_proximal", "best_peer")
+  plan.tta_sketched = ("best_proximal",)
+  plan.tta_target_fractions = (1.0, 0.97)
+  plan.tta_time_ratio_target = 0.7
+  plan.batch_sizes = (32, 128, 256)  # not 512: out of memory (docstring)
+  plan.batch_example_budget = 600 * 32
+  plan.batch_variants = ("adamw", "best_proximal")
+  plan.batch_lr_factors = (0.5, 1.0, 2.0)
+  plan.batch_sketch_dim = 0
+  plan.noise_seeds = (0, 1, 2, 3, 4)
+  plan.robust_eval_objectives = ("clean", "pgd")
+  plan.robust_eval_examples = 0
   qa = squad.get_config()
   plan.qa_settings = {
       k: qa[k] for k in ("max_length", "doc_stride", "batch_size", "eval_batch_size", "eval_every")
