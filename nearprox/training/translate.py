@@ -16,7 +16,6 @@ from __future__ import annotations
 import argparse
 import functools
 import json
-import logging
 import sys
 from pathlib import Path
 
@@ -107,5 +106,7 @@ def main(argv=None) -> dict:
 
 
 if __name__ == "__main__":
-  logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+  from nearprox.training.train import configure_logging
+
+  configure_logging()
   main(sys.argv[1:])
