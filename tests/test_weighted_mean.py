@@ -95,3 +95,24 @@ def test_filter_settings_are_refused_without_a_filter():
   config.optimizer.sketch_dim = 64
   with pytest.raises(ValueError, match="weighted_mean_adamw"):
     optimizers.create_optimizer(config, num_steps=10, axis_name=None)
+
+
+def test_weighted_mean_adamw_trains_with_ief_weights(tmp_path):
+  """The ablation end to end on the tiny model: factored per-example gradients, the iEF
+  weights from the loss, the weighted mean over the batch split across the test's host
+  devices (shard_map), AdamW."""
+  from nearprox.training import train
+  from tests.tiny_sst2 import tiny_config, write_sst2
+
+  config = tiny_config(
+      write_sst2(tmp_path / "glue"),
+      **{
+          "optimizer.name": "weighted_mean_adamw",
+          "optimizer.weighting": "ief",
+          "optimizer.learning_rate": 1e-3,
+          "num_train_steps": 2,
+          "checkpoint_every": 10,
+      },
+  )
+  report = train.train_and_evaluate(config, tmp_path / "work")
+  assert report["steps"] == 2 and 0.0 <= report["dev"]["accuracy"] <= 1.0
