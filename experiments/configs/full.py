@@ -124,7 +124,7 @@ runs above, found by its key):
   (``jit(...).lower(...).compile().memory_analysis()``; the word-embedding table's ghost
   Gram alone forms a [B·T, B·T] product, 4 GiB), on a 23 GiB machine whose runner trains
   two runs at once, and the training loop has no gradient accumulation; B = 256 (75 steps)
-  keeps the factor of 8 over 32 in two steps of 4 and 2.
+  needs 6.7 GiB, so two fit, and keeps a factor of 8 over B = 32.
 * ``noise``: the 20% and 40% levels train seeds 0-4 (``plan.noise_seeds``; the stored seeds
   0-2 are among them); the clean level stays the optimizer study's three seeds.
 * ``adversarial``: the clean and PGD runs of AdamW and ``best_proximal`` again, seeds 0, 1,
