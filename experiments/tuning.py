@@ -288,7 +288,10 @@ class Context:
     for trial in trials:
       settings = {**self.tuning_settings(base, trial), **(extra or {})}
       named = {**(extra or {}), **trial}
-      name = f"tune:{variant}:" + ",".join(f"{k.split('.')[-1]}={v:g}" for k, v in named.items())
+      name = f"tune:{variant}:" + ",".join(
+          f"{k.split('.')[-1]}={v:g}" if isinstance(v, (int, float)) else f"{k.split('.')[-1]}={v}"
+          for k, v in named.items()
+      )
       found = [self.store.run(f"{name}:seed={s}", {**settings, "seed": s}) for s in tuning.seeds]
       found = [r for r in found if r is not None]
       complete &= len(found) == len(tuning.seeds)
