@@ -17,7 +17,6 @@ weighting needs a per-example optimizer. "weighted_mean_adamw" is the ablation o
 "proximal_adamw" without the filter: AdamW on the example-weighted mean of the per-example
 gradients (:func:`weighted_mean_aggregate`), the same weights and chain, no Gram.
 
-
 The peers (:data:`PEERS`, what a JAX user would pick instead of AdamW) keep their library's
 direction and defaults inside AdamW's chain: the L2 gradient first, then the direction, the
 decoupled weight decay on kernels, the learning rate. "muon" (``optax.contrib`` Muon on the
