@@ -19,6 +19,7 @@ import optax
 
 import nearprox
 from nearprox import layer_factors
+from nearprox.text import models
 
 GB = 1024.0**3
 # The exact Gram with the per-example kernel gradients formed whole, never in blocks.
@@ -26,13 +27,48 @@ UNBLOCKED = layer_factors.GramBlocking(block_numbers=0)
 
 
 def per_example_loss(model):
-  """(params, ids, mask, labels) -> [B] softmax cross-entropy, dropout off."""
+  """(params, ids, mask, labels) -> [B] softmax cross-entropy, dropout off. For a
+  ``Seq2SeqTransformer`` the three arrays are (source ids, target input ids, target output
+  ids) and the loss is one pair's mean token cross-entropy over its real target tokens."""
+  if isinstance(model, models.Seq2SeqTransformer):
+    return _translation_loss(model)
 
   def loss(params, ids, mask, labels):
     logits = model.apply({"params": params}, ids, attention_mask=mask, deterministic=True).logits
     return optax.softmax_cross_entropy_with_integer_labels(logits, labels)
 
   return loss
+
+
+def _translation_loss(model):
+  pad = model.config.pad_id
+
+  def loss(params, source, target_in, target_out):
+    logits = model.apply({"params": params}, source, target_in, deterministic=True)
+    tokens = optax.softmax_cross_entropy_with_integer_labels(logits, target_out)
+    real = (target_out != pad).astype(tokens.dtype)
+    return jnp.sum(tokens * real, axis=1) / jnp.maximum(jnp.sum(real, axis=1), 1.0)
+
+  return loss
+
+
+def translation_batch(config, batch: int, length: int, seed: int = 0):
+  """(source, target input, target output) of random sentence pairs, lengths uniform in
+  [length/2, length] (eos included), padded to ``length``; ids as ``Seq2SeqConfig`` says."""
+  rng = np.random.default_rng(seed)
+  first_word = max(config.pad_id, config.bos_id, config.eos_id) + 1
+
+  def sentences():
+    words = rng.integers(first_word, config.vocab_size, size=(batch, length))
+    lengths = rng.integers(length // 2, length + 1, size=batch)
+    real = np.arange(length)[None] < lengths[:, None]
+    ends = np.arange(length)[None] == lengths[:, None] - 1
+    return np.where(ends, config.eos_id, np.where(real, words, config.pad_id)).astype(np.int32)
+
+  source, target_out = sentences(), sentences()
+  target_in = np.concatenate([np.full((batch, 1), config.bos_id, np.int32), target_out[:, :-1]], 1)
+  target_in = np.where(target_out == config.pad_id, config.pad_id, target_in)
+  return jnp.asarray(source), jnp.asarray(target_in), jnp.asarray(target_out)
 
 
 def make_batch(vocab: int, batch: int, length: int, seed: int = 0):

@@ -53,6 +53,7 @@ from experiments.bench_harness import (
     make_batch,
     per_example_loss,
     text_batch,
+    translation_batch,
     unblocked,
 )
 from nearprox import sketch, spectral_filter
@@ -79,6 +80,12 @@ _MODEL = flags.DEFINE_string(
 )
 _DATA_DIR = flags.DEFINE_string(
     "data_dir", None, "GLUE root with SST-2/dev.tsv (default $NEARPROX_GLUE_DIR)"
+)
+_TRANSLATION = flags.DEFINE_list(
+    "translation",
+    ["8000", "3", "256", "64", "32"],
+    "the translation row's vocab, layers per stack, hidden size, batch (sentence pairs) and "
+    "length (tokens per side); empty: no translation row (--quick: no vmap step in it)",
 )
 _OUTPUT = flags.DEFINE_string(
     "output", os.path.join(os.path.dirname(__file__), "results", "bench_step.md"), "Markdown file"
@@ -198,6 +205,30 @@ def comparison_rows(title, results):
   return rows
 
 
+def translation_rows(vocab, layers, hidden, batch, length, steps, repeats) -> list[str]:
+  """The encoder–decoder of issue 39 (random weights, random pairs): ``steps`` of SGD, the
+  factored proximal step (tied output projection included) and the vmap oracle."""
+  config = models.Seq2SeqConfig(
+      vocab_size=vocab,
+      num_encoder_layers=layers,
+      num_decoder_layers=layers,
+      hidden_size=hidden,
+      num_heads=max(1, hidden // 64),
+      intermediate_size=4 * hidden,
+      max_length=length,
+  )
+  model = models.Seq2SeqTransformer(config)
+  params = models.init_seq2seq(config, jax.random.key(0))
+  size = sum(x.size for x in jax.tree.leaves(params)) / 1e6
+  data = translation_batch(config, batch, length)
+  results = bench(model, params, batch, length, steps, repeats, _MAX_GB.value, vocab, data)
+  title = (
+      f"Translation {layers}+{layers} layers, d={hidden}, V={vocab} ({size:.1f}M params), "
+      f"B={batch} pairs, T={length}"
+  )
+  return comparison_rows(title, results)
+
+
 def header(command: str) -> list[str]:
   return [
       "# Step-time benchmark: SGD vs. proximal step (factored / vmap per-example gradients)",
@@ -239,6 +270,11 @@ def main(argv) -> None:
   results = bench(minilm, minilm_params, 32, 64, steps, repeats, _MAX_GB.value, vocab)
   lines += comparison_rows("MiniLM-L6 (22.7M params), B=32, T=64", results)
   print("\n".join(lines), flush=True)
+  if _TRANSLATION.value:
+    steps_ = ("sgd", "factored") if _QUICK.value else ("sgd", "factored", "vmap")
+    row = translation_rows(*(int(v) for v in _TRANSLATION.value), steps_, repeats)
+    lines += row
+    print("\n".join(row), flush=True)
 
   base = base_params = None
   if not _QUICK.value and _BERT_BASE.value:

@@ -43,6 +43,7 @@ def test_bench_step_writes_every_section_of_its_quick_run(tiny_saved_model, tmp_
       "--repeats=1",
       "--sketch_dims=16",
       "--family_dims=16",
+      "--translation=",  # the translation row has its own test below
       f"--output={output}",
   )
   assert result.returncode == 0, result.stderr[-3000:]
@@ -182,3 +183,16 @@ def test_bench_optimizers_without_data_says_where_it_looked(tmp_path):
   assert f"{tmp_path / 'no_glue'}: no SST-2/train.tsv" in result.stderr
   assert "(give --data_dir or $NEARPROX_GLUE_DIR)" in result.stderr
   assert not (tmp_path / "smoke").exists()  # nothing written
+
+
+def test_bench_step_translation_row_on_a_tiny_encoder_decoder():
+  from absl import flags
+
+  from experiments import bench_step
+
+  if not flags.FLAGS.is_parsed():
+    flags.FLAGS(["bench_step"])
+  rows = bench_step.translation_rows(40, 1, 16, 4, 8, ("sgd", "factored"), 1)
+  assert [r.split(" | ")[1] for r in rows] == ["(i) SGD", "(ii) proximal, factored (default)"]
+  assert all(r.startswith("| Translation 1+1 layers, d=16, V=40") for r in rows)
+  assert all("ms" in r and "GB" in r for r in rows)  # timed, with FLOPs and memory columns
