@@ -63,6 +63,20 @@ def save_figure(fig, path: Path, dpi: int = 110) -> list[Path]:
 # ------------------------------------------------------------------------------ markdown
 
 
+def accuracy_by_variant(ax, rows: list[dict], x: str) -> None:
+  """One line per variant: mean dev accuracy ± seed std against ``x`` (rows sorted by it)."""
+  for variant in dict.fromkeys(r["variant"] for r in rows):
+    mine = sorted((r for r in rows if r["variant"] == variant), key=lambda r: r[x])
+    ax.errorbar(
+        [r[x] for r in mine],
+        [r["dev_accuracy"] for r in mine],
+        yerr=[r["dev_accuracy_std"] for r in mine],
+        marker="o",
+        capsize=3,
+        label=variant,
+    )
+
+
 def pct(x, std=None, n=None) -> str:
   if x is None or (isinstance(x, float) and math.isnan(x)):
     return "—"

@@ -20,7 +20,17 @@ from __future__ import annotations
 import math
 from pathlib import Path
 
-from experiments.report import DAMPING, OPTIMIZER, SEEDS, get, num, pyplot, save_figure, spread
+from experiments.report import (
+    DAMPING,
+    OPTIMIZER,
+    SEEDS,
+    accuracy_by_variant,
+    get,
+    num,
+    pyplot,
+    save_figure,
+    spread,
+)
 from experiments.report import table as markdown_table
 from experiments.studies.core import STUDY_TASK, comparison
 from experiments.tuning import Context, choose
@@ -184,16 +194,7 @@ def plots(study: dict, out: Path) -> list[Path]:
   if not rows:
     return []
   fig, ax = pyplot().subplots(figsize=(5, 3.5))
-  for variant in dict.fromkeys(r["variant"] for r in rows):
-    mine = sorted((r for r in rows if r["variant"] == variant), key=lambda r: r["batch_size"])
-    ax.errorbar(
-        [r["batch_size"] for r in mine],
-        [r["dev_accuracy"] for r in mine],
-        yerr=[r["dev_accuracy_std"] for r in mine],
-        marker="o",
-        capsize=3,
-        label=variant,
-    )
+  accuracy_by_variant(ax, rows, "batch_size")
   ax.set_xscale("log", base=2)
   ax.set(xlabel="batch size (fixed example budget)", ylabel="SST-2 dev accuracy")
   ax.set_title("accuracy vs batch size")

@@ -9,7 +9,17 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from experiments.report import OPTIMIZER, SEEDS, get, pct, pyplot, save_figure, spread, table
+from experiments.report import (
+    OPTIMIZER,
+    SEEDS,
+    accuracy_by_variant,
+    get,
+    pct,
+    pyplot,
+    save_figure,
+    spread,
+    table,
+)
 from experiments.studies.core import LOW_CONFIDENCE_TASK, STUDY_TASK, comparison
 from experiments.tuning import PROXIMAL, Context
 
@@ -105,16 +115,7 @@ def plots(study: dict, out: Path) -> list[Path]:
   if not rows:
     return []
   fig, ax = pyplot().subplots(figsize=(5, 3.5))
-  for variant in dict.fromkeys(r["variant"] for r in rows):
-    mine = sorted((r for r in rows if r["variant"] == variant), key=lambda r: r["label_noise"])
-    ax.errorbar(
-        [r["label_noise"] for r in mine],
-        [r["dev_accuracy"] for r in mine],
-        yerr=[r["dev_accuracy_std"] for r in mine],
-        marker="o",
-        capsize=3,
-        label=variant,
-    )
+  accuracy_by_variant(ax, rows, "label_noise")
   ax.set(
       xlabel="fraction of flipped training labels", ylabel="SST-2 dev accuracy", title="label noise"
   )
