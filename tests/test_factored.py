@@ -136,7 +136,7 @@ def tiny_bert(batch=4, length=8, deterministic=True, seed=0):
         ids,
         attention_mask=attention_mask,
         deterministic=deterministic,
-        rngs={"dropout": dropout},
+        dropout_keys=None if deterministic else jax.random.split(dropout, ids.shape[0]),
     ).logits
     return optax.softmax_cross_entropy_with_integer_labels(logits, labels)
 

@@ -211,19 +211,12 @@ def test_dropout_only_when_not_deterministic():
   model = models.BertForSequenceClassification(models.tiny_config())
   params = models.init_params(model, jax.random.PRNGKey(0))
   ids, mask, types = _tiny_batch()
+  keys = lambda seed: jax.random.split(jax.random.key(seed), len(ids))
   default = _apply(model, params, ids, mask, types).logits
-  det = _apply(
-      model, params, ids, mask, types, deterministic=True, rngs={"dropout": jax.random.PRNGKey(5)}
-  ).logits
+  det = _apply(model, params, ids, mask, types, deterministic=True, dropout_keys=keys(5)).logits
   np.testing.assert_array_equal(default, det)
   drop = lambda seed: _apply(
-      model,
-      params,
-      ids,
-      mask,
-      types,
-      deterministic=False,
-      rngs={"dropout": jax.random.PRNGKey(seed)},
+      model, params, ids, mask, types, deterministic=False, dropout_keys=keys(seed)
   ).logits
   assert not np.allclose(drop(1), det, atol=1e-4)
   assert not np.allclose(drop(1), drop(2), atol=1e-4)
@@ -233,17 +226,15 @@ def test_dropout_only_when_not_deterministic():
   )
   np.testing.assert_allclose(
       _apply(
-          without_dropout,
-          params,
-          ids,
-          mask,
-          types,
-          deterministic=False,
-          rngs={"dropout": jax.random.PRNGKey(1)},
+          without_dropout, params, ids, mask, types, deterministic=False, dropout_keys=keys(1)
       ).logits,
       det,
       atol=1e-6,
   )
+  with pytest.raises(ValueError, match="dropout_keys"):
+    _apply(model, params, ids, mask, types, deterministic=False)
+  with pytest.raises(ValueError, match="one key per example"):
+    _apply(model, params, ids, mask, types, deterministic=False, dropout_keys=keys(1)[:2])
 
 
 def test_examples_are_independent_and_padding_is_ignored():

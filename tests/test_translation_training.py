@@ -100,9 +100,6 @@ def test_proximal_factored_ief_under_shard_map(tmp_path, monkeypatch):
       gram="global",
   )
   config.parallel = "shard_map"  # over the 8 host devices of tests/conftest.py
-  # Dropout draws per-example masks under vmap, where the factored path cannot see the
-  # layers (every leaf would take the exact fallback): this test is about the factored path.
-  config.model.dropout = False
   config.dev_beam_size = 2  # = beam_size: one decoder for every evaluation
   report = train.train_and_evaluate(config, tmp_path / "work")
   assert report["steps"] == 3 and set(report["test"]) == {"bleu", "chrf"}
@@ -110,14 +107,6 @@ def test_proximal_factored_ief_under_shard_map(tmp_path, monkeypatch):
   losses = [row["train/loss"] for row in logged if "train/loss" in row]
   assert len(losses) == 3 and all(loss > 0 for loss in losses)
   assert any("train/gram/gram_trace" in row for row in logged)
-
-
-def test_dropout_with_the_factored_path_is_announced_as_slow(tmp_path):
-  config = _config(tmp_path, name="proximal_sgd", per_example="factored")
-  assert config.model.dropout and "exact" in train.slow_path_warning(config, per_example=True)
-  assert train.slow_path_warning(config, per_example=False) is None
-  config.model.dropout = False
-  assert train.slow_path_warning(config, per_example=True) is None
 
 
 def test_multi30k_config_points_at_the_corpus(monkeypatch, tmp_path):

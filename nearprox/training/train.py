@@ -277,21 +277,6 @@ def stop_on_sigterm():
     signal.signal(signal.SIGTERM, previous)
 
 
-def slow_path_warning(config, per_example: bool) -> str | None:
-  """Why the configured per-example gradients take the slow exact path, or None.
-
-  Dropout with the factored path is correct but slow: the logits functions draw per-example
-  dropout masks under vmap, where the factored capture cannot see the layers.
-  """
-  if per_example and config.optimizer.per_example == "factored" and config.model.dropout:
-    return (
-        "model.dropout with optimizer.per_example='factored': every parameter takes the exact "
-        "per-example fallback (B backward passes per step); set config.model.dropout=False for "
-        "the factored path"
-    )
-  return None
-
-
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path) -> dict:
   """Trains for ``config.num_train_steps`` steps (resuming from ``workdir``), evaluates,
   exports, and returns the report (also written to ``workdir/report.json``)."""
@@ -303,8 +288,6 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path) -
   runner = parallel.Runner(config.parallel)
   tx, per_example = optimizers.create_optimizer(config, config.num_train_steps, runner.axis_name)
   task_io.check_config(config, task)
-  if slow := slow_path_warning(config, per_example):
-    logging.warning(slow)
 
   rng = jax.random.key(config.seed)
   model, params, tokenizer = create_model(config, task.num_labels, jax.random.fold_in(rng, 1))

@@ -29,6 +29,8 @@ import flax.struct
 import jax
 import jax.numpy as jnp
 
+from nearprox.text.models.dropout import ExampleDropout, check_dropout_keys
+
 Dtype = Any
 
 # Hugging Face activation names -> functions. "gelu" is the exact (erf) GELU, as in HF.
@@ -181,7 +183,15 @@ class BertEmbeddings(_Layer):
   """LayerNorm(word[ids] (+ delta) + position[0..T-1] + token_type[type_ids]), then dropout."""
 
   @nn.compact
-  def __call__(self, input_ids, token_type_ids, *, deterministic: bool, word_embeddings_delta=None):
+  def __call__(
+      self,
+      input_ids,
+      token_type_ids,
+      *,
+      deterministic: bool,
+      dropout_keys=None,
+      word_embeddings_delta=None,
+  ):
     cfg = self.config
     batch, length = input_ids.shape
     if length > cfg.max_position_embeddings:
@@ -204,14 +214,14 @@ class BertEmbeddings(_Layer):
     positions = embed(cfg.max_position_embeddings, name="position_embeddings")(position_ids)
     types = embed(cfg.type_vocab_size, name="token_type_embeddings")(token_type_ids)
     hidden = self._layer_norm()(words + positions + types)
-    return nn.Dropout(cfg.hidden_dropout_prob)(hidden, deterministic=deterministic)
+    return ExampleDropout(cfg.hidden_dropout_prob)(hidden, dropout_keys, deterministic)
 
 
 class BertSelfAttention(_Layer):
   """Multi-head softmax(q kᵀ/√d + mask) v; padded keys get zero weight."""
 
   @nn.compact
-  def __call__(self, hidden, attention_mask, *, deterministic: bool):
+  def __call__(self, hidden, attention_mask, *, deterministic: bool, dropout_keys=None):
     cfg = self.config
     heads = cfg.num_attention_heads
     head_dim = cfg.hidden_size // heads
@@ -228,7 +238,8 @@ class BertSelfAttention(_Layer):
     keep = attention_mask[:, None, None, :].astype(bool)
     scores = jnp.where(keep, scores, jnp.finfo(jnp.float32).min)
     probs = jax.nn.softmax(scores, axis=-1).astype(self.dtype)
-    probs = nn.Dropout(cfg.attention_probs_dropout_prob)(probs, deterministic=deterministic)
+    # Per-example masks over [heads, query, key], as HF's dropout on the probabilities.
+    probs = ExampleDropout(cfg.attention_probs_dropout_prob)(probs, dropout_keys, deterministic)
     context = jnp.einsum("bhqk,bkhd->bqhd", probs, value)
     return context.reshape(context.shape[:2] + (cfg.hidden_size,))
 
@@ -237,21 +248,23 @@ class BertResidualOutput(_Layer):
   """LayerNorm(residual + dropout(dense(x))): HF's BertSelfOutput and BertOutput."""
 
   @nn.compact
-  def __call__(self, hidden, residual, *, deterministic: bool):
+  def __call__(self, hidden, residual, *, deterministic: bool, dropout_keys=None):
     hidden = self._dense(self.config.hidden_size, "dense")(hidden)
-    hidden = nn.Dropout(self.config.hidden_dropout_prob)(hidden, deterministic=deterministic)
+    hidden = ExampleDropout(self.config.hidden_dropout_prob)(hidden, dropout_keys, deterministic)
     return self._layer_norm()(hidden + residual)
 
 
 class BertAttention(_Layer):
 
   @nn.compact
-  def __call__(self, hidden, attention_mask, *, deterministic: bool):
+  def __call__(self, hidden, attention_mask, *, deterministic: bool, dropout_keys=None):
     kw = dict(config=self.config, dtype=self.dtype, param_dtype=self.param_dtype)
     context = BertSelfAttention(**kw, name="self")(
-        hidden, attention_mask, deterministic=deterministic
+        hidden, attention_mask, deterministic=deterministic, dropout_keys=dropout_keys
     )
-    return BertResidualOutput(**kw, name="output")(context, hidden, deterministic=deterministic)
+    return BertResidualOutput(**kw, name="output")(
+        context, hidden, deterministic=deterministic, dropout_keys=dropout_keys
+    )
 
 
 class BertIntermediate(_Layer):
@@ -266,22 +279,24 @@ class BertLayer(_Layer):
   """One transformer block: attention, then the feed-forward network, each post-LN."""
 
   @nn.compact
-  def __call__(self, hidden, attention_mask, *, deterministic: bool):
+  def __call__(self, hidden, attention_mask, *, deterministic: bool, dropout_keys=None):
     kw = dict(config=self.config, dtype=self.dtype, param_dtype=self.param_dtype)
     attended = BertAttention(**kw, name="attention")(
-        hidden, attention_mask, deterministic=deterministic
+        hidden, attention_mask, deterministic=deterministic, dropout_keys=dropout_keys
     )
     inner = BertIntermediate(**kw, name="intermediate")(attended)
-    return BertResidualOutput(**kw, name="output")(inner, attended, deterministic=deterministic)
+    return BertResidualOutput(**kw, name="output")(
+        inner, attended, deterministic=deterministic, dropout_keys=dropout_keys
+    )
 
 
 class BertEncoder(_Layer):
 
   @nn.compact
-  def __call__(self, hidden, attention_mask, *, deterministic: bool):
+  def __call__(self, hidden, attention_mask, *, deterministic: bool, dropout_keys=None):
     for i in range(self.config.num_hidden_layers):
       hidden = BertLayer(self.config, self.dtype, self.param_dtype, name=f"layer_{i}")(
-          hidden, attention_mask, deterministic=deterministic
+          hidden, attention_mask, deterministic=deterministic, dropout_keys=dropout_keys
       )
     return hidden
 
@@ -327,7 +342,10 @@ class BertModel(_Layer):
   ``attention_mask`` is 1 for real tokens, 0 for padding (default all ones);
   ``token_type_ids`` default to zeros. ``word_embeddings_delta`` [B, T, hidden] is added to the
   word-embedding lookup before positions, token types and LayerNorm (adversarial training).
-  Dropout (``deterministic=False``) draws from the ``"dropout"`` rng collection.
+  Dropout (``deterministic=False``) needs ``dropout_keys`` [B], one key per example: every
+  dropout site (embeddings, attention probabilities, residual branches, classifier) draws
+  example i's mask from ``dropout_keys[i]`` alone (:class:`ExampleDropout`), so example i's
+  outputs do not depend on the other examples, with dropout too.
   """
 
   add_pooling_layer: bool = True
@@ -340,19 +358,24 @@ class BertModel(_Layer):
       token_type_ids=None,
       *,
       deterministic: bool = True,
+      dropout_keys=None,
       word_embeddings_delta=None,
   ) -> BertOutput:
     attention_mask, token_type_ids = _check_inputs(
         self.config, input_ids, attention_mask, token_type_ids, word_embeddings_delta
     )
+    check_dropout_keys(dropout_keys, input_ids.shape[0], deterministic, type(self).__name__)
     kw = dict(config=self.config, dtype=self.dtype, param_dtype=self.param_dtype)
     hidden = BertEmbeddings(**kw, name="embeddings")(
         input_ids,
         token_type_ids,
         deterministic=deterministic,
+        dropout_keys=dropout_keys,
         word_embeddings_delta=word_embeddings_delta,
     )
-    hidden = BertEncoder(**kw, name="encoder")(hidden, attention_mask, deterministic=deterministic)
+    hidden = BertEncoder(**kw, name="encoder")(
+        hidden, attention_mask, deterministic=deterministic, dropout_keys=dropout_keys
+    )
     pooled = BertPooler(**kw, name="pooler")(hidden) if self.add_pooling_layer else None
     return BertOutput(last_hidden_state=hidden, pooler_output=pooled)
 
@@ -372,6 +395,7 @@ class BertForSequenceClassification(_Layer):
       token_type_ids=None,
       *,
       deterministic: bool = True,
+      dropout_keys=None,
       word_embeddings_delta=None,
   ) -> SequenceClassifierOutput:
     cfg = self.config
@@ -380,10 +404,11 @@ class BertForSequenceClassification(_Layer):
         attention_mask,
         token_type_ids,
         deterministic=deterministic,
+        dropout_keys=dropout_keys,
         word_embeddings_delta=word_embeddings_delta,
     )
     rate = cfg.classifier_dropout if cfg.classifier_dropout is not None else cfg.hidden_dropout_prob
-    pooled = nn.Dropout(rate)(outputs.pooler_output, deterministic=deterministic)
+    pooled = ExampleDropout(rate)(outputs.pooler_output, dropout_keys, deterministic)
     return SequenceClassifierOutput(logits=self._dense(cfg.num_labels, "classifier")(pooled))
 
 
@@ -398,6 +423,7 @@ class BertForQuestionAnswering(_Layer):
       token_type_ids=None,
       *,
       deterministic: bool = True,
+      dropout_keys=None,
       word_embeddings_delta=None,
   ) -> QuestionAnsweringOutput:
     outputs = BertModel(
@@ -407,6 +433,7 @@ class BertForQuestionAnswering(_Layer):
         attention_mask,
         token_type_ids,
         deterministic=deterministic,
+        dropout_keys=dropout_keys,
         word_embeddings_delta=word_embeddings_delta,
     )
     logits = self._dense(2, "qa_outputs")(outputs.last_hidden_state)
@@ -441,9 +468,11 @@ def bert_logits_fn(model, deterministic: bool = True):
   or ``BertForQuestionAnswering`` (→ ``(start_logits, end_logits)``).
 
   ``params`` is the ``"params"`` collection. With ``deterministic=False`` dropout draws from
-  the per-example keys: the model is vmapped over examples (each applied as a batch of
-  one with its own ``"dropout"`` key), so example i's dropout masks depend on its key only
-  and a batch of one reproduces its row. ``rng=None`` is then an error.
+  the per-example keys ``rng`` [B] (``rng=None`` is then an error): the model runs once on
+  the whole batch with ``dropout_keys=rng``, and each dropout site draws example i's mask
+  from ``rng[i]`` alone (:class:`nearprox.text.models.dropout.ExampleDropout`). So example
+  i's masks depend on its key only, a batch of one reproduces its row, and the layers see
+  the whole batch, as the factored per-example gradients need.
   """
 
   def outputs(out):
@@ -451,43 +480,19 @@ def bert_logits_fn(model, deterministic: bool = True):
       return out.logits
     return out.start_logits, out.end_logits
 
-  def apply(params, input_ids, attention_mask, token_type_ids, delta, dropout_rng):
-    rngs = None if dropout_rng is None else {"dropout": dropout_rng}
+  def logits_fn(params, batch, word_embeddings_delta=None, rng=None):
+    if not deterministic and rng is None:
+      raise ValueError("bert_logits_fn(deterministic=False) needs per-example dropout keys rng [B]")
     return outputs(
         model.apply(
             {"params": params},
-            input_ids,
-            attention_mask,
-            token_type_ids,
+            batch["input_ids"],
+            batch.get("attention_mask"),
+            batch.get("token_type_ids"),
             deterministic=deterministic,
-            word_embeddings_delta=delta,
-            rngs=rngs,
+            dropout_keys=None if deterministic else rng,
+            word_embeddings_delta=word_embeddings_delta,
         )
-    )
-
-  def logits_fn(params, batch, word_embeddings_delta=None, rng=None):
-    input_ids = batch["input_ids"]
-    attention_mask = batch.get("attention_mask")
-    token_type_ids = batch.get("token_type_ids")
-    if attention_mask is None:
-      attention_mask = jnp.ones(input_ids.shape, jnp.int32)
-    if token_type_ids is None:
-      token_type_ids = jnp.zeros(input_ids.shape, jnp.int32)
-    if deterministic:
-      return apply(params, input_ids, attention_mask, token_type_ids, word_embeddings_delta, None)
-    if rng is None:
-      raise ValueError(
-          "bert_logits_fn(deterministic=False) needs per-example dropout keys " "rng [B]"
-      )
-    one = lambda x: None if x is None else x[None]
-
-    def apply_one(ids, am, tt, delta, key):
-      out = apply(params, one(ids), one(am), one(tt), one(delta), key)
-      return jax.tree.map(lambda x: x[0], out)
-
-    delta_axis = None if word_embeddings_delta is None else 0
-    return jax.vmap(apply_one, in_axes=(0, 0, 0, delta_axis, 0))(
-        input_ids, attention_mask, token_type_ids, word_embeddings_delta, rng
     )
 
   return logits_fn

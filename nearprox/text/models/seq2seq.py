@@ -43,6 +43,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from nearprox.text.models.dropout import ExampleDropout, check_dropout_keys
+
 Dtype = Any
 
 
@@ -110,23 +112,28 @@ class _Block(nn.Module):
     return nn.LayerNorm(dtype=self.dtype, param_dtype=self.param_dtype, name=name)
 
   def _attention(self, name: str, decode: bool = False) -> nn.MultiHeadDotProductAttention:
+    # No dropout on the attention weights (dropout_rate=0): Vaswani et al. §5.4 drop only the
+    # sub-layer outputs and the embedding sums, and fairseq's transformer defaults to
+    # attention_dropout=0. (Flax's attention dropout would also draw one mask for the whole
+    # batch from one rng, not one per example.)
     return nn.MultiHeadDotProductAttention(
         num_heads=self.config.num_heads,
-        dropout_rate=self.config.dropout_rate,
+        dropout_rate=0.0,
         dtype=self.dtype,
         param_dtype=self.param_dtype,
         decode=decode,
         name=name,
     )
 
-  def _dropout(self, x, deterministic: bool):
-    return nn.Dropout(self.config.dropout_rate)(x, deterministic=deterministic)
+  def _dropout(self, x, keys, deterministic: bool):
+    """Per-example dropout (example i's mask from ``keys[i]``; :class:`ExampleDropout`)."""
+    return ExampleDropout(self.config.dropout_rate)(x, keys, deterministic)
 
-  def _feed_forward(self, x, deterministic: bool):
-    """dense(relu(dense(x))), inner width ``intermediate_size``."""
+  def _feed_forward(self, x, keys, deterministic: bool):
+    """dense(dropout(relu(dense(x)))), inner width ``intermediate_size``."""
     kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
     x = nn.relu(nn.Dense(self.config.intermediate_size, **kw, name="ff_in")(x))
-    x = self._dropout(x, deterministic)
+    x = self._dropout(x, keys, deterministic)
     return nn.Dense(self.config.hidden_size, **kw, name="ff_out")(x)
 
 
@@ -134,12 +141,12 @@ class EncoderLayer(_Block):
   """x + self_attention(LN(x)), then x + feed_forward(LN(x)); ``key_mask`` [B, 1, 1, S]."""
 
   @nn.compact
-  def __call__(self, x, key_mask, *, deterministic: bool):
+  def __call__(self, x, key_mask, *, deterministic: bool, dropout_keys=None):
     h = self._layer_norm("self_attention_norm")(x)
     h = self._attention("self_attention")(h, h, mask=key_mask, deterministic=deterministic)
-    x = x + self._dropout(h, deterministic)
-    h = self._feed_forward(self._layer_norm("feed_forward_norm")(x), deterministic)
-    return x + self._dropout(h, deterministic)
+    x = x + self._dropout(h, dropout_keys, deterministic)
+    h = self._feed_forward(self._layer_norm("feed_forward_norm")(x), dropout_keys, deterministic)
+    return x + self._dropout(h, dropout_keys, deterministic)
 
 
 class DecoderLayer(_Block):
@@ -148,28 +155,28 @@ class DecoderLayer(_Block):
   decode: bool = False
 
   @nn.compact
-  def __call__(self, x, memory, self_mask, cross_mask, *, deterministic: bool):
+  def __call__(self, x, memory, self_mask, cross_mask, *, deterministic: bool, dropout_keys=None):
     h = self._layer_norm("self_attention_norm")(x)
     attention = self._attention("self_attention", decode=self.decode)
     h = attention(h, h, mask=self_mask, deterministic=deterministic)
-    x = x + self._dropout(h, deterministic)
+    x = x + self._dropout(h, dropout_keys, deterministic)
     h = self._layer_norm("cross_attention_norm")(x)
     h = self._attention("cross_attention")(h, memory, mask=cross_mask, deterministic=deterministic)
-    x = x + self._dropout(h, deterministic)
-    h = self._feed_forward(self._layer_norm("feed_forward_norm")(x), deterministic)
-    return x + self._dropout(h, deterministic)
+    x = x + self._dropout(h, dropout_keys, deterministic)
+    h = self._feed_forward(self._layer_norm("feed_forward_norm")(x), dropout_keys, deterministic)
+    return x + self._dropout(h, dropout_keys, deterministic)
 
 
 class Encoder(_Block):
   """Positions and dropout on the scaled token vectors x, the layers, a final LayerNorm."""
 
   @nn.compact
-  def __call__(self, x, key_mask, *, deterministic: bool):
+  def __call__(self, x, key_mask, *, deterministic: bool, dropout_keys=None):
     x = x + jnp.asarray(sinusoidal_positions(x.shape[1], self.config.hidden_size), x.dtype)
-    x = self._dropout(x, deterministic)
+    x = self._dropout(x, dropout_keys, deterministic)
     for i in range(self.config.num_encoder_layers):
       x = EncoderLayer(self.config, self.dtype, self.param_dtype, name=f"layer_{i}")(
-          x, key_mask, deterministic=deterministic
+          x, key_mask, deterministic=deterministic, dropout_keys=dropout_keys
       )
     return self._layer_norm("final_norm")(x)
 
@@ -185,7 +192,7 @@ class Decoder(_Block):
   decode: bool = False
 
   @nn.compact
-  def __call__(self, x, memory, self_mask, cross_mask, *, deterministic: bool):
+  def __call__(self, x, memory, self_mask, cross_mask, *, deterministic: bool, dropout_keys=None):
     table = sinusoidal_positions(self.config.max_length, self.config.hidden_size)
     positions = jnp.asarray(table[: x.shape[1]])
     if self.decode:
@@ -195,11 +202,11 @@ class Decoder(_Block):
         positions = jax.lax.dynamic_slice_in_dim(jnp.asarray(table), position.value, 1)
         position.value = position.value + 1
       self_mask = None  # the cached attention masks the positions not yet decoded
-    x = self._dropout(x + positions.astype(x.dtype), deterministic)
+    x = self._dropout(x + positions.astype(x.dtype), dropout_keys, deterministic)
     for i in range(self.config.num_decoder_layers):
       x = DecoderLayer(
           self.config, self.dtype, self.param_dtype, decode=self.decode, name=f"layer_{i}"
-      )(x, memory, self_mask, cross_mask, deterministic=deterministic)
+      )(x, memory, self_mask, cross_mask, deterministic=deterministic, dropout_keys=dropout_keys)
     return self._layer_norm("final_norm")(x)
 
 
@@ -222,8 +229,11 @@ class Seq2SeqTransformer(nn.Module):
   ``__call__(source_ids [B, S], target_input_ids [B, T])`` -> logits [B, T, V];
   ``encode`` -> memory [B, S, H]; ``decode(memory, source_ids, target_input_ids)`` -> logits.
   ``source_embedding_delta`` [B, S, H] is added to the looked-up source vectors before the √H
-  scaling (adversarial training perturbs them). Dropout (``deterministic=False``) draws from
-  the ``"dropout"`` rng. ``incremental=True`` (``model.clone(incremental=True)``, used by
+  scaling (adversarial training perturbs them). Dropout (``deterministic=False``) needs
+  ``dropout_keys`` [B], one key per example: each dropout site draws example i's mask from
+  ``dropout_keys[i]`` alone (:class:`ExampleDropout`; the embedding sums, the sub-layer
+  outputs and the feed-forward's hidden layer, not the attention weights, see
+  ``_Block._attention``). ``incremental=True`` (``model.clone(incremental=True)``, used by
   :mod:`nearprox.text.decoding`): ``decode`` takes one target position per call and keeps the
   decoder's keys and values in the ``"cache"`` collection (see :class:`Decoder`).
   """
@@ -258,21 +268,40 @@ class Seq2SeqTransformer(nn.Module):
       vectors = vectors + delta.astype(vectors.dtype)
     return vectors * jnp.asarray(math.sqrt(self.config.hidden_size), vectors.dtype)
 
-  def encode(self, source_ids, *, source_embedding_delta=None, deterministic: bool = True):
+  def encode(
+      self,
+      source_ids,
+      *,
+      source_embedding_delta=None,
+      deterministic: bool = True,
+      dropout_keys=None,
+  ):
     _check_ids("source_ids", source_ids, self.config)
+    check_dropout_keys(dropout_keys, source_ids.shape[0], deterministic, "Seq2SeqTransformer")
     key_mask = (source_ids != self.config.pad_id)[:, None, None, :]
     x = self._embed(source_ids, source_embedding_delta)
-    return self.encoder(x, key_mask, deterministic=deterministic)
+    return self.encoder(x, key_mask, deterministic=deterministic, dropout_keys=dropout_keys)
 
-  def decode(self, memory, source_ids, target_input_ids, *, deterministic: bool = True):
+  def decode(
+      self,
+      memory,
+      source_ids,
+      target_input_ids,
+      *,
+      deterministic: bool = True,
+      dropout_keys=None,
+  ):
     _check_ids("source_ids", source_ids, self.config)
     _check_ids("target_input_ids", target_input_ids, self.config)
+    check_dropout_keys(dropout_keys, target_input_ids.shape[0], deterministic, "Seq2SeqTransformer")
     length = target_input_ids.shape[1]
     causal = jnp.tril(jnp.ones((length, length), bool))
     self_mask = causal[None, None] & (target_input_ids != self.config.pad_id)[:, None, None, :]
     cross_mask = (source_ids != self.config.pad_id)[:, None, None, :]
     x = self._embed(target_input_ids, None)
-    h = self.decoder(x, memory, self_mask, cross_mask, deterministic=deterministic)
+    h = self.decoder(
+        x, memory, self_mask, cross_mask, deterministic=deterministic, dropout_keys=dropout_keys
+    )
     return self.token_embed.attend(h)
 
   def __call__(
@@ -282,11 +311,21 @@ class Seq2SeqTransformer(nn.Module):
       *,
       source_embedding_delta=None,
       deterministic: bool = True,
+      dropout_keys=None,
   ):
     memory = self.encode(
-        source_ids, source_embedding_delta=source_embedding_delta, deterministic=deterministic
+        source_ids,
+        source_embedding_delta=source_embedding_delta,
+        deterministic=deterministic,
+        dropout_keys=dropout_keys,
     )
-    return self.decode(memory, source_ids, target_input_ids, deterministic=deterministic)
+    return self.decode(
+        memory,
+        source_ids,
+        target_input_ids,
+        deterministic=deterministic,
+        dropout_keys=dropout_keys,
+    )
 
 
 def init_seq2seq(config: Seq2SeqConfig, rng: jax.Array):
@@ -302,38 +341,24 @@ def seq2seq_logits_fn(model: Seq2SeqTransformer, *, deterministic: bool = True):
   Mirrors :func:`nearprox.text.models.bert_logits_fn`. ``batch`` holds ``"source_ids"``
   [B, S] and ``"target_input_ids"`` [B, T]; ``word_embeddings_delta`` [B, S, H] is added to
   the source token embeddings. With ``deterministic=False`` dropout draws from the
-  per-example keys ``rng`` [B]: the model is vmapped over examples (each applied as a batch
-  of one with its own ``"dropout"`` key), so a batch of one reproduces its row; ``rng=None``
-  is then an error.
+  per-example keys ``rng`` [B] (``rng=None`` is then an error): the model runs once on the
+  whole batch with ``dropout_keys=rng`` and each dropout site draws example i's mask from
+  ``rng[i]`` alone, so a batch of one reproduces its row and the factored per-example
+  gradients see every layer.
   """
 
-  def apply(params, source_ids, target_input_ids, delta, dropout_rng):
-    rngs = None if dropout_rng is None else {"dropout": dropout_rng}
-    return model.apply(
-        {"params": params},
-        source_ids,
-        target_input_ids,
-        source_embedding_delta=delta,
-        deterministic=deterministic,
-        rngs=rngs,
-    )
-
   def logits_fn(params, batch, word_embeddings_delta=None, rng=None):
-    source_ids, target_input_ids = batch["source_ids"], batch["target_input_ids"]
-    if deterministic:
-      return apply(params, source_ids, target_input_ids, word_embeddings_delta, None)
-    if rng is None:
+    if not deterministic and rng is None:
       raise ValueError(
           "seq2seq_logits_fn(deterministic=False) needs per-example dropout keys rng [B]"
       )
-    one = lambda x: None if x is None else x[None]
-
-    def apply_one(src, tgt, delta, key):
-      return apply(params, src[None], tgt[None], one(delta), key)[0]
-
-    delta_axis = None if word_embeddings_delta is None else 0
-    return jax.vmap(apply_one, in_axes=(0, 0, delta_axis, 0))(
-        source_ids, target_input_ids, word_embeddings_delta, rng
+    return model.apply(
+        {"params": params},
+        batch["source_ids"],
+        batch["target_input_ids"],
+        source_embedding_delta=word_embeddings_delta,
+        deterministic=deterministic,
+        dropout_keys=None if deterministic else rng,
     )
 
   return logits_fn
