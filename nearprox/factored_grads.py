@@ -49,9 +49,14 @@ Assumptions.
 
 * **Per-example independence**: ℓ_i depends only on example i's inputs (no batch norm, no
   in-batch negatives, no mean over the batch inside ``loss_fn``). Then the cotangent of
-  Σ_j ℓ_j at example i's activations equals that of ℓ_i. Dropout is fine: the whole batch
-  runs once with one rng, and the gradients are those of that one evaluation (the vmap
-  oracle evaluates examples one at a time, which draws different masks).
+  Σ_j ℓ_j at example i's activations equals that of ℓ_i. Dropout is fine when it keeps that
+  independence and runs outside any vmap: the gradients are those of the one evaluation of
+  the batch. The text models draw example i's masks from its own key inside the batched
+  pass (:class:`nearprox.text.models.dropout.ExampleDropout`), so every layer is factored
+  and the vmap oracle, applying each example alone with its key, draws the same masks and
+  gives the same gradients. (Dropout under ``jax.vmap`` of the model hides the layers and
+  sends every leaf to the fallback; flax's ``nn.Dropout`` with one batch-level rng is exact
+  here too, but its masks then depend on the batch, not on the example alone.)
 * Every intercepted layer input has the batch axis first (the check catches most
   violations by shape, not a transposed [T, B, ...] with T = B).
 * Out-of-range embedding ids (which ``Embed`` turns into NaN vectors) are not supported;

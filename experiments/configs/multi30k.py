@@ -14,7 +14,8 @@ Dev BLEU (greedy decoding) is logged every ``eval_every`` steps; ``report.json``
 and test_2016_flickr BLEU and chrF of beam search (``beam_size``, ``length_penalty``).
 
 The model is issue 39's: pre-LN, 3 + 3 layers, d = 256, 4 heads, feed-forward 1024, dropout
-0.1, label smoothing 0.1.
+0.1 (per example, on the embedding sums, the sub-layer outputs and the feed-forward's hidden
+layer; none on the attention weights, as fairseq's default), label smoothing 0.1.
 
 The budget (batch size, steps, warmup, learning rate) is a FIRST GUESS, not measured: a
 batch of 64 pairs (about 1,000 target tokens) for 4,000 steps is about 9 epochs of the 29,000

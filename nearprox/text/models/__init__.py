@@ -23,11 +23,14 @@ hold it to 1e-4 absolute).
 * ``save_pretrained(model, params, tokenizer, path)`` writes an HF directory
   (model.safetensors, config.json, tokenizer) that transformers' PyTorch classes load.
 * Every model's ``__call__(input_ids, attention_mask=None, token_type_ids=None, *,
-  deterministic=True, word_embeddings_delta=None)``; ``word_embeddings_delta`` [B, T, hidden]
-  is added to the word-embedding lookup (adversarial training); dropout uses the
-  ``"dropout"`` rng. Models take ``dtype`` (computation) and ``param_dtype`` (storage).
-  bfloat16 computation matches float32 within 0.1 absolute on hidden states (the tests'
-  tolerance on MiniLM); softmax and LayerNorm statistics stay float32.
+  deterministic=True, dropout_keys=None, word_embeddings_delta=None)``;
+  ``word_embeddings_delta`` [B, T, hidden] is added to the word-embedding lookup (adversarial
+  training); dropout (``deterministic=False``) needs ``dropout_keys`` [B], one key per
+  example, and draws example i's masks from its key alone in one batched pass
+  (``dropout.ExampleDropout``, shared with the seq2seq model). Models take ``dtype``
+  (computation) and ``param_dtype`` (storage). bfloat16 computation matches float32 within
+  0.1 absolute on hidden states (the tests' tolerance on MiniLM); softmax and LayerNorm
+  statistics stay float32.
 * ``tiny_config(**overrides)`` and ``init_params(model, rng, batch_size=2, seq_len=8)`` for
   tests; ``BertConfig`` (HF field names, ``from_dict``/``from_json_file``/``to_dict``).
 * ``Seq2SeqConfig``, ``Seq2SeqTransformer``, ``init_seq2seq``, ``seq2seq_logits_fn``: the

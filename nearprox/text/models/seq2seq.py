@@ -15,6 +15,13 @@ the decoder and keys and values from the encoder memory, masking padded source k
 query positions compute outputs that no real position reads (their keys are masked), so a
 padded position never changes another position's logits.
 
+Dropout (rate ``dropout_rate``) acts on the embedding sums, each sub-layer's output before
+the residual sum (Vaswani et al. §5.4) and the feed-forward's hidden layer, with a mask per
+example drawn from that example's own key (:class:`ExampleDropout`), so no vmap over
+examples is needed and example i's outputs depend on example i alone. The attention weights
+are not dropped (fairseq's transformer default, attention_dropout=0; flax's attention
+dropout would draw one mask for the batch from one rng).
+
 Every parameter lives in ``nn.Dense`` / ``nn.DenseGeneral`` / ``nn.Embed`` / ``nn.LayerNorm``
 called with the batch axis first, so the factored per-example gradients
 (:mod:`nearprox.factored_grads`) see every leaf, the tied projection ``Embed.attend``
