@@ -20,6 +20,7 @@ import pytest
 
 import nearprox
 from nearprox.text import losses, models, objectives, perturbations, robustness
+from nearprox.text.models.dropout import ExampleDropout
 from nearprox.training import optimizers
 
 B, T, H = 4, 8, 32
@@ -41,12 +42,13 @@ class StandIn(nn.Module):
       token_type_ids=None,
       *,
       deterministic=True,
+      dropout_keys=None,
       word_embeddings_delta=None,
   ):
     x = nn.Embed(100, H, embedding_init=nn.initializers.normal(1.0))(input_ids)
     if word_embeddings_delta is not None:
       x = x + word_embeddings_delta
-    x = nn.Dropout(self.dropout_rate)(jnp.tanh(nn.Dense(H)(x)), deterministic=deterministic)
+    x = ExampleDropout(self.dropout_rate)(jnp.tanh(nn.Dense(H)(x)), dropout_keys, deterministic)
     if self.question_answering:
       logits = nn.Dense(2)(x)
       return models.QuestionAnsweringOutput(start_logits=logits[..., 0], end_logits=logits[..., 1])
