@@ -10,7 +10,7 @@ leaves are (docs/method.md §2):
 * ``nn.Embed`` tables (looked up with ``__call__``): :class:`nearprox.layer_factors.EmbedFactor`
   (token ids, cotangents of the looked-up vectors);
 * ``nn.Embed`` tables also used as the output projection (weight tying, ``Embed.attend``):
-  :class:`nearprox.layer_factors.TiedEmbedFactor`, the lookups' EmbedFactor plus a
+  :class:`nearprox.tied_embed_factor.TiedEmbedFactor`, the lookups' EmbedFactor plus a
   DenseFactor (a = the logits' cotangents [T, V], δ = the queries [T, D]) for the projection;
 * everything else, materialized as [B, *param_shape] arrays: Dense/DenseGeneral biases
   (Σ_t δ_it), ``nn.LayerNorm`` / ``nn.RMSNorm`` parameters (a per-example vjp of that one
@@ -82,7 +82,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from nearprox import layer_calls, layer_factors, sketch
+from nearprox import layer_calls, layer_factors, sketch, tied_embed_factor
 from nearprox.base import check_aux, compute_dtype
 
 
@@ -326,15 +326,15 @@ def _assemble(
       )
 
 
-def _tied_embed_factor(table, lookups, projection, batch) -> layer_factors.TiedEmbedFactor:
-  """The :class:`~nearprox.layer_factors.TiedEmbedFactor` of a table from its lookups' (ids,
+def _tied_embed_factor(table, lookups, projection, batch) -> tied_embed_factor.TiedEmbedFactor:
+  """The :class:`~nearprox.tied_embed_factor.TiedEmbedFactor` of a table from its lookups' (ids,
   cotangents) (None: never looked up) and its ``attend`` calls' (logits cotangents, queries)."""
   num, features = (int(n) for n in table.shape)
   dtype = np.dtype(table.dtype)
   if lookups is None:
     cotangents = projection[1]
     lookups = (jnp.zeros((batch, 0), jnp.int32), jnp.zeros((batch, 0, features), cotangents.dtype))
-  return layer_factors.TiedEmbedFactor(
+  return tied_embed_factor.TiedEmbedFactor(
       layer_factors.EmbedFactor(*lookups, num, dtype),
       layer_factors.DenseFactor(*projection, (num, features), dtype),
   )

@@ -2,6 +2,7 @@
 bench_objectives.py end to end, experiments/bench_sketch.py (bench_step's sketch section)
 and experiments/bench_optimizers.py."""
 
+import json
 import os
 import subprocess
 import sys
@@ -29,7 +30,7 @@ def run_benchmark(module, *flags):
       [sys.executable, "-m", module, *flags],
       capture_output=True,
       text=True,
-      timeout=600,
+      timeout=900,
       env={**os.environ, "XLA_FLAGS": ""},  # one host device, as the benchmarks run
   )
 
@@ -186,13 +187,22 @@ def test_bench_optimizers_without_data_says_where_it_looked(tmp_path):
 
 
 def test_bench_step_translation_row_on_a_tiny_encoder_decoder():
-  from absl import flags
-
-  from experiments import bench_step
-
-  if not flags.FLAGS.is_parsed():
-    flags.FLAGS(["bench_step"])
-  rows = bench_step.translation_rows(40, 1, 16, 4, 8, ("sgd", "factored"), 1)
+  # In a subprocess: bench_step defines absl flags that other modules of the suite
+  # (experiments.reproduce) define too.
+  code = (
+      "import json; from absl import flags; from experiments import bench_step; "
+      "flags.FLAGS(['bench_step']); "
+      "print(json.dumps(bench_step.translation_rows(40, 1, 16, 4, 8, ('sgd', 'factored'), 1)))"
+  )
+  result = subprocess.run(
+      [sys.executable, "-c", code],
+      capture_output=True,
+      text=True,
+      timeout=600,
+      env={**os.environ, "XLA_FLAGS": ""},
+  )
+  assert result.returncode == 0, result.stderr[-3000:]
+  rows = json.loads(result.stdout.strip().splitlines()[-1])
   assert [r.split(" | ")[1] for r in rows] == ["(i) SGD", "(ii) proximal, factored (default)"]
   assert all(r.startswith("| Translation 1+1 layers, d=16, V=40") for r in rows)
   assert all("ms" in r and "GB" in r for r in rows)  # timed, with FLOPs and memory columns

@@ -76,7 +76,7 @@ def test_metric_edge_cases():
 
 
 def test_task_registry_and_task_metrics():
-  assert set(data.TASKS) == {"sst2", "cola", "mrpc", "rte", "tweets", "squad"}
+  assert set(data.TASKS) == {"sst2", "cola", "mrpc", "rte", "tweets", "squad", "multi30k"}
   assert data.get_task("tweets").num_labels == 3
   assert data.get_task("rte").label_names == ("entailment", "not_entailment")
   assert data.get_task("mrpc").is_pair and not data.get_task("cola").is_pair

@@ -11,7 +11,7 @@ import optax
 import pytest
 
 import nearprox
-from nearprox import base, factored_grads, layer_factors, sketch, spectral_filter
+from nearprox import base, factored_grads, layer_factors, sketch, spectral_filter, tied_embed_factor
 from nearprox.text import models
 from tests.encoder_numbers import encoder_gathered_numbers
 
@@ -468,7 +468,7 @@ def test_seq2seq_factored_equals_vmap(seq2seq_case):
   for part in ("query", "key", "value", "out"):  # cross-attention: decoder queries, memory keys
     assert kinds[f"['decoder']['layer_0']['cross_attention']['{part}']['kernel']"] == "kernel"
   tied = grads_f["token_embed"]["embedding"]
-  assert isinstance(tied, layer_factors.TiedEmbedFactor)
+  assert isinstance(tied, tied_embed_factor.TiedEmbedFactor)
   assert tied.lookup.ids.shape == (4, 5 + 4)  # source and target lookups, concatenated
   assert tied.projection.inputs.shape == (4, 4, 50)  # the logits' cotangents
   np.testing.assert_allclose(losses_f, losses_v, rtol=1e-5)
