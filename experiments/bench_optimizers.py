@@ -93,7 +93,7 @@ def compiled_step(config, batch_cache: dict):
   shape = (config.task, config.max_length, config.batch_size)
   if shape not in batch_cache:
     splits = task_io.load_splits(config, tokenizer)
-    batch_cache[shape] = next(train.train_batches(splits["train"], config, 0))
+    batch_cache[shape] = next(train.train_batches(splits["train"], config, task, 0))
   batch = batch_cache[shape]
   runner.compile(*train.step_functions(config, task, model, tx, per_example, runner.axis_name))
   holder = [runner.put_state(train.TrainState(jnp.zeros((), jnp.int32), params, tx.init(params)))]

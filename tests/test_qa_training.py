@@ -130,7 +130,7 @@ def test_fgm_objective_trains_on_the_span_loss(squad_dir, tmp_path):
   rng = jax.random.key(config.seed)
   model, params, tokenizer = task_io.create_model(config, 0, jax.random.fold_in(rng, 1))
   splits = task_io.load_splits(config, tokenizer)
-  batch = next(train.train_batches(splits["train"], config, 0))
+  batch = next(train.train_batches(splits["train"], config, data.get_task(config.task), 0))
   inputs = {k: jnp.asarray(batch[k]) for k in task_io.QA_INPUT_KEYS}
   keys = jax.vmap(lambda i: jax.random.fold_in(jax.random.fold_in(rng, 0), i))(batch["index"])
   logits_fn = models.bert_logits_fn(model)

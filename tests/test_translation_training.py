@@ -18,6 +18,7 @@ def _config(tmp_path, **optimizer):
   config.data_dir = str(_corpus(tmp_path / "mt", EN * 4, DE * 4))
   config.vocab_size = 280
   config.max_length = 12
+  config.length_buckets = (8, 12)
   config.batch_size = 8
   config.eval_batch_size = 8
   config.beam_size = 2

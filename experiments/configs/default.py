@@ -23,6 +23,10 @@ def get_config() -> ml_collections.ConfigDict:
   config.doc_stride = 128  # QA (squad): context tokens shared by consecutive windows
   config.max_question_length = 64  # QA: questions are cut to this many tokens
   config.batch_size = 32  # global, over all devices and hosts
+  # Training batches of similar lengths, each cut to the first of these lengths (those below
+  # max_length, then max_length) its rows fit: one compilation per bucket. (): every batch
+  # padded to max_length.
+  config.length_buckets = ()
   config.eval_batch_size = 128
   config.max_eval_examples = 0  # 0: evaluate on the whole split
   config.holdout_examples = 0  # N > 0: tune on N held-out training examples (no dev/test)

@@ -39,6 +39,9 @@ def get_config() -> ml_collections.ConfigDict:
   # Subwords per source or target sentence, eos/bos included: cuts ~0.1% of the training
   # pairs (the longest has 54), and rows are padded to it, so it sets the cost of a step.
   config.max_length = 48
+  # Pairs average 15-16 subwords: batches of similar lengths cut to 16/24/32/48 positions
+  # (57%/35%/7%/1% of the pairs) cost about 20 positions a row instead of 48.
+  config.length_buckets = (16, 24, 32, 48)
   config.beam_size = 4  # final dev/test evaluation
   config.length_penalty = 0.6  # beam search: scores divided by ((5 + length) / 6)^0.6
   config.dev_beam_size = 1  # evaluations during training: greedy

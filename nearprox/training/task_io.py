@@ -62,6 +62,20 @@ def input_keys(task: data.Task) -> tuple[str, ...]:
   return QA_INPUT_KEYS if task.kind == "qa" else INPUT_KEYS
 
 
+def sequence_keys(task: data.Task) -> tuple[str, ...]:
+  """The batch entries with a token axis (what length buckets cut)."""
+  return translation_io.INPUT_KEYS if task.kind == "translation" else TOKEN_KEYS
+
+
+def length_boundaries(config) -> tuple[int, ...]:
+  """The training batches' lengths: ``config.length_buckets`` below ``config.max_length``,
+  then ``config.max_length`` (the padded length of every row); () without buckets."""
+  if not config.length_buckets:
+    return ()
+  below = [int(b) for b in config.length_buckets if b < config.max_length]
+  return tuple(below) + (config.max_length,)
+
+
 def logits_fn(task: data.Task, model, deterministic: bool):
   """The model's ``logits_fn(params, batch, delta, rng)`` (:mod:`nearprox.text.objectives`)."""
   if task.kind == "translation":
@@ -80,6 +94,8 @@ def check_config(config, task: data.Task) -> None:
     raise ValueError(f"config.label_noise must lie in [0, 1], got {config.label_noise}")
   if task.kind == "translation":
     translation_io.check_config(config)
+  if config.length_buckets:
+    data.batching.check_boundaries(config.length_buckets)
   if task.kind in ("qa", "translation") and config.label_noise:
     raise ValueError(
         f"config.label_noise flips class labels; task {task.name!r} is extractive QA (answer "

@@ -210,16 +210,37 @@ def eval_step(params, batch, *, logits_fn):
 # ------------------------------------------------------------------------------ the loop
 
 
-def train_batches(arrays, config, start_step: int):
-  """Global-batch iterator positioned at ``start_step`` (epochs reshuffled by seed)."""
-  per_epoch = data.num_batches(task_io.num_rows(arrays), config.batch_size)
+def train_batches(arrays, config, task, start_step: int):
+  """Global-batch iterator positioned at ``start_step`` (epochs reshuffled by seed); with
+  ``config.length_buckets``, batches of similar lengths cut to their bucket's length."""
+  boundaries = task_io.length_boundaries(config)
+  if boundaries:
+    keys = task_io.sequence_keys(task)
+    lengths = data.row_lengths(arrays, keys)
+    per_epoch = data.num_bucketed_batches(lengths, boundaries, config.batch_size)
+
+    def epoch_batches(epoch):
+      return data.bucketed_batches(
+          arrays,
+          config.batch_size,
+          sequence_keys=keys,
+          boundaries=boundaries,
+          seed=config.seed,
+          epoch=epoch,
+          **parallel.host_shard(),
+      )
+
+  else:
+    per_epoch = data.num_batches(task_io.num_rows(arrays), config.batch_size)
+
+    def epoch_batches(epoch):
+      return data.batches(
+          arrays, config.batch_size, seed=config.seed, epoch=epoch, **parallel.host_shard()
+      )
+
   epoch, skip = divmod(start_step, per_epoch)
   while True:
-    for i, batch in enumerate(
-        data.batches(
-            arrays, config.batch_size, seed=config.seed, epoch=epoch, **parallel.host_shard()
-        )
-    ):
+    for i, batch in enumerate(epoch_batches(epoch)):
       if i >= skip:
         yield batch
     epoch, skip = epoch + 1, 0
@@ -322,7 +343,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path) -
   step_times = []
   try:
     with preemption_notice() as reached_preemption:
-      batches = train_batches(splits["train"], config, start_step)
+      batches = train_batches(splits["train"], config, task, start_step)
       for step in range(start_step, config.num_train_steps):
         started = time.perf_counter()
         device_state, metrics = runner.train(device_state, next(batches), rng)

@@ -36,10 +36,13 @@ from pathlib import Path
 
 from nearprox.text.data.batching import (
     batches,
+    bucketed_batches,
     epoch_order,
     eval_subset,
     host_slice,
     num_batches,
+    num_bucketed_batches,
+    row_lengths,
     shard_batch,
 )
 from nearprox.text.data.bleu import TRANSLATION_METRICS, translation_scores
@@ -194,6 +197,7 @@ __all__ = [
     "TweetsCorpus",
     "accuracy",
     "batches",
+    "bucketed_batches",
     "cache_key",
     "canonical_split",
     "confusion_matrix",
@@ -215,9 +219,11 @@ __all__ = [
     "macro_f1",
     "matthews_corrcoef",
     "num_batches",
+    "num_bucketed_batches",
     "read_glue_tsv",
     "read_squad_json",
     "read_tweets_csv",
+    "row_lengths",
     "shard_batch",
     "split_by_article",
     "stratified_split_indices",
