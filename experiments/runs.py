@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+import importlib
 import json
 from pathlib import Path
 from typing import Any
@@ -64,9 +65,17 @@ def _without_defaults(settings: dict, defaults: dict) -> dict:
       value = _without_defaults(value, default)
       if value:
         kept[name] = value
-    elif value != default:
+    elif not _same(value, default):
       kept[name] = value
   return kept
+
+
+def _same(value, default) -> bool:
+  """Equal as JSON stores them: a run record's tuples come back as lists."""
+  sequence = (list, tuple)
+  if isinstance(value, sequence) and isinstance(default, sequence):
+    return list(value) == list(default)
+  return value == default
 
 
 def run_key(
@@ -90,6 +99,11 @@ def run_key(
       "version": KEY_VERSION,
   }
   return hashlib.sha1(json.dumps(payload, sort_keys=True, default=str).encode()).hexdigest()[:12]
+
+
+def base_config(name: str) -> ml_collections.ConfigDict:
+  """``experiments/configs/<name>.py``'s ``get_config()``."""
+  return importlib.import_module(f"experiments.configs.{name}").get_config()
 
 
 @dataclasses.dataclass(frozen=True)
@@ -152,12 +166,15 @@ class RunStore:
       overrides: dict[str, Any],
       devices: int = 1,
       attack: run_process.Attack | None = None,
+      base: str | None = None,
   ) -> dict | None:
     """The record of the run, or None (and the run is pending) when it is not stored.
 
-    Without ``attack``, a stored run of the same config with a robustness evaluation is the
-    answer."""
-    config = apply_overrides(self.base_config, overrides)
+    ``base`` names another config of ``experiments/configs`` to start from instead of the
+    mode's (a task whose fields the mode's config lacks, like ``"multi30k"``); the key does
+    not depend on where the config started, only on the config. Without ``attack``, a stored
+    run of the same config with a robustness evaluation is the answer."""
+    config = apply_overrides(self.base_config if base is None else base_config(base), overrides)
     key = run_key(config, devices, attack)
     if attack is not None:
       self.planned_attacks[run_key(config, devices, None)] = attack

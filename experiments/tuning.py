@@ -31,6 +31,7 @@ import itertools
 import math
 from typing import Any, NamedTuple
 
+import ml_collections
 import numpy as np
 
 from experiments import run_process, runs
@@ -258,13 +259,15 @@ class Context:
     base = self.resolve("best_filter") if variant in DERIVED else None
     return DISPLAY[variant].format(base=DISPLAY.get(base, "best filter"))
 
-  def trials(self, variant: str) -> list[dict]:
-    """The plan's grid of a variant: learning rate × (proximal variants) relative damping."""
-    dampings = (self.plan.get("damping_trials") or {}).get(variant) or (None,)
+  def trials(self, variant: str, grids=None) -> list[dict]:
+    """A variant's grid: learning rate × (proximal variants) relative damping, from
+    ``grids`` (a plan section with ``lr_grid`` and ``damping_trials``; default the plan)."""
+    grids = grids or self.plan
+    dampings = (grids.get("damping_trials") or {}).get(variant) or (None,)
     return [
         {"optimizer.learning_rate": lr}
         | ({} if damping is None else {"optimizer.damping": damping})
-        for lr, damping in itertools.product(self.plan.lr_grid[variant], dampings)
+        for lr, damping in itertools.product(grids.lr_grid[variant], dampings)
     ]
 
   # ------------------------------------------------------------------------ tuning
@@ -275,30 +278,40 @@ class Context:
     has no rows before the first stage is complete."""
     return self.tune(variant, self.trials(variant))
 
-  def tune(self, variant: str, trials: list[dict], extra: dict | None = None):
+  def tune(self, variant: str, trials: list[dict], extra: dict | None = None, tuning=None):
     """:meth:`tuning`'s rows and completeness for ``trials`` of ``variant`` (settings that
     override its own), with ``extra`` overrides on every tuning run (a batch size and its
-    budget, say): the same runs, scores and choice rule for any grid a study declares."""
+    budget, say): the same runs, scores and choice rule for any grid a study declares.
+
+    ``tuning``: a study's own protocol section (default ``plan.tuning``): ``task``,
+    ``steps``, ``holdout_examples``, ``seeds``, and optionally ``split`` (the split scored,
+    default "holdout"), ``base`` (the config the runs start from, :meth:`RunStore.run`) and
+    ``settings`` (overrides of every run of the study: its budget)."""
     base = self.overrides(variant)
     if base is None:
       return [], False
-    tuning = self.plan.tuning
+    tuning = tuning or self.plan.tuning
+    split = tuning.get("split", "holdout")
     metric = data.get_task(tuning.task).primary_metric
+    prefix = "tune" if tuning is self.plan.tuning else f"tune:{tuning.task}"
     rows, complete = [], True
     for trial in trials:
-      settings = {**self.tuning_settings(base, trial), **(extra or {})}
+      settings = {**self.tuning_settings(base, trial, tuning), **(extra or {})}
       named = {**(extra or {}), **trial}
-      name = f"tune:{variant}:" + ",".join(
+      name = f"{prefix}:{variant}:" + ",".join(
           f"{k.split('.')[-1]}={v:g}" if isinstance(v, (int, float)) else f"{k.split('.')[-1]}={v}"
           for k, v in named.items()
       )
-      found = [self.store.run(f"{name}:seed={s}", {**settings, "seed": s}) for s in tuning.seeds]
+      found = [
+          self.store.run(f"{name}:seed={s}", {**settings, "seed": s}, **_base(tuning))
+          for s in tuning.seeds
+      ]
       found = [r for r in found if r is not None]
       complete &= len(found) == len(tuning.seeds)
       if not found:
         continue
-      mean, std = mean_std([final(r, "holdout", metric) for r in found])
-      one_class = [collapsed(r, "holdout") for r in found]
+      mean, std = mean_std([final(r, split, metric) for r in found])
+      one_class = [collapsed(r, split) for r in found]
       rows.append(
           {
               "variant": self.label(variant),
@@ -306,7 +319,7 @@ class Context:
               "learning_rate": trial["optimizer.learning_rate"],
               "damping": trial.get("optimizer.damping"),
               "seeds": len(found),
-              "metric": f"holdout_{metric}",
+              "metric": f"{split}_{metric}",
               "score": mean,
               "score_std": std,
               "collapsed_seeds": sum(bool(c) for c in one_class),
@@ -317,11 +330,12 @@ class Context:
       )
     return rows, complete and bool(rows)
 
-  def tuning_settings(self, overrides: dict, trial: dict) -> dict:
-    """The overrides of a tuning run (without its seed): the tuning task, budget and held-out
-    examples, then the variant's overrides and the trial's settings."""
-    tuning = self.plan.tuning
+  def tuning_settings(self, overrides: dict, trial: dict, tuning=None) -> dict:
+    """The overrides of a tuning run (without its seed): the study's settings, the tuning
+    task, budget and held-out examples, then the variant's overrides and the trial's."""
+    tuning = tuning or self.plan.tuning
     return {
+        **tuning.get("settings", {}),
         "task": tuning.task,
         "num_train_steps": tuning.steps,
         "holdout_examples": tuning.holdout_examples,
@@ -329,9 +343,13 @@ class Context:
         **trial,
     }
 
-  def best_trial(self, variant: str) -> dict | None:
-    """The chosen tuning row of ``variant`` (None: not decided until every trial exists)."""
-    rows, complete = self.tuning(variant)
+  def best_trial(self, variant: str, grids=None, tuning=None) -> dict | None:
+    """The chosen tuning row of ``variant`` (None: not decided until every trial exists);
+    ``grids`` and ``tuning``: a study's own (:meth:`trials`, :meth:`tune`)."""
+    if grids is None and tuning is None:
+      rows, complete = self.tuning(variant)
+    else:
+      rows, complete = self.tune(variant, self.trials(variant, grids), tuning=tuning)
     return choose(rows) if complete else None
 
   def chosen(self) -> dict:
@@ -363,21 +381,49 @@ class Context:
     mode's full budget, the variant's overrides, the trial's settings, then ``extra``."""
     return {"task": task, **self.overrides(variant), **trial, **(extra or {})}
 
-  def group(self, label, task, name, seeds=None, extra=None, devices=1, attack=None):
+  def group(self, label, task, name, seeds=None, extra=None, devices=1, attack=None, study=None):
     """The :class:`Group` of ``name`` (a variant or an alias) on ``task`` at its chosen trial
     and the mode's full budget, one run per seed (default ``plan.seeds``); None when the
-    variant is not in the plan, its tuning is not complete or no run exists."""
+    variant is not in the plan, its tuning is not complete or no run exists.
+
+    ``study``: a plan section with a tuning protocol of its own (``tuning``, and ``lr_grid``
+    and ``damping_trials`` keyed by the names it asks for, aliases included): the trial is
+    chosen by it, and the runs start from ``study.tuning.base`` with its ``settings``."""
     variant = self.resolve(name)
     if variant is None or variant not in self.plan.lr_grid:
       return None
-    chosen = self.best_trial(variant)
+    if study is None:
+      chosen, tuning = self.best_trial(variant), None
+    else:
+      tuning = study.tuning
+      chosen = self.best_trial(variant, study_grids(study, name, variant), tuning)
     if chosen is None:
       return None
-    overrides = self.reported_settings(variant, task, chosen["trial"], extra)
+    settings = {**tuning.get("settings", {}), **(extra or {})} if tuning else extra
+    overrides = self.reported_settings(variant, task, chosen["trial"], settings)
     found = []
     for seed in self.plan.seeds if seeds is None else seeds:
       run_name = f"{label}:{task}:{variant}:seed={seed}"
       run_name += "".join(f":{k.split('.')[-1]}={v}" for k, v in (extra or {}).items())
-      found.append(self.store.run(run_name, {**overrides, "seed": seed}, devices, attack))
+      found.append(
+          self.store.run(run_name, {**overrides, "seed": seed}, devices, attack, **_base(tuning))
+      )
     found = [r for r in found if r is not None]
     return Group(variant, self.label(variant), chosen["trial"], found) if found else None
+
+
+def _base(tuning) -> dict:
+  """The ``base=`` argument of :meth:`RunStore.run` for a study's protocol ({} for the plan's)."""
+  base = tuning.get("base") if tuning else None
+  return {"base": base} if base else {}
+
+
+def study_grids(study, name: str, variant: str):
+  """``study``'s grids for ``variant``, declared under the name a study asked for (an alias
+  such as ``best_proximal`` is declared before the tuning resolves it)."""
+  return ml_collections.ConfigDict(
+      {
+          "lr_grid": {variant: study.lr_grid[name]},
+          "damping_trials": {variant: (study.get("damping_trials") or {}).get(name)},
+      }
+  )

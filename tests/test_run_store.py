@@ -57,6 +57,12 @@ def test_run_keys_survive_new_config_fields_but_not_new_values(monkeypatch):
       config, {"data_dir": "/elsewhere", "progress": False, "checkpoint_minutes": 1.0}
   )
   assert runs.run_key(elsewhere, 1, None) == key
+  # A tuple field (length_buckets) comes back from a run record's JSON as a list.
+  stored = ml_collections.ConfigDict(json.loads(json.dumps(config.to_dict())))
+  assert isinstance(stored.length_buckets, list) and runs.run_key(stored, 1, None) == key
+  bucketed = runs.apply_overrides(config, {"length_buckets": (16, 64)})
+  stored = ml_collections.ConfigDict(json.loads(json.dumps(bucketed.to_dict())))
+  assert runs.run_key(stored, 1, None) == runs.run_key(bucketed, 1, None) != key
 
 
 def test_every_stored_run_is_named_by_the_key_of_its_stored_config():

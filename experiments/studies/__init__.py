@@ -27,6 +27,7 @@ from experiments.studies import (
     sketch,
     squad,
     time_to_accuracy,
+    translation,
 )
 from experiments.studies.core import MIN_GAP, SKETCHED, STEP_COST_FILE, SUMMARY_FIELDS, comparison
 
@@ -40,6 +41,7 @@ REGISTRY = {
     "noise": noise,
     "sketch": sketch,
     "squad": squad,
+    "translation": translation,
     "l1": l1,
     # Issue 40, parts 2-4.
     "ablation": ablation,

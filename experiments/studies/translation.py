@@ -1,0 +1,209 @@
+"""Translation from scratch (issue 39): Multi30k English→German with the encoder–decoder of
+``experiments/configs/multi30k.py``, each optimizer tuned on val by the protocol's rule,
+reported on test_2016_flickr.
+
+``plan.translation`` declares the study (nothing runs without it):
+
+* ``tuning``: the protocol's section (:meth:`experiments.tuning.Context.tune`): ``task``
+  (multi30k), ``steps``, ``seeds``, ``holdout_examples`` = 0 with ``split`` = "dev" (val is
+  the tuning split; test_2016_flickr is only reported), ``base`` = "multi30k" (the config the
+  runs start from) and ``settings`` (the budget every run shares: batch, steps, warmup…).
+* ``variants``: optimizers and aliases (``best_proximal`` is the SST-2 tuning's choice of
+  variant; its rate and damping are tuned here), ``sketched``: those also reported with the
+  sketched Gram (``plan.sketch_dim``) at their exact-Gram choice; ``lr_grid`` and
+  ``damping_trials`` keyed by those names, the same number of trials for each.
+* ``fngd_gain``: the BLEU gain over AdamW that FNGD (arXiv 2403.03473) reports on Multi30k;
+  the verdict's rule: ahead of AdamW by at least this much (beyond the seed noise floor of
+  :func:`~experiments.studies.core.comparison`): the claim reproduces; ahead by less: its
+  direction does, its size does not; level or behind: it does not.
+
+Time to AdamW's BLEU: the first evaluation where a variant's seed-mean dev BLEU (greedy
+during training, beam search at the end) reaches AdamW's final mean dev BLEU, times its
+step seconds (the fastest seed's, from runs that shared the machine: a ratio to AdamW's is
+only shown when both ran on one machine kind).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from experiments.report import DAMPING, LR, OPTIMIZER, SEEDS, get, pyplot, save_figure
+from experiments.report import table as markdown_table
+from experiments.studies.core import comparison, dev_curve, mean_curve
+from experiments.tuning import Context, choose, study_grids
+from nearprox.text import data
+
+TITLE = "Translation from scratch (Multi30k en→de)"
+BASELINE = "adamw"
+
+
+def _first_step_at(curve: list[tuple[int, float]], target: float) -> int | None:
+  return next((int(s) for s, value in curve if value >= target - 1e-12), None)
+
+
+def tuning_rows(ctx: Context, study) -> list[dict]:
+  """Every trial of every variant on val (mean over the tuning seeds), the chosen one flagged."""
+  rows = []
+  for name in study.variants:
+    variant = ctx.resolve(name)
+    if variant is None:
+      continue
+    trials = ctx.trials(variant, study_grids(study, name, variant))
+    found, complete = ctx.tune(variant, trials, tuning=study.tuning)
+    pick = choose(found) if complete else None
+    rows += [
+        {k: v for k, v in row.items() if k != "trial"}
+        | {"chosen": pick is not None and row["trial"] == pick["trial"]}
+        for row in found
+    ]
+  return rows
+
+
+def run(ctx: Context) -> dict:
+  study = ctx.plan.get("translation")
+  if not study:
+    return {"tables": {"translation": [], "translation_tuning": []}}
+  task = data.get_task(study.tuning.task)
+  groups = []  # (gram, group)
+  for name in study.variants:
+    for gram in ("exact", "sketched") if name in study.sketched else ("exact",):
+      extra = {"optimizer.sketch_dim": ctx.plan.sketch_dim} if gram == "sketched" else {}
+      group = ctx.group("translation", task.name, name, extra=extra, study=study)
+      if group is not None:
+        groups.append((gram, group))
+  rows, curves = [], {}
+  for gram, group in groups:
+    row = {
+        "task": task.name,
+        **group.describe(),
+        "gram": gram if gram == "exact" else f"sketched, k = {ctx.plan.sketch_dim}",
+        "seeds": len(group.results),
+        **group.stats("test_bleu", "test", "bleu"),
+        **group.stats("test_chrf", "test", "chrf"),
+        **group.stats("dev_bleu", "dev", "bleu"),
+        "step_seconds": group.step_seconds(),
+    }
+    curve = mean_curve([dev_curve(r, "bleu") for r in group.results])
+    rows.append(row)
+    curves[row["variant"] + ("" if gram == "exact" else f", {row['gram']}")] = curve
+  baseline = next((g for gram, g in groups if g.variant == BASELINE and gram == "exact"), None)
+  comparisons = []
+  if baseline is not None:
+    base_row = rows[[g for _, g in groups].index(baseline)]
+    target = base_row["dev_bleu"]
+    for row, (_, group), curve in zip(rows, groups, curves.values(), strict=True):
+      steps = _first_step_at(curve, target)
+      ratio = group.step_ratio(baseline)
+      row["target_dev_bleu"] = target
+      row["steps_to_target"] = steps
+      row["step_ratio"] = ratio
+      row["seconds_to_target"] = None if steps is None else steps * row["step_seconds"]
+      if group is not baseline:
+        record = comparison(
+            row,
+            base_row,
+            "test_bleu",
+            study="translation",
+            task=task.name,
+            condition=f"{task.display_name} test BLEU"
+            + ("" if row["gram"] == "exact" else f" ({row['gram']})"),
+        )
+        comparisons.append(record)
+  verdict = fngd_verdict(ctx, study, comparisons)
+  return {
+      "tables": {"translation": rows, "translation_tuning": tuning_rows(ctx, study)},
+      "curves": curves,
+      "comparisons": comparisons,
+      "notes": [verdict] if verdict else [],
+  }
+
+
+def fngd_verdict(ctx: Context, study, comparisons: list[dict]) -> str | None:
+  """The module docstring's rule for the exact-Gram proximal variant against AdamW."""
+  best = ctx.resolve("best_proximal")
+  record = next(
+      (
+          c
+          for c in comparisons
+          if c["subject"] == ctx.label(best or "") and "sketched" not in c["condition"]
+      ),
+      None,
+  )
+  if record is None:
+    return None
+  gain, difference = study.fngd_gain, record["difference"]
+  if record["outcome"] == "ahead" and difference >= gain:
+    outcome = "reproduces"
+  elif record["outcome"] == "ahead":
+    outcome = "reproduces in direction, not in size"
+  else:
+    outcome = "does not reproduce"
+  return (
+      f"FNGD's claim (+{gain:g} BLEU over AdamW on Multi30k) {outcome} here: "
+      f"{record['subject']} − AdamW = {difference:+.1f} test BLEU ({record['outcome']})."
+  )
+
+
+def _bleu(key: str):
+  return lambda r: "—" if r.get(key) is None else f"{r[key]:.1f} ± {r[f'{key}_std']:.1f}"
+
+
+def markdown(study: dict) -> str:
+  rows = study["tables"]["translation"]
+  text = ""
+  if rows:
+    columns = [
+        OPTIMIZER,
+        LR,
+        DAMPING,
+        ("Gram", lambda r: r["gram"] if r["optimizer"].startswith("proximal") else "—"),
+        SEEDS,
+        ("test BLEU", _bleu("test_bleu")),
+        ("test chrF", _bleu("test_chrf")),
+        ("val BLEU", _bleu("dev_bleu")),
+        ("s/step (runs)", get("step_seconds")),
+        ("× AdamW's step", get("step_ratio", lambda x: "—" if x != x else f"{x:.2f}")),
+        ("steps to AdamW's val BLEU", get("steps_to_target", _never)),
+        ("seconds to it", get("seconds_to_target", lambda s: _never(s, "{:.0f}"))),
+    ]
+    text = markdown_table(rows, columns) + (
+        "\n\nTest BLEU and chrF: sacrebleu on test_2016_flickr, beam search; val BLEU the "
+        "same on val (the tuning split). Steps to AdamW's val BLEU: the first evaluation "
+        "where the seed-mean val BLEU (greedy during training, beam at the end) reaches "
+        "AdamW's final mean; seconds: those steps × the fastest seed's step time (the runs "
+        "shared the machine; ratios only within one machine kind)."
+    )
+    text += "\n\n![translation](PLOT:translation.png)"
+  for note in study.get("notes", []):
+    text += f"\n\n{note}"
+  tuning = study["tables"].get("translation_tuning") or []
+  if tuning:
+    columns = [
+        OPTIMIZER,
+        LR,
+        DAMPING,
+        SEEDS,
+        ("val BLEU (mean over seeds)", lambda r: f"{r['score']:.1f} ± {r['score_std']:.1f}"),
+        ("chosen", lambda r: "✓" if r["chosen"] else ""),
+    ]
+    text += "\n\nTuning on val (every trial):\n\n" + markdown_table(tuning, columns)
+  return text
+
+
+def _never(value, fmt="{}") -> str:
+  return "not reached" if value is None else fmt.format(value)
+
+
+def plots(study: dict, out: Path) -> list[Path]:
+  """Seed-mean val BLEU against training steps, one line per variant."""
+  curves = {k: c for k, c in study["curves"].items() if c}
+  if not curves:
+    return []
+  fig, ax = pyplot().subplots(figsize=(6, 4))
+  for label, curve in curves.items():
+    steps, values = zip(*curve)
+    ax.plot(steps, values, marker=".", label=label)
+  ax.set(xlabel="training step", ylabel="val BLEU", title="Multi30k val BLEU (mean over seeds)")
+  ax.grid(alpha=0.3)
+  ax.legend(fontsize=7)
+  return save_figure(fig, out / "translation.png")
