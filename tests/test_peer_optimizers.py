@@ -128,13 +128,9 @@ def reference(name: str, config, num_steps: int):
   elif name == "schedule_free_adamw":  # the library decays every leaf: compared at 0
     peer = optax.contrib.schedule_free_adamw(opt.learning_rate, warmup_steps=warmup)
   else:  # its Adam's decay is unmasked and its Muon decay separate: compared at 0
-    dims = lambda params: jax.tree.map(
-        lambda m: optax.contrib.MuonDimensionNumbers() if m else None,
-        optimizers.muon_mask(params),
-    )
     peer = optax.contrib.muon(
         schedule,
-        muon_weight_dimension_numbers=dims,
+        muon_weight_dimension_numbers=optimizers.muon_dimension_numbers,
         consistent_rms=optimizers.MUON_CONSISTENT_RMS,
     )
   return optax.chain(optimizers.l2_regularization(config.objective.l2_weight), peer)
@@ -188,6 +184,55 @@ def test_muon_partition_hidden_matrices_to_muon_and_the_rest_to_adam():
         for path, _ in jax.tree_util.tree_leaves_with_path(muon_state.mu)
     }
     assert with_momentum == to_muon
+
+
+def test_muon_orthogonalizes_the_encoder_decoder_s_3d_attention_kernels():
+  """flax attention's [in, heads, head_dim] and [heads, head_dim, out] kernels are Muon's, as
+  the matrices of their maps; the update equals optax.contrib.muon with those axes."""
+  from nearprox.text.models import seq2seq
+
+  cfg = seq2seq.Seq2SeqConfig(
+      vocab_size=40,
+      num_encoder_layers=1,
+      num_decoder_layers=1,
+      hidden_size=8,
+      num_heads=2,
+      intermediate_size=16,
+      max_length=6,
+  )
+  params = seq2seq.init_seq2seq(cfg, jax.random.key(0))
+  numbers = optimizers.muon_dimension_numbers(params)
+  named = {
+      jax.tree_util.keystr(path, simple=True, separator="/"): n
+      for path, n in jax.tree_util.tree_leaves_with_path(
+          numbers, is_leaf=lambda n: isinstance(n, optax.contrib.MuonDimensionNumbers)
+      )
+  }
+  attention = "decoder/layer_0/cross_attention"
+  assert named[f"{attention}/query/kernel"] == optax.contrib.MuonDimensionNumbers(0, (1, 2))
+  assert named[f"{attention}/out/kernel"] == optax.contrib.MuonDimensionNumbers((0, 1), 2)
+  assert named["encoder/layer_0/ff_in/kernel"] == optax.contrib.MuonDimensionNumbers(0, 1)
+  # The shared token embedding (also the tied output layer), biases and LayerNorm: Adam.
+  to_adam = {"token_embed/embedding", "encoder/layer_0/ff_in/bias", f"{attention}/query/bias"}
+  to_adam |= {"decoder/final_norm/scale"}
+  mask = optimizers.muon_mask(params)
+  flat_mask = {
+      jax.tree_util.keystr(path, simple=True, separator="/"): m
+      for path, m in jax.tree_util.tree_leaves_with_path(mask)
+  }
+  assert {name for name, m in flat_mask.items() if m} == set(named)
+  assert to_adam <= {name for name, m in flat_mask.items() if not m}
+  assert len(named) == 4 + 8 + 2 * 2  # q/k/v/out: encoder self, decoder self + cross; ff ×2
+  config = peer_config("muon", **{"optimizer.weight_decay": 0.0})
+  tx, _ = optimizers.create_optimizer(config, num_steps=20, axis_name=None)
+  want_tx = reference("muon", config, num_steps=20)
+  state, want_state = tx.init(params), want_tx.init(params)
+  for step in range(3):
+    grads = jax.tree.map(lambda x: jax.random.normal(jax.random.key(step), x.shape), params)
+    got, state = tx.update(grads, state, params)
+    want, want_state = want_tx.update(grads, want_state, params)
+    np.testing.assert_allclose(flat(got), flat(want), rtol=1e-5, atol=1e-8)
+    params = optax.apply_updates(params, got)
 
 
 # ------------------------------------------------------------------------------ errors

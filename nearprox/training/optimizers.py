@@ -90,35 +90,71 @@ OUTPUT_HEADS = ("classifier", "qa_outputs")
 MUON_CONSISTENT_RMS = 0.2
 
 
-def muon_mask(params: Params) -> Params:
-  """True on the leaves Muon orthogonalizes: the 2-D ``kernel`` of every hidden dense layer
-  (attention, feed-forward, pooler). False on the leaves its Adam trains: biases, LayerNorm,
-  the ``embedding`` tables (the input layer) and the task head (:data:`OUTPUT_HEADS`, the
-  output layer), as Muon's authors prescribe (Jordan et al. 2024: "the input embedding,
-  final output layer, and any internal gains or biases should be optimized using a standard
-  method such as AdamW"; Liu et al. 2025 keep embeddings and head on AdamW too)."""
+def muon_dimension_numbers(params: Params) -> Params:
+  """Per leaf, how Muon sees it as a matrix (``optax.contrib.MuonDimensionNumbers``: its
+  reduction and output axes), or None for the leaves its Adam trains.
 
-  def hidden_matrix(path, x) -> bool:
+  Muon orthogonalizes the ``kernel`` of every hidden dense layer (attention, feed-forward,
+  pooler): a 2-D [in, out] kernel as it is, and flax attention's 3-D kernels as the matrix of
+  the map they compute: query/key/value [in, heads, head_dim] with reduction axis 0 and
+  output axes (1, 2), the output projection ``out`` [heads, head_dim, out] with reduction axes
+  (0, 1) and output axis 2. Adam trains biases, LayerNorm, the ``embedding`` tables (the
+  input layer) and the task head (:data:`OUTPUT_HEADS`, the output layer), as Muon's authors
+  prescribe (Jordan et al. 2024: "the input embedding, final output layer, and any internal
+  gains or biases should be optimized using a standard method such as AdamW"; Liu et al.
+  2025 keep embeddings and head on AdamW too)."""
+  dims = optax.contrib.MuonDimensionNumbers
+
+  def of_leaf(path, x):
     top = getattr(path[0], "key", None) if path else None
-    return _leaf_name(path) == "kernel" and jnp.ndim(x) == 2 and top not in OUTPUT_HEADS
+    if _leaf_name(path) != "kernel" or top in OUTPUT_HEADS:
+      return None
+    if jnp.ndim(x) == 2:
+      return dims(0, 1)
+    if jnp.ndim(x) == 3:
+      module = getattr(path[-2], "key", None) if len(path) > 1 else None
+      return dims((0, 1), 2) if module == "out" else dims(0, (1, 2))
+    return None
 
-  return jax.tree_util.tree_map_with_path(hidden_matrix, params)
+  return jax.tree_util.tree_map_with_path(of_leaf, params)
+
+
+def muon_mask(params: Params) -> Params:
+  """True on the leaves Muon orthogonalizes (:func:`muon_dimension_numbers`), False on the
+  leaves its Adam trains."""
+  numbers = muon_dimension_numbers(params)
+  return jax.tree.map(
+      lambda n: n is not None, numbers, is_leaf=lambda n: n is None or isinstance(n, tuple)
+  )
+
+
+def _muon_fans(numbers, shape) -> tuple[int, int]:
+  """(fan_in, fan_out): the products of a Muon leaf's reduction and output axes."""
+  axes = lambda a: (a,) if isinstance(a, int) else tuple(a)
+  fan_in = math.prod(shape[a] for a in axes(numbers.reduction_axis))
+  return fan_in, math.prod(shape[a] for a in axes(numbers.output_axis))
 
 
 def scale_by_muon_and_adam() -> optax.GradientTransformation:
   """``optax.contrib.muon``'s directions with its defaults, before weight decay and learning
-  rate: Muon (Nesterov momentum β = 0.95, 5 Newton–Schulz steps, scaled to AdamW's RMS by
-  :data:`MUON_CONSISTENT_RMS`) on the :func:`muon_mask` leaves, and Muon's inner Adam (b1 0.9,
-  b2 0.999, eps 1e-8, Nesterov, as ``muon`` builds it) on the others."""
-  matrices = lambda updates: jax.tree.map(lambda _: optax.contrib.MuonDimensionNumbers(), updates)
-  # optax.contrib.muon's scale_by_shape(consistent_rms=...) for 2-D (reduction, output) leaves.
-  rms_like_adamw = optax.stateless_with_tree_map(
-      lambda u, _: u * (MUON_CONSISTENT_RMS * math.sqrt(max(u.shape)))
-  )
+  rate: Muon (Nesterov momentum β = 0.95, 5 Newton–Schulz steps, scaled to AdamW's RMS,
+  :data:`MUON_CONSISTENT_RMS`·√max(fan_in, fan_out)) on the leaves of
+  :func:`muon_dimension_numbers`, and Muon's inner Adam (b1 0.9, b2 0.999, eps 1e-8,
+  Nesterov, as ``muon`` builds it) on the others."""
+  is_numbers = lambda n: isinstance(n, optax.contrib.MuonDimensionNumbers)
+  # The muon branch sees its own leaves only (the others are masked out of its tree).
+  numbers = lambda updates: muon_dimension_numbers(updates)
+
+  def rms_like_adamw(updates, state, params=None):
+    del params
+    scale = lambda u, n: u * (MUON_CONSISTENT_RMS * math.sqrt(max(_muon_fans(n, u.shape))))
+    return jax.tree.map(scale, updates, numbers(updates), is_leaf=is_numbers), state
+
   return optax.partition(
       {
           "muon": optax.chain(
-              optax.contrib.scale_by_muon(weight_dimension_numbers=matrices), rms_like_adamw
+              optax.contrib.scale_by_muon(weight_dimension_numbers=numbers),
+              optax.GradientTransformation(lambda _: optax.EmptyState(), rms_like_adamw),
           ),
           "adam": optax.scale_by_adam(nesterov=True),
       },
