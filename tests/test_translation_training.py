@@ -46,11 +46,11 @@ def adamw_run(tmp_path_factory):
     config = _config(tmp_path, name="adamw", learning_rate=1e-2)
     config.parallel = "jit"
     report = train.train_and_evaluate(config, tmp_path / "work")
-  return tmp_path / "work", report
+    yield tmp_path / "work", report, config
 
 
 def test_adamw_trains_evaluates_bleu_and_exports(adamw_run):
-  workdir, report = adamw_run
+  workdir, report, _ = adamw_run
   assert report["steps"] == 3 and not report["preempted"]
   for split in ("dev", "test"):
     assert set(report[split]) == {"bleu", "chrf"}
@@ -63,7 +63,7 @@ def test_adamw_trains_evaluates_bleu_and_exports(adamw_run):
 
 
 def test_translate_command_writes_one_line_per_input(adamw_run, tmp_path, capsys):
-  workdir, _ = adamw_run
+  workdir, _, _ = adamw_run
   source = tmp_path / "in.en"
   source.write_text("A man rides a bike.\n\nTwo dogs play.\n", encoding="utf-8")
   result = translate.main(
@@ -148,3 +148,27 @@ def test_tuning_holds_out_training_pairs_and_loads_no_reported_split(tmp_path):
   assert splits["holdout"].references == [train_split.targets[i] for i in held]
   decoded = data.decode_ids(tokenizer, splits["holdout"].arrays()["target_output_ids"])
   assert decoded == splits["holdout"].references
+
+
+def test_translation_budget_reads_the_run_and_times_each_bucket(adamw_run, tmp_path):
+  """experiments/translation_budget.py on the tiny run: its val BLEU curve and final scores,
+  one timed step per bucket length, the expected step as their share-weighted mean."""
+  from experiments import bench_optimizers, translation_budget
+
+  workdir, report, config = adamw_run
+  with pytest.MonkeyPatch.context() as patch:
+    patch.setenv("NEARPROX_CACHE_DIR", str(workdir.parent / "cache"))
+    run = translation_budget.measurement_run(config, workdir)
+    shares = translation_budget.bucket_shares(config)
+    configs = translation_budget.step_configs(config, shares)
+    seconds = bench_optimizers.measure(configs, repeats=1, log=lambda _: None)
+  assert run["steps"] == 3 and run["final"]["test"] == report["test"]
+  assert run["curve"][0][0] == 2 and run["curve"][-1] == (3, report["dev"]["bleu"])
+  assert set(shares) == {8, 12} and sum(shares.values()) == pytest.approx(1.0)
+  assert {c.max_length for _, c, _ in configs.values()} == {8, 12}
+  record = translation_budget.budget_record(run, shares, seconds, 1, 0.0)
+  expected = sum(shares[t] * seconds[f"T={t}"] for t in shares)
+  assert record["expected_step_seconds"] == pytest.approx(expected) and expected > 0
+  text = translation_budget.markdown(record)
+  assert "| 2 |" in text and "(beam search) |" in text and "| 12 |" in text
+  assert "h of training for 3 steps" in text
