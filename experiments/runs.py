@@ -55,6 +55,12 @@ _WHERE_NOT_WHAT = ("data_dir", "progress", "checkpoint_minutes")
 _NO_DEFAULT = object()
 
 
+def _as_stored(value):
+  """``value`` as a run record stores it: JSON has no tuples, so a tuple field (``tasks``)
+  read back from a record is a list, and must compare equal to its tuple default."""
+  return list(value) if isinstance(value, tuple) else value
+
+
 def _without_defaults(settings: dict, defaults: dict) -> dict:
   """``settings`` less every field equal to its default (recursively)."""
   kept = {}
@@ -64,7 +70,7 @@ def _without_defaults(settings: dict, defaults: dict) -> dict:
       value = _without_defaults(value, default)
       if value:
         kept[name] = value
-    elif value != default:
+    elif _as_stored(value) != _as_stored(default):
       kept[name] = value
   return kept
 
