@@ -55,7 +55,7 @@ _WHERE_NOT_WHAT = ("data_dir", "progress", "checkpoint_minutes")
 _NO_DEFAULT = object()
 
 
-def _as_stored(value):
+def stored(value):
   """``value`` as a run record stores it: JSON has no tuples, so a tuple field (``tasks``)
   read back from a record is a list, and must compare equal to its tuple default."""
   return list(value) if isinstance(value, tuple) else value
@@ -70,7 +70,7 @@ def _without_defaults(settings: dict, defaults: dict) -> dict:
       value = _without_defaults(value, default)
       if value:
         kept[name] = value
-    elif _as_stored(value) != _as_stored(default):
+    elif stored(value) != stored(default):
       kept[name] = value
   return kept
 

@@ -310,3 +310,108 @@ def test_cli_trains_a_multitask_model_and_exports_a_directory_per_head(tmp_path)
     logits = model.apply({"params": params}, *tokens).logits
     accuracy = np.mean(np.argmax(logits, -1) == encoded.labels[keep])
     assert accuracy == pytest.approx(report["dev"][f"{name}/{metric}"], abs=1e-6)
+
+
+# ------------------------------------------------------------------------------ the study
+
+
+MULTITASK_DROP = {"adamw": 0.02, "pcgrad_adamw": 0.01, "proximal_adamw": 0.0, "proximal_sgd": 0.015}
+TASK_SCORE = {"sst2": 0.88, "mrpc": 0.85, "tweets": 0.80}
+
+
+def study_score(task: str, overrides) -> float:
+  """Single-task: ``TASK_SCORE`` (+0.002 per seed); multi-task: minus ``MULTITASK_DROP`` of
+  the optimizer. The tuning (held-out examples) ranks iEF → AdamW first among the proximal
+  variants (test_experiments.ablation_score)."""
+  from tests.test_experiments import ablation_score
+
+  if overrides.get("holdout_examples"):
+    return ablation_score(overrides)
+  name = overrides["optimizer.name"]
+  drop = MULTITASK_DROP[name] if overrides.get("task") == data.MULTITASK else 0.0
+  return TASK_SCORE[task] - drop + 0.002 * overrides["seed"]
+
+
+def multitask_context(out):
+  """The full plan over a synthetic store whose records carry every task's metrics."""
+  from experiments import tuning
+  from experiments.configs import full
+  from experiments.reproduce import plan_with_defaults
+  from tests.test_experiments import SyntheticStore, ablation_score
+
+  class Store(SyntheticStore):
+
+    def run(self, label, overrides, devices=1, attack=None):
+      record = super().run(label, overrides, devices, attack)
+      report = record["report"]
+      if overrides.get("task") == data.MULTITASK:
+        for split in ("dev", "test"):
+          tasks = [t for t in TASK_SCORE if split == "dev" or t == "tweets"]
+          report[split] = {
+              f"{t}/{m}": study_score(t, overrides)
+              for t in tasks
+              for m in data.get_task(t).metric_names
+          }
+          report["predicted_classes"][split] = {t: [5, 5] for t in tasks}
+      elif overrides.get("task") in TASK_SCORE:
+        task = data.get_task(overrides["task"])
+        for split in ("dev", "test"):
+          report[split] = {m: study_score(task.name, overrides) for m in task.metric_names}
+      return record
+
+  def tuning_score(overrides):  # the held-out scores the tuning ranks (the rest is replaced)
+    return ablation_score(overrides) if overrides.get("holdout_examples") else 0.0
+
+  return tuning.Context(plan_with_defaults(full.get_plan()), Store(out, tuning_score))
+
+
+def test_multitask_study_compares_each_task_with_the_single_task_runs(tmp_path):
+  from experiments import studies
+  from experiments.studies import core
+
+  ctx = multitask_context(tmp_path)
+  module = studies.REGISTRY["multitask"]
+  study = core.run_study("multitask", module, ctx)
+  rows = study["tables"]["multitask"]
+  assert [(r["optimizer"], r["training"]) for r in rows] == [
+      ("adamw", "single-task"),
+      ("adamw", "multi-task"),
+      ("pcgrad_adamw", "multi-task"),
+      ("proximal_adamw", "single-task"),
+      ("proximal_adamw", "multi-task"),
+      ("proximal_sgd", "single-task"),
+      ("proximal_sgd", "multi-task"),
+  ]
+  # The multi-task runs: the study budget, the tuned settings; PCGrad at AdamW's choice.
+  asked = [o for label, o, _ in ctx.store.calls if label.startswith("multitask:")]
+  assert len(asked) == 12 and {o["seed"] for o in asked} == {0, 1, 2}
+  adamw_rate = ctx.best_trial("adamw")["trial"]["optimizer.learning_rate"]
+  pcgrad = [o for o in asked if o["optimizer.name"] == "pcgrad_adamw"]
+  assert len(pcgrad) == 3 and {o["optimizer.learning_rate"] for o in pcgrad} == {adamw_rate}
+  assert all(o["task"] == "multitask" and "tasks" not in o for o in asked)  # config defaults
+  by = {(r["optimizer"], r["training"]): r for r in rows}
+  single, multi = by[("adamw", "single-task")], by[("adamw", "multi-task")]
+  expected_mean = np.mean(list(TASK_SCORE.values())) + 0.002  # seeds 0, 1, 2
+  assert single["mean"] == pytest.approx(expected_mean)
+  assert multi["mean"] == pytest.approx(expected_mean - 0.02)
+  assert multi["mrpc"] == pytest.approx(0.85 - 0.02 + 0.002)
+  assert single["mean_std"] == pytest.approx(0.002) and multi["seeds"] == 3
+  # The verdict gets the tuned proximal variant vs AdamW on the multi-task mean only.
+  verdict = [c for c in study["comparisons"] if c["preselected"]]
+  assert [(c["subject"], c["baseline"], c["outcome"]) for c in verdict] == [
+      (ctx.label("proximal_adamw"), "AdamW", "ahead")
+  ]
+  assert len(study["comparisons"]) == 4 + 4  # multi vs single per optimizer; four pairs
+  summary = study["tables"]["summary"]
+  assert all(tuple(r) == core.SUMMARY_FIELDS for r in summary)
+  assert [r["task"] for r in summary[:4]] == [
+      "multitask:sst2",
+      "multitask:mrpc",
+      "multitask:tweets",
+      "multitask:mean",
+  ]
+  assert summary[2]["split"] == "test" and summary[1]["metric"] == "f1"
+  text = module.markdown(study)
+  assert "| PCGrad → AdamW | multi-task |" in text
+  assert f"| {100 * (expected_mean - 0.02):.1f} ± 0.2 |" in text
+  assert module.plots(study, tmp_path) == [tmp_path / "multitask.png"]
