@@ -389,6 +389,7 @@ def test_multitask_study_compares_each_task_with_the_single_task_runs(tmp_path):
   pcgrad = [o for o in asked if o["optimizer.name"] == "pcgrad_adamw"]
   assert len(pcgrad) == 3 and {o["optimizer.learning_rate"] for o in pcgrad} == {adamw_rate}
   assert all(o["task"] == "multitask" and "tasks" not in o for o in asked)  # config defaults
+  assert ctx.group("multitask", data.MULTITASK, "adamw").collapsed_seeds() == 0  # per task
   by = {(r["optimizer"], r["training"]): r for r in rows}
   single, multi = by[("adamw", "single-task")], by[("adamw", "multi-task")]
   expected_mean = np.mean(list(TASK_SCORE.values())) + 0.002  # seeds 0, 1, 2
