@@ -18,7 +18,8 @@ not stored; :func:`experiments.ray_runner.train` trains those in parallel on Ray
 each record as it lands; the next pass finds them, and may ask for more (the reported runs
 once the tuning's runs exist). It ends when a pass asks for nothing new, then writes, from the
 records alone, ``<out>/<mode>/``: each study's ``<study>.json`` and ``<study>_<table>.csv``,
-its plots, ``summary.json`` (one record per task and optimizer), ``chosen.json`` (the
+its plots, ``summary.json`` (one record per task and optimizer; the multi-task study's per
+task as ``multitask:<task>`` and their mean), ``chosen.json`` (the
 tuning's choices, read by the default job), ``verdict.md`` (the comparisons with AdamW,
 spliced into README.md by ``experiments.update_docs``), and the results document
 (``--doc``; docs/results.md for ``--mode=full``).
@@ -159,10 +160,11 @@ def write_outputs(plan, config, results: dict, out: Path, doc: Path, command: st
     if hasattr(module, "plots"):
       module.plots(study, out)
     sections[name] = module.markdown
-  if "optimizers" in results:
+  if "optimizers" in results:  # its records, then those of other studies' summary tables
     summary = [
         {k: row[k] for k in studies.SUMMARY_FIELDS}
-        for row in results["optimizers"]["tables"]["summary"]
+        for study in results.values()
+        for row in study["tables"].get("summary", [])
     ]
     run_process.write_json(out / "summary.json", summary)
   best = None

@@ -56,6 +56,12 @@ _WHERE_NOT_WHAT = ("data_dir", "progress", "checkpoint_minutes")
 _NO_DEFAULT = object()
 
 
+def stored(value):
+  """``value`` as a run record stores it: JSON has no tuples, so a tuple field (``tasks``)
+  read back from a record is a list, and must compare equal to its tuple default."""
+  return list(value) if isinstance(value, tuple) else value
+
+
 def _without_defaults(settings: dict, defaults: dict) -> dict:
   """``settings`` less every field equal to its default (recursively)."""
   kept = {}
@@ -65,17 +71,10 @@ def _without_defaults(settings: dict, defaults: dict) -> dict:
       value = _without_defaults(value, default)
       if value:
         kept[name] = value
-    elif not _same(value, default):
+    elif stored(value) != stored(default):
       kept[name] = value
   return kept
 
-
-def _same(value, default) -> bool:
-  """Equal as JSON stores them: a run record's tuples come back as lists."""
-  sequence = (list, tuple)
-  if isinstance(value, sequence) and isinstance(default, sequence):
-    return list(value) == list(default)
-  return value == default
 
 
 def run_key(

@@ -121,7 +121,13 @@ def mean_std(values) -> tuple[float, float]:
 
 def collapsed(result: dict, split: str | None = None) -> bool | None:
   """Whether the final model puts every example of ``split`` (default: the task's reported
-  split) in one class; None when the run file does not record its predictions."""
+  split) in one class; None when the run file does not record its predictions. A multi-task
+  run (default split: dev) records counts per task: whether any of its tasks collapsed."""
+  if result["config"]["task"] == data.MULTITASK:
+    per_task = result["report"].get("predicted_classes", {}).get(split or "dev")
+    if per_task is None:
+      return None
+    return any(sum(c > 0 for c in counts) == 1 for counts in per_task.values())
   split = split or data.get_task(result["config"]["task"]).reported_split
   counts = result["report"].get("predicted_classes", {}).get(split)
   return None if counts is None else sum(c > 0 for c in counts) == 1

@@ -13,11 +13,14 @@ optax.adamw(...))`` puts the filter in front of any optax optimizer.
 ``scale_by_proximal(..., sketch_dim=k)`` estimates the Gram from random features of the
 costly leaves (``nearprox.sketch``; docs/method.md §2.9) instead of computing it exactly.
 ``optax.chain(opt, nearprox.soft_threshold_l1(lr, l1_weight, mask))`` ends any chain with the
-L1 prox (soft-thresholding: exact zeros).
+L1 prox (soft-thresholding: exact zeros). ``nearprox.pcgrad_aggregate(num_tasks)`` is the
+multi-task peer, Yu et al.'s PCGrad on the task gradients of a mixed batch (its ``update`` takes
+``task_ids=``).
 """
 
 from nearprox.base import PerExampleFactor
 from nearprox.l1_prox import SoftThresholdL1State, soft_threshold_l1
+from nearprox.pcgrad import PCGradState, pcgrad_aggregate
 from nearprox.per_example import per_example_grads, per_example_value_and_grads
 from nearprox.spectral_filter import FilterStats, filter_coefficients, gram_matrix, step_scale
 from nearprox.transform import (
@@ -31,11 +34,13 @@ __version__ = "0.1.0"
 
 __all__ = [
     "FilterStats",
+    "PCGradState",
     "PerExampleFactor",
     "ScaleByProximalState",
     "SoftThresholdL1State",
     "filter_coefficients",
     "gram_matrix",
+    "pcgrad_aggregate",
     "per_example_grads",
     "per_example_value_and_grads",
     "proximal_sgd",

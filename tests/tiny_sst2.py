@@ -34,3 +34,24 @@ def tiny_config(glue_dir, **overrides):
   config.lock()  # a misspelt override is an error, not a new field
   config.update_from_flattened_dict({"task": "sst2", "data_dir": str(glue_dir), **overrides})
   return config
+
+
+def write_mrpc(root: Path, n_train=64, n_dev=24, seed=0) -> Path:
+  """A GLUE-layout MRPC whose pairs are paraphrases (label 1) when both sentences name the
+  same animal."""
+  rng = np.random.default_rng(seed)
+  animals = ["cat", "dog", "horse", "bird", "fish", "goat"]
+  filler = ["the", "a", "saw", "near", "house", "river", "quietly", "old"]
+  folder = root / "MRPC"
+  folder.mkdir(parents=True, exist_ok=True)
+  for name, size in (("train", n_train), ("dev", n_dev)):
+    rows = ["\ufeffQuality\t#1 ID\t#2 ID\t#1 String\t#2 String"]
+    for i in range(size):
+      label = int(rng.integers(2))
+      first = str(rng.choice(animals))
+      second = first if label else str(rng.choice([a for a in animals if a != first]))
+      a = " ".join([*rng.choice(filler, 3), first])
+      b = " ".join([second, *rng.choice(filler, 3)])
+      rows.append(f"{label}\t{2 * i}\t{2 * i + 1}\t{a}\t{b}")
+    (folder / f"{name}.tsv").write_text("\n".join(rows) + "\n", encoding="utf-8")
+  return root

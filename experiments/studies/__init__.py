@@ -22,6 +22,7 @@ from experiments.studies import (
     glue,
     l1,
     multidevice,
+    multitask,
     noise,
     optimizers,
     sketch,
@@ -47,6 +48,8 @@ REGISTRY = {
     "ablation": ablation,
     "time_to_accuracy": time_to_accuracy,
     "batch_size": batch_size,
+    # Issue 41, part 2.
+    "multitask": multitask,
 }
 STUDIES = tuple(REGISTRY)
 

@@ -16,6 +16,9 @@ Adam as in Natural GaLore). ``config.optimizer.weighting`` ("uniform" or "ief") 
 weighting needs a per-example optimizer. "weighted_mean_adamw" is the ablation of
 "proximal_adamw" without the filter: AdamW on the example-weighted mean of the per-example
 gradients (:func:`weighted_mean_aggregate`), the same weights and chain, no Gram.
+"pcgrad_adamw" (``config.task = "multitask"`` only) is the multi-task peer: AdamW on Yu et
+al.'s PCGrad direction (:func:`nearprox.pcgrad_aggregate`, the per-task gradients of the
+mixed batch with their conflicting components projected away), seeded by ``config.seed``.
 
 The peers (:data:`PEERS`, what a JAX user would pick instead of AdamW) keep their library's
 direction and defaults inside AdamW's chain: the L2 gradient first, then the direction, the
@@ -43,7 +46,11 @@ Params = Any
 PEERS = ("muon", "schedule_free_adamw", "lion", "psgd_kron")
 OPTIMIZERS = ("proximal_sgd", "proximal_adamw", "proximal_norm_sgd", "sgd", "adamw", *PEERS)
 OPTIMIZERS += ("weighted_mean_adamw",)
-PER_EXAMPLE_OPTIMIZERS = ("proximal_sgd", "proximal_adamw", "weighted_mean_adamw")
+# Optimizers of multi-task runs only: their update needs each example's task (task_ids=).
+MULTITASK_OPTIMIZERS = ("pcgrad_adamw",)
+PER_EXAMPLE_OPTIMIZERS = ("proximal_sgd", "proximal_adamw", "weighted_mean_adamw", "pcgrad_adamw")
+# Aggregations of per-example gradients without the Gram filter: the filter's settings do not apply.
+_WITHOUT_FILTER = ("weighted_mean_adamw", "pcgrad_adamw")
 WEIGHTINGS = ("uniform", "ief")
 
 
@@ -307,7 +314,7 @@ def _optimizer_without_l1(config, num_steps: int, axis_name: str | None):
   step_size = opt.get("step_size", "none")
   max_update_norm = opt.get("max_update_norm", 0.0)
   sketch_dim = opt.get("sketch_dim", 0)
-  _check_choice(opt.name, OPTIMIZERS, "name")
+  _check_choice(opt.name, OPTIMIZERS + MULTITASK_OPTIMIZERS, "name")
   _check_choice(weighting, WEIGHTINGS, "weighting")
   _check_choice(step_size, spectral_filter.STEP_SIZES, "step_size")
   per_example = opt.name in PER_EXAMPLE_OPTIMIZERS
@@ -323,12 +330,17 @@ def _optimizer_without_l1(config, num_steps: int, axis_name: str | None):
         "proximal filter: they "
         f"need one of {PER_EXAMPLE_OPTIMIZERS}, got name={opt.name!r}"
     )
-  if opt.name == "weighted_mean_adamw" and (
+  if opt.name in _WITHOUT_FILTER and (
       step_size != "none" or max_update_norm or normalization != "sum" or sketch_dim
   ):
     raise ValueError(
         "config.optimizer.step_size, max_update_norm, weight_normalization and sketch_dim "
-        "configure the proximal filter, which name='weighted_mean_adamw' does not apply"
+        f"configure the proximal filter, which name={opt.name!r} does not apply"
+    )
+  if opt.name == "pcgrad_adamw" and config.task != "multitask":
+    raise ValueError(
+        "config.optimizer.name='pcgrad_adamw' projects the gradients of several tasks: it "
+        f"needs config.task='multitask' (and config.tasks), got task={config.task!r}"
     )
   if not max_update_norm >= 0:
     raise ValueError(
@@ -354,6 +366,9 @@ def _optimizer_without_l1(config, num_steps: int, axis_name: str | None):
   sgd = optax.chain(momentum, learning_rate)
   if opt.name == "weighted_mean_adamw":  # the filter's ablation: the weights alone
     return optax.chain(weighted_mean_aggregate(axis_name), l2, adamw), True
+  if opt.name == "pcgrad_adamw":  # the multi-task peer: PCGrad on the task gradients, AdamW
+    pcgrad = nearprox.pcgrad_aggregate(len(config.tasks), seed=config.seed, axis_name=axis_name)
+    return optax.chain(pcgrad, l2, adamw), True
   if per_example:
     settings = dict(
         filter=opt.filter,

@@ -16,7 +16,9 @@
 
 Translation (task kind "translation": Multi30k): :mod:`nearprox.training.translation_io`
 (an encoder–decoder trained from scratch, sentence pairs as rows, BLEU/chrF of decoded
-output).
+output). Several classification tasks on one encoder (``config.task = "multitask"``, a
+:class:`~nearprox.text.data.MultiTask`): :mod:`nearprox.training.multitask_io` (a head per
+task, mixed batches with ``task_ids``, per-task scores and their mean).
 
 Evaluation puts every row's logits back at its row (``batch["index"]``), so the padded rows
 of the last batch and the split of a batch over devices and hosts never change the scores.
@@ -32,7 +34,7 @@ import numpy as np
 
 from nearprox.text import data, models, qa
 from nearprox.text.data.encoding import TOKEN_KEYS
-from nearprox.training import parallel, translation_io
+from nearprox.training import multitask_io, parallel, translation_io
 
 INPUT_KEYS = TOKEN_KEYS + ("labels",)  # classification
 QA_INPUT_KEYS = TOKEN_KEYS + ("start_positions", "end_positions")
@@ -55,8 +57,18 @@ class QAEvalSplit:
     return self.features.arrays()
 
 
-def input_keys(task: data.Task) -> tuple[str, ...]:
-  """The batch entries the loss reads: tokens and the task's labels."""
+def get_task(config) -> data.Task | data.MultiTask:
+  """``config.task``'s :class:`~nearprox.text.data.Task`, or for "multitask" the
+  :class:`~nearprox.text.data.MultiTask` of ``config.tasks`` (DataError for unknown names)."""
+  if config.task == data.MULTITASK:
+    return multitask_io.get_task(config)
+  return data.get_task(config.task)
+
+
+def input_keys(task: data.Task | data.MultiTask) -> tuple[str, ...]:
+  """The batch entries the loss reads: tokens and the task's labels (and task ids)."""
+  if isinstance(task, data.MultiTask):
+    return multitask_io.INPUT_KEYS
   if task.kind == "translation":
     return translation_io.INPUT_KEYS
   return QA_INPUT_KEYS if task.kind == "qa" else INPUT_KEYS
@@ -76,7 +88,12 @@ def length_boundaries(config) -> tuple[int, ...]:
   return tuple(below) + (config.max_length,)
 
 
-def logits_fn(task: data.Task, model, deterministic: bool):
+def eval_keys(task: data.Task | data.MultiTask) -> tuple[str, ...]:
+  """The batch entries the classification / QA eval step reads (no labels)."""
+  return multitask_io.EVAL_KEYS if isinstance(task, data.MultiTask) else TOKEN_KEYS
+
+
+def logits_fn(task: data.Task | data.MultiTask, model, deterministic: bool):
   """The model's ``logits_fn(params, batch, delta, rng)`` (:mod:`nearprox.text.objectives`)."""
   if task.kind == "translation":
     return translation_io.logits_fn(model, deterministic)
@@ -90,6 +107,8 @@ def num_rows(arrays: Mapping[str, np.ndarray]) -> int:
 
 def check_config(config, task: data.Task) -> None:
   """ValueError for settings the task cannot use (cheap: before any model or data loading)."""
+  if isinstance(task, data.MultiTask):
+    multitask_io.check_config(config)
   if not 0.0 <= config.label_noise <= 1.0:
     raise ValueError(f"config.label_noise must lie in [0, 1], got {config.label_noise}")
   if task.kind == "translation":
@@ -113,6 +132,8 @@ def create_model(config, num_labels: int, rng):
   ``config.model.name == "tiny"``: a random 2-layer BERT with MiniLM's tokenizer; otherwise
   :func:`nearprox.text.models.load_pretrained` (a new head is initialized from ``rng``).
   """
+  if config.task == data.MULTITASK:
+    return multitask_io.create_model(config, rng)
   kind = data.get_task(config.task).kind
   if kind == "translation":
     return translation_io.create_model(config, rng)
@@ -156,6 +177,8 @@ def load_splits(config, tokenizer) -> dict[str, Mapping[str, np.ndarray] | QAEva
   trials are compared on the same examples), removed from train before any label noise;
   dev and test are not loaded, so tuning never sees a reported split.
   """
+  if config.task == data.MULTITASK:
+    return multitask_io.load_splits(config, tokenizer)
   task = data.get_task(config.task)
   check_config(config, task)
   if task.kind == "qa":
@@ -269,8 +292,12 @@ def predict(runner, device_state, arrays: Mapping[str, np.ndarray], batch_size: 
   return rows
 
 
-def evaluate(runner, device_state, split, task: data.Task, batch_size: int):
+def evaluate(runner, device_state, split, task: data.Task | data.MultiTask, batch_size: int):
   """(the task's metrics, the number of rows predicted as each class) on one split.
+
+  Multi-task (``split`` a mapping task name → arrays): each task's metrics on its rows, scored
+  on its own classes (the first C_t logits), as ``"<task>/<metric>"`` with ``"mean"``
+  (:meth:`~nearprox.text.data.MultiTask.scores`); the counts per task name.
 
   Translation: BLEU and chrF of the decoded sentences (``translation_io.scores``); no counts.
 
@@ -278,6 +305,15 @@ def evaluate(runner, device_state, split, task: data.Task, batch_size: int):
   :class:`QAEvalSplit`): the best span over each question's windows, scored against its
   gold answers (:mod:`nearprox.text.qa`: ``f1`` and ``exact_match`` in [0, 1]); no counts.
   """
+  if isinstance(task, data.MultiTask):
+    by_task, counts = {}, {}
+    for one in (t for t in task.tasks if t.name in split):
+      arrays = split[one.name]
+      logits = predict(runner, device_state, arrays, batch_size)[:, : one.num_labels]
+      by_task[one.name] = one.metrics(arrays["labels"], logits)
+      predicted = np.bincount(np.argmax(logits, axis=-1), minlength=one.num_labels)
+      counts[one.name] = [int(c) for c in predicted]
+    return task.scores(by_task), counts
   if task.kind == "translation":  # split: a TranslationEvalSplit; the eval step decodes
     ids = predict(runner, device_state, split.arrays(), batch_size)
     return translation_io.scores(split, ids), []

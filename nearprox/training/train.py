@@ -26,7 +26,10 @@ reads its block of every global batch.
 
 What depends on the task's kind (classification or span QA: the model head, the label keys
 of a batch, the splits, the metrics) is in :mod:`nearprox.training.task_io`; the objectives
-get ``task=task.kind``.
+get ``task=task.kind``. ``config.task = "multitask"`` (experiments/configs/multitask.py) trains
+``config.tasks`` on one encoder with a head per task from mixed batches whose ``task_ids``
+pick each example's head (:mod:`nearprox.training.multitask_io`); PCGrad
+(``pcgrad_adamw``) also gets them.
 """
 
 from __future__ import annotations
@@ -49,7 +52,7 @@ from jax.experimental import multihost_utils
 
 import nearprox
 from nearprox.text import data, models, objectives
-from nearprox.training import optimizers, parallel, task_io, translation_io
+from nearprox.training import multitask_io, optimizers, parallel, task_io, translation_io
 from nearprox.training.metrics_writer import MetricWriter
 from nearprox.training.orbax_checkpoints import Checkpoints
 from nearprox.training.task_io import INPUT_KEYS, create_model, evaluate, load_splits
@@ -124,6 +127,8 @@ def train_step(
     # The weights come out beside the losses (aux): nothing differentiates them.
     example_losses, weights = value if loss_returns_weights else (value, None)
     extra = {"example_weights": weights} if loss_returns_weights else {}
+    if "task_ids" in batch:  # multi-task: PCGrad groups the examples by task
+      extra["task_ids"] = batch["task_ids"]
     updates, opt_state = tx.update(grads, state.opt_state, state.params, mask=mask, **extra)
   else:
 
@@ -148,6 +153,9 @@ def train_step(
   proximal = optax.tree_utils.tree_get(opt_state, "ScaleByProximalState")
   if proximal is not None:
     metrics.update({f"gram/{k}": v for k, v in proximal.stats._asdict().items()})
+  pcgrad = optax.tree_utils.tree_get(opt_state, "PCGradState")
+  if pcgrad is not None:
+    metrics.update({f"pcgrad/{k}": v for k, v in pcgrad.stats._asdict().items()})
   return TrainState(state.step + 1, params, opt_state), metrics
 
 
@@ -191,7 +199,9 @@ def step_functions(
     evaluate_at = translation_io.decode_fn(model, config, beam_size or config.dev_beam_size)
   else:
     eval_logits_fn = models.bert_logits_fn(model, deterministic=True)
-    evaluate_at = functools.partial(eval_step, logits_fn=eval_logits_fn)
+    evaluate_at = functools.partial(
+        eval_step, logits_fn=eval_logits_fn, keys=task_io.eval_keys(task)
+    )
 
   def eval_fn(state: TrainState, batch):
     # The evaluated params: schedule-free AdamW's averaged iterate, the others' params.
@@ -201,9 +211,10 @@ def step_functions(
   return train_fn, eval_fn
 
 
-def eval_step(params, batch, *, logits_fn):
-  """Logits [B, C] (classification) or start and end logits stacked, [B, T, 2] (QA)."""
-  logits = logits_fn(params, {k: batch[k] for k in task_io.TOKEN_KEYS})
+def eval_step(params, batch, *, logits_fn, keys=task_io.TOKEN_KEYS):
+  """Logits [B, C] (classification; multi-task: each row's task's head, ``keys`` with
+  ``task_ids``) or start and end logits stacked, [B, T, 2] (QA)."""
+  logits = logits_fn(params, {k: batch[k] for k in keys})
   return jnp.stack(logits, axis=-1) if isinstance(logits, tuple) else logits
 
 
@@ -212,7 +223,11 @@ def eval_step(params, batch, *, logits_fn):
 
 def train_batches(arrays, config, task, start_step: int):
   """Global-batch iterator positioned at ``start_step`` (epochs reshuffled by seed); with
-  ``config.length_buckets``, batches of similar lengths cut to their bucket's length."""
+  ``config.length_buckets``, batches of similar lengths cut to their bucket's length; for
+  ``config.task = "multitask"`` the mixed batches of :func:`multitask_io.train_batches`."""
+  if config.task == data.MULTITASK:
+    yield from multitask_io.train_batches(arrays, config, start_step, **parallel.host_shard())
+    return
   boundaries = task_io.length_boundaries(config)
   if boundaries:
     keys = task_io.sequence_keys(task)
@@ -304,7 +319,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path) -
   workdir = Path(workdir)
   parallel.initialize()
   # Configuration errors first, before any expensive work.
-  task = data.get_task(config.task)
+  task = task_io.get_task(config)
   objective = objective_config(config)
   runner = parallel.Runner(config.parallel)
   tx, per_example = optimizers.create_optimizer(config, config.num_train_steps, runner.axis_name)
@@ -381,6 +396,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path) -
   evaluated_params = optimizers.evaluation_params(state.opt_state, state.params)
   report = {
       "task": task.name,
+      **({"tasks": list(task.names)} if isinstance(task, data.MultiTask) else {}),
       "optimizer": config.optimizer.name,
       "objective": objective.kind,
       "start_step": start_step,
@@ -410,6 +426,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path) -
                   model, evaluated_params, tokenizer, workdir / translation_io.MODEL_DIRNAME
               )
           )
+        elif config.export_hf and parallel.is_main_process() and isinstance(task, data.MultiTask):
+          # One HF directory per task head, the shared encoder in each.
+          report["hf_models"] = multitask_io.export(model, evaluated_params, tokenizer, workdir)
         elif config.export_hf and parallel.is_main_process():
           report["hf_model"] = str(
               models.save_pretrained(model, evaluated_params, tokenizer, workdir / "hf_model")

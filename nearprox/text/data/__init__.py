@@ -21,6 +21,11 @@ whose ``arrays()`` go through :func:`batches` like the classification arrays), a
 :mod:`nearprox.text.qa` turns window logits back into answer texts and scores them
 (:mod:`nearprox.text.data.squad`, :mod:`nearprox.text.data.squad_features`).
 
+Several classification tasks at once (``config.task = "multitask"``): :func:`get_multitask`
+names them and the sampling temperature (a :class:`MultiTask`), :func:`task_probabilities`
+is the task mix p_t ∝ n_t^{1/T}, :func:`mixed_batches` draws each example's task from it
+(:mod:`nearprox.text.data.multitask`).
+
 Translation (task "multi30k", ``Task.kind == "translation"``): :func:`load_translation`
 reads a folder of ``{split}.{lang}[.gz]`` files into a :class:`ParallelSplit`,
 :func:`subword_tokenizer` trains (or loads from the cache) the joint subword vocabulary,
@@ -60,6 +65,14 @@ from nearprox.text.data.metrics import (
     f1_score,
     macro_f1,
     matthews_corrcoef,
+)
+from nearprox.text.data.multitask import (
+    MEAN,
+    MULTITASK,
+    MultiTask,
+    get_multitask,
+    mixed_batches,
+    task_probabilities,
 )
 from nearprox.text.data.squad import (
     SQUAD_DIR_ENV,
@@ -170,6 +183,12 @@ def load_task(
 
 
 __all__ = [
+    "MEAN",
+    "MULTITASK",
+    "MultiTask",
+    "get_multitask",
+    "mixed_batches",
+    "task_probabilities",
     "MULTI30K_DIR_ENV",
     "TRANSLATION_METRICS",
     "ParallelSplit",

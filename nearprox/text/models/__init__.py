@@ -33,6 +33,10 @@ hold it to 1e-4 absolute).
   statistics stay float32.
 * ``tiny_config(**overrides)`` and ``init_params(model, rng, batch_size=2, seq_len=8)`` for
   tests; ``BertConfig`` (HF field names, ``from_dict``/``from_json_file``/``to_dict``).
+* ``BertForMultiTaskClassification(config, heads=((task, num_classes), ...))``: one encoder,
+  a head per task, ``task_ids`` [B] picking each example's head (``multitask.py``);
+  ``task_classifier(model, params, task)`` cuts out one task's ``BertForSequenceClassification``
+  for ``save_pretrained``.
 * ``Seq2SeqConfig``, ``Seq2SeqTransformer``, ``init_seq2seq``, ``seq2seq_logits_fn``: the
   encoder–decoder Transformer for translation (``seq2seq.py``), tied output projection.
 * Parameters live only in ``nn.Dense``, ``nn.Embed`` and ``nn.LayerNorm`` layers, named as in
@@ -66,6 +70,10 @@ from nearprox.text.models.hf_checkpoints import (
     save_pretrained,
     state_dict_to_params,
 )
+from nearprox.text.models.multitask import (
+    BertForMultiTaskClassification,
+    task_classifier,
+)
 from nearprox.text.models.seq2seq import (
     Seq2SeqConfig,
     Seq2SeqTransformer,
@@ -76,6 +84,7 @@ from nearprox.text.models.seq2seq import (
 __all__ = [
     "ACTIVATIONS",
     "BertConfig",
+    "BertForMultiTaskClassification",
     "BertForQuestionAnswering",
     "BertForSequenceClassification",
     "BertModel",
@@ -99,5 +108,6 @@ __all__ = [
     "save_pretrained",
     "seq2seq_logits_fn",
     "state_dict_to_params",
+    "task_classifier",
     "tiny_config",
 ]

@@ -456,7 +456,15 @@ def tiny_config(**overrides) -> BertConfig:
 def init_params(model: nn.Module, rng: jax.Array, batch_size: int = 2, seq_len: int = 8):
   """Randomly initialised ``params`` for ``model`` (HF init: truncated normal, zero bias)."""
   input_ids = jnp.zeros((batch_size, seq_len), jnp.int32)
-  return model.init({"params": rng}, input_ids, deterministic=True)["params"]
+  # The multi-task model computes every head on the whole batch: any task ids create them all.
+  extra = _task_ids_argument(model, {"task_ids": jnp.zeros((batch_size,), jnp.int32)})
+  return model.init({"params": rng}, input_ids, deterministic=True, **extra)["params"]
+
+
+def _task_ids_argument(model, batch) -> dict:
+  """``{"task_ids": batch["task_ids"]}`` for a model with a head per task
+  (:class:`nearprox.text.models.multitask.BertForMultiTaskClassification`), else {}."""
+  return {"task_ids": batch["task_ids"]} if getattr(model, "takes_task_ids", False) else {}
 
 
 # ------------------------------------------------------------------------------ logits_fn
@@ -465,7 +473,9 @@ def init_params(model: nn.Module, rng: jax.Array, batch_size: int = 2, seq_len: 
 @functools.lru_cache(maxsize=64)  # The same function for the same model: jit caches hit.
 def bert_logits_fn(model, deterministic: bool = True):
   """``logits_fn`` for ``nearprox.text.models.BertForSequenceClassification`` (→ ``.logits``)
-  or ``BertForQuestionAnswering`` (→ ``(start_logits, end_logits)``).
+  or ``BertForQuestionAnswering`` (→ ``(start_logits, end_logits)``), and for
+  ``BertForMultiTaskClassification`` (→ ``.logits`` of each example's task, which
+  ``batch["task_ids"]`` gives).
 
   ``params`` is the ``"params"`` collection. With ``deterministic=False`` dropout draws from
   the per-example keys ``rng`` [B] (``rng=None`` is then an error): the model runs once on
@@ -492,6 +502,7 @@ def bert_logits_fn(model, deterministic: bool = True):
             deterministic=deterministic,
             dropout_keys=None if deterministic else rng,
             word_embeddings_delta=word_embeddings_delta,
+            **_task_ids_argument(model, batch),
         )
     )
 
