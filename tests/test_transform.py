@@ -379,6 +379,24 @@ def test_global_gram_rescales_every_device_by_the_same_power_of_two():
     )
 
 
+def test_the_rescaled_gram_compiles_to_a_program_linear_in_the_number_of_leaves():
+  """The largest exponent is computed once (spectral_filter.largest_exponent), not copied with
+  every leaf's exponent into each leaf's Gram term: with jnp.max the optimized program grew
+  quadratically (3.1× the HLO lines for 2× the leaves here), the compile of the factored step
+  of a 3 + 3 layer encoder-decoder took 1,052 s instead of 52 s."""
+  from nearprox import spectral_filter
+
+  def hlo_lines(num_leaves):
+    def gram(leaves):
+      rescaled = spectral_filter.rescale_leaves(leaves)
+      return spectral_filter.rescaled_gram(rescaled.leaves, rescaled.exponents)
+
+    leaves = [jnp.ones((4, 3))] * num_leaves
+    return len(jax.jit(gram).lower(leaves).compile().as_text().splitlines())
+
+  assert hlo_lines(20) < 2.5 * hlo_lines(10)
+
+
 # ---------------------------------------------------------------- bad input
 
 
