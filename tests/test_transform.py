@@ -379,6 +379,43 @@ def test_global_gram_rescales_every_device_by_the_same_power_of_two():
     )
 
 
+def test_the_rescaled_gram_compiles_to_a_program_linear_in_the_number_of_leaves():
+  """The largest exponent is computed once (spectral_filter.largest_exponent), not copied with
+  every leaf's exponent into each leaf's Gram term: with jnp.max the optimized program grew
+  quadratically (3.1× the HLO lines for 2× the leaves here), the compile of the factored step
+  of a 3 + 3 layer encoder-decoder took 1,052 s instead of 52 s."""
+  from nearprox import spectral_filter
+
+  def hlo_lines(num_leaves):
+    def gram(leaves):
+      rescaled = spectral_filter.rescale_leaves(leaves)
+      return spectral_filter.rescaled_gram(rescaled.leaves, rescaled.exponents)
+
+    leaves = [jnp.ones((4, 3))] * num_leaves
+    return len(jax.jit(gram).lower(leaves).compile().as_text().splitlines())
+
+  assert hlo_lines(20) < 2.5 * hlo_lines(10)
+
+
+def test_times_power_of_two_splits_every_exponent_as_floor_division_would():
+  """times_power_of_two's division-free ⌊e/3⌋ (fewer kernels to compile) over the whole
+  clipped range of float32 and float64 exponents, and exact products at the extremes."""
+  from nearprox import base
+
+  for dtype in (np.float32, np.float64):
+    info = np.finfo(dtype)
+    lo, hi = 3 * int(info.minexp), 3 * (int(info.maxexp) - 1)
+    n = np.arange(lo, hi + 1, dtype=np.int32)
+    np.testing.assert_array_equal(base._floor_third(jnp.asarray(n), lo, hi), n // 3)
+  x = jnp.asarray([1.5, -3.0, 2.0**-100, 2.0**100], jnp.float32)
+  for e in (-378, -250, -127, -1, 0, 1, 127, 250, 381):
+    want = np.asarray(x, np.float64) * 2.0**e
+    normal = (np.abs(want) >= np.finfo(np.float32).tiny) & (
+        np.abs(want) <= np.finfo(np.float32).max
+    )
+    np.testing.assert_array_equal(np.asarray(base.times_power_of_two(x, e))[normal], want[normal])
+
+
 # ---------------------------------------------------------------- bad input
 
 
