@@ -76,7 +76,6 @@ def _without_defaults(settings: dict, defaults: dict) -> dict:
   return kept
 
 
-
 def run_key(
     config: ml_collections.ConfigDict, devices: int, attack: run_process.Attack | None
 ) -> str:
