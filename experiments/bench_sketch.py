@@ -52,18 +52,22 @@ def sketch_accuracy(model, params, data, sketch_dims, counts=3, error_counts=10,
   ief = losses.cross_entropy_logit_grad_sq_norm(logits, labels)
   settings = [(f, w) for f in ("tikhonov", "natural") for w in ("uniform", "iEF")]
 
-  @functools.partial(jax.jit, static_argnames=("filter", "weighted", "sketch_dim"))
-  def direction(grads, count, filter, weighted, sketch_dim):
-    tx = nearprox.scale_by_proximal(
-        damping, filter=filter, damping_mode="relative", sketch_dim=sketch_dim
-    )
-    state = tx.init(None)._replace(count=count)
-    d, _ = tx.update(grads, state, example_weights=ief if weighted else None)
-    return jax.tree.leaves(d)
+  @functools.partial(jax.jit, static_argnames="sketch_dim")
+  def directions(grads, count, sketch_dim):
+    """d of every setting, in one program (one compile; the Gram or sketch is shared)."""
+    out = []
+    for filter, weights in settings:
+      tx = nearprox.scale_by_proximal(
+          damping, filter=filter, damping_mode="relative", sketch_dim=sketch_dim
+      )
+      state = tx.init(None)._replace(count=count)
+      d, _ = tx.update(grads, state, example_weights=ief if weights == "iEF" else None)
+      out.append(jax.tree.leaves(d))
+    return out
 
   cosine = jax.jit(_flat_cosine)
   zero = jnp.zeros((), jnp.int32)
-  exact = {(f, w): direction(grads, zero, f, w == "iEF", None) for f, w in settings}
+  exact = dict(zip(settings, directions(grads, zero, None)))
   leaf_grams = jax.jit(
       lambda g: [spectral_filter.gram_matrix([x]) for _, x in spectral_filter.per_example_leaves(g)]
   )(grads)
@@ -89,9 +93,8 @@ def sketch_accuracy(model, params, data, sketch_dims, counts=3, error_counts=10,
       sketched_errors.append(error / max(np.sum(sketched_exact**2), 1e-30))
       if int(count) >= counts:
         continue
-      for f, w in settings:
-        d_hat = direction(grads, count, f, w == "iEF", k)
-        cosines[(f, w)].append(float(cosine(d_hat, exact[(f, w)])))
+      for setting, d_hat in zip(settings, directions(grads, count, k)):
+        cosines[setting].append(float(cosine(d_hat, exact[setting])))
     out[k] = {
         "sketched": sum(c is not None for c in factors),
         "features": int(phi.shape[1]),

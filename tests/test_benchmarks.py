@@ -4,6 +4,7 @@ and experiments/bench_optimizers.py."""
 
 import json
 import os
+import re
 import subprocess
 import sys
 
@@ -17,11 +18,14 @@ from nearprox.text import models
 
 @pytest.fixture(scope="module")
 def tiny_saved_model(tmp_path_factory):
-  """A one-layer BERT saved like MiniLM (T = 64 fits), for the benchmarks' --model."""
-  config = models.tiny_config(num_hidden_layers=1, max_position_embeddings=64)
+  """A one-layer BERT saved like MiniLM (T = 64 fits; the tokenizer's vocabulary, which the
+  sketch section's batch is drawn from), for the benchmarks' --model."""
+  tokenizer = models.load_tokenizer(models.minilm_dir())
+  config = models.tiny_config(
+      num_hidden_layers=1, max_position_embeddings=64, vocab_size=tokenizer.vocab_size
+  )
   model = models.BertForSequenceClassification(config)
   params = models.init_params(model, jax.random.key(0))
-  tokenizer = models.load_tokenizer(models.minilm_dir())
   return models.save_pretrained(model, params, tokenizer, tmp_path_factory.mktemp("tiny"))
 
 
@@ -62,6 +66,7 @@ def test_bench_step_writes_every_section_of_its_quick_run(tiny_saved_model, tmp_
   # k = 16: a row of the sketch table and one per family in the families' table.
   assert sum(r.startswith("| 16 |") for r in rows) == 1 + len(bench_sketch.SKETCH_FAMILIES)
   assert "- k = 16: time" in text and "target factored step ≤ 1.3× the SGD step" in text
+  assert not re.search(r"\bnan\b", text), text  # every number measured
 
 
 def test_bench_objectives_times_every_objective_against_clean():

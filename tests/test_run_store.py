@@ -195,7 +195,14 @@ def test_the_stop_file_checkpoints_a_run_that_the_next_call_resumes(tmp_path, mo
 def local_ray():
   import ray
 
-  ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+  # Workers at the tests' own priority: Ray's default, nice 15, starves them while the other
+  # xdist worker runs (the two runs then took several minutes instead of about one).
+  ray.init(
+      num_cpus=2,
+      include_dashboard=False,
+      log_to_driver=False,
+      _system_config={"worker_niceness": 0},
+  )
   yield
   ray.shutdown()
 
