@@ -101,8 +101,19 @@ def in_order(
   contains one of ``first``, then the rest in request order."""
   steps = {r.key: saved_step(workdir, r.key) for r in requests}
   done = lambda r: steps[r.key] / r.config.num_train_steps
-  later = lambda r: not any(part in r.label for part in first)
+  later = lambda r: not asked_first(r, first)
   return [(r, steps[r.key]) for r in sorted(requests, key=lambda r: (-done(r), later(r)))]
+
+
+def asked_first(request: runs.Request, first: Sequence[str]) -> bool:
+  return any(part in request.label for part in first)
+
+
+def this_pass(requests: list[runs.Request], first: Sequence[str]) -> list[runs.Request]:
+  """The runs a pass of the driver trains: while any run is labelled with one of ``first``,
+  those alone, so that the runs their results decide (a tuning's reported runs, asked for
+  only once the tuning is complete) join the next pass ahead of everything else; then all."""
+  return [r for r in requests if asked_first(r, first)] or requests
 
 
 def runtime_env(devices: int) -> dict:

@@ -80,7 +80,10 @@ _CPUS_PER_RUN = flags.DEFINE_float("cpus_per_run", 1.0, "Ray CPUs each run asks 
 _GPUS_PER_RUN = flags.DEFINE_float("gpus_per_run", 0.0, "Ray GPUs (or a fraction) per run")
 _MAX_RETRIES = flags.DEFINE_integer("max_retries", 2, "restarts of a run whose worker died")
 _FIRST = flags.DEFINE_list(
-    "first", [], "train the runs whose label contains one of these first (e.g. proximal_ief_eq8)"
+    "first",
+    [],
+    "train the runs whose label contains one of these first, alone in their passes, so the "
+    "runs they decide follow them (e.g. proximal_ief_eq8: its tuning, then its reported runs)",
 )
 PROGRESS_SECONDS = 600  # a run in training logs its step and time left this often
 
@@ -132,7 +135,8 @@ def train_missing(plan, config, out: Path, only, deadline, log=print) -> str | N
     requests = store.to_train()
     if not requests:
       return None
-    log(f"== pass {number}: {len(requests)} run(s) to train")
+    requests, asked = ray_runner.this_pass(requests, _FIRST.value), len(requests)
+    log(f"== pass {number}: {len(requests)} of {asked} run(s) to train")
     outcome = ray_runner.train(
         requests,
         store,

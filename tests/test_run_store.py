@@ -138,6 +138,22 @@ def test_stopped_runs_go_first_furthest_along_first(tmp_path):
   assert ordered == ["opt2", "opt1", "opt3", "qa", "opt0"]
 
 
+def test_a_pass_trains_the_runs_asked_first_alone_while_any_is_left(tmp_path):
+  """--first: a pass holds only those runs (the runs they decide join the next pass ahead of
+  the rest); once none is left, every run."""
+  from experiments.configs import full
+
+  store = runs.RunStore(full.get_config(), tmp_path)
+  for seed in range(2):
+    store.run(f"tune:eq8:seed={seed}", {"seed": seed})
+    store.run(f"tune:muon:seed={seed}", {"seed": seed, "optimizer.name": "muon"})
+  labels = lambda requests: [r.label for r in requests]
+  requests = store.to_train()
+  assert labels(ray_runner.this_pass(requests, ["eq8"])) == ["tune:eq8:seed=0", "tune:eq8:seed=1"]
+  assert labels(ray_runner.this_pass(requests, ["lion"])) == labels(requests)
+  assert labels(ray_runner.this_pass(requests, [])) == labels(requests)
+
+
 def test_progress_lines_read_the_latest_training_row(tmp_path):
   metrics = tmp_path / "metrics.jsonl"
   assert ray_runner.progress_line("opt0", metrics, 600) is None
