@@ -129,7 +129,8 @@ def test_sigterm_during_the_final_evaluation_resumes_at_the_last_step(
   again), logging each final score once."""
   config = tiny_config(
       glue_dir,
-      **{"num_train_steps": 5, "eval_every": 100, "checkpoint_every": 100, "parallel": "jit"},
+      # 6 steps: the config of the other jit runs here and in test_run_store (one compile).
+      **{"num_train_steps": 6, "eval_every": 100, "checkpoint_every": 100, "parallel": "jit"},
   )
   straight = train.train_and_evaluate(config, tmp_path / "straight")
   real_evaluate = train.evaluate
@@ -140,14 +141,14 @@ def test_sigterm_during_the_final_evaluation_resumes_at_the_last_step(
 
   monkeypatch.setattr(train, "evaluate", preempting)
   stopped = train.train_and_evaluate(config, tmp_path / "run")
-  assert stopped["preempted"] and stopped["steps"] == 5 and "dev" not in stopped
-  assert sorted(p.name for p in (tmp_path / "run" / "checkpoints").iterdir()) == ["5"]
+  assert stopped["preempted"] and stopped["steps"] == 6 and "dev" not in stopped
+  assert sorted(p.name for p in (tmp_path / "run" / "checkpoints").iterdir()) == ["6"]
   monkeypatch.setattr(train, "evaluate", real_evaluate)
   resumed = train.train_and_evaluate(config, tmp_path / "run")
-  assert (resumed["start_step"], resumed["steps"], resumed["preempted"]) == (5, 5, False)
+  assert (resumed["start_step"], resumed["steps"], resumed["preempted"]) == (6, 6, False)
   assert resumed["dev"] == straight["dev"]
   log = metrics_writer.read_jsonl(tmp_path / "run" / "metrics.jsonl")
-  assert [r["step"] for r in log if "dev/accuracy" in r] == [5]
+  assert [r["step"] for r in log if "dev/accuracy" in r] == [6]
 
 
 def test_checkpoints_by_time_as_well_as_by_step(tmp_path):
