@@ -214,7 +214,8 @@ def test_pmap_shard_map_and_single_device_agree(glue_dir, tmp_path, gram):
         **{
             "parallel": mode,
             "optimizer.gram": gram,
-            "num_train_steps": 3,
+            # The jit run is test_preempted_run_saves_and_resumes_exactly's (one compile).
+            "num_train_steps": 6,
             "checkpoint_every": 100,
             "objective.kind": "fgm",
         },
