@@ -174,7 +174,7 @@ def test_the_stop_file_checkpoints_a_run_that_the_next_call_resumes(tmp_path, mo
   monkeypatch.setenv("NEARPROX_CACHE_DIR", str(tmp_path / "cache"))
   config = tiny_config(
       write_sst2(tmp_path / "glue", n_train=32, n_dev=16),
-      **{"num_train_steps": 8, "log_every": 1, "eval_every": 100, "checkpoint_every": 100},
+      **{"num_train_steps": 6, "log_every": 1, "eval_every": 100, "checkpoint_every": 100},
   )
   config.parallel = "jit"
   store = runs.RunStore(config, tmp_path / "out")
@@ -204,7 +204,7 @@ def test_the_stop_file_checkpoints_a_run_that_the_next_call_resumes(tmp_path, mo
     signal.signal(signal.SIGTERM, handler)
   assert answer["status"] == "done"
   report = answer["result"]["report"]
-  assert (report["start_step"], report["steps"]) == (3, 8)
+  assert (report["start_step"], report["steps"]) == (3, 6)
 
 
 @pytest.fixture(scope="module")
@@ -331,7 +331,7 @@ def test_sigterm_during_the_attack_resumes_at_the_last_step(tmp_path, monkeypatc
   monkeypatch.setenv("NEARPROX_CACHE_DIR", str(tmp_path / "cache"))
   config = tiny_config(
       write_sst2(tmp_path / "glue", n_train=32, n_dev=16),
-      **{"num_train_steps": 4, "eval_every": 100, "checkpoint_every": 100, "parallel": "jit"},
+      **{"num_train_steps": 6, "eval_every": 100, "checkpoint_every": 100, "parallel": "jit"},
   )
   attack = run_process.Attack(epsilons=(0.0, 0.1), num_steps=1, examples=8)
   attacked = []
@@ -342,12 +342,12 @@ def test_sigterm_during_the_attack_resumes_at_the_last_step(tmp_path, monkeypatc
 
   monkeypatch.setattr(run_process, "_attack", sigterm_then_attack)
   workdir = tmp_path / "work" / "k2"
-  with pytest.raises(run_process.RunPreempted, match="stopped by SIGTERM at step 4"):
+  with pytest.raises(run_process.RunPreempted, match="stopped by SIGTERM at step 6"):
     run_process.execute(config, workdir, attack, "attacked", "k2", 1)
   monkeypatch.setattr(
       run_process, "_attack", lambda *args: attacked.append(args) or [{"epsilon": 0.0}]
   )
   result = run_process.execute(config, workdir, attack, "attacked", "k2", 1)
   assert len(attacked) == 1 and result["attack"] == [{"epsilon": 0.0}]
-  assert [(s["from_step"], s["to_step"]) for s in result["segments"]] == [(0, 4), (4, 4)]
+  assert [(s["from_step"], s["to_step"]) for s in result["segments"]] == [(0, 6), (6, 6)]
   assert result["report"]["train_step_seconds"] == result["segments"][0]["train_step_seconds"]

@@ -129,7 +129,8 @@ def test_sigterm_during_the_final_evaluation_resumes_at_the_last_step(
   again), logging each final score once."""
   config = tiny_config(
       glue_dir,
-      **{"num_train_steps": 5, "eval_every": 100, "checkpoint_every": 100, "parallel": "jit"},
+      # 6 steps: the config of the other jit runs here and in test_run_store (one compile).
+      **{"num_train_steps": 6, "eval_every": 100, "checkpoint_every": 100, "parallel": "jit"},
   )
   straight = train.train_and_evaluate(config, tmp_path / "straight")
   real_evaluate = train.evaluate
@@ -140,14 +141,14 @@ def test_sigterm_during_the_final_evaluation_resumes_at_the_last_step(
 
   monkeypatch.setattr(train, "evaluate", preempting)
   stopped = train.train_and_evaluate(config, tmp_path / "run")
-  assert stopped["preempted"] and stopped["steps"] == 5 and "dev" not in stopped
-  assert sorted(p.name for p in (tmp_path / "run" / "checkpoints").iterdir()) == ["5"]
+  assert stopped["preempted"] and stopped["steps"] == 6 and "dev" not in stopped
+  assert sorted(p.name for p in (tmp_path / "run" / "checkpoints").iterdir()) == ["6"]
   monkeypatch.setattr(train, "evaluate", real_evaluate)
   resumed = train.train_and_evaluate(config, tmp_path / "run")
-  assert (resumed["start_step"], resumed["steps"], resumed["preempted"]) == (5, 5, False)
+  assert (resumed["start_step"], resumed["steps"], resumed["preempted"]) == (6, 6, False)
   assert resumed["dev"] == straight["dev"]
   log = metrics_writer.read_jsonl(tmp_path / "run" / "metrics.jsonl")
-  assert [r["step"] for r in log if "dev/accuracy" in r] == [5]
+  assert [r["step"] for r in log if "dev/accuracy" in r] == [6]
 
 
 def test_checkpoints_by_time_as_well_as_by_step(tmp_path):
@@ -213,7 +214,8 @@ def test_pmap_shard_map_and_single_device_agree(glue_dir, tmp_path, gram):
         **{
             "parallel": mode,
             "optimizer.gram": gram,
-            "num_train_steps": 3,
+            # The jit run is test_preempted_run_saves_and_resumes_exactly's (one compile).
+            "num_train_steps": 6,
             "checkpoint_every": 100,
             "objective.kind": "fgm",
         },
@@ -320,6 +322,10 @@ def test_sigterm_to_one_of_two_processes_stops_both_at_the_same_step(glue_dir, t
   command = train_command(
       f"--config.data_dir={glue_dir}",
       "--config.task=sst2",
+      # The optimizer plays no part in stopping: SGD, whose step compiles much faster than
+      # the proximal step in each of the four processes (test_two_processes_agree_with_one
+      # trains the proximal step on two processes).
+      "--config.optimizer.name=sgd",
       "--config.log_every=1",
       "--config.eval_every=1000000",
       "--config.checkpoint_every=1000000",
