@@ -135,6 +135,34 @@ def test_fngd_verdict_rule(tmp_path):
 
 def test_no_declaration_no_runs(tmp_path):
   ctx = full_plan_context(tmp_path, ablation_score)
-  assert "translation" not in ctx.plan
+  del ctx.plan["translation"]
   study = core.run_study("translation", studies.REGISTRY["translation"], ctx)
   assert study["tables"]["translation"] == [] and study["requested"] == 0
+
+
+def test_the_full_plan_tunes_every_optimizer_with_six_trials_on_val(tmp_path):
+  """The declaration in configs/full.py: six trials per optimizer (the protocol's number),
+  two seeds each, at a third of the budget, every run from the multi30k config."""
+  ctx = full_plan_context(tmp_path, ablation_score)
+  ctx.store = TranslationStore(tmp_path, ablation_score)
+  study = ctx.plan.translation
+  assert study.tuning.split == "dev" and study.tuning.holdout_examples == 0
+  assert study.tuning.steps * 3 == study.tuning.settings.num_train_steps + 1
+  core.run_study("translation", studies.REGISTRY["translation"], ctx)
+  calls = [(label, c) for label, c, base in ctx.store.calls if base == "multi30k"]
+  tuning = [(label, c) for label, c in calls if label.startswith("tune:")]
+  assert {c["num_train_steps"] for label, c in calls if label.startswith("translation:")} == {
+      study.tuning.settings.num_train_steps
+  }
+  per_variant = {}
+  for label, c in tuning:
+    assert label.startswith("tune:multi30k:") and c["num_train_steps"] == study.tuning.steps
+    assert c["task"] == "multi30k" and c["holdout_examples"] == 0
+    per_variant.setdefault(label.split(":")[2], set()).add(label.rsplit(":seed=", 1)[0])
+  assert {v: len(t) for v, t in per_variant.items()} == {
+      "adamw": 6,
+      "proximal_adamw": 6,
+      "sgd_momentum": 6,
+      "muon": 6,
+  }
+  assert len({label for label, _ in tuning}) == 2 * 4 * 6  # two seeds of each trial
