@@ -31,7 +31,8 @@ from pathlib import Path
 from absl import app, flags
 from absl import logging as absl_logging
 
-from experiments import report, run_process, runs, studies, tuning
+from experiments import run_process, runs, studies, tuning
+from experiments.studies import optimizers as optimizers_study
 from nearprox.text import data
 
 HERE = Path(__file__).resolve().parent
@@ -163,7 +164,7 @@ def result(plan, configs: dict, seconds: dict[str, float], repeats: int, load: f
 def markdown(record: dict) -> str:
   return (
       f"# Step time of every optimizer of the `{record['mode']}` study, measured apart from it"
-      f"\n\nexperiments/bench_optimizers.py times {report.md_step_cost(record)}\n"
+      f"\n\nexperiments/bench_optimizers.py times {optimizers_study.markdown_step_cost(record)}\n"
   )
 
 

@@ -171,6 +171,7 @@ def test_bench_optimizers_times_the_study_s_steps_for_its_cost_sentence(tmp_path
   assert table.count("\n| ") == 1 + len(configs)  # the header row and one per variant
   ief = rows["proximal_ief"]["ratio_to_sgd"]
   assert f"| {ief:.2f}× |" in table
+  assert bench_optimizers.markdown(record).endswith(f"times {table}\n")  # the .md it writes
   # The README's cost line: the chosen variant's steps against AdamW's.
   line = report.step_cost_line(record, "proximal_adamw")
   adamw = rows["proximal_adamw"]["ratio_to_adamw"]
