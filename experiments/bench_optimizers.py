@@ -13,6 +13,9 @@ derived variant (grafted, in front of AdamW) is built on the filter the tuning c
 left out until that choice is made. When the plan has the sketch study, the variants it
 sketches (``plan.sketch_check_variant``, and ``best_proximal`` once chosen) are timed again
 with ``optimizer.sketch_dim = plan.sketch_dim``, for the sketch's cost against the exact Gram.
+With ``--breakdown`` (default) the last of them (``best_proximal``'s once chosen) is taken
+apart against AdamW's step (experiments/bench_step_parts.py): the time, FLOPs and bytes of
+each part, in a table after the steps'.
 
     python -m experiments.bench_optimizers [--mode=full] [--repeats=5] [--data_dir=GLUE]
 
@@ -45,6 +48,7 @@ def define_flags() -> None:
   flags.DEFINE_integer("repeats", 5, "interleaved timed rounds (one step of each)")
   flags.DEFINE_string("out", str(HERE / "results"), "results root (<out>/<mode>/...)")
   flags.DEFINE_string("data_dir", None, "GLUE root (else $NEARPROX_GLUE_DIR)")
+  flags.DEFINE_bool("breakdown", True, "also the parts of a sketched step against AdamW's")
 
 
 def variant_configs(plan, base_config, out: Path) -> dict[str, tuple[str, object, str]]:
@@ -75,6 +79,18 @@ def variant_configs(plan, base_config, out: Path) -> dict[str, tuple[str, object
   return found
 
 
+def study_batch(config, task, tokenizer, batch_cache: dict):
+  """The first training batch of ``config``'s task at its length and batch size, loaded once
+  per (task, length, batch size) into ``batch_cache``."""
+  from nearprox.training import task_io, train
+
+  shape = (config.task, config.max_length, config.batch_size)
+  if shape not in batch_cache:
+    splits = task_io.load_splits(config, tokenizer)
+    batch_cache[shape] = next(train.train_batches(splits["train"], config, task, 0))
+  return batch_cache[shape]
+
+
 def compiled_step(config, batch_cache: dict):
   """A function that runs the study's training step of ``config`` (compiled on its first
   call, made here) on one batch and returns its wall time; ``batch_cache`` keeps the batch of
@@ -91,11 +107,7 @@ def compiled_step(config, batch_cache: dict):
   model, params, tokenizer = task_io.create_model(
       config, task.num_labels, jax.random.fold_in(rng, 1)
   )
-  shape = (config.task, config.max_length, config.batch_size)
-  if shape not in batch_cache:
-    splits = task_io.load_splits(config, tokenizer)
-    batch_cache[shape] = next(train.train_batches(splits["train"], config, task, 0))
-  batch = batch_cache[shape]
+  batch = study_batch(config, task, tokenizer, batch_cache)
   runner.compile(*train.step_functions(config, task, model, tx, per_example, runner.axis_name))
   holder = [runner.put_state(train.TrainState(jnp.zeros((), jnp.int32), params, tx.init(params)))]
 
@@ -161,11 +173,40 @@ def result(plan, configs: dict, seconds: dict[str, float], repeats: int, load: f
   }
 
 
+def sketched_breakdown(configs: dict, repeats: int) -> dict | None:
+  """{"variant", "rows"}: :func:`experiments.bench_step_parts.breakdown` of the last sketched
+  variant of ``configs`` against AdamW's step, on the study's batch; None without either."""
+  sketched = [variant for variant in configs if variant.endswith(studies.SKETCHED)]
+  if "adamw" not in configs or not sketched:
+    return None
+  import jax
+
+  from experiments import bench_step_parts
+  from nearprox.training import task_io
+
+  label, config, _ = configs[sketched[-1]]
+  task = data.get_task(config.task)
+  _, _, tokenizer = task_io.create_model(config, task.num_labels, jax.random.key(0))
+  batch = study_batch(config, task, tokenizer, {})
+  rows = bench_step_parts.breakdown(configs["adamw"][1], config, batch, label, repeats)
+  return {"variant": sketched[-1], "rows": rows}
+
+
 def markdown(record: dict) -> str:
-  return (
+  text = (
       f"# Step time of every optimizer of the `{record['mode']}` study, measured apart from it"
       f"\n\nexperiments/bench_optimizers.py times {optimizers_study.markdown_step_cost(record)}\n"
   )
+  breakdown = record.get("breakdown")
+  if breakdown:
+    from experiments import bench_step_parts
+
+    label = next(r["label"] for r in record["rows"] if r["variant"] == breakdown["variant"])
+    text += (
+        f"\n## Where the time of the step of {label} goes, against AdamW's\n\n"
+        + bench_step_parts.markdown(breakdown["rows"], record["repeats"])
+    )
+  return text
 
 
 def main(argv) -> None:
@@ -186,6 +227,8 @@ def main(argv) -> None:
   except data.DataError as error:  # the first variant loads the batch, before any timing
     raise app.UsageError(f"{error} (give --data_dir or ${data.GLUE_DIR_ENV})") from None
   record = result(plan, configs, seconds, args.repeats, load)
+  if args.breakdown:
+    record["breakdown"] = sketched_breakdown(configs, args.repeats)
   run_process.write_json(out / studies.STEP_COST_FILE, record)
   (out / studies.STEP_COST_FILE).with_suffix(".md").write_text(markdown(record))
   print(markdown(record))

@@ -179,6 +179,54 @@ def test_bench_optimizers_times_the_study_s_steps_for_its_cost_sentence(tmp_path
   assert report.step_cost_line(None, "proximal_adamw") == ""
 
 
+def test_bench_optimizers_takes_the_sketched_step_apart_against_adamw(tmp_path, monkeypatch):
+  """The breakdown of the sketched variant's training step: AdamW's step and its own, their
+  parts, each with its time, FLOPs and bytes as multiples of AdamW's step, in the markdown."""
+  from experiments import bench_optimizers, studies
+  from experiments.configs import smoke
+  from tests.tiny_sst2 import write_sst2
+
+  monkeypatch.setenv("NEARPROX_GLUE_DIR", str(write_sst2(tmp_path / "glue")))
+  plan, config = smoke.get_plan(), smoke.get_config()
+  plan.optimizer_variants = ("adamw", "proximal_ief")
+  plan.lr_grid = {"adamw": (1e-4,), "proximal_ief": (0.1,)}
+  plan.damping_trials = {"proximal_ief": (0.1,)}
+  plan.sketch_check_variant = "proximal_ief"
+  configs = bench_optimizers.variant_configs(plan, config, tmp_path / "results" / "smoke")
+  breakdown = bench_optimizers.sketched_breakdown(configs, repeats=1)
+  assert breakdown["variant"] == f"proximal_ief{studies.SKETCHED}"
+  rows = {r["part"]: r for r in breakdown["rows"]}
+  adamw = rows["AdamW: training step"]
+  assert adamw["time_ratio"] == adamw["flops_ratio"] == adamw["bytes_ratio"] == 1
+  sketched = rows[f"{configs[breakdown['variant']][0]}: training step"]
+  # The tiny model's embedding table dominates: the factored path never forms its gradient.
+  assert 0 < sketched["flops_ratio"] and 0 < sketched["bytes_ratio"]
+  assert "sketched: the same capture with the iEF weights" in rows
+  assert all(r["seconds"] > 0 and r["gflops"] > 0 for r in rows.values())
+  record = {
+      "mode": "smoke",
+      "model": "tiny",
+      "task": "sst2",
+      "batch_size": 8,
+      "max_length": 16,
+      "repeats": 1,
+      "sgd_variant": None,
+      "machine": {"platform": "p", "cpus": 2, "jax": "j", "backend": "cpu", "device_kind": "d"},
+      "load_average_at_start": 0.5,
+      "command": "c",
+      "rows": [
+          {"variant": v, "label": label, "settings": "", "step_seconds": 1.0}
+          | {"ratio_to_sgd": None, "ratio_to_adamw": 1.0}
+          for v, (label, _, _) in configs.items()
+      ],
+      "breakdown": breakdown,
+  }
+  text = bench_optimizers.markdown(record)
+  assert f"## Where the time of the step of {configs[breakdown['variant']][0]} goes" in text
+  # The steps' table and the breakdown's: a header row and a row per variant and per part.
+  assert text.count("\n| ") == (1 + len(configs)) + (1 + len(rows))
+
+
 def test_bench_optimizers_without_data_says_where_it_looked(tmp_path):
   result = run_benchmark(
       "experiments.bench_optimizers",
