@@ -32,7 +32,8 @@ hold it to 1e-4 absolute).
   0.1 absolute on hidden states (the tests' tolerance on MiniLM); softmax and LayerNorm
   statistics stay float32.
 * ``tiny_config(**overrides)`` and ``init_params(model, rng, batch_size=2, seq_len=8)`` for
-  tests; ``BertConfig`` (HF field names, ``from_dict``/``from_json_file``/``to_dict``).
+  tests; ``BertConfig`` (HF field names, ``from_dict``/``from_json_file``/``to_dict``;
+  ``bert_config.py``).
 * ``BertForMultiTaskClassification(config, heads=((task, num_classes), ...))``: one encoder,
   a head per task, ``task_ids`` [B] picking each example's head (``multitask.py``);
   ``task_classifier(model, params, task)`` cuts out one task's ``BertForSequenceClassification``
@@ -45,8 +46,6 @@ hold it to 1e-4 absolute).
 """
 
 from nearprox.text.models.bert import (
-    ACTIVATIONS,
-    BertConfig,
     BertForQuestionAnswering,
     BertForSequenceClassification,
     BertModel,
@@ -55,8 +54,8 @@ from nearprox.text.models.bert import (
     SequenceClassifierOutput,
     bert_logits_fn,
     init_params,
-    tiny_config,
 )
+from nearprox.text.models.bert_config import ACTIVATIONS, BertConfig, tiny_config
 from nearprox.text.models.hf_checkpoints import (
     LoadReport,
     flax_path_to_hf_key,

@@ -39,13 +39,12 @@ import numpy as np
 from flax import traverse_util
 
 from nearprox.text.models.bert import (
-    BertConfig,
     BertForQuestionAnswering,
     BertForSequenceClassification,
     BertModel,
     init_params,
-    read_json_object,
 )
+from nearprox.text.models.bert_config import BertConfig, read_json_object
 
 logger = logging.getLogger(__name__)
 
