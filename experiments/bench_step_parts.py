@@ -5,7 +5,8 @@ sketched variant's step apart, on the same batch and in the same process: the tw
 steps whole (``train.step_functions``, jitted without donation so every call reads the same
 state), the parts each of them runs (the mean loss's value_and_grad, the per-example capture
 with and without the iEF weights, each optimizer update, the logged metrics), and the
-sketched update again with one example masked. Each part is jitted alone; the rounds run
+zeroing of a masked example's rows that the training step leaves out
+(``scale_by_proximal(zero_masked_rows=False)``). Each part is jitted alone; the rounds run
 every part in turn and a part's time is its minimum over them, so load that changes during
 the measurement hits all of them alike. Next to each time: XLA's FLOP count and bytes
 accessed (``cost_analysis()``, machine and load independent), all as multiples of AdamW's
@@ -23,6 +24,7 @@ import optax
 
 import nearprox
 from experiments.bench_harness import gflops
+from nearprox import spectral_filter
 from nearprox.text import data, objectives
 from nearprox.training import optimizers, task_io, train
 
@@ -127,10 +129,9 @@ def step_parts(adamw_config, sketched_config, batch, label: str) -> dict[str, tu
           sketched_update,
           (factors, sketched_state, params, mask),
       ),
-      "sketched: the same update with one example masked (its rows zeroed in every factor)": (
-          sketched_update,
-          (factors, sketched_state, params, one_masked),
-      ),
+      # What zero_masked_rows=False saves the training step: one select per per-example array.
+      "sketched: zeroing a masked example's rows in every factor (the transform's default; "
+      "training skips it)": (spectral_filter.zero_masked_examples, (factors, one_masked)),
       "either: logged metrics (loss, update norm, L2 penalty)": (
           lambda p, u, losses: _logged_metrics(p, u, losses, mask, l2_weight),
           (params, mean_grads, losses),

@@ -139,6 +139,46 @@ def test_masked_examples_change_nothing(filter, damping_mode):
     np.testing.assert_allclose(got, want, rtol=1e-5)
 
 
+@pytest.mark.parametrize("sketch_dim", [None, 8])
+def test_unzeroed_masked_rows_give_the_same_update_when_finite(sketch_dim):
+  """zero_masked_rows=False (the training step's setting) on a batch padded as
+  nearprox.text.data pads one, with copies of real rows, factored per-example gradients and
+  the sketched Gram too: the update and statistics of the default, which zeroes them first.
+  Non-finite masked rows leak then, which is why zeroing is the default."""
+  rng = np.random.default_rng(23)
+  model = flax.linen.Dense(5)
+  x = jnp.asarray(rng.normal(size=(8, 12)), jnp.float32)
+  x = x.at[6:].set(x[:2])  # rows 6 and 7 pad the batch: copies of rows 0 and 1
+  y = jnp.arange(8) % 5
+  mask = jnp.ones(8).at[6:].set(0.0)
+  params = model.init(jax.random.key(0), x)["params"]
+
+  def loss_fn(params, x, y):
+    return optax.softmax_cross_entropy_with_integer_labels(model.apply({"params": params}, x), y)
+
+  grads = nearprox.per_example_grads(loss_fn, params, x, y)
+  assert isinstance(grads["kernel"], nearprox.layer_factors.DenseFactor)
+
+  def update(grads, zero_masked_rows):
+    tx = nearprox.scale_by_proximal(
+        0.1,
+        filter="natural",
+        damping_mode="relative",
+        sketch_dim=sketch_dim,
+        zero_masked_rows=zero_masked_rows,
+    )
+    return jax.jit(lambda g, m: tx.update(g, tx.init(params), mask=m))(grads, mask)
+
+  d, state = update(grads, zero_masked_rows=True)
+  d_unzeroed, state_unzeroed = update(grads, zero_masked_rows=False)
+  np.testing.assert_allclose(flat(d_unzeroed), flat(d), rtol=1e-5, atol=1e-7)
+  for got, want in zip(state_unzeroed.stats, state.stats):
+    np.testing.assert_allclose(got, want, rtol=1e-5)
+  poisoned = nearprox.per_example_grads(loss_fn, params, x.at[7].set(jnp.nan), y)
+  assert np.all(np.isfinite(flat(update(poisoned, zero_masked_rows=True)[0])))
+  assert not np.all(np.isfinite(flat(update(poisoned, zero_masked_rows=False)[0])))
+
+
 def test_all_examples_masked_gives_zero():
   g = random_per_example(4, seed=10)
   d, _ = filtered(g, 0.5, mask=jnp.zeros(4), damping_mode="relative")

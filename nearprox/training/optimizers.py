@@ -379,6 +379,9 @@ def _optimizer_without_l1(config, num_steps: int, axis_name: str | None):
         max_update_norm=max_update_norm or None,
         sketch_dim=sketch_dim,
         weight_normalization=normalization,
+        # nearprox.text.data pads a partial batch with copies of its real rows (finite), so
+        # the filter need not copy every per-example array to zero them.
+        zero_masked_rows=False,
     )
     nearprox.scale_by_proximal(opt.damping, **settings)  # its argument errors now, not at init
     proximal = _scale_by_proximal(opt.damping, **settings)
