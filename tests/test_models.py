@@ -1,5 +1,6 @@
 """Tests for nearprox.text.models: the Flax BERT against transformers' PyTorch BERT (the oracle)."""
 
+import dataclasses
 import json
 import logging
 import os
@@ -20,15 +21,7 @@ from nearprox.text import models
 
 ATOL = 1e-4  # float32 parity with PyTorch
 BF16_ATOL = 0.1  # bf16 vs float32 (MiniLM: hidden states up to ~6, measured error 0.045)
-TINY = dict(
-    vocab_size=100,
-    hidden_size=32,
-    num_hidden_layers=2,
-    num_attention_heads=4,
-    intermediate_size=64,
-    max_position_embeddings=32,
-    type_vocab_size=2,
-)
+TINY = dataclasses.asdict(models.tiny_config())  # HF BertConfig's field names
 SENTENCES = (["The movie was great!", "Awful."], ["I liked it a lot.", "Never again."])
 
 
