@@ -327,8 +327,14 @@ def test_no_gradient_flows_through_the_perturbation(setup, name):
   value, expected = _fixed_delta_grad(model, config.kind == "smart")(
       params, batch, delta, config.adv_weight
   )
-  np.testing.assert_allclose(jnp.sum(_jitted(model, name)(params, batch, keys)), value, rtol=1e-5)
-  _tree_allclose(_jitted(model, name, "grad")(params, batch, keys), expected, rtol=1e-4, atol=1e-5)
+  # SMART's δ is a normalized gradient at a tiny random start: two separately compiled
+  # programs round it differently by ~1e-4 relative. A gradient through it would differ by far
+  # more (the normalization of a tiny gradient is steep).
+  loose = 20 if config.kind == "smart" else 1
+  value_now = jnp.sum(_jitted(model, name)(params, batch, keys))
+  np.testing.assert_allclose(value_now, value, rtol=1e-5 * loose)
+  grads = _jitted(model, name, "grad")(params, batch, keys)
+  _tree_allclose(grads, expected, rtol=1e-4 * loose, atol=1e-5 * loose)
 
 
 def test_smart_term_is_zero_without_perturbation_and_nonnegative(stand_in):

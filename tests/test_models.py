@@ -1,6 +1,7 @@
 """Tests for nearprox.text.models: the Flax BERT against transformers' PyTorch BERT (the oracle)."""
 
 import dataclasses
+import functools
 import json
 import logging
 import os
@@ -149,9 +150,11 @@ def test_round_trip_flax_to_hf_to_pytorch(tiny_hf, tmp_path, caplog, kind):
     assert np.all(np.asarray(params[head_key]["bias"]) == 0)
     kernel = np.asarray(params[head_key]["kernel"])
     assert 0 < kernel.std() < 0.04 and np.abs(kernel).max() <= 2 * 0.02 + 1e-6
-    # from `rng`: the same values a full init of the model with that key gives
+    # from `rng`: the same values a full init of the model with that key gives (to rounding:
+    # the two programs may evaluate the truncated normal's polynomials differently)
     reference = models.init_params(model, jax.random.PRNGKey(1))[head_key]
-    jax.tree.map(np.testing.assert_array_equal, params[head_key], reference)
+    same = functools.partial(np.testing.assert_allclose, rtol=1e-6, atol=1e-9)
+    jax.tree.map(same, params[head_key], reference)
   if kind == "qa":  # QA has no pooler, so the checkpoint's pooler is reported unused
     assert "pooler.dense.weight" in caplog.text
   out_dir = models.save_pretrained(model, params, tokenizer, tmp_path / "saved")
