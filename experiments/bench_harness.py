@@ -162,10 +162,20 @@ def make_steps(model, learning_rate=1e-3, damping=1e-3, sketch_dims=(), gram_blo
   return steps
 
 
-def gflops(compiled) -> float:
+def _cost(compiled, key: str) -> float:
+  """One entry of XLA's ``cost_analysis()`` of a compiled program (NaN when absent)."""
   analysis = compiled.cost_analysis()
   analysis = analysis[0] if isinstance(analysis, (list, tuple)) else analysis
-  return float(analysis.get("flops", float("nan"))) / 1e9
+  return float(analysis.get(key, float("nan")))
+
+
+def gflops(compiled) -> float:
+  return _cost(compiled, "flops") / 1e9
+
+
+def gbytes_accessed(compiled) -> float:
+  """XLA's count of the bytes a compiled program reads and writes, in GB."""
+  return _cost(compiled, "bytes accessed") / 1e9
 
 
 def counted_gflops(compiled, unblocked_fn, *call_args) -> float:

@@ -23,19 +23,12 @@ import jax.numpy as jnp
 import optax
 
 import nearprox
-from experiments.bench_harness import gflops
+from experiments.bench_harness import gbytes_accessed, gflops
 from nearprox import spectral_filter
 from nearprox.text import data, objectives
 from nearprox.training import optimizers, task_io, train
 
 ADAMW_STEP = "AdamW: training step"
-
-
-def gbytes_accessed(compiled) -> float:
-  """XLA's count of the bytes a compiled program reads and writes, in GB."""
-  analysis = compiled.cost_analysis()
-  analysis = analysis[0] if isinstance(analysis, (list, tuple)) else analysis
-  return float(analysis.get("bytes accessed", float("nan"))) / 1e9
 
 
 def _logged_metrics(params, updates, losses, mask, l2_weight):

@@ -195,8 +195,7 @@ def scale_by_proximal(
     zero_masked_rows: True (default): the masked examples' rows of the per-example gradients
       are zeroed first, so nothing in them, NaN included, reaches d. False: they are used as
       they are, which saves a copy of every per-example array (XLA cannot fuse the select
-      into the products that read them; about a tenth of a sketched MiniLM training step on
-      CPU). The solve gives them c_i = 0 either way, so d is the same whenever they are
+      into the products that read them; docs/benchmarks.md has its cost). The solve gives them c_i = 0 either way, so d is the same whenever they are
       finite, e.g. copies of real rows, as :mod:`nearprox.text.data` pads its batches.
 
   Returns:
