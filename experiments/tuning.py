@@ -157,6 +157,24 @@ def choose(rows: list[dict]) -> dict:
   return max(rows, key=_rank)
 
 
+def grid_edges(trials: list[dict], trial: dict) -> list[str]:
+  """Which of ``trial``'s settings lie at an end of the grid ``trials`` spans, e.g.
+  ``["learning rate at the top"]``: there the grid does not show that the best setting lies
+  inside it. The protocol fixes each grid before its runs and does not extend it, so a
+  reader needs to see which choices sit at an edge."""
+  edges = []
+  for key in trial:
+    values = sorted({t[key] for t in trials if t.get(key) is not None})
+    if len(values) < 2 or trial[key] is None:
+      continue
+    name = key.split(".")[-1].replace("_", " ")
+    if trial[key] == values[0]:
+      edges.append(f"{name} at the bottom")
+    elif trial[key] == values[-1]:
+      edges.append(f"{name} at the top")
+  return edges
+
+
 class Group(NamedTuple):
   """The runs of one variant at its chosen trial, one per seed that exists."""
 

@@ -1,4 +1,9 @@
-"""nearprox: the proximal gradient scaling K(K+λI)⁻¹ of per-example gradients, for optax.
+"""nearprox: Gram-matrix filters of per-example gradients, for optax.
+
+The tikhonov filter K(K+λI)⁻¹ (the "proximal gradient scaling" the library started from) and
+its complement λ(K+λI)⁻¹, the natural filter: λ times the damped natural-gradient
+(Levenberg–Marquardt, proximal-point) step (docs/method.md §1.2, §1.5).
+
 
 per_example = nearprox.per_example_grads(loss_fn, params, batch)   # loss_fn -> [B]
 opt = nearprox.proximal_sgd(learning_rate=0.1, damping=1e-3, damping_mode="relative")

@@ -1,4 +1,4 @@
-"""The proximal gradient scaling as optax gradient transformations.
+"""Gram-matrix filters of per-example gradients (tikhonov and natural) as optax transformations.
 
 ``scale_by_proximal`` turns per-example gradients g_1 … g_B into one filtered gradient
 
@@ -340,7 +340,7 @@ def proximal_sgd(
     nesterov: bool = False,
     **proximal_kwargs,
 ) -> optax.GradientTransformationExtraArgs:
-  """SGD on the proximally filtered gradient: ``chain(scale_by_proximal(...), optax.sgd(...))``.
+  """SGD on the filtered gradient d: ``chain(scale_by_proximal(...), optax.sgd(...))``.
 
   The update is −learning_rate · d (with optional heavy-ball or Nesterov momentum on d).
   ``proximal_kwargs`` go to :func:`scale_by_proximal` (damping_mode, axis_name, gram,

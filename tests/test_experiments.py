@@ -303,14 +303,19 @@ def test_adversarial_study_compares_the_tuned_proximal_variant_with_adamw_under_
       ("proximal_adamw", "fgm"): (0.51, 0.50, 0.52),
       ("proximal_adamw", "pgd"): (0.5,),  # one class: 0.5 at every radius; one seed so far
   }
+  weighting = {"adamw": "uniform", "proximal_adamw": "ief"}
 
-  def result(variant, accuracy_at):
+  def result(variant, objective, accuracy_at):
     attack = [
         {"epsilon": e, "accuracy": accuracy_at(e), "num_examples": 256, "num_steps": 5}
         for e in plan.attack_epsilons
     ]
     return {
-        "config": {"task": "sst2", "optimizer": {"name": variant, "damping": 1.0}},
+        "config": {
+            "task": "sst2",
+            "optimizer": {"name": variant, "damping": 1.0, "weighting": weighting[variant]},
+            "objective": {"kind": objective},  # stored before objective.ief_weights existed
+        },
         "report": {
             "dev": {"accuracy": 0.88},
             "predicted_classes": {"dev": [400, 472]},
@@ -329,7 +334,7 @@ def test_adversarial_study_compares_the_tuned_proximal_variant_with_adamw_under_
       variant, objective = self.resolve(name), extra["objective.kind"]
       flat = (variant, objective) == ("proximal_adamw", "pgd")
       found = [
-          result(variant, lambda e, a=a: 0.5 if flat else a if e == 0.2 else 0.9 - e)
+          result(variant, objective, lambda e, a=a: 0.5 if flat else a if e == 0.2 else 0.9 - e)
           for a in robust[variant, objective]
       ]
       labels = {"adamw": "AdamW", "proximal_adamw": "iEF → AdamW"}
@@ -341,6 +346,11 @@ def test_adversarial_study_compares_the_tuned_proximal_variant_with_adamw_under_
   assert rows["adamw", "fgm"]["acc_eps_0.2"] == pytest.approx(0.56)
   assert rows["adamw", "fgm"]["acc_std_eps_0.2"] == pytest.approx(0.02)
   assert "| 56.0 ± 2.0 |" in adversarial.markdown(study)
+  # Which iEF weights the adversarially trained iEF runs used is said, not left implicit.
+  assert rows["proximal_adamw", "fgm"]["ief_weights"] == "clean_term"
+  assert rows["proximal_adamw", "clean"]["ief_weights"] is None
+  assert rows["adamw", "fgm"]["ief_weights"] is None
+  assert '`objective.ief_weights = "clean_term"`, from the clean' in adversarial.markdown(study)
   by_objective = {r["objective"]: r for r in study["comparisons"]}
   assert {o: (r["outcome"], r["counted"]) for o, r in by_objective.items()} == {
       "clean": ("level", True),  # -3 points within the summed spread of 4

@@ -66,6 +66,33 @@ def test_a_collapsed_seed_ranks_a_trial_last_and_ties_go_to_the_lower_loss():
   assert tied > tuning._rank({"collapsed_seeds": 0, "score": 0.5, "train_loss_end": 0.4})
 
 
+def test_a_choice_at_an_edge_of_its_grid_is_named_in_the_tuning_table():
+  # lr 0.3 (the grid's top) wins at λ = 0.1; λ = 0.1 is the damping grid's bottom.
+  score = lambda o: o["optimizer.learning_rate"] - o["optimizer.damping"]
+  ctx = tuning.Context(plan(proximal_ef=(0.01, 0.1, 0.3)), FakeStore(score))
+  chosen = ctx.best_trial("proximal_ef")["trial"]
+  edges = tuning.grid_edges(ctx.trials("proximal_ef"), chosen)
+  assert edges == ["learning rate at the top", "damping at the bottom"]
+  inside = {"optimizer.learning_rate": 0.1, "optimizer.damping": 1.0}
+  assert tuning.grid_edges(ctx.trials("proximal_ef"), inside) == ["damping at the top"]
+  assert (
+      tuning.grid_edges([{"optimizer.learning_rate": 0.1}], {"optimizer.learning_rate": 0.1}) == []
+  )
+
+  from experiments.studies import optimizers
+
+  rows = [
+      {"variant": "EF", "chosen": True, "edges": ", ".join(edges)},
+      {"variant": "SGD", "chosen": True, "edges": ""},
+      {"variant": "SGD", "chosen": False, "edges": ""},
+  ]
+  assert optimizers.chosen_mark(rows[0]) == "✓ (learning rate at the top, damping at the bottom)"
+  assert [optimizers.chosen_mark(r) for r in rows[1:]] == ["✓", ""]
+  note = optimizers.edge_note(rows)
+  assert note.startswith("Chosen at an edge of its grid: EF (learning rate at the top, damping")
+  assert "SGD" not in note and optimizers.edge_note(rows[1:]) == ""
+
+
 def test_proximal_trials_tune_learning_rate_and_damping_jointly():
   ctx = tuning.Context(plan(proximal_ef=(0.1, 0.3), adamw=(1e-4, 3e-4, 1e-3, 3e-3)), None)
   assert ctx.trials("proximal_ef") == [

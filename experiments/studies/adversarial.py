@@ -79,6 +79,7 @@ def evaluate(ctx: Context, attack, objective_kinds, label: str):
           **spread,
           # The same accuracy at every radius: a model predicting (almost) one class.
           "flat_under_attack": max(accuracy.values()) - min(accuracy.values()) < 0.005,
+          "ief_weights": _ief_weights(found[0]["config"]),
       }
       rows.append(row)
       by_variant[group.variant, objective] = row
@@ -108,6 +109,31 @@ def evaluate(ctx: Context, attack, objective_kinds, label: str):
   return rows, curves, comparisons
 
 
+def _ief_weights(config: dict) -> str | None:
+  """Where an iEF run's example weights come from (None: no iEF weights, or nothing
+  perturbed); runs stored before the option existed took them from the clean term."""
+  if config["optimizer"].get("weighting") != "ief" or config["objective"]["kind"] == "clean":
+    return None
+  return config["objective"].get("ief_weights", "clean_term")
+
+
+def _ief_note(rows: list[dict]) -> str:
+  """Which iEF weights the adversarially trained iEF rows used ('' when none did)."""
+  used = sorted({r["ief_weights"] for r in rows if r.get("ief_weights")})
+  if not used:
+    return ""
+  source = {
+      "clean_term": "the clean task term's logits only, not the perturbed term that ℓᵢ and K "
+      "also contain",
+      "whole_loss": "the whole per-example loss (clean and perturbed logits)",
+  }
+  return (
+      "iEF weights sᵢ of the adversarially trained iEF rows: "
+      + "; ".join(f'`objective.ief_weights = "{u}"`, from {source.get(u, u)}' for u in used)
+      + " (docs/method.md §1.4)."
+  )
+
+
 def _examples(count: int) -> str:
   return "the whole dev split" if not count else f"{count} dev examples"
 
@@ -131,6 +157,8 @@ def markdown(study: dict) -> str:
         "(ε=0: clean accuracy on that subset); accuracies under attack are means ± standard "
         "deviations over the seeds.\n\n![robustness](PLOT:robustness.png)"
     )
+    if note := _ief_note(rows + (study["tables"].get("adversarial_whole_split") or [])):
+      parts.append(note)
   whole = study["tables"].get("adversarial_whole_split") or []
   if whole:
     parts.append(

@@ -58,7 +58,11 @@ def run(ctx: Context) -> dict:
     chosen = ctx.best_trial(variant) if rows else None
     for row in rows:  # trials done so far, also while the tuning is incomplete
       is_chosen = chosen is not None and row["trial"] == chosen["trial"]
-      tuning_rows.append({k: v for k, v in row.items() if k != "trial"} | {"chosen": is_chosen})
+      edges = tuning.grid_edges(ctx.trials(variant), row["trial"]) if is_chosen else []
+      edges = ", ".join(edges)  # "" inside the grid (a CSV cell)
+      tuning_rows.append(
+          {k: v for k, v in row.items() if k != "trial"} | {"chosen": is_chosen, "edges": edges}
+      )
   best = ctx.resolve("best_proximal")  # chosen on held-out training data, not on any task
   for task in plan.optimizer_tasks:
     info = data.get_task(task)
@@ -223,14 +227,35 @@ def markdown(study: dict) -> str:
         ("one-class seeds", get("collapsed_seeds")),
         ("final train loss", get("train_loss_end")),
         RAN_ON,
-        ("chosen", lambda r: "✓" if r["chosen"] else ""),
+        ("chosen", chosen_mark),
     ]
     parts.append(
         "Tuning (held-out training examples, never the reported split; ✓ = chosen: best mean "
         "over the tuning seeds, trials with a one-class seed last, ties broken by the lower "
         "final training loss):\n\n" + table(study["tables"]["tuning"], columns)
     )
+    if note := edge_note(study["tables"]["tuning"]):
+      parts.append(note)
   return "\n\n".join(parts)
+
+
+def chosen_mark(row: dict) -> str:
+  """✓ for the chosen trial, with the grid edges it sits at (:func:`tuning.grid_edges`)."""
+  if not row["chosen"]:
+    return ""
+  return "✓" + (f" ({row['edges']})" if row.get("edges") else "")
+
+
+def edge_note(rows: list[dict]) -> str:
+  """A sentence naming the choices at an edge of their grid ('' when none is)."""
+  at_edge = [f"{r['variant']} ({r['edges']})" for r in rows if r.get("edges")]
+  if not at_edge:
+    return ""
+  return (
+      f"Chosen at an edge of its grid: {'; '.join(at_edge)}. The grid does not show that the "
+      "best setting lies inside it, and the protocol does not extend a grid after its runs: "
+      "such a variant may do better at a setting outside the grid than its row shows."
+  )
 
 
 def markdown_step_cost(record: dict) -> str:
