@@ -611,3 +611,38 @@ def test_noise_seeds_and_whole_split_robust_accuracy(tmp_path):
       "SST-2 dev acc. under PGD ε=0.2, pgd training, the whole dev split",
   ]
   assert "The same attack on the whole dev split (872 examples)" in adversarial.markdown(study)
+
+
+def test_the_ief_normalization_ratio_is_tabulated_from_the_runs_that_log_it(tmp_path, monkeypatch):
+  """Issue 42: λ/Σs, the factor between the default iEF step and eq. 8's, over every logged
+  step of every seed of the runs that log it; variants that don't log it get no row."""
+  ctx = full_plan_context(tmp_path, ablation_score)
+  plain_run = ctx.store.run
+
+  def run(label, overrides, devices=1, attack=None):
+    result = plain_run(label, overrides, devices, attack) | {"wall_seconds": 600.0}
+    if result["config"]["optimizer"]["weight_normalization"] == "damping":
+      seed = result["config"]["seed"]
+      result["history"] += [
+          {"step": s, "train/gram/normalization_ratio": (1 + seed) * s / 100} for s in (50, 100)
+      ]
+    return result
+
+  ctx.store.run = run
+  module = studies.REGISTRY["optimizers"]
+
+  def majority(ctx, task, split, seeds):
+    return {s: dict.fromkeys(data.get_task(task).metric_names, 0.5) for s in seeds}
+
+  monkeypatch.setattr(module, "majority_class_scores", majority)  # no data files read
+  study = core.run_study("optimizers", module, ctx)
+  rows = study["tables"]["normalization"]
+  eq8 = tuning.DISPLAY["proximal_ief_eq8"]
+  assert {r["variant"] for r in rows} == {eq8}
+  sst2 = next(r for r in rows if r["task"] == "sst2")
+  # seeds 0, 1, 2 at steps 50 and 100: 0.5, 1, 1, 2, 1.5, 3
+  assert (sst2["seeds"], sst2["logged_steps"]) == (3, 6)
+  assert (sst2["min"], sst2["median"], sst2["max"]) == pytest.approx((0.5, 1.25, 3.0))
+  assert sst2["max_over_min"] == pytest.approx(6.0)
+  text = module.markdown(study)
+  assert "λ/Σs over training" in text and f"| {eq8} | SST-2 |" in text

@@ -5,6 +5,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import numpy as np
+
 from experiments import tuning
 from experiments.report import (
     DAMPING,
@@ -46,6 +48,7 @@ TITLE = "Optimizer comparison"
 def run(ctx: Context) -> dict:
   plan = ctx.plan
   tuning_rows, run_rows, summary, majority_rows, curves, comparisons = [], [], [], [], {}, []
+  normalization_rows = []
   # Training order only (the tables below read the same runs): every variant that waits for
   # no other choice trains its runs on the first task before the derived variants' tuning
   # starts, so a partial study shows the full-budget comparison there early.
@@ -132,6 +135,7 @@ def run(ctx: Context) -> dict:
         rows[variant].update(
             group.stats("low_confidence_accuracy", "test_low_confidence", "accuracy")
         )
+      normalization_rows += _normalization_rows(task, group)
       curves[task][group.label] = {
           "dev": mean_curve([dev_curve(r, metric) for r in found]),
           "loss": mean_curve([history_curve(r, "train/loss") for r in found]),
@@ -153,12 +157,39 @@ def run(ctx: Context) -> dict:
         comparisons.append({**record, "metric": metric, "preselected": variant == best})
     summary += rows.values()
   tables = {"tuning": tuning_rows, "runs": run_rows, "summary": summary, "majority": majority_rows}
+  tables["normalization"] = normalization_rows
   return {
       "tables": tables,
       "curves": curves,
       "comparisons": comparisons,
       "step_cost": step_cost(ctx),
   }
+
+
+def _normalization_rows(task: str, group) -> list[dict]:
+  """λ/Σ m∘s over training, from the runs that log it (``train/gram/normalization_ratio``:
+  every logged step of every seed): the per-batch factor between the natural filter's
+  default "sum" iEF step and Wu et al.'s eq. 8 step (docs/method.md §1.4)."""
+  values = [
+      v
+      for r in group.results
+      for _, v in history_curve(r, "train/gram/normalization_ratio")
+      if v is not None
+  ]
+  if not values:
+    return []
+  return [
+      {
+          "task": task,
+          **group.describe(),
+          "seeds": len(group.results),
+          "logged_steps": len(values),
+          "min": min(values),
+          "median": float(np.median(values)),
+          "max": max(values),
+          "max_over_min": max(values) / min(values),
+      }
+  ]
 
 
 def _majority_row(task: str, split: str, metrics, by_seed: dict) -> dict:
@@ -212,6 +243,8 @@ def markdown(study: dict) -> str:
         + table([*rows, dict.fromkeys(first) | majority], columns)
         + f"\n\n![{task}](PLOT:optimizers_{task}.png)"
     )
+  if study["tables"].get("normalization"):
+    parts.append(markdown_normalization(study["tables"]["normalization"]))
   if study.get("step_cost"):
     parts.append(
         "Step time measured apart from the study's runs (which share the machine): "
@@ -237,6 +270,30 @@ def markdown(study: dict) -> str:
     if note := edge_note(study["tables"]["tuning"]):
       parts.append(note)
   return "\n\n".join(parts)
+
+
+def markdown_normalization(rows: list[dict]) -> str:
+  """The λ/Σs table: how far the default iEF step's scale is from a constant multiple of
+  Wu et al.'s over the runs that log it."""
+  columns = [
+      OPTIMIZER,
+      ("task", get("task", lambda t: data.get_task(t).display_name)),
+      LR,
+      DAMPING,
+      SEEDS,
+      ("logged steps", get("logged_steps")),
+      ("min", get("min")),
+      ("median", get("median")),
+      ("max", get("max")),
+      ("max / min", get("max_over_min")),
+  ]
+  return (
+      "λ/Σs over training, every logged step of every seed (the runs that log it): the "
+      'per-batch factor by which the default iEF step (`weight_normalization="sum"`) differs '
+      "from Wu et al.'s eq. 8 step in the same direction (docs/method.md §1.4). A learning rate "
+      "absorbs a constant factor, not one that varies this much within a run:\n\n"
+      + table(rows, columns)
+  )
 
 
 def chosen_mark(row: dict) -> str:
