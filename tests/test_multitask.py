@@ -247,6 +247,29 @@ def test_pcgrad_adamw_learning_rate_is_an_input_of_the_compiled_update():
   assert lowered(1e-4) == lowered(3e-3)
 
 
+def test_pcgrad_task_weighting_reaches_the_aggregate_and_bad_values_are_errors(monkeypatch):
+  seen = []
+  real = nearprox.pcgrad_aggregate
+
+  def recording(*args, **kwargs):
+    seen.append(kwargs["task_weighting"])
+    return real(*args, **kwargs)
+
+  monkeypatch.setattr(nearprox, "pcgrad_aggregate", recording)
+  config = multitask_config.get_config()
+  config.optimizer.name = "pcgrad_adamw"
+  for weighting in ("mean", "batch"):
+    config.optimizer.pcgrad_task_weighting = weighting
+    optimizers.create_optimizer(config, 20, None)
+  assert seen == ["mean", "batch"]
+  config.optimizer.pcgrad_task_weighting = "equal"
+  with pytest.raises(ValueError, match="pcgrad_task_weighting must be one of"):
+    optimizers.create_optimizer(config, 20, None)
+  config.optimizer.name, config.optimizer.pcgrad_task_weighting = "adamw", "mean"
+  with pytest.raises(ValueError, match="configures name='pcgrad_adamw'"):
+    optimizers.create_optimizer(config, 20, None)
+
+
 def test_a_multitask_run_key_is_the_key_of_its_stored_config():
   """``tasks`` is a tuple; a run record stores it as a JSON list: the key must not change."""
   config = runs.apply_overrides(default.get_config(), {"task": "multitask"})

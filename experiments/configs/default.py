@@ -71,6 +71,10 @@ def get_config() -> ml_collections.ConfigDict:
   # λ₁ of the L1 prox on kernels (soft-thresholding at lr_t·λ₁ after every optimizer's update,
   # nearprox.soft_threshold_l1; exact zeros, logged as train/zeros/*); 0 disables.
   config.optimizer.l1_weight = 0.0
+  # pcgrad_adamw: the task gradients PCGrad projects (nearprox.pcgrad). "batch": each task's
+  # share of the batch's mean gradient (their sum is what AdamW sees); "mean": each task's
+  # own mean gradient, every task weighted equally (Yu et al.'s input).
+  config.optimizer.pcgrad_task_weighting = "batch"
 
   # Objective (nearprox.text.objectives.ObjectiveConfig): None fields take the kind's defaults.
   config.objective = ml_collections.ConfigDict()

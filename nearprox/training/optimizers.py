@@ -40,7 +40,7 @@ import jax.numpy as jnp
 import optax
 
 import nearprox
-from nearprox import spectral_filter
+from nearprox import pcgrad, spectral_filter
 
 Params = Any
 PEERS = ("muon", "schedule_free_adamw", "lion", "psgd_kron")
@@ -337,6 +337,13 @@ def _optimizer_without_l1(config, num_steps: int, axis_name: str | None):
         "config.optimizer.step_size, max_update_norm, weight_normalization and sketch_dim "
         f"configure the proximal filter, which name={opt.name!r} does not apply"
     )
+  pcgrad_task_weighting = opt.get("pcgrad_task_weighting", "batch")
+  _check_choice(pcgrad_task_weighting, pcgrad.TASK_WEIGHTINGS, "pcgrad_task_weighting")
+  if pcgrad_task_weighting != "batch" and opt.name != "pcgrad_adamw":
+    raise ValueError(
+        "config.optimizer.pcgrad_task_weighting configures name='pcgrad_adamw', got "
+        f"name={opt.name!r}"
+    )
   if opt.name == "pcgrad_adamw" and config.task != "multitask":
     raise ValueError(
         "config.optimizer.name='pcgrad_adamw' projects the gradients of several tasks: it "
@@ -367,8 +374,13 @@ def _optimizer_without_l1(config, num_steps: int, axis_name: str | None):
   if opt.name == "weighted_mean_adamw":  # the filter's ablation: the weights alone
     return optax.chain(weighted_mean_aggregate(axis_name), l2, adamw), True
   if opt.name == "pcgrad_adamw":  # the multi-task peer: PCGrad on the task gradients, AdamW
-    pcgrad = nearprox.pcgrad_aggregate(len(config.tasks), seed=config.seed, axis_name=axis_name)
-    return optax.chain(pcgrad, l2, adamw), True
+    projected = nearprox.pcgrad_aggregate(
+        len(config.tasks),
+        seed=config.seed,
+        task_weighting=pcgrad_task_weighting,
+        axis_name=axis_name,
+    )
+    return optax.chain(projected, l2, adamw), True
   if per_example:
     settings = dict(
         filter=opt.filter,
