@@ -178,5 +178,7 @@ def markdown(rows: list[dict], repeats: int) -> str:
       f"Each part jitted alone on the same batch (the steps without donation), the minimum over "
       f"{repeats} interleaved rounds; FLOPs and bytes accessed: XLA's cost_analysis() "
       "(load independent). A part alone keeps in memory what the whole step can fuse away, "
-      "so the parts need not add up to the step.\n\n" + "\n".join(lines) + "\n"
+      "so the parts need not add up to the step. These rounds run after, and apart from, the "
+      "whole-step timings above, and the steps here keep their inputs (no donation), so their "
+      "times differ from those; compare ratios within one table.\n\n" + "\n".join(lines) + "\n"
   )
