@@ -137,6 +137,25 @@ def runtime_env(devices: int) -> dict:
   return {"env_vars": env}
 
 
+def task_options(
+    request: runs.Request, cpus: float, gpus: float, max_retries: int, memory_gib: float = 0.0
+) -> dict:
+  """Ray options of ``request``'s task. ``memory_gib`` > 0 reserves that much of Ray's memory
+  resource (its logical share of the node's RAM): Ray then starts no two such runs whose
+  reservations exceed it at once, where counting CPUs alone would start two runs whose XLA
+  temporaries together exceed the machine's memory (its OOM killer ends one of them)."""
+  options = {
+      "num_cpus": cpus,
+      "num_gpus": gpus,
+      "max_retries": max_retries,
+      "retry_exceptions": False,
+      "runtime_env": runtime_env(request.devices),
+  }
+  if memory_gib > 0:
+    options["memory"] = int(memory_gib * 2**30)
+  return options
+
+
 def progress_line(label: str, metrics_path: Path, total_steps: int) -> str | None:
   """``[progress] label: step s/N, x s/step, about m min of training left`` from the run's
   ``metrics.jsonl`` (None before its first logged step)."""
@@ -166,13 +185,15 @@ def train(
     deadline: float | None = None,
     progress_seconds: float = 600.0,
     first: Sequence[str] = (),
+    memory_gib: Callable[[runs.Request], float] | None = None,
     log: Callable[[str], None] = print,
 ) -> Outcome:
   """Trains ``requests`` in parallel on Ray (``ray.init()`` first if Ray is not running) and
   saves each record to ``store`` as its task returns.
 
   Runs stopped earlier with a checkpoint go first, then those labelled with one of ``first``
-  (:func:`in_order`). At ``deadline`` (a ``time.time()``)
+  (:func:`in_order`). ``memory_gib(request)``: the memory a run asks Ray for (:func:`task_options`).
+  At ``deadline`` (a ``time.time()``)
   or on Ctrl-C / SIGTERM the running tasks checkpoint and stop (module docstring).
   """
   workdir.mkdir(parents=True, exist_ok=True)
@@ -183,12 +204,9 @@ def train(
   for request, step in in_order(requests, workdir, first):
     resumed = f", from its checkpoint at step {step}" if step else ""
     log(f"[run] {request.label} ({request.key}{resumed})")
+    memory = memory_gib(request) if memory_gib else 0.0
     task = _train_task.options(
-        num_cpus=cpus_per_run,
-        num_gpus=gpus_per_run,
-        max_retries=max_retries,
-        retry_exceptions=False,
-        runtime_env=runtime_env(request.devices),
+        **task_options(request, cpus_per_run, gpus_per_run, max_retries, memory)
     )
     pending[task.remote(request, str(workdir))] = (request, time.time())
   outcome = Outcome()

@@ -107,6 +107,14 @@ def plan_with_defaults(plan):
   return plan
 
 
+def run_memory_gib(plan, request: runs.Request) -> float:
+  """The memory a run reserves on Ray: ``plan.memory_gib_by_batch_size[str(B)]`` for its
+  batch size B (0: no reservation). A plan sets it where XLA's estimate of a step's memory
+  (``compiled.memory_analysis()``) would not fit twice on the machine."""
+  by_batch = plan.get("memory_gib_by_batch_size") or {}
+  return float(by_batch.get(str(request.config.batch_size), 0.0))
+
+
 def default_data_dir(env: str, shared: str, marker: str) -> str | None:
   """``$env``, else ``../shared/data/<shared>`` beside the repository, if it holds ``marker``."""
   for candidate in (os.environ.get(env), ROOT / ".." / "shared" / "data" / shared):
@@ -147,6 +155,7 @@ def train_missing(plan, config, out: Path, only, deadline, log=print) -> str | N
         deadline=deadline,
         progress_seconds=PROGRESS_SECONDS,
         first=_FIRST.value,
+        memory_gib=lambda request: run_memory_gib(plan, request),
         log=log,
     )
     failed.update(outcome.failed)

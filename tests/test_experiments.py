@@ -570,22 +570,32 @@ def test_batch_size_study_scales_the_learning_rate_by_the_declared_rule(tmp_path
   ctx = full_plan_context(tmp_path, score)
   study = core.run_study("batch_size", batch_size, ctx)
   rows = {(r["optimizer"], r["batch_size"]): r for r in study["tables"]["batch_size"]}
-  assert set(rows) == {(o, b) for o in ("adamw", "proximal_adamw") for b in (32, 128, 256)}
-  assert [rows["adamw", b]["steps"] for b in (32, 128, 256)] == [600, 150, 75]
+  assert set(rows) == {(o, b) for o in ("adamw", "proximal_adamw") for b in (32, 128, 512)}
+  assert [rows["adamw", b]["steps"] for b in (32, 128, 512)] == [600, 150, 38]
   assert rows["adamw", 32]["learning_rate"] == 2e-4  # the tuning's choice at B = 32
-  assert rows["adamw", 256]["learning_rate"] == pytest.approx(2e-4 * math.sqrt(8) * 2)
+  assert rows["adamw", 512]["learning_rate"] == pytest.approx(2e-4 * math.sqrt(16) * 2)
+  # The proximal variant's Gram is sketched at every batch size (tuning runs too), AdamW's none.
+  assert {rows["proximal_adamw", b]["sketch_dim"] for b in (32, 128, 512)} == {1024}
+  proximal_calls = [
+      c
+      for _, c, _ in ctx.store.calls
+      if c.get("optimizer.name") == "proximal_adamw" and c.get("batch_size", 32) != 32
+  ]
+  assert proximal_calls and {c["optimizer.sketch_dim"] for c in proximal_calls} == {1024}
   proximal_lr = ctx.best_trial("proximal_adamw")["learning_rate"]
   assert rows["proximal_adamw", 128]["learning_rate"] == pytest.approx(proximal_lr * 2 * 2)
   tuned = [c for _, c, _ in ctx.store.calls if c.get("holdout_examples") and "batch_size" in c]
-  assert {(c["batch_size"], c["num_train_steps"]) for c in tuned} == {(128, 50), (256, 25)}
+  assert {(c["batch_size"], c["num_train_steps"]) for c in tuned} == {(128, 50), (512, 13)}
   damping = ctx.best_trial("proximal_adamw")["damping"]  # carried to every batch size
   assert {c["optimizer.damping"] for c in tuned if "optimizer.damping" in c} == {damping}
-  assert [c["condition"] for c in study["comparisons"]] == [
+  assert [c["condition"] for c in study["comparisons"]] == [  # B = 32 too: its runs are sketched
+      "SST-2 dev acc., batch 32 (600 steps)",
       "SST-2 dev acc., batch 128 (150 steps)",
-      "SST-2 dev acc., batch 256 (75 steps)",
+      "SST-2 dev acc., batch 512 (38 steps)",
   ]
   text = batch_size.markdown(study)
   assert "f ∈ {0.5, 1, 2}" in text and "| η₀ (tuned) |" in text
+  assert "| sketched, k = 1024 |" in text
   assert batch_size.plots(study, tmp_path)
 
 

@@ -154,6 +154,25 @@ def test_a_pass_trains_the_runs_asked_first_alone_while_any_is_left(tmp_path):
   assert labels(ray_runner.this_pass(requests, [])) == labels(requests)
 
 
+def test_runs_of_a_large_batch_reserve_the_memory_the_plan_declares(tmp_path):
+  """A plan's memory_gib_by_batch_size becomes the Ray memory option of those runs only."""
+  from experiments.configs import full
+  from experiments.reproduce import run_memory_gib
+
+  plan = full.get_plan()
+  store = runs.RunStore(full.get_config(), tmp_path)
+  for batch_size in (32, 512):
+    store.run(f"B={batch_size}", {"batch_size": batch_size})
+  small, large = store.to_train()
+  assert (run_memory_gib(plan, small), run_memory_gib(plan, large)) == (0.0, 14.0)
+  options = [
+      ray_runner.task_options(r, 1.0, 0.0, 2, run_memory_gib(plan, r)) for r in (small, large)
+  ]
+  assert "memory" not in options[0] and options[1]["memory"] == 14 * 2**30
+  assert options[1]["num_cpus"] == 1.0 and options[1]["runtime_env"] == options[0]["runtime_env"]
+  assert run_memory_gib(ml_collections.ConfigDict(), large) == 0.0  # a plan without the field
+
+
 def test_progress_lines_read_the_latest_training_row(tmp_path):
   metrics = tmp_path / "metrics.jsonl"
   assert ray_runner.progress_line("opt0", metrics, 600) is None

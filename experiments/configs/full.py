@@ -130,6 +130,15 @@ runs above, found by its key):
   Gram alone forms a [B·T, B·T] product, 4 GiB), on a 23 GiB machine whose runner trains
   two runs at once, and the training loop has no gradient accumulation; B = 256 (75 steps)
   needs 6.7 GiB, so two fit, and keeps a factor of 8 over B = 32.
+  Changed on 2026-12-07, before any of its runs (0 of 24 stored), back to the issue's design:
+  ``best_proximal`` with the sketched Gram (``plan.batch_sketch_dim = plan.sketch_dim``: at
+  large B the exact Gram's cost is what the issue wants to avoid) and B ∈ {32, 128, 512}
+  (600, 150, 38 steps). The same memory_analysis() gives the sketched step at 512 × 64 tokens
+  13.1 GiB of temporaries (the word embedding's Gram stays exact, method.md §2.9) and AdamW's
+  10.4 GiB; every B = 512 run reserves ``plan.memory_gib_by_batch_size`` of Ray's memory
+  resource (16.3 GiB on this machine), so two of them never train at once, while a B = 32 run
+  (about 2.3 GiB) still trains beside one. At B = 32 the sketched runs are the ablation's (c)
+  runs (the same configs, the same keys). Nothing else changes.
 * ``noise``: the 20% and 40% levels train seeds 0-4 (``plan.noise_seeds``; the stored seeds
   0-2 are among them); the clean level stays the optimizer study's three seeds.
 * ``adversarial``: the clean and PGD runs of AdamW and ``best_proximal`` again, seeds 0, 1,
@@ -265,11 +274,12 @@ def get_plan() -> ml_collections.ConfigDict:
   plan.tta_sketched = ("best_proximal",)
   plan.tta_target_fractions = (1.0, 0.97)
   plan.tta_time_ratio_target = 0.7
-  plan.batch_sizes = (32, 128, 256)  # not 512: out of memory (docstring)
+  plan.batch_sizes = (32, 128, 512)  # 2026-12-07: 512 with the sketched Gram (docstring)
   plan.batch_example_budget = 600 * 32
   plan.batch_variants = ("adamw", "best_proximal")
   plan.batch_lr_factors = (0.5, 1.0, 2.0)
-  plan.batch_sketch_dim = 0
+  plan.batch_sketch_dim = plan.sketch_dim
+  plan.memory_gib_by_batch_size = {"512": 14.0}  # XLA's 13.1 GiB (docstring)
   plan.noise_seeds = (0, 1, 2, 3, 4)
   # Added on 2026-12-06 (docstring): issue 41, part 2.
   plan.studies += ("multitask",)

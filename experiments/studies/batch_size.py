@@ -41,7 +41,7 @@ PLAN = {
     "batch_example_budget": 19200,  # 600 steps × 32
     "batch_variants": ("adamw", "best_proximal"),
     "batch_lr_factors": (0.5, 1.0, 2.0),
-    "batch_sketch_dim": 0,  # 0: the proximal variants' exact Gram
+    "batch_sketch_dim": 0,  # k of the proximal variants' sketched Gram; 0: the exact Gram
 }
 
 
@@ -127,8 +127,8 @@ def run(ctx: Context) -> dict:
   best = ctx.resolve("best_proximal")
   for batch_size in plan.batch_sizes:
     for variant in sorted({v for v, b in by_key if b == batch_size and v != "adamw"}):
-      if ("adamw", batch_size) not in by_key or batch_size == base_batch:
-        continue  # at B₀ the optimizer study compares the same runs
+      if ("adamw", batch_size) not in by_key or (batch_size == base_batch and not sketch):
+        continue  # at B₀ with the exact Gram the optimizer study compares the same runs
       record = comparison(
           by_key[variant, batch_size],
           by_key["adamw", batch_size],
@@ -159,6 +159,7 @@ def markdown(study: dict) -> str:
       ("lr", get("learning_rate")),
       factor,
       DAMPING,
+      ("Gram", _gram_cell),
       SEEDS,
       ("SST-2 dev acc (%)", spread("dev_accuracy", "dev_accuracy_std")),
       ("one-class seeds", get("collapsed_seeds", lambda n: "—" if n is None else n)),
@@ -187,6 +188,12 @@ def markdown(study: dict) -> str:
         "example budget):\n\n" + markdown_table(study["tables"]["batch_size_tuning"], columns)
     )
   return "\n\n".join(parts)
+
+
+def _gram_cell(row: dict) -> str:
+  if row["damping"] is None:
+    return "—"  # no Gram
+  return f"sketched, k = {row['sketch_dim']}" if row["sketch_dim"] else "exact"
 
 
 def plots(study: dict, out: Path) -> list[Path]:
