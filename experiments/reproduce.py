@@ -18,11 +18,12 @@ not stored; :func:`experiments.ray_runner.train` trains those in parallel on Ray
 each record as it lands; the next pass finds them, and may ask for more (the reported runs
 once the tuning's runs exist). It ends when a pass asks for nothing new, then writes, from the
 records alone, ``<out>/<mode>/``: each study's ``<study>.json`` and ``<study>_<table>.csv``,
-its plots, ``summary.json`` (one record per task and optimizer; the multi-task study's per
-task as ``multitask:<task>`` and their mean), ``chosen.json`` (the
-tuning's choices, read by the default job), ``verdict.md`` (the comparisons with AdamW,
-spliced into README.md by ``experiments.update_docs``), and the results document
-(``--doc``; docs/results.md for ``--mode=full``).
+its plots, ``summary.json`` (every study's records, one number each, named by study,
+condition, task, optimizer, metric and split: ``SUMMARY_FIELDS`` in
+experiments/studies/core.py; the multi-task study's tasks as ``multitask:<task>`` and their
+mean), ``chosen.json`` (the tuning's choices, read by the default job), ``verdict.md`` (the
+comparisons with AdamW, spliced into README.md by ``experiments.update_docs``), and the
+results document (``--doc``; docs/results.md for ``--mode=full``).
 
 Stored runs are reused, so a rerun resumes anywhere; a run stopped by ``--stop_after``,
 Ctrl-C or SIGTERM saves a checkpoint in ``--workdir`` and resumes there (experiments/
@@ -164,6 +165,21 @@ def train_missing(plan, config, out: Path, only, deadline, log=print) -> str | N
   raise RuntimeError("100 passes and the studies still ask for new runs")
 
 
+def summary_records(results: dict) -> list[dict] | None:
+  """summary.json: the ``summary`` table rows of every study in ``results`` (the study
+  order), each cut to :data:`~experiments.studies.core.SUMMARY_FIELDS` (a row without one is
+  an error). None without the optimizer study, whose records (every task and optimizer) the
+  others are read against: an invocation whose plan leaves it out keeps the stored file
+  rather than replacing it with one that lacks them."""
+  if "optimizers" not in results:
+    return None
+  return [
+      {k: row[k] for k in studies.SUMMARY_FIELDS}
+      for study in results.values()
+      for row in study["tables"].get("summary", [])
+  ]
+
+
 def write_outputs(plan, config, results: dict, out: Path, doc: Path, command: str) -> None:
   """Every file of the module docstring, from the study dicts."""
   sections = {}
@@ -173,12 +189,8 @@ def write_outputs(plan, config, results: dict, out: Path, doc: Path, command: st
     if hasattr(module, "plots"):
       module.plots(study, out)
     sections[name] = module.markdown
-  if "optimizers" in results:  # its records, then those of other studies' summary tables
-    summary = [
-        {k: row[k] for k in studies.SUMMARY_FIELDS}
-        for study in results.values()
-        for row in study["tables"].get("summary", [])
-    ]
+  summary = summary_records(results)
+  if summary is not None:
     run_process.write_json(out / "summary.json", summary)
   best = None
   if "lr_grid" in plan and "optimizer_variants" in plan:

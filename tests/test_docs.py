@@ -76,6 +76,12 @@ def test_the_example_study_of_docs_studies_md_is_one_module_and_one_registry_lin
   assert [r["variant"] for r in rows] == ["AdamW, warmup 0", "AdamW, warmup 0.1"]
   (record,) = study["comparisons"]
   assert record["condition"] == "SST-2 dev acc." and record["difference"] == pytest.approx(0.1)
+  records = study["tables"]["summary"]  # its summary.json records, one per row
+  assert [(r["study"], r["condition"]) for r in records] == [
+      ("warmup", "warmup fraction 0"),
+      ("warmup", "warmup fraction 0.1"),
+  ]
+  assert [r["mean"] for r in records] == [r["dev_accuracy"] for r in rows]
   section = warmup_example.markdown(study)
   assert "AdamW, warmup 0.1" in section and report.verdict_table([record]).count("\n") == 2
   del sys.modules["warmup_example"]

@@ -102,8 +102,17 @@ def test_smoke_pipeline_produces_tables_from_run_files(tmp_path):
     assert (out / name).stat().st_size > 0, name
 
   summary = json.loads((out / "summary.json").read_text())
-  assert [list(r) for r in summary] == [list(studies.SUMMARY_FIELDS)] * 2
-  by_optimizer = {r["optimizer"]: r for r in summary}
+  assert all(list(r) == list(studies.SUMMARY_FIELDS) for r in summary)
+  # Every study's records, the optimizer study's first (one per task and optimizer).
+  assert list(dict.fromkeys(r["study"] for r in summary)) == [
+      "optimizers",
+      "damping",
+      "adversarial",
+  ]
+  records = [r for r in summary if r["study"] == "optimizers"]
+  assert len(records) == 2 and {r["condition"] for r in records} == {None}
+  assert [r["condition"] for r in summary if r["study"] == "damping"] == ["relative λ=1"] * 5
+  by_optimizer = {r["optimizer"]: r for r in records}
   assert set(by_optimizer) == {"sgd", "proximal_sgd"}
   prox, sgd = by_optimizer["proximal_sgd"], by_optimizer["sgd"]
   assert prox["variant"] == "proximal SGD, tikhonov" and prox["damping"] == 0.1
@@ -286,6 +295,9 @@ def test_majority_class_row_scores_the_constant_prediction(tmp_path, monkeypatch
   assert subset["accuracy"] != pytest.approx(p) and subset["accuracy_std"] > 0
 
 
+ROBUST = "accuracy under embedding PGD, ε=0.2"  # the summary records' name
+
+
 def test_adversarial_study_compares_the_tuned_proximal_variant_with_adamw_under_attack():
   """Per objective, the accuracy under the PGD attack at the middle radius (0.2 of the full
   plan's grid), mean ± seed spread over the run files; a model that predicts one class at
@@ -351,6 +363,12 @@ def test_adversarial_study_compares_the_tuned_proximal_variant_with_adamw_under_
   assert rows["proximal_adamw", "clean"]["ief_weights"] is None
   assert rows["adamw", "fgm"]["ief_weights"] is None
   assert '`objective.ief_weights = "clean_term"`, from the clean' in adversarial.markdown(study)
+  records = {(r["variant"], r["condition"], r["metric"]): r for r in study["tables"]["summary"]}
+  fgm = records["AdamW", "fgm training, 5-step PGD attack on 256 dev examples", ROBUST]
+  assert (fgm["study"], fgm["mean"], fgm["seeds"]) == ("adversarial", pytest.approx(0.56), 3)
+  assert fgm["std"] == pytest.approx(0.02)
+  clean = records["iEF → AdamW", "pgd training, 5-step PGD attack on 256 dev examples", "accuracy"]
+  assert (clean["mean"], clean["seeds"], clean["split"]) == (0.88, 1, "dev")
   by_objective = {r["objective"]: r for r in study["comparisons"]}
   assert {o: (r["outcome"], r["counted"]) for o, r in by_objective.items()} == {
       "clean": ("level", True),  # -3 points within the summed spread of 4
@@ -455,6 +473,7 @@ class SyntheticStore:
             for e in attack.epsilons
         ],
         "machine": {"device_kind": "cpu"},
+        "wall_seconds": 1.0 * steps,
     }
 
 
@@ -518,6 +537,17 @@ def test_ablation_study_takes_the_weights_and_the_gram_away_in_turn(tmp_path):
           ("weights only", "sketched Gram", "level"),
       )
   }
+  # Its summary records: one per table row, the part as the condition.
+  records = {(r["task"], r["condition"]): r for r in study["tables"]["summary"]}
+  assert list(records) == [(r["task"], r["part"]) for r in rows]
+  weights = records["sst2", "weights only"]
+  assert (weights["study"], weights["variant"], weights["damping"]) == (
+      "ablation",
+      "(a) AdamW on the iEF-weighted mean gradient, no Gram",
+      None,
+  )
+  assert weights["mean"] == sst2["weights only"]["mean"] == pytest.approx(0.877)
+  assert records["tweets", "tuned"]["split"] == "test"  # the tweets' reported split
   text = studies.REGISTRY["ablation"].markdown(study)
   assert "(a) AdamW on the iEF-weighted mean gradient, no Gram" in text
   assert "(a) matches the tuned variant on: SST-2, tweets; not on: none." in text
@@ -544,6 +574,16 @@ def test_time_to_accuracy_uses_the_timed_step_and_marks_a_missing_one(tmp_path):
   assert sketched["time_ratio_1"] == pytest.approx(100 * 1.0 / 240)
   peer = next(r for (name, _), r in rows.items() if name not in ("adamw", "proximal_adamw"))
   assert peer["timed_step_seconds"] is None and peer["seconds_1"] is None
+  records = {(r["condition"], r["metric"]): r for r in study["tables"]["summary"]}
+  reach = "1× AdamW's final mean dev accuracy"
+  sketched_at = "dev every 20 steps, Gram: sketched, k = 1024"
+  assert records[sketched_at, f"steps to {reach}"]["mean"] == 100
+  assert records[sketched_at, f"seconds to {reach}"]["mean"] == pytest.approx(100.0)
+  ratio = records[sketched_at, f"time to {reach}, ratio to AdamW's"]
+  assert ratio["mean"] == pytest.approx(100 / 240) and ratio["std"] is None
+  assert records["dev every 20 steps", "accuracy"]["study"] == "time_to_accuracy"
+  missing = [r for r in study["tables"]["summary"] if r["variant"] == peer["variant"]]
+  assert {r["mean"] for r in missing if r["metric"].startswith("seconds")} == {None}
   text = studies.REGISTRY["time_to_accuracy"].markdown(study)
   assert "| missing |" in text and "(target ≤ 0.7×: met)" in text
   assert studies.REGISTRY["time_to_accuracy"].plots(study, tmp_path)
@@ -593,6 +633,13 @@ def test_batch_size_study_scales_the_learning_rate_by_the_declared_rule(tmp_path
       "SST-2 dev acc., batch 128 (150 steps)",
       "SST-2 dev acc., batch 512 (38 steps)",
   ]
+  records = {(r["optimizer"], r["condition"]): r for r in study["tables"]["summary"]}
+  at_512 = records["adamw", "B=512, 19200 training examples"]
+  assert (at_512["study"], at_512["batch_size"], at_512["steps"]) == ("batch_size", 512, 38)
+  assert at_512["learning_rate"] == rows["adamw", 512]["learning_rate"]
+  assert at_512["mean"] == rows["adamw", 512]["dev_accuracy"] and len(records) == len(rows)
+  sketched = records["proximal_adamw", "B=512, 19200 training examples, sketched Gram, k=1024"]
+  assert sketched["mean"] == rows["proximal_adamw", 512]["dev_accuracy"]
   text = batch_size.markdown(study)
   assert "f ∈ {0.5, 1, 2}" in text and "| η₀ (tuned) |" in text
   assert "| sketched, k = 1024 |" in text
@@ -608,6 +655,12 @@ def test_noise_seeds_and_whole_split_robust_accuracy(tmp_path):
       for level in (0.0, 0.2, 0.4)
       for name in ("adamw", "proximal_adamw")
   }
+  records = {(r["optimizer"], r["condition"]): r for r in noise["tables"]["summary"]}
+  at_40 = records["proximal_adamw", "label noise 40%"]
+  assert (at_40["study"], at_40["seeds"], at_40["metric"]) == ("noise", 5, "accuracy")
+  assert records["adamw", "label noise 0%"]["seeds"] == 3
+  low = records["adamw", "low-confidence test labels"]
+  assert (low["task"], low["split"]) == ("tweets", "test_low_confidence")
   study = core.run_study("adversarial", adversarial, ctx)
   whole = study["tables"]["adversarial_whole_split"]
   assert [(r["optimizer"], r["objective"]) for r in whole] == [
@@ -621,6 +674,97 @@ def test_noise_seeds_and_whole_split_robust_accuracy(tmp_path):
       "SST-2 dev acc. under PGD ε=0.2, pgd training, the whole dev split",
   ]
   assert "The same attack on the whole dev split (872 examples)" in adversarial.markdown(study)
+  on_whole = [
+      r
+      for r in study["tables"]["summary"]
+      if r["condition"] == "pgd training, 5-step PGD attack on the whole dev split"
+      and r["metric"] == ROBUST
+  ]
+  assert [(r["optimizer"], r["mean"]) for r in on_whole] == [
+      ("adamw", pytest.approx(0.872 - 0.2)),
+      ("proximal_adamw", pytest.approx(0.882 - 0.2)),
+  ]
+
+
+def test_summary_json_gathers_every_study_s_labelled_records(tmp_path, monkeypatch):
+  """Every study but translation (its own test) writes summary records: exactly
+  SUMMARY_FIELDS, its own name as ``study``, no two alike in (study, condition, task,
+  variant, metric, split); summary.json gathers them in the plan's order, and is not
+  written without the optimizer study's."""
+  from experiments.reproduce import summary_records
+  from experiments.studies import glue, optimizers
+  from tests.test_multitask import multitask_context
+
+  # The majority-class references, without the GLUE files.
+  def majority(ctx, task, max_length):
+    return {"task": task, "optimizer": None, "variant": "majority", "accuracy": 0.68, "f1": 0.81}
+
+  def scores(ctx, task, split, seeds):
+    return {seed: dict.fromkeys(data.get_task(task).metric_names, 0.5) for seed in seeds}
+
+  monkeypatch.setattr(glue, "majority_class_row", majority)
+  monkeypatch.setattr(optimizers, "majority_class_scores", scores)
+  ctx = multitask_context(tmp_path)
+  names = [n for n in studies.STUDIES if n != "translation"]
+  results = {n: core.run_study(n, studies.REGISTRY[n], ctx) for n in names}
+  for name, study in results.items():
+    records = study["tables"]["summary"]
+    assert records, name
+    assert {r["study"] for r in records} == {name}
+    assert all(tuple(core.summary_record(**r)) == studies.SUMMARY_FIELDS for r in records)
+  summary = summary_records(results)
+  assert [r["study"] for r in summary] == [
+      n for n in names for _ in results[n]["tables"]["summary"]
+  ]
+  assert all(list(r) == list(studies.SUMMARY_FIELDS) for r in summary)
+  keys = [
+      (r["study"], r["condition"], r["task"], r["variant"], r["metric"], r["split"])
+      for r in summary
+  ]
+  assert len(set(keys)) == len(keys)
+  assert summary_records({n: s for n, s in results.items() if n != "optimizers"}) is None
+
+  by_study = lambda name: {
+      (r["variant"], r["condition"], r["metric"]): r for r in results[name]["tables"]["summary"]
+  }
+  # Damping: the accuracy and the Gram spectrum of each relative λ, one seed.
+  damping = by_study("damping")
+  variant = results["damping"]["tables"]["damping"][0]
+  label = ctx.label(f"proximal_{variant['filter']}")
+  lam = f"relative λ={variant['damping']:g}"
+  assert damping[label, lam, "accuracy"]["mean"] == variant["dev_accuracy"]
+  assert damping[label, lam, "effective rank of K (mean)"]["split"] == "train"
+  assert damping[label, lam, "accuracy"]["damping"] == variant["damping"]
+  # GLUE: MRPC's official metric (F1) of each optimizer; the majority row is no record.
+  glue_rows = {r["variant"]: r for r in results["glue"]["tables"]["glue"]}
+  for record in results["glue"]["tables"]["summary"]:
+    assert (record["task"], record["metric"], record["split"]) == ("mrpc", "f1", "dev")
+    assert record["mean"] == glue_rows[record["variant"]]["f1"]
+  assert len(results["glue"]["tables"]["summary"]) == len(glue_rows) - 1
+  # Local vs global Gram: the Gram and the device count as the condition.
+  assert {r["condition"] for r in results["multidevice"]["tables"]["summary"]} == {
+      "local Gram, 8 host devices",
+      "global Gram, 8 host devices",
+  }
+  # SQuAD: F1 of each QA optimizer at its settings (the QA windows' tokens).
+  squad = results["squad"]["tables"]["summary"]
+  assert [r["optimizer"] for r in squad] == [
+      r["optimizer"] for r in results["squad"]["tables"]["squad"]
+  ]
+  assert {(r["task"], r["metric"], r["max_length"]) for r in squad} == {
+      ("squad", "f1", ctx.plan.qa_settings["max_length"])
+  }
+  # Sketch: the exact and the sketched Gram on dev, and both at the tuning budget (held out).
+  sketch = {(r["condition"], r["split"]): r for r in results["sketch"]["tables"]["summary"]}
+  assert list(sketch) == [
+      ("exact Gram", "dev"),
+      ("sketched Gram, k=1024", "dev"),
+      ("exact Gram, tuning budget", "holdout"),
+      ("sketched Gram, k=1024, tuning budget", "holdout"),
+  ]
+  sketched = next(r for r in results["sketch"]["tables"]["sketch"] if r["gram"] == "sketched")
+  assert sketch["sketched Gram, k=1024", "dev"]["mean"] == sketched["dev_accuracy"]
+  assert sketch["exact Gram, tuning budget", "holdout"]["steps"] == ctx.plan.tuning.steps
 
 
 def test_the_ief_normalization_ratio_is_tabulated_from_the_runs_that_log_it(tmp_path, monkeypatch):

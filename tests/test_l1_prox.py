@@ -345,6 +345,14 @@ def test_l1_study_tables_accuracy_against_the_zero_fraction_of_the_run_records(t
   assert rows["adamw", 1.0]["zero_fraction_std"] == pytest.approx(np.std([0.3, 0.5], ddof=1))
   assert np.isnan(rows["adamw", 0.0]["zero_fraction"])  # no prox: not logged
   assert rows["proximal_adamw", 3.0]["collapsed_seeds"] == 2
+  # summary.json: per row its accuracy and its zero fraction, the λ₁ as the condition.
+  records = {(r["optimizer"], r["condition"], r["metric"]): r for r in study["tables"]["summary"]}
+  assert len(records) == 2 * len(rows) and {r["study"] for r in records.values()} == {"l1"}
+  zeros = records["adamw", "λ₁=1", "fraction of zero kernel weights"]
+  assert (zeros["mean"], zeros["split"]) == (pytest.approx(0.4), None)
+  assert zeros["std"] == pytest.approx(np.std([0.3, 0.5], ddof=1))
+  assert records["adamw", "λ₁=0", "fraction of zero kernel weights"]["mean"] is None
+  assert records["proximal_adamw", "λ₁=3", "accuracy"]["mean"] == pytest.approx(0.5)
   text = study_module.markdown(study)
   assert "| adamw | 0.0001 | 1 | 2 | 86.0 ± 1.4 | 40.0 ± 14.1 | 0 |" in text
   assert "| adamw | 0.0001 | 0 | 2 | 91.0 ± 1.4 | — | 0 |" in text

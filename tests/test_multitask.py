@@ -428,6 +428,9 @@ def test_multitask_study_compares_each_task_with_the_single_task_runs(tmp_path):
   assert len(study["comparisons"]) == 4 + 4  # multi vs single per optimizer; four pairs
   summary = study["tables"]["summary"]
   assert all(tuple(r) == core.SUMMARY_FIELDS for r in summary)
+  assert {(r["study"], r["condition"]) for r in summary} == {
+      ("multitask", "shared encoder, mixed batches (T = 2)")
+  }
   assert [r["task"] for r in summary[:4]] == [
       "multitask:sst2",
       "multitask:mrpc",

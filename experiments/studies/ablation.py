@@ -17,7 +17,7 @@ Each is compared with the variant itself by the fixed rule (:func:`core.comparis
 from __future__ import annotations
 
 from experiments.report import DAMPING, LR, OPTIMIZER, SEEDS, get, spread, table
-from experiments.studies.core import comparison
+from experiments.studies.core import comparison, summary_rows
 from experiments.tuning import Context
 from nearprox.text import data
 
@@ -63,7 +63,7 @@ def _row(task: str, part: str, label: str, group, metric: str, split: str) -> di
 def run(ctx: Context) -> dict:
   plan = ctx.plan
   variant = ctx.resolve(plan.ablation_variant)
-  rows, comparisons = [], []
+  rows, summary, comparisons = [], [], []
   if variant is None or ctx.overrides(variant) is None:
     ctx.waiting.append(plan.ablation_variant)
     return {"tables": {"ablation": rows}, "comparisons": comparisons}
@@ -84,6 +84,8 @@ def run(ctx: Context) -> dict:
       row = _row(task, part, label or group.label, group, metric, split)
       found[part] = row
       rows.append(row)
+      values = [(metric, "mean", "std")]
+      summary += summary_rows("ablation", row, group, values, split=split, condition=part)
     condition = f"{info.display_name} {split} {metric}"
     pairs = [(part, "tuned") for part in parts] + [("weights only", "sketched Gram")]
     for subject, baseline in pairs:
@@ -98,7 +100,7 @@ def run(ctx: Context) -> dict:
             condition=condition,
         )
         comparisons.append({**record, "subject_part": subject, "baseline_part": baseline})
-  return {"tables": {"ablation": rows}, "comparisons": comparisons}
+  return {"tables": {"ablation": rows, "summary": summary}, "comparisons": comparisons}
 
 
 def markdown(study: dict) -> str:

@@ -8,7 +8,7 @@ from pathlib import Path
 
 from experiments import run_process
 from experiments.report import OPTIMIZER, SEEDS, get, spread, table
-from experiments.studies.core import STUDY_TASK, comparison
+from experiments.studies.core import STUDY_TASK, comparison, summary_rows
 from experiments.tuning import Context, mean_std
 from nearprox.text import objectives
 
@@ -27,23 +27,24 @@ def run(ctx: Context) -> dict:
   plan = ctx.plan
   epsilons = tuple(float(e) for e in plan.attack_epsilons)
   attack = run_process.Attack(epsilons, plan.attack_steps, plan.attack_examples)
-  rows, curves, comparisons = evaluate(ctx, attack, plan.objectives, "adversarial")
-  tables = {"adversarial": rows}
+  rows, curves, comparisons, summary = evaluate(ctx, attack, plan.objectives, "adversarial")
+  tables = {"adversarial": rows, "summary": summary}
   whole = tuple(plan.get("robust_eval_objectives") or ())
   if whole:
     attack = run_process.Attack(epsilons, plan.attack_steps, plan.robust_eval_examples)
-    rows, _, more = evaluate(ctx, attack, whole, "adversarial_whole_split")
+    rows, _, more, records = evaluate(ctx, attack, whole, "adversarial_whole_split")
     tables["adversarial_whole_split"] = rows
     comparisons += more
+    summary += records
   found = {"tables": tables, "curves": curves, "comparisons": comparisons}
   return found | {"robust_eval_examples": plan.get("robust_eval_examples")}
 
 
 def evaluate(ctx: Context, attack, objective_kinds, label: str):
-  """(rows, curves, comparisons) of ``plan.objective_optimizers`` trained with each of
-  ``objective_kinds`` and attacked by ``attack``, runs labelled ``label``."""
+  """(rows, curves, comparisons, summary records) of ``plan.objective_optimizers`` trained
+  with each of ``objective_kinds`` and attacked by ``attack``, runs labelled ``label``."""
   plan = ctx.plan
-  rows, curves, by_variant = [], {}, {}
+  rows, curves, by_variant, summary = [], {}, {}, []
   for name in plan.objective_optimizers:
     clean = None
     for objective in objective_kinds:
@@ -83,6 +84,14 @@ def evaluate(ctx: Context, attack, objective_kinds, label: str):
       }
       rows.append(row)
       by_variant[group.variant, objective] = row
+      values = [("accuracy", "dev_accuracy")]
+      for radius in (f"{a['epsilon']:g}" for a in mean_attack):
+        pgd = f"accuracy under embedding PGD, ε={radius}"
+        values.append((pgd, f"acc_eps_{radius}", f"acc_std_eps_{radius}"))
+      condition = f"{objective} training, {row['attack_steps']}-step PGD attack on " + _examples(
+          attack.examples
+      )
+      summary += summary_rows("adversarial", row, group, values, condition=condition)
       curves[f"{group.label}, {objective}"] = mean_attack
   # The tuned proximal variant against AdamW, objective by objective, on the accuracy under
   # attack at one radius; a model that collapsed to one class is not counted as robust.
@@ -106,7 +115,7 @@ def evaluate(ctx: Context, attack, objective_kinds, label: str):
     )
     counted = not (subject["flat_under_attack"] or baseline["flat_under_attack"])
     comparisons.append({**record, "counted": counted})
-  return rows, curves, comparisons
+  return rows, curves, comparisons, summary
 
 
 def _ief_weights(config: dict) -> str | None:

@@ -32,7 +32,7 @@ from experiments.report import (
     spread,
 )
 from experiments.report import table as markdown_table
-from experiments.studies.core import STUDY_TASK, comparison
+from experiments.studies.core import STUDY_TASK, comparison, summary_rows
 from experiments.tuning import Context, choose
 
 TITLE = "Batch size at a fixed example budget"
@@ -68,7 +68,7 @@ def run(ctx: Context) -> dict:
   config = ctx.store.base_config
   base_batch, tuning_examples = config.batch_size, plan.tuning.steps * config.batch_size
   sketch = {"optimizer.sketch_dim": plan.batch_sketch_dim} if plan.batch_sketch_dim else {}
-  rows, tuning_rows, by_key = [], [], {}
+  rows, tuning_rows, summary, by_key = [], [], [], {}
   for name in plan.batch_variants:
     variant = ctx.resolve(name)
     chosen = ctx.best_trial(variant) if variant else None
@@ -123,6 +123,11 @@ def run(ctx: Context) -> dict:
       }
       rows.append(row)
       by_key[variant, batch_size] = row
+      condition = f"B={batch_size}, {plan.batch_example_budget} training examples"
+      if row["sketch_dim"]:
+        condition += f", sketched Gram, k={row['sketch_dim']}"
+      values = [("accuracy", "dev_accuracy")]
+      summary += summary_rows("batch_size", row, group, values, condition=condition)
   comparisons = []
   best = ctx.resolve("best_proximal")
   for batch_size in plan.batch_sizes:
@@ -140,7 +145,7 @@ def run(ctx: Context) -> dict:
           f"({steps_for(plan.batch_example_budget, batch_size)} steps)",
       )
       comparisons.append({**record, "preselected": variant == best})
-  tables = {"batch_size": rows, "batch_size_tuning": tuning_rows}
+  tables = {"batch_size": rows, "batch_size_tuning": tuning_rows, "summary": summary}
   rule = {
       "base_batch_size": base_batch,
       "lr_factors": list(plan.batch_lr_factors),

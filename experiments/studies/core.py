@@ -1,14 +1,16 @@
-"""What every study shares: constants, the comparison record, dev curves, the majority-class
-floor, and :func:`run_study`, which turns a study module's ``run`` into a study dict."""
+"""What every study shares: constants, the comparison record, the summary.json record
+(:data:`SUMMARY_FIELDS`, :func:`summary_rows`), dev curves, the majority-class floor, and
+:func:`run_study`, which turns a study module's ``run`` into a study dict."""
 
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 
 import numpy as np
 
-from experiments.tuning import DISPLAY, Context, final, history_curve, mean_std
+from experiments.tuning import DISPLAY, Context, Group, final, history_curve, mean_std
 from nearprox.text import data
 
 # What the best proximal variant is compared with: AdamW, its peers
@@ -16,10 +18,29 @@ from nearprox.text import data
 BASELINES = ("adamw", "muon", "schedule_free_adamw", "lion", "psgd_kron", "sgd_momentum", "sgd")
 STUDY_TASK = "sst2"  # where the damping, adversarial, multidevice and noise studies train
 LOW_CONFIDENCE_TASK = "tweets"  # the task whose test split has low-confidence labels
-# The optimizer summary records (experiments/results/<mode>/summary.json), in this order.
+# The records of experiments/results/<mode>/summary.json, each with these fields in this
+# order: every study's ``tables["summary"]`` (the optimizer study's rows carry more, dropped
+# there). One record is one number: the mean over ``seeds`` runs (and their sample standard
+# deviation ``std``) of ``metric`` on ``split`` for one optimizer (``optimizer``, its label
+# ``variant``, its ``learning_rate`` and ``damping``; ``steps``, ``batch_size`` and
+# ``max_length`` of its runs; ``collapsed_seeds``: its runs whose final model predicts one
+# class) in one ``condition`` of one ``study`` (the REGISTRY name). ``condition`` says what
+# the study varied for that row ("label noise 40%", "B=128, 19200 training examples",
+# "λ₁=0.3", "pgd training, 5-step PGD attack on the whole dev split"), None where the study
+# varies nothing beyond the optimizer.
+# By default ``metric`` is the task's official metric on its reported split; every other
+# number a study reports as a result (accuracy under attack, L1's zero-weight fraction, steps
+# and seconds to a target, the damping sweep's Gram spectrum) is a record of its own whose
+# ``metric`` names it (``split``: "train" for what the training steps log, None for a
+# property of the final parameters). ``mean`` is None where the study has no number (a target
+# not reached, a step not timed, a value not logged); ``std`` is None where the number is not
+# a spread over seeds. (study, condition, task, variant, metric, split) names one record.
+# Reference rows (the majority class) and the contended runs' own step times are no records.
+# Each study's conditions and metrics: docs/studies.md, "summary.json"; build records with
+# summary_rows (from a table row) or summary_record.
 SUMMARY_FIELDS = tuple(
-    "task optimizer variant steps batch_size max_length seeds learning_rate damping metric mean"
-    " std collapsed_seeds split".split()
+    "study condition task optimizer variant steps batch_size max_length seeds learning_rate"
+    " damping metric mean std collapsed_seeds split".split()
 )
 # experiments/bench_optimizers.py's record in <out>/<mode>/: each optimizer's step time,
 # measured apart from the study's runs (which share the machine).
@@ -73,6 +94,58 @@ def comparison(subject: dict, baseline: dict, key: str, std_key=None, **context)
       "difference": a - b,
       "outcome": outcome,
   }
+
+
+def summary_record(**fields) -> dict:
+  """``fields`` as a summary.json record: exactly :data:`SUMMARY_FIELDS`, in their order (a
+  field left out is a KeyError, not a silent gap)."""
+  return {k: fields[k] for k in SUMMARY_FIELDS}
+
+
+def summary_rows(
+    study: str,
+    row: dict,
+    group: Group,
+    values,
+    *,
+    task: str | None = None,
+    split: str | None = "dev",
+    condition: str | None = None,
+) -> list[dict]:
+  """The summary.json records of table row ``row``, computed from ``group``'s runs: one per
+  ``(metric, key)`` or ``(metric, key, std_key)`` of ``values``, mean ``row[key]`` and std
+  ``row[std_key]`` (default ``<key>_std``; None when the row has none), NaN as None.
+
+  The optimizer's columns come from ``row`` where it has them (a study's own label, learning
+  rate or damping), else from ``group.describe()``; steps, batch size and tokens from the
+  runs; ``task`` defaults to ``row["task"]``, else :data:`STUDY_TASK`."""
+  first = group.results[0]
+  config, report = first["config"], first["report"]
+  described = {**group.describe(), "seeds": len(group.results), **row}
+  collapsed = row["collapsed_seeds"] if "collapsed_seeds" in row else group.collapsed_seeds()
+  common = {
+      "study": study,
+      "condition": condition,
+      "task": task or row.get("task", STUDY_TASK),
+      **{k: described[k] for k in ("optimizer", "variant", "seeds", "learning_rate", "damping")},
+      "steps": report.get("steps", config.get("num_train_steps")),
+      "batch_size": config.get("batch_size"),
+      "max_length": config.get("max_length"),
+      "collapsed_seeds": collapsed,
+      "split": split,
+  }
+  records = []
+  for metric, key, *std_key in values:
+    std = row.get(std_key[0] if std_key else f"{key}_std")
+    records.append(
+        summary_record(**common, metric=metric, mean=_number(row[key]), std=_number(std))
+    )
+  return records
+
+
+def _number(value):
+  """None for a missing or NaN value (JSON has no NaN), else the value."""
+  return None if value is None or (isinstance(value, float) and math.isnan(value)) else value
 
 
 def run_study(name: str, module, ctx: Context) -> dict:

@@ -6,15 +6,21 @@ from __future__ import annotations
 from pathlib import Path
 
 from experiments.report import LR, get, pct, pyplot, save_figure, table
-from experiments.studies.core import STUDY_TASK, dev_curve
+from experiments.studies.core import STUDY_TASK, dev_curve, summary_rows
 from experiments.tuning import Context, final, history_curve, mean_std
 
 TITLE = "Damping sweep (relative λ)"
+# Its summary.json records beside the accuracy: the Gram spectrum the training steps log.
+SPECTRUM = [
+    (f"{name} ({when})", f"{key}_{when}")
+    for name, key in (("effective rank of K", "effective_rank"), ("kept fraction", "kept_fraction"))
+    for when in ("mean", "final")
+]
 
 
 def run(ctx: Context) -> dict:
   plan = ctx.plan
-  rows, curves = [], {}
+  rows, curves, summary = [], {}, []
   for filt in plan.damping_filters:
     for lam in plan.damping_grid:
       extra = {"optimizer.damping": lam, "optimizer.damping_mode": "relative"}
@@ -38,12 +44,18 @@ def run(ctx: Context) -> dict:
               "step_seconds": result["report"]["train_step_seconds"],
           }
       )
+      condition = f"relative λ={lam:g}"
+      accuracy = [("accuracy", "dev_accuracy")]
+      summary += summary_rows("damping", rows[-1], group, accuracy, condition=condition)
+      summary += summary_rows(
+          "damping", rows[-1], group, SPECTRUM, split="train", condition=condition
+      )
       curves[f"{filt}:{lam:g}"] = {
           "effective_rank": rank,
           "kept_fraction": kept,
           "dev": dev_curve(result, "accuracy"),
       }
-  return {"tables": {"damping": rows}, "curves": curves}
+  return {"tables": {"damping": rows, "summary": summary}, "curves": curves}
 
 
 def markdown(study: dict) -> str:

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from experiments.report import LR, OPTIMIZER, SEEDS, spread, table
-from experiments.studies.core import comparison, majority_class_row
+from experiments.studies.core import comparison, majority_class_row, summary_rows
 from experiments.tuning import Context
 from nearprox.text import data
 
@@ -13,7 +13,7 @@ TITLE = "GLUE (dev)"
 def run(ctx: Context) -> dict:
   plan = ctx.plan
   task = data.get_task(plan.glue_task)
-  rows = {}
+  rows, summary = {}, {}
   for name in plan.glue_optimizers:
     group = ctx.group("glue", task.name, name, extra={"max_length": plan.glue_max_length})
     if group is None:
@@ -23,6 +23,8 @@ def run(ctx: Context) -> dict:
     for metric in task.metric_names:
       row.update(group.stats(metric, "dev", metric))
     rows[group.variant] = row
+    values = [(task.primary_metric, task.primary_metric)]
+    summary[group.variant] = summary_rows("glue", row, group, values)
   comparisons = []
   if rows:
     majority = majority_class_row(ctx, task.name, plan.glue_max_length)
@@ -45,7 +47,7 @@ def run(ctx: Context) -> dict:
   tuned_on = data.get_task(plan.tuning.task).display_name
   return {
       "title": f"{task.display_name} (dev)",
-      "tables": {"glue": list(rows.values())},
+      "tables": {"glue": list(rows.values()), "summary": sum(summary.values(), [])},
       "comparisons": comparisons,
       "notes": [
           f"settings tuned on held-out {tuned_on} training data; metrics: "

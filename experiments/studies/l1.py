@@ -7,13 +7,15 @@ from __future__ import annotations
 from pathlib import Path
 
 from experiments.report import LR, OPTIMIZER, SEEDS, get, pct, pyplot, save_figure, spread, table
-from experiments.studies.core import STUDY_TASK
+from experiments.studies.core import STUDY_TASK, summary_rows
 from experiments.tuning import Context, Group, history_curve, mean_std
 
 TITLE = "L1 as a proximal step: accuracy against sparsity"
 # λ₁ grid and optimizers; a mode's plan may set them (full.py's docstring says why these).
 PLAN = {"l1_weights": (0.1, 0.3, 1.0, 3.0), "l1_optimizers": ("adamw", "best_proximal")}
 ZEROS = "train/zeros/all"  # the fraction the train step logs after the prox, all kernels
+# Its summary.json records: (metric, row key); the zero fraction is of the final parameters.
+ACCURACY, ZERO = ("accuracy", "dev_accuracy"), ("fraction of zero kernel weights", "zero_fraction")
 
 
 def final_zero_fraction(result: dict) -> float:
@@ -39,7 +41,7 @@ def row(group: Group, l1_weight: float) -> dict:
 def run(ctx: Context) -> dict:
   """λ₁ = 0 is the optimizer study's run at the same settings (no prox, no zeros logged)."""
   plan = ctx.plan
-  rows = []
+  rows, summary = [], []
   for name in plan.l1_optimizers:
     for l1_weight in (0.0, *plan.l1_weights):
       if l1_weight == 0.0:
@@ -48,7 +50,10 @@ def run(ctx: Context) -> dict:
         group = ctx.group("l1", STUDY_TASK, name, extra={"optimizer.l1_weight": l1_weight})
       if group is not None:
         rows.append(row(group, l1_weight))
-  return {"tables": {"l1": rows}}
+        condition = f"λ₁={l1_weight:g}"
+        summary += summary_rows("l1", rows[-1], group, [ACCURACY], condition=condition)
+        summary += summary_rows("l1", rows[-1], group, [ZERO], split=None, condition=condition)
+  return {"tables": {"l1": rows, "summary": summary}}
 
 
 def markdown(study: dict) -> str:

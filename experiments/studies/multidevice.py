@@ -4,7 +4,7 @@ host devices), accuracy and step time."""
 from __future__ import annotations
 
 from experiments.report import OPTIMIZER, RAN_ON, SEEDS, get, spread, table
-from experiments.studies.core import STUDY_TASK, comparison
+from experiments.studies.core import STUDY_TASK, comparison, summary_rows
 from experiments.tuning import Context
 
 TITLE = "Local vs global Gram on host devices"
@@ -12,7 +12,7 @@ TITLE = "Local vs global Gram on host devices"
 
 def run(ctx: Context) -> dict:
   plan = ctx.plan
-  rows = {}
+  rows, summary = {}, {}
   for name in plan.multidevice_variants:
     extra = {"parallel": "shard_map"}
     if name in ("local", "global"):
@@ -34,6 +34,10 @@ def run(ctx: Context) -> dict:
           **group.stats("dev_accuracy", "dev", "accuracy"),
           "step_seconds": group.step_seconds(),
       }
+      gram = f"{name} Gram, " if name in ("local", "global") else ""
+      condition = f"{gram}{plan.multidevice_count} host devices"
+      values = [("accuracy", "dev_accuracy")]
+      summary[name] = summary_rows("multidevice", rows[name], group, values, condition=condition)
   base = next((rows[n]["step_seconds"] for n in rows if n not in ("local", "global")), None)
   for row in rows.values():
     row["step_ratio_to_sgd"] = row["step_seconds"] / base if base else float("nan")
@@ -53,7 +57,7 @@ def run(ctx: Context) -> dict:
   title = f"Local vs global Gram on {plan.multidevice_count} host devices"
   return {
       "title": title,
-      "tables": {"multidevice": list(rows.values())},
+      "tables": {"multidevice": list(rows.values()), "summary": sum(summary.values(), [])},
       "comparisons": comparisons,
   }
 

@@ -33,7 +33,7 @@ import numpy as np
 
 from experiments import runs
 from experiments.report import LR, SEEDS, get, pct, pyplot, save_figure, table
-from experiments.studies.core import comparison
+from experiments.studies.core import comparison, summary_record
 from experiments.tuning import Context, final, mean_std
 from nearprox.text import data
 
@@ -92,11 +92,13 @@ def _multi_task(ctx: Context, variant: str, extra: dict, tasks):
   return group, _per_seed(found, tasks), group.results if group else []
 
 
-def _summary_rows(row: dict, group, tasks) -> list[dict]:
+def _summary_rows(row: dict, group, tasks, condition: str) -> list[dict]:
   """summary.json records (core.SUMMARY_FIELDS) of a multi-task row: one per task, task
   ``multitask:<task>``, and ``multitask:mean``."""
   config = group.results[0]["config"]
   common = {
+      "study": "multitask",
+      "condition": condition,
       "optimizer": row["optimizer"],
       "variant": row["variant"],
       "steps": group.results[0]["report"]["steps"],
@@ -113,27 +115,27 @@ def _summary_rows(row: dict, group, tasks) -> list[dict]:
         for r in group.results
     ]
     out.append(
-        {
-            "task": f"{data.MULTITASK}:{t.name}",
+        summary_record(
+            task=f"{data.MULTITASK}:{t.name}",
             **common,
-            "metric": t.primary_metric,
-            "mean": row[t.name],
-            "std": row[f"{t.name}_std"],
-            "collapsed_seeds": sum(one_class),
-            "split": t.reported_split,
-        }
+            metric=t.primary_metric,
+            mean=row[t.name],
+            std=row[f"{t.name}_std"],
+            collapsed_seeds=sum(one_class),
+            split=t.reported_split,
+        )
     )
   mean_of = ", ".join(f"{t.name} {t.reported_split} {t.primary_metric}" for t in tasks)
   out.append(
-      {
-          "task": f"{data.MULTITASK}:mean",
+      summary_record(
+          task=f"{data.MULTITASK}:mean",
           **common,
-          "metric": f"mean of {mean_of}",
-          "mean": row["mean"],
-          "std": row["mean_std"],
-          "collapsed_seeds": None,
-          "split": "reported",
-      }
+          metric=f"mean of {mean_of}",
+          mean=row["mean"],
+          std=row["mean_std"],
+          collapsed_seeds=None,
+          split="reported",
+      )
   )
   return out
 
@@ -146,6 +148,7 @@ def run(ctx: Context) -> dict:
   config = ctx.store.base_config
   setting = {k: v for k, v in wanted.items() if runs.stored(config[k]) != runs.stored(v)}
   rows, summary, comparisons, by_name, singles, done = [], [], [], {}, {}, {}
+  mixing = f"shared encoder, mixed batches (T = {plan.multitask_temperature:g})"
   for name in plan.multitask_variants:
     base, overrides, label = DERIVED.get(name, (name, {}, None))
     variant = ctx.resolve(base)
@@ -167,7 +170,7 @@ def run(ctx: Context) -> dict:
     rows.append(row)
     by_name[name] = done[variant, name in DERIVED] = row
     if row["seeds"]:
-      summary += _summary_rows(row, group, tasks)
+      summary += _summary_rows(row, group, tasks, mixing)
     if variant in singles and singles[variant]["seeds"] and row["seeds"]:
       record = comparison(
           row,

@@ -20,7 +20,7 @@ from experiments.report import (
     spread,
     table,
 )
-from experiments.studies.core import LOW_CONFIDENCE_TASK, STUDY_TASK, comparison
+from experiments.studies.core import LOW_CONFIDENCE_TASK, STUDY_TASK, comparison, summary_rows
 from experiments.tuning import PROXIMAL, Context
 
 TITLE = "Noisy labels"
@@ -29,7 +29,7 @@ PLAN = {"noise_seeds": ()}  # empty: plan.seeds
 
 def run(ctx: Context) -> dict:
   plan = ctx.plan
-  rows, comparisons = {}, []
+  rows, groups, comparisons = {}, {}, []
   noisy_seeds = tuple(plan.get("noise_seeds") or ()) or None  # None: plan.seeds
   for name in plan.noise_optimizers:
     for level in (0.0, *plan.noise_levels):
@@ -37,6 +37,7 @@ def run(ctx: Context) -> dict:
       seeds = None if level == 0.0 else noisy_seeds
       group = ctx.group(label, STUDY_TASK, name, seeds=seeds, extra={"label_noise": level})
       if group is not None:
+        groups[group.variant, level] = group
         rows[group.variant, level] = {
             **group.describe(),
             "label_noise": level,
@@ -59,6 +60,7 @@ def run(ctx: Context) -> dict:
     for variant in plan.optimizer_variants:
       group = ctx.group("optimizers", LOW_CONFIDENCE_TASK, variant)
       if group is not None:
+        groups[group.variant] = group
         low[group.variant] = {
             **group.describe(),
             "seeds": len(group.results),
@@ -78,7 +80,29 @@ def run(ctx: Context) -> dict:
             condition="Tweets low-confidence test acc.",
         )
     )
-  tables = {"noise": list(rows.values()), "low_confidence": list(low.values())}
+  accuracy = [("accuracy", "dev_accuracy")]
+  summary = [
+      record
+      for (variant, level), row in rows.items()
+      for record in summary_rows(
+          "noise",
+          row,
+          groups[variant, level],
+          accuracy,
+          condition=f"label noise {100 * level:.0f}%",
+      )
+  ]
+  for variant, row in low.items():
+    summary += summary_rows(
+        "noise",
+        row,
+        groups[variant],
+        [("accuracy", "low_confidence_accuracy")],
+        task=LOW_CONFIDENCE_TASK,
+        split="test_low_confidence",
+        condition="low-confidence test labels",
+    )
+  tables = {"noise": list(rows.values()), "low_confidence": list(low.values()), "summary": summary}
   return {"tables": tables, "comparisons": comparisons}
 
 

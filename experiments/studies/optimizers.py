@@ -110,6 +110,8 @@ def run(ctx: Context) -> dict:
       config = found[0]["config"]
       mean, std = group.stat(split, metric)
       rows[variant] = {
+          "study": "optimizers",
+          "condition": None,  # every row at the plan's budget (core.SUMMARY_FIELDS)
           "task": task,
           **group.describe(),
           "steps": found[0]["report"]["steps"],

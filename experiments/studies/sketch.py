@@ -5,7 +5,7 @@ budget before the study's choice exists."""
 from __future__ import annotations
 
 from experiments.report import DAMPING, LR, OPTIMIZER, RAN_ON, SEEDS, get, spread, table
-from experiments.studies.core import SKETCHED, STUDY_TASK, comparison, step_cost
+from experiments.studies.core import SKETCHED, STUDY_TASK, comparison, step_cost, summary_rows
 from experiments.tuning import Context, Group, collapsed
 from nearprox.text import data
 
@@ -15,9 +15,9 @@ TITLE = "Sketched vs exact Gram"
 def run(ctx: Context) -> dict:
   plan = ctx.plan
   # First: it needs one variant's tuning, best_proximal (below) trains every missing one.
-  check = sketch_at_tuning_budget(ctx)
+  check, check_summary = sketch_at_tuning_budget(ctx)
   best = ctx.resolve("best_proximal")
-  rows = {}
+  rows, summary = {}, []
   settings = (("exact", "optimizers", None), ("sketched", "sketch", plan.sketch_dim))
   for gram, label, dim in settings:
     extra = None if dim is None else {"optimizer.sketch_dim": dim}
@@ -32,6 +32,8 @@ def run(ctx: Context) -> dict:
           "collapsed_seeds": group.collapsed_seeds(),
           "step_seconds": group.step_seconds(),
       }
+      values = [("accuracy", "dev_accuracy")]
+      summary += summary_rows("sketch", rows[gram], group, values, condition=_gram(dim))
   # The step time ratio measured apart from the runs, which shared the machine.
   cost = step_cost(ctx)
   timed = {r["variant"]: r["step_seconds"] for r in cost["rows"]} if cost else {}
@@ -61,21 +63,27 @@ def run(ctx: Context) -> dict:
     )
     comparisons.append(record)
   tables = {"sketch": list(rows.values()), "sketch_tuning_budget": list(check.values())}
+  tables["summary"] = summary + check_summary
   return {"tables": tables, "comparisons": comparisons}
 
 
-def sketch_at_tuning_budget(ctx: Context) -> dict[str, dict]:
+def _gram(dim: int | None) -> str:
+  return "exact Gram" if dim is None else f"sketched Gram, k={dim}"
+
+
+def sketch_at_tuning_budget(ctx: Context) -> tuple[dict[str, dict], list[dict]]:
   """``plan.sketch_check_variant`` at its chosen tuning trial with the exact and the sketched
   Gram, at the tuning budget (held-out training examples, no dev), ``plan.seeds`` seeds: the
   exact runs of the tuning seeds are its tuning runs. Needs only that variant's tuning, so it
-  answers issue 14 before the whole study's choice exists. {} without the plan field."""
+  answers issue 14 before the whole study's choice exists. With their summary.json records;
+  ({}, []) without the plan field."""
   plan = ctx.plan
   variant = plan.get("sketch_check_variant")
   chosen = ctx.best_trial(variant) if variant else None
   if chosen is None:
-    return {}
+    return {}, []
   metric = data.get_task(plan.tuning.task).primary_metric
-  rows = {}
+  rows, summary = {}, []
   for gram, dim in (("exact", None), ("sketched", plan.sketch_dim)):
     extra = {} if dim is None else {"optimizer.sketch_dim": dim}
     settings = ctx.tuning_settings(ctx.overrides(variant), chosen["trial"]) | extra
@@ -97,7 +105,18 @@ def sketch_at_tuning_budget(ctx: Context) -> dict[str, dict]:
         "collapsed_seeds": sum(bool(collapsed(r, "holdout")) for r in found),
         "step_seconds": group.step_seconds(),
     }
-  return rows
+    condition = f"{_gram(dim)}, tuning budget"
+    values = [(metric, "holdout_accuracy")]
+    summary += summary_rows(
+        "sketch",
+        rows[gram],
+        group,
+        values,
+        task=plan.tuning.task,
+        split="holdout",
+        condition=condition,
+    )
+  return rows, summary
 
 
 def markdown(study: dict) -> str:

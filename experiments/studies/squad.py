@@ -4,7 +4,7 @@ settings."""
 from __future__ import annotations
 
 from experiments.report import DAMPING, LR, OPTIMIZER, RAN_ON, SEEDS, get, spread, table
-from experiments.studies.core import BASELINES, comparison
+from experiments.studies.core import BASELINES, comparison, summary_rows
 from experiments.tuning import Context
 from nearprox.text import data
 
@@ -15,7 +15,7 @@ def run(ctx: Context) -> dict:
   plan = ctx.plan
   task = data.get_task("squad")
   settings = dict(plan.qa_settings)
-  rows = {}
+  rows, summary = {}, {}
   for name in plan.qa_optimizers:
     group = ctx.group("squad", task.name, name, extra=settings)
     if group is None:
@@ -25,6 +25,8 @@ def run(ctx: Context) -> dict:
       row.update(group.stats(metric, "dev", metric))
     row["step_seconds"] = group.step_seconds()
     rows[group.variant] = row
+    values = [(task.primary_metric, task.primary_metric)]
+    summary[group.variant] = summary_rows("squad", row, group, values)
   comparisons = []
   best = ctx.resolve("best_proximal")  # chosen on held-out SST-2 training data
   for base in (b for b in BASELINES if best in rows and b in rows):
@@ -39,7 +41,7 @@ def run(ctx: Context) -> dict:
     comparisons.append(record)
   tuned_on = data.get_task(plan.tuning.task).display_name
   return {
-      "tables": {"squad": list(rows.values())},
+      "tables": {"squad": list(rows.values()), "summary": sum(summary.values(), [])},
       "comparisons": comparisons,
       "notes": [
           f"learning rate and damping of every optimizer are its choice on held-out {tuned_on} "

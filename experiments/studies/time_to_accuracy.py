@@ -18,7 +18,14 @@ from pathlib import Path
 
 from experiments.report import LR, OPTIMIZER, SEEDS, get, num, pct, pyplot, save_figure, spread
 from experiments.report import table as markdown_table
-from experiments.studies.core import SKETCHED, dev_curve, mean_curve, step_cost, steps_to_target
+from experiments.studies.core import (
+    SKETCHED,
+    dev_curve,
+    mean_curve,
+    step_cost,
+    steps_to_target,
+    summary_rows,
+)
 from experiments.tuning import Context
 from nearprox.text import data
 
@@ -99,7 +106,20 @@ def run(ctx: Context) -> dict:
     for name in targets:
       mine, theirs = row[f"seconds_{name}"], base[f"seconds_{name}"]
       row[f"time_ratio_{name}"] = None if mine is None or not theirs else mine / theirs
-  tables = {"time_to_accuracy": rows}
+  summary = []
+  for (_, _, group), row in zip(groups, rows):
+    values = [(metric, "dev_final")]
+    for name in targets:
+      reach = f"{name}× {base['variant']}'s final mean dev {metric}"
+      values += [
+          (f"steps to {reach}", f"steps_{name}"),
+          (f"seconds to {reach}", f"seconds_{name}"),
+          (f"time to {reach}, ratio to {base['variant']}'s", f"time_ratio_{name}"),
+      ]
+    gram = f", Gram: {row['gram']}" if group.variant.startswith("proximal") else ""
+    condition = f"dev every {plan.tta_eval_every} steps{gram}"
+    summary += summary_rows("time_to_accuracy", row, group, values, condition=condition)
+  tables = {"time_to_accuracy": rows, "summary": summary}
   return {"tables": tables, "curves": curves, "time_ratio_target": plan.tta_time_ratio_target}
 
 
