@@ -96,6 +96,9 @@ def test_translation_tunes_on_val_and_reports_test_at_the_budget(tmp_path):
   assert {(c["num_train_steps"], c["eval_every"], c["batch_size"]) for c in reported} == {
       (300, 50, 64)
   }
+  # Tuning runs score val and load no test split; reported runs load both (the default).
+  assert all(c["eval_splits"] == ("dev",) for c in tuning)
+  assert not any("eval_splits" in c for c in reported)
   rows = {(r["optimizer"], r["gram"]): r for r in study["tables"]["translation"]}
   assert set(rows) == {
       ("adamw", "exact"),

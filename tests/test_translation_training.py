@@ -7,7 +7,7 @@ import json
 
 import pytest
 
-from experiments.configs import multi30k
+from experiments.configs import default, multi30k
 from nearprox.text import data
 from nearprox.training import task_io, train, translate, translation_io
 from tests.test_translation import DE, EN, _corpus
@@ -124,15 +124,42 @@ def test_multi30k_config_points_at_the_corpus(monkeypatch, tmp_path):
         ("beam_size", 0, ValueError, "config.beam_size must be a positive integer"),
         ("model.name", "minilm", ValueError, "'seq2seq' from scratch"),
         ("label_noise", 0.1, ValueError, "label_noise"),
+        ("eval_splits", ("test",), ValueError, "'dev' .* got \\('test',\\)"),
+        ("eval_splits", ("dev", "val"), ValueError, "optionally others of \\('dev', 'test'\\)"),
+        ("holdout_examples", 5, ValueError, "which a run with config.holdout_examples = 5"),
     ],
 )
 def test_bad_translation_settings_fail_before_loading(tmp_path, field, value, error, message):
   config = _config(tmp_path, name="adamw")
   config.data_dir = str(tmp_path / "absent")  # never read: the check comes first
+  config.eval_splits = ("dev",)  # valid alone; rejected with holdout_examples
   section, _, name = field.rpartition(".")
   (config[section] if section else config)[name] = value
   with pytest.raises(error, match=message):
     train.train_and_evaluate(config, tmp_path / "work")
+
+
+def test_a_classification_config_with_task_multi30k_names_the_translation_config(tmp_path):
+  config = default.get_config()
+  config.task = "multi30k"
+  with pytest.raises(ValueError, match="config.direction.*experiments/configs/multi30k.py"):
+    train.train_and_evaluate(config, tmp_path / "work")
+
+
+def test_a_run_tuned_on_dev_loads_no_test_split(tmp_path):
+  """eval_splits = ("dev",): dev is scored, test_2016_flickr never read (its files absent
+  here: reading them would fail)."""
+  config = _config(tmp_path, name="adamw")
+  config.eval_splits = ("dev",)
+  train_split = data.load_translation("train", config.data_dir)
+  tokenizer = data.subword_tokenizer(train_split, config.vocab_size, use_cache=False)
+  for path in tmp_path.joinpath("mt").glob("test_2016_flickr.*"):
+    path.unlink()
+  splits = task_io.load_splits(config, tokenizer)
+  assert set(splits) == {"train", "dev"}
+  config.eval_splits = ()
+  with pytest.raises(data.DataError, match="test_2016_flickr"):
+    task_io.load_splits(config, tokenizer)
 
 
 def test_tuning_holds_out_training_pairs_and_loads_no_reported_split(tmp_path):

@@ -35,6 +35,20 @@ INPUT_KEYS = ("source_ids", "target_input_ids", "target_output_ids")
 MODEL_DIRNAME = "translation_model"
 PARAMS_FILENAME = "params.msgpack"
 CONFIG_FILENAME = "model_config.json"
+# What experiments/configs/multi30k.py adds to default.py and a translation run reads.
+CONFIG_FIELDS = (
+    "direction",
+    "vocab_size",
+    "beam_size",
+    "dev_beam_size",
+    "length_penalty",
+    "model.num_encoder_layers",
+    "model.num_decoder_layers",
+    "model.hidden_size",
+    "model.num_heads",
+    "model.intermediate_size",
+    "model.dropout_rate",
+)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -68,8 +82,27 @@ def model_config(config, vocab_size: int) -> seq2seq.Seq2SeqConfig:
   )
 
 
+def _has(config, dotted: str) -> bool:
+  *sections, name = dotted.split(".")
+  for section in sections:
+    config = config.get(section)
+    if config is None:
+      return False
+  return name in config
+
+
 def check_config(config) -> None:
-  """ValueError for translation settings that cannot work (before any loading)."""
+  """ValueError for translation settings that cannot work (before any loading): first a
+  config without the translation fields (a classification config with
+  ``--config.task=multi30k``), naming the config that has them."""
+  missing = [name for name in CONFIG_FIELDS if not _has(config, name)]
+  if missing:
+    raise ValueError(
+        f"config.task = {config.task!r} trains a translation model, whose settings this "
+        f"config lacks ({', '.join('config.' + m for m in missing)}): start from "
+        "experiments/configs/multi30k.py (--config experiments/configs/multi30k.py), not a "
+        "classification config"
+    )
   data.translation.parse_direction(config.direction)
   for name in ("beam_size", "dev_beam_size", "vocab_size"):
     value = config[name]
@@ -95,17 +128,19 @@ def create_model(config, rng):
   return model, seq2seq.init_seq2seq(cfg, rng), tokenizer
 
 
-def load_splits(config, tokenizer, holdout_indices) -> dict:
-  """train arrays, and dev and test (or, tuning with ``config.holdout_examples``, holdout
-  alone) as :class:`TranslationEvalSplit`; ``config.max_eval_examples`` > 0 scores a seeded
-  subset of an evaluation split."""
+def load_splits(config, tokenizer, holdout_indices, reported=("dev", "test")) -> dict:
+  """train arrays, and the ``reported`` splits (:func:`~nearprox.training.task_io.
+  reported_splits`: dev and test; dev alone for a run tuned on dev; none when tuning with
+  ``config.holdout_examples``, which scores ``holdout``) as :class:`TranslationEvalSplit`;
+  a split not reported is neither read nor decoded. ``config.max_eval_examples`` > 0 scores
+  a seeded subset of an evaluation split."""
   train = _load(config, "train")
   evaluated = {}
   if config.holdout_examples:
     rest, held = holdout_indices(len(train), config.holdout_examples)
     train, evaluated["holdout"] = train.select(rest), train.select(held)
   else:
-    evaluated = {"dev": _load(config, "dev"), "test": _load(config, "test")}
+    evaluated = {name: _load(config, name) for name in reported}
   splits = {"train": data.encode_pairs(tokenizer, train, config.max_length)[0]}
   for name, split in evaluated.items():
     keep = data.eval_subset(len(split), config.max_eval_examples, config.seed)
