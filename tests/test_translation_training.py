@@ -1,10 +1,16 @@
 """End to end on a tiny parallel corpus: ``train_and_evaluate`` with task multi30k (a tiny
 encoder–decoder, a few steps) for AdamW and for proximal SGD with factored per-example
-gradients, the global Gram and iEF weights under shard_map, then the translate command on the exported
-model. Also: the multi30k config resolves and its data folder has the expected files."""
+gradients, the global Gram and iEF weights under shard_map, then the translate command on the
+exported model and on a stopped training's latest checkpoint. Also: the multi30k config
+resolves and its data folder has the expected files; bad settings (a classification config
+among them) fail before any loading."""
 
 import json
+import logging
+import shutil
 
+import jax
+import numpy as np
 import pytest
 
 from experiments.configs import default, multi30k
@@ -60,6 +66,7 @@ def test_adamw_trains_evaluates_bleu_and_exports(adamw_run):
   assert any("dev/bleu" in row for row in logged if row.get("step") == 2)
   model, params, tokenizer = translation_io.load_model(workdir)
   assert model.config.hidden_size == 16 and tokenizer.get_vocab_size() <= 280
+  assert (workdir / translation_io.MODEL_DIRNAME / translation_io.TRAIN_CONFIG_FILENAME).is_file()
 
 
 def test_translate_command_writes_one_line_per_input(adamw_run, tmp_path, capsys):
@@ -84,10 +91,47 @@ def test_translate_command_writes_one_line_per_input(adamw_run, tmp_path, capsys
   )
   lines = (tmp_path / "out.de").read_text(encoding="utf-8").split("\n")
   assert len(lines) == 4 and lines[1] == "" and lines[3] == ""
-  assert set(result) == {"sentences", "output", "bleu", "chrf"} and result["sentences"] == 3
+  assert set(result) == {"sentences", "cut", "output", "bleu", "chrf"}
+  assert result["sentences"] == 3 and result["cut"] == 2  # both over the tiny 11 subwords
   assert json.loads(capsys.readouterr().out.strip().splitlines()[-1]) == result
   with pytest.raises(FileNotFoundError, match="no trained translation model"):
     translation_io.load_model(tmp_path)
+
+
+def test_translate_reads_a_stopped_trainings_latest_checkpoint(adamw_run, tmp_path, caplog):
+  """A training that stops before its end has the model folder written at its start (model
+  config, tokenizer, training config) and orbax checkpoints, no params: the translate
+  command restores the latest checkpoint. An input line longer than max_length is cut,
+  counted and logged."""
+  workdir, _, _ = adamw_run
+  stopped = tmp_path / "stopped"
+  shutil.copytree(workdir, stopped)
+  model, exported, tokenizer = translation_io.load_model(workdir)
+  # What the start of a (resumed) training writes: no params, an earlier export's removed.
+  translation_io.export_model(model, None, tokenizer, stopped / translation_io.MODEL_DIRNAME)
+  assert not (stopped / translation_io.MODEL_DIRNAME / translation_io.PARAMS_FILENAME).exists()
+  with caplog.at_level(logging.WARNING):
+    _, restored, _ = translation_io.load_model(stopped)
+  assert "using its checkpoint at step 3" in caplog.text
+  # The checkpoint saved after the last step holds the params that were exported.
+  assert jax.tree.structure(restored) == jax.tree.structure(exported)
+  for got, want in zip(jax.tree.leaves(restored), jax.tree.leaves(exported), strict=True):
+    np.testing.assert_array_equal(np.asarray(got), want)
+
+  source = tmp_path / "in.en"
+  long = "A man in a red shirt rides a bike past two dogs that play in the water."
+  source.write_text(f"A man.\n{long}\n", encoding="utf-8")  # 4 subwords, and over 11
+  caplog.clear()
+  with caplog.at_level(logging.WARNING):
+    argv = ["--workdir", str(stopped), "--input", str(source), "--output", str(tmp_path / "o")]
+    result = translate.main(argv + ["--beam_size", "1", "--batch_size", "2"])
+  assert result["sentences"] == 2 and result["cut"] == 1
+  assert "cut 1 of 2 input sentences to the model's max_length = 12" in caplog.text
+  assert len((tmp_path / "o").read_text(encoding="utf-8").splitlines()) == 2
+
+  shutil.rmtree(stopped / "checkpoints")
+  with pytest.raises(FileNotFoundError, match="neither exported params .* nor a readable orbax"):
+    translation_io.load_model(stopped)
 
 
 def test_proximal_factored_ief_under_shard_map(tmp_path, monkeypatch):

@@ -54,6 +54,7 @@ import nearprox
 from nearprox.text import data, models, objectives
 from nearprox.training import multitask_io, optimizers, parallel, task_io, translation_io
 from nearprox.training.metrics_writer import MetricWriter
+from nearprox.training.orbax_checkpoints import DIRNAME as CHECKPOINTS_DIRNAME
 from nearprox.training.orbax_checkpoints import Checkpoints
 from nearprox.training.task_io import INPUT_KEYS, create_model, evaluate, load_splits
 
@@ -332,7 +333,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path) -
 
   state = TrainState(jnp.zeros((), jnp.int32), params, tx.init(params))
   checkpoints = Checkpoints(
-      workdir / "checkpoints",
+      workdir / CHECKPOINTS_DIRNAME,
       config.checkpoint_every,
       config.keep_checkpoints,
       config.checkpoint_minutes,
@@ -342,6 +343,12 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path) -
   writer = MetricWriter(workdir, enabled=parallel.is_main_process(), from_step=start_step)
   if start_step == 0:
     writer.write_config(config)
+  if task.kind == "translation" and parallel.is_main_process():
+    # The model config, tokenizer and training config now, the params at the end: the
+    # translate command can read a checkpoint of a training that stops before its end.
+    translation_io.export_model(
+        model, None, tokenizer, workdir / translation_io.MODEL_DIRNAME, config=config
+    )
   logging.info(
       "task %s: %s; train %d rows; optimizer %s; objective %s; from step %d",
       task.name,
