@@ -64,6 +64,10 @@ def test_adamw_trains_evaluates_bleu_and_exports(adamw_run):
   assert json.loads((workdir / "report.json").read_text())["test"] == report["test"]
   logged = [json.loads(line) for line in (workdir / "metrics.jsonl").read_text().splitlines()]
   assert any("dev/bleu" in row for row in logged if row.get("step") == 2)
+  # The last step is also decoded greedily (the in-training decoder; the final scores are
+  # beam search, beam_size = 2): the curve ends with the decoder it began with.
+  greedy = [row["step"] for row in logged if "dev/bleu_greedy" in row]
+  assert greedy == [3] and not any("test/bleu_greedy" in row for row in logged)
   model, params, tokenizer = translation_io.load_model(workdir)
   assert model.config.hidden_size == 16 and tokenizer.get_vocab_size() <= 280
   assert (workdir / translation_io.MODEL_DIRNAME / translation_io.TRAIN_CONFIG_FILENAME).is_file()

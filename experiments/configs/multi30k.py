@@ -12,8 +12,9 @@ subword vocabulary (``vocab_size``) is trained on the training split and cached;
 config, the tokenizer and the training config are written to ``workdir/translation_model``
 when training starts, the trained params when it ends (the translate command reads the
 latest checkpoint of a training that has not ended). Dev BLEU (greedy decoding) is logged
-every ``eval_every`` steps; ``report.json`` holds dev and test_2016_flickr BLEU and chrF
-of beam search (``beam_size``, ``length_penalty``). ``direction``, ``vocab_size``, the decoding settings and the
+every ``eval_every`` steps and after the last step (``dev/bleu_greedy``); ``report.json``
+holds dev and test_2016_flickr BLEU and chrF of beam search (``beam_size``,
+``length_penalty``). ``direction``, ``vocab_size``, the decoding settings and the
 encoder–decoder's sizes are fields ``default.py`` lacks: ``--config.task=multi30k`` needs
 this config (on another, training stops with an error naming it).
 

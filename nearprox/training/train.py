@@ -359,6 +359,16 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path) -
       start_step,
   )
 
+  # The split evaluated during training: holdout (tuning on held-out training examples),
+  # else the first reported split loaded (dev).
+  watched = next(name for name in splits if name != "train")
+  # Translation whose final evaluation decodes otherwise (beam search) than the evaluations
+  # during training (config.dev_beam_size, greedy): the watched split is also decoded the
+  # training way after the last step, logged as "<split>/<metric>_<decoder>" (dev/bleu_greedy),
+  # so the curve of in-training evaluations reaches the end of training with one decoder.
+  final_in_training_decoder = (
+      task.kind == "translation" and config.beam_size != config.dev_beam_size
+  )
   preempted = False
   device_state = runner.put_state(state)
   progress = writer.progress(config.num_train_steps, start_step, config.progress)
@@ -379,9 +389,12 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path) -
           writer.write_scalars(done, {f"train/{k}": v for k, v in metrics.items()})
           progress.set_postfix(loss=f"{metrics['loss']:.4f}")
         if done % config.eval_every == 0 and done < config.num_train_steps:
-          watched = "holdout" if "holdout" in splits else "dev"
           scores, _ = evaluate(runner, device_state, splits[watched], task, config.eval_batch_size)
           writer.write_scalars(done, {f"{watched}/{k}": v for k, v in scores.items()})
+        elif done == config.num_train_steps and final_in_training_decoder:
+          scores, _ = evaluate(runner, device_state, splits[watched], task, config.eval_batch_size)
+          decoder = translation_io.decoder_name(config.dev_beam_size)
+          writer.write_scalars(done, {f"{watched}/{k}_{decoder}": v for k, v in scores.items()})
         if reached_preemption(done):
           logging.warning("SIGTERM: saving a checkpoint at step %d and stopping", done)
           checkpoints.save(done, runner.get_state(device_state), force=True)

@@ -11,7 +11,9 @@
 | export | ``workdir/translation_model``: configs and tokenizer at the start, params at the end |
 
 Evaluation during training decodes with ``config.dev_beam_size`` beams (greedy when 1); the
-final evaluation with ``config.beam_size`` and ``config.length_penalty``.
+final evaluation with ``config.beam_size`` and ``config.length_penalty``, and when that is
+another decoder the training loop also scores the last step with the training one
+(``dev/bleu_greedy``: :func:`decoder_name`), so the curve ends with the decoder it began with.
 
 A stopped training leaves orbax checkpoints and no params in ``workdir/translation_model``:
 :func:`load_model` then takes the latest readable checkpoint, rebuilding its state's shape
@@ -182,6 +184,12 @@ def decode_fn(model, config, beam_size: int):
       length_penalty=config.length_penalty,
       max_length=config.max_length,
   )
+
+
+def decoder_name(beam_size: int) -> str:
+  """ "greedy" (1 beam) or "beam<k>": the suffix of the metrics the training loop logs for the
+  in-training decoder at the last step (``dev/bleu_greedy``)."""
+  return "greedy" if beam_size == 1 else f"beam{beam_size}"
 
 
 def scores(split: TranslationEvalSplit, ids: np.ndarray) -> dict[str, float]:
