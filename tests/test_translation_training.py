@@ -1,9 +1,10 @@
 """End to end on a tiny parallel corpus: ``train_and_evaluate`` with task multi30k (a tiny
-encoder–decoder, a few steps) for AdamW and for proximal SGD with factored per-example
-gradients, the global Gram and iEF weights under shard_map, then the translate command on the
-exported model and on a stopped training's latest checkpoint. Also: the multi30k config
-resolves and its data folder has the expected files; bad settings (a classification config
-among them) fail before any loading."""
+encoder–decoder, a few steps) for AdamW (under jit, and under pmap with the same numbers), for
+proximal SGD with factored per-example gradients, the global Gram and iEF weights under
+shard_map, and for AdamW with FGM on the source embeddings scored on dev alone (a tuning run's
+splits); then the translate command on the exported model and on a stopped training's latest
+checkpoint. Also: the multi30k config resolves and its data folder has the expected files;
+bad settings (a classification config among them) fail before any loading."""
 
 import json
 import logging
@@ -136,6 +137,42 @@ def test_translate_reads_a_stopped_trainings_latest_checkpoint(adamw_run, tmp_pa
   shutil.rmtree(stopped / "checkpoints")
   with pytest.raises(FileNotFoundError, match="neither exported params .* nor a readable orbax"):
     translation_io.load_model(stopped)
+
+
+def test_pmap_trains_the_same_numbers_as_jit(adamw_run, tmp_path, monkeypatch):
+  """Each example's randomness depends on its index only: AdamW under pmap over the 8 host
+  devices of tests/conftest.py (one pair per device) logs jit's losses."""
+  monkeypatch.setenv("NEARPROX_CACHE_DIR", str(adamw_run[0].parent / "cache"))
+  config = _config(tmp_path, name="adamw", learning_rate=1e-2)
+  config.parallel = "pmap"
+  report = train.train_and_evaluate(config, tmp_path / "work")
+  assert report["steps"] == 3 and set(report["test"]) == {"bleu", "chrf"}
+  losses = _losses(tmp_path / "work")
+  assert len(losses) == 3
+  np.testing.assert_allclose(losses, _losses(adamw_run[0]), rtol=1e-5)
+
+
+def test_fgm_trains_and_a_dev_only_run_decodes_no_test(adamw_run, tmp_path, monkeypatch):
+  """FGM on the source embeddings: the first step's loss (the same params as the clean run's)
+  adds the perturbed pairs' loss (adv_weight 1), about twice the clean loss. Scored on dev
+  alone (``eval_splits``, what a tuning run on dev sets) with the test files gone: no test."""
+  monkeypatch.setenv("NEARPROX_CACHE_DIR", str(adamw_run[0].parent / "cache"))
+  config = _config(tmp_path, name="adamw", learning_rate=1e-2)
+  config.parallel = "jit"
+  config.objective.kind = "fgm"
+  config.eval_splits = ("dev",)
+  for path in tmp_path.joinpath("mt").glob("test_2016_flickr.*"):
+    path.unlink()
+  report = train.train_and_evaluate(config, tmp_path / "work")
+  assert report["steps"] == 3 and set(report["dev"]) == {"bleu", "chrf"} and "test" not in report
+  losses, clean = _losses(tmp_path / "work"), _losses(adamw_run[0])
+  assert len(losses) == 3 and all(np.isfinite(losses))
+  assert losses[0] > 1.5 * clean[0]
+
+
+def _losses(workdir) -> list[float]:
+  logged = [json.loads(line) for line in (workdir / "metrics.jsonl").open()]
+  return [row["train/loss"] for row in logged if "train/loss" in row]
 
 
 def test_proximal_factored_ief_under_shard_map(tmp_path, monkeypatch):
