@@ -356,13 +356,18 @@ class Context:
 
   def tuning_settings(self, overrides: dict, trial: dict, tuning=None) -> dict:
     """The overrides of a tuning run (without its seed): the study's settings, the tuning
-    task, budget and held-out examples, then the variant's overrides and the trial's."""
+    task, budget and held-out examples, then the variant's overrides and the trial's. A
+    protocol scored on a reported split (``split`` = "dev") also sets ``eval_splits`` to it:
+    its tuning runs load and decode no other split, so no test number is ever computed
+    while tuning."""
     tuning = tuning or self.plan.tuning
+    split = tuning.get("split", "holdout")
     return {
         **tuning.get("settings", {}),
         "task": tuning.task,
         "num_train_steps": tuning.steps,
         "holdout_examples": tuning.holdout_examples,
+        **({} if split == "holdout" else {"eval_splits": (split,)}),
         **overrides,
         **trial,
     }

@@ -1,6 +1,7 @@
 """The translation study (experiments/studies/translation.py) on synthetic run records: its
-own tuning protocol on val from the multi30k config, the chosen trials at the declared
-budget, the sketched Gram at the exact Gram's choice, and the FNGD verdict's rule."""
+own tuning protocol on val from the multi30k config (tuning runs load no test split), the
+chosen trials at the declared budget, the sketched Gram at the exact Gram's choice, time to
+AdamW's BLEU greedy against greedy, the summary.json records, and the FNGD verdict's rule."""
 
 import ml_collections
 import pytest
@@ -51,9 +52,15 @@ def bleu(overrides) -> float:
   return score + 0.1 * overrides["seed"]
 
 
+GREEDY_GAP = 5.0  # greedy decoding scores this much below beam search here
+
+
 class TranslationStore(SyntheticStore):
-  """SST-2 runs as :class:`SyntheticStore`; runs from the multi30k config score BLEU and chrF
-  (BLEU + 20), with a val curve reaching its final value at step 100 (AdamW: 300)."""
+  """SST-2 runs as :class:`SyntheticStore`; runs from the multi30k config score BLEU (beam
+  search) and chrF (BLEU + 20). Their greedy val BLEU, GREEDY_GAP below, is logged as the
+  training loop does: ``dev/bleu`` every 50 steps, ``dev/bleu_greedy`` after the last step
+  (where the beam-search ``dev/bleu`` is logged too), rising linearly to its final value at
+  step 100 (AdamW: 300)."""
 
   def run(self, label, overrides, devices=1, attack=None, base=None):
     if base is None:
@@ -63,13 +70,16 @@ class TranslationStore(SyntheticStore):
     config = runs.apply_overrides(runs.base_config(base), overrides).to_dict()
     final, steps = bleu(overrides), config["num_train_steps"]
     reach = 300 if overrides["optimizer.name"] == "adamw" else 100
-    curve = [(s, final * min(1.0, s / reach)) for s in range(50, steps, 50)]
+    greedy = lambda s: (final - GREEDY_GAP) * min(1.0, s / reach)
     scores = {"bleu": final, "chrf": final + 20}
     return {
         "config": config,
         "report": {"dev": scores, "test": scores, "steps": steps, "train_step_seconds": 2.0},
-        "history": [{"step": s, "dev/bleu": v} for s, v in curve]
-        + [{"step": steps, "train/loss": 1.0}],
+        "history": [{"step": s, "dev/bleu": greedy(s)} for s in range(50, steps, 50)]
+        + [
+            {"step": steps, "train/loss": 1.0, "dev/bleu_greedy": greedy(steps)},
+            {"step": steps, "dev/bleu": final, "test/bleu": final},
+        ],
         "attack": None,
         "machine": {"device_kind": "cpu"},
     }
@@ -96,6 +106,9 @@ def test_translation_tunes_on_val_and_reports_test_at_the_budget(tmp_path):
   assert {(c["num_train_steps"], c["eval_every"], c["batch_size"]) for c in reported} == {
       (300, 50, 64)
   }
+  # Tuning runs score val and load no test split; reported runs load both (the default).
+  assert all(c["eval_splits"] == ("dev",) for c in tuning)
+  assert not any("eval_splits" in c for c in reported)
   rows = {(r["optimizer"], r["gram"]): r for r in study["tables"]["translation"]}
   assert set(rows) == {
       ("adamw", "exact"),
@@ -110,9 +123,17 @@ def test_translation_tunes_on_val_and_reports_test_at_the_budget(tmp_path):
   sketched = rows["proximal_adamw", "sketched, k = 1024"]
   assert (sketched["learning_rate"], sketched["damping"]) == (3e-4, 1.0)  # the exact's choice
   assert sketched["test_bleu"] == pytest.approx(32.6)
-  # Val BLEU reaches AdamW's final 30.1 at step 100 for the proximal variant, 300 for AdamW.
+  # Greedy against greedy: AdamW's greedy val BLEU after its last step is 25.1; the proximal
+  # variant's greedy curve (28.1 from step 100 on) reaches it at step 100, AdamW's at 300.
+  # (Against AdamW's beam-search 30.1 no greedy point of the proximal variant gets there; a
+  # curve ending in its beam-search point would reach it at 300.)
+  assert adamw["target_dev_bleu"] == pytest.approx(30.1 - GREEDY_GAP)
+  assert adamw["dev_bleu_greedy"] == pytest.approx(25.1)
+  assert adamw["dev_bleu"] == pytest.approx(30.1)
   assert adamw["steps_to_target"] == 300 and proximal["steps_to_target"] == 100
+  assert sketched["steps_to_target"] == 100 and rows["sgd", "exact"]["steps_to_target"] is None
   assert proximal["seconds_to_target"] == pytest.approx(200.0)
+  assert study["curves"]["AdamW"][-1] == (300, pytest.approx(25.1))
   outcomes = [(c["subject_mean"], c["condition"], c["outcome"]) for c in study["comparisons"]]
   assert [(round(m, 1), condition, outcome) for m, condition, outcome in outcomes] == [
       (33.1, "Multi30k test BLEU", "ahead"),
@@ -123,6 +144,7 @@ def test_translation_tunes_on_val_and_reports_test_at_the_budget(tmp_path):
   assert "reproduces in direction, not in size" in verdict and "+3.0 test BLEU" in verdict
   text = translation.markdown(study)
   assert "| 30.1 ± 0.1 |" in text and "Tuning on val (every trial)" in text
+  assert "| 25.1 ± 0.1 |" in text and "Steps to AdamW's greedy val BLEU (25.1)" in text
   assert translation.plots(study, tmp_path)
   chosen = [r for r in study["tables"]["translation_tuning"] if r["chosen"]]
   assert len(chosen) == 3 and {r["metric"] for r in chosen} == {"dev_bleu"}
@@ -166,3 +188,30 @@ def test_the_full_plan_tunes_every_optimizer_with_six_trials_on_val(tmp_path):
       "muon": 6,
   }
   assert len({label for label, _ in tuning}) == 2 * 4 * 6  # two seeds of each trial
+
+
+def test_summary_records_test_bleu_and_chrf_of_every_row(tmp_path):
+  """What experiments/reproduce.py writes to summary.json: the SUMMARY_FIELDS of each record
+  of tables["summary"], two per table row (test BLEU and chrF, mean and seed std)."""
+  study = core.run_study("translation", translation, _context(tmp_path))
+  summary = study["tables"]["summary"]
+  rows = study["tables"]["translation"]
+  assert len(summary) == 2 * len(rows) == 8
+  records = [{k: r[k] for k in core.SUMMARY_FIELDS} for r in summary]  # as reproduce does
+  assert all(tuple(r)[: len(core.SUMMARY_FIELDS)] == core.SUMMARY_FIELDS for r in summary)
+  by = {(r["variant"], r["metric"]): r for r in records}
+  adamw_bleu, adamw_chrf = by["AdamW", "bleu"], by["AdamW", "chrf"]
+  assert adamw_bleu["mean"] == pytest.approx(30.1) and adamw_bleu["std"] == pytest.approx(0.1)
+  assert adamw_chrf["mean"] == pytest.approx(50.1)
+  assert {r["task"] for r in records} == {"multi30k"} and {r["split"] for r in records} == {"test"}
+  assert (adamw_bleu["seeds"], adamw_bleu["steps"], adamw_bleu["batch_size"]) == (3, 300, 64)
+  assert adamw_bleu["learning_rate"] == 1e-3 and adamw_bleu["damping"] is None
+  assert adamw_bleu["collapsed_seeds"] is None and adamw_bleu["max_length"] == 48
+  sketched = [r for r in summary if "sketched" in r["variant"]]
+  assert len(sketched) == 2 and sketched[0]["mean"] == pytest.approx(32.6)
+  assert sketched[0]["optimizer"] == "proximal_adamw" and sketched[0]["damping"] == 1.0
+  assert {r["study"] for r in summary} == {"translation"}
+  assert {r["condition"] for r in summary} == {
+      "en-de; Gram: exact",
+      "en-de; Gram: sketched, k = 1024",
+  }

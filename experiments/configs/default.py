@@ -36,6 +36,9 @@ def get_config() -> ml_collections.ConfigDict:
   config.eval_batch_size = 128
   config.max_eval_examples = 0  # 0: evaluate on the whole split
   config.holdout_examples = 0  # N > 0: tune on N held-out training examples (no dev/test)
+  # The reported splits to load and score: () all the task has; ("dev",) a run tuned on dev
+  # (the translation study's), which loads no test split.
+  config.eval_splits = ()
   config.label_noise = 0.0  # fraction of training labels flipped (seeded)
   config.low_confidence_below = 0.7  # tweets: also report test examples below this confidence
 

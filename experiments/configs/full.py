@@ -185,6 +185,16 @@ experiments/studies/translation.py):
 * the FNGD verdict (arXiv 2403.03473 reports +24 BLEU over AdamW on Multi30k) by the study
   module's declared rule.
 
+Changed on 2026-12-07, when no run of the translation study existed (0 stored), so nothing
+measured under the earlier plan is discarded: time to AdamW's BLEU compares greedy with
+greedy. The target had been AdamW's final val BLEU with beam search against curves whose
+points before the last were greedy; now the runs also decode val greedily after their last
+step (``dev/bleu_greedy``: one greedy pass of val per run) and the target is AdamW's
+seed-mean greedy val BLEU there, the curves greedy throughout. The tuning runs now load
+and decode val alone (``eval_splits`` = ("dev",), set because ``split`` is "dev"), so no
+test_2016_flickr number is computed while tuning; their keys change with it, the reported
+runs' do not. The study's test BLEU and chrF go to summary.json.
+
 Compute: every run file records its wall time; on 2 CPU cores the study spans many hours, the
 run store resumes anywhere, and the README marks a partial study as partial.
 

@@ -8,10 +8,15 @@
 
 ``data_dir``: a folder of ``{train,val,test_2016_flickr}.{en,de}[.gz]`` (Multi30k task 1,
 raw text), default ``$NEARPROX_MULTI30K_DIR`` or ``../shared/data/multi30k``. The joint
-subword vocabulary (``vocab_size``) is trained on the training split and cached; the
-trained model, its config and the tokenizer are written to ``workdir/translation_model``.
-Dev BLEU (greedy decoding) is logged every ``eval_every`` steps; ``report.json`` holds dev
-and test_2016_flickr BLEU and chrF of beam search (``beam_size``, ``length_penalty``).
+subword vocabulary (``vocab_size``) is trained on the training split and cached; the model
+config, the tokenizer and the training config are written to ``workdir/translation_model``
+when training starts, the trained params when it ends (the translate command reads the
+latest checkpoint of a training that has not ended). Dev BLEU (greedy decoding) is logged
+every ``eval_every`` steps and after the last step (``dev/bleu_greedy``); ``report.json``
+holds dev and test_2016_flickr BLEU and chrF of beam search (``beam_size``,
+``length_penalty``). ``direction``, ``vocab_size``, the decoding settings and the
+encoder–decoder's sizes are fields ``default.py`` lacks: ``--config.task=multi30k`` needs
+this config (on another, training stops with an error naming it).
 
 The model is issue 39's: pre-LN, 3 + 3 layers, d = 256, 4 heads, feed-forward 1024, dropout
 0.1 (per example, on the embedding sums, the sub-layer outputs and the feed-forward's hidden

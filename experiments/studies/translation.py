@@ -17,10 +17,20 @@ reported on test_2016_flickr.
   :func:`~experiments.studies.core.comparison`): the claim reproduces; ahead by less: its
   direction does, its size does not; level or behind: it does not.
 
-Time to AdamW's BLEU: the first evaluation where a variant's seed-mean dev BLEU (greedy
-during training, beam search at the end) reaches AdamW's final mean dev BLEU, times its
-step seconds (the fastest seed's, from runs that shared the machine: a ratio to AdamW's is
-only shown when both ran on one machine kind).
+Time to AdamW's BLEU, with one decoder throughout: every value compared is greedy val BLEU as
+the training loop logs it (``config.dev_beam_size`` = 1), every ``eval_every`` steps and once
+more after the last step (``dev/bleu_greedy``, :func:`training_curve`). The target is
+AdamW's seed-mean greedy val BLEU after its last step; a variant's steps to it are the first
+evaluation where its seed-mean greedy val BLEU reaches it, and its seconds those steps times
+its step seconds (the fastest seed's, from runs that shared the machine: a ratio to AdamW's
+is only shown when both ran on one machine kind). Beam search, which the table's val and test
+BLEU use, scores differently from greedy decoding (usually higher): a beam target against
+greedy points would be reached late or never, a greedy curve ending in a beam point would
+jump at its end. Decoding every evaluation with beams would cost a beam search of val per
+evaluation; the greedy decode after the last step costs one greedy pass per run.
+
+``tables["summary"]``: test BLEU and chrF (mean and seed std, BLEU points) of every row, the
+records of ``summary.json`` (:func:`summary_rows`).
 """
 
 from __future__ import annotations
@@ -29,16 +39,71 @@ from pathlib import Path
 
 from experiments.report import DAMPING, LR, OPTIMIZER, SEEDS, get, pyplot, save_figure
 from experiments.report import table as markdown_table
-from experiments.studies.core import comparison, dev_curve, mean_curve
-from experiments.tuning import Context, choose, study_grids
+from experiments.studies.core import SUMMARY_FIELDS, comparison, mean_curve
+from experiments.tuning import Context, choose, final, history_curve, mean_std, study_grids
 from nearprox.text import data
+from nearprox.training import translation_io
 
 TITLE = "Translation from scratch (Multi30k en→de)"
 BASELINE = "adamw"
 
 
-def _first_step_at(curve: list[tuple[int, float]], target: float) -> int | None:
+def _first_step_at(curve: list[tuple[int, float]], target: float | None) -> int | None:
+  if target is None:
+    return None
   return next((int(s) for s, value in curve if value >= target - 1e-12), None)
+
+
+def training_curve(result: dict, metric: str = "bleu") -> list[tuple[int, float]]:
+  """(step, val ``metric``) of every evaluation with the decoder of the evaluations during
+  training (``config.dev_beam_size``): those every ``eval_every`` steps, then the one after
+  the last step (``dev/<metric>_greedy``). The final scores are that point only when the
+  final decoder is the same (``beam_size`` = ``dev_beam_size``); otherwise they are left out."""
+  config, last = result["config"], result["report"]["steps"]
+  points = [(s, v) for s, v in history_curve(result, f"dev/{metric}") if s < last]
+  if config["beam_size"] == config["dev_beam_size"]:
+    points.append((last, final(result, "dev", metric)))
+  else:
+    decoder = translation_io.decoder_name(config["dev_beam_size"])
+    points += [(s, v) for s, v in history_curve(result, f"dev/{metric}_{decoder}") if s == last]
+  return sorted(dict(points).items())
+
+
+def _end_point(result: dict) -> float:
+  """The greedy val BLEU after the last step (NaN: the run did not log it)."""
+  return dict(training_curve(result)).get(result["report"]["steps"], float("nan"))
+
+
+def summary_rows(row: dict, group, task) -> list[dict]:
+  """summary.json records of a table row: test BLEU and test chrF (sacrebleu, beam search;
+  mean and seed std in BLEU/chrF points), each with the fields of
+  :data:`~experiments.studies.core.SUMMARY_FIELDS` in its order, then ``study`` and
+  ``condition`` (the Gram: exact or sketched) where it has none of them."""
+  config = group.results[0]["config"]
+  variant = row["variant"] + ("" if row["gram"] == "exact" else f", {row['gram']}")
+  out = []
+  for metric in ("bleu", "chrf"):
+    values = {
+        "task": task.name,
+        "optimizer": row["optimizer"],
+        "variant": variant,
+        "steps": group.results[0]["report"]["steps"],
+        "batch_size": config["batch_size"],
+        "max_length": config["max_length"],
+        "seeds": row["seeds"],
+        "learning_rate": row["learning_rate"],
+        "damping": row["damping"],
+        "metric": metric,
+        "mean": row[f"test_{metric}"],
+        "std": row[f"test_{metric}_std"],
+        "collapsed_seeds": None,  # no classes to collapse to
+        "split": "test",
+        "study": "translation",
+        "condition": f"{config['direction']}; Gram: {row['gram']}",
+    }
+    extra = {k: v for k, v in values.items() if k not in SUMMARY_FIELDS}
+    out.append({k: values[k] for k in SUMMARY_FIELDS} | extra)
+  return out
 
 
 def tuning_rows(ctx: Context, study) -> list[dict]:
@@ -62,7 +127,7 @@ def tuning_rows(ctx: Context, study) -> list[dict]:
 def run(ctx: Context) -> dict:
   study = ctx.plan.get("translation")
   if not study:
-    return {"tables": {"translation": [], "translation_tuning": []}}
+    return {"tables": {"translation": [], "translation_tuning": [], "summary": []}}
   task = data.get_task(study.tuning.task)
   groups = []  # (gram, group)
   for name in study.variants:
@@ -71,8 +136,9 @@ def run(ctx: Context) -> dict:
       group = ctx.group("translation", task.name, name, extra=extra, study=study)
       if group is not None:
         groups.append((gram, group))
-  rows, curves = [], {}
+  rows, curves, summary = [], {}, []
   for gram, group in groups:
+    greedy, greedy_std = mean_std([_end_point(r) for r in group.results])
     row = {
         "task": task.name,
         **group.describe(),
@@ -81,16 +147,21 @@ def run(ctx: Context) -> dict:
         **group.stats("test_bleu", "test", "bleu"),
         **group.stats("test_chrf", "test", "chrf"),
         **group.stats("dev_bleu", "dev", "bleu"),
+        "dev_bleu_greedy": greedy,
+        "dev_bleu_greedy_std": greedy_std,
         "step_seconds": group.step_seconds(),
     }
-    curve = mean_curve([dev_curve(r, "bleu") for r in group.results])
+    curve = mean_curve([training_curve(r) for r in group.results])
     rows.append(row)
+    summary += summary_rows(row, group, task)
     curves[row["variant"] + ("" if gram == "exact" else f", {row['gram']}")] = curve
   baseline = next((g for gram, g in groups if g.variant == BASELINE and gram == "exact"), None)
   comparisons = []
   if baseline is not None:
     base_row = rows[[g for _, g in groups].index(baseline)]
-    target = base_row["dev_bleu"]
+    base_curve = curves[base_row["variant"]]
+    # AdamW's seed-mean greedy val BLEU after its last step (None: its runs did not log it).
+    target = dict(base_curve).get(baseline.results[0]["report"]["steps"])
     for row, (_, group), curve in zip(rows, groups, curves.values(), strict=True):
       steps = _first_step_at(curve, target)
       ratio = group.step_ratio(baseline)
@@ -111,7 +182,11 @@ def run(ctx: Context) -> dict:
         comparisons.append(record)
   verdict = fngd_verdict(ctx, study, comparisons)
   return {
-      "tables": {"translation": rows, "translation_tuning": tuning_rows(ctx, study)},
+      "tables": {
+          "translation": rows,
+          "translation_tuning": tuning_rows(ctx, study),
+          "summary": summary,
+      },
       "curves": curves,
       "comparisons": comparisons,
       "notes": [verdict] if verdict else [],
@@ -145,7 +220,11 @@ def fngd_verdict(ctx: Context, study, comparisons: list[dict]) -> str | None:
 
 
 def _bleu(key: str):
-  return lambda r: "—" if r.get(key) is None else f"{r[key]:.1f} ± {r[f'{key}_std']:.1f}"
+  def cell(r):
+    value = r.get(key)
+    return "—" if value is None or value != value else f"{value:.1f} ± {r[f'{key}_std']:.1f}"
+
+  return cell
 
 
 def markdown(study: dict) -> str:
@@ -161,17 +240,23 @@ def markdown(study: dict) -> str:
         ("test BLEU", _bleu("test_bleu")),
         ("test chrF", _bleu("test_chrf")),
         ("val BLEU", _bleu("dev_bleu")),
+        ("val BLEU, greedy", _bleu("dev_bleu_greedy")),
         ("s/step (runs)", get("step_seconds")),
         ("× AdamW's step", get("step_ratio", lambda x: "—" if x != x else f"{x:.2f}")),
-        ("steps to AdamW's val BLEU", get("steps_to_target", _never)),
+        ("steps to AdamW's greedy val BLEU", get("steps_to_target", _never)),
         ("seconds to it", get("seconds_to_target", lambda s: _never(s, "{:.0f}"))),
     ]
+    target = rows[0].get("target_dev_bleu")
     text = markdown_table(rows, columns) + (
         "\n\nTest BLEU and chrF: sacrebleu on test_2016_flickr, beam search; val BLEU the "
-        "same on val (the tuning split). Steps to AdamW's val BLEU: the first evaluation "
-        "where the seed-mean val BLEU (greedy during training, beam at the end) reaches "
-        "AdamW's final mean; seconds: those steps × the fastest seed's step time (the runs "
-        "shared the machine; ratios only within one machine kind)."
+        "same on val (the tuning split); greedy val BLEU: greedy decoding of val after the "
+        "last step, the decoder of the evaluations during training. Steps to AdamW's greedy "
+        "val BLEU"
+        + ("" if target is None else f" ({target:.1f})")
+        + ": the first evaluation where the seed-mean greedy val BLEU reaches AdamW's after "
+        "its last step, greedy against greedy (beam search scores differently, so a beam "
+        "target would not compare with the greedy curve); seconds: those steps × the fastest "
+        "seed's step time (the runs shared the machine; ratios only within one machine kind)."
     )
     text += "\n\n![translation](PLOT:translation.png)"
   for note in study.get("notes", []):
@@ -195,7 +280,8 @@ def _never(value, fmt="{}") -> str:
 
 
 def plots(study: dict, out: Path) -> list[Path]:
-  """Seed-mean val BLEU against training steps, one line per variant."""
+  """Seed-mean greedy val BLEU (:func:`training_curve`) against training steps, one line per
+  variant."""
   curves = {k: c for k, c in study["curves"].items() if c}
   if not curves:
     return []
@@ -203,7 +289,11 @@ def plots(study: dict, out: Path) -> list[Path]:
   for label, curve in curves.items():
     steps, values = zip(*curve)
     ax.plot(steps, values, marker=".", label=label)
-  ax.set(xlabel="training step", ylabel="val BLEU", title="Multi30k val BLEU (mean over seeds)")
+  ax.set(
+      xlabel="training step",
+      ylabel="val BLEU (greedy)",
+      title="Multi30k val BLEU during training (mean over seeds)",
+  )
   ax.grid(alpha=0.3)
   ax.legend(fontsize=7)
   return save_figure(fig, out / "translation.png")

@@ -93,15 +93,16 @@ def _encoded(config, tokenizer, name: str, split: str, task_id: int) -> dict[str
   return arrays
 
 
-def load_splits(config, tokenizer) -> dict:
+def load_splits(config, tokenizer, reported=("dev", "test")) -> dict:
   """``{"train": every task's training rows in one set of arrays (with ``task_ids``),
-  "dev": {task: arrays}, "test": {task: arrays} (tasks with a labelled test split)}``;
+  "dev": {task: arrays}, "test": {task: arrays} (tasks with a labelled test split)}``, of
+  the ``reported`` splits only (:func:`nearprox.training.task_io.reported_splits`);
   ``config.max_eval_examples > 0`` evaluates a seeded subset of each task's split."""
   check_config(config)
   task = get_task(config)
   train = [_encoded(config, tokenizer, t.name, "train", i) for i, t in enumerate(task.tasks)]
   splits = {"train": {key: np.concatenate([a[key] for a in train]) for key in train[0]}}
-  for split in ("dev", "test"):
+  for split in reported:
     evaluated = {}
     for i, t in enumerate(task.tasks):
       if split == "test" and not t.has_test:

@@ -4,7 +4,8 @@ A save is atomic (orbax writes a temporary directory and renames it), so an inte
 leaves no checkpoint behind. A checkpoint that is there but cannot be read (a corrupted or
 truncated file) is skipped with a warning, the previous one is restored instead, and the
 unreadable one is deleted: orbax saves no step at or below its newest one, so a kept broken
-checkpoint would block the saves of the steps trained again.
+checkpoint would block the saves of the steps trained again. :func:`restore_latest` reads a
+workdir's checkpoints outside a training (the translate command) and deletes nothing.
 """
 
 from __future__ import annotations
@@ -13,12 +14,14 @@ import dataclasses
 import datetime
 import logging
 from pathlib import Path
+from typing import Any
 
 import jax
 import numpy as np
 import orbax.checkpoint as ocp
 
 logger = logging.getLogger(__name__)
+DIRNAME = "checkpoints"  # in a training workdir
 
 
 def _now() -> datetime.datetime:
@@ -75,23 +78,46 @@ class Checkpoints:
   def restore_latest(self, template):
     """The newest readable checkpoint, shaped like ``template``; ``template`` if none.
     Unreadable checkpoints newer than the one restored are deleted."""
-    abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(np.shape(x), x.dtype), template)
-    restored, unreadable = template, []
-    for step in sorted(self.manager.all_steps(), reverse=True):
-      try:
-        restored = self.manager.restore(step, args=ocp.args.StandardRestore(abstract))
-      except Exception as error:  # noqa: BLE001 — any unreadable checkpoint: try an older one
-        logger.warning(
-            "checkpoint at step %d in %s is unreadable (%s: %s); trying the previous one",
-            step,
-            self.manager.directory,
-            type(error).__name__,
-            str(error)[:200],
-        )
-        unreadable.append(step)
-        continue
+    restored, step, unreadable = _newest_readable(self.manager, template)
+    if restored is not None:
       logger.info("resumed from the checkpoint at step %d", step)
-      break
     for step in unreadable:
       self.manager.delete(step)
-    return restored
+    return template if restored is None else restored
+
+
+def restore_latest(directory: str | Path, template) -> tuple[Any, int] | None:
+  """(state, step) of the newest readable checkpoint in ``directory``, shaped like
+  ``template`` (arrays or ``jax.ShapeDtypeStruct``); None when there is none. Read only:
+  unreadable checkpoints are skipped with a warning and kept (a training may own them)."""
+  directory = Path(directory).absolute()
+  if not directory.is_dir():
+    return None
+  options = ocp.CheckpointManagerOptions(read_only=True, create=False)
+  manager = ocp.CheckpointManager(directory, options=options)
+  try:
+    restored, step, _ = _newest_readable(manager, template)
+  finally:
+    manager.close()
+  return None if restored is None else (restored, step)
+
+
+def _newest_readable(manager, template):
+  """(the newest checkpoint that restores, or None; its step; the newer unreadable steps)."""
+  abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(np.shape(x), x.dtype), template)
+  unreadable = []
+  for step in sorted(manager.all_steps(), reverse=True):
+    try:
+      restored = manager.restore(step, args=ocp.args.StandardRestore(abstract))
+    except Exception as error:  # noqa: BLE001 — any unreadable checkpoint: try an older one
+      logger.warning(
+          "checkpoint at step %d in %s is unreadable (%s: %s); trying the previous one",
+          step,
+          manager.directory,
+          type(error).__name__,
+          str(error)[:200],
+      )
+      unreadable.append(step)
+      continue
+    return restored, step, unreadable
+  return None, None, unreadable

@@ -105,14 +105,46 @@ def num_rows(arrays: Mapping[str, np.ndarray]) -> int:
   return len(next(iter(arrays.values())))
 
 
+def task_splits(task: data.Task | data.MultiTask) -> tuple[str, ...]:
+  """The reported splits ``task`` has: dev, and test where it is labelled (multi-task: where
+  any of its tasks' is)."""
+  tasks = task.tasks if isinstance(task, data.MultiTask) else (task,)
+  return ("dev", "test") if any(t.has_test for t in tasks) else ("dev",)
+
+
+def reported_splits(config, task: data.Task | data.MultiTask) -> tuple[str, ...]:
+  """The reported splits a run loads and scores (:func:`task_splits` order): all the task
+  has, or only those of ``config.eval_splits`` when it names some (a tuning run scored on
+  dev loads no test split, so no test number is computed, let alone kept, while tuning);
+  none with ``config.holdout_examples`` (the run scores held-out training examples)."""
+  if config.holdout_examples:
+    return ()
+  chosen = config.get("eval_splits") or ()
+  return tuple(name for name in task_splits(task) if not chosen or name in chosen)
+
+
 def check_config(config, task: data.Task) -> None:
   """ValueError for settings the task cannot use (cheap: before any model or data loading)."""
+  if task.kind == "translation":  # first: a config without its fields fails here, clearly
+    translation_io.check_config(config)
   if isinstance(task, data.MultiTask):
     multitask_io.check_config(config)
+  chosen = tuple(config.get("eval_splits") or ())
+  if chosen:
+    available = task_splits(task)
+    if "dev" not in chosen or not set(chosen) <= set(available):
+      raise ValueError(
+          f"config.eval_splits names the reported splits to load: 'dev' (evaluated during "
+          f"training) and optionally others of {available} (task {task.name!r}), got {chosen}"
+      )
+    if config.holdout_examples:
+      raise ValueError(
+          "config.eval_splits chooses among the reported splits, which a run with "
+          f"config.holdout_examples = {config.holdout_examples} does not load (it scores "
+          "held-out training examples): leave it empty"
+      )
   if not 0.0 <= config.label_noise <= 1.0:
     raise ValueError(f"config.label_noise must lie in [0, 1], got {config.label_noise}")
-  if task.kind == "translation":
-    translation_io.check_config(config)
   if config.length_buckets:
     data.batching.check_boundaries(config.length_buckets)
   if task.kind in ("qa", "translation") and config.label_noise:
@@ -175,19 +207,19 @@ def load_splits(config, tokenizer) -> dict[str, Mapping[str, np.ndarray] | QAEva
   ``holdout``: N training examples (QA: questions, which may share a paragraph with
   training questions) drawn with a fixed seed (the same for every run seed, so tuning
   trials are compared on the same examples), removed from train before any label noise;
-  dev and test are not loaded, so tuning never sees a reported split.
+  dev and test are not loaded, so tuning never sees a reported split. ``config.eval_splits``
+  (a run tuned on dev, :func:`reported_splits`): only those reported splits are loaded.
   """
-  if config.task == data.MULTITASK:
-    return multitask_io.load_splits(config, tokenizer)
-  task = data.get_task(config.task)
+  task = get_task(config)
   check_config(config, task)
+  reported = reported_splits(config, task)
+  if config.task == data.MULTITASK:
+    return multitask_io.load_splits(config, tokenizer, reported)
   if task.kind == "qa":
     return _qa_splits(config, tokenizer)
   if task.kind == "translation":
-    return translation_io.load_splits(config, tokenizer, holdout_indices)
-  names = ("train", "dev", "test") if task.has_test else ("train", "dev")
-  if config.holdout_examples:
-    names = ("train",)
+    return translation_io.load_splits(config, tokenizer, holdout_indices, reported)
+  names = ("train", *reported)
   encoded = {}
   for name in names:
     split = data.load_task(

@@ -54,6 +54,7 @@ import nearprox
 from nearprox.text import data, models, objectives
 from nearprox.training import multitask_io, optimizers, parallel, task_io, translation_io
 from nearprox.training.metrics_writer import MetricWriter
+from nearprox.training.orbax_checkpoints import DIRNAME as CHECKPOINTS_DIRNAME
 from nearprox.training.orbax_checkpoints import Checkpoints
 from nearprox.training.task_io import INPUT_KEYS, create_model, evaluate, load_splits
 
@@ -332,7 +333,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path) -
 
   state = TrainState(jnp.zeros((), jnp.int32), params, tx.init(params))
   checkpoints = Checkpoints(
-      workdir / "checkpoints",
+      workdir / CHECKPOINTS_DIRNAME,
       config.checkpoint_every,
       config.keep_checkpoints,
       config.checkpoint_minutes,
@@ -342,6 +343,12 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path) -
   writer = MetricWriter(workdir, enabled=parallel.is_main_process(), from_step=start_step)
   if start_step == 0:
     writer.write_config(config)
+  if task.kind == "translation" and parallel.is_main_process():
+    # The model config, tokenizer and training config now, the params at the end: the
+    # translate command can read a checkpoint of a training that stops before its end.
+    translation_io.export_model(
+        model, None, tokenizer, workdir / translation_io.MODEL_DIRNAME, config=config
+    )
   logging.info(
       "task %s: %s; train %d rows; optimizer %s; objective %s; from step %d",
       task.name,
@@ -352,6 +359,16 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path) -
       start_step,
   )
 
+  # The split evaluated during training: holdout (tuning on held-out training examples),
+  # else the first reported split loaded (dev).
+  watched = next(name for name in splits if name != "train")
+  # Translation whose final evaluation decodes otherwise (beam search) than the evaluations
+  # during training (config.dev_beam_size, greedy): the watched split is also decoded the
+  # training way after the last step, logged as "<split>/<metric>_<decoder>" (dev/bleu_greedy),
+  # so the curve of in-training evaluations reaches the end of training with one decoder.
+  final_in_training_decoder = (
+      task.kind == "translation" and config.beam_size != config.dev_beam_size
+  )
   preempted = False
   device_state = runner.put_state(state)
   progress = writer.progress(config.num_train_steps, start_step, config.progress)
@@ -372,9 +389,12 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path) -
           writer.write_scalars(done, {f"train/{k}": v for k, v in metrics.items()})
           progress.set_postfix(loss=f"{metrics['loss']:.4f}")
         if done % config.eval_every == 0 and done < config.num_train_steps:
-          watched = "holdout" if "holdout" in splits else "dev"
           scores, _ = evaluate(runner, device_state, splits[watched], task, config.eval_batch_size)
           writer.write_scalars(done, {f"{watched}/{k}": v for k, v in scores.items()})
+        elif done == config.num_train_steps and final_in_training_decoder:
+          scores, _ = evaluate(runner, device_state, splits[watched], task, config.eval_batch_size)
+          decoder = translation_io.decoder_name(config.dev_beam_size)
+          writer.write_scalars(done, {f"{watched}/{k}_{decoder}": v for k, v in scores.items()})
         if reached_preemption(done):
           logging.warning("SIGTERM: saving a checkpoint at step %d and stopping", done)
           checkpoints.save(done, runner.get_state(device_state), force=True)

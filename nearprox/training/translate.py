@@ -4,11 +4,14 @@
         [--beam_size 4] [--length_penalty 0.6] [--batch_size 64] [--reference test.de]
 
 One sentence a line in, one translation a line out (an empty input line gives an empty output
-line). The model, its config and the subword tokenizer come from
-``workdir/translation_model`` (written at the end of training), so nothing else is needed.
+line). The model config and the subword tokenizer come from ``workdir/translation_model``
+(written when the training starts), the params from there too once the training has ended,
+else from the workdir's latest readable orbax checkpoint (a training stopped, or still
+running: a warning names the step), so nothing else is needed.
 ``--reference``: also print corpus BLEU and chrF (sacrebleu's defaults) against that file,
-which is how to score the model on another test set. Input is cut to the model's
-``max_length`` subwords; beam 1 is greedy decoding.
+which is how to score the model on another test set. An input line longer than the model's
+``max_length`` − 1 subwords is cut to them, as in training; the lines cut are counted,
+logged and printed (``"cut"``). Beam 1 is greedy decoding.
 """
 
 from __future__ import annotations
@@ -16,6 +19,7 @@ from __future__ import annotations
 import argparse
 import functools
 import json
+import logging
 import sys
 from pathlib import Path
 
@@ -36,8 +40,11 @@ def translate(
     beam_size: int = 4,
     length_penalty: float = 0.6,
     batch_size: int = 64,
+    stats: dict | None = None,
 ) -> list[str]:
-  """Detokenized translations of ``sentences`` (empty or whitespace-only: "")."""
+  """Detokenized translations of ``sentences`` (empty or whitespace-only: ""). Sentences
+  longer than the model's ``max_length`` − 1 subwords are cut to them: counted, logged, and
+  with ``stats`` (a dict) stored as ``stats["cut"]``."""
   from nearprox.text import decoding
 
   if beam_size < 1 or batch_size < 1:
@@ -56,9 +63,21 @@ def translate(
   decode = jax.jit(decode)
   rows = [i for i, s in enumerate(sentences) if s.strip()]
   out = [""] * len(sentences)
+  texts = [sentences[i].strip() for i in rows]
+  source_ids, cut = data.encode_sources(tokenizer, texts, max_length)
+  if stats is not None:
+    stats["cut"] = cut
+  if cut:
+    logging.warning(
+        "cut %d of %d input sentences to the model's max_length = %d subwords (with eos); "
+        "their translations cover the first %d subwords only",
+        cut,
+        len(rows),
+        max_length,
+        max_length - 1,
+    )
   if not rows:
     return out
-  source_ids = data.encode_sources(tokenizer, [sentences[i].strip() for i in rows], max_length)
   for start in range(0, len(rows), batch_size):
     block = source_ids[start : start + batch_size]
     real = len(block)
@@ -83,6 +102,7 @@ def main(argv=None) -> dict:
 
   model, params, tokenizer = translation_io.load_model(args.workdir)
   sentences = data.translation.read_lines(args.input)
+  stats = {}
   hypotheses = translate(
       model,
       params,
@@ -91,9 +111,10 @@ def main(argv=None) -> dict:
       beam_size=args.beam_size,
       length_penalty=args.length_penalty,
       batch_size=args.batch_size,
+      stats=stats,
   )
   Path(args.output).write_text("".join(h + "\n" for h in hypotheses), encoding="utf-8")
-  result = {"sentences": len(sentences), "output": args.output}
+  result = {"sentences": len(sentences), "cut": stats["cut"], "output": args.output}
   if args.reference:
     references = data.translation.read_lines(args.reference)
     if len(references) != len(sentences):

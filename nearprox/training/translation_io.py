@@ -8,16 +8,24 @@
 | an evaluation split | :class:`TranslationEvalSplit` (id arrays + reference sentences) |
 | evaluation | greedy (``config.dev_beam_size`` = 1) or beam decoding, BLEU and chrF (sacrebleu) |
 | ``holdout_examples`` | training pairs |
-| export | ``workdir/translation_model``: params, model config, tokenizer (:func:`load_model`) |
+| export | ``workdir/translation_model``: configs and tokenizer at the start, params at the end |
 
 Evaluation during training decodes with ``config.dev_beam_size`` beams (greedy when 1); the
-final evaluation with ``config.beam_size`` and ``config.length_penalty``.
+final evaluation with ``config.beam_size`` and ``config.length_penalty``, and when that is
+another decoder the training loop also scores the last step with the training one
+(``dev/bleu_greedy``: :func:`decoder_name`), so the curve ends with the decoder it began with.
+
+A stopped training leaves orbax checkpoints and no params in ``workdir/translation_model``:
+:func:`load_model` then takes the latest readable checkpoint, rebuilding its state's shape
+from the training config written beside the model config.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
+import logging
 import os
 from collections.abc import Mapping
 from pathlib import Path
@@ -25,16 +33,33 @@ from pathlib import Path
 import flax.serialization
 import jax
 import jax.numpy as jnp
+import ml_collections
 import numpy as np
 
 from nearprox.text import data
 from nearprox.text.data import subwords
 from nearprox.text.models import seq2seq
+from nearprox.training import orbax_checkpoints
 
 INPUT_KEYS = ("source_ids", "target_input_ids", "target_output_ids")
 MODEL_DIRNAME = "translation_model"
 PARAMS_FILENAME = "params.msgpack"
 CONFIG_FILENAME = "model_config.json"
+TRAIN_CONFIG_FILENAME = "train_config.json"  # what restoring a checkpoint needs
+# What experiments/configs/multi30k.py adds to default.py and a translation run reads.
+CONFIG_FIELDS = (
+    "direction",
+    "vocab_size",
+    "beam_size",
+    "dev_beam_size",
+    "length_penalty",
+    "model.num_encoder_layers",
+    "model.num_decoder_layers",
+    "model.hidden_size",
+    "model.num_heads",
+    "model.intermediate_size",
+    "model.dropout_rate",
+)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -68,8 +93,27 @@ def model_config(config, vocab_size: int) -> seq2seq.Seq2SeqConfig:
   )
 
 
+def _has(config, dotted: str) -> bool:
+  *sections, name = dotted.split(".")
+  for section in sections:
+    config = config.get(section)
+    if config is None:
+      return False
+  return name in config
+
+
 def check_config(config) -> None:
-  """ValueError for translation settings that cannot work (before any loading)."""
+  """ValueError for translation settings that cannot work (before any loading): first a
+  config without the translation fields (a classification config with
+  ``--config.task=multi30k``), naming the config that has them."""
+  missing = [name for name in CONFIG_FIELDS if not _has(config, name)]
+  if missing:
+    raise ValueError(
+        f"config.task = {config.task!r} trains a translation model, whose settings this "
+        f"config lacks ({', '.join('config.' + m for m in missing)}): start from "
+        "experiments/configs/multi30k.py (--config experiments/configs/multi30k.py), not a "
+        "classification config"
+    )
   data.translation.parse_direction(config.direction)
   for name in ("beam_size", "dev_beam_size", "vocab_size"):
     value = config[name]
@@ -95,17 +139,19 @@ def create_model(config, rng):
   return model, seq2seq.init_seq2seq(cfg, rng), tokenizer
 
 
-def load_splits(config, tokenizer, holdout_indices) -> dict:
-  """train arrays, and dev and test (or, tuning with ``config.holdout_examples``, holdout
-  alone) as :class:`TranslationEvalSplit`; ``config.max_eval_examples`` > 0 scores a seeded
-  subset of an evaluation split."""
+def load_splits(config, tokenizer, holdout_indices, reported=("dev", "test")) -> dict:
+  """train arrays, and the ``reported`` splits (:func:`~nearprox.training.task_io.
+  reported_splits`: dev and test; dev alone for a run tuned on dev; none when tuning with
+  ``config.holdout_examples``, which scores ``holdout``) as :class:`TranslationEvalSplit`;
+  a split not reported is neither read nor decoded. ``config.max_eval_examples`` > 0 scores
+  a seeded subset of an evaluation split."""
   train = _load(config, "train")
   evaluated = {}
   if config.holdout_examples:
     rest, held = holdout_indices(len(train), config.holdout_examples)
     train, evaluated["holdout"] = train.select(rest), train.select(held)
   else:
-    evaluated = {"dev": _load(config, "dev"), "test": _load(config, "test")}
+    evaluated = {name: _load(config, name) for name in reported}
   splits = {"train": data.encode_pairs(tokenizer, train, config.max_length)[0]}
   for name, split in evaluated.items():
     keep = data.eval_subset(len(split), config.max_eval_examples, config.seed)
@@ -140,6 +186,12 @@ def decode_fn(model, config, beam_size: int):
   )
 
 
+def decoder_name(beam_size: int) -> str:
+  """ "greedy" (1 beam) or "beam<k>": the suffix of the metrics the training loop logs for the
+  in-training decoder at the last step (``dev/bleu_greedy``)."""
+  return "greedy" if beam_size == 1 else f"beam{beam_size}"
+
+
 def scores(split: TranslationEvalSplit, ids: np.ndarray) -> dict[str, float]:
   """BLEU and chrF of the decoded rows ``ids`` [N, L] against the split's references."""
   return data.translation_scores(data.decode_ids(split.tokenizer, ids), split.references)
@@ -148,36 +200,89 @@ def scores(split: TranslationEvalSplit, ids: np.ndarray) -> dict[str, float]:
 # ------------------------------------------------------------------------------ export
 
 
-def export_model(model, params, tokenizer, path: str | os.PathLike) -> Path:
-  """Writes params (flax msgpack), the model config (JSON) and the tokenizer to ``path``."""
+def export_model(model, params, tokenizer, path: str | os.PathLike, config=None) -> Path:
+  """Writes the model config (JSON), the tokenizer and ``params`` (flax msgpack) to ``path``.
+
+  ``params`` None (the start of a training): no params, and an earlier export's removed (a
+  training resumed in the workdir changes them: until it ends, :func:`load_model` reads its
+  checkpoints). ``config``: the training config, also written (``train_config.json``),
+  which gives the shape of a checkpoint's optimizer state.
+  """
   path = Path(path)
   path.mkdir(parents=True, exist_ok=True)
-  host_params = jax.tree.map(np.asarray, params)
-  (path / PARAMS_FILENAME).write_bytes(flax.serialization.msgpack_serialize(host_params))
   description = {
       "config": dataclasses.asdict(model.config),
       "dtype": jnp.dtype(model.dtype).name,
   }
   (path / CONFIG_FILENAME).write_text(json.dumps(description, indent=2))
   data.save_tokenizer(tokenizer, path)
+  if config is not None:
+    (path / TRAIN_CONFIG_FILENAME).write_text(config.to_json(indent=2))
+  if params is None:
+    (path / PARAMS_FILENAME).unlink(missing_ok=True)
+  else:
+    host_params = jax.tree.map(np.asarray, params)
+    (path / PARAMS_FILENAME).write_bytes(flax.serialization.msgpack_serialize(host_params))
   return path
 
 
 def load_model(path: str | os.PathLike):
-  """(model, params, tokenizer) written by :func:`export_model` (``path``: the folder, or a
-  training workdir holding it)."""
+  """(model, params, tokenizer) of a training workdir (or its ``translation_model`` folder):
+  the params exported at the end of training, else those of the workdir's latest readable
+  orbax checkpoint (a training that stopped or is still running; for schedule-free AdamW its
+  averaged iterate, as the export). FileNotFoundError when there is neither."""
   path = Path(path)
-  if (path / MODEL_DIRNAME).is_dir():
-    path = path / MODEL_DIRNAME
-  missing = [n for n in (PARAMS_FILENAME, CONFIG_FILENAME) if not (path / n).is_file()]
-  if missing:
+  folder = path / MODEL_DIRNAME if (path / MODEL_DIRNAME).is_dir() else path
+  workdir = folder.parent if folder.name == MODEL_DIRNAME else folder
+  train_hint = (
+      "train one with python -m nearprox.training.train --config experiments/configs/multi30k.py"
+  )
+  if not (folder / CONFIG_FILENAME).is_file():
     raise FileNotFoundError(
-        f"{path}: no trained translation model ({', '.join(missing)} missing); train one with "
-        "python -m nearprox.training.train --config experiments/configs/multi30k.py"
+        f"{path}: no trained translation model (no {MODEL_DIRNAME}/{CONFIG_FILENAME}, which "
+        f"a translation training writes at its start); {train_hint}"
     )
-  description = json.loads((path / CONFIG_FILENAME).read_text())
+  description = json.loads((folder / CONFIG_FILENAME).read_text())
   model = seq2seq.Seq2SeqTransformer(
       seq2seq.Seq2SeqConfig(**description["config"]), dtype=jnp.dtype(description["dtype"])
   )
-  params = flax.serialization.msgpack_restore((path / PARAMS_FILENAME).read_bytes())
-  return model, params, data.load_tokenizer(path)
+  tokenizer = data.load_tokenizer(folder)
+  if (folder / PARAMS_FILENAME).is_file():
+    params = flax.serialization.msgpack_restore((folder / PARAMS_FILENAME).read_bytes())
+    return model, params, tokenizer
+  restored = _checkpoint_params(model, folder, workdir / orbax_checkpoints.DIRNAME)
+  if restored is None:
+    raise FileNotFoundError(
+        f"{path}: no trained translation model: neither exported params "
+        f"({folder / PARAMS_FILENAME}, written when a training ends) nor a readable orbax "
+        f"checkpoint in {workdir / orbax_checkpoints.DIRNAME}; {train_hint}"
+    )
+  params, step = restored
+  logging.warning(
+      "%s: no exported params (the training has not ended); using its checkpoint at step %d",
+      path,
+      step,
+  )
+  return model, params, tokenizer
+
+
+def _checkpoint_params(model, folder: Path, directory: Path):
+  """(evaluated params, step) of the latest readable checkpoint in ``directory``; None when
+  there is none. The state's shape comes from the training config in ``folder``: the model's
+  params and the optimizer state ``optimizers.create_optimizer`` gives them."""
+  from nearprox.training import optimizers, parallel, train
+
+  if not (folder / TRAIN_CONFIG_FILENAME).is_file() or not directory.is_dir():
+    return None
+  config = ml_collections.ConfigDict(json.loads((folder / TRAIN_CONFIG_FILENAME).read_text()))
+  axis_name = None if config.parallel == "jit" else parallel.AXIS
+  tx, _ = optimizers.create_optimizer(config, config.num_train_steps, axis_name)
+  params = jax.eval_shape(functools.partial(seq2seq.init_seq2seq, model.config), jax.random.key(0))
+  template = train.TrainState(
+      jax.ShapeDtypeStruct((), jnp.int32), params, jax.eval_shape(tx.init, params)
+  )
+  restored = orbax_checkpoints.restore_latest(directory, template)
+  if restored is None:
+    return None
+  state, step = restored
+  return optimizers.evaluation_params(state.opt_state, state.params), step

@@ -195,11 +195,13 @@ def _check_length(max_length) -> None:
     raise ValueError(f"max_length must be an integer >= 2, got {max_length!r}")
 
 
-def encode_sources(tokenizer, sentences: Sequence[str], max_length: int) -> np.ndarray:
-  """Source ids [N, max_length]: x + [eos] (x cut to max_length − 1 subwords), padded."""
+def encode_sources(tokenizer, sentences: Sequence[str], max_length: int) -> tuple[np.ndarray, int]:
+  """(source ids [N, max_length]: x + [eos], x cut to max_length − 1 subwords, padded; the
+  number of sentences cut). The caller says what was cut (the translate command logs it)."""
   _check_length(max_length)
   pieces = _subwords(tokenizer, sentences)
-  return _pad_rows([p[: max_length - 1] + [EOS_ID] for p in pieces], max_length)
+  cut = sum(len(p) > max_length - 1 for p in pieces)
+  return _pad_rows([p[: max_length - 1] + [EOS_ID] for p in pieces], max_length), cut
 
 
 def encode_pairs(
