@@ -39,7 +39,8 @@ from pathlib import Path
 
 from experiments.report import DAMPING, LR, OPTIMIZER, SEEDS, get, pyplot, save_figure
 from experiments.report import table as markdown_table
-from experiments.studies.core import SUMMARY_FIELDS, comparison, mean_curve
+from experiments.studies import core
+from experiments.studies.core import comparison, mean_curve
 from experiments.tuning import Context, choose, final, history_curve, mean_std, study_grids
 from nearprox.text import data
 from nearprox.training import translation_io
@@ -76,34 +77,20 @@ def _end_point(result: dict) -> float:
 
 def summary_rows(row: dict, group, task) -> list[dict]:
   """summary.json records of a table row: test BLEU and test chrF (sacrebleu, beam search;
-  mean and seed std in BLEU/chrF points), each with the fields of
-  :data:`~experiments.studies.core.SUMMARY_FIELDS` in its order, then ``study`` and
-  ``condition`` (the Gram: exact or sketched) where it has none of them."""
+  mean and seed std in BLEU/chrF points, not fractions), the condition the direction and the
+  Gram (exact or sketched)."""
   config = group.results[0]["config"]
   variant = row["variant"] + ("" if row["gram"] == "exact" else f", {row['gram']}")
-  out = []
-  for metric in ("bleu", "chrf"):
-    values = {
-        "task": task.name,
-        "optimizer": row["optimizer"],
-        "variant": variant,
-        "steps": group.results[0]["report"]["steps"],
-        "batch_size": config["batch_size"],
-        "max_length": config["max_length"],
-        "seeds": row["seeds"],
-        "learning_rate": row["learning_rate"],
-        "damping": row["damping"],
-        "metric": metric,
-        "mean": row[f"test_{metric}"],
-        "std": row[f"test_{metric}_std"],
-        "collapsed_seeds": None,  # no classes to collapse to
-        "split": "test",
-        "study": "translation",
-        "condition": f"{config['direction']}; Gram: {row['gram']}",
-    }
-    extra = {k: v for k, v in values.items() if k not in SUMMARY_FIELDS}
-    out.append({k: values[k] for k in SUMMARY_FIELDS} | extra)
-  return out
+  labelled = {**row, "variant": variant, "collapsed_seeds": None}  # no classes to collapse to
+  return core.summary_rows(
+      "translation",
+      labelled,
+      group,
+      [("bleu", "test_bleu"), ("chrf", "test_chrf")],
+      task=task.name,
+      split="test",
+      condition=f"{config['direction']}; Gram: {row['gram']}",
+  )
 
 
 def tuning_rows(ctx: Context, study) -> list[dict]:
