@@ -132,8 +132,8 @@ def run(ctx: Context) -> dict:
   best = ctx.resolve("best_proximal")
   for batch_size in plan.batch_sizes:
     for variant in sorted({v for v, b in by_key if b == batch_size and v != "adamw"}):
-      if ("adamw", batch_size) not in by_key or (batch_size == base_batch and not sketch):
-        continue  # at B₀ with the exact Gram the optimizer study compares the same runs
+      if ("adamw", batch_size) not in by_key or batch_size == base_batch:
+        continue  # at B₀ the optimizer and sketch studies compare these runs
       record = comparison(
           by_key[variant, batch_size],
           by_key["adamw", batch_size],
@@ -142,7 +142,8 @@ def run(ctx: Context) -> dict:
           task=STUDY_TASK,
           batch_size=batch_size,
           condition=f"SST-2 dev acc., batch {batch_size} "
-          f"({steps_for(plan.batch_example_budget, batch_size)} steps)",
+          f"({steps_for(plan.batch_example_budget, batch_size)} steps)"
+          + (f", sketched Gram (k = {plan.batch_sketch_dim})" if sketch else ""),
       )
       comparisons.append({**record, "preselected": variant == best})
   tables = {"batch_size": rows, "batch_size_tuning": tuning_rows, "summary": summary}
