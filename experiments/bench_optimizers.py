@@ -139,9 +139,12 @@ def measure(configs: dict, repeats: int, log=print) -> dict[str, float]:
   return best
 
 
-def result(plan, configs: dict, seconds: dict[str, float], repeats: int, load: float) -> dict:
+def result(
+    plan, configs: dict, seconds: dict[str, float], repeats: int, load: tuple[float, float]
+) -> dict:
   """The JSON record: machine, shape, one row per variant with its ratios to SGD (the
-  plan's SGD variant) and to AdamW."""
+  plan's SGD variant) and to AdamW; ``load``: the 1-minute load average before the first
+  compilation and after the last timed round (an idle machine reads near 0 at the end)."""
   sgd = next((v for v in ("sgd", "sgd_momentum") if v in seconds), None)
   some_config = next(iter(configs.values()))[1]
   rows = []
@@ -167,7 +170,8 @@ def result(plan, configs: dict, seconds: dict[str, float], repeats: int, load: f
       "repeats": repeats,
       "sgd_variant": sgd,
       "machine": run_process.machine(),
-      "load_average_at_start": load,
+      "load_average_at_start": load[0],
+      "load_average_at_end": load[1],
       "command": "python -m experiments.bench_optimizers " + " ".join(sys.argv[1:]),
       "rows": rows,
   }
@@ -226,7 +230,7 @@ def main(argv) -> None:
     seconds = measure(configs, args.repeats)
   except data.DataError as error:  # the first variant loads the batch, before any timing
     raise app.UsageError(f"{error} (give --data_dir or ${data.GLUE_DIR_ENV})") from None
-  record = result(plan, configs, seconds, args.repeats, load)
+  record = result(plan, configs, seconds, args.repeats, (load, os.getloadavg()[0]))
   if args.breakdown:
     record["breakdown"] = sketched_breakdown(configs, args.repeats)
   run_process.write_json(out / studies.STEP_COST_FILE, record)

@@ -154,7 +154,8 @@ def test_bench_optimizers_times_the_study_s_steps_for_its_cost_sentence(tmp_path
 
   seconds = bench_optimizers.measure(configs, repeats=2, log=lambda _: None)
   assert set(seconds) == set(configs) and all(0 < s < 60 for s in seconds.values())
-  record = bench_optimizers.result(plan, configs, seconds, 2, load=0.5)
+  record = bench_optimizers.result(plan, configs, seconds, 2, load=(0.5, 0.25))
+  assert (record["load_average_at_start"], record["load_average_at_end"]) == (0.5, 0.25)
   rows = {r["variant"]: r for r in record["rows"]}
   assert record["sgd_variant"] == "sgd_momentum" and rows["sgd_momentum"]["ratio_to_sgd"] == 1
   assert rows["proximal_adamw"]["ratio_to_adamw"] == pytest.approx(
@@ -222,6 +223,10 @@ def test_bench_optimizers_takes_the_sketched_step_apart_against_adamw(tmp_path, 
       "breakdown": breakdown,
   }
   text = bench_optimizers.markdown(record)
+  assert "load average 0.50 at the start)" in text  # a record from before the end's reading
+  record["load_average_at_end"] = 0.25
+  text = bench_optimizers.markdown(record)
+  assert "load average 0.50 at the start, 0.25 at the end)" in text
   assert f"## Where the time of the step of {configs[breakdown['variant']][0]} goes" in text
   # The steps' table and the breakdown's: a header row and a row per variant and per part.
   assert text.count("\n| ") == (1 + len(configs)) + (1 + len(rows))

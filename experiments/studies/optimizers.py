@@ -336,9 +336,17 @@ def markdown_step_cost(record: dict) -> str:
       f"batch {record['batch_size']} × {record['max_length']} tokens), the minimum over "
       f"{record['repeats']} interleaved rounds after compilation, on {machine['platform']} "
       f"({machine['cpus']} CPU(s), JAX {machine['jax']} on {machine['backend']}, "
-      f"{machine['device_kind']}; load average {record['load_average_at_start']:.2f} at the "
-      f"start); `{record['command']}`.\n\n" + table(record["rows"], columns)
+      f"{machine['device_kind']}; load average {_load(record)}); `{record['command']}`.\n\n"
+      + table(record["rows"], columns)
   )
+
+
+def _load(record: dict) -> str:
+  """The 1-minute load average at the start and, in records that have it, at the end."""
+  text = f"{record['load_average_at_start']:.2f} at the start"
+  if record.get("load_average_at_end") is not None:
+    text += f", {record['load_average_at_end']:.2f} at the end"
+  return text
 
 
 def _steps_cell(row) -> str:
