@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import collections
 import itertools
+import json
 import math
 from typing import Any, NamedTuple
 
@@ -254,6 +255,9 @@ class Context:
     self.plan = plan
     self.store = store
     self.waiting: list[str] = []  # aliases asked for before their tuning was complete
+    # tune()'s answers: the stored runs do not change while a Context lives (a pass of the
+    # driver reads the store, then trains), and every alias, label and study asks again.
+    self._tuned: dict[str, tuple[list[dict], bool]] = {}
 
   # ------------------------------------------------------------------------ variants
 
@@ -311,6 +315,14 @@ class Context:
     ``steps``, ``holdout_examples``, ``seeds``, and optionally ``split`` (the split scored,
     default "holdout"), ``base`` (the config the runs start from, :meth:`RunStore.run`) and
     ``settings`` (overrides of every run of the study: its budget)."""
+    protocol = None if tuning is None or tuning is self.plan.tuning else tuning.to_dict()
+    key = json.dumps([variant, trials, extra, protocol], sort_keys=True, default=str)
+    if key not in self._tuned:
+      self._tuned[key] = self._tune(variant, trials, extra, tuning)
+    rows, complete = self._tuned[key]
+    return [dict(row) for row in rows], complete
+
+  def _tune(self, variant: str, trials: list[dict], extra: dict | None, tuning):
     base = self.overrides(variant)
     if base is None:
       return [], False

@@ -93,6 +93,22 @@ def test_a_choice_at_an_edge_of_its_grid_is_named_in_the_tuning_table():
   assert "SGD" not in note and optimizers.edge_note(rows[1:]) == ""
 
 
+def test_a_context_asks_the_store_for_each_tuning_run_once():
+  """Aliases, labels and studies ask for the same tuning again and again within a pass; the
+  store is read once per run, and a caller's changes to the rows stay its own."""
+  store = FakeStore(lambda o: o["optimizer.learning_rate"])
+  ctx = tuning.Context(plan(adamw=(0.01, 0.1), proximal_ef=(0.1, 0.3)), store)
+  first = ctx.best_trial("adamw")
+  calls = len(store.calls)
+  assert calls == 4  # two trials × two seeds
+  rows, _ = ctx.tuning("adamw")
+  rows[0]["score"] = -1.0
+  assert ctx.best_trial("adamw") == first and len(store.calls) == calls
+  assert ctx.tuning("adamw")[0][0]["score"] != -1.0
+  ctx.best_trial("proximal_ef")  # another variant: its own runs
+  assert len(store.calls) == calls + 8
+
+
 def test_proximal_trials_tune_learning_rate_and_damping_jointly():
   ctx = tuning.Context(plan(proximal_ef=(0.1, 0.3), adamw=(1e-4, 3e-4, 1e-3, 3e-3)), None)
   assert ctx.trials("proximal_ef") == [
