@@ -173,6 +173,18 @@ def test_runs_of_a_large_batch_reserve_the_memory_the_plan_declares(tmp_path):
   assert run_memory_gib(ml_collections.ConfigDict(), large) == 0.0  # a plan without the field
 
 
+def test_one_cpu_runs_get_single_threaded_xla_kernels(monkeypatch):
+  monkeypatch.setenv("XLA_FLAGS", "--xla_dump_to=/tmp/x --xla_force_host_platform_device_count=8")
+  flags = lambda *args: ray_runner.runtime_env(*args)["env_vars"]["XLA_FLAGS"].split()
+  one = flags(1, 1.0)
+  assert set(ray_runner.SINGLE_THREAD_XLA_FLAGS) <= set(one)
+  assert "--xla_dump_to=/tmp/x" in one and "--xla_force_host_platform_device_count=1" in one
+  assert not set(ray_runner.SINGLE_THREAD_XLA_FLAGS) & set(flags(1, 2.0))  # a run with 2 CPUs
+  two_devices = flags(2, 1.0)  # host devices: the pool as it was
+  assert "--xla_force_host_platform_device_count=2" in two_devices
+  assert not set(ray_runner.SINGLE_THREAD_XLA_FLAGS) & set(two_devices)
+
+
 def test_progress_lines_read_the_latest_training_row(tmp_path):
   metrics = tmp_path / "metrics.jsonl"
   assert ray_runner.progress_line("opt0", metrics, 600) is None
