@@ -95,7 +95,18 @@ def machine() -> dict[str, Any]:
       "device_kind": jax.devices()[0].device_kind,
       # GPUs may run float32 matmuls in TF32 unless this says "highest".
       "matmul_precision": str(jax.config.jax_default_matmul_precision or "default"),
+      # 1: single-threaded XLA CPU kernels (experiments.ray_runner.SINGLE_THREAD_XLA_FLAGS);
+      # None: XLA's default pool of every core. Step times compare only within one.
+      "xla_cpu_threads": xla_cpu_threads(),
   }
+
+
+def xla_cpu_threads() -> int | None:
+  """The intra-op thread count ``XLA_FLAGS`` sets for XLA's CPU kernels (None: not set)."""
+  for flag in os.environ.get("XLA_FLAGS", "").split():
+    if flag.lstrip("-").startswith("intra_op_parallelism_threads="):
+      return int(flag.split("=", 1)[1])
+  return None
 
 
 def host(machine: dict) -> str | None:

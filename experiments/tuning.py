@@ -143,7 +143,12 @@ def machine_kind(result: dict) -> str:
   cpus = machine.get("cpus")
   if machine.get("backend") == "cpu" and cpus:
     where = run_process.host(machine)
-    return f"{kind}, {cpus} core{'' if cpus == 1 else 's'}" + (f", {where}" if where else "")
+    threads = machine.get("xla_cpu_threads")
+    return (
+        f"{kind}, {cpus} core{'' if cpus == 1 else 's'}"
+        + (f", {where}" if where else "")
+        + (f", {threads} XLA thread{'' if threads == 1 else 's'}" if threads else "")
+    )
   return kind
 
 

@@ -408,16 +408,23 @@ def test_cpu_step_times_compare_only_on_one_host_and_core_count():
   assert mixed.step_ratio(group(result(1, 2.0), fast(1.0), fast(1.5))) == 5.0
   assert mixed.step_ratio(group(result(1, 2.0))) == 4.0
   assert math.isnan(group(fast(5.0)).step_ratio(group(result(1, 2.0))))
+  # Single-threaded XLA kernels (the Ray runner's one-CPU runs) are another kind as well.
+  single = result(2, 0.8)
+  single["machine"]["xla_cpu_threads"] = 1
+  assert tuning.machine_kind(single) == "cpu, 2 cores, Linux-a-x86_64, 1 XLA thread"
+  assert math.isnan(group(single).step_ratio(group(result(2, 1.0))))
 
 
 def test_the_results_document_lists_each_machine_once_with_its_run_count():
   cpu = {"platform": "Linux", "cpus": 2, "jax": "0.10", "backend": "cpu", "devices": 1}
   cpu["device_kind"] = "cpu"
   gpu = {**cpu, "cpus": 16, "backend": "gpu", "device_kind": "NVIDIA H200"}
-  lines = report.describe_machines([cpu, cpu, gpu, {**cpu, "cpus": 1}])
+  single = {**cpu, "xla_cpu_threads": 1}
+  lines = report.describe_machines([cpu, cpu, gpu, {**cpu, "cpus": 1}, single])
   assert lines == [
       "Linux, 1 CPU(s), JAX 0.10 on cpu (1 device(s), cpu): 1 run(s)",
       "Linux, 2 CPU(s), JAX 0.10 on cpu (1 device(s), cpu): 2 run(s)",
+      "Linux, 2 CPU(s), JAX 0.10 on cpu (1 device(s), cpu, 1 XLA thread): 1 run(s)",
       "Linux, 16 CPU(s), JAX 0.10 on gpu (1 device(s), NVIDIA H200): 1 run(s)",
   ]
 

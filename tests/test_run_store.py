@@ -183,6 +183,10 @@ def test_one_cpu_runs_get_single_threaded_xla_kernels(monkeypatch):
   two_devices = flags(2, 1.0)  # host devices: the pool as it was
   assert "--xla_force_host_platform_device_count=2" in two_devices
   assert not set(ray_runner.SINGLE_THREAD_XLA_FLAGS) & set(two_devices)
+  # The run's record says so (run_process.machine()), so step times compare within one kind.
+  assert run_process.xla_cpu_threads() is None
+  monkeypatch.setenv("XLA_FLAGS", " ".join(one))
+  assert run_process.xla_cpu_threads() == 1
 
 
 def test_progress_lines_read_the_latest_training_row(tmp_path):
