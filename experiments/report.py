@@ -225,16 +225,14 @@ def describe_machines(machines: list[dict]) -> list[str]:
           m["jax"],
           m["backend"],
           m["devices"],
-          m["device_kind"],
-          m.get("xla_cpu_threads") or 0,  # 0: XLA's default pool (records before the field)
+          m["device_kind"] + run_process.threads_label(m),
       )
       for m in machines
   )
   return [
-      f"{platform}, {cpus} CPU(s), JAX {jax} on {backend} ({devices} device(s), {kind}"
-      + (f", {threads} XLA thread{'' if threads == 1 else 's'}" if threads else "")
-      + f"): {count} run(s)"
-      for (platform, cpus, jax, backend, devices, kind, threads), count in sorted(counts.items())
+      f"{platform}, {cpus} CPU(s), JAX {jax} on {backend} ({devices} device(s), {kind}): "
+      f"{count} run(s)"
+      for (platform, cpus, jax, backend, devices, kind), count in sorted(counts.items())
   ]
 
 

@@ -109,6 +109,13 @@ def xla_cpu_threads() -> int | None:
   return None
 
 
+def threads_label(machine: dict) -> str:
+  """ ", 1 XLA thread" for a run whose machine record names its XLA CPU thread count, else ""
+  (XLA's default pool, and records from before the field)."""
+  threads = machine.get("xla_cpu_threads")
+  return f", {threads} XLA thread{'' if threads == 1 else 's'}" if threads else ""
+
+
 def host(machine: dict) -> str | None:
   """The host platform a run's machine record names (kernel build and architecture, without
   the C library suffix; None if unrecorded): CPU hosts with equal core counts still differ in

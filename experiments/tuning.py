@@ -143,11 +143,10 @@ def machine_kind(result: dict) -> str:
   cpus = machine.get("cpus")
   if machine.get("backend") == "cpu" and cpus:
     where = run_process.host(machine)
-    threads = machine.get("xla_cpu_threads")
     return (
         f"{kind}, {cpus} core{'' if cpus == 1 else 's'}"
         + (f", {where}" if where else "")
-        + (f", {threads} XLA thread{'' if threads == 1 else 's'}" if threads else "")
+        + run_process.threads_label(machine)
     )
   return kind
 
