@@ -23,6 +23,11 @@ Stopping: Ctrl-C, SIGTERM or ``deadline`` writes ``workdir/STOP``; each running 
 sends itself SIGTERM, so the training loop saves a checkpoint at its current step and stops
 (the run is resumed by the next invocation); queued tasks are cancelled (those of runs
 with a folder in ``workdir`` return without training).
+
+Where a checkpoint left half-way would be lost (a machine whose ``workdir`` does not outlive
+the invocation), ``expected_seconds`` makes a task that starts too late to end before the
+deadline return at once instead (``deferred``): the next invocation trains it from the start,
+and the slot goes to a run that fits.
 """
 
 from __future__ import annotations
@@ -57,6 +62,7 @@ class Outcome:
   trained: list[str] = dataclasses.field(default_factory=list)
   failed: dict[str, str] = dataclasses.field(default_factory=dict)
   stopped: list[str] = dataclasses.field(default_factory=list)  # checkpointed, to resume
+  deferred: list[str] = dataclasses.field(default_factory=list)  # not started: would not end
   interrupted: str | None = None  # why the invocation was stopped (None: it was not)
 
 
@@ -69,10 +75,23 @@ def _sigterm_on(stop_file: Path, finished: threading.Event) -> None:
 
 
 @ray.remote(max_calls=1)  # a fresh process per run: its own XLA_FLAGS, no memory carried over
-def _train_task(request: runs.Request, workdir: str) -> dict:
+def _train_task(
+    request: runs.Request,
+    workdir: str,
+    end_by: float | None = None,
+    expected_seconds: float | None = None,
+) -> dict:
   stop_file = Path(workdir) / STOP_FILE
   if stop_file.exists():
     return {"status": "not started"}
+  if end_by is not None and expected_seconds is not None:
+    left = end_by - time.time()
+    if expected_seconds > left:
+      return {
+          "status": "deferred",
+          "message": f"{request.label}: expected to take about {expected_seconds / 60:.0f} min, "
+          f"{max(left, 0) / 60:.0f} min left before the stop; left for the next invocation",
+      }
   (Path(workdir) / request.key).mkdir(parents=True, exist_ok=True)  # started (see train)
   config = runs.apply_overrides(request.config, {"progress": False})  # the driver reports it
   finished = threading.Event()
@@ -197,6 +216,7 @@ def train(
     progress_seconds: float = 600.0,
     first: Sequence[str] = (),
     memory_gib: Callable[[runs.Request], float] | None = None,
+    expected_seconds: Callable[[runs.Request], float | None] | None = None,
     log: Callable[[str], None] = print,
 ) -> Outcome:
   """Trains ``requests`` in parallel on Ray (``ray.init()`` first if Ray is not running) and
@@ -205,7 +225,10 @@ def train(
   Runs stopped earlier with a checkpoint go first, then those labelled with one of ``first``
   (:func:`in_order`). ``memory_gib(request)``: the memory a run asks Ray for (:func:`task_options`).
   At ``deadline`` (a ``time.time()``)
-  or on Ctrl-C / SIGTERM the running tasks checkpoint and stop (module docstring).
+  or on Ctrl-C / SIGTERM the running tasks checkpoint and stop (module docstring). With a
+  deadline, ``expected_seconds(request)`` (None: unknown, start it) is how long a run takes
+  from its start; a run resumed at step s of N is expected to need the share (N − s) / N of it,
+  and one whose task starts too late for that is deferred, not started.
   """
   workdir.mkdir(parents=True, exist_ok=True)
   (workdir / STOP_FILE).unlink(missing_ok=True)
@@ -219,7 +242,10 @@ def train(
     task = _train_task.options(
         **task_options(request, cpus_per_run, gpus_per_run, max_retries, memory)
     )
-    pending[task.remote(request, str(workdir))] = (request, time.time())
+    expected = expected_seconds(request) if expected_seconds and deadline is not None else None
+    if expected is not None:
+      expected *= 1 - step / request.config.num_train_steps
+    pending[task.remote(request, str(workdir), deadline, expected)] = (request, time.time())
   outcome = Outcome()
   stop = _Stopper(workdir, log)
   try:
@@ -277,6 +303,9 @@ def _collect(ref, request: runs.Request, started: float, store, outcome: Outcome
   elif answer["status"] == "stopped":
     outcome.stopped.append(request.key)
     log(f"[stopped] {answer['message']}")
+  elif answer["status"] == "deferred":
+    outcome.deferred.append(request.key)
+    log(f"[deferred] {answer['message']}")
 
 
 class _Stopper:

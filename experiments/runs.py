@@ -23,6 +23,8 @@ import dataclasses
 import hashlib
 import importlib
 import json
+import re
+import statistics
 from pathlib import Path
 from typing import Any
 
@@ -104,6 +106,11 @@ def base_config(name: str) -> ml_collections.ConfigDict:
   return importlib.import_module(f"experiments.configs.{name}").get_config()
 
 
+def without_seed(label: str) -> str:
+  """A run label less its ``seed=N`` part (``optimizers:sst2:adamw:seed=2`` → ``optimizers:sst2:adamw``)."""
+  return re.sub(r":seed=\d+", "", label)
+
+
 @dataclasses.dataclass(frozen=True)
 class Request:
   """A run a study asked for that is not stored: what :mod:`experiments.ray_runner` trains."""
@@ -123,6 +130,8 @@ class RunStore:
     base_config: the mode's config; every run is ``base_config`` + overrides.
     out: the mode's results folder; records live in ``out/runs``.
     failed: key -> label of runs that failed in this invocation: not asked for again.
+    deferred: keys of runs this invocation left for the next (they would not end before its
+      stop): not asked for again either.
     requested: run keys, in order of first request.
     missing: key -> label of the requested runs that are not stored.
     pending: key -> :class:`Request` of each missing run (failed ones excepted).
@@ -133,6 +142,7 @@ class RunStore:
   base_config: ml_collections.ConfigDict
   out: Path
   failed: dict[str, str] = dataclasses.field(default_factory=dict)
+  deferred: set[str] = dataclasses.field(default_factory=set)
   requested: list[str] = dataclasses.field(default_factory=list)
   missing: dict[str, str] = dataclasses.field(default_factory=dict)
   pending: dict[str, Request] = dataclasses.field(default_factory=dict)
@@ -186,7 +196,7 @@ class RunStore:
     if found is not None:
       return found
     self.missing[key] = label + (" (failed)" if key in self.failed else "")
-    if key not in self.failed:
+    if key not in self.failed and key not in self.deferred:
       self.pending.setdefault(key, Request(key, label, config, devices, attack))
     return None
 
@@ -200,6 +210,28 @@ class RunStore:
           config = ml_collections.ConfigDict(result["config"])
           self._attacked_twins[run_key(config, result["devices"], None)] = path.stem
     return self._attacked_twins
+
+  def expected_seconds(self, request: Request) -> float | None:
+    """The median wall time of the stored runs most like ``request``: those with its label
+    but another seed, else those of its task, optimizer, step count and batch size (None:
+    none is stored). Wall times depend on the machine and on what ran beside each run; this
+    is an estimate for planning, not a measurement."""
+    setup = lambda c: (
+        c.get("task"),
+        c.get("optimizer", {}).get("name"),
+        c.get("num_train_steps"),
+        c.get("batch_size"),
+    )
+    want_label, want_setup = without_seed(request.label), setup(request.config)
+    same_label, same_setup = [], []
+    for path in sorted((self.out / "runs").glob("*.json")):
+      record = self.record(path.stem)
+      if without_seed(record.get("label", "")) == want_label:
+        same_label.append(record["wall_seconds"])
+      elif setup(record["config"]) == want_setup:
+        same_setup.append(record["wall_seconds"])
+    alike = same_label or same_setup
+    return statistics.median(alike) if alike else None
 
   def to_train(self) -> list[Request]:
     """The pending runs, in request order, less those that a pending twin with a robustness

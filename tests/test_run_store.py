@@ -116,6 +116,43 @@ def test_failed_runs_are_missing_but_not_asked_for_again(tmp_path):
   assert store.missing == {key: "opt5 (failed)"} and store.to_train() == []
 
 
+def test_a_runs_expected_time_is_that_of_the_stored_runs_most_like_it(tmp_path):
+  """The median wall time of the runs with its label but another seed, else of those with its
+  task, optimizer, steps and batch size; None when no stored run is like it."""
+  from experiments.configs import full
+
+  config, out = full.get_config(), tmp_path / "out"
+  saved = runs.RunStore(config, out)
+  for seed, seconds in ((0, 100), (1, 300), (2, 200)):
+    settings = runs.apply_overrides(config, {"seed": seed})
+    saved.save(
+        fake_run(settings, f"a{seed}", label=f"opt:sst2:adamw:seed={seed}", wall_seconds=seconds)
+    )
+  other = runs.apply_overrides(config, {"optimizer.learning_rate": 0.5})
+  saved.save(fake_run(other, "b", label="tune:sst2:adamw:lr=0.5:seed=0", wall_seconds=1000))
+  store = runs.RunStore(config, out)
+  store.run("opt:sst2:adamw:seed=3", {"seed": 3})
+  store.run("tune:sst2:adamw:lr=0.1:seed=0", {"optimizer.learning_rate": 0.1})
+  store.run("opt:sst2:adamw:steps=50:seed=0", {"num_train_steps": 50})
+  expected = [store.expected_seconds(r) for r in store.to_train()]
+  assert expected == [200, 250, None]  # its label's; its setup's (100, 200, 300, 1000); none
+
+
+def test_a_run_that_would_not_end_before_the_deadline_is_deferred_not_started(tmp_path):
+  """The task body (without Ray): a run expected to outlast the time left returns at once,
+  creating nothing in the workdir, and says how long it needs."""
+  from experiments.configs import full
+
+  store = runs.RunStore(full.get_config(), tmp_path / "out")
+  store.run("opt:sst2:adamw:seed=0", {})
+  (request,) = store.to_train()
+  task = ray_runner._train_task._function
+  answer = task(request, str(tmp_path / "work"), time.time() + 600, 3600.0)
+  assert answer["status"] == "deferred"
+  assert "about 60 min, 10 min left" in answer["message"]
+  assert not (tmp_path / "work" / request.key).exists()
+
+
 def test_stopped_runs_go_first_furthest_along_first(tmp_path):
   """Runs with a checkpoint in the workdir go first, the one with the most of its steps
   trained first (a folder that is not a step is no checkpoint); the rest keep their order."""
@@ -288,6 +325,33 @@ def test_ray_trains_the_pending_runs_and_stores_each(tmp_path, local_ray, monkey
   assert two["report"]["steps"] == 2
   assert later.run("broken", {"data_dir": str(tmp_path / "nowhere"), "seed": 1}) is None
   assert [r.label for r in later.to_train()] == ["broken"]  # asked for again by a new pass
+
+
+def test_ray_defers_the_runs_that_would_not_end_before_the_deadline(tmp_path, local_ray):
+  """With a deadline and expected times, a run that would outlast it is deferred (its slot
+  freed at once, nothing trained); a run resumed half-way is expected to need half its time."""
+  from experiments.configs import full
+
+  store = runs.RunStore(full.get_config(), tmp_path / "out")
+  store.run("fresh", {"seed": 0})
+  store.run("half-way", {"seed": 1})
+  key = {r.label: r.key for r in store.to_train()}
+  (tmp_path / "work" / key["half-way"] / "checkpoints" / "300").mkdir(parents=True)
+  logs = []
+  outcome = ray_runner.train(
+      store.to_train(),
+      store,
+      workdir=tmp_path / "work",
+      deadline=time.time() + 1800,
+      expected_seconds=lambda request: 7200.0,
+      log=logs.append,
+  )
+  assert sorted(outcome.deferred) == sorted(key.values()) and not outcome.trained
+  deferred = sorted(line for line in logs if line.startswith("[deferred]"))
+  assert [line.split(" min,")[0] for line in deferred] == [
+      "[deferred] fresh: expected to take about 120",
+      "[deferred] half-way: expected to take about 60",
+  ]
 
 
 def test_a_stop_cancels_the_tasks_of_runs_that_never_started(tmp_path, local_ray):
