@@ -284,3 +284,12 @@ def test_translation_budget_reads_the_run_and_times_each_bucket(adamw_run, tmp_p
   text = translation_budget.markdown(record)
   assert "| 2 |" in text and "(beam search) |" in text and "| 12 |" in text
   assert "h of training for 3 steps" in text
+
+
+def test_translate_command_names_a_missing_or_bad_flag():
+  with pytest.raises(SystemExit, match="--output=None: Flag --output must have a value"):
+    translate.main(["--workdir", "w", "--input", "i"])
+  with pytest.raises(SystemExit, match="--beam_size=two: invalid literal"):
+    translate.main(["--workdir", "w", "--input", "i", "--output", "o", "--beam_size", "two"])
+  with pytest.raises(SystemExit, match="usage: python -m nearprox.training.translate"):
+    translate.main(["--workdir", "w", "--input", "i", "--output", "o", "--beams=2"])

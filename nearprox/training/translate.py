@@ -16,7 +16,6 @@ logged and printed (``"cut"``). Beam 1 is greedy decoding.
 
 from __future__ import annotations
 
-import argparse
 import functools
 import json
 import logging
@@ -25,6 +24,7 @@ from pathlib import Path
 
 import jax
 import numpy as np
+from absl import flags
 
 from nearprox.text import data
 from nearprox.text.data import subwords
@@ -89,17 +89,36 @@ def translate(
   return out
 
 
-def main(argv=None) -> dict:
-  parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-  parser.add_argument("--workdir", required=True, help="training workdir (or its model folder)")
-  parser.add_argument("--input", required=True, help="UTF-8 text (or .gz), one sentence a line")
-  parser.add_argument("--output", required=True, help="where to write one translation a line")
-  parser.add_argument("--beam_size", type=int, default=4)
-  parser.add_argument("--length_penalty", type=float, default=0.6)
-  parser.add_argument("--batch_size", type=int, default=64)
-  parser.add_argument("--reference", help="optional reference translations: print BLEU/chrF")
-  args = parser.parse_args(argv)
+def parse_flags(argv: list[str]) -> flags.FlagValues:
+  """The command's flags, parsed from ``argv`` (without the program name) into a FlagValues
+  of their own: absl, as every other command here, without defining them globally, where
+  their names (``--workdir``, ``--batch_size``) would clash with another command's imported
+  in the same process."""
+  values = flags.FlagValues()
+  define = lambda kind, name, default, text: getattr(flags, f"DEFINE_{kind}")(
+      name, default, text, flag_values=values
+  )
+  define("string", "workdir", None, "training workdir (or its model folder)")
+  define("string", "input", None, "UTF-8 text (or .gz), one sentence a line")
+  define("string", "output", None, "where to write one translation a line")
+  define("integer", "beam_size", 4, "beam width (1: greedy)")
+  define("float", "length_penalty", 0.6, "beam search's length penalty alpha")
+  define("integer", "batch_size", 64, "sentences decoded at once")
+  define("string", "reference", None, "reference translations: also print BLEU and chrF")
+  usage = " ".join(__doc__.splitlines()[2].split())
+  if {"--help", "-h", "--helpshort"} & set(argv):
+    print(f"usage: {usage}\n\n{values.get_help()}")
+    raise SystemExit(0)
+  flags.mark_flags_as_required(["workdir", "input", "output"], flag_values=values)
+  try:
+    values(["translate", *argv])
+  except flags.Error as error:
+    raise SystemExit(f"translate: {error}\nusage: {usage}") from None
+  return values
 
+
+def main(argv: list[str]) -> dict:
+  args = parse_flags(argv)
   model, params, tokenizer = translation_io.load_model(args.workdir)
   sentences = data.translation.read_lines(args.input)
   stats = {}
