@@ -152,9 +152,9 @@ def train_missing(plan, config, out: Path, only, deadline, log=print) -> str | N
     run_studies(plan, store, only)
     requests = store.to_train()
     if not requests:
-      return (
-          f"the stop: {len(deferred)} run(s) would not have ended before it" if deferred else None
-      )
+      if deferred:
+        return f"--stop_after ({len(deferred)} run(s) deferred: they would not end before it)"
+      return None
     requests, asked = ray_runner.this_pass(requests, _FIRST.value), len(requests)
     log(f"== pass {number}: {len(requests)} of {asked} run(s) to train")
     outcome = ray_runner.train(

@@ -450,3 +450,50 @@ def test_sigterm_during_the_attack_resumes_at_the_last_step(tmp_path, monkeypatc
   assert len(attacked) == 1 and result["attack"] == [{"epsilon": 0.0}]
   assert [(s["from_step"], s["to_step"]) for s in result["segments"]] == [(0, 6), (6, 6)]
   assert result["report"]["train_step_seconds"] == result["segments"][0]["train_step_seconds"]
+
+
+def test_a_deferred_run_is_not_asked_for_again_and_the_invocation_says_so(tmp_path, monkeypatch):
+  """train_missing (experiments/reproduce.py): a run deferred in a pass is left out of the
+  next passes, which still train what else the studies ask for; the invocation then ends as
+  stopped by --stop_after, so its exit says that runs are left to train."""
+  import types
+
+  from experiments import reproduce
+  from experiments.configs import full
+
+  config = full.get_config()
+  for name, value in {
+      "_WORKDIR": str(tmp_path / "work"),
+      "_MODE": "full",
+      "_FIRST": [],
+      "_CPUS_PER_RUN": 1.0,
+      "_GPUS_PER_RUN": 0.0,
+      "_MAX_RETRIES": 0,
+      "_ONLY_WHAT_ENDS": True,
+  }.items():
+    monkeypatch.setattr(reproduce, name, types.SimpleNamespace(value=value))
+
+  def studies(plan, store, only):  # a tuning: its reported run is asked for once it is stored
+    store.run("long", {"seed": 0})
+    if store.run("tune", {"seed": 1}) is not None:
+      store.run("reported", {"seed": 2})
+
+  passes = []
+
+  def train(requests, store, expected_seconds, **options):
+    passes.append([r.label for r in requests])
+    assert expected_seconds is not None and options["deadline"] == 123.0
+    outcome = ray_runner.Outcome()
+    for request in requests:
+      if request.label == "long":
+        outcome.deferred.append(request.key)
+      else:
+        store.save(fake_run(request.config, request.key, label=request.label))
+        outcome.trained.append(request.key)
+    return outcome
+
+  monkeypatch.setattr(reproduce, "run_studies", studies)
+  monkeypatch.setattr(ray_runner, "train", train)
+  stopped = reproduce.train_missing(None, config, tmp_path / "out", ["any"], 123.0)
+  assert passes == [["long", "tune"], ["reported"]]
+  assert stopped == "--stop_after (1 run(s) deferred: they would not end before it)"
