@@ -344,7 +344,9 @@ def init_params(model: nn.Module, rng: jax.Array, batch_size: int = 2, seq_len: 
   input_ids = jnp.zeros((batch_size, seq_len), jnp.int32)
   # The multi-task model computes every head on the whole batch: any task ids create them all.
   extra = _task_ids_argument(model, {"task_ids": jnp.zeros((batch_size,), jnp.int32)})
-  return model.init({"params": rng}, input_ids, deterministic=True, **extra)["params"]
+  # Jitted: one XLA compile, where an eager init compiles every op it meets (seconds on a CPU).
+  init = lambda rng: model.init({"params": rng}, input_ids, deterministic=True, **extra)
+  return jax.jit(init)(rng)["params"]
 
 
 def _task_ids_argument(model, batch) -> dict:

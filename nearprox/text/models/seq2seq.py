@@ -338,7 +338,9 @@ class Seq2SeqTransformer(nn.Module):
 def init_seq2seq(config: Seq2SeqConfig, rng: jax.Array):
   """Randomly initialised ``params`` (the "params" collection) of ``Seq2SeqTransformer``."""
   ids = jnp.zeros((1, 2), jnp.int32)
-  return Seq2SeqTransformer(config).init({"params": rng}, ids, ids)["params"]
+  # Jitted: one XLA compile, where an eager init compiles every op it meets (seconds on a CPU).
+  init = lambda rng: Seq2SeqTransformer(config).init({"params": rng}, ids, ids)
+  return jax.jit(init)(rng)["params"]
 
 
 @functools.lru_cache(maxsize=64)  # The same function for the same model: jit caches hit.
