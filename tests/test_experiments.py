@@ -2,7 +2,7 @@
 tables and comparisons, the verdict table and the results document.
 
 The smoke test runs ``python -m experiments.reproduce --mode=smoke`` (tiny model, 3 steps,
-one seed, three studies) and checks that the run records, CSV tables, summary records, plots,
+one seed, five studies) and checks that the run records, CSV tables, summary records, plots,
 chosen settings and the results document are produced, that the document's numbers are the
 records' numbers (nothing typed in), that ``--config.*`` / ``--plan.*`` overrides reach the
 runs, and that a second invocation resumes from the stored runs instead of training again.
@@ -42,7 +42,10 @@ def run_module(module: str, *flags: str) -> str:
   return completed.stdout
 
 
-def reproduce(tmp_path, *extra, only="optimizers,damping,adversarial"):
+SMOKE_STUDIES = "optimizers,damping,adversarial,sketch,squad"
+
+
+def reproduce(tmp_path, *extra, only=SMOKE_STUDIES):
   return run_module(
       "experiments.reproduce",
       "--mode=smoke",
@@ -62,16 +65,40 @@ def reproduce(tmp_path, *extra, only="optimizers,damping,adversarial"):
     reason="needs the GLUE SST-2 TSVs (NEARPROX_GLUE_DIR)",
 )
 def test_smoke_pipeline_produces_tables_from_run_files(tmp_path):
-  log = reproduce(tmp_path)
+  """One invocation of five studies (one Ray session, shared tuning runs), then a second
+  that finds every run stored."""
+  squad_dir = write_squad(tmp_path / "squad")
+  log = reproduce(tmp_path, f"--squad_dir={squad_dir}", "--stop_after=60", only=SMOKE_STUDIES)
+  assert "[failed]" not in log and "[stop]" not in log
   out = tmp_path / "results" / "smoke"
   stored = [json.loads(p.read_text()) for p in sorted((out / "runs").glob("*.json"))]
   # Pass 1: one tuning trial each for sgd and proximal tikhonov (λ = 0.1) on held-out
   # training examples. Pass 2, at their choice: the reported runs, tikhonov at λ = 1 (the plan
   # override) and the FGM objective with an attack evaluation; tikhonov's reported run is also
-  # the adversarial study's clean run, so it trains once, with the attack.
-  assert len(stored) == 6
-  assert log.count("[run]") == 6 and "[failed]" not in log
+  # the adversarial study's clean run and the sketch study's exact run, so it trains once,
+  # with the attack; the sketched run on dev and at the tuning budget; two SQuAD runs.
+  assert len(stored) == 10 and log.count("[run]") == 10
   assert log.count("== pass") == 2
+  check_optimizer_damping_adversarial(tmp_path, out, stored)
+
+  # Resume: everything is stored, so nothing trains and the tables are unchanged.
+  summary = json.loads((out / "summary.json").read_text())
+  again = reproduce(tmp_path, f"--squad_dir={squad_dir}", "--report_only")
+  assert "[run]" not in again
+  assert json.loads((out / "summary.json").read_text()) == summary
+
+  check_sketch_and_squad(tmp_path, out, stored)  # last: it adds a step-cost record
+
+
+def check_optimizer_damping_adversarial(tmp_path, out, stored):
+  """The optimizer, damping and adversarial studies' tables, summary records and document."""
+  # Their runs: SST-2 with the exact Gram.
+  stored = [
+      r
+      for r in stored
+      if r["config"]["task"] == "sst2" and not r["config"]["optimizer"].get("sketch_dim")
+  ]
+  assert len(stored) == 6
   clean = [r for r in stored if r["config"]["optimizer"]["name"] == "proximal_sgd"]
   assert sum(r["attack"] is not None for r in clean if not r["config"]["holdout_examples"]) == 2
   tuned = [r for r in stored if r["config"]["holdout_examples"]]
@@ -108,6 +135,8 @@ def test_smoke_pipeline_produces_tables_from_run_files(tmp_path):
       "optimizers",
       "damping",
       "adversarial",
+      "sketch",
+      "squad",
   ]
   records = [r for r in summary if r["study"] == "optimizers"]
   assert len(records) == 2 and {r["condition"] for r in records} == {None}
@@ -162,11 +191,11 @@ def test_smoke_pipeline_produces_tables_from_run_files(tmp_path):
   readme = (tmp_path / "results.md").read_text()
   assert f"| {tuning.DISPLAY['majority']} | — | — | 1 | {100 * majority:.1f} |" in readme
   assert "# Results (mode `smoke`)" in readme and "python -m experiments.reproduce" in readme
-  # Every study of the smoke plan but the three selected (multidevice, glue, noise, …).
+  # Every study of the smoke plan but the five selected (multidevice, glue, noise, …).
   from experiments.configs import smoke
 
-  assert readme.count("**not run**") == len(smoke.get_plan().studies) - 3
-  assert "from 6 run records" in readme
+  assert readme.count("**not run**") == len(smoke.get_plan().studies) - 5
+  assert "from 10 run records" in readme
   accuracy = 100 * sgd["mean"]
   assert f"| SGD | 0.01 | — | 1 | {accuracy:.1f} |" in readme
   tuning_rows = list(csv.DictReader(open(out / "optimizers_tuning.csv")))
@@ -182,27 +211,10 @@ def test_smoke_pipeline_produces_tables_from_run_files(tmp_path):
   assert chosen["aliases"]["best_proximal"] == "proximal_tikhonov"
   assert chosen["variants"]["sgd"]["overrides"]["optimizer.learning_rate"] == 0.01
 
-  # Resume: everything is stored, so nothing trains and the tables are unchanged.
-  again = reproduce(tmp_path, "--report_only")
-  assert "[run]" not in again
-  assert json.loads((out / "summary.json").read_text()) == summary
 
-
-@pytest.mark.skipif(
-    not (GLUE / "SST-2" / "train.tsv").exists(),
-    reason="needs the GLUE SST-2 TSVs (NEARPROX_GLUE_DIR)",
-)
-def test_sketch_and_squad_studies_compare_from_run_files(tmp_path):
+def check_sketch_and_squad(tmp_path, out, stored):
   """Studies 7 and 8: the tuned proximal variant with the sketched and the exact Gram on
   SST-2, and SQuAD (a tiny corpus) with the plan's QA optimizers at their SST-2 settings."""
-  squad_dir = write_squad(tmp_path / "squad")
-  log = reproduce(tmp_path, f"--squad_dir={squad_dir}", "--stop_after=60", only="sketch,squad")
-  assert "[failed]" not in log and "[stop]" not in log
-  out = tmp_path / "results" / "smoke"
-  stored = [json.loads(p.read_text()) for p in sorted((out / "runs").glob("*.json"))]
-  # Two tuning runs (sgd, tikhonov), the exact and the sketched SST-2 run, the sketched
-  # run at the tuning budget (its exact twin is the tikhonov tuning run), two SQuAD runs.
-  assert len(stored) == 7 and log.count("[run]") == 7
   sketched = [r for r in stored if r["config"]["optimizer"].get("sketch_dim")]
   assert [r["config"]["optimizer"]["sketch_dim"] for r in sketched] == [64, 64]
   sketched = sorted(sketched, key=lambda r: r["config"]["holdout_examples"])
