@@ -1,5 +1,5 @@
-"""Test setup: 8 host CPU devices for pmap/shard_map tests, offline Hugging Face, and one
-on-disk cache of compiled programs for the whole session."""
+"""Test setup: 8 host CPU devices for pmap/shard_map tests, offline Hugging Face, Ray workers
+at the tests' priority, and one on-disk cache of compiled programs for the whole session."""
 
 import atexit
 import os
@@ -11,6 +11,10 @@ os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
+# Ray starts its workers at nice 15, so a Ray run the tests start (the local_ray fixture, the
+# smoke pipeline's reproduce process) waits while the other xdist worker has work: the smoke
+# pipeline ran past its 10-minute limit so. Ray reads its config from RAY_<name> variables.
+os.environ.setdefault("RAY_worker_niceness", "0")
 # LLVM's expensive passes off (XLA's graph passes stay): the tests' programs are tiny and run
 # a few times, so compiling them costs far more than running them; about a third less CPU
 # time (tests/test_factored.py: 268 -> 171 CPU-s). Numbers move by float32 rounding only.

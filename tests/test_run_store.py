@@ -283,14 +283,8 @@ def test_the_stop_file_checkpoints_a_run_that_the_next_call_resumes(tmp_path, mo
 def local_ray():
   import ray
 
-  # Workers at the tests' own priority: Ray's default, nice 15, starves them while the other
-  # xdist worker runs (the two runs then took several minutes instead of about one).
-  ray.init(
-      num_cpus=2,
-      include_dashboard=False,
-      log_to_driver=False,
-      _system_config={"worker_niceness": 0},
-  )
+  # Its workers run at the tests' own priority (RAY_worker_niceness in tests/conftest.py).
+  ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
   yield
   ray.shutdown()
 
