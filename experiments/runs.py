@@ -107,7 +107,8 @@ def base_config(name: str) -> ml_collections.ConfigDict:
 
 
 def without_seed(label: str) -> str:
-  """A run label less its ``seed=N`` part (``optimizers:sst2:adamw:seed=2`` → ``optimizers:sst2:adamw``)."""
+  """A run label less its ``seed=N`` part: ``optimizers:sst2:adamw:seed=2`` →
+  ``optimizers:sst2:adamw``."""
   return re.sub(r":seed=\d+", "", label)
 
 

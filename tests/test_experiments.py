@@ -45,11 +45,11 @@ def run_module(module: str, *flags: str) -> str:
 SMOKE_STUDIES = "optimizers,damping,adversarial,sketch,squad"
 
 
-def reproduce(tmp_path, *extra, only=SMOKE_STUDIES):
+def reproduce(tmp_path, *extra):
   return run_module(
       "experiments.reproduce",
       "--mode=smoke",
-      f"--only={only}",
+      f"--only={SMOKE_STUDIES}",
       f"--out={tmp_path / 'results'}",
       f"--doc={tmp_path / 'results.md'}",
       f"--workdir={tmp_path / 'work'}",
@@ -68,7 +68,7 @@ def test_smoke_pipeline_produces_tables_from_run_files(tmp_path):
   """One invocation of five studies (one Ray session, shared tuning runs), then a second
   that finds every run stored."""
   squad_dir = write_squad(tmp_path / "squad")
-  log = reproduce(tmp_path, f"--squad_dir={squad_dir}", "--stop_after=60", only=SMOKE_STUDIES)
+  log = reproduce(tmp_path, f"--squad_dir={squad_dir}", "--stop_after=60")
   assert "[failed]" not in log and "[stop]" not in log
   out = tmp_path / "results" / "smoke"
   stored = [json.loads(p.read_text()) for p in sorted((out / "runs").glob("*.json"))]

@@ -95,16 +95,14 @@ def parse_flags(argv: list[str]) -> flags.FlagValues:
   their names (``--workdir``, ``--batch_size``) would clash with another command's imported
   in the same process."""
   values = flags.FlagValues()
-  define = lambda kind, name, default, text: getattr(flags, f"DEFINE_{kind}")(
-      name, default, text, flag_values=values
-  )
-  define("string", "workdir", None, "training workdir (or its model folder)")
-  define("string", "input", None, "UTF-8 text (or .gz), one sentence a line")
-  define("string", "output", None, "where to write one translation a line")
-  define("integer", "beam_size", 4, "beam width (1: greedy)")
-  define("float", "length_penalty", 0.6, "beam search's length penalty alpha")
-  define("integer", "batch_size", 64, "sentences decoded at once")
-  define("string", "reference", None, "reference translations: also print BLEU and chrF")
+  own = {"flag_values": values}
+  flags.DEFINE_string("workdir", None, "training workdir (or its model folder)", **own)
+  flags.DEFINE_string("input", None, "UTF-8 text (or .gz), one sentence a line", **own)
+  flags.DEFINE_string("output", None, "where to write one translation a line", **own)
+  flags.DEFINE_integer("beam_size", 4, "beam width (1: greedy)", **own)
+  flags.DEFINE_float("length_penalty", 0.6, "beam search's length penalty alpha", **own)
+  flags.DEFINE_integer("batch_size", 64, "sentences decoded at once", **own)
+  flags.DEFINE_string("reference", None, "reference translations: also print BLEU and chrF", **own)
   usage = " ".join(__doc__.splitlines()[2].split())
   if {"--help", "-h", "--helpshort"} & set(argv):
     print(f"usage: {usage}\n\n{values.get_help()}")
