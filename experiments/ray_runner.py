@@ -248,25 +248,29 @@ def train(
     pending[task.remote(request, str(workdir), deadline, expected)] = (request, time.time())
   outcome = Outcome()
   stop = _Stopper(workdir, log)
+  next_progress = time.time() + progress_seconds
   try:
     while pending:
       if stop.why:
         _drop_unstarted(pending, workdir)
-      timeout = progress_seconds
-      if deadline is not None:
-        timeout = max(0.0, min(timeout, deadline - time.time()))
-      done, _ = ray.wait(list(pending), num_returns=1, timeout=timeout)
+      # Wake for the next progress report, or the deadline while it is still ahead; once
+      # stopped, the runs take a while to checkpoint and the loop must not spin meanwhile.
+      wake = next_progress
+      if deadline is not None and not stop.why:
+        wake = min(wake, deadline)
+      done, _ = ray.wait(list(pending), num_returns=1, timeout=max(0.0, wake - time.time()))
       if deadline is not None and time.time() >= deadline:
         stop("the deadline")
-      if not done:
+      if done:
+        _collect(done[0], *pending.pop(done[0]), store, outcome, log)
+      elif time.time() >= next_progress:
         for request, _ in pending.values():
           line = progress_line(
               request.label, workdir / request.key / "metrics.jsonl", request.config.num_train_steps
           )
           if line:
             log(line)
-        continue
-      _collect(done[0], *pending.pop(done[0]), store, outcome, log)
+        next_progress = time.time() + progress_seconds
   finally:
     stop.restore()
   outcome.interrupted = stop.why

@@ -348,6 +348,46 @@ def test_ray_defers_the_runs_that_would_not_end_before_the_deadline(tmp_path, lo
   ]
 
 
+def test_after_the_deadline_the_driver_waits_for_the_checkpoint_without_spinning(
+    tmp_path, local_ray, monkeypatch
+):
+  """Past the deadline a run takes a while to save its checkpoint; meanwhile the driver
+  reports progress at its interval, not in a loop (it once logged 34,370 progress lines)."""
+  import ray
+
+  from experiments.configs import full
+
+  stop_file = str(tmp_path / "work" / ray_runner.STOP_FILE)
+
+  @ray.remote(num_cpus=0)
+  def checkpoints_slowly(request, workdir, deadline, expected):
+    del deadline, expected
+    run = Path(workdir) / request.key
+    run.mkdir(parents=True, exist_ok=True)
+    (run / "metrics.jsonl").write_text(json.dumps({"step": 10, "train/step_time": 2.0}) + "\n")
+    while not os.path.exists(stop_file):
+      time.sleep(0.05)
+    time.sleep(2.0)  # saving the checkpoint
+    return {"status": "stopped", "message": f"{request.label}: checkpoint at step 10"}
+
+  monkeypatch.setattr(ray_runner, "_train_task", checkpoints_slowly)
+  store = runs.RunStore(full.get_config(), tmp_path / "out")
+  store.run("slow", {"seed": 0})
+  logs = []
+  outcome = ray_runner.train(
+      store.to_train(),
+      store,
+      workdir=tmp_path / "work",
+      deadline=time.time() + 1.0,
+      progress_seconds=0.5,
+      log=logs.append,
+  )
+  assert outcome.interrupted == "the deadline" and len(outcome.stopped) == 1
+  assert logs[-1] == "[stopped] slow: checkpoint at step 10"
+  progress = [line for line in logs if line.startswith("[progress] slow: step 10/600")]
+  assert 1 <= len(progress) <= 12, len(progress)  # about 3 s at one line per 0.5 s
+
+
 def test_a_stop_cancels_the_tasks_of_runs_that_never_started(tmp_path, local_ray):
   """A run without a folder in the workdir never started: its queued task is cancelled, not
   left to start a worker only to find the STOP file; a started run's task is kept."""
