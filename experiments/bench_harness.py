@@ -3,14 +3,18 @@
 :func:`make_steps` builds SGD's step and the proximal steps (factored, per-example kernel
 gradients formed whole, ``kernel_combine="materialized"``, vmap, sketched) of one model on one
 batch (sequence classification, softmax cross-entropy, dropout off); :func:`bench` compiles
-and times them interleaved, with XLA's FLOP count and memory estimate of each. Used by
-experiments/bench_step.py, bench_sketch.py and bench_workers.py.
+and times them interleaved, with XLA's FLOP count and memory estimate of each, skipping (with
+a note) a step that needs more memory than the limit or the machine has free. Used by
+experiments/bench_step.py, bench_sketch.py and bench_step_parts.py.
 """
 
 from __future__ import annotations
 
+import ctypes
 import dataclasses
+import gc
 import time
+from pathlib import Path
 
 import jax
 import jax.numpy as jnp
@@ -193,9 +197,37 @@ def peak_bytes(compiled) -> float:
   return float(stats.temp_size_in_bytes + stats.argument_size_in_bytes + stats.output_size_in_bytes)
 
 
+def available_bytes() -> float | None:
+  """The memory the kernel says can still be given to processes (``MemAvailable`` of
+  /proc/meminfo), None where that file is absent."""
+  try:
+    with open("/proc/meminfo") as meminfo:
+      for line in meminfo:
+        if line.startswith("MemAvailable:"):
+          return float(line.split()[1]) * 1024
+  except OSError:
+    pass
+  return None
+
+
+def release_memory() -> None:
+  """Drops the compiled programs of earlier benchmarks and hands the heap's free pages back
+  to the system (glibc's ``malloc_trim``): a process that has run many steps otherwise keeps
+  gigabytes of freed buffers, and a large step after them was killed for memory."""
+  jax.clear_caches()
+  gc.collect()
+  try:
+    ctypes.CDLL("libc.so.6").malloc_trim(0)
+  except (OSError, AttributeError):  # not glibc
+    pass
+
+
 def bench(model, params, batch, length, names, repeats, max_gb, vocab, data=None, sketch_dims=()):
   """{name: Result} for the steps in ``names``, timed interleaved on the same batch
-  (``data`` = (ids, mask, labels), default random tokens)."""
+  (``data`` = (ids, mask, labels), default random tokens). A step whose XLA memory estimate
+  exceeds ``max_gb`` GB, or the memory this machine has available with the steps compiled
+  before it held, is not run (its time None, the reason in its note)."""
+  release_memory()
   ids, mask, labels = make_batch(vocab, batch, length) if data is None else data
   steps = make_steps(model, sketch_dims=sketch_dims)
   unblocked_steps = make_steps(model, sketch_dims=sketch_dims, gram_blocking=UNBLOCKED)
@@ -208,6 +240,11 @@ def bench(model, params, batch, length, names, repeats, max_gb, vocab, data=None
     peak, flops = peak_bytes(exe), counted_gflops(exe, unblocked_steps[name][0], *call_args)
     if peak > max_gb * GB:
       results[name] = [None, peak, flops, f"not run: needs ~{peak / GB:.1f} GB > {max_gb:g} GB"]
+      continue
+    free = available_bytes()
+    if free is not None and peak > free:
+      note = f"not run: needs ~{peak / GB:.1f} GB, {free / GB:.1f} GB available"
+      results[name] = [None, peak, flops, note]
       continue
     compiled[name] = (exe, (params, state, ids, mask, labels))
     jax.block_until_ready(exe(*compiled[name][1]))  # warm-up
@@ -229,3 +266,24 @@ def fmt_ratio(result, base):
   if result[0] is None or base[0] is None:
     return "–"
   return f"{result[0] / base[0]:.2f}×"
+
+
+class MarkdownOutput:
+  """A benchmark's Markdown file, written when the benchmark ends; until then every finished
+  part is kept in ``<path>.partial``, so a run that dies (killed for memory, say) loses only
+  the part it was in and leaves the last finished file as it was."""
+
+  def __init__(self, path):
+    self.path = Path(path)
+    self.partial = self.path.with_name(self.path.name + ".partial")
+    self.path.parent.mkdir(parents=True, exist_ok=True)
+
+  def emit(self, lines: list[str], finished: list[str]) -> None:
+    """Prints ``finished`` (the last lines added to ``lines``) and saves ``lines``."""
+    print("\n".join(finished), flush=True)
+    self.partial.write_text("\n".join(lines) + "\n")
+
+  def finish(self, lines: list[str]) -> None:
+    self.path.write_text("\n".join(lines) + "\n")
+    self.partial.unlink(missing_ok=True)
+    print(f"\nwritten to {self.path}")

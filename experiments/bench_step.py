@@ -27,8 +27,11 @@ Times are the minimum over interleaved repeats after compilation (so a busy mach
 all of them alike); ratios are to the SGD step of the same run. FLOPs are XLA's
 ``compiled.cost_analysis()`` count (machine independent). Peak memory is XLA's static
 estimate ``compiled.memory_analysis()``: temp + argument + output bytes. Settings whose
-estimate exceeds --max_gb are not run and reported as such. The markdown table is printed
-and written to experiments/results/bench_step.md.
+estimate exceeds --max_gb, or the memory the machine has available at that point, are not
+run and reported as such. The markdown table is printed and written to
+experiments/results/bench_step.md (--output); while the run goes on, every finished part is
+kept in ``<output>.partial`` (removed at the end), so a run that dies loses only the part it
+was in and leaves the last finished output as it was.
 """
 
 from __future__ import annotations
@@ -46,6 +49,7 @@ import nearprox
 from experiments import bench_sketch
 from experiments.bench_harness import (
     GB,
+    MarkdownOutput,
     bench,
     counted_gflops,
     fmt_ratio,
@@ -255,6 +259,8 @@ def header(command: str) -> list[str]:
 def main(argv) -> None:
   del argv
   repeats = _REPEATS.value or (3 if _QUICK.value else 5)
+  output = MarkdownOutput(_OUTPUT.value)
+  emit = lambda finished: output.emit(lines, finished)
   sketch_dims = [int(k) for k in _SKETCH_DIMS.value]
   lines = header(" ".join(["python -m experiments.bench_step", *sys.argv[1:]]))
   lines += [
@@ -269,12 +275,12 @@ def main(argv) -> None:
   vocab = minilm.config.vocab_size
   results = bench(minilm, minilm_params, 32, 64, steps, repeats, _MAX_GB.value, vocab)
   lines += comparison_rows("MiniLM-L6 (22.7M params), B=32, T=64", results)
-  print("\n".join(lines), flush=True)
+  emit(lines)
   if _TRANSLATION.value:
     steps_ = ("sgd", "factored") if _QUICK.value else ("sgd", "factored", "vmap")
     row = translation_rows(*(int(v) for v in _TRANSLATION.value), steps_, repeats)
     lines += row
-    print("\n".join(row), flush=True)
+    emit(row)
 
   base = base_params = None
   if not _QUICK.value and _BERT_BASE.value:
@@ -296,7 +302,7 @@ def main(argv) -> None:
         break
     row = comparison_rows(f"BERT-base shapes (random weights), B={batch}, T=128", base_results)
     lines += row
-    print("\n".join(row), flush=True)
+    emit(row)
 
   start = len(lines)
   lines += ["", *target_lines(results)]
@@ -319,7 +325,7 @@ def main(argv) -> None:
       "are throughput the part loses against SGD's own matmuls on this machine.",
       "",
   ]
-  print("\n".join(lines[start:]), flush=True)
+  emit(lines[start:])
 
   start = len(lines)
   lines += [
@@ -361,7 +367,7 @@ def main(argv) -> None:
       ),
       "",
   ]
-  print("\n".join(lines[start:]), flush=True)
+  emit(lines[start:])
 
   if base is not None:
     bert_dims = [int(k) for k in _BERT_SKETCH_DIMS.value]
@@ -377,7 +383,7 @@ def main(argv) -> None:
         "random tokens and random weights (a pretrained BERT-base is not stored here)",
     )
     lines += section
-    print("\n".join(section), flush=True)
+    emit(section)
 
   if not _QUICK.value and _SCALING.value:
     lines += [
@@ -387,7 +393,7 @@ def main(argv) -> None:
         "| B | T | SGD | factored | × SGD | FLOPs × SGD | factored peak memory | × SGD " "| note |",
         "|---|---|---|---|---|---|---|---|---|",
     ]
-    print("\n".join(lines[-4:]), flush=True)
+    emit(lines[-4:])
     for batch in (8, 32, 128):
       for length in (32, 128, 512):
         results = bench(
@@ -408,12 +414,9 @@ def main(argv) -> None:
             f"{fac[1] / sgd[1]:.2f}× | {note} |"
         )
         lines.append(row)
-        print(row, flush=True)
+        emit([row])
 
-  os.makedirs(os.path.dirname(_OUTPUT.value), exist_ok=True)
-  with open(_OUTPUT.value, "w") as f:
-    f.write("\n".join(lines) + "\n")
-  print(f"\nwritten to {_OUTPUT.value}")
+  output.finish(lines)
 
 
 if __name__ == "__main__":

@@ -12,7 +12,8 @@ import jax
 import numpy as np
 import pytest
 
-from experiments import bench_sketch
+from experiments import bench_harness, bench_sketch
+from experiments.bench_harness import GB
 from nearprox.text import models
 
 
@@ -67,6 +68,7 @@ def test_bench_step_writes_every_section_of_its_quick_run(tiny_saved_model, tmp_
   assert sum(r.startswith("| 16 |") for r in rows) == 1 + len(bench_sketch.SKETCH_FAMILIES)
   assert "- k = 16: time" in text and "target factored step ≤ 1.3× the SGD step" in text
   assert not re.search(r"\bnan\b", text), text  # every number measured
+  assert not (tmp_path / "bench_step.md.partial").exists()  # kept only while it runs
 
 
 def test_bench_objectives_times_every_objective_against_clean():
@@ -84,6 +86,39 @@ def tiny_batch():
   rng = np.random.default_rng(0)
   data = (rng.integers(1, 100, (8, 16)), np.ones((8, 16), np.int32), rng.integers(0, 2, 8))
   return model, params, data
+
+
+def test_a_step_that_needs_more_memory_than_is_available_is_not_run(tiny_batch, monkeypatch):
+  """Not killed for memory mid-benchmark: the step is reported as not run, with why."""
+  model, params, data = tiny_batch
+  assert bench_harness.available_bytes() > 0  # this machine's /proc/meminfo
+  results = bench_harness.bench(model, params, 8, 16, ("sgd",), 1, 16, 100, data)
+  peak = results["sgd"][1]
+  assert results["sgd"][0] > 0 and results["sgd"][3] == ""
+  monkeypatch.setattr(bench_harness, "available_bytes", lambda: peak / 2)
+  results = bench_harness.bench(model, params, 8, 16, ("sgd",), 1, 16, 100, data)
+  assert results["sgd"][0] is None
+  assert (
+      results["sgd"][3] == f"not run: needs ~{peak / GB:.1f} GB, {peak / 2 / GB:.1f} GB available"
+  )
+
+
+def test_a_benchmark_keeps_its_finished_parts_until_it_ends(tmp_path, capsys):
+  """While it runs the finished parts are in <output>.partial and the last finished output
+  is left as it was; at the end the output is written and the partial file removed."""
+  path = tmp_path / "results" / "bench.md"
+  output = bench_harness.MarkdownOutput(path)
+  path.write_text("the last finished run\n")
+  lines = ["# title", "| a |"]
+  output.emit(lines, lines[1:])
+  assert capsys.readouterr().out == "| a |\n"
+  assert output.partial.read_text() == "# title\n| a |\n"
+  assert path.read_text() == "the last finished run\n"
+  lines += ["| b |"]
+  output.emit(lines, lines[2:])
+  assert output.partial.read_text() == "# title\n| a |\n| b |\n"
+  output.finish(lines)
+  assert path.read_text() == "# title\n| a |\n| b |\n" and not output.partial.exists()
 
 
 def test_sketch_accuracy_is_exact_without_sketched_leaves_and_within_the_bound_with(tiny_batch):
