@@ -352,7 +352,7 @@ def test_after_the_deadline_the_driver_waits_for_the_checkpoint_without_spinning
     tmp_path, local_ray, monkeypatch
 ):
   """Past the deadline a run takes a while to save its checkpoint; meanwhile the driver
-  reports progress at its interval, not in a loop (it once logged 34,370 progress lines)."""
+  reports progress once per interval, not in a loop (it once logged 34,370 progress lines)."""
   import ray
 
   from experiments.configs import full
@@ -361,10 +361,7 @@ def test_after_the_deadline_the_driver_waits_for_the_checkpoint_without_spinning
 
   @ray.remote(num_cpus=0)
   def checkpoints_slowly(request, workdir, deadline, expected):
-    del deadline, expected
-    run = Path(workdir) / request.key
-    run.mkdir(parents=True, exist_ok=True)
-    (run / "metrics.jsonl").write_text(json.dumps({"step": 10, "train/step_time": 2.0}) + "\n")
+    del workdir, deadline, expected
     while not os.path.exists(stop_file):
       time.sleep(0.05)
     time.sleep(2.0)  # saving the checkpoint
@@ -373,19 +370,24 @@ def test_after_the_deadline_the_driver_waits_for_the_checkpoint_without_spinning
   monkeypatch.setattr(ray_runner, "_train_task", checkpoints_slowly)
   store = runs.RunStore(full.get_config(), tmp_path / "out")
   store.run("slow", {"seed": 0})
-  logs = []
+  # The run has started (its folder exists), whenever its worker does on a busy machine.
+  run = tmp_path / "work" / store.to_train()[0].key
+  run.mkdir(parents=True)
+  (run / "metrics.jsonl").write_text(json.dumps({"step": 10, "train/step_time": 2.0}) + "\n")
+  logs, start = [], time.time()
   outcome = ray_runner.train(
       store.to_train(),
       store,
       workdir=tmp_path / "work",
-      deadline=time.time() + 1.0,
+      deadline=start + 1.0,
       progress_seconds=0.5,
       log=logs.append,
   )
+  elapsed = time.time() - start
   assert outcome.interrupted == "the deadline" and len(outcome.stopped) == 1
   assert logs[-1] == "[stopped] slow: checkpoint at step 10"
   progress = [line for line in logs if line.startswith("[progress] slow: step 10/600")]
-  assert 1 <= len(progress) <= 12, len(progress)  # about 3 s at one line per 0.5 s
+  assert 1 <= len(progress) <= elapsed / 0.5 + 1, (len(progress), elapsed)
 
 
 def test_a_stop_cancels_the_tasks_of_runs_that_never_started(tmp_path, local_ray):
