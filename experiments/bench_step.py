@@ -259,10 +259,10 @@ def header(command: str) -> list[str]:
 def main(argv) -> None:
   del argv
   repeats = _REPEATS.value or (3 if _QUICK.value else 5)
-  output = MarkdownOutput(_OUTPUT.value)
-  emit = lambda finished: output.emit(lines, finished)
   sketch_dims = [int(k) for k in _SKETCH_DIMS.value]
   lines = header(" ".join(["python -m experiments.bench_step", *sys.argv[1:]]))
+  output = MarkdownOutput(_OUTPUT.value)
+  emit = lambda finished: output.emit(lines, finished)  # ``finished``: the lines just added
   lines += [
       "## Step time and peak memory, relative to SGD",
       "",
