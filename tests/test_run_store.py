@@ -9,6 +9,7 @@ import json
 import os
 import signal
 import time
+import warnings
 from pathlib import Path
 
 import ml_collections
@@ -284,7 +285,11 @@ def local_ray():
   import ray
 
   # Its workers run at the tests' own priority (RAY_worker_niceness in tests/conftest.py).
-  ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+  with warnings.catch_warnings():
+    # ray.init starts its daemons with subprocess (fork, then exec at once): JAX's warning
+    # about fork in a threaded process concerns children that go on running Python.
+    warnings.filterwarnings("ignore", r"os\.fork\(\) was called", RuntimeWarning)
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
   yield
   ray.shutdown()
 
