@@ -219,7 +219,7 @@ def test_summary_records_test_bleu_and_chrf_of_every_row(tmp_path):
 
 def test_a_one_seed_score_has_no_seed_spread():
   """A trial with one seed so far shows its score alone, not "± 0.0" (report.pct's rule)."""
-  cell = translation._bleu("score", "score_std")
+  cell = translation._bleu("score")
   assert cell({"score": 17.651, "score_std": 0.0, "seeds": 1}) == "17.7"
   assert cell({"score": 9.57, "score_std": 0.31, "seeds": 2}) == "9.6 ± 0.3"
   assert cell({"score": float("nan"), "score_std": 0.0, "seeds": 2}) == "—"

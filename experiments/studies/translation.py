@@ -206,16 +206,15 @@ def fngd_verdict(ctx: Context, study, comparisons: list[dict]) -> str | None:
   )
 
 
-def _bleu(key: str, std_key: str | None = None):
-  """Mean ± seed std in BLEU/chrF points (already 0–100, so not :func:`report.pct`), with
-  its rule: no ± with one seed."""
+def _bleu(key: str):
+  """Mean ± seed std (``<key>_std``) in BLEU/chrF points (already 0–100, so not
+  :func:`report.pct`), with its rule: no ± with one seed."""
 
   def cell(r):
     value = r.get(key)
     if value is None or value != value:
       return "—"
-    std = r[std_key or f"{key}_std"]
-    return f"{value:.1f}" + (f" ± {std:.1f}" if r["seeds"] > 1 else "")
+    return f"{value:.1f}" + (f" ± {r[f'{key}_std']:.1f}" if r["seeds"] > 1 else "")
 
   return cell
 
@@ -261,7 +260,7 @@ def markdown(study: dict) -> str:
         LR,
         DAMPING,
         SEEDS,
-        ("val BLEU (mean over seeds)", _bleu("score", "score_std")),
+        ("val BLEU (mean over seeds)", _bleu("score")),
         ("chosen", lambda r: "✓" if r["chosen"] else ""),
     ]
     text += "\n\nTuning on val (every trial):\n\n" + markdown_table(tuning, columns)
