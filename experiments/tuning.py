@@ -112,6 +112,15 @@ def end_loss(result: dict) -> float:
   return float(np.mean(tail)) if tail else float("nan")
 
 
+def diverged(result: dict) -> bool:
+  """Whether the run diverged: training stopped at a non-finite update (the report's
+  ``diverged_at_step``), or, in records from before training stopped there, a logged training
+  loss is non-finite. Its scores are its diverged model's (e.g. BLEU 0), so they count."""
+  if result["report"].get("diverged_at_step") is not None:
+    return True
+  return any(not math.isfinite(v) for _, v in history_curve(result, "train/loss"))
+
+
 def mean_std(values) -> tuple[float, float]:
   """Mean and sample standard deviation (0 for one value) of the non-NaN values."""
   values = [v for v in values if v is not None and not math.isnan(v)]
@@ -363,6 +372,7 @@ class Context:
               "score": mean,
               "score_std": std,
               "collapsed_seeds": sum(bool(c) for c in one_class),
+              "diverged_seeds": sum(diverged(r) for r in found),
               "train_loss_end": mean_std([end_loss(r) for r in found])[0],
               "machine": " + ".join(sorted({machine_kind(r) for r in found})),
               "trial": trial,

@@ -337,6 +337,7 @@ def test_adversarial_study_compares_the_tuned_proximal_variant_with_adamw_under_
     return {
         "config": {
             "task": "sst2",
+            "num_train_steps": 600,
             "optimizer": {"name": variant, "damping": 1.0, "weighting": weighting[variant]},
             "objective": {"kind": objective},  # stored before objective.ief_weights existed
         },

@@ -117,6 +117,7 @@ def test_preempted_run_saves_and_resumes_exactly(glue_dir, tmp_path, optimizer, 
   assert (tmp_path / "resumed" / "checkpoints" / "3").is_dir()
   resumed = train.train_and_evaluate(config, tmp_path / "resumed")
   assert resumed["steps"] == 6 and not resumed["preempted"]
+  assert straight["diverged_at_step"] is None and resumed["diverged_at_step"] is None
   np.testing.assert_array_equal(flat_params(resumed["params"]), flat_params(straight["params"]))
   assert resumed["dev"] == straight["dev"]
 
@@ -423,6 +424,34 @@ def test_holdout_is_a_fixed_slice_of_train_and_hides_the_reported_splits(glue_di
 def test_bad_configs_are_clear_errors(glue_dir, tmp_path, override, match):
   with pytest.raises(ValueError, match=match):
     train.train_and_evaluate(tiny_config(glue_dir, **override), tmp_path / "run")
+
+
+def test_a_diverged_run_stops_at_its_non_finite_update_and_is_scored(glue_dir, tmp_path, caplog):
+  """A non-finite update leaves every later parameter non-finite: training stops at that step
+  (its loss logged, the state saved, an error naming the step) instead of running the rest
+  on NaN, and the final evaluation scores the diverged model, so the run still counts."""
+  config = tiny_config(
+      glue_dir,
+      **{
+          "optimizer.name": "sgd",
+          "optimizer.learning_rate": 1e12,
+          "num_train_steps": 8,
+          "eval_every": 100,
+          "checkpoint_every": 100,
+          "parallel": "jit",
+      },
+  )
+  with caplog.at_level(logging.ERROR):
+    report = train.train_and_evaluate(config, tmp_path / "run")
+  step = report["diverged_at_step"]
+  assert step is not None and report["steps"] == step < 8 and not report["preempted"]
+  assert f"training diverged at step {step}" in caplog.text
+  assert 0 <= report["dev"]["accuracy"] <= 1
+  assert not np.all(np.isfinite(flat_params(report["params"])))
+  log = metrics_writer.read_jsonl(tmp_path / "run" / "metrics.jsonl")
+  losses = [(r["step"], r["train/loss"]) for r in log if "train/loss" in r]
+  assert losses[-1][0] == step and not np.isfinite(losses[-1][1])
+  assert [p.name for p in (tmp_path / "run" / "checkpoints").iterdir()] == [str(step)]
 
 
 def test_metric_log_resumes_at_the_checkpoint_step(tmp_path):

@@ -223,3 +223,38 @@ def test_a_one_seed_score_has_no_seed_spread():
   assert cell({"score": 17.651, "score_std": 0.0, "seeds": 1}) == "17.7"
   assert cell({"score": 9.57, "score_std": 0.31, "seeds": 2}) == "9.6 ± 0.3"
   assert cell({"score": float("nan"), "score_std": 0.0, "seeds": 2}) == "—"
+
+
+def test_a_diverged_seed_counts_with_its_score_and_is_flagged(tmp_path):
+  """A seed that diverged is scored as its diverged model (BLEU 0), not dropped from the
+  trial's mean, and the tuning table says how many seeds diverged; older records, from
+  before training stopped at a non-finite update, are known by their non-finite loss."""
+
+  class DivergingStore(TranslationStore):
+
+    def run(self, label, overrides, devices=1, attack=None, base=None):
+      result = super().run(label, overrides, devices, attack, base)
+      if (
+          base
+          and overrides["optimizer.name"] == "sgd"
+          and overrides["optimizer.learning_rate"] == 0.3
+      ):
+        result["report"]["dev"] = {"bleu": 0.0, "chrf": 0.0}
+        if overrides["seed"] == 0:
+          result["report"]["diverged_at_step"] = 40
+        else:
+          result["history"][-2]["train/loss"] = float("nan")
+      return result
+
+  ctx = _context(tmp_path)
+  ctx.store = DivergingStore(tmp_path, ablation_score)
+  study = core.run_study("translation", translation, ctx)
+  sgd = {
+      r["learning_rate"]: r
+      for r in study["tables"]["translation_tuning"]
+      if r["optimizer"] == "sgd"
+  }
+  assert (sgd[0.3]["score"], sgd[0.3]["diverged_seeds"]) == (0.0, 2)
+  assert sgd[0.1]["diverged_seeds"] == 0 and sgd[0.1]["chosen"]
+  text = translation.markdown(study)
+  assert "| 0.0 ± 0.0 | 2 |  |" in text and "diverged seeds" in text

@@ -22,7 +22,12 @@ class FakeStore:
     name = overrides.get("optimizer.name")
     optimizer = {"name": name, "damping": overrides.get("optimizer.damping", 0.1)}
     return {
-        "config": {"task": overrides["task"], "seed": overrides["seed"], "optimizer": optimizer},
+        "config": {
+            "task": overrides["task"],
+            "seed": overrides["seed"],
+            "num_train_steps": overrides.get("num_train_steps"),
+            "optimizer": optimizer,
+        },
         "report": {
             split: {"accuracy": self.score(overrides)},
             "predicted_classes": {split: counts},

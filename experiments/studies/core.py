@@ -120,7 +120,7 @@ def summary_rows(
   rate or damping), else from ``group.describe()``; steps, batch size and tokens from the
   runs; ``task`` defaults to ``row["task"]``, else :data:`STUDY_TASK`."""
   first = group.results[0]
-  config, report = first["config"], first["report"]
+  config = first["config"]
   described = {**group.describe(), "seeds": len(group.results), **row}
   collapsed = row["collapsed_seeds"] if "collapsed_seeds" in row else group.collapsed_seeds()
   common = {
@@ -128,7 +128,7 @@ def summary_rows(
       "condition": condition,
       "task": task or row.get("task", STUDY_TASK),
       **{k: described[k] for k in ("optimizer", "variant", "seeds", "learning_rate", "damping")},
-      "steps": report.get("steps", config.get("num_train_steps")),
+      "steps": config["num_train_steps"],  # the budget (a diverged run trains fewer)
       "batch_size": config.get("batch_size"),
       "max_length": config.get("max_length"),
       "collapsed_seeds": collapsed,

@@ -101,7 +101,7 @@ def _summary_rows(row: dict, group, tasks, condition: str) -> list[dict]:
       "condition": condition,
       "optimizer": row["optimizer"],
       "variant": row["variant"],
-      "steps": group.results[0]["report"]["steps"],
+      "steps": config["num_train_steps"],
       "batch_size": config["batch_size"],
       "max_length": config["max_length"],
       "seeds": row["seeds"],

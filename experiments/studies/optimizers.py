@@ -114,7 +114,7 @@ def run(ctx: Context) -> dict:
           "condition": None,  # every row at the plan's budget (core.SUMMARY_FIELDS)
           "task": task,
           **group.describe(),
-          "steps": found[0]["report"]["steps"],
+          "steps": config["num_train_steps"],
           "batch_size": config["batch_size"],
           "max_length": config["max_length"],
           "seeds": len(found),

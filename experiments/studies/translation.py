@@ -148,7 +148,7 @@ def run(ctx: Context) -> dict:
     base_row = rows[[g for _, g in groups].index(baseline)]
     base_curve = curves[base_row["variant"]]
     # AdamW's seed-mean greedy val BLEU after its last step (None: its runs did not log it).
-    target = dict(base_curve).get(baseline.results[0]["report"]["steps"])
+    target = dict(base_curve).get(baseline.results[0]["config"]["num_train_steps"])
     for row, (_, group), curve in zip(rows, groups, curves.values(), strict=True):
       steps = _first_step_at(curve, target)
       ratio = group.step_ratio(baseline)
@@ -261,9 +261,15 @@ def markdown(study: dict) -> str:
         DAMPING,
         SEEDS,
         ("val BLEU (mean over seeds)", _bleu("score")),
+        ("diverged seeds", get("diverged_seeds")),
         ("chosen", lambda r: "✓" if r["chosen"] else ""),
     ]
-    text += "\n\nTuning on val (every trial):\n\n" + markdown_table(tuning, columns)
+    text += (
+        "\n\nTuning on val (every trial):\n\n"
+        + markdown_table(tuning, columns)
+        + "\n\nA diverged seed (a non-finite update; training stops there) counts with its "
+        "diverged model's score, BLEU 0."
+    )
   return text
 
 

@@ -20,7 +20,9 @@ the final evaluation returns ``preempted`` and a rerun evaluates again; several 
 stop together, :func:`preemption_notice`), TensorBoard events and a JSON-lines log in
 ``workdir``, a progress bar, dev/test evaluation and the export of the fine-tuned model as a
 Hugging Face directory (both at ``optimizers.evaluation_params``: for schedule-free AdamW
-its averaged iterate, for the others the trained params). Several hosts:
+its averaged iterate, for the others the trained params). A non-finite update ends training
+at its step (``report["diverged_at_step"]``); the diverged model is still evaluated, so the
+run is scored, not lost. Several hosts:
 :func:`nearprox.training.parallel.initialize` joins them (``jax.distributed``); each host
 reads its block of every global batch.
 
@@ -370,6 +372,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path) -
       task.kind == "translation" and config.beam_size != config.dev_beam_size
   )
   preempted = False
+  diverged_at_step = None
   device_state = runner.put_state(state)
   progress = writer.progress(config.num_train_steps, start_step, config.progress)
   step_times = []
@@ -383,18 +386,33 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path) -
         step_times.append(time.perf_counter() - started)
         done = step + 1
         progress.update(1)
-        if done % config.log_every == 0 or done == config.num_train_steps:
+        # A non-finite update leaves every later parameter non-finite: no step can recover,
+        # so training ends here and the final evaluation scores the diverged model.
+        if not np.isfinite(metrics["update_norm"]):
+          diverged_at_step = done
+        last = done == config.num_train_steps or diverged_at_step is not None
+        if done % config.log_every == 0 or last:
           metrics = {k: float(v) for k, v in metrics.items()}
           metrics["step_time"] = float(np.median(step_times[-config.log_every :]))
           writer.write_scalars(done, {f"train/{k}": v for k, v in metrics.items()})
           progress.set_postfix(loss=f"{metrics['loss']:.4f}")
-        if done % config.eval_every == 0 and done < config.num_train_steps:
+        if done % config.eval_every == 0 and not last:
           scores, _ = evaluate(runner, device_state, splits[watched], task, config.eval_batch_size)
           writer.write_scalars(done, {f"{watched}/{k}": v for k, v in scores.items()})
-        elif done == config.num_train_steps and final_in_training_decoder:
+        elif last and final_in_training_decoder:
           scores, _ = evaluate(runner, device_state, splits[watched], task, config.eval_batch_size)
           decoder = translation_io.decoder_name(config.dev_beam_size)
           writer.write_scalars(done, {f"{watched}/{k}_{decoder}": v for k, v in scores.items()})
+        if diverged_at_step is not None:
+          logging.error(
+              "training diverged at step %d (loss %s, update norm %s): every parameter after "
+              "it is non-finite, so training stops there and the final evaluation scores that "
+              "model",
+              done,
+              metrics["loss"],
+              metrics["update_norm"],
+          )
+          break
         if reached_preemption(done):
           logging.warning("SIGTERM: saving a checkpoint at step %d and stopping", done)
           checkpoints.save(done, runner.get_state(device_state), force=True)
@@ -423,6 +441,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path) -
       "steps": int(state.step),
       "workdir": str(workdir),
       "train_step_seconds": float(np.median(step_times[1:] or step_times or [0.0])),
+      "diverged_at_step": diverged_at_step,
   }
   if not preempted:
     if task.kind == "translation" and config.beam_size != config.dev_beam_size:
