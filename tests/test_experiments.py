@@ -609,6 +609,27 @@ def test_time_to_accuracy_uses_the_timed_step_and_marks_a_missing_one(tmp_path):
   assert studies.REGISTRY["time_to_accuracy"].plots(study, tmp_path)
 
 
+def test_a_diverged_seed_holds_its_last_score_to_the_end_of_its_curve():
+  """A run that stopped at a non-finite update keeps its last dev score at the evaluations it
+  skipped (its parameters could no longer change), so a mean over seeds spans the budget."""
+
+  def result(history, steps, final, diverged_at=None):
+    return {
+        "config": {"eval_every": 100, "num_train_steps": 300},
+        "report": {"steps": steps, "dev": {"accuracy": final}, "diverged_at_step": diverged_at},
+        "history": history,
+    }
+
+  healthy = result(
+      [{"step": 100, "dev/accuracy": 0.6}, {"step": 200, "dev/accuracy": 0.7}], 300, 0.8
+  )
+  diverged = result([{"step": 100, "dev/accuracy": 0.6}], 150, 0.5, diverged_at=150)
+  assert core.dev_curve(diverged, "accuracy") == [(100, 0.6), (150, 0.5), (200, 0.5), (300, 0.5)]
+  assert core.dev_curve(healthy, "accuracy") == [(100, 0.6), (200, 0.7), (300, 0.8)]
+  mean = core.mean_curve([core.dev_curve(r, "accuracy") for r in (healthy, diverged)])
+  assert mean == [(100, pytest.approx(0.6)), (200, pytest.approx(0.6)), (300, pytest.approx(0.65))]
+
+
 def test_batch_size_study_scales_the_learning_rate_by_the_declared_rule(tmp_path):
   from experiments.studies import batch_size
 

@@ -56,7 +56,20 @@ def dev_curve(result: dict, metric: str) -> list[tuple[int, float]]:
   """(step, dev metric) at every evaluation during training and at the end."""
   points = history_curve(result, f"dev/{metric}")
   points.append((result["report"]["steps"], final(result, "dev", metric)))
-  return sorted(dict(points).items())
+  return held_after_divergence(result, sorted(dict(points).items()))
+
+
+def held_after_divergence(result: dict, curve: list[tuple[int, float]]) -> list[tuple[int, float]]:
+  """``curve`` of a run that diverged (training stopped at a non-finite update,
+  ``diverged_at_step``) with its last score held at every evaluation it skipped up to the
+  budget's last step: its parameters could no longer change, so those are the scores it would
+  have logged, and a mean over seeds (:func:`mean_curve`) keeps those steps."""
+  diverged_at = result["report"].get("diverged_at_step")
+  if diverged_at is None or not curve:
+    return curve
+  every, end = result["config"]["eval_every"], result["config"]["num_train_steps"]
+  skipped = [s for s in range(every, end, every) if s > diverged_at] + [end]
+  return sorted({**dict(curve), **dict.fromkeys(skipped, curve[-1][1])}.items())
 
 
 def steps_to_target(result: dict, metric: str, target: float) -> int | None:

@@ -40,7 +40,7 @@ from pathlib import Path
 from experiments.report import DAMPING, LR, OPTIMIZER, SEEDS, get, pyplot, save_figure
 from experiments.report import table as markdown_table
 from experiments.studies import core
-from experiments.studies.core import comparison, mean_curve
+from experiments.studies.core import comparison, held_after_divergence, mean_curve
 from experiments.tuning import Context, choose, final, history_curve, mean_std, study_grids
 from nearprox.text import data
 from nearprox.training import translation_io
@@ -67,7 +67,7 @@ def training_curve(result: dict, metric: str = "bleu") -> list[tuple[int, float]
   else:
     decoder = translation_io.decoder_name(config["dev_beam_size"])
     points += [(s, v) for s, v in history_curve(result, f"dev/{metric}_{decoder}") if s == last]
-  return sorted(dict(points).items())
+  return held_after_divergence(result, sorted(dict(points).items()))
 
 
 def _end_point(result: dict) -> float:
