@@ -306,7 +306,11 @@ def test_l1_study_tables_accuracy_against_the_zero_fraction_of_the_run_records(t
     if l1_weight:
       history += [{"step": 600, "train/zeros/all": zeros[l1_weight][seed], "train/loss": 0.3}]
     return {
-        "config": {"task": "sst2", "optimizer": {"name": variant, "damping": 1.0}},
+        "config": {
+            "task": "sst2",
+            "num_train_steps": 600,
+            "optimizer": {"name": variant, "damping": 1.0},
+        },
         "report": {
             "dev": {"accuracy": accuracy[variant, l1_weight][seed]},
             "predicted_classes": {"dev": [0, 872] if l1_weight == 3.0 else [400, 472]},
