@@ -184,7 +184,7 @@ def execute(
   """
   import jax
 
-  from nearprox.training import metrics_writer, train
+  from nearprox.training import metrics_writer, preemption, train
 
   started, cpu_started = time.time(), cpu_seconds()
   report = train.train_and_evaluate(config, workdir)
@@ -196,9 +196,9 @@ def execute(
   rows = None
   if attack and not report["preempted"]:
     try:
-      with train.stop_on_sigterm():  # the final state is checkpointed: a rerun attacks it
+      with preemption.stop_on_sigterm():  # the final state is checkpointed: a rerun attacks it
         rows = _attack(config, params, attack)
-    except train.Preempted:
+    except preemption.Preempted:
       report["preempted"] = True
   if report["preempted"]:  # SIGTERM: store nothing partial; a rerun resumes here
     write_json(segments_path, earlier + [_segment(report, started, cpu_started)])

@@ -17,7 +17,7 @@ Around it (:func:`train_and_evaluate`): data from :mod:`nearprox.text.data` (the
 batch padded and masked), orbax checkpoints (resume, keep k, save on SIGTERM and after the
 last step, fall back to the previous checkpoint if the latest is unreadable; SIGTERM during
 the final evaluation returns ``preempted`` and a rerun evaluates again; several processes
-stop together, :func:`preemption_notice`), TensorBoard events and a JSON-lines log in
+stop together, :func:`preemption.preemption_notice`), TensorBoard events and a JSON-lines log in
 ``workdir``, a progress bar, dev/test evaluation and the export of the fine-tuned model as a
 Hugging Face directory (both at ``optimizers.evaluation_params``: for schedule-free AdamW
 its averaged iterate, for the others the trained params). A non-finite update ends training
@@ -36,11 +36,9 @@ pick each example's head (:mod:`nearprox.training.multitask_io`); PCGrad
 
 from __future__ import annotations
 
-import contextlib
 import functools
 import json
 import logging
-import signal
 import time
 from pathlib import Path
 from typing import Any, NamedTuple
@@ -50,11 +48,17 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 import optax
-from jax.experimental import multihost_utils
 
 import nearprox
 from nearprox.text import data, models, objectives
-from nearprox.training import multitask_io, optimizers, parallel, task_io, translation_io
+from nearprox.training import (
+    multitask_io,
+    optimizers,
+    parallel,
+    preemption,
+    task_io,
+    translation_io,
+)
 from nearprox.training.metrics_writer import MetricWriter
 from nearprox.training.orbax_checkpoints import DIRNAME as CHECKPOINTS_DIRNAME
 from nearprox.training.orbax_checkpoints import Checkpoints
@@ -264,58 +268,6 @@ def train_batches(arrays, config, task, start_step: int):
     epoch, skip = epoch + 1, 0
 
 
-class Preempted(Exception):
-  """SIGTERM arrived inside :func:`stop_on_sigterm`."""
-
-
-@contextlib.contextmanager
-def preemption_notice():
-  """Yields ``reached(step)``, to be called at every training step: True when the loop should
-  save a checkpoint at ``step`` and stop.
-
-  One process: True once SIGTERM has arrived (a handler records it). Several processes
-  (``jax.distributed``): JAX's preemption service owns SIGTERM; a notice to any process
-  reaches all of them, and ``reached`` turns True on all of them at the same step (one past
-  the largest any of them had reached), so their collectives and checkpoint saves match. A
-  handler of our own would stop each process at its own step and leave the others waiting
-  at a collective.
-  """
-  if jax.process_count() > 1:
-    yield multihost_utils.reached_preemption_sync_point
-    return
-  received = []
-  previous = signal.signal(signal.SIGTERM, lambda *_: received.append(True))
-  try:
-    yield lambda step: bool(received)
-  finally:
-    signal.signal(signal.SIGTERM, previous)
-
-
-@contextlib.contextmanager
-def stop_on_sigterm():
-  """Turns SIGTERM into :class:`Preempted` raised where the work is (outside the training
-  loop, which instead finishes its step and checkpoints it): for work after the final
-  checkpoint, which a rerun resumed from it redoes.
-
-  Several processes: does nothing. JAX's preemption service keeps SIGTERM
-  (:func:`preemption_notice`), and a process that stopped alone mid-evaluation would leave
-  the others waiting at a collective; they all finish the work unless killed, and a rerun
-  redoes it from the final checkpoint.
-  """
-  if jax.process_count() > 1:
-    yield
-    return
-
-  def stop(*_):
-    raise Preempted("SIGTERM")
-
-  previous = signal.signal(signal.SIGTERM, stop)
-  try:
-    yield
-  finally:
-    signal.signal(signal.SIGTERM, previous)
-
-
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path) -> dict:
   """Trains for ``config.num_train_steps`` steps (resuming from ``workdir``), evaluates,
   exports, and returns the report (also written to ``workdir/report.json``)."""
@@ -377,7 +329,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path) -
   progress = writer.progress(config.num_train_steps, start_step, config.progress)
   step_times = []
   try:
-    with preemption_notice() as reached_preemption:
+    with preemption.preemption_notice() as reached_preemption:
       batches = train_batches(splits["train"], config, task, start_step)
       for step in range(start_step, config.num_train_steps):
         started = time.perf_counter()
@@ -423,7 +375,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path) -
       state = runner.get_state(device_state)
       if not preempted and checkpoints.latest_step() != int(state.step):
         # The final state too: a stop during the final evaluation, the export or a caller's
-        # attack (:func:`stop_on_sigterm`) then costs those only, not the training.
+        # attack (:func:`preemption.stop_on_sigterm`) then costs those only, not the training.
         checkpoints.save(int(state.step), state, force=True)
   finally:
     progress.close()
@@ -452,7 +404,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path) -
       )
       runner.compile(*functions)
     try:
-      with stop_on_sigterm():
+      with preemption.stop_on_sigterm():
         scores = {
             name: evaluate(runner, device_state, splits[name], task, config.eval_batch_size)
             for name in splits
@@ -472,7 +424,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path) -
           report["hf_model"] = str(
               models.save_pretrained(model, evaluated_params, tokenizer, workdir / "hf_model")
           )
-    except Preempted:
+    except preemption.Preempted:
       logging.warning("SIGTERM after step %d, before the final evaluation ended", state.step)
       preempted = True
   report["preempted"] = preempted
