@@ -112,6 +112,29 @@ OPTIMIZER = ("optimizer", get("variant", str))
 LR = ("lr", get("learning_rate"))
 SEEDS = ("seeds", get("seeds", str))
 DAMPING = ("λ (relative)", get("damping", lambda d: "—" if d is None else f"{d:g}"))
+
+
+def chosen_mark(row: dict) -> str:
+  """✓ for the chosen trial, with the grid edges it sits at (``row["edges"]``:
+  :func:`experiments.tuning.grid_edges`)."""
+  if not row["chosen"]:
+    return ""
+  return "✓" + (f" ({row['edges']})" if row.get("edges") else "")
+
+
+def edge_note(rows: list[dict]) -> str:
+  """A sentence naming the choices at an edge of their grid ('' when none is)."""
+  at_edge = [f"{r['variant']} ({r['edges']})" for r in rows if r.get("edges")]
+  if not at_edge:
+    return ""
+  return (
+      f"Chosen at an edge of its grid: {'; '.join(at_edge)}. The grid does not show that the "
+      "best setting lies inside it, and the protocol does not extend a grid after its runs: "
+      "such a variant may do better at a setting outside the grid than its row shows."
+  )
+
+
+CHOSEN = ("chosen", chosen_mark)
 RAN_ON = ("ran on", lambda row: row.get("machine") or "—")  # step times compare within one
 
 
@@ -143,7 +166,8 @@ def _score(record: dict, side: str) -> str:
 def _outcome(record: dict) -> str:
   if record.get("counted") is False:
     return "not counted (a model predicts one class)"
-  return f"**{record['outcome']}**"
+  caveat = record.get("caveat")
+  return f"**{record['outcome']}**" + (f" ({caveat})" if caveat else "")
 
 
 def verdict_rows(results: dict[str, dict]) -> list[dict]:
@@ -308,7 +332,9 @@ def results_doc(*, mode, plan, config, results, sections, runs_dir, links, comma
       "Each comparison the studies fixed before their runs (the proximal variant is the one "
       "the tuning chose on held-out training data). A difference counts as ahead or behind "
       "only beyond both sides' seed standard deviations summed and at least one point; "
-      f"otherwise level. Tally: {tally(records)}.",
+      "otherwise level. A win over a side whose tuning chose a setting at an edge of its grid "
+      "names that edge: a better setting may lie outside the grid, which the protocol does "
+      f"not extend after its runs. Tally: {tally(records)}.",
       "",
       verdict_table(records),
       "",

@@ -171,6 +171,20 @@ def choose(rows: list[dict]) -> dict:
   return max(rows, key=_rank)
 
 
+def table_rows(rows: list[dict], trials: list[dict], chosen: dict | None) -> list[dict]:
+  """Tuning ``rows`` for a table: without their trial, flagged ``chosen`` (the row equal to
+  ``chosen``, None while undecided) with its ``edges`` in ``trials``' grid (:func:`grid_edges`,
+  "" inside the grid or not chosen: a CSV cell)."""
+  out = []
+  for row in rows:
+    is_chosen = chosen is not None and row["trial"] == chosen["trial"]
+    edges = ", ".join(grid_edges(trials, row["trial"])) if is_chosen else ""
+    out.append(
+        {k: v for k, v in row.items() if k != "trial"} | {"chosen": is_chosen, "edges": edges}
+    )
+  return out
+
+
 def grid_edges(trials: list[dict], trial: dict) -> list[str]:
   """Which of ``trial``'s settings lie at an end of the grid ``trials`` spans, e.g.
   ``["learning rate at the top"]``: there the grid does not show that the best setting lies
@@ -196,6 +210,7 @@ class Group(NamedTuple):
   label: str
   trial: dict
   results: list[dict]
+  edges: tuple[str, ...] = ()  # :func:`grid_edges` of the chosen trial in its tuning grid
 
   @property
   def lr(self) -> float:
@@ -211,6 +226,7 @@ class Group(NamedTuple):
         "learning_rate": self.lr,
         "damping": damping,
         "machine": self.machine,
+        "tuning_edges": ", ".join(self.edges),  # "" inside its grid (a CSV cell)
     }
 
   def stat(self, split: str, metric: str) -> tuple[float, float]:
@@ -447,13 +463,12 @@ class Context:
     variant = self.resolve(name)
     if variant is None or variant not in self.plan.lr_grid:
       return None
-    if study is None:
-      chosen, tuning = self.best_trial(variant), None
-    else:
-      tuning = study.tuning
-      chosen = self.best_trial(variant, study_grids(study, name, variant), tuning)
+    grids = None if study is None else study_grids(study, name, variant)
+    tuning = None if study is None else study.tuning
+    chosen = self.best_trial(variant, grids, tuning)
     if chosen is None:
       return None
+    edges = tuple(grid_edges(self.trials(variant, grids), chosen["trial"]))
     settings = {**tuning.get("settings", {}), **(extra or {})} if tuning else extra
     overrides = self.reported_settings(variant, task, chosen["trial"], settings)
     found = []
@@ -464,7 +479,7 @@ class Context:
           self.store.run(run_name, {**overrides, "seed": seed}, devices, attack, **_base(tuning))
       )
     found = [r for r in found if r is not None]
-    return Group(variant, self.label(variant), chosen["trial"], found) if found else None
+    return Group(variant, self.label(variant), chosen["trial"], found, edges) if found else None
 
 
 def _base(tuning) -> dict:

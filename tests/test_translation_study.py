@@ -148,6 +148,14 @@ def test_translation_tunes_on_val_and_reports_test_at_the_budget(tmp_path):
   assert translation.plots(study, tmp_path)
   chosen = [r for r in study["tables"]["translation_tuning"] if r["chosen"]]
   assert len(chosen) == 3 and {r["metric"] for r in chosen} == {"dev_bleu"}
+  # Both grids are two points wide, so every choice sits at an edge: the tuning table says
+  # which, and a win over AdamW (its rate at the top) carries that caveat.
+  edges = {r["optimizer"]: r["edges"] for r in chosen}
+  assert edges["adamw"] == "learning rate at the top"
+  assert edges["proximal_adamw"] == "learning rate at the top, damping at the top"
+  assert "| ✓ (learning rate at the top, damping at the top) |" in text
+  caveat = "AdamW's learning rate at the top of its tuning grid"
+  assert [c["caveat"] for c in study["comparisons"][:2]] == [caveat, caveat]
 
 
 def test_fngd_verdict_rule(tmp_path):

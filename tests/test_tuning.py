@@ -84,18 +84,42 @@ def test_a_choice_at_an_edge_of_its_grid_is_named_in_the_tuning_table():
       tuning.grid_edges([{"optimizer.learning_rate": 0.1}], {"optimizer.learning_rate": 0.1}) == []
   )
 
-  from experiments.studies import optimizers
+  from experiments import report
 
   rows = [
       {"variant": "EF", "chosen": True, "edges": ", ".join(edges)},
       {"variant": "SGD", "chosen": True, "edges": ""},
       {"variant": "SGD", "chosen": False, "edges": ""},
   ]
-  assert optimizers.chosen_mark(rows[0]) == "✓ (learning rate at the top, damping at the bottom)"
-  assert [optimizers.chosen_mark(r) for r in rows[1:]] == ["✓", ""]
-  note = optimizers.edge_note(rows)
+  assert report.chosen_mark(rows[0]) == "✓ (learning rate at the top, damping at the bottom)"
+  assert [report.chosen_mark(r) for r in rows[1:]] == ["✓", ""]
+  note = report.edge_note(rows)
   assert note.startswith("Chosen at an edge of its grid: EF (learning rate at the top, damping")
-  assert "SGD" not in note and optimizers.edge_note(rows[1:]) == ""
+  assert "SGD" not in note and report.edge_note(rows[1:]) == ""
+
+
+def test_a_win_over_a_side_tuned_at_an_edge_of_its_grid_carries_that_caveat():
+  from experiments import report
+  from experiments.studies import core
+
+  # AdamW's best rate lies inside its grid; Muon's best is its grid's top.
+  score = lambda o: {2e-4: 0.90, 1e-4: 0.85}.get(o["optimizer.learning_rate"], 0.80)
+  ctx = tuning.Context(plan(adamw=(1e-4, 2e-4, 5e-4), muon=(5e-5, 1e-4)), FakeStore(score))
+  adamw, muon = (ctx.group("optimizers", "sst2", v) for v in ("adamw", "muon"))
+  assert (adamw.edges, muon.edges) == ((), ("learning rate at the top",))
+  row = lambda g: {**g.describe(), "mean": g.stat("dev", "accuracy")[0], "std": 0.0}
+  ahead = core.comparison(row(adamw), row(muon), "mean", "std")
+  behind = core.comparison(row(muon), row(adamw), "mean", "std")
+  caveat = f"{muon.label}'s learning rate at the top of its tuning grid"
+  assert (ahead["outcome"], ahead["caveat"]) == ("ahead", caveat)
+  assert (behind["outcome"], behind["caveat"]) == ("behind", caveat)  # the loser is the subject
+  # No winner, or a loser tuned inside its grid: no caveat.
+  level = core.comparison(row(adamw), {**row(muon), "mean": 0.895}, "mean", "std")
+  assert (level["outcome"], level["caveat"]) == ("level", "")
+  reverse = core.comparison({**row(muon), "mean": 0.95}, row(adamw), "mean", "std")
+  assert (reverse["outcome"], reverse["caveat"]) == ("ahead", "")
+  table = report.verdict_table([{**ahead, "study": "optimizers", "condition": "SST-2"}])
+  assert f"| **ahead** ({caveat}) |" in table
 
 
 def test_a_context_asks_the_store_for_each_tuning_run_once():

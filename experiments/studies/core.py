@@ -89,7 +89,8 @@ def mean_curve(curves: list[list[tuple[int, float]]]) -> list[tuple[int, float]]
 def comparison(subject: dict, baseline: dict, key: str, std_key=None, **context) -> dict:
   """The record "subject vs baseline on ``key``" (seed spread ``std_key``, default
   ``<key>_std``; the rows' ``seeds`` counts when they have them): ``outcome`` is "ahead",
-  "behind" or "level" (within ``MIN_GAP``)."""
+  "behind" or "level" (within ``MIN_GAP``); ``caveat`` (:func:`edge_caveat`) qualifies a win
+  over a side whose tuning chose an edge of its grid."""
   a, b, std_key = subject[key], baseline[key], std_key or f"{key}_std"
   floor = max(MIN_GAP, (subject[std_key] or 0.0) + (baseline[std_key] or 0.0))
   outcome = "ahead" if a - b > floor else "behind" if a - b < -floor else "level"
@@ -106,7 +107,18 @@ def comparison(subject: dict, baseline: dict, key: str, std_key=None, **context)
       "baseline_seeds": baseline.get("seeds"),
       "difference": a - b,
       "outcome": outcome,
+      "caveat": edge_caveat(outcome, subject, baseline),
   }
+
+
+def edge_caveat(outcome: str, subject: dict, baseline: dict) -> str:
+  """For a win ("ahead" or "behind"), the losing side's tuned settings that sit at an edge of
+  its tuning grid (the rows' ``tuning_edges``, :meth:`Group.describe`), e.g. "Muon's learning
+  rate at the top of its tuning grid"; "" otherwise. The grid does not show that side's best
+  setting, so part of the win may be that side's tuning, not the method."""
+  loser = {"ahead": baseline, "behind": subject}.get(outcome)
+  edges = loser.get("tuning_edges") if loser else None
+  return f"{loser['variant']}'s {edges} of its tuning grid" if edges else ""
 
 
 def summary_record(**fields) -> dict:

@@ -9,11 +9,13 @@ import numpy as np
 
 from experiments import tuning
 from experiments.report import (
+    CHOSEN,
     DAMPING,
     LR,
     OPTIMIZER,
     RAN_ON,
     SEEDS,
+    edge_note,
     get,
     pct,
     pyplot,
@@ -59,13 +61,8 @@ def run(ctx: Context) -> dict:
     variant = ctx.resolve(variant)
     rows, _ = ctx.tuning(variant) if variant else ([], False)
     chosen = ctx.best_trial(variant) if rows else None
-    for row in rows:  # trials done so far, also while the tuning is incomplete
-      is_chosen = chosen is not None and row["trial"] == chosen["trial"]
-      edges = tuning.grid_edges(ctx.trials(variant), row["trial"]) if is_chosen else []
-      edges = ", ".join(edges)  # "" inside the grid (a CSV cell)
-      tuning_rows.append(
-          {k: v for k, v in row.items() if k != "trial"} | {"chosen": is_chosen, "edges": edges}
-      )
+    # Trials done so far, also while the tuning is incomplete.
+    tuning_rows += tuning.table_rows(rows, ctx.trials(variant) if rows else [], chosen)
   best = ctx.resolve("best_proximal")  # chosen on held-out training data, not on any task
   for task in plan.optimizer_tasks:
     info = data.get_task(task)
@@ -262,7 +259,7 @@ def markdown(study: dict) -> str:
         ("one-class seeds", get("collapsed_seeds")),
         ("final train loss", get("train_loss_end")),
         RAN_ON,
-        ("chosen", chosen_mark),
+        CHOSEN,
     ]
     parts.append(
         "Tuning (held-out training examples, never the reported split; ✓ = chosen: best mean "
@@ -295,25 +292,6 @@ def markdown_normalization(rows: list[dict]) -> str:
       "from Wu et al.'s eq. 8 step in the same direction (docs/method.md §1.4). A learning rate "
       "absorbs a constant factor, not one that varies this much within a run:\n\n"
       + table(rows, columns)
-  )
-
-
-def chosen_mark(row: dict) -> str:
-  """✓ for the chosen trial, with the grid edges it sits at (:func:`tuning.grid_edges`)."""
-  if not row["chosen"]:
-    return ""
-  return "✓" + (f" ({row['edges']})" if row.get("edges") else "")
-
-
-def edge_note(rows: list[dict]) -> str:
-  """A sentence naming the choices at an edge of their grid ('' when none is)."""
-  at_edge = [f"{r['variant']} ({r['edges']})" for r in rows if r.get("edges")]
-  if not at_edge:
-    return ""
-  return (
-      f"Chosen at an edge of its grid: {'; '.join(at_edge)}. The grid does not show that the "
-      "best setting lies inside it, and the protocol does not extend a grid after its runs: "
-      "such a variant may do better at a setting outside the grid than its row shows."
   )
 
 

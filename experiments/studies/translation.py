@@ -37,11 +37,19 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from experiments.report import DAMPING, LR, OPTIMIZER, SEEDS, get, pyplot, save_figure
+from experiments.report import CHOSEN, DAMPING, LR, OPTIMIZER, SEEDS, get, pyplot, save_figure
 from experiments.report import table as markdown_table
 from experiments.studies import core
 from experiments.studies.core import comparison, held_after_divergence, mean_curve
-from experiments.tuning import Context, choose, final, history_curve, mean_std, study_grids
+from experiments.tuning import (
+    Context,
+    choose,
+    final,
+    history_curve,
+    mean_std,
+    study_grids,
+    table_rows,
+)
 from nearprox.text import data
 from nearprox.training import translation_io
 
@@ -102,12 +110,7 @@ def tuning_rows(ctx: Context, study) -> list[dict]:
       continue
     trials = ctx.trials(variant, study_grids(study, name, variant))
     found, complete = ctx.tune(variant, trials, tuning=study.tuning)
-    pick = choose(found) if complete else None
-    rows += [
-        {k: v for k, v in row.items() if k != "trial"}
-        | {"chosen": pick is not None and row["trial"] == pick["trial"]}
-        for row in found
-    ]
+    rows += table_rows(found, trials, choose(found) if complete else None)
   return rows
 
 
@@ -262,7 +265,7 @@ def markdown(study: dict) -> str:
         SEEDS,
         ("val BLEU (mean over seeds)", _bleu("score")),
         ("diverged seeds", get("diverged_seeds")),
-        ("chosen", lambda r: "✓" if r["chosen"] else ""),
+        CHOSEN,
     ]
     text += (
         "\n\nTuning on val (every trial):\n\n"
