@@ -245,7 +245,7 @@ def train(
     expected = expected_seconds(request) if expected_seconds and deadline is not None else None
     if expected is not None:
       expected *= 1 - step / request.config.num_train_steps
-    pending[task.remote(request, str(workdir), deadline, expected)] = (request, time.time())
+    pending[task.remote(request, str(workdir), deadline, expected)] = request
   outcome = Outcome()
   stop = _Stopper(workdir, log)
   next_progress = time.time() + progress_seconds
@@ -262,9 +262,9 @@ def train(
       if deadline is not None and time.time() >= deadline:
         stop("the deadline")
       if done:
-        _collect(done[0], *pending.pop(done[0]), store, outcome, log)
+        _collect(done[0], pending.pop(done[0]), store, outcome, log)
       elif time.time() >= next_progress:
-        for request, _ in pending.values():
+        for request in pending.values():
           line = progress_line(
               request.label, workdir / request.key / "metrics.jsonl", request.config.num_train_steps
           )
@@ -280,13 +280,13 @@ def train(
 def _drop_unstarted(pending: dict, workdir: Path) -> None:
   """Cancels the queued tasks of runs that never started (no run folder in ``workdir``), so
   a stop does not wait for a fresh worker per queued run to see the STOP file."""
-  for ref, (request, _) in list(pending.items()):
+  for ref, request in list(pending.items()):
     if not (workdir / request.key).exists():
       ray.cancel(ref)
       del pending[ref]
 
 
-def _collect(ref, request: runs.Request, started: float, store, outcome: Outcome, log) -> None:
+def _collect(ref, request: runs.Request, store, outcome: Outcome, log) -> None:
   """Stores (or reports) what the task of ``request`` returned."""
   try:
     answer = ray.get(ref)
@@ -300,9 +300,11 @@ def _collect(ref, request: runs.Request, started: float, store, outcome: Outcome
     outcome.trained.append(request.key)
     report = result["report"]
     metrics = {k: v for k, v in report.items() if k in ("holdout", "dev", "test")}
+    # The run's own wall time (every segment, pauses included), not the time since it was
+    # queued: a run that waited for a free CPU did not take that long.
     log(
         f"[done] {request.label}: {metrics} step {report['train_step_seconds']:.3f}s, "
-        f"{time.time() - started:.0f}s"
+        f"{result['wall_seconds']:.0f}s"
     )
   elif answer["status"] == "stopped":
     outcome.stopped.append(request.key)

@@ -322,6 +322,9 @@ def test_ray_trains_the_pending_runs_and_stores_each(tmp_path, local_ray, monkey
   two = later.run("two devices", {"parallel": "shard_map", "optimizer.gram": "global"}, devices=2)
   assert (one["machine"]["devices"], two["machine"]["devices"]) == (1, 2)
   assert two["report"]["steps"] == 2
+  # [done] says the run's own wall time (what its record stores), not the time since queued.
+  [done] = [line for line in logs if line.startswith("[done] one device:")]
+  assert done.endswith(f", {one['wall_seconds']:.0f}s")
   assert later.run("broken", {"data_dir": str(tmp_path / "nowhere"), "seed": 1}) is None
   assert [r.label for r in later.to_train()] == ["broken"]  # asked for again by a new pass
 
