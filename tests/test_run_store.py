@@ -409,8 +409,8 @@ def test_a_stop_cancels_the_tasks_of_runs_that_never_started(tmp_path, local_ray
   (tmp_path / "started").mkdir()
   started, unstarted = sleeper.remote(), sleeper.remote()
   pending = {
-      started: (types.SimpleNamespace(key="started"), 0.0),
-      unstarted: (types.SimpleNamespace(key="unstarted"), 0.0),
+      started: types.SimpleNamespace(key="started"),
+      unstarted: types.SimpleNamespace(key="unstarted"),
   }
   ray_runner._drop_unstarted(pending, tmp_path)
   assert list(pending) == [started]
